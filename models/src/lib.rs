@@ -1,0 +1,57 @@
+//! ember model architectures. One file per architecture describes how its
+//! hyper-parameters and tensors are read from GGUF; the decoder itself is the
+//! shared [`transformer`] block, with the differences (biases, RoPE style, tied
+//! output head) carried as data rather than as copies of the code.
+
+pub mod llama;
+pub mod qwen2;
+pub mod transformer;
+
+use std::sync::Arc;
+
+use ember_runtime::gguf::GgufFile;
+use ember_runtime::model::{Model, ModelError};
+
+/// Architectures ember can run, by `general.architecture`.
+pub const SUPPORTED: &[&str] = &[llama::ARCH, qwen2::ARCH];
+
+/// Bind a mapped GGUF file to its architecture's implementation.
+pub fn load(file: Arc<GgufFile>) -> Result<Box<dyn Model>, ModelError> {
+    let arch = file.require_str(ember_runtime::gguf::keys::ARCHITECTURE)?.to_string();
+    match arch.as_str() {
+        llama::ARCH => Ok(Box::new(llama::load(file)?)),
+        qwen2::ARCH => Ok(Box::new(qwen2::load(file)?)),
+        _ => Err(ModelError::UnknownArchitecture {
+            path: file.path().display().to_string(),
+            arch,
+            supported: SUPPORTED.join(", "),
+        }),
+    }
+}
+
+/// Everything that can go wrong opening a model for generation.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Gguf(#[from] ember_runtime::gguf::GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: tokenizer: {source}")]
+    Tokenizer { path: String, source: ember_runtime::tokenizer::TokenizerError },
+    #[error(transparent)]
+    Engine(#[from] ember_runtime::engine::EngineError),
+}
+
+/// Map a GGUF file, bind its architecture and tokenizer, and build an engine.
+/// `cfg` gets the model's training context and returns the engine settings.
+pub fn open(
+    path: &std::path::Path,
+    cfg: impl FnOnce(usize) -> ember_runtime::engine::EngineConfig,
+) -> Result<ember_runtime::engine::Engine, OpenError> {
+    let file = Arc::new(GgufFile::open(path)?);
+    let model = load(file.clone())?;
+    let tokenizer = ember_runtime::tokenizer::Tokenizer::from_gguf(&file.metadata)
+        .map_err(|source| OpenError::Tokenizer { path: path.display().to_string(), source })?;
+    let cfg = cfg(model.config().n_ctx_train);
+    Ok(ember_runtime::engine::Engine::new(file, model, tokenizer, cfg)?)
+}

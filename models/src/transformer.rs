@@ -1,0 +1,345 @@
+//! The pre-norm decoder-only transformer shared by `llama` and `qwen2`:
+//! `x += attn(rmsnorm(x)); x += swiglu(rmsnorm(x))`, then the output head.
+//!
+//! Weights are never copied: every matrix is a byte range of the mapping,
+//! read in place by the quantized kernels. Only the tiny norm vectors and
+//! biases are converted to f32 at load.
+
+use std::sync::Arc;
+
+use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
+use ember_runtime::kv::KvCache;
+use ember_runtime::model::{LogitsWanted, Model, ModelConfig, ModelError};
+use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
+use ember_runtime::quant::{self, GgmlType, QMatRef};
+
+/// What differs between architectures, as data.
+#[derive(Clone, Copy, Debug)]
+pub struct ArchSpec {
+    pub arch: &'static str,
+    pub rope_style: RopeStyle,
+    pub qkv_bias: bool,
+    pub default_rope_base: f32,
+}
+
+/// GGUF tensor names, in one place.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorName {
+    TokenEmbd,
+    OutputNorm,
+    Output,
+    AttnNorm(usize),
+    AttnQ(usize),
+    AttnK(usize),
+    AttnV(usize),
+    AttnQBias(usize),
+    AttnKBias(usize),
+    AttnVBias(usize),
+    AttnOut(usize),
+    FfnNorm(usize),
+    FfnGate(usize),
+    FfnUp(usize),
+    FfnDown(usize),
+}
+
+impl TensorName {
+    pub fn gguf(self) -> String {
+        use TensorName::*;
+        match self {
+            TokenEmbd => "token_embd.weight".into(),
+            OutputNorm => "output_norm.weight".into(),
+            Output => "output.weight".into(),
+            AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            AttnQ(l) => format!("blk.{l}.attn_q.weight"),
+            AttnK(l) => format!("blk.{l}.attn_k.weight"),
+            AttnV(l) => format!("blk.{l}.attn_v.weight"),
+            AttnQBias(l) => format!("blk.{l}.attn_q.bias"),
+            AttnKBias(l) => format!("blk.{l}.attn_k.bias"),
+            AttnVBias(l) => format!("blk.{l}.attn_v.bias"),
+            AttnOut(l) => format!("blk.{l}.attn_output.weight"),
+            FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            FfnGate(l) => format!("blk.{l}.ffn_gate.weight"),
+            FfnUp(l) => format!("blk.{l}.ffn_up.weight"),
+            FfnDown(l) => format!("blk.{l}.ffn_down.weight"),
+        }
+    }
+}
+
+/// A weight matrix as a byte range of the mapping.
+#[derive(Clone, Copy, Debug)]
+struct QWeight {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    start: usize,
+    len: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QWeight, // (n_heads·head_dim, n_embd)
+    wk: QWeight, // (n_kv_heads·head_dim, n_embd)
+    wv: QWeight, // (n_kv_heads·head_dim, n_embd)
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: QWeight, // (n_embd, n_heads·head_dim)
+    ffn_norm: Vec<f32>,
+    w_gate: QWeight, // (n_ff, n_embd)
+    w_up: QWeight,   // (n_ff, n_embd)
+    w_down: QWeight, // (n_embd, n_ff)
+}
+
+pub struct Transformer {
+    file: Arc<GgufFile>,
+    cfg: ModelConfig,
+    rope: Rope,
+    tok_embd: QWeight, // (n_vocab, n_embd)
+    output_norm: Vec<f32>,
+    output: QWeight, // (n_vocab, n_embd), possibly the embedding itself
+    layers: Vec<Layer>,
+    weight_bytes: u64,
+}
+
+struct Binder<'a> {
+    file: &'a GgufFile,
+    path: String,
+    bytes: u64,
+}
+
+impl Binder<'_> {
+    fn shape_err(&self, t: &TensorInfo, expected: String) -> ModelError {
+        ModelError::BadShape { path: self.path.clone(), name: t.name.clone(), dims: t.dims.clone(), expected }
+    }
+    /// A matrix with GGUF dims `[cols, rows]`.
+    fn matrix(&mut self, n: TensorName, rows: usize, cols: usize) -> Result<QWeight, ModelError> {
+        let file = self.file;
+        let t = file.require_tensor(&n.gguf())?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(self.shape_err(t, format!("[{cols}, {rows}]")));
+        }
+        if !t.ty.is_supported() {
+            return Err(ModelError::UnsupportedType { path: self.path.clone(), name: t.name.clone(), ty: t.ty });
+        }
+        let start = (self.file.data_offset() + t.offset) as usize;
+        self.bytes += t.n_bytes;
+        Ok(QWeight { ty: t.ty, rows, cols, start, len: t.n_bytes as usize })
+    }
+    /// A vector converted to f32.
+    fn vector(&mut self, n: TensorName, len: usize) -> Result<Vec<f32>, ModelError> {
+        let file = self.file;
+        let t = file.require_tensor(&n.gguf())?;
+        if t.n_elements() != len as u64 {
+            return Err(self.shape_err(t, format!("[{len}]")));
+        }
+        if !t.ty.is_supported() {
+            return Err(ModelError::UnsupportedType { path: self.path.clone(), name: t.name.clone(), ty: t.ty });
+        }
+        let mut v = vec![0f32; len];
+        quant::dequantize(t.ty, self.file.tensor_bytes(t), &mut v).map_err(|e| ModelError::BadHparams {
+            path: self.path.clone(),
+            what: format!("tensor '{}': {e}", t.name),
+        })?;
+        self.bytes += t.n_bytes;
+        Ok(v)
+    }
+    fn optional_vector(&mut self, n: TensorName, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.file.tensor(&n.gguf()).is_none() {
+            return Ok(None);
+        }
+        self.vector(n, len).map(Some)
+    }
+}
+
+fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<ModelConfig, ModelError> {
+    let path = file.path().display().to_string();
+    let md = &file.metadata;
+    let a = spec.arch;
+    let req = |k: ArchKey| -> Result<usize, ModelError> { Ok(file.require_u64(&k.key(a))? as usize) };
+    let n_embd = req(ArchKey::EmbeddingLength)?;
+    let n_layers = req(ArchKey::BlockCount)?;
+    let n_heads = req(ArchKey::HeadCount)?;
+    let n_kv_heads = md.arch_u64(a, ArchKey::HeadCountKv).map(|v| v as usize).unwrap_or(n_heads);
+    let n_ff = req(ArchKey::FeedForwardLength)?;
+    let n_ctx_train = md.arch_u64(a, ArchKey::ContextLength).unwrap_or(2048) as usize;
+    let bad = |what: String| ModelError::BadHparams { path: path.clone(), what };
+    if n_embd == 0 || n_layers == 0 || n_heads == 0 || n_kv_heads == 0 || n_ff == 0 {
+        return Err(bad(format!(
+            "zero-sized model (embd {n_embd}, layers {n_layers}, heads {n_heads}/{n_kv_heads}, ff {n_ff})"
+        )));
+    }
+    if n_embd % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        return Err(bad(format!("n_embd {n_embd}, heads {n_heads}, kv heads {n_kv_heads} do not divide")));
+    }
+    if n_embd > 1 << 20 || n_layers > 4096 || n_ff > 1 << 22 || n_heads > 4096 {
+        return Err(bad("implausibly large hyper-parameters".into()));
+    }
+    let head_dim = md.get_u64(&format!("{a}.attention.key_length")).map(|v| v as usize).unwrap_or(n_embd / n_heads);
+    let n_rot = md.arch_u64(a, ArchKey::RopeDimensionCount).map(|v| v as usize).unwrap_or(head_dim);
+    if n_rot > head_dim || n_rot % 2 != 0 || head_dim == 0 {
+        return Err(bad(format!("rope dims {n_rot} vs head dim {head_dim}")));
+    }
+    let rope_base = md.arch_f64(a, ArchKey::RopeFreqBase).unwrap_or(spec.default_rope_base as f64) as f32;
+    let rms_eps = md.arch_f64(a, ArchKey::LayerNormRmsEpsilon).unwrap_or(1e-5) as f32;
+    let embd = file.require_tensor(&TensorName::TokenEmbd.gguf())?;
+    if embd.dims.len() != 2 || embd.dims[0] != n_embd as u64 {
+        return Err(ModelError::BadShape {
+            path,
+            name: embd.name.clone(),
+            dims: embd.dims.clone(),
+            expected: format!("[{n_embd}, n_vocab]"),
+        });
+    }
+    let n_vocab = embd.dims[1] as usize;
+    let tied_embeddings = file.tensor(&TensorName::Output.gguf()).is_none();
+    Ok(ModelConfig {
+        arch: a.to_string(),
+        n_vocab,
+        n_embd,
+        n_layers,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        n_ff,
+        n_ctx_train,
+        rope_base,
+        rope_style: spec.rope_style,
+        n_rot,
+        rms_eps,
+        tied_embeddings,
+    })
+}
+
+impl Transformer {
+    pub fn load(file: Arc<GgufFile>, spec: &ArchSpec) -> Result<Self, ModelError> {
+        use TensorName::*;
+        let cfg = hparams(&file, spec)?;
+        let mut b = Binder { file: &file, path: file.path().display().to_string(), bytes: 0 };
+        let (d, q_dim, kv_dim, ff) = (cfg.n_embd, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.n_ff);
+        let tok_embd = b.matrix(TokenEmbd, cfg.n_vocab, d)?;
+        let output_norm = b.vector(OutputNorm, d)?;
+        let output = if cfg.tied_embeddings { tok_embd } else { b.matrix(Output, cfg.n_vocab, d)? };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let bias = |b: &mut Binder, n, len| if spec.qkv_bias { b.optional_vector(n, len) } else { Ok(None) };
+            layers.push(Layer {
+                attn_norm: b.vector(AttnNorm(l), d)?,
+                wq: b.matrix(AttnQ(l), q_dim, d)?,
+                wk: b.matrix(AttnK(l), kv_dim, d)?,
+                wv: b.matrix(AttnV(l), kv_dim, d)?,
+                bq: bias(&mut b, AttnQBias(l), q_dim)?,
+                bk: bias(&mut b, AttnKBias(l), kv_dim)?,
+                bv: bias(&mut b, AttnVBias(l), kv_dim)?,
+                wo: b.matrix(AttnOut(l), d, q_dim)?,
+                ffn_norm: b.vector(FfnNorm(l), d)?,
+                w_gate: b.matrix(FfnGate(l), ff, d)?,
+                w_up: b.matrix(FfnUp(l), ff, d)?,
+                w_down: b.matrix(FfnDown(l), d, ff)?,
+            });
+        }
+        let weight_bytes = b.bytes;
+        let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.n_rot, cfg.rope_base);
+        Ok(Transformer { file, cfg, rope, tok_embd, output_norm, output, layers, weight_bytes })
+    }
+
+    fn mat(&self, w: &QWeight) -> QMatRef<'_> {
+        QMatRef { ty: w.ty, rows: w.rows, cols: w.cols, data: &self.file.bytes()[w.start..w.start + w.len] }
+    }
+
+    /// y[m × rows] = x[m × cols] · Wᵀ (+ bias)
+    fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
+        y.resize(m * w.rows, 0.0);
+        quant::matmul(self.mat(w), x, m, y);
+        if let Some(b) = bias {
+            for row in y.chunks_exact_mut(w.rows) {
+                row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
+            }
+        }
+    }
+}
+
+/// Scratch buffers for one forward pass.
+#[derive(Default)]
+struct Scratch {
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Model for Transformer {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        wanted: LogitsWanted,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let c = &self.cfg;
+        let n = tokens.len();
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::BadToken { id, n_vocab: c.n_vocab });
+        }
+        if n == 0 {
+            logits.clear();
+            return Ok(());
+        }
+        kv.reserve(n)?;
+        let pos0 = kv.len();
+        let d = c.n_embd;
+        let mut x = vec![0f32; n * d];
+        let embd = self.mat(&self.tok_embd);
+        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+            quant::dequantize_row(embd, t as usize, row);
+        }
+        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let mut s = Scratch::default();
+        for (l, ly) in self.layers.iter().enumerate() {
+            s.xn.resize(n * d, 0.0);
+            ops::rmsnorm(&x, &ly.attn_norm, c.rms_eps, &mut s.xn);
+            self.linear(&ly.wq, ly.bq.as_deref(), &s.xn, n, &mut s.q);
+            self.linear(&ly.wk, ly.bk.as_deref(), &s.xn, n, &mut s.k);
+            self.linear(&ly.wv, ly.bv.as_deref(), &s.xn, n, &mut s.v);
+            self.rope.apply(&mut s.q, c.n_heads, pos0);
+            self.rope.apply(&mut s.k, c.n_kv_heads, pos0);
+            kv.append(l, &s.k, &s.v);
+            let (kl, vl) = kv.layer(l);
+            s.att.resize(n * c.n_heads * c.head_dim, 0.0);
+            ops::attention(&s.q, kl, vl, pos0, shape, &mut s.att);
+            self.linear(&ly.wo, None, &s.att, n, &mut s.proj);
+            x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
+
+            ops::rmsnorm(&x, &ly.ffn_norm, c.rms_eps, &mut s.xn);
+            self.linear(&ly.w_gate, None, &s.xn, n, &mut s.gate);
+            self.linear(&ly.w_up, None, &s.xn, n, &mut s.up);
+            ops::silu_mul(&mut s.gate, &s.up);
+            self.linear(&ly.w_down, None, &s.gate, n, &mut s.proj);
+            x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
+        }
+        kv.commit(n);
+        let rows: &mut [f32] = match wanted {
+            LogitsWanted::None => {
+                logits.clear();
+                return Ok(());
+            }
+            LogitsWanted::Last => &mut x[(n - 1) * d..],
+            LogitsWanted::All => &mut x[..],
+        };
+        let m = rows.len() / d;
+        ops::rmsnorm_inplace(rows, &self.output_norm, c.rms_eps);
+        self.linear(&self.output, None, rows, m, logits);
+        Ok(())
+    }
+}

@@ -1,0 +1,109 @@
+//! Quant kernel micro-benchmark: `cargo run -p ember-runtime --example qbench --profile dev [-- quick]`
+//!
+//! m = 1 (decode): weight GB/s per ISA, 1 and 2 threads.
+//! m > 1 (prefill): effective GFLOP/s (2·m·rows·cols / time). For m > 1 only the best ISA is timed; for m > 16 every ISA shares the
+//! dequantize + gemm path, so only the best ISA is timed (m = 4..16 only for Q4_1).
+
+use ember_runtime::quant::{GgmlType, Isa, QMatRef, available_isas, best_isa, dequantize_row, matmul_with, quantize};
+use std::time::{Duration, Instant};
+
+fn data(n: usize) -> Vec<f32> {
+    let mut s = 0x1234_5678_9abc_def1u64;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * 0.1
+        })
+        .collect()
+}
+
+/// Best (minimum) seconds per call over repeated runs within `budget`.
+fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut iters = 0;
+    while iters < 5 || (start.elapsed() < budget && iters < 100_000) {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        iters += 1;
+    }
+    best
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let budget = Duration::from_millis(if quick { 60 } else { 250 });
+    let shapes: &[(GgmlType, usize, usize, &str)] = &[
+        (GgmlType::Q4_1, 576, 576, "attn q/o"),
+        (GgmlType::Q4_1, 192, 576, "attn k/v"),
+        (GgmlType::Q4_1, 1536, 576, "ffn gate/up"),
+        (GgmlType::Q4_1, 576, 1536, "ffn down"),
+        (GgmlType::Q8_0, 49152, 576, "lm head"),
+        (GgmlType::Q4_K, 896, 4864, "ffn down"),
+        (GgmlType::Q6_K, 896, 4864, "ffn down"),
+        (GgmlType::Q5_0, 4864, 896, "ffn up"),
+        (GgmlType::Q4_0, 4864, 896, "ffn up"),
+        (GgmlType::Q8_0, 4864, 896, "ffn up"),
+        (GgmlType::F16, 1536, 576, "ffn up"),
+    ];
+    let pools: Vec<(usize, rayon::ThreadPool)> = [1, 2]
+        .into_iter()
+        .map(|n| (n, rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()))
+        .collect();
+    println!("isas: {:?}, best {:?}", available_isas(), best_isa());
+    println!("{:<6} {:>6}x{:<5} {:<12} {:>4} {:<9} {:>3}t  {:>10}  {:>9}", "type", "rows", "cols", "what", "m", "isa", "", "time", "rate");
+    for &(ty, rows, cols, what) in shapes {
+        let q = quantize(ty, &data(rows * cols)).unwrap();
+        let w = QMatRef { ty, rows, cols, data: &q };
+        {
+            let mut row = vec![0f32; cols];
+            let t = time(budget, || {
+                for r in 0..rows {
+                    dequantize_row(w, r, &mut row);
+                }
+            });
+            println!(
+                "{:<6} {:>6}x{:<5} {:<12} dequantize_row, 1 thread: {:8.1}us  {:6.2} Gelem/s",
+                ty.name(), rows, cols, what, t * 1e6, (rows * cols) as f64 / t / 1e9
+            );
+        }
+        for m in [1usize, 4, 8, 16, 128, 512] {
+            if m > 1 && rows * cols > 8_000_000 || (m > 1 && m < 128 && ty != GgmlType::Q4_1) {
+                continue; // lm head prefill: only the last token's logits are ever needed
+            }
+            let x = data(m * cols);
+            let mut y = vec![0f32; m * rows];
+            let isas = if m == 1 { available_isas() } else { vec![best_isa()] };
+            for &isa in &isas {
+                for (nt, pool) in &pools {
+                    let t = pool.install(|| time(budget, || matmul_with(isa, w, &x, m, &mut y)));
+                    let rate = if m == 1 {
+                        format!("{:6.1} GB/s", q.len() as f64 / t / 1e9)
+                    } else {
+                        format!("{:6.1} GFLOP/s", 2.0 * (m * rows * cols) as f64 / t / 1e9)
+                    };
+                    println!(
+                        "{:<6} {:>6}x{:<5} {:<12} {:>4} {:<9} {:>3}t  {:>8.1}us  {}",
+                        ty.name(),
+                        rows,
+                        cols,
+                        what,
+                        m,
+                        isa_name(isa),
+                        nt,
+                        t * 1e6,
+                        rate
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn isa_name(i: Isa) -> &'static str {
+    i.name()
+}

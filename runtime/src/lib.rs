@@ -1,0 +1,14 @@
+//! ember runtime: GGUF on mmap, quantized kernels, tokenizer, KV cache,
+//! sampling and the engine loop. The runtime emits timestamped events and
+//! never prints; measuring is the bench crate's job.
+pub mod embedded;
+pub mod engine;
+pub mod gguf;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod sample;
+pub mod sys;
+pub mod tokenizer;
+pub mod chat;

@@ -1,0 +1,253 @@
+//! Dense f32 ops used by the decoder blocks on the CPU: RMSNorm, RoPE (both
+//! styles), SiLU·mul, softmax and causal attention over the KV cache.
+//! The quantized matmul lives in [`crate::quant`].
+
+use rayon::prelude::*;
+
+/// y = x / rms(x) * w, row by row (`x.len()` a multiple of `w.len()`).
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let n = w.len();
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = a * inv * g;
+        }
+    }
+}
+
+/// In-place RMSNorm (x ← norm(x) · w).
+pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for (a, &g) in xr.iter_mut().zip(w) {
+            *a = *a * inv * g;
+        }
+    }
+}
+
+/// How rotary position embedding pairs up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): GGUF llama (weights were permuted at conversion).
+    Normal,
+    /// Halves (i, i + d/2): GPT-NeoX, qwen2.
+    Neox,
+}
+
+/// Precomputed inverse frequencies for one head dimension.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub head_dim: usize,
+    /// Rotated dims (≤ head_dim).
+    pub n_rot: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(style: RopeStyle, head_dim: usize, n_rot: usize, base: f32) -> Self {
+        let inv_freq = (0..n_rot / 2).map(|i| base.powf(-2.0 * i as f32 / n_rot as f32)).collect();
+        Rope { style, head_dim, n_rot, inv_freq }
+    }
+
+    /// Rotate every head of `x` (`[n_tokens × n_heads·head_dim]`), token t at position `pos0 + t`.
+    pub fn apply(&self, x: &mut [f32], n_heads: usize, pos0: usize) {
+        let hd = self.head_dim;
+        let row = n_heads * hd;
+        let half = self.n_rot / 2;
+        let mut cs = vec![(0f32, 0f32); half];
+        for (t, xr) in x.chunks_exact_mut(row).enumerate() {
+            let p = (pos0 + t) as f32;
+            for (i, c) in cs.iter_mut().enumerate() {
+                // f64 for the angle keeps long positions accurate, as llama.cpp does in effect.
+                let theta = p as f64 * self.inv_freq[i] as f64;
+                *c = (theta.cos() as f32, theta.sin() as f32);
+            }
+            for h in xr.chunks_exact_mut(hd) {
+                match self.style {
+                    RopeStyle::Normal => {
+                        for (i, &(c, s)) in cs.iter().enumerate() {
+                            let (a, b) = (h[2 * i], h[2 * i + 1]);
+                            h[2 * i] = a * c - b * s;
+                            h[2 * i + 1] = a * s + b * c;
+                        }
+                    }
+                    RopeStyle::Neox => {
+                        for (i, &(c, s)) in cs.iter().enumerate() {
+                            let (a, b) = (h[i], h[i + half]);
+                            h[i] = a * c - b * s;
+                            h[i + half] = a * s + b * c;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// gate ← silu(gate) · up
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + (-*g).exp());
+        *g = s * u;
+    }
+}
+
+/// Numerically stable in-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators so the compiler vectorises without reassociation flags.
+    let mut acc = [0f32; 8];
+    let (ca, ra) = a.as_chunks::<8>();
+    let (cb, rb) = b.as_chunks::<8>();
+    for (x, y) in ca.iter().zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Causal attention for `n_q` new query rows against a KV history.
+///
+/// * `q`: `[n_q × n_heads·head_dim]`, query t sits at absolute position `pos0 + t`.
+/// * `k`, `v`: the layer's cache, `[n_past × n_kv_heads·head_dim]` with
+///   `n_past ≥ pos0 + n_q` (the new tokens are already stored).
+/// * `out`: `[n_q × n_heads·head_dim]`.
+///
+/// Grouped-query attention maps query head h to kv head `h / (n_heads / n_kv_heads)`.
+/// Work is split over (token, head) pairs on the current rayon pool.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out: &mut [f32]) {
+    let hd = s.head_dim;
+    let qrow = s.n_heads * hd;
+    let kvrow = s.n_kv_heads * hd;
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n_q = q.len() / qrow;
+    let work = |idx: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+        let (t, h) = (idx / s.n_heads, idx % s.n_heads);
+        let kvh = h / group;
+        let n_ctx = pos0 + t + 1;
+        let qh = &q[t * qrow + h * hd..][..hd];
+        scores.clear();
+        scores.extend((0..n_ctx).map(|j| dot(qh, &k[j * kvrow + kvh * hd..][..hd]) * scale));
+        softmax(scores);
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            axpy(o, p, &v[j * kvrow + kvh * hd..][..hd]);
+        }
+    };
+    let total_work = n_q * s.n_heads * (pos0 + n_q) * hd;
+    if total_work < 1 << 16 {
+        let mut scores = Vec::new();
+        for (idx, o) in out.chunks_exact_mut(hd).enumerate() {
+            work(idx, o, &mut scores);
+        }
+    } else {
+        out.par_chunks_exact_mut(hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (idx, o)| work(idx, o, scores));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_unit() {
+        let x = [3.0, 4.0];
+        let mut y = [0.0; 2];
+        rmsnorm(&x, &[1.0, 2.0], 0.0, &mut y);
+        let rms = (12.5f32).sqrt();
+        assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_styles_rotate_the_right_pairs() {
+        // head_dim 4, position 1: Normal rotates (0,1) by θ0=1 rad and (2,3) by θ1=base^-0.5.
+        let r = Rope::new(RopeStyle::Normal, 4, 4, 100.0);
+        let mut x = [1.0, 0.0, 1.0, 0.0];
+        r.apply(&mut x, 1, 1);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+        assert!((x[2] - 0.1f32.cos()).abs() < 1e-6 && (x[3] - 0.1f32.sin()).abs() < 1e-6);
+        let r = Rope::new(RopeStyle::Neox, 4, 4, 100.0);
+        let mut x = [1.0, 1.0, 0.0, 0.0];
+        r.apply(&mut x, 1, 1);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6);
+        assert!((x[1] - 0.1f32.cos()).abs() < 1e-6 && (x[3] - 0.1f32.sin()).abs() < 1e-6);
+        // Position 0 is the identity.
+        let mut y = [0.3, -0.2, 0.5, 0.9];
+        r.apply(&mut y, 1, 0);
+        assert_eq!(y, [0.3, -0.2, 0.5, 0.9]);
+    }
+
+    #[test]
+    fn attention_matches_naive_with_gqa() {
+        let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+        let n_past = 5;
+        let mut seed = 1u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) - 0.5
+        };
+        let k: Vec<f32> = (0..n_past * 16).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..n_past * 16).map(|_| rnd()).collect();
+        let q: Vec<f32> = (0..2 * 32).map(|_| rnd()).collect(); // two queries at positions 3 and 4
+        let mut out = vec![0.0; 64];
+        attention(&q, &k, &v, 3, s, &mut out);
+        for t in 0..2 {
+            for h in 0..4 {
+                let kvh = h / 2;
+                let qh = &q[t * 32 + h * 8..][..8];
+                let n = 3 + t + 1;
+                let mut w: Vec<f64> = (0..n)
+                    .map(|j| (0..8).map(|d| qh[d] as f64 * k[j * 16 + kvh * 8 + d] as f64).sum::<f64>() / 8f64.sqrt())
+                    .collect();
+                let m = w.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = w.iter().map(|x| (x - m).exp()).sum();
+                w.iter_mut().for_each(|x| *x = (*x - m).exp() / z);
+                for d in 0..8 {
+                    let want: f64 = (0..n).map(|j| w[j] * v[j * 16 + kvh * 8 + d] as f64).sum();
+                    let got = out[t * 32 + h * 8 + d] as f64;
+                    assert!((want - got).abs() < 1e-5, "t{t} h{h} d{d}: {want} vs {got}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The matmul driver: picks the integer-dot path (small m) or the dequantize+gemm path (large m),
+//! and splits output rows across the current rayon pool.
+
+use super::kernels::{DotFn, Q8Buf, Q8Row, portable_dot};
+use super::reference::dequantize_block;
+use super::{GgmlType, Isa, QMatRef};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Up to this many activation rows use the quantized-activation integer dot kernels; above it,
+/// tiles of weight rows are dequantized to f32 and multiplied with `gemm` (measured crossover:
+/// at m = 16 the dot path still beats gemm on 576-wide Q4_1 matrices).
+pub(crate) const MAX_DOT_M: usize = 16;
+
+/// Below this many multiply-adds (rows·cols·m) a call stays on the calling thread: waking the
+/// rayon pool costs a few µs, more than a small matvec takes.
+const PAR_MIN_MACS: usize = 1 << 18;
+
+/// Target f32 elements per dequantized weight tile in the gemm path (~512 KiB, within L2).
+const TILE_ELEMS: usize = 1 << 17;
+
+thread_local! {
+    static TILE_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: tasks sharing a SyncPtr only write disjoint elements of a buffer that outlives them
+// (each call blocks until its rayon tasks finish).
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn dot_fn(isa: Isa, ty: GgmlType) -> DotFn {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => super::x86::avx2::dot_fn(ty),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => super::x86::avx512::dot_fn(ty),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => super::neon::dot_fn(ty),
+        _ => portable_dot(ty),
+    }
+}
+
+fn is_float(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// `y[m × rows] = x[m × cols] · Wᵀ` on the best ISA for this CPU, on the current rayon pool.
+pub fn matmul(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    matmul_with(super::best_isa(), w, x, m, y)
+}
+
+/// As [`matmul`], forcing the kernels of `isa` (panics if this CPU cannot run it).
+/// `Isa::Portable` uses no explicit SIMD in the dot kernels; for `m > 16` every ISA goes through
+/// the same dequantize + `gemm` path (the `gemm` crate does its own CPU dispatch).
+pub fn matmul_with(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    assert!(isa.is_available(), "matmul_with: ISA {isa:?} not available on this CPU");
+    if let Err(e) = w.validate() {
+        panic!("matmul: bad weight matrix: {e}");
+    }
+    assert_eq!(x.len(), m * w.cols, "matmul: x must be m × cols");
+    assert_eq!(y.len(), m * w.rows, "matmul: y must be m × rows");
+    if m == 0 || w.rows == 0 {
+        return;
+    }
+    if w.cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    if m > MAX_DOT_M {
+        gemm_path(w, x, m, y);
+    } else if is_float(w.ty) {
+        float_dot_path(w, x, m, y);
+    } else {
+        q8_dot_path(isa, w, x, m, y);
+    }
+}
+
+/// Run `f` over `rows` split into contiguous ranges, in parallel when `macs` is large enough.
+fn for_row_chunks(rows: usize, macs: usize, f: impl Fn(usize, usize) + Sync) {
+    let nt = rayon::current_num_threads();
+    if nt <= 1 || macs < PAR_MIN_MACS || rows < 2 {
+        f(0, rows);
+        return;
+    }
+    // A few chunks per thread lets work stealing even out a descheduled thread.
+    let n = (nt * 4).min(rows);
+    (0..n)
+        .into_par_iter()
+        .for_each(|c| f(c * rows / n, (c + 1) * rows / n));
+}
+
+fn q8_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    let rb = w.row_bytes();
+    let xq = Q8Buf::quantize(x, cols);
+    let xr: Vec<Q8Row<'_>> = (0..m).map(|i| xq.row(i)).collect();
+    let dot = dot_fn(isa, w.ty);
+    let yp = SyncPtr(y.as_mut_ptr());
+    for_row_chunks(rows, rows * cols * m, |r0, r1| {
+        for r in r0..r1 {
+            let wr = &w.data[r * rb..(r + 1) * rb];
+            for (i, xi) in xr.iter().enumerate() {
+                // SAFETY: `dot` belongs to `isa`, which was checked available on this CPU;
+                // `wr` is one whole row of `w.ty` blocks and `xi` an activation row of `cols`.
+                let v = unsafe { dot(wr, xi) };
+                // SAFETY: i < m and r < rows, so the index is inside y (len m·rows); every
+                // (i, r) is written by exactly one task.
+                unsafe { *yp.get().add(i * rows + r) = v };
+            }
+        }
+    });
+}
+
+/// Dot of `n` f32s with 8 independent accumulators (vectorizes without fast-math).
+#[inline]
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(p, q)| p * q).sum();
+    for (p, q) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += p[k] * q[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn float_dot_path(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    let rb = w.row_bytes();
+    let yp = SyncPtr(y.as_mut_ptr());
+    for_row_chunks(rows, rows * cols * m, |r0, r1| {
+        TILE_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < cols {
+                buf.resize(cols, 0.0);
+            }
+            let row = &mut buf[..cols];
+            for r in r0..r1 {
+                dequant_row_fast(w.ty, &w.data[r * rb..(r + 1) * rb], row);
+                for i in 0..m {
+                    let v = dot_f32(row, &x[i * cols..(i + 1) * cols]);
+                    // SAFETY: i < m, r < rows; each (i, r) written by one task only.
+                    unsafe { *yp.get().add(i * rows + r) = v };
+                }
+            }
+        })
+    });
+}
+
+fn gemm_path(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    let rb = w.row_bytes();
+    let nt = rayon::current_num_threads();
+    let parallel = nt > 1 && rows * cols * m >= PAR_MIN_MACS;
+    let mut tile = (TILE_ELEMS / cols).clamp(16, 1024) / 16 * 16;
+    if parallel {
+        // A whole number of tiles per thread (at least two each), so no thread idles at the end.
+        let per = rows.div_ceil(tile).div_ceil(nt).max(2);
+        tile = rows.div_ceil(per * nt).div_ceil(16).max(1) * 16;
+    }
+    let ntiles = rows.div_ceil(tile);
+    let yp = SyncPtr(y.as_mut_ptr());
+    // F32 weights that are f32-aligned can be fed to gemm in place.
+    let direct = w.ty == GgmlType::F32 && (w.data.as_ptr() as usize) % 4 == 0;
+    let run_tile = |t: usize| {
+        let r0 = t * tile;
+        let r1 = rows.min(r0 + tile);
+        let n = r1 - r0;
+        let go = |rhs: *const f32| {
+            // SAFETY: dst = y[.., r0..r1] (m × n, row stride rows) is inside y and written only
+            // by this tile; lhs = x (m × cols, row-major) and rhs = the n weight rows
+            // (cols × n with column stride cols) are valid reads of the stated extents.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    cols,
+                    yp.get().add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    rhs,
+                    cols as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        if direct {
+            // SAFETY: rows r0..r1 of an aligned F32 matrix are n·cols f32 inside `w.data`.
+            go(unsafe { w.data.as_ptr().add(r0 * rb) } as *const f32);
+        } else {
+            TILE_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                if buf.len() < n * cols {
+                    buf.resize(n * cols, 0.0);
+                }
+                for (k, r) in (r0..r1).enumerate() {
+                    dequant_row_fast(
+                        w.ty,
+                        &w.data[r * rb..(r + 1) * rb],
+                        &mut buf[k * cols..(k + 1) * cols],
+                    );
+                }
+                go(buf.as_ptr());
+            })
+        }
+    };
+    if parallel && ntiles > 1 {
+        (0..ntiles).into_par_iter().for_each(run_tile);
+    } else {
+        (0..ntiles).for_each(run_tile);
+    }
+}
+
+/// Dequantize one row (`src` = its block bytes) with the type match hoisted out of the loop.
+pub(crate) fn dequant_row_fast(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    macro_rules! rows {
+        ($($t:ident),*) => {
+            match ty {
+                GgmlType::F32 => {
+                    for (s, d) in src.chunks_exact(4).zip(dst.iter_mut()) {
+                        *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    }
+                }
+                GgmlType::BF16 => {
+                    for (s, d) in src.chunks_exact(2).zip(dst.iter_mut()) {
+                        *d = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
+                    }
+                }
+                GgmlType::F16 => {
+                    use half::slice::HalfFloatSliceExt;
+                    let mut tmp = [half::f16::ZERO; 256];
+                    for (s, d) in src.chunks(512).zip(dst.chunks_mut(256)) {
+                        let t = &mut tmp[..d.len()];
+                        for (h, b) in t.iter_mut().zip(s.chunks_exact(2)) {
+                            *h = half::f16::from_le_bytes([b[0], b[1]]);
+                        }
+                        t.convert_to_f32_slice(d);
+                    }
+                }
+                $(GgmlType::$t => {
+                    let (bb, bl) = (GgmlType::$t.block_bytes(), GgmlType::$t.block_len());
+                    for (b, y) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(bl)) {
+                        dequantize_block(GgmlType::$t, b, y);
+                    }
+                })*
+                _ => panic!("dequantize_row: unsupported type {ty}"),
+            }
+        };
+    }
+    assert_eq!(Some(src.len()), ty.row_bytes(dst.len()), "dequant_row: lengths");
+    rows!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K);
+}

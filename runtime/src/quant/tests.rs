@@ -1,0 +1,539 @@
+//! Tests for the quant module: layouts (hand-built blocks), round trips, matmul vs an f64
+//! reference on every ISA this CPU runs, SIMD/portable agreement, threading determinism.
+
+use super::reference::{pack_scale_min_k4, scale_min_k4};
+use super::*;
+
+/// Tiny xorshift64* generator (no rand crate).
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// Roughly normal (sum of 4 uniforms), unit-ish variance, with a per-call scale.
+    fn normalish(&mut self) -> f32 {
+        (self.uniform() + self.uniform() + self.uniform() + self.uniform()) * 0.866
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normalish() * scale).collect()
+    }
+}
+
+fn f16b(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_le_bytes()
+}
+
+fn rms(v: &[f32]) -> f64 {
+    (v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Type table
+
+#[test]
+fn type_ids_names_and_sizes() {
+    for t in GgmlType::ALL {
+        assert_eq!(GgmlType::from_u32(t.id()), Some(t), "{t}");
+    }
+    for bad in [4u32, 5, 31, 32, 33, 36, 37, 38, 40, 1000] {
+        assert_eq!(GgmlType::from_u32(bad), None, "id {bad}");
+    }
+    let expect: &[(GgmlType, u32, &str, usize, usize)] = &[
+        (GgmlType::F32, 0, "F32", 1, 4),
+        (GgmlType::F16, 1, "F16", 1, 2),
+        (GgmlType::Q4_0, 2, "Q4_0", 32, 18),
+        (GgmlType::Q4_1, 3, "Q4_1", 32, 20),
+        (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
+        (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
+        (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
+        (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
+        (GgmlType::Q2_K, 10, "Q2_K", 256, 84),
+        (GgmlType::Q3_K, 11, "Q3_K", 256, 110),
+        (GgmlType::Q4_K, 12, "Q4_K", 256, 144),
+        (GgmlType::Q5_K, 13, "Q5_K", 256, 176),
+        (GgmlType::Q6_K, 14, "Q6_K", 256, 210),
+        (GgmlType::Q8_K, 15, "Q8_K", 256, 292),
+        (GgmlType::IQ4_NL, 20, "IQ4_NL", 32, 18),
+        (GgmlType::IQ4_XS, 23, "IQ4_XS", 256, 136),
+        (GgmlType::BF16, 30, "BF16", 1, 2),
+        (GgmlType::MXFP4, 39, "MXFP4", 32, 17),
+    ];
+    for &(t, id, name, bl, bb) in expect {
+        assert_eq!((t.id(), t.name(), t.block_len(), t.block_bytes()), (id, name, bl, bb));
+    }
+    assert_eq!(GgmlType::Q4_K.row_bytes(896), None);
+    assert_eq!(GgmlType::Q4_K.row_bytes(1024), Some(4 * 144));
+    assert_eq!(GgmlType::Q4_1.row_bytes(576), Some(18 * 20));
+    assert_eq!(GgmlType::F16.row_bytes(7), Some(14));
+    assert_eq!(GgmlType::SUPPORTED.iter().filter(|t| t.is_supported()).count(), 11);
+    assert!(!GgmlType::Q2_K.is_supported() && !GgmlType::Q8_1.is_supported());
+}
+
+#[test]
+fn errors_are_reported() {
+    let mut out = vec![0f32; 32];
+    assert!(matches!(
+        dequantize(GgmlType::Q4_0, &[0u8; 17], &mut out),
+        Err(QuantError::BadSrcLen { expected: 18, got: 17, .. })
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::Q4_K, &[0u8; 144], &mut out),
+        Err(QuantError::NotBlockMultiple { .. })
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::Q2_K, &[0u8; 84], &mut vec![0f32; 256]),
+        Err(QuantError::Unsupported(GgmlType::Q2_K))
+    ));
+    assert!(matches!(quantize(GgmlType::Q8_0, &[0.0; 33]), Err(QuantError::NotBlockMultiple { .. })));
+    assert!(matches!(quantize(GgmlType::IQ2_XXS, &[0.0; 256]), Err(QuantError::Unsupported(_))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-built blocks -> exact values
+
+fn deq(ty: GgmlType, b: &[u8]) -> Vec<f32> {
+    let mut y = vec![0f32; ty.block_len() * b.len() / ty.block_bytes()];
+    dequantize(ty, b, &mut y).unwrap();
+    y
+}
+
+#[test]
+fn layout_float_types() {
+    let mut b = Vec::new();
+    b.extend_from_slice(&1.5f32.to_le_bytes());
+    b.extend_from_slice(&(-2.25f32).to_le_bytes());
+    assert_eq!(deq(GgmlType::F32, &b), vec![1.5, -2.25]);
+    assert_eq!(deq(GgmlType::F16, &[0x00, 0x3E, 0x00, 0xC0]), vec![1.5, -2.0]);
+    // bf16 is the top half of an f32: 0x3FC0 = 1.5, 0xC010 = -2.25.
+    assert_eq!(deq(GgmlType::BF16, &[0xC0, 0x3F, 0x10, 0xC0]), vec![1.5, -2.25]);
+}
+
+#[test]
+fn layout_q4_0_and_q4_1() {
+    // Low nibble of qs[j] is element j, high nibble is element j + 16.
+    let mut b = vec![0u8; 18];
+    b[..2].copy_from_slice(&f16b(0.5));
+    for j in 0..16 {
+        b[2 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(GgmlType::Q4_0, &b);
+    for j in 0..16 {
+        assert_eq!(y[j], 0.5 * (j as f32 - 8.0));
+        assert_eq!(y[j + 16], 0.5 * ((15 - j) as f32 - 8.0));
+    }
+    let mut b = vec![0u8; 20];
+    b[..2].copy_from_slice(&f16b(2.0));
+    b[2..4].copy_from_slice(&f16b(-1.0));
+    for j in 0..16 {
+        b[4 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(GgmlType::Q4_1, &b);
+    for j in 0..16 {
+        assert_eq!(y[j], 2.0 * j as f32 - 1.0);
+        assert_eq!(y[j + 16], 2.0 * (15 - j) as f32 - 1.0);
+    }
+}
+
+#[test]
+fn layout_q5_0_and_q5_1() {
+    // qh is a little-endian u32 after the scale(s); bit i is bit 4 of element i.
+    let qh: u32 = 0x8000_0001 | 0x0001_0000 | 0x0000_0100;
+    let mut b = vec![0u8; 22];
+    b[..2].copy_from_slice(&f16b(1.0));
+    b[2..6].copy_from_slice(&qh.to_le_bytes());
+    for j in 0..16 {
+        b[6 + j] = j as u8 | ((j as u8) << 4);
+    }
+    let y = deq(GgmlType::Q5_0, &b);
+    let expect = |i: usize| {
+        let hi = if [0, 8, 16, 31].contains(&i) { 16.0 } else { 0.0 };
+        (i % 16) as f32 + hi - 16.0
+    };
+    for i in 0..32 {
+        assert_eq!(y[i], expect(i), "Q5_0 element {i}");
+    }
+    let qh: u32 = 0xAAAA_AAAA;
+    let mut b = vec![0u8; 24];
+    b[..2].copy_from_slice(&f16b(0.5));
+    b[2..4].copy_from_slice(&f16b(1.0));
+    b[4..8].copy_from_slice(&qh.to_le_bytes());
+    for j in 0..16 {
+        b[8 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(GgmlType::Q5_1, &b);
+    for i in 0..32 {
+        let lo = if i < 16 { i } else { 15 - (i - 16) } as f32;
+        let hi = if i % 2 == 1 { 16.0 } else { 0.0 };
+        assert_eq!(y[i], 0.5 * (lo + hi) + 1.0, "Q5_1 element {i}");
+    }
+}
+
+#[test]
+fn layout_q8_0() {
+    let mut b = vec![0u8; 34];
+    b[..2].copy_from_slice(&f16b(0.25));
+    for j in 0..32 {
+        b[2 + j] = (j as i8 - 16) as u8;
+    }
+    b[2 + 31] = 0x80; // -128
+    let y = deq(GgmlType::Q8_0, &b);
+    for j in 0..31 {
+        assert_eq!(y[j], 0.25 * (j as f32 - 16.0));
+    }
+    assert_eq!(y[31], -32.0);
+}
+
+const K_SC: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 63];
+const K_MN: [u8; 8] = [0, 1, 2, 3, 40, 50, 60, 63];
+/// `K_SC`/`K_MN` packed by hand: bytes 0..4 = sc[0..4] | (sc[4..8] >> 4) << 6,
+/// bytes 4..8 = mn[0..4] | (mn[4..8] >> 4) << 6, bytes 8..12 = sc[4..8] & 15 | (mn[4..8] & 15) << 4.
+const K_SCALES: [u8; 12] = [1, 2, 3, 196, 128, 193, 194, 195, 133, 38, 199, 255];
+
+#[test]
+fn layout_k_scale_packing() {
+    assert_eq!(pack_scale_min_k4(&K_SC, &K_MN), K_SCALES);
+    for s in 0..8 {
+        assert_eq!(scale_min_k4(s, &K_SCALES), (K_SC[s], K_MN[s]));
+    }
+}
+
+#[test]
+fn layout_q4_k() {
+    let mut b = vec![0u8; 144];
+    b[..2].copy_from_slice(&f16b(1.0));
+    b[2..4].copy_from_slice(&f16b(0.5));
+    b[4..16].copy_from_slice(&K_SCALES);
+    for i in 0..128 {
+        let l = (i % 16) as u8;
+        b[16 + i] = l | ((15 - l) << 4);
+    }
+    let y = deq(GgmlType::Q4_K, &b);
+    for c in 0..4 {
+        for l in 0..32 {
+            let q = (l % 16) as f32;
+            let (s1, s2) = (2 * c, 2 * c + 1);
+            assert_eq!(y[64 * c + l], K_SC[s1] as f32 * q - 0.5 * K_MN[s1] as f32);
+            assert_eq!(y[64 * c + 32 + l], K_SC[s2] as f32 * (15.0 - q) - 0.5 * K_MN[s2] as f32);
+        }
+    }
+}
+
+#[test]
+fn layout_q5_k() {
+    let mut b = vec![0u8; 176];
+    b[..2].copy_from_slice(&f16b(1.0));
+    b[2..4].copy_from_slice(&f16b(0.5));
+    b[4..16].copy_from_slice(&K_SCALES);
+    for l in 0..32 {
+        b[16 + l] = (l as u8) | if l == 3 { 0xC0 } else { 0 }; // qh[l]: bit s = sub-block s
+    }
+    for i in 0..128 {
+        b[48 + i] = 0x21; // low nibble 1, high nibble 2
+    }
+    let y = deq(GgmlType::Q5_K, &b);
+    for s in 0..8 {
+        for l in 0..32 {
+            let lo = if s % 2 == 0 { 1.0 } else { 2.0 };
+            let bit = if s < 5 { (l >> s) & 1 } else if l == 3 && s >= 6 { 1 } else { 0 };
+            let q = lo + 16.0 * bit as f32;
+            assert_eq!(y[32 * s + l], K_SC[s] as f32 * q - 0.5 * K_MN[s] as f32, "el {s},{l}");
+        }
+    }
+}
+
+#[test]
+fn layout_q6_k() {
+    let mut b = vec![0u8; 210];
+    let sc: Vec<i8> = (0..16).map(|s| (s as i8 + 1) * if s % 2 == 1 { -1 } else { 1 }).collect();
+    for s in 0..16 {
+        b[192 + s] = sc[s] as u8;
+    }
+    b[208..210].copy_from_slice(&f16b(0.5));
+    b[0] = 0x21; // el 0 low bits 1, el 64 low bits 2
+    b[32 + 5] = 0x43; // el 37 low bits 3, el 101 low bits 4
+    b[128 + 5] = 0b11_10_01_00; // qh: el 5 +0, el 37 +16, el 69 +32, el 101 +48
+    b[64] = 0x0F; // second half: el 128 low bits 15
+    b[128 + 32] = 0x03; // el 128 +48
+    let y = deq(GgmlType::Q6_K, &b);
+    let mut expect: Vec<f32> = (0..256).map(|e| 0.5 * sc[e / 16] as f32 * -32.0).collect();
+    for (e, q) in [(0, 1), (64, 2), (5, 0), (37, 19), (69, 32), (101, 52), (128, 63)] {
+        expect[e] = 0.5 * sc[e / 16] as f32 * (q as f32 - 32.0);
+    }
+    assert_eq!(y, expect);
+    assert_eq!(y[101], 70.0);
+    assert_eq!(y[128], 139.5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips
+
+// Relative RMSE budgets (error RMS / data RMS) for round-to-nearest quantization of roughly
+// normal data in blocks. A b-bit uniform quantizer over a block's range R has RMSE ≈
+// R / (2^b − 1) / √12; for 32 normal samples R ≈ 4σ, so 4-bit ≈ 0.077σ, 5-bit ≈ 0.037σ,
+// 6-bit ≈ 0.018σ (per-16 scales shrink R), 8-bit ≈ 0.009σ (absmax, half the levels per side).
+// Absmax (symmetric) formats waste part of the range; K-quants add 6-bit scale rounding.
+// Budgets are ≈1.5× what the reference quantizer measures on this data.
+const F32_RMSE_BUDGET: f64 = 0.0;
+const F16_RMSE_BUDGET: f64 = 3.5e-4; // 11-bit mantissa: ≤ 2^-11 relative per element
+const BF16_RMSE_BUDGET: f64 = 2.5e-3; // 8-bit mantissa: ≤ 2^-8 relative per element
+const Q4_0_RMSE_BUDGET: f64 = 0.12;
+const Q4_1_RMSE_BUDGET: f64 = 0.11;
+const Q5_0_RMSE_BUDGET: f64 = 0.065;
+const Q5_1_RMSE_BUDGET: f64 = 0.05;
+const Q8_0_RMSE_BUDGET: f64 = 0.008;
+const Q4_K_RMSE_BUDGET: f64 = 0.11;
+const Q5_K_RMSE_BUDGET: f64 = 0.055;
+const Q6_K_RMSE_BUDGET: f64 = 0.027;
+
+fn rmse_budget(ty: GgmlType) -> f64 {
+    match ty {
+        GgmlType::F32 => F32_RMSE_BUDGET,
+        GgmlType::F16 => F16_RMSE_BUDGET,
+        GgmlType::BF16 => BF16_RMSE_BUDGET,
+        GgmlType::Q4_0 => Q4_0_RMSE_BUDGET,
+        GgmlType::Q4_1 => Q4_1_RMSE_BUDGET,
+        GgmlType::Q5_0 => Q5_0_RMSE_BUDGET,
+        GgmlType::Q5_1 => Q5_1_RMSE_BUDGET,
+        GgmlType::Q8_0 => Q8_0_RMSE_BUDGET,
+        GgmlType::Q4_K => Q4_K_RMSE_BUDGET,
+        GgmlType::Q5_K => Q5_K_RMSE_BUDGET,
+        GgmlType::Q6_K => Q6_K_RMSE_BUDGET,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn round_trip_within_budget() {
+    let mut rng = Rng::new(7);
+    let n = 256 * 64;
+    // Vary the scale per 256-element span so blocks see different magnitudes, plus some
+    // exact zeros (an all-zero block must survive).
+    let mut x = Vec::with_capacity(n);
+    for s in 0..n / 256 {
+        let scale = 0.01 * (1 + s % 7) as f32;
+        x.extend(rng.vec(256, scale));
+    }
+    x[512..768].fill(0.0);
+    for ty in GgmlType::SUPPORTED {
+        let q = quantize(ty, &x).unwrap();
+        assert_eq!(q.len(), ty.row_bytes(n).unwrap());
+        let mut y = vec![f32::NAN; n];
+        dequantize(ty, &q, &mut y).unwrap();
+        assert!(y[512..768].iter().all(|&v| v == 0.0), "{ty}: zero block not preserved");
+        // Error relative to the local (per 256) RMS so small-scale spans count equally.
+        let mut se = 0f64;
+        for (xs, ys) in x.chunks(256).zip(y.chunks(256)) {
+            let r = rms(xs);
+            if r == 0.0 {
+                continue;
+            }
+            let e: f64 = xs.iter().zip(ys).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>();
+            se += e / 256.0 / (r * r);
+        }
+        let rel = (se / (n / 256 - 1) as f64).sqrt();
+        eprintln!("round trip {ty}: relative RMSE {rel:.5} (budget {})", rmse_budget(ty));
+        assert!(rel <= rmse_budget(ty), "{ty}: relative RMSE {rel} > {}", rmse_budget(ty));
+    }
+}
+
+#[test]
+fn dequantize_row_matches_reference() {
+    let mut rng = Rng::new(3);
+    let (rows, cols) = (5, 512);
+    let x = rng.vec(rows * cols, 1.0);
+    for ty in GgmlType::SUPPORTED {
+        let q = quantize(ty, &x).unwrap();
+        let mut full = vec![0f32; rows * cols];
+        dequantize(ty, &q, &mut full).unwrap();
+        let w = QMatRef { ty, rows, cols, data: &q };
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            dequantize_row(w, r, &mut row);
+            assert_eq!(row, full[r * cols..(r + 1) * cols], "{ty} row {r}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul
+
+/// matmul error budget, relative to ‖w_r‖·‖x_i‖ per output element. The activation is
+/// quantized to 8 bits per block of 32 (absmax/127 step ⇒ per-element error ≈ 0.6% of σ_x for
+/// normal data), independent across elements, so a dot's error is ≈ 0.006·‖w‖·‖x‖/√cols ≈
+/// 3e-4 at cols = 512; the max over a few thousand outputs is ≤ 4σ. The gemm path (m > 16) is
+/// exact f32 and far below this.
+const MATMUL_ELEM_BUDGET: f64 = 2e-3;
+/// Aggregate budget: ‖y − y_ref‖ / ‖y_ref‖. Random rows make |y| ≈ ‖w‖‖x‖/√cols, so the 8-bit
+/// activation error above is ≈ 0.6% of |y| on average; budget 2%.
+const MATMUL_REL_BUDGET: f64 = 2e-2;
+/// Portable vs SIMD: both run identical integer block dots on identical quantized activations;
+/// only f32 accumulation order differs (≈ cols/32 terms ⇒ ~1e-6 relative).
+const AGREE_BUDGET: f64 = 1e-5;
+
+fn make_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let mut w = rng.vec(rows * cols, 0.05);
+    // A few rows with an offset so the min/offset terms matter.
+    for (r, row) in w.chunks_mut(cols).enumerate() {
+        if r % 3 == 1 {
+            row.iter_mut().for_each(|v| *v += 0.03);
+        }
+    }
+    let q = quantize(ty, &w).unwrap();
+    let mut deq = vec![0f32; rows * cols];
+    dequantize(ty, &q, &mut deq).unwrap();
+    (q, deq)
+}
+
+fn reference_matmul(wd: &[f32], rows: usize, cols: usize, x: &[f32], m: usize) -> Vec<f64> {
+    let mut y = vec![0f64; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            y[i * rows + r] = (0..cols)
+                .map(|k| wd[r * cols + k] as f64 * x[i * cols + k] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+fn norms(v: &[f32], n: usize) -> Vec<f64> {
+    v.chunks(n).map(|c| c.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt()).collect()
+}
+
+fn check_matmul(isa: Isa, ty: GgmlType, rows: usize, cols: usize, m: usize, seed: u64) {
+    let (q, wd) = make_matrix(ty, rows, cols, seed);
+    let mut rng = Rng::new(seed ^ 0xABCD);
+    let mut x = rng.vec(m * cols, 1.0);
+    // One activation row with a large offset and one with a spike exercise the block sums.
+    if m > 1 {
+        x[cols..2 * cols].iter_mut().for_each(|v| *v += 2.0);
+        x[cols + 7] = 40.0;
+    }
+    let w = QMatRef { ty, rows, cols, data: &q };
+    let mut y = vec![f32::NAN; m * rows];
+    matmul_with(isa, w, &x, m, &mut y);
+    let yr = reference_matmul(&wd, rows, cols, &x, m);
+    let (wn, xn) = (norms(&wd, cols), norms(&x, cols));
+    let (mut worst, mut se, mut sr) = (0f64, 0f64, 0f64);
+    for i in 0..m {
+        for r in 0..rows {
+            let e = (y[i * rows + r] as f64 - yr[i * rows + r]).abs();
+            worst = worst.max(e / (wn[r] * xn[i]).max(1e-30));
+            se += e * e;
+            sr += yr[i * rows + r].powi(2);
+        }
+    }
+    let rel = (se / sr).sqrt();
+    assert!(
+        worst <= MATMUL_ELEM_BUDGET && rel <= MATMUL_REL_BUDGET,
+        "{isa:?} {ty} {rows}x{cols} m={m}: elem {worst:.2e} (budget {MATMUL_ELEM_BUDGET}), \
+         rel {rel:.2e} (budget {MATMUL_REL_BUDGET})"
+    );
+}
+
+#[test]
+fn matmul_every_isa_type_and_m() {
+    for isa in available_isas() {
+        for ty in GgmlType::SUPPORTED {
+            for m in [1, 3, 16, 17, 64] {
+                check_matmul(isa, ty, 37, 512, m, 11 + m as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_float_odd_cols() {
+    for isa in available_isas() {
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            for m in [1, 2, 17] {
+                check_matmul(isa, ty, 13, 77, m, 5);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_single_block_and_single_row() {
+    for isa in available_isas() {
+        for ty in GgmlType::SUPPORTED {
+            let cols = ty.block_len().max(32);
+            check_matmul(isa, ty, 1, cols, 1, 99);
+            check_matmul(isa, ty, 3, cols, 2, 98);
+        }
+    }
+}
+
+#[test]
+fn simd_agrees_with_portable() {
+    let (rows, cols) = (29, 1024);
+    for ty in GgmlType::SUPPORTED {
+        let (q, wd) = make_matrix(ty, rows, cols, 21);
+        let w = QMatRef { ty, rows, cols, data: &q };
+        for m in [1, 4] {
+            let x = Rng::new(5 + m as u64).vec(m * cols, 1.0);
+            let mut yp = vec![0f32; m * rows];
+            matmul_with(Isa::Portable, w, &x, m, &mut yp);
+            let (wn, xn) = (norms(&wd, cols), norms(&x, cols));
+            for isa in available_isas() {
+                let mut ys = vec![0f32; m * rows];
+                matmul_with(isa, w, &x, m, &mut ys);
+                for i in 0..m {
+                    for r in 0..rows {
+                        let e = (ys[i * rows + r] - yp[i * rows + r]).abs() as f64;
+                        let tol = AGREE_BUDGET * wn[r] * xn[i];
+                        assert!(e <= tol, "{isa:?} {ty} m={m} ({i},{r}): {e:e} > {tol:e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn threaded_matches_single_thread() {
+    // Big enough to take the parallel paths (dot and gemm); results must be bit-identical
+    // because each output element is computed by exactly one task in the same order.
+    let (rows, cols) = (301, 1024);
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for ty in [GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16] {
+        let (q, _) = make_matrix(ty, rows, cols, 8);
+        let w = QMatRef { ty, rows, cols, data: &q };
+        for m in [1, 5, 33] {
+            let x = Rng::new(m as u64).vec(m * cols, 1.0);
+            let mut y1 = vec![0f32; m * rows];
+            let mut y2 = vec![0f32; m * rows];
+            one.install(|| matmul(w, &x, m, &mut y1));
+            two.install(|| matmul(w, &x, m, &mut y2));
+            assert_eq!(y1, y2, "{ty} m={m}");
+        }
+    }
+}
+
+#[test]
+fn best_isa_is_available() {
+    assert!(best_isa().is_available());
+    assert!(available_isas().contains(&Isa::Portable));
+    assert!(available_isas().contains(&best_isa()));
+}
+
+#[test]
+#[should_panic]
+fn matmul_rejects_bad_shapes() {
+    let q = quantize(GgmlType::Q8_0, &[0.0; 64]).unwrap();
+    let w = QMatRef { ty: GgmlType::Q8_0, rows: 2, cols: 32, data: &q };
+    let mut y = vec![0f32; 2];
+    matmul(w, &[0.0; 31], 1, &mut y);
+}
