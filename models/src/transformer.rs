@@ -314,6 +314,8 @@ impl Model for Transformer {
             self.linear(&ly.wv, ly.bv.as_deref(), &s.xn, n, &mut s.v);
             self.rope.apply(&mut s.q, c.n_heads, pos0);
             self.rope.apply(&mut s.k, c.n_kv_heads, pos0);
+            ops::round_f16_slice(&mut s.k);
+            ops::round_f16_slice(&mut s.v);
             kv.append(l, &s.k, &s.v);
             let (kl, vl) = kv.layer(l);
             s.att.resize(n * c.n_heads * c.head_dim, 0.0);

@@ -45,7 +45,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -83,14 +86,21 @@ impl ChatTemplate {
     /// `None` when the GGUF has no `tokenizer.chat_template`.
     pub fn from_metadata(md: &Metadata) -> Option<Result<ChatTemplate, ChatError>> {
         let src = md.get_str(keys::CHAT_TEMPLATE)?;
-        Some(ChatTemplate::new(src, token_text(md, keys::TOK_BOS), token_text(md, keys::TOK_EOS)))
+        Some(ChatTemplate::new(
+            src,
+            token_text(md, keys::TOK_BOS),
+            token_text(md, keys::TOK_EOS),
+        ))
     }
 
     /// The model's template, or ChatML when it has none.
     pub fn from_metadata_or_chatml(md: &Metadata) -> Result<ChatTemplate, ChatError> {
         match ChatTemplate::from_metadata(md) {
             Some(r) => r,
-            None => Ok(ChatTemplate::chatml(token_text(md, keys::TOK_BOS), token_text(md, keys::TOK_EOS))),
+            None => Ok(ChatTemplate::chatml(
+                token_text(md, keys::TOK_BOS),
+                token_text(md, keys::TOK_EOS),
+            )),
         }
     }
 
@@ -100,7 +110,11 @@ impl ChatTemplate {
     }
 
     /// Compile a Jinja chat template.
-    pub fn new(source: &str, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<ChatTemplate, ChatError> {
+    pub fn new(
+        source: &str,
+        bos_token: impl Into<String>,
+        eos_token: impl Into<String>,
+    ) -> Result<ChatTemplate, ChatError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -108,8 +122,14 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(py_method);
-        env.add_template_owned(NAME, source.to_string()).map_err(|e| ChatError::Parse(e.to_string()))?;
-        Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| ChatError::Parse(e.to_string()))?;
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
     }
 
     pub fn source(&self) -> &str {
@@ -160,8 +180,29 @@ fn strftime_now(fmt: String) -> String {
 }
 
 fn strftime_at(fmt: &str, secs: i64) -> String {
-    const MON: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const DAY: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const MON: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAY: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = secs.div_euclid(86400);
     let tod = secs.rem_euclid(86400);
     // Civil-from-days (proleptic Gregorian).
@@ -174,7 +215,7 @@ fn strftime_at(fmt: &str, secs: i64) -> String {
     let d = doy_mar - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let leap = (y.rem_euclid(4) == 0 && y.rem_euclid(100) != 0) || y.rem_euclid(400) == 0;
     const CUM: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
     let yday = CUM[(m - 1) as usize] + d + if leap && m > 2 { 1 } else { 0 };
     let wday = (days + 3).rem_euclid(7); // 1970-01-01 was a Thursday (Mon=0)
@@ -327,7 +368,7 @@ fn write_json(out: &mut String, v: &Value, indent: Option<usize>, level: usize) 
     Ok(())
 }
 
-fn arg_str<'a>(args: &'a [Value], i: usize) -> Option<&'a str> {
+fn arg_str(args: &[Value], i: usize) -> Option<&str> {
     args.get(i).and_then(|v| v.as_str())
 }
 
@@ -348,7 +389,12 @@ fn py_strip(s: &str, chars: Option<&str>, left: bool, right: bool) -> String {
 
 /// Python methods on strings and dicts that HF templates use.
 fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
-    let unknown = || Error::new(ErrorKind::UnknownMethod, format!("no method `{method}` on {}", value.kind()));
+    let unknown = || {
+        Error::new(
+            ErrorKind::UnknownMethod,
+            format!("no method `{method}` on {}", value.kind()),
+        )
+    };
     if let Some(s) = value.as_str() {
         let chars = arg_str(args, 0);
         return Ok(match method {
@@ -366,7 +412,13 @@ fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Res
                 })
             }
             "startswith" | "endswith" => {
-                let test = |p: &str| if method == "startswith" { s.starts_with(p) } else { s.ends_with(p) };
+                let test = |p: &str| {
+                    if method == "startswith" {
+                        s.starts_with(p)
+                    } else {
+                        s.ends_with(p)
+                    }
+                };
                 match args.first() {
                     Some(a) if a.kind() == ValueKind::Seq => {
                         Value::from(a.try_iter()?.any(|p| p.as_str().is_some_and(test)))
@@ -384,7 +436,8 @@ fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Res
                         } else if method == "split" {
                             s.splitn(maxsplit as usize + 1, sep).map(str::to_string).collect()
                         } else {
-                            let mut v: Vec<String> = s.rsplitn(maxsplit as usize + 1, sep).map(str::to_string).collect();
+                            let mut v: Vec<String> =
+                                s.rsplitn(maxsplit as usize + 1, sep).map(str::to_string).collect();
                             v.reverse();
                             v
                         }
@@ -402,11 +455,23 @@ fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Res
                     _ => Value::from(s.replace(a, b)),
                 }
             }
-            "find" => Value::from(chars.and_then(|p| s.find(p)).map(|i| s[..i].chars().count() as i64).unwrap_or(-1)),
-            "count" => Value::from(chars.map(|p| if p.is_empty() { 0 } else { s.matches(p).count() }).unwrap_or(0)),
+            "find" => Value::from(
+                chars
+                    .and_then(|p| s.find(p))
+                    .map(|i| s[..i].chars().count() as i64)
+                    .unwrap_or(-1),
+            ),
+            "count" => Value::from(
+                chars
+                    .map(|p| if p.is_empty() { 0 } else { s.matches(p).count() })
+                    .unwrap_or(0),
+            ),
             "join" => {
                 let items: Vec<String> = match args.first() {
-                    Some(a) => a.try_iter()?.map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect(),
+                    Some(a) => a
+                        .try_iter()?
+                        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                        .collect(),
                     None => vec![],
                 };
                 Value::from(items.join(s))
@@ -515,12 +580,18 @@ mod tests {
         let t = ChatTemplate::new("{{ {'name': 'f', 'args': [1, 'é', none]} | tojson }}", "", "").unwrap();
         // Python separators and no ASCII escaping; minijinja (without its
         // `preserve_order` feature) keeps map keys sorted.
-        assert_eq!(t.render(&[], false).unwrap(), r#"{"args": [1, "é", null], "name": "f"}"#);
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            r#"{"args": [1, "é", null], "name": "f"}"#
+        );
     }
 
     #[test]
     fn chat_strftime() {
         // 2024-07-26 12:34:56 UTC was a Friday.
-        assert_eq!(strftime_at("%d %b %Y %H:%M:%S %A %j", 1722000896), "26 Jul 2024 13:34:56 Friday 208");
+        assert_eq!(
+            strftime_at("%d %b %Y %H:%M:%S %A %j", 1722000896),
+            "26 Jul 2024 13:34:56 Friday 208"
+        );
     }
 }

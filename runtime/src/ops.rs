@@ -8,7 +8,7 @@ use rayon::prelude::*;
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let n = w.len();
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let ss = (xr.iter().map(|&v| (v * v) as f64).sum::<f64>() / n as f64) as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = a * inv * g;
@@ -20,7 +20,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
 pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let n = w.len();
     for xr in x.chunks_exact_mut(n) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let ss = (xr.iter().map(|&v| (v * v) as f64).sum::<f64>() / n as f64) as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for (a, &g) in xr.iter_mut().zip(w) {
             *a = *a * inv * g;
@@ -49,7 +49,15 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(style: RopeStyle, head_dim: usize, n_rot: usize, base: f32) -> Self {
-        let inv_freq = (0..n_rot / 2).map(|i| base.powf(-2.0 * i as f32 / n_rot as f32)).collect();
+        // θ_i = p · scale^i, built by repeated f32 multiplication exactly as ggml's
+        // rope cache does, so angles (and near-tie logits) agree with llama.cpp.
+        let scale = base.powf(-2.0 / n_rot as f32);
+        let mut inv_freq = Vec::with_capacity(n_rot / 2);
+        let mut f = 1.0f32;
+        for _ in 0..n_rot / 2 {
+            inv_freq.push(f);
+            f *= scale;
+        }
         Rope { style, head_dim, n_rot, inv_freq }
     }
 
@@ -60,11 +68,11 @@ impl Rope {
         let half = self.n_rot / 2;
         let mut cs = vec![(0f32, 0f32); half];
         for (t, xr) in x.chunks_exact_mut(row).enumerate() {
-            let p = (pos0 + t) as f32;
-            for (i, c) in cs.iter_mut().enumerate() {
-                // f64 for the angle keeps long positions accurate, as llama.cpp does in effect.
-                let theta = p as f64 * self.inv_freq[i] as f64;
-                *c = (theta.cos() as f32, theta.sin() as f32);
+            let mut theta = (pos0 + t) as f32;
+            let scale = if half > 1 { self.inv_freq[1] } else { 1.0 };
+            for c in cs.iter_mut() {
+                *c = (theta.cos(), theta.sin());
+                theta *= scale;
             }
             for h in xr.chunks_exact_mut(hd) {
                 match self.style {
@@ -106,6 +114,17 @@ pub fn softmax(x: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Round to the nearest f16 value (kept in f32). The KV cache holds values at
+/// f16 precision, matching llama.cpp's default f16 cache numerically.
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+pub fn round_f16_slice(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = round_f16(*v));
 }
 
 #[inline]
@@ -161,7 +180,17 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out
         let (t, h) = (idx / s.n_heads, idx % s.n_heads);
         let kvh = h / group;
         let n_ctx = pos0 + t + 1;
-        let qh = &q[t * qrow + h * hd..][..hd];
+        // The query is rounded to f16 like the cached keys (see `round_f16`), as
+        // llama.cpp's f16 K·Q product does.
+        let mut qbuf = [0f32; 256];
+        let qh: &[f32] = if hd <= 256 {
+            for (d, &v) in qbuf.iter_mut().zip(&q[t * qrow + h * hd..][..hd]) {
+                *d = round_f16(v);
+            }
+            &qbuf[..hd]
+        } else {
+            &q[t * qrow + h * hd..][..hd]
+        };
         scores.clear();
         scores.extend((0..n_ctx).map(|j| dot(qh, &k[j * kvrow + kvh * hd..][..hd]) * scale));
         softmax(scores);
@@ -237,7 +266,7 @@ mod tests {
                 let qh = &q[t * 32 + h * 8..][..8];
                 let n = 3 + t + 1;
                 let mut w: Vec<f64> = (0..n)
-                    .map(|j| (0..8).map(|d| qh[d] as f64 * k[j * 16 + kvh * 8 + d] as f64).sum::<f64>() / 8f64.sqrt())
+                    .map(|j| (0..8).map(|d| round_f16(qh[d]) as f64 * k[j * 16 + kvh * 8 + d] as f64).sum::<f64>() / 8f64.sqrt())
                     .collect();
                 let m = w.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = w.iter().map(|x| (x - m).exp()).sum();

@@ -45,9 +45,13 @@ use crate::gguf::{Metadata, keys};
 pub enum TokenizerError {
     #[error("GGUF metadata has no `{0}` (needed by the tokenizer)")]
     MissingKey(&'static str),
-    #[error("unsupported tokenizer model `{0}` in tokenizer.ggml.model (supported: \"llama\" (SentencePiece), \"gpt2\" (byte-level BPE))")]
+    #[error(
+        "unsupported tokenizer model `{0}` in tokenizer.ggml.model (supported: \"llama\" (SentencePiece), \"gpt2\" (byte-level BPE))"
+    )]
     UnsupportedModel(String),
-    #[error("unsupported BPE pre-tokenizer `{0}` in tokenizer.ggml.pre (supported: default, llama-bpe/llama3/llama-v3/falcon3, qwen2/deepseek-r1-qwen, smollm/starcoder/refact/command-r, gpt-2/phi-2/roberta-bpe)")]
+    #[error(
+        "unsupported BPE pre-tokenizer `{0}` in tokenizer.ggml.pre (supported: default, llama-bpe/llama3/llama-v3/falcon3, qwen2/deepseek-r1-qwen, smollm/starcoder/refact/command-r, gpt-2/phi-2/roberta-bpe)"
+    )]
     UnsupportedPre(String),
     #[error("inconsistent tokenizer metadata: {0}")]
     Invalid(String),
@@ -108,8 +112,8 @@ impl PreType {
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
                 PreType::DigitsGpt2
             }
-            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es"
-            | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" => PreType::Gpt2,
+            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
+            | "jina-v2-code" | "roberta-bpe" => PreType::Gpt2,
             _ => return None,
         })
     }
@@ -118,12 +122,7 @@ impl PreType {
     /// fragment produced by the previous one, keeping both matches and gaps.
     fn regexes(self) -> Vec<&'static str> {
         match self {
-            PreType::Default => vec![
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2_RE,
-                r"\p{N}+",
-                r"[0-9][0-9][0-9]",
-            ],
+            PreType::Default => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"],
             PreType::Llama3 => vec![LLAMA3_RE],
             PreType::Qwen2 => vec![QWEN2_RE],
             PreType::DigitsGpt2 => vec![r"\p{N}", GPT2_RE],
@@ -225,7 +224,12 @@ impl VocabTable {
             offs.push(arena.len() as u32);
         }
         let cap = (tokens.len() * 2).next_power_of_two().max(16);
-        let mut v = VocabTable { arena, offs, slots: vec![EMPTY; cap], mask: cap - 1 };
+        let mut v = VocabTable {
+            arena,
+            offs,
+            slots: vec![EMPTY; cap],
+            mask: cap - 1,
+        };
         for id in 0..tokens.len() as u32 {
             let t = v.text(id);
             let mut i = str_hash(t) as usize & v.mask;
@@ -288,8 +292,8 @@ struct SpmModel {
 }
 
 enum Kind {
-    Spm(SpmModel),
-    Bpe(BpeModel),
+    Spm(Box<SpmModel>),
+    Bpe(Box<BpeModel>),
 }
 
 /// A GGUF-described tokenizer (see the module docs).
@@ -413,7 +417,10 @@ impl Tokenizer {
             let scores = match md.get_f32s(keys::TOK_SCORES) {
                 Some(s) if s.len() == n => s.to_vec(),
                 Some(_) => {
-                    return Err(TokenizerError::Invalid(format!("{} length != token count", keys::TOK_SCORES)));
+                    return Err(TokenizerError::Invalid(format!(
+                        "{} length != token count",
+                        keys::TOK_SCORES
+                    )));
                 }
                 None => return Err(TokenizerError::MissingKey(keys::TOK_SCORES)),
             };
@@ -424,11 +431,11 @@ impl Tokenizer {
                     .get(&hex)
                     .or_else(|| std::str::from_utf8(&[b as u8]).ok().and_then(|s| vocab.get(s)));
             }
-            Kind::Spm(SpmModel {
+            Kind::Spm(Box::new(SpmModel {
                 scores,
                 byte_tokens,
                 add_space_prefix: md.get_bool(keys::TOK_ADD_SPACE_PREFIX).unwrap_or(true),
-            })
+            }))
         } else {
             let pre = PreType::from_name(&pre_name).ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.clone()))?;
             if md.get_str(keys::TOK_PRE).is_none() {
@@ -436,7 +443,7 @@ impl Tokenizer {
                 pre_name = "default".into();
             }
             add_bos_default = pre == PreType::Llama3;
-            Kind::Bpe(build_bpe(md, &vocab, pre)?)
+            Kind::Bpe(Box::new(build_bpe(md, &vocab, pre)?))
         };
 
         let (bos, eos, unk) = if is_spm {
@@ -477,8 +484,10 @@ impl Tokenizer {
 
         let mut specials: Vec<u32> = (0..n as u32)
             .filter(|&i| {
-                matches!(types[i as usize], TokenType::Control | TokenType::UserDefined | TokenType::Unknown)
-                    && !tokens[i as usize].is_empty()
+                matches!(
+                    types[i as usize],
+                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+                ) && !tokens[i as usize].is_empty()
             })
             .collect();
         specials.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
@@ -512,7 +521,11 @@ impl Tokenizer {
         if add_bos {
             match self.bos {
                 Some(b) => out.push(b),
-                None => return Err(TokenizerError::Invalid("BOS requested but the vocab has no BOS token".into())),
+                None => {
+                    return Err(TokenizerError::Invalid(
+                        "BOS requested but the vocab has no BOS token".into(),
+                    ));
+                }
             }
         }
         if text.is_empty() {
@@ -705,7 +718,11 @@ impl Tokenizer {
     }
     /// The token's text as stored in the GGUF (byte-level / `▁`-escaped form); "" if out of range.
     pub fn token_text(&self, id: u32) -> &str {
-        if (id as usize) < self.vocab.len() { self.vocab.text(id) } else { "" }
+        if (id as usize) < self.vocab.len() {
+            self.vocab.text(id)
+        } else {
+            ""
+        }
     }
     pub fn token_type(&self, id: u32) -> Option<TokenType> {
         self.types.get(id as usize).copied()
@@ -729,7 +746,9 @@ fn parse_byte_token(text: &str) -> Option<u8> {
 }
 
 fn build_bpe(md: &Metadata, vocab: &VocabTable, pre: PreType) -> Result<BpeModel, TokenizerError> {
-    let merges_raw = md.get_strings(keys::TOK_MERGES).ok_or(TokenizerError::MissingKey(keys::TOK_MERGES))?;
+    let merges_raw = md
+        .get_strings(keys::TOK_MERGES)
+        .ok_or(TokenizerError::MissingKey(keys::TOK_MERGES))?;
     let mut merges: HashMap<u64, (u32, u32), FxBuild> =
         HashMap::with_capacity_and_hasher(merges_raw.len(), FxBuild::default());
     let mut skipped = 0usize;
@@ -759,8 +778,12 @@ fn build_bpe(md: &Metadata, vocab: &VocabTable, pre: PreType) -> Result<BpeModel
 
     let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
     for re in pre.regexes() {
-        let split = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(backend)?;
+        let split = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(backend)?;
         steps.push(split.into());
     }
     steps.push(ByteLevel::new(false, false, false).into());
@@ -825,11 +848,11 @@ impl BpeModel {
             if word.is_empty() {
                 continue;
             }
-            if self.ignore_merges {
-                if let Some(id) = vocab.get(word) {
-                    out.push(id);
-                    continue;
-                }
+            if self.ignore_merges
+                && let Some(id) = vocab.get(word)
+            {
+                out.push(id);
+                continue;
             }
             self.merge_word(vocab, word, &mut syms, &mut heap, out);
         }
@@ -869,7 +892,14 @@ impl BpeModel {
                 return;
             }
             if let Some(&(rank, new_id)) = self.merges.get(&pair_key(ls.id, rs.id)) {
-                heap.push(BpeBigram { rank, left: l as u32, right: r as u32, llen: ls.len, rlen: rs.len, new_id });
+                heap.push(BpeBigram {
+                    rank,
+                    left: l as u32,
+                    right: r as u32,
+                    llen: ls.len,
+                    rlen: rs.len,
+                    new_id,
+                });
             }
         };
         for i in 1..syms.len() as i32 {
@@ -969,12 +999,16 @@ impl SpmModel {
     /// llama.cpp's `llm_tokenizer_spm_session::tokenize` on already-escaped text.
     fn tokenize(&self, vocab: &VocabTable, text: &str, out: &mut Vec<u32>) {
         let mut syms: Vec<SpmSym> = Vec::with_capacity(text.len());
-        let mut idx = 0isize;
-        for (start, c) in text.char_indices() {
+        for (idx, (start, c)) in text.char_indices().enumerate() {
+            let idx = idx as isize;
             let len = c.len_utf8();
             let end = start + len;
-            syms.push(SpmSym { start, len, prev: idx - 1, next: if end == text.len() { -1 } else { idx + 1 } });
-            idx += 1;
+            syms.push(SpmSym {
+                start,
+                len,
+                prev: idx - 1,
+                next: if end == text.len() { -1 } else { idx + 1 },
+            });
         }
         if syms.is_empty() {
             return;
@@ -1046,7 +1080,10 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(t: &'a Tokenizer) -> Self {
-        StreamDecoder { tok: t, pending: Vec::new() }
+        StreamDecoder {
+            tok: t,
+            pending: Vec::new(),
+        }
     }
 
     /// Add one token; returns the text that became complete (maybe empty).
@@ -1112,7 +1149,19 @@ mod tests {
             types.push(6);
             scores.push(0.0);
         }
-        for (t, s) in [("▁", -1.0f32), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("he", -3.0), ("ll", -3.5), ("▁he", -4.0), ("llo", -4.5), ("▁hello", -5.0), ("hello", -6.0)] {
+        for (t, s) in [
+            ("▁", -1.0f32),
+            ("h", -2.0),
+            ("e", -2.0),
+            ("l", -2.0),
+            ("o", -2.0),
+            ("he", -3.0),
+            ("ll", -3.5),
+            ("▁he", -4.0),
+            ("llo", -4.5),
+            ("▁hello", -5.0),
+            ("hello", -6.0),
+        ] {
             toks.push(t.into());
             types.push(1);
             scores.push(s);
@@ -1157,6 +1206,13 @@ mod tests {
         assert_eq!(d.push(3 + 0xA9), "é");
         assert_eq!(d.push(3 + 0xF0), "");
         assert_eq!(d.finish(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn tokenizer_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+        check::<StreamDecoder<'static>>();
     }
 
     #[test]

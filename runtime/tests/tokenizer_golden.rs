@@ -37,7 +37,12 @@ fn load(path: &Path) -> (Tokenizer, GgufFile, f64) {
     let t0 = Instant::now();
     let tok = Tokenizer::from_gguf(&f.metadata).unwrap_or_else(|e| panic!("tokenizer for {}: {e}", path.display()));
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    eprintln!("tokenizer {}: from_gguf {:.1} ms ({} tokens)", path.file_name().unwrap().to_string_lossy(), ms, tok.vocab_size());
+    eprintln!(
+        "tokenizer {}: from_gguf {:.1} ms ({} tokens)",
+        path.file_name().unwrap().to_string_lossy(),
+        ms,
+        tok.vocab_size()
+    );
     (tok, f, ms)
 }
 
@@ -70,7 +75,13 @@ fn golden(name: &str) {
             failures.push(format!("  {text:?}\n    want {want:?}\n    got  {got:?}"));
         }
     }
-    assert!(failures.is_empty(), "{name}: {}/{} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{name}: {}/{} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -96,7 +107,13 @@ fn golden_gpt2() {
 #[test]
 fn golden_llama_spm_decode_roundtrip() {
     let (tok, _f, _) = load(&require(cache_dir().join("vocab/ggml-vocab-llama-spm.gguf")));
-    for text in ["Hello world", " Hello World!", "this is 🦙.cpp", "Привет мир", "\n\n  tabs\tand spaces  "] {
+    for text in [
+        "Hello world",
+        " Hello World!",
+        "this is 🦙.cpp",
+        "Привет мир",
+        "\n\n  tabs\tand spaces  ",
+    ] {
         let ids = tok.encode(text, false, false).unwrap();
         assert_eq!(tok.decode(&ids), text, "ids {ids:?}");
         let with_bos = tok.encode(text, true, false).unwrap();
@@ -113,7 +130,11 @@ struct RefCase {
 
 /// From /work/shared/reference/dev-smollm2-135m-instruct-q4_1.json (llama.cpp 0c1e570).
 const SMOL_CASES: &[RefCase] = &[
-    RefCase { prompt: "The capital of France is", add_bos: false, ids: &[504, 3575, 282, 4649, 314] },
+    RefCase {
+        prompt: "The capital of France is",
+        add_bos: false,
+        ids: &[504, 3575, 282, 4649, 314],
+    },
     RefCase {
         prompt: "Once upon a time, in a small village,",
         add_bos: false,
@@ -124,7 +145,11 @@ const SMOL_CASES: &[RefCase] = &[
         add_bos: false,
         ids: &[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198],
     },
-    RefCase { prompt: "def add(a, b):\n    return", add_bos: false, ids: &[1604, 803, 24, 81, 28, 278, 727, 472, 1003] },
+    RefCase {
+        prompt: "def add(a, b):\n    return",
+        add_bos: false,
+        ids: &[1604, 803, 24, 81, 28, 278, 727, 472, 1003],
+    },
     RefCase {
         prompt: "Edge devices like the Jetson Orin run language models",
         add_bos: false,
@@ -134,22 +159,38 @@ const SMOL_CASES: &[RefCase] = &[
 
 /// From /work/shared/reference/dev-qwen2.5-coder-0.5b-instruct-q4_k_m.json (llama.cpp 0c1e570).
 const QWEN_CASES: &[RefCase] = &[
-    RefCase { prompt: "def fibonacci(n):", add_bos: false, ids: &[750, 75698, 1445, 1648] },
-    RefCase { prompt: "The three pillars of latency are", add_bos: false, ids: &[785, 2326, 63882, 315, 39270, 525] },
+    RefCase {
+        prompt: "def fibonacci(n):",
+        add_bos: false,
+        ids: &[750, 75698, 1445, 1648],
+    },
+    RefCase {
+        prompt: "The three pillars of latency are",
+        add_bos: false,
+        ids: &[785, 2326, 63882, 315, 39270, 525],
+    },
     RefCase {
         prompt: "<|im_start|>user\nWrite a haiku about memory bandwidth.<|im_end|>\n<|im_start|>assistant\n",
         add_bos: false,
-        ids: &[151644, 872, 198, 7985, 264, 6386, 38242, 911, 4938, 33394, 13, 151645, 198, 151644, 77091, 198],
+        ids: &[
+            151644, 872, 198, 7985, 264, 6386, 38242, 911, 4938, 33394, 13, 151645, 198, 151644, 77091, 198,
+        ],
     },
 ];
 
 /// (generated ids, llama.cpp's generated text) pairs from the same references.
 const SMOL_GEN: &[(&[u32], &str)] = &[(
-    &[7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701, 30, 198, 198, 504, 1797, 1918],
+    &[
+        7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701, 30, 198, 198, 504,
+        1797, 1918,
+    ],
     " Paris.\n\nThe United States has a population of approximately 311 million people.\n\nThe United States",
 )];
 const QWEN_GEN: &[(&[u32], &str)] = &[(
-    &[198, 262, 421, 308, 2651, 220, 15, 510, 286, 470, 330, 7928, 1946, 698, 262, 4409, 308, 621, 220, 16, 510, 286, 470, 220],
+    &[
+        198, 262, 421, 308, 2651, 220, 15, 510, 286, 470, 330, 7928, 1946, 698, 262, 4409, 308, 621, 220, 16, 510, 286,
+        470, 220,
+    ],
     "\n    if n <= 0:\n        return \"Invalid input\"\n    elif n == 1:\n        return ",
 )];
 
@@ -175,7 +216,10 @@ fn check_reference(file: &str, cases: &[RefCase], gen_cases: &[(&[u32], &str)], 
     }
     // Without parse_special the control text is plain text.
     let lit = tok.encode("<|im_start|>", false, false).unwrap();
-    assert!(lit.len() > 1, "{file}: literal <|im_start|> should be several tokens, got {lit:?}");
+    assert!(
+        lit.len() > 1,
+        "{file}: literal <|im_start|> should be several tokens, got {lit:?}"
+    );
     assert_eq!(tok.decode(&lit), "<|im_start|>");
     tok
 }
@@ -267,7 +311,9 @@ const EXPECTED_CHATML: &str = "<|im_start|>system\nYou are a terse assistant.<|i
 #[test]
 fn chat_template_smollm2() {
     let f = GgufFile::open(require(cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"))).unwrap();
-    let t = ChatTemplate::from_metadata(&f.metadata).expect("SmolLM2 has a template").unwrap();
+    let t = ChatTemplate::from_metadata(&f.metadata)
+        .expect("SmolLM2 has a template")
+        .unwrap();
     assert_eq!(t.render(&conversation(), true).unwrap(), EXPECTED_CHATML);
     assert_eq!(render_chatml(&conversation(), true), EXPECTED_CHATML);
     // No system message: the template's default one is inserted.
@@ -285,13 +331,20 @@ fn chat_template_smollm2() {
 #[test]
 fn chat_template_qwen25() {
     let f = GgufFile::open(require(cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))).unwrap();
-    let t = ChatTemplate::from_metadata(&f.metadata).expect("Qwen2.5 has a template").unwrap();
+    let t = ChatTemplate::from_metadata(&f.metadata)
+        .expect("Qwen2.5 has a template")
+        .unwrap();
     assert_eq!(t.render(&conversation(), true).unwrap(), EXPECTED_CHATML);
     assert_eq!(
         t.render(&conversation(), false).unwrap(),
         EXPECTED_CHATML.strip_suffix("<|im_start|>assistant\n").unwrap()
     );
-    let out = t.render(&[ChatMessage::new("user", "Write a haiku about memory bandwidth.")], true).unwrap();
+    let out = t
+        .render(
+            &[ChatMessage::new("user", "Write a haiku about memory bandwidth.")],
+            true,
+        )
+        .unwrap();
     assert_eq!(
         out,
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nWrite a haiku about memory bandwidth.<|im_end|>\n<|im_start|>assistant\n"
