@@ -2,3 +2,4 @@
 //! clocks that turn into figures. So far: the llama-bench-compatible mode.
 
 pub mod llamabench;
+pub mod record;

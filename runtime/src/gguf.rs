@@ -880,6 +880,34 @@ mod tests {
         }
     }
 
+    /// A cheap stable-toolchain cousin of the cargo-fuzz target: thousands of
+    /// seeded byte mutations of a valid file must each parse or fail cleanly.
+    #[test]
+    fn mutated_files_never_panic() {
+        let base = sample().to_bytes();
+        let mut rng = crate::sample::Rng::new(7);
+        let mut parsed = 0;
+        for _ in 0..5000 {
+            let mut b = base.clone();
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let i = (rng.next_u64() % b.len() as u64) as usize;
+                b[i] = match rng.next_u64() % 3 {
+                    0 => rng.next_u64() as u8,
+                    1 => 0xff,
+                    _ => 0,
+                };
+            }
+            if let Ok(g) = parse_bytes(&b) {
+                parsed += 1;
+                for t in &g.tensors {
+                    assert_eq!(g.tensor_bytes(t).len() as u64, t.n_bytes);
+                }
+            }
+        }
+        // Mutations in tensor data leave the file valid; most others do not.
+        assert!(parsed > 0 && parsed < 5000, "{parsed}");
+    }
+
     #[test]
     fn bad_magic_and_version() {
         let mut b = sample().to_bytes();

@@ -1,0 +1,77 @@
+//! What a benchmark run records, in the terms of `shared/METRICS.md`. These
+//! types are shared by the harness (which fills them), the metrics (which read
+//! them) and the SQLite store (which persists them).
+//!
+//! Every timestamp is nanoseconds since the run's start on one monotonic clock.
+
+use serde::{Deserialize, Serialize};
+
+pub use ember_runtime::serve::{CacheUse, FinishKind};
+
+/// Nanoseconds since the start of the run.
+pub type Ns = u64;
+
+/// One request's life, as stamped by the engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Index in the workload (stable across runs of the same workload).
+    pub request_id: u64,
+    /// Warm-up requests are stored but excluded from every figure.
+    pub warmup: bool,
+    pub tags: Vec<String>,
+    pub prompt_tokens: usize,
+    /// Intended arrival (the schedule's time, not when the harness got to it).
+    pub arrival_ns: Ns,
+    pub enqueue_ns: Ns,
+    pub schedule_ns: Option<Ns>,
+    pub prefill_start_ns: Option<Ns>,
+    pub prefill_end_ns: Option<Ns>,
+    /// token[i] for i = 1..N, one per output token (not per text chunk).
+    pub token_ns: Vec<Ns>,
+    pub finish_ns: Ns,
+    pub finish_reason: FinishKind,
+    pub error: Option<String>,
+    pub cache: CacheUse,
+    /// Generated text (may be dropped by the store to save space).
+    pub output_text: Option<String>,
+}
+
+impl RequestRecord {
+    pub fn output_tokens(&self) -> usize {
+        self.token_ns.len()
+    }
+    pub fn failed(&self) -> bool {
+        matches!(self.finish_reason, FinishKind::Error | FinishKind::Cancelled)
+    }
+}
+
+/// A point of the memory timeline (METRICS.md, Memory).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemorySample {
+    pub t_ns: Ns,
+    pub rss_bytes: u64,
+    pub device_bytes: u64,
+    pub kv_bytes_used: u64,
+    pub kv_bytes_reserved: u64,
+}
+
+/// Where and on what a run happened (METRICS.md, Provenance).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub ember_version: String,
+    pub git_commit: String,
+    pub backend: String,
+    pub adapter: String,
+    pub driver: String,
+    pub cpu_model: String,
+    pub cpu_cores: usize,
+    pub threads: usize,
+    pub os: String,
+    pub device_profile: Option<String>,
+    pub model_path: String,
+    pub model_sha256: String,
+    pub model_arch: String,
+    /// e.g. {"Q4_K": 169, "Q6_K": 25, ...} tensors per type, as JSON text.
+    pub model_quant_mix: String,
+    pub weights_bytes: u64,
+}
