@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
-use ember_runtime::kv::KvCache;
-use ember_runtime::model::{LogitsWanted, Model, ModelConfig, ModelError};
+use ember_runtime::kv::PagedKv;
+use ember_runtime::model::{BatchItem, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
 use ember_runtime::quant::{self, GgmlType, QMatRef};
 
@@ -280,28 +280,36 @@ impl Model for Transformer {
         self.weight_bytes
     }
 
-    fn forward(
-        &self,
-        tokens: &[u32],
-        kv: &mut KvCache,
-        wanted: LogitsWanted,
-        logits: &mut Vec<f32>,
-    ) -> Result<(), ModelError> {
+    fn forward_batch(&self, items: &[BatchItem<'_>], kv: &mut PagedKv, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         let c = &self.cfg;
-        let n = tokens.len();
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(ModelError::BadToken { id, n_vocab: c.n_vocab });
+        for it in items {
+            if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+                return Err(ModelError::BadToken { id, n_vocab: c.n_vocab });
+            }
         }
-        if n == 0 {
-            logits.clear();
+        let items: Vec<&BatchItem> = items.iter().filter(|it| !it.tokens.is_empty()).collect();
+        logits.clear();
+        if items.is_empty() {
             return Ok(());
         }
-        kv.reserve(n)?;
-        let pos0 = kv.len();
+        // Reserve every sequence's room before any work, so a full cache fails cleanly.
+        for it in &items {
+            kv.reserve(it.seq, it.tokens.len())?;
+        }
+        // Row ranges and start positions of each item in the stacked batch.
+        let mut segs = Vec::with_capacity(items.len());
+        let mut n = 0;
+        for it in &items {
+            segs.push((n, it.tokens.len(), kv.seq_len(it.seq)));
+            n += it.tokens.len();
+        }
         let d = c.n_embd;
+        let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.kv_dim());
+        let bs = kv.layout.block_size;
         let mut x = vec![0f32; n * d];
         let embd = self.mat(&self.tok_embd);
-        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+        let all_tokens = items.iter().flat_map(|it| it.tokens.iter());
+        for (row, &t) in x.chunks_exact_mut(d).zip(all_tokens) {
             quant::dequantize_row(embd, t as usize, row);
         }
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
@@ -312,14 +320,21 @@ impl Model for Transformer {
             self.linear(&ly.wq, ly.bq.as_deref(), &s.xn, n, &mut s.q);
             self.linear(&ly.wk, ly.bk.as_deref(), &s.xn, n, &mut s.k);
             self.linear(&ly.wv, ly.bv.as_deref(), &s.xn, n, &mut s.v);
-            self.rope.apply(&mut s.q, c.n_heads, pos0);
-            self.rope.apply(&mut s.k, c.n_kv_heads, pos0);
             ops::round_f16_slice(&mut s.k);
             ops::round_f16_slice(&mut s.v);
-            kv.append(l, &s.k, &s.v);
-            let (kl, vl) = kv.layer(l);
-            s.att.resize(n * c.n_heads * c.head_dim, 0.0);
-            ops::attention(&s.q, kl, vl, pos0, shape, &mut s.att);
+            s.att.resize(n * q_dim, 0.0);
+            for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
+                let q = &mut s.q[r0 * q_dim..(r0 + len) * q_dim];
+                let k = &mut s.k[r0 * kv_dim..(r0 + len) * kv_dim];
+                self.rope.apply(q, c.n_heads, pos0);
+                self.rope.apply(k, c.n_kv_heads, pos0);
+                kv.write(it.seq, l, k, &s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
+            }
+            for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
+                let (kb, vb) = kv.layer_blocks(it.seq, l);
+                let q = &s.q[r0 * q_dim..(r0 + len) * q_dim];
+                ops::attention(q, &kb, &vb, bs, pos0, shape, &mut s.att[r0 * q_dim..(r0 + len) * q_dim]);
+            }
             self.linear(&ly.wo, None, &s.att, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
 
@@ -330,18 +345,24 @@ impl Model for Transformer {
             self.linear(&ly.w_down, None, &s.gate, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
         }
-        kv.commit(n);
-        let rows: &mut [f32] = match wanted {
-            LogitsWanted::None => {
-                logits.clear();
-                return Ok(());
+        for it in &items {
+            kv.commit(it.seq, it.tokens);
+        }
+        // Gather the rows whose logits are wanted, in item order.
+        let mut rows = Vec::new();
+        for (it, &(r0, len, _)) in items.iter().zip(&segs) {
+            match it.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => rows.extend_from_slice(&x[(r0 + len - 1) * d..(r0 + len) * d]),
+                LogitsWanted::All => rows.extend_from_slice(&x[r0 * d..(r0 + len) * d]),
             }
-            LogitsWanted::Last => &mut x[(n - 1) * d..],
-            LogitsWanted::All => &mut x[..],
-        };
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
         let m = rows.len() / d;
-        ops::rmsnorm_inplace(rows, &self.output_norm, c.rms_eps);
-        self.linear(&self.output, None, rows, m, logits);
+        ops::rmsnorm_inplace(&mut rows, &self.output_norm, c.rms_eps);
+        self.linear(&self.output, None, &rows, m, logits);
         Ok(())
     }
 }

@@ -1,101 +1,509 @@
-//! KV cache for one sequence: per layer, keys and values as
-//! `[position × n_kv_heads·head_dim]` f32 rows, grown on demand up to `n_ctx`.
+//! The KV cache: fixed-size blocks allocated from a byte budget, shared between
+//! sequences through a prefix index.
 //!
-//! This is the contiguous cache that the paged prefix cache will sit beside;
-//! models only see [`KvCache::append`] and the per-layer views.
+//! * A **block** holds `block_size` positions of K and V for every layer.
+//! * A **sequence** owns a block table; position `p` lives in block
+//!   `table[p / block_size]` at row `p % block_size`.
+//! * A block that is full of known tokens gets a **chain hash**
+//!   (hash of the parent block's hash and its own token ids) and is entered in
+//!   the prefix index, so a later request with the same prefix maps the same
+//!   block instead of recomputing it.
+//! * Blocks are reference-counted. When the last sequence lets go of a hashed
+//!   block it stays in the index as evictable, in LRU order; allocation takes a
+//!   free block first, then evicts the least recently used cached one, and
+//!   fails with [`KvError::BudgetExhausted`] only when neither exists.
+//!
+//! Writers only ever append to positions at or beyond a sequence's length, and
+//! shared blocks are always full, so a shared block is never written.
 
-#[derive(Debug, thiserror::Error)]
+use std::collections::{BTreeMap, HashMap};
+
+pub type SeqId = u64;
+pub type BlockId = u32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
     #[error("context full: {needed} positions needed, the context holds {n_ctx}")]
     ContextFull { needed: usize, n_ctx: usize },
+    #[error("KV budget exhausted: {needed} more blocks needed, {available} free or evictable of {total}")]
+    BudgetExhausted { needed: usize, available: usize, total: usize },
+    #[error("unknown sequence {0}")]
+    UnknownSeq(SeqId),
 }
 
-#[derive(Clone, Debug)]
-pub struct KvCache {
+/// Shape of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
     pub n_layers: usize,
     pub kv_dim: usize,
-    pub n_ctx: usize,
-    /// Committed positions (all layers agree once a forward pass finishes).
-    len: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Positions per block.
+    pub block_size: usize,
 }
 
-impl KvCache {
-    pub fn new(n_layers: usize, kv_dim: usize, n_ctx: usize) -> Self {
-        KvCache { n_layers, kv_dim, n_ctx, len: 0, k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers] }
+impl KvLayout {
+    /// f32 values in one block (K and V, all layers).
+    pub fn block_floats(&self) -> usize {
+        2 * self.n_layers * self.block_size * self.kv_dim
     }
-    pub fn len(&self) -> usize {
-        self.len
+    pub fn block_bytes(&self) -> usize {
+        self.block_floats() * 4
     }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// How many blocks fit a byte budget (at least one).
+    pub fn blocks_for_budget(&self, bytes: usize) -> usize {
+        (bytes / self.block_bytes()).max(1)
     }
-    /// Check that `n` more positions fit, before any work is done.
-    pub fn reserve(&mut self, n: usize) -> Result<(), KvError> {
-        let needed = self.len + n;
-        if needed > self.n_ctx {
-            return Err(KvError::ContextFull { needed, n_ctx: self.n_ctx });
+}
+
+#[derive(Clone, Debug, Default)]
+struct Seq {
+    blocks: Vec<BlockId>,
+    len: usize,
+    /// Token ids at every position (for chain hashes).
+    tokens: Vec<u32>,
+    /// Chain hash of each full block so far.
+    hashes: Vec<u64>,
+}
+
+/// Counters since the cache was made (a run takes differences).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvCounters {
+    pub lookups: u64,
+    pub hit_blocks: u64,
+    pub evictions: u64,
+}
+
+/// Result of matching a prompt against the prefix index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixHit {
+    /// Blocks looked up.
+    pub lookups: usize,
+    /// Leading full blocks found and mapped.
+    pub hit_blocks: usize,
+    /// Prompt tokens that need no computation.
+    pub cached_tokens: usize,
+}
+
+pub struct PagedKv {
+    pub layout: KvLayout,
+    /// Longest sequence allowed.
+    pub n_ctx: usize,
+    /// Whether full blocks are entered in (and looked up from) the prefix index.
+    pub prefix_caching: bool,
+    storage: Vec<f32>,
+    n_blocks: usize,
+    refcount: Vec<u32>,
+    block_hash: Vec<Option<u64>>,
+    free: Vec<BlockId>,
+    /// Unreferenced hashed blocks: stamp → block (oldest first).
+    lru: BTreeMap<u64, BlockId>,
+    lru_stamp: Vec<u64>,
+    clock: u64,
+    index: HashMap<u64, BlockId>,
+    seqs: HashMap<SeqId, Seq>,
+    next_seq: SeqId,
+    pub counters: KvCounters,
+}
+
+const HASH_SEED: u64 = 0x6a09_e667_f3bc_c909;
+
+/// FNV-1a over the parent hash and the block's token ids.
+pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ parent.rotate_left(17);
+    for b in parent.to_le_bytes().into_iter().chain(tokens.iter().flat_map(|t| t.to_le_bytes())) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl PagedKv {
+    /// A cache of `n_blocks` blocks. Storage grows as blocks are first used, so
+    /// a large budget costs nothing until it is needed.
+    pub fn new(layout: KvLayout, n_blocks: usize, n_ctx: usize) -> Self {
+        let n_blocks = n_blocks.max(1);
+        PagedKv {
+            layout,
+            n_ctx,
+            prefix_caching: true,
+            storage: Vec::new(),
+            n_blocks,
+            refcount: vec![0; n_blocks],
+            block_hash: vec![None; n_blocks],
+            free: (0..n_blocks as BlockId).rev().collect(),
+            lru: BTreeMap::new(),
+            lru_stamp: vec![0; n_blocks],
+            clock: 0,
+            index: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq: 0,
+            counters: KvCounters::default(),
         }
-        for l in 0..self.n_layers {
-            self.k[l].reserve(n * self.kv_dim);
-            self.v[l].reserve(n * self.kv_dim);
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+    /// Blocks that an allocation could get now (free + evictable).
+    pub fn available_blocks(&self) -> usize {
+        self.free.len() + self.lru.len()
+    }
+    /// Blocks referenced by at least one sequence.
+    pub fn used_blocks(&self) -> usize {
+        self.n_blocks - self.available_blocks()
+    }
+    pub fn bytes_used(&self) -> usize {
+        self.used_blocks() * self.layout.block_bytes()
+    }
+    pub fn bytes_reserved(&self) -> usize {
+        self.storage.capacity() * 4
+    }
+    pub fn bytes_budget(&self) -> usize {
+        self.n_blocks * self.layout.block_bytes()
+    }
+    pub fn blocks_needed(&self, positions: usize) -> usize {
+        positions.div_ceil(self.layout.block_size)
+    }
+
+    pub fn new_seq(&mut self) -> SeqId {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.seqs.insert(id, Seq::default());
+        id
+    }
+    pub fn seq_len(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map(|s| s.len).unwrap_or(0)
+    }
+    pub fn has_seq(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    fn take_block(&mut self) -> Option<BlockId> {
+        let b = if let Some(b) = self.free.pop() {
+            b
+        } else {
+            let (&stamp, &b) = self.lru.iter().next()?;
+            self.lru.remove(&stamp);
+            if let Some(h) = self.block_hash[b as usize].take() {
+                self.index.remove(&h);
+            }
+            self.counters.evictions += 1;
+            b
+        };
+        let need = (b as usize + 1) * self.layout.block_floats();
+        if self.storage.len() < need {
+            self.storage.resize(need, 0.0);
+        }
+        self.refcount[b as usize] = 1;
+        Some(b)
+    }
+
+    fn release_block(&mut self, b: BlockId) {
+        let rc = &mut self.refcount[b as usize];
+        debug_assert!(*rc > 0);
+        *rc -= 1;
+        if *rc == 0 {
+            if self.block_hash[b as usize].is_some() {
+                self.clock += 1;
+                self.lru_stamp[b as usize] = self.clock;
+                self.lru.insert(self.clock, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Map the longest run of cached full blocks that prefixes `prompt` into an
+    /// empty sequence. At least one prompt token is always left to compute (the
+    /// model must see it to produce logits).
+    pub fn match_prefix(&mut self, seq: SeqId, prompt: &[u32]) -> Result<PrefixHit, KvError> {
+        let bs = self.layout.block_size;
+        let mut hit = PrefixHit::default();
+        if !self.prefix_caching {
+            return Ok(hit);
+        }
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSeq(seq))?;
+        assert_eq!(s.len, 0, "match_prefix on a non-empty sequence");
+        let max_blocks = prompt.len().saturating_sub(1) / bs;
+        let mut parent = HASH_SEED;
+        let mut mapped = vec![];
+        for i in 0..max_blocks {
+            let h = chain_hash(parent, &prompt[i * bs..(i + 1) * bs]);
+            hit.lookups += 1;
+            match self.index.get(&h) {
+                Some(&b) => mapped.push((b, h)),
+                None => break,
+            }
+            parent = h;
+        }
+        for &(b, _) in &mapped {
+            if self.refcount[b as usize] == 0 {
+                self.lru.remove(&self.lru_stamp[b as usize]);
+            }
+            self.refcount[b as usize] += 1;
+        }
+        let s = self.seqs.get_mut(&seq).unwrap();
+        for &(b, h) in &mapped {
+            s.blocks.push(b);
+            s.hashes.push(h);
+        }
+        hit.hit_blocks = mapped.len();
+        hit.cached_tokens = mapped.len() * bs;
+        s.len = hit.cached_tokens;
+        s.tokens.extend_from_slice(&prompt[..hit.cached_tokens]);
+        self.counters.lookups += hit.lookups as u64;
+        self.counters.hit_blocks += hit.hit_blocks as u64;
+        Ok(hit)
+    }
+
+    /// Make room for `n` more positions of `seq`, allocating blocks. On failure
+    /// nothing changes.
+    pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<(), KvError> {
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSeq(seq))?;
+        let needed_pos = s.len + n;
+        if needed_pos > self.n_ctx {
+            return Err(KvError::ContextFull { needed: needed_pos, n_ctx: self.n_ctx });
+        }
+        let have = s.blocks.len();
+        let want = self.blocks_needed(needed_pos);
+        if want <= have {
+            return Ok(());
+        }
+        let extra = want - have;
+        if extra > self.available_blocks() {
+            return Err(KvError::BudgetExhausted { needed: extra, available: self.available_blocks(), total: self.n_blocks });
+        }
+        for _ in 0..extra {
+            let b = self.take_block().expect("checked availability");
+            self.seqs.get_mut(&seq).unwrap().blocks.push(b);
         }
         Ok(())
     }
-    /// Store new rows for `layer` at positions `len..len + n` (not yet committed).
-    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        debug_assert_eq!(self.k[layer].len(), self.len * self.kv_dim);
-        self.k[layer].extend_from_slice(k);
-        self.v[layer].extend_from_slice(v);
+
+    fn offset(&self, b: BlockId, layer: usize, v: bool) -> usize {
+        let l = self.layout;
+        ((b as usize * l.n_layers + layer) * 2 + v as usize) * l.block_size * l.kv_dim
     }
-    /// Keys and values of `layer` for all stored positions, including uncommitted ones.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
-    }
-    /// Mark `n` appended positions as part of the sequence.
-    pub fn commit(&mut self, n: usize) {
-        self.len += n;
-        debug_assert!(self.k.iter().all(|k| k.len() == self.len * self.kv_dim));
-    }
-    /// Drop everything from position `pos` on (for rewinding, e.g. speculative decoding).
-    pub fn truncate(&mut self, pos: usize) {
-        let pos = pos.min(self.len);
-        for l in 0..self.n_layers {
-            self.k[l].truncate(pos * self.kv_dim);
-            self.v[l].truncate(pos * self.kv_dim);
+
+    /// Write K and V rows for positions `len..len + rows` of `seq` in `layer`.
+    /// The positions must be reserved. Not committed until [`PagedKv::commit`].
+    pub fn write(&mut self, seq: SeqId, layer: usize, k: &[f32], v: &[f32]) {
+        let kd = self.layout.kv_dim;
+        let bs = self.layout.block_size;
+        let s = &self.seqs[&seq];
+        let start = s.len;
+        let blocks = s.blocks.clone();
+        for (r, (kr, vr)) in k.chunks_exact(kd).zip(v.chunks_exact(kd)).enumerate() {
+            let p = start + r;
+            let b = blocks[p / bs];
+            debug_assert_eq!(self.refcount[b as usize], 1, "writing a shared block");
+            let ko = self.offset(b, layer, false) + (p % bs) * kd;
+            let vo = self.offset(b, layer, true) + (p % bs) * kd;
+            self.storage[ko..ko + kd].copy_from_slice(kr);
+            self.storage[vo..vo + kd].copy_from_slice(vr);
         }
-        self.len = pos;
+    }
+
+    /// Per-block K and V slices (`[block_size × kv_dim]` each) of `seq` in `layer`.
+    pub fn layer_blocks(&self, seq: SeqId, layer: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
+        let n = self.layout.block_size * self.layout.kv_dim;
+        let s = &self.seqs[&seq];
+        let k = s.blocks.iter().map(|&b| &self.storage[self.offset(b, layer, false)..][..n]).collect();
+        let v = s.blocks.iter().map(|&b| &self.storage[self.offset(b, layer, true)..][..n]).collect();
+        (k, v)
+    }
+
+    /// Mark `tokens` (just written) as part of `seq`, and enter newly full
+    /// blocks in the prefix index.
+    pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) {
+        let bs = self.layout.block_size;
+        let caching = self.prefix_caching;
+        let s = self.seqs.get_mut(&seq).expect("commit on unknown sequence");
+        s.len += tokens.len();
+        s.tokens.extend_from_slice(tokens);
+        let mut new_full = vec![];
+        while caching && s.hashes.len() < s.len / bs {
+            let i = s.hashes.len();
+            let parent = if i == 0 { HASH_SEED } else { s.hashes[i - 1] };
+            let h = chain_hash(parent, &s.tokens[i * bs..(i + 1) * bs]);
+            s.hashes.push(h);
+            new_full.push((s.blocks[i], h));
+        }
+        for (b, h) in new_full {
+            // First writer wins; an identical block computed concurrently stays private.
+            if let std::collections::hash_map::Entry::Vacant(e) = self.index.entry(h) {
+                e.insert(b);
+                self.block_hash[b as usize] = Some(h);
+            }
+        }
+    }
+
+    /// Drop a sequence, releasing its blocks (hashed ones stay cached).
+    pub fn free_seq(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            for b in s.blocks {
+                self.release_block(b);
+            }
+        }
+    }
+
+    /// Drop positions from `pos` on (e.g. rejected speculative tokens).
+    pub fn truncate(&mut self, seq: SeqId, pos: usize) {
+        let bs = self.layout.block_size;
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        if pos >= s.len {
+            return;
+        }
+        s.len = pos;
+        s.tokens.truncate(pos);
+        s.hashes.truncate(pos / bs);
+        let keep = pos.div_ceil(bs);
+        let dropped: Vec<BlockId> = s.blocks.drain(keep..).collect();
+        for b in dropped {
+            self.release_block(b);
+        }
+        // A partially kept block that was shared must not be written: give this
+        // sequence a private copy before it appends again.
+        if pos % bs != 0 {
+            let i = keep - 1;
+            let b = self.seqs[&seq].blocks[i];
+            if self.refcount[b as usize] > 1 || self.block_hash[b as usize].is_some() {
+                if let Some(nb) = self.take_block() {
+                    let n = self.layout.block_floats();
+                    let (src, dst) = (b as usize * n, nb as usize * n);
+                    self.storage.copy_within(src..src + n, dst);
+                    self.seqs.get_mut(&seq).unwrap().blocks[i] = nb;
+                    self.release_block(b);
+                }
+            }
+        }
+    }
+}
+
+/// A single sequence over its own paged cache: the simple case (one request,
+/// no sharing) used by `Engine::generate`, tests and benchmarks.
+pub struct KvCache {
+    pub pages: PagedKv,
+    pub seq: SeqId,
+}
+
+/// Positions per block for single-sequence caches and the default server.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+impl KvCache {
+    pub fn new(n_layers: usize, kv_dim: usize, n_ctx: usize) -> Self {
+        let layout = KvLayout { n_layers, kv_dim, block_size: DEFAULT_BLOCK_SIZE };
+        let mut pages = PagedKv::new(layout, n_ctx.div_ceil(DEFAULT_BLOCK_SIZE), n_ctx);
+        pages.prefix_caching = false;
+        let seq = pages.new_seq();
+        KvCache { pages, seq }
+    }
+    pub fn len(&self) -> usize {
+        self.pages.seq_len(self.seq)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn n_ctx(&self) -> usize {
+        self.pages.n_ctx
+    }
+    pub fn truncate(&mut self, pos: usize) {
+        self.pages.truncate(self.seq, pos)
     }
     pub fn clear(&mut self) {
         self.truncate(0)
     }
-    /// Bytes holding cached positions.
     pub fn bytes_used(&self) -> usize {
-        2 * self.n_layers * self.len * self.kv_dim * 4
+        self.pages.bytes_used()
     }
-    /// Bytes allocated.
     pub fn bytes_reserved(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|x| x.capacity() * 4).sum()
+        self.pages.bytes_reserved()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[test]
-    fn append_commit_truncate_and_full() {
-        let mut kv = KvCache::new(2, 3, 4);
-        kv.reserve(2).unwrap();
+
+    fn layout() -> KvLayout {
+        KvLayout { n_layers: 2, kv_dim: 3, block_size: 4 }
+    }
+
+    fn fill(kv: &mut PagedKv, seq: SeqId, tokens: &[u32]) {
+        kv.reserve(seq, tokens.len()).unwrap();
         for l in 0..2 {
-            kv.append(l, &[1.0; 6], &[2.0; 6]);
+            let k: Vec<f32> = tokens.iter().flat_map(|&t| [t as f32, l as f32, 0.0]).collect();
+            kv.write(seq, l, &k, &k);
         }
-        kv.commit(2);
-        assert_eq!(kv.len(), 2);
-        assert_eq!(kv.layer(1).0.len(), 6);
-        assert_eq!(kv.bytes_used(), 2 * 2 * 2 * 3 * 4);
-        assert!(matches!(kv.reserve(3), Err(KvError::ContextFull { needed: 5, n_ctx: 4 })));
-        kv.truncate(1);
-        assert_eq!(kv.layer(0).1, &[2.0; 3]);
+        kv.commit(seq, tokens);
+    }
+
+    #[test]
+    fn prefix_blocks_are_shared_and_leave_one_token() {
+        let mut kv = PagedKv::new(layout(), 8, 64);
+        let a = kv.new_seq();
+        let prompt: Vec<u32> = (0..10).collect();
+        fill(&mut kv, a, &prompt);
+        assert_eq!(kv.used_blocks(), 3);
+        let b = kv.new_seq();
+        let hit = kv.match_prefix(b, &prompt).unwrap();
+        assert_eq!(hit, PrefixHit { lookups: 2, hit_blocks: 2, cached_tokens: 8 });
+        assert_eq!(kv.used_blocks(), 3, "shared, not copied");
+        // Same values visible through b's table.
+        let (ka, _) = kv.layer_blocks(a, 1);
+        let (kb, _) = kv.layer_blocks(b, 1);
+        assert_eq!(ka[1], kb[1]);
+        // A prompt of exactly two blocks reuses only one: the last token must be computed.
+        let c = kv.new_seq();
+        assert_eq!(kv.match_prefix(c, &prompt[..8]).unwrap().cached_tokens, 4);
+        // A different first block misses everything.
+        let d = kv.new_seq();
+        let other: Vec<u32> = (100..110).collect();
+        assert_eq!(kv.match_prefix(d, &other).unwrap().hit_blocks, 0);
+    }
+
+    #[test]
+    fn released_blocks_stay_cached_until_evicted_lru() {
+        let mut kv = PagedKv::new(layout(), 4, 64);
+        let a = kv.new_seq();
+        fill(&mut kv, a, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        kv.free_seq(a);
+        assert_eq!(kv.available_blocks(), 4);
+        let b = kv.new_seq();
+        assert_eq!(kv.match_prefix(b, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap().hit_blocks, 2);
+        kv.free_seq(b);
+        // Fill the whole budget with new tokens: both cached blocks get evicted.
+        let c = kv.new_seq();
+        fill(&mut kv, c, &(50..66).collect::<Vec<_>>());
+        assert_eq!(kv.counters.evictions, 2);
+        let d = kv.new_seq();
+        assert!(matches!(kv.reserve(d, 1), Err(KvError::BudgetExhausted { needed: 1, available: 0, total: 4 })));
+        kv.free_seq(c);
+        assert_eq!(kv.match_prefix(d, &[1, 2, 3, 4, 5]).unwrap().hit_blocks, 0, "evicted");
+    }
+
+    #[test]
+    fn context_limit_and_truncate() {
+        let mut kv = PagedKv::new(layout(), 8, 6);
+        let a = kv.new_seq();
+        assert!(matches!(kv.reserve(a, 7), Err(KvError::ContextFull { needed: 7, n_ctx: 6 })));
+        fill(&mut kv, a, &[1, 2, 3, 4, 5]);
+        kv.truncate(a, 2);
+        assert_eq!(kv.seq_len(a), 2);
+        assert_eq!(kv.used_blocks(), 1);
+    }
+
+    #[test]
+    fn truncating_into_a_shared_block_copies_it() {
+        let mut kv = PagedKv::new(layout(), 8, 64);
+        let a = kv.new_seq();
+        fill(&mut kv, a, &[1, 2, 3, 4, 5]);
+        let b = kv.new_seq();
+        kv.match_prefix(b, &[1, 2, 3, 4, 9]).unwrap();
+        kv.truncate(b, 2);
+        fill(&mut kv, b, &[7, 7]);
+        let (ka, _) = kv.layer_blocks(a, 0);
+        assert_eq!(ka[0][2 * 3], 3.0, "a's block untouched");
+        let (kb, _) = kv.layer_blocks(b, 0);
+        assert_eq!(kb[0][2 * 3], 7.0);
     }
 }

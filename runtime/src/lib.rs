@@ -9,6 +9,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod sample;
+pub mod scheduler;
 pub mod serve;
 pub mod sys;
 pub mod tokenizer;

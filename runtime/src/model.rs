@@ -2,7 +2,7 @@
 //! forward pass over new tokens of one sequence.
 
 use crate::gguf::GgufError;
-use crate::kv::{KvCache, KvError};
+use crate::kv::{KvCache, KvError, KvLayout, PagedKv, SeqId};
 use crate::ops::RopeStyle;
 use crate::quant::GgmlType;
 
@@ -64,22 +64,37 @@ pub enum LogitsWanted {
     None,
 }
 
+/// One sequence's share of a batched forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchItem<'a> {
+    pub seq: SeqId,
+    /// New tokens, at positions `kv.seq_len(seq)..`.
+    pub tokens: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
 pub trait Model: Send + Sync {
     fn config(&self) -> &ModelConfig;
     /// Bytes of weights this model reads (mapped, not copied).
     fn weight_bytes(&self) -> u64;
-    /// A fresh cache able to hold `n_ctx` positions.
+    /// Shape of this model's KV blocks.
+    fn kv_layout(&self, block_size: usize) -> KvLayout {
+        let c = self.config();
+        KvLayout { n_layers: c.n_layers, kv_dim: c.kv_dim(), block_size }
+    }
+    /// A fresh single-sequence cache able to hold `n_ctx` positions.
     fn new_cache(&self, n_ctx: usize) -> KvCache {
         let c = self.config();
         KvCache::new(c.n_layers, c.kv_dim(), n_ctx)
     }
-    /// Process `tokens` at positions `kv.len()..`, append them to `kv`, and write
-    /// the wanted logits rows (`n_vocab` each) into `logits` (resized).
-    fn forward(
-        &self,
-        tokens: &[u32],
-        kv: &mut KvCache,
-        wanted: LogitsWanted,
-        logits: &mut Vec<f32>,
-    ) -> Result<(), ModelError>;
+    /// Process several sequences' new tokens in one pass: every weight matrix is
+    /// read once for all rows. Each item's tokens are appended to its sequence
+    /// in `kv`; the wanted logits rows (`n_vocab` each) are written to `logits`
+    /// in item order.
+    fn forward_batch(&self, items: &[BatchItem<'_>], kv: &mut PagedKv, logits: &mut Vec<f32>) -> Result<(), ModelError>;
+    /// Single-sequence convenience over [`Model::forward_batch`].
+    fn forward(&self, tokens: &[u32], kv: &mut KvCache, wanted: LogitsWanted, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        let item = BatchItem { seq: kv.seq, tokens, logits: wanted };
+        self.forward_batch(&[item], &mut kv.pages, logits)
+    }
 }

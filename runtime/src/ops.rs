@@ -160,22 +160,34 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
-/// Causal attention for `n_q` new query rows against a KV history.
+/// Causal attention for `n_q` new query rows against a paged KV history.
 ///
 /// * `q`: `[n_q × n_heads·head_dim]`, query t sits at absolute position `pos0 + t`.
-/// * `k`, `v`: the layer's cache, `[n_past × n_kv_heads·head_dim]` with
-///   `n_past ≥ pos0 + n_q` (the new tokens are already stored).
+/// * `k_blocks`, `v_blocks`: the sequence's cache for this layer, block by block,
+///   each `[block_size × n_kv_heads·head_dim]`; they hold at least `pos0 + n_q`
+///   positions (the new tokens are already stored).
 /// * `out`: `[n_q × n_heads·head_dim]`.
 ///
 /// Grouped-query attention maps query head h to kv head `h / (n_heads / n_kv_heads)`.
 /// Work is split over (token, head) pairs on the current rayon pool.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out: &mut [f32]) {
+pub fn attention(
+    q: &[f32],
+    k_blocks: &[&[f32]],
+    v_blocks: &[&[f32]],
+    block_size: usize,
+    pos0: usize,
+    s: AttnShape,
+    out: &mut [f32],
+) {
     let hd = s.head_dim;
     let qrow = s.n_heads * hd;
     let kvrow = s.n_kv_heads * hd;
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n_q = q.len() / qrow;
+    let row = |blocks: &[&[f32]], j: usize, kvh: usize| -> *const f32 {
+        blocks[j / block_size][(j % block_size) * kvrow + kvh * hd..].as_ptr()
+    };
     let work = |idx: usize, o: &mut [f32], scores: &mut Vec<f32>| {
         let (t, h) = (idx / s.n_heads, idx % s.n_heads);
         let kvh = h / group;
@@ -192,11 +204,18 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: AttnShape, out
             &q[t * qrow + h * hd..][..hd]
         };
         scores.clear();
-        scores.extend((0..n_ctx).map(|j| dot(qh, &k[j * kvrow + kvh * hd..][..hd]) * scale));
+        scores.extend((0..n_ctx).map(|j| {
+            // SAFETY: `row` points at a kv row inside a block slice with at least
+            // `hd` elements left (kvh·hd + hd ≤ kvrow).
+            let kr = unsafe { std::slice::from_raw_parts(row(k_blocks, j, kvh), hd) };
+            dot(qh, kr) * scale
+        }));
         softmax(scores);
         o.fill(0.0);
         for (j, &p) in scores.iter().enumerate() {
-            axpy(o, p, &v[j * kvrow + kvh * hd..][..hd]);
+            // SAFETY: as above, for the value blocks.
+            let vr = unsafe { std::slice::from_raw_parts(row(v_blocks, j, kvh), hd) };
+            axpy(o, p, vr);
         }
     };
     let total_work = n_q * s.n_heads * (pos0 + n_q) * hd;
@@ -259,7 +278,10 @@ mod tests {
         let v: Vec<f32> = (0..n_past * 16).map(|_| rnd()).collect();
         let q: Vec<f32> = (0..2 * 32).map(|_| rnd()).collect(); // two queries at positions 3 and 4
         let mut out = vec![0.0; 64];
-        attention(&q, &k, &v, 3, s, &mut out);
+        // Blocks of 2 positions (the last one partly filled).
+        let kb: Vec<&[f32]> = k.chunks(32).collect();
+        let vb: Vec<&[f32]> = v.chunks(32).collect();
+        attention(&q, &kb, &vb, 2, 3, s, &mut out);
         for t in 0..2 {
             for h in 0..4 {
                 let kvh = h / 2;
