@@ -33,26 +33,33 @@ enum Command {
     Tokenize(TokenizeArgs),
     Inspect(InspectArgs),
     Bench(BenchArgs),
+    Compare(CompareArgs),
+    Report(ReportArgs),
+    Export(ExportArgs),
+    Selftest(SelftestArgs),
 }
 
 #[derive(FromArgs)]
-/// Benchmark throughput like llama-bench: pp<n> prefills n tokens into an empty
-/// context, tg<n> decodes n tokens one by one; tokens/s as mean ± sd over -r
-/// repetitions (after one warm-up). Example: ember bench -m M --pp 128,512 --tg 128 -r 5
+/// Benchmark what users feel: run a workload (preset, JSONL or ShareGPT) under a
+/// load (sync, --concurrency, --rate, sweep) and report TTFT, ITL, TPOT, e2e,
+/// throughput, memory and SLO verdicts (definitions: shared/METRICS.md).
+/// With no flags: the `chat` preset on the embedded model, sync.
+/// llama-bench mode: --pp/--tg/-r print pp<n>/tg<n> tokens/s as mean ± sd,
+/// e.g. ember bench -m M --pp 128,512 --tg 128 -r 5
 #[argh(subcommand, name = "bench")]
 struct BenchArgs {
     /// GGUF model file (default: the embedded tiny model)
     #[argh(option, short = 'm')]
     model: Option<PathBuf>,
-    /// prompt lengths to test, comma separated (default 512)
-    #[argh(option, default = "String::from(\"512\")")]
-    pp: String,
-    /// generation lengths to test, comma separated (default 128)
-    #[argh(option, default = "String::from(\"128\")")]
-    tg: String,
-    /// repetitions (default 5)
-    #[argh(option, short = 'r', default = "5")]
-    reps: usize,
+    /// llama-bench mode: prompt lengths to test, comma separated (default 512)
+    #[argh(option)]
+    pp: Option<String>,
+    /// llama-bench mode: generation lengths to test, comma separated (default 128)
+    #[argh(option)]
+    tg: Option<String>,
+    /// llama-bench mode: repetitions (default 5)
+    #[argh(option, short = 'r')]
+    reps: Option<usize>,
     /// worker threads (default: all cores)
     #[argh(option, short = 't')]
     threads: Option<usize>,
@@ -62,6 +69,93 @@ struct BenchArgs {
     /// print JSON instead of a table
     #[argh(switch)]
     json: bool,
+    /// workload preset: chat, rag, creative, shared-prefix (default chat)
+    #[argh(option, short = 'w')]
+    workload: Option<String>,
+    /// JSONL dataset: one request per line (prompt or messages; max_tokens, expected, tags, stop, raw, repeat); 'eval' = the shipped evaluation set
+    #[argh(option)]
+    dataset: Option<String>,
+    /// import a ShareGPT JSON/JSONL file as the workload
+    #[argh(option)]
+    sharegpt: Option<PathBuf>,
+    /// synthetic input lengths: N, fixed:N, uniform:LO:HI or normal:MEAN:SD:LO:HI (overrides the preset)
+    #[argh(option)]
+    input_len: Option<String>,
+    /// synthetic output lengths, same forms as --input-len (overrides the preset)
+    #[argh(option)]
+    output_len: Option<String>,
+    /// cap every request's max tokens (datasets default to 128 when a line has none)
+    #[argh(option)]
+    max_tokens: Option<usize>,
+    /// measured requests (default: per preset, or the dataset's size)
+    #[argh(option, short = 'n')]
+    requests: Option<usize>,
+    /// stop sending new requests after this many seconds
+    #[argh(option)]
+    duration: Option<f64>,
+    /// warm-up requests, run first and excluded from figures (default 1)
+    #[argh(option, default = "1")]
+    warmup: usize,
+    /// simulated users (N), each sending its next request when its last one finished
+    #[argh(option, short = 'c')]
+    concurrency: Option<usize>,
+    /// think time of each simulated user between requests, ms (default 0)
+    #[argh(option, default = "0")]
+    think_ms: u64,
+    /// open-loop arrival rate, requests/s (intended arrival times; queueing shows in ttft)
+    #[argh(option)]
+    rate: Option<f64>,
+    /// arrivals for --rate and sweep: poisson or constant (default poisson)
+    #[argh(option, default = "String::from(\"poisson\")")]
+    arrivals: String,
+    /// find max_goodput_rate: the highest rate whose SLO attainment meets the target
+    #[argh(switch)]
+    sweep: bool,
+    /// sweep: at most this many rates (default 6)
+    #[argh(option, default = "6")]
+    sweep_points: usize,
+    /// sweep: time budget in seconds (default 120)
+    #[argh(option, default = "120.0")]
+    sweep_budget: f64,
+    /// SLO profile (chat-interactive, rag, batch, none) or a .toml file (default: by workload)
+    #[argh(option)]
+    slo: Option<String>,
+    /// extra SLO constraint, e.g. 'ttft_p99<=200ms', 'e2e<=5s' (repeatable)
+    #[argh(option)]
+    slo_max: Vec<String>,
+    /// SLO attainment target in (0, 1] (default 0.9)
+    #[argh(option)]
+    slo_target: Option<f64>,
+    /// seed for synthetic prompts and arrivals (default 0)
+    #[argh(option, default = "0")]
+    seed: u64,
+    /// sampling temperature (default 0 = greedy)
+    #[argh(option, default = "0.0")]
+    temp: f32,
+    /// keep generating past end-of-generation tokens (presets always do)
+    #[argh(switch)]
+    ignore_eos: bool,
+    /// send dataset prompts as raw text instead of through the chat template
+    #[argh(switch)]
+    raw_prompts: bool,
+    /// context size in tokens (default: min(training context, 4096))
+    #[argh(option)]
+    ctx: Option<usize>,
+    /// disable per-token recording (token text, per-step memory samples); token timestamps stay
+    #[argh(switch)]
+    no_token_recording: bool,
+    /// also print figures split by request tag
+    #[argh(switch)]
+    by_tag: bool,
+    /// write the whole run (records, memory samples, summary) as JSON to this file
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// device profile name to record in the provenance
+    #[argh(option)]
+    device_profile: Option<String>,
+    /// device profile (targets/NAME.toml, built in; or a .toml path): sets threads, the memory/KV budget (caps --ctx) and the default SLO; explicit flags win
+    #[argh(option)]
+    target: Option<String>,
 }
 
 #[derive(FromArgs)]
@@ -417,11 +511,23 @@ fn parse_list(flag: &str, s: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-fn cmd_bench(a: BenchArgs) -> Result<()> {
+fn cmd_bench(mut a: BenchArgs) -> Result<()> {
+    if let Some(spec) = a.target.clone() {
+        apply_target(&mut a, &spec)?;
+    }
+    if a.pp.is_some() || a.tg.is_some() || a.reps.is_some() {
+        cmd_llama_bench(a)
+    } else {
+        cmd_bench_workload(a)
+    }
+}
+
+fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
     use ember_bench::llamabench::{Test, run_test};
-    let pp = parse_list("pp", &a.pp)?;
-    let tg = parse_list("tg", &a.tg)?;
-    if a.reps == 0 {
+    let pp = parse_list("pp", a.pp.as_deref().unwrap_or("512"))?;
+    let tg = parse_list("tg", a.tg.as_deref().unwrap_or("128"))?;
+    let reps = a.reps.unwrap_or(5);
+    if reps == 0 {
         bail!("-r must be at least 1");
     }
     let longest = pp.iter().chain(&tg).copied().max().unwrap_or(0);
@@ -434,7 +540,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         bail!("--pp/--tg of {longest} tokens exceeds the model's training context of {}", c.n_ctx_train);
     }
     let tests: Vec<(Test, usize)> = pp.iter().map(|&n| (Test::Pp, n)).chain(tg.iter().map(|&n| (Test::Tg, n))).collect();
-    let bar = indicatif::ProgressBar::new((tests.len() * a.reps) as u64);
+    let bar = indicatif::ProgressBar::new((tests.len() * reps) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")
             .unwrap()
@@ -443,7 +549,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let mut results = vec![];
     for (kind, n) in tests {
         bar.set_message(format!("{}{n}", if kind == Test::Pp { "pp" } else { "tg" }));
-        results.push(run_test(&engine, kind, n, a.reps, || bar.inc(1))?);
+        results.push(run_test(&engine, kind, n, reps, || bar.inc(1))?);
     }
     bar.finish_and_clear();
     let name = engine.file.metadata.get_str("general.name").unwrap_or("?").to_string();
@@ -453,6 +559,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         let out = serde_json::json!({
             "model": name, "model_path": engine.file.path(), "weights_bytes": engine.model.weight_bytes(),
             "threads": threads, "backend": "cpu", "isa": format!("{:?}", ember_runtime::quant::best_isa()),
+            "target": APPLIED_TARGET.get(),
             "results": results, "rss_peak_bytes": ember_runtime::sys::memory().rss_peak_bytes,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -466,6 +573,494 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `ember bench` with a workload: build it, drive the engine through the
+/// harness, print the table (or JSON).
+fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
+    use ember_bench::harness::{self, HarnessOptions, SweepConfig, SystemClock};
+    use ember_bench::load::{Arrivals, Limits, LoadSpec};
+    use ember_bench::record::{RunResult, WorkloadInfo};
+    use ember_bench::slo::Slo;
+    use ember_bench::workload::{self, Corpus, DatasetOptions, LengthDist, SyntheticSpec};
+    use ember_runtime::serve::SequentialServer;
+
+    let modes = [a.concurrency.is_some(), a.rate.is_some(), a.sweep].iter().filter(|x| **x).count();
+    if modes > 1 {
+        bail!("give at most one of --concurrency, --rate and --sweep");
+    }
+    if a.dataset.is_some() as u8 + a.sharegpt.is_some() as u8 + a.workload.is_some() as u8 > 1 {
+        bail!("give at most one of --workload, --dataset and --sharegpt");
+    }
+    let arrivals = match a.arrivals.as_str() {
+        "poisson" => Arrivals::Poisson,
+        "constant" => Arrivals::Constant,
+        other => bail!("--arrivals: '{other}' is neither poisson nor constant"),
+    };
+    if let Some(r) = a.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    if a.concurrency == Some(0) {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.requests == Some(0) {
+        bail!("--requests must be at least 1");
+    }
+    let engine = open_engine(a.model.clone(), a.threads, a.ctx, a.batch)?;
+    let n_ctx = engine.cfg.n_ctx;
+    let sampler = SamplerConfig { temperature: a.temp, seed: a.seed, ..SamplerConfig::default() };
+    sampler.validate().map_err(|e| anyhow::anyhow!("bad sampling parameters: {e}"))?;
+
+    // ---- workload
+    let wname;
+    let mut w = if a.dataset.is_some() || a.sharegpt.is_some() {
+        let (entries, name, sharegpt) = if let Some(d) = &a.dataset {
+            let text = if d == "eval" {
+                workload::EVAL_SET.to_string()
+            } else {
+                std::fs::read_to_string(d).with_context(|| format!("reading the dataset {d}"))?
+            };
+            (workload::parse_jsonl(&text, if d == "eval" { "bench/data/eval.jsonl" } else { d })?, format!("dataset:{d}"), false)
+        } else {
+            let p = a.sharegpt.as_ref().unwrap();
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading the ShareGPT file {}", p.display()))?;
+            (workload::parse_sharegpt(&text, &p.display().to_string())?, format!("sharegpt:{}", p.display()), true)
+        };
+        let tpl = if a.raw_prompts {
+            None
+        } else {
+            Some(ChatTemplate::from_metadata_or_chatml(&engine.file.metadata).context("the model's chat template does not parse")?)
+        };
+        let opts = DatasetOptions { template: tpl.as_ref(), default_max_tokens: a.max_tokens.unwrap_or(128), max_tokens_cap: a.max_tokens, size_from_expected: sharegpt };
+        let items = workload::build_dataset_items(&entries, &engine.tokenizer, &opts)?;
+        wname = name;
+        let n = a.requests.unwrap_or(items.len());
+        let warmup = items.iter().filter(|i| !i.prompt_tokens.is_empty() && i.prompt_tokens.len() < n_ctx).take(1).cloned().cycle().take(a.warmup).collect();
+        workload::Workload {
+            name: wname.clone(),
+            seed: a.seed,
+            items: items.into_iter().cycle().take(n.max(1)).collect(),
+            warmup,
+            sampler,
+            ignore_eos: a.ignore_eos,
+            notes: vec![],
+            params: serde_json::json!({"source": wname, "template": !a.raw_prompts, "max_tokens_cap": a.max_tokens}),
+        }
+    } else {
+        let name = a.workload.clone().unwrap_or_else(|| "chat".into());
+        let mut spec = SyntheticSpec::preset(&name)?;
+        if let Some(x) = &a.input_len {
+            spec.input = LengthDist::parse(x)?;
+        }
+        if let Some(x) = &a.output_len {
+            spec.output = LengthDist::parse(x)?;
+        }
+        if let Some(m) = a.max_tokens {
+            spec.output = spec.output.capped(m);
+        }
+        let corpus = Corpus::new(&engine.tokenizer, workload::CORPUS);
+        let n = a.requests.unwrap_or_else(|| spec.default_requests());
+        wname = name;
+        spec.build(&corpus, n_ctx, n, a.warmup, a.seed, sampler)
+    };
+    for note in &w.notes {
+        eprintln!("ember bench: {note}");
+    }
+    let slo = Slo::resolve(a.slo.as_deref(), &wname, &a.slo_max, a.slo_target)?;
+
+    // ---- load
+    let load = match (a.concurrency, a.rate) {
+        (Some(c), _) => LoadSpec::Concurrency { users: c, think_ms: a.think_ms },
+        (_, Some(r)) => LoadSpec::Rate { rps: r, arrivals, seed: a.seed },
+        _ if a.think_ms > 0 => LoadSpec::Concurrency { users: 1, think_ms: a.think_ms },
+        _ => LoadSpec::Sync,
+    };
+    let limits = Limits {
+        max_requests: if a.duration.is_some() && a.requests.is_none() { None } else { Some(w.items.len()) },
+        max_duration_ms: a.duration.map(|d| (d * 1000.0) as u64),
+    };
+    let opts = HarnessOptions { load: load.clone(), limits, record_tokens: !a.no_token_recording, ..Default::default() };
+
+    // ---- run
+    let planned = harness::planned_requests(&load, &limits, w.items.len());
+    let bar = indicatif::ProgressBar::new(planned.unwrap_or(0) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} bench {msg} [{bar:30}] {pos}/{len} requests, {elapsed}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{wname} · {}", if a.sweep { "sweep".into() } else { load.describe() }));
+    let mut on_progress = |p: &harness::Progress| {
+        if let Some(n) = p.planned {
+            bar.set_length(n as u64);
+        }
+        bar.set_position(p.done as u64);
+    };
+    let provenance = ember_bench::provenance::for_engine(&engine, a.device_profile.clone());
+    let started_at = rfc3339_now();
+    let mut server = SequentialServer::new(&engine);
+    let (out, sweep, load_used) = if a.sweep {
+        let cfg = SweepConfig {
+            requests_per_point: a.requests.unwrap_or(16).max(4),
+            max_points: a.sweep_points.max(1),
+            budget: std::time::Duration::from_secs_f64(a.sweep_budget.max(1.0)),
+            arrivals,
+            seed: a.seed,
+        };
+        let w_items = w.clone();
+        let (sw, out) = harness::sweep(&mut server, &SystemClock, &w_items, &opts, &slo, &cfg, &mut on_progress);
+        let rate = sw.max_goodput_rate.or(sw.points.last().map(|p| p.rate_rps)).unwrap_or(1.0);
+        (out, Some(sw), LoadSpec::Rate { rps: rate, arrivals, seed: a.seed })
+    } else {
+        (harness::run(&mut server, &SystemClock, &w, &opts, &mut on_progress), None, load.clone())
+    };
+    bar.finish_and_clear();
+    if sweep.is_some() {
+        // The reported run is one sweep point; its requests carry no warm-up.
+        w.warmup.clear();
+        w.items.truncate(out.records.len().max(1));
+    }
+
+    // ---- figures
+    let summary = ember_bench::metrics::summarize(&out.records, &out.memory, Some(&slo));
+    let tags = if a.by_tag { ember_bench::metrics::by_tag(&out.records) } else { vec![] };
+    let schedule = harness::arrival_schedule(&load_used, &limits, w.items.len());
+    let hash = workload::workload_hash(&w, &load_used, &schedule);
+    let slo_rep = summary.slo.clone().unwrap_or_default();
+    let result = RunResult {
+        started_at,
+        provenance,
+        workload: WorkloadInfo {
+            name: wname.clone(),
+            seed: a.seed,
+            hash,
+            load: serde_json::to_string(&load_used)?,
+            params: serde_json::to_string(&serde_json::json!({"workload": w.params, "limits": limits, "sampler": format!("{:?}", w.sampler), "ignore_eos": w.ignore_eos, "record_tokens": !a.no_token_recording, "n_ctx": n_ctx}))?,
+            n_requests: summary.n_measured,
+            n_warmup: summary.n_warmup,
+        },
+        slo_name: slo.name.clone(),
+        slo: serde_json::to_string(&slo)?,
+        slo_verdicts: slo_rep.verdicts.clone(),
+        slo_attainment: slo_rep.slo_attainment,
+        goodput_rps: slo_rep.goodput_rps,
+        records: out.records,
+        memory: out.memory,
+        cache_evictions: out.cache_evictions,
+        summary_json: serde_json::to_string(&summary)?,
+    };
+    if let Some(path) = &a.out {
+        let j = serde_json::json!({"run": result, "sweep": sweep, "overhead": out.overhead});
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        let j = serde_json::json!({
+            "workload": result.workload, "provenance": result.provenance, "slo": slo, "summary": summary,
+            "sweep": sweep, "by_tag": tags, "overhead": out.overhead, "notes": w.notes,
+            "target": APPLIED_TARGET.get(),
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        print!("{}", ember_bench::table::render(&result, &summary, sweep.as_ref(), &tags, Some(out.overhead.fraction())));
+    }
+    Ok(())
+}
+
+// ---- results store: compare, report, export (bench/STORE.md) ----
+
+#[derive(FromArgs)]
+/// Compare runs from store files side by side, matched by workload hash
+/// (TTFT/ITL/TPOT percentiles, tokens/s, goodput, attainment, peak memory,
+/// prefix hit rate, $/Mtok). Runs whose workload differs are flagged, never
+/// compared; with two or more files and no workload in common it refuses.
+/// Regression gate: ember compare --baseline A.db B.db --max-regression 5%
+/// exits with status 3 when a figure got worse by more than 5% beyond the
+/// run-to-run noise of the baseline's repeated runs.
+#[argh(subcommand, name = "compare")]
+struct CompareArgs {
+    /// store files, or folders of .db files (default: --db or the default store)
+    #[argh(positional)]
+    dbs: Vec<PathBuf>,
+    /// a store file (same as a positional; default $EMBER_DB or ~/.local/share/ember/ember.db)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// the baseline store file: its runs are marked and the gate compares against them
+    #[argh(option)]
+    baseline: Option<PathBuf>,
+    /// with --baseline: fail (exit 3) when a figure got worse by more than this, e.g. 5%
+    #[argh(option)]
+    max_regression: Option<String>,
+    /// device cost for $/Mtok as LABEL=USD_PER_HOUR, LABEL a device profile, file name or backend (repeatable)
+    #[argh(option)]
+    cost: Vec<String>,
+    /// also use runs that never finished (e.g. killed mid-run)
+    #[argh(switch)]
+    include_unfinished: bool,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+    /// print CSV (one row per workload, column and figure)
+    #[argh(switch)]
+    csv: bool,
+}
+
+#[derive(FromArgs)]
+/// Write one self-contained HTML report (inline SVG plots, no network) of the
+/// runs in store files: latency CDFs, ITL over time, sweeps, memory, devices.
+#[argh(subcommand, name = "report")]
+struct ReportArgs {
+    /// store files, or folders of .db files (default: --db or the default store)
+    #[argh(positional)]
+    dbs: Vec<PathBuf>,
+    /// a store file (same as a positional; default $EMBER_DB or ~/.local/share/ember/ember.db)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// output HTML file (default ember-report.html)
+    #[argh(option, short = 'o', default = "PathBuf::from(\"ember-report.html\")")]
+    output: PathBuf,
+    /// report title
+    #[argh(option, default = "String::from(\"ember benchmark report\")")]
+    title: String,
+}
+
+#[derive(FromArgs)]
+/// Export runs from store files as CSV, JSON, or a llama-bench-style markdown
+/// table (md); or every request's latencies (--what requests).
+#[argh(subcommand, name = "export")]
+struct ExportArgs {
+    /// store files, or folders of .db files (default: --db or the default store)
+    #[argh(positional)]
+    dbs: Vec<PathBuf>,
+    /// a store file (same as a positional; default $EMBER_DB or ~/.local/share/ember/ember.db)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// csv, json or md (default csv)
+    #[argh(option, short = 'f', default = "String::from(\"csv\")")]
+    format: String,
+    /// runs or requests (default runs)
+    #[argh(option, default = "String::from(\"runs\")")]
+    what: String,
+    /// write here instead of stdout
+    #[argh(option, short = 'o')]
+    output: Option<PathBuf>,
+}
+
+fn store_files(dbs: Vec<PathBuf>, db: Option<PathBuf>) -> Result<Vec<PathBuf>> {
+    let mut all = dbs;
+    all.extend(db);
+    if all.is_empty() {
+        all.push(ember_bench::store::default_db_path());
+    }
+    Ok(ember_bench::store::expand_db_args(&all)?)
+}
+
+fn cmd_compare(a: CompareArgs) -> Result<()> {
+    use ember_bench::compare::{CompareOptions, compare, parse_fraction};
+    if a.json && a.csv {
+        bail!("give --json or --csv, not both");
+    }
+    let max_regression = a.max_regression.as_deref().map(parse_fraction).transpose().map_err(|e| anyhow::anyhow!("--max-regression: {e}"))?;
+    if max_regression.is_some() && a.baseline.is_none() {
+        bail!("--max-regression needs --baseline FILE");
+    }
+    let mut costs = vec![];
+    for c in &a.cost {
+        let (label, usd) = c.split_once('=').with_context(|| format!("--cost '{c}': expected LABEL=USD_PER_HOUR"))?;
+        let usd: f64 = usd.trim().parse().with_context(|| format!("--cost '{c}': '{usd}' is not a number"))?;
+        costs.push((label.trim().to_string(), usd));
+    }
+    let files = if a.dbs.is_empty() && a.db.is_none() && a.baseline.is_some() {
+        bail!("give the store file(s) to compare against the baseline");
+    } else {
+        store_files(a.dbs, a.db)?
+    };
+    if let Some(b) = &a.baseline
+        && !b.is_file()
+    {
+        bail!("{}: no such baseline store", b.display());
+    }
+    let opts = CompareOptions { baseline: a.baseline.clone(), max_regression, costs, include_unfinished: a.include_unfinished };
+    let cmp = compare(&files, &opts)?;
+    let n_files = cmp.files.len();
+    if cmp.groups.is_empty() && n_files >= 2 {
+        eprint!("{}", cmp.to_text());
+        bail!("no workload hash is shared by the {n_files} files: refusing to compare different workloads");
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&cmp.to_json())?);
+    } else if a.csv {
+        print!("{}", cmp.to_csv());
+    } else {
+        print!("{}", cmp.to_text());
+    }
+    if cmp.regressed() {
+        std::io::stdout().flush().ok();
+        eprintln!("ember compare: regression beyond --max-regression (see the gate table)");
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+fn cmd_report(a: ReportArgs) -> Result<()> {
+    let files = store_files(a.dbs, a.db)?;
+    let opts = ember_bench::report::ReportOptions { title: a.title, ..Default::default() };
+    let html = ember_bench::report::render(&files, &opts)?;
+    std::fs::write(&a.output, html).with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!("ember: wrote {}", a.output.display());
+    Ok(())
+}
+
+fn cmd_export(a: ExportArgs) -> Result<()> {
+    use ember_bench::export::{Format, What, export};
+    let format: Format = a.format.parse().map_err(|e: String| anyhow::anyhow!("--format: {e}"))?;
+    let what: What = a.what.parse().map_err(|e: String| anyhow::anyhow!("--what: {e}"))?;
+    let files = store_files(a.dbs, a.db)?;
+    let out = export(&files, what, format)?;
+    match &a.output {
+        Some(p) => std::fs::write(p, out).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{out}"),
+    }
+    Ok(())
+}
+
+// ---- device profiles (--target) and the self-test (issue 7) ----
+
+/// What `--target` applied to `ember bench`, echoed in its `--json` output.
+static APPLIED_TARGET: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+
+/// Apply a device profile to `ember bench`: threads, the default SLO and the
+/// memory budget (the KV cache gets what the weights leave of it, or the
+/// profile's kv_budget_gib, which caps the context). Explicit flags win.
+fn apply_target(a: &mut BenchArgs, spec: &str) -> Result<()> {
+    let p = ember_bench::profile::DeviceProfile::resolve(spec)?;
+    if !p.matches_this_arch() {
+        eprintln!("ember bench: note: profile {} is for {}, this binary is {}", p.name, p.target_triple, std::env::consts::ARCH);
+    }
+    let threads = *a.threads.get_or_insert(p.threads);
+    if a.slo.is_none() && a.slo_max.is_empty() {
+        a.slo = Some(p.default_slo.clone());
+    }
+    a.device_profile.get_or_insert_with(|| p.name.clone());
+    // The budget needs the model's weight and KV sizes: map the file (cheap) and read its config.
+    let path = model_path(a.model.clone())?;
+    a.model = Some(path.clone());
+    let file = std::sync::Arc::new(GgufFile::open(&path)?);
+    let model = ember_models::load(file.clone()).with_context(|| format!("{}: cannot load the model", path.display()))?;
+    let weights = model.weight_bytes();
+    let c = model.config();
+    let kv_budget = p.kv_budget_bytes(weights).map_err(|e| anyhow::anyhow!(e))?;
+    let per_tok = c.kv_bytes_per_token().max(1) as u64;
+    let ctx_cap = (kv_budget / per_tok) as usize;
+    if ctx_cap < 16 {
+        bail!("profile {}: a KV budget of {kv_budget} bytes holds only {ctx_cap} positions of this model", p.name);
+    }
+    let want = a.ctx.unwrap_or(c.n_ctx_train.min(4096));
+    let ctx = want.min(ctx_cap);
+    a.ctx = Some(ctx);
+    let applied = serde_json::json!({
+        "name": p.name, "target_triple": p.target_triple, "backends": p.backends,
+        "threads": threads, "memory_budget_bytes": p.memory_budget_bytes(), "weights_bytes": weights,
+        "kv_budget_bytes": kv_budget, "kv_bytes_per_token": per_tok, "ctx": ctx, "ctx_capped_by_budget": ctx < want,
+        "slo": a.slo, "cost_per_hour_usd": p.cost_per_hour_usd, "typical_power_w": p.typical_power_w,
+    });
+    eprintln!(
+        "ember bench: target {}: threads {threads}, memory budget {:.2} GiB (weights {:.1} MiB, KV budget {:.1} MiB = {ctx_cap} positions), ctx {ctx}, SLO {}",
+        p.name,
+        p.memory_budget_gib,
+        weights as f64 / (1 << 20) as f64,
+        kv_budget as f64 / (1 << 20) as f64,
+        a.slo.as_deref().unwrap_or("custom")
+    );
+    APPLIED_TARGET.set(applied).ok();
+    Ok(())
+}
+
+#[derive(FromArgs)]
+/// Check this device: kernel parity on every ISA against the portable and an
+/// f64 reference, block-format round trips, the dense ops, an exact-token golden
+/// decode of the embedded model, that the weights stay in the mmap, memory
+/// bandwidth and matmul FLOP/s, a short benchmark and the decode roofline.
+/// One row per check, also written to the results store. Exit status 0 only
+/// when every check passes.
+#[argh(subcommand, name = "selftest")]
+struct SelftestArgs {
+    /// GGUF model for the model-dependent checks (default: the embedded tiny model)
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
+    /// device profile (targets/NAME.toml, built in; or a .toml path): threads, budget, nominal bandwidth
+    #[argh(option)]
+    target: Option<String>,
+    /// worker threads (default: the profile's, else all cores)
+    #[argh(option, short = 't')]
+    threads: Option<usize>,
+    /// results store to write the rows to (default $EMBER_DB or ~/.local/share/ember/ember.db)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// do not write to the results store
+    #[argh(switch)]
+    no_db: bool,
+    /// print JSON instead of a table
+    #[argh(switch)]
+    json: bool,
+}
+
+fn cmd_selftest(a: SelftestArgs) -> Result<()> {
+    use ember_bench::selftest;
+    let profile = a.target.as_deref().map(ember_bench::profile::DeviceProfile::resolve).transpose()?;
+    let opts = selftest::Options {
+        model: a.model.clone(),
+        threads: a.threads,
+        profile,
+        fault: std::env::var(selftest::FAULT_ENV).ok(),
+        ..Default::default()
+    };
+    if let Some(f) = &opts.fault {
+        eprintln!("ember selftest: {}={f}: fault injection is on, a parity check will fail on purpose", selftest::FAULT_ENV);
+    }
+    let json = a.json;
+    let report = selftest::run(&opts, |c| {
+        if !json {
+            eprintln!("  {} {}", if c.pass { "ok  " } else { "FAIL" }, c.name);
+        }
+    })?;
+    if !a.no_db {
+        let db = a.db.clone().unwrap_or_else(ember_bench::store::default_db_path);
+        let mut store = ember_bench::store::Store::open(&db)?;
+        let run = report.save(&mut store)?;
+        eprintln!("ember selftest: wrote {} rows to {} (run {})", report.checks.len(), db.display(), run.0);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    let failed = report.failed();
+    if !failed.is_empty() {
+        std::io::stdout().flush().ok();
+        for c in &failed {
+            eprintln!("ember selftest: FAILED {}: {}", c.name, c.message);
+        }
+        bail!("{} of {} self-test checks failed", failed.len(), report.checks.len());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     let level = if cli.verbose { "debug" } else { "warn" };
@@ -475,6 +1070,10 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Compare(a) => cmd_compare(a),
+        Command::Report(a) => cmd_report(a),
+        Command::Export(a) => cmd_export(a),
+        Command::Selftest(a) => cmd_selftest(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

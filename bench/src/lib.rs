@@ -3,3 +3,16 @@
 
 pub mod llamabench;
 pub mod record;
+pub mod store;
+pub mod compare;
+pub mod report;
+pub mod export;
+pub mod harness;
+pub mod load;
+pub mod metrics;
+pub mod slo;
+pub mod table;
+pub mod workload;
+pub mod provenance;
+pub mod profile;
+pub mod selftest;

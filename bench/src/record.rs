@@ -75,3 +75,74 @@ pub struct Provenance {
     pub model_quant_mix: String,
     pub weights_bytes: u64,
 }
+
+/// The workload a run executed: enough to reproduce it and to decide whether
+/// two runs are comparable (equal `hash`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    /// Preset or dataset name ("chat", "rag", "file:prompts.jsonl", ...).
+    pub name: String,
+    pub seed: u64,
+    /// Hex hash over prompt token ids, the arrival schedule and sampling params.
+    pub hash: String,
+    /// Load mode and parameters, e.g. {"mode":"concurrency","n":4}, as JSON text.
+    pub load: String,
+    /// Everything else (lengths, distributions, sampling), as JSON text.
+    pub params: String,
+    pub n_requests: usize,
+    pub n_warmup: usize,
+}
+
+/// One SLO constraint's verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SloVerdict {
+    /// e.g. "ttft_p99 <= 200ms"
+    pub constraint: String,
+    pub measured: f64,
+    pub limit: f64,
+    pub pass: bool,
+}
+
+/// A whole run: what the harness returns and the store persists.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Wall-clock start, RFC 3339 (for humans; all figures use the monotonic ns).
+    pub started_at: String,
+    pub provenance: Provenance,
+    pub workload: WorkloadInfo,
+    /// SLO profile name and its constraints as JSON text.
+    pub slo_name: String,
+    pub slo: String,
+    pub slo_verdicts: Vec<SloVerdict>,
+    pub slo_attainment: f64,
+    pub goodput_rps: f64,
+    pub records: Vec<RequestRecord>,
+    pub memory: Vec<MemorySample>,
+    pub cache_evictions: u64,
+    /// Summary figures (percentiles etc.) as computed by `metrics`, as JSON text,
+    /// so the store can keep them verbatim next to the raw timestamps.
+    pub summary_json: String,
+}
+
+/// One rate tried by a sweep.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub rate_rps: f64,
+    /// Measured requests at this rate.
+    pub n: usize,
+    pub slo_attainment: f64,
+    pub goodput_rps: f64,
+    /// slo_attainment >= target
+    pub pass: bool,
+}
+
+/// A sweep for `max_goodput_rate` (METRICS.md, System).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SweepResult {
+    /// Service rate measured with sync requests before the sweep (requests/s).
+    pub capacity_rps: f64,
+    pub target: f64,
+    pub points: Vec<SweepPoint>,
+    /// The highest rate tried whose attainment met the target (None: none did).
+    pub max_goodput_rate: Option<f64>,
+}

@@ -11,6 +11,7 @@ use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
 use ember_runtime::kv::PagedKv;
 use ember_runtime::model::{BatchItem, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
+use ember_runtime::backend::{self, QWeightHandle, Tensor, TensorData};
 use ember_runtime::quant::{self, GgmlType, QMatRef};
 
 /// What differs between architectures, as data.
@@ -246,10 +247,18 @@ impl Transformer {
         QMatRef { ty: w.ty, rows: w.rows, cols: w.cols, data: &self.file.bytes()[w.start..w.start + w.len] }
     }
 
-    /// y[m × rows] = x[m × cols] · Wᵀ (+ bias)
+    /// y[m × rows] = x[m × cols] · Wᵀ (+ bias), as a burn op: the quantized matmul is the
+    /// `QuantOps` backend extension, which on the CPU (burn-flex) runs `quant::matmul` on the
+    /// mmapped blocks. `x` is copied once into `y`'s old buffer (callers lend slices), moved into
+    /// the tensor, and the result's allocation is moved back out into `y`.
     fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
-        y.resize(m * w.rows, 0.0);
-        quant::matmul(self.mat(w), x, m, y);
+        let h = QWeightHandle::new(self.file.clone(), w.ty, w.rows, w.cols, w.start..w.start + w.len)
+            .expect("weight ranges are checked at load");
+        let mut buf = std::mem::take(y);
+        buf.clear();
+        buf.extend_from_slice(x);
+        let xt = Tensor::<2>::from_data(TensorData::new(buf, [m, w.cols]), &backend::cpu());
+        *y = backend::qmatmul(xt, &h).into_data().try_into_vec::<f32>().expect("qmatmul returns f32");
         if let Some(b) = bias {
             for row in y.chunks_exact_mut(w.rows) {
                 row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);

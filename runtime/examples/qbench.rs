@@ -1,8 +1,9 @@
 //! Quant kernel micro-benchmark: `cargo run -p ember-runtime --example qbench --profile dev [-- quick]`
 //!
 //! m = 1 (decode): weight GB/s per ISA, 1 and 2 threads.
-//! m > 1 (prefill): effective GFLOP/s (2·m·rows·cols / time). For m > 1 only the best ISA is timed; for m > 16 every ISA shares the
-//! dequantize + gemm path, so only the best ISA is timed (m = 4..16 only for Q4_1).
+//! m > 1 (prefill): effective GFLOP/s (2·m·rows·cols / time), best ISA only (m ≤ 16 runs the
+//! integer dot kernels, m > 16 the ISA-independent dequantize + gemm path); m = 4..16 only for
+//! Q4_1. A `dequantize_row` line per matrix gives the single-thread dequantization rate.
 
 use ember_runtime::quant::{GgmlType, Isa, QMatRef, available_isas, best_isa, dequantize_row, matmul_with, quantize};
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! ember runtime: GGUF on mmap, quantized kernels, tokenizer, KV cache,
 //! sampling and the engine loop. The runtime emits timestamped events and
 //! never prints; measuring is the bench crate's job.
+pub mod backend;
 pub mod embedded;
 pub mod engine;
 pub mod gguf;

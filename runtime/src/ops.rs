@@ -211,6 +211,8 @@ pub fn attention(
             dot(qh, kr) * scale
         }));
         softmax(scores);
+        // llama.cpp multiplies V (f16) by the probabilities converted to f16.
+        round_f16_slice(scores);
         o.fill(0.0);
         for (j, &p) in scores.iter().enumerate() {
             // SAFETY: as above, for the value blocks.
@@ -292,7 +294,8 @@ mod tests {
                     .collect();
                 let m = w.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = w.iter().map(|x| (x - m).exp()).sum();
-                w.iter_mut().for_each(|x| *x = (*x - m).exp() / z);
+                // Probabilities at f16 precision, as in `attention`.
+                w.iter_mut().for_each(|x| *x = round_f16(((*x - m).exp() / z) as f32) as f64);
                 for d in 0..8 {
                     let want: f64 = (0..n).map(|j| w[j] * v[j * 16 + kvh * 8 + d] as f64).sum();
                     let got = out[t * 32 + h * 8 + d] as f64;

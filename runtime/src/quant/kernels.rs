@@ -1,238 +1,395 @@
-//! Activation quantization (f32 rows -> 8-bit blocks of 32) and the portable row-dot kernels.
+//! Activation quantization (ggml's "vec_dot_type" formats) and the portable row-dot kernels.
 //!
-//! Every kernel computes `Σ_k w[k]·x[k]` for one weight row (its raw block bytes) against one
-//! quantized activation row. The activation row holds, per block `b` of 32 elements:
-//! `qs[32b..32b+32]` (i8 in −127..=127), `d[b]` (f32 scale) and `s[b] = d[b]·Σ qs` (so formats
-//! with an offset or a min can correct with one multiply per block).
+//! llama.cpp never multiplies a quantized weight by f32 activations: it first converts each
+//! activation row into the weight type's vec_dot_type and runs integer block dots. This module
+//! reproduces those quantizers exactly (they fix the numerics; every kernel — portable, AVX2,
+//! AVX-512, NEON — then differs from llama.cpp only in float summation order):
+//!
+//! * **Q8_0** (for Q4_0, Q5_0, Q8_0 weights): blocks of 32, `d = amax/127` stored as f16,
+//!   `q = roundf(x / d)` (ties away from zero).
+//! * **Q8_1** (for Q4_1, Q5_1): as Q8_0, plus `s = f16(d_f32 · Σq)`.
+//! * **Q8_K** (for Q4_K, Q5_K, Q6_K): blocks of 256; `max` = the signed element of largest
+//!   magnitude, `iscale = −127/max`, `q = min(127, nearest_int(iscale·x))` (ties to even),
+//!   `d = 1/iscale` kept as f32 (may be negative), `bsums` = sums of q over each 16.
+//!
+//! Every quantized row also carries `sum32` (Σq per 32 elements, exact integers) so SIMD kernels
+//! that decode weights to unsigned bytes can apply the Q4_0/Q5_0 offset in the integer domain.
 
 use super::GgmlType;
 use super::reference::{rd_f16, scale_min_k4};
+use half::f16;
 
-/// One quantized activation row (borrowed from a [`Q8Buf`]).
+/// Which vec_dot_type a weight type multiplies against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub(crate) enum ActKind {
+    Q8_0,
+    Q8_1,
+    Q8_K,
+}
+
+impl ActKind {
+    pub fn for_weight(ty: GgmlType) -> ActKind {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActKind::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => ActKind::Q8_1,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActKind::Q8_K,
+            _ => unreachable!("no quantized activation format for {ty}"),
+        }
+    }
+
+    pub fn block_len(self) -> usize {
+        if self == ActKind::Q8_K { 256 } else { 32 }
+    }
+}
+
+/// One quantized activation row (borrowed from a [`QAct`]).
+///
+/// * `qs`: the i8 quants (`cols`).
+/// * `d`: one f32 scale per block (32 or 256 elements); already f16-rounded for Q8_0/Q8_1.
+/// * `s`: Q8_1 only, one f16-rounded `d·Σq` per block (empty otherwise).
+/// * `sum32`: Σq per 32 elements (all kinds).
+/// * `bs16`: Q8_K only, Σq per 16 elements (empty otherwise).
 #[derive(Clone, Copy)]
-pub(crate) struct Q8Row<'a> {
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct QRow<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub sum32: &'a [i32],
+    pub bs16: &'a [i16],
 }
 
-/// `m` activation rows quantized to 8-bit blocks of 32.
-#[derive(Default)]
-pub(crate) struct Q8Buf {
+/// `m` activation rows quantized to one [`ActKind`].
+pub(crate) struct QAct {
+    pub kind: ActKind,
+    pub cols: usize,
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
-    pub cols: usize,
+    pub sum32: Vec<i32>,
+    pub bs16: Vec<i16>,
 }
 
-impl Q8Buf {
-    /// Quantize `m = x.len() / cols` rows. `cols` must be a multiple of 32.
-    pub fn quantize(x: &[f32], cols: usize) -> Q8Buf {
-        assert!(cols % 32 == 0 && x.len() % cols == 0);
-        let nb = x.len() / 32;
-        let mut buf = Q8Buf { qs: vec![0; x.len()], d: vec![0.0; nb], s: vec![0.0; nb], cols };
-        for (((xb, qb), d), s) in x
-            .chunks_exact(32)
-            .zip(buf.qs.chunks_exact_mut(32))
-            .zip(buf.d.iter_mut())
-            .zip(buf.s.iter_mut())
-        {
-            (*d, *s) = quantize_block_q8(xb.try_into().unwrap(), qb.try_into().unwrap());
+impl QAct {
+    /// Quantize `m = x.len() / cols` rows. `cols` must be a multiple of the kind's block length.
+    pub fn quantize(kind: ActKind, x: &[f32], cols: usize) -> QAct {
+        let bl = kind.block_len();
+        assert!(cols.is_multiple_of(bl) && x.len().is_multiple_of(cols.max(1)));
+        let nb = x.len() / bl;
+        let mut a = QAct {
+            kind,
+            cols,
+            qs: vec![0; x.len()],
+            d: vec![0.0; nb],
+            s: if kind == ActKind::Q8_1 { vec![0.0; nb] } else { Vec::new() },
+            sum32: vec![0; x.len() / 32],
+            bs16: if kind == ActKind::Q8_K { vec![0; x.len() / 16] } else { Vec::new() },
+        };
+        match kind {
+            ActKind::Q8_0 | ActKind::Q8_1 => {
+                for (b, (xb, qb)) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)).enumerate() {
+                    let (d, s, sum) = quantize_block_q8_0(xb.try_into().unwrap(), qb.try_into().unwrap());
+                    a.d[b] = d;
+                    if kind == ActKind::Q8_1 {
+                        a.s[b] = s;
+                    }
+                    a.sum32[b] = sum;
+                }
+            }
+            ActKind::Q8_K => {
+                for (b, (xb, qb)) in x.chunks_exact(256).zip(a.qs.chunks_exact_mut(256)).enumerate() {
+                    let bs: &mut [i16; 16] = (&mut a.bs16[16 * b..16 * b + 16]).try_into().unwrap();
+                    a.d[b] = quantize_block_q8_k(xb.try_into().unwrap(), qb.try_into().unwrap(), bs);
+                    for j in 0..8 {
+                        a.sum32[8 * b + j] = bs[2 * j] as i32 + bs[2 * j + 1] as i32;
+                    }
+                }
+            }
         }
-        buf
+        a
     }
 
-    pub fn row(&self, i: usize) -> Q8Row<'_> {
-        let nb = self.cols / 32;
-        Q8Row {
-            qs: &self.qs[i * self.cols..(i + 1) * self.cols],
+    pub fn row(&self, i: usize) -> QRow<'_> {
+        let c = self.cols;
+        let nb = c / self.kind.block_len();
+        QRow {
+            qs: &self.qs[i * c..(i + 1) * c],
             d: &self.d[i * nb..(i + 1) * nb],
-            s: &self.s[i * nb..(i + 1) * nb],
+            s: if self.s.is_empty() { &[] } else { &self.s[i * nb..(i + 1) * nb] },
+            sum32: &self.sum32[i * c / 32..(i + 1) * c / 32],
+            bs16: if self.bs16.is_empty() { &[] } else { &self.bs16[i * c / 16..(i + 1) * c / 16] },
         }
     }
 }
 
-/// Quantize 32 values to i8 with a shared scale; returns `(d, d·Σq)`.
-#[inline]
-fn quantize_block_q8(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` for one block of 32.
+/// Returns `(f16(d), f16(d·Σq), Σq)` with the f16 values converted back to f32.
+pub(crate) fn quantize_block_q8_0(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32, i32) {
     let mut amax = 0f32;
     for &v in x {
         amax = amax.max(v.abs());
     }
     let d = amax / 127.0;
-    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for j in 0..32 {
-        // Round to nearest (ties to even) with the 1.5·2^23 trick: branch-free and vectorizable
-        // on baseline x86-64 (|x·id| ≤ 127 here, far inside the trick's ±2^22 range).
-        let t = x[j] * id + 12_582_912.0f32;
-        let v = t.to_bits() as i32 - 0x4B40_0000;
+        // `f32::round` rounds half away from zero, like C `roundf`.
+        let v = (x[j] * id).round() as i32;
         q[j] = v as i8;
         sum += v;
     }
-    (d, d * sum as f32)
+    let dh = f16::from_f32(d).to_f32();
+    let s = f16::from_f32(d * sum as f32).to_f32();
+    (dh, s, sum)
 }
 
-/// Signature of every row-dot kernel.
-pub(crate) type DotFn = unsafe fn(&[u8], &Q8Row<'_>) -> f32;
+/// ggml's `nearest_int`: round to nearest, ties to even, via the 1.5·2^23 trick.
+#[inline]
+pub(crate) fn nearest_int(v: f32) -> i32 {
+    let t = v + 12_582_912.0f32;
+    (t.to_bits() as i32 & 0x007F_FFFF) - 0x0040_0000
+}
 
-/// The portable kernel for `ty` (quantized types only).
-pub(crate) fn portable_dot(ty: GgmlType) -> DotFn {
+/// ggml's `quantize_row_q8_K_ref` for one block of 256: fills `q` and `bsums`, returns `d`.
+pub(crate) fn quantize_block_q8_k(x: &[f32; 256], q: &mut [i8; 256], bsums: &mut [i16; 16]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        bsums.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for j in 0..256 {
+        q[j] = nearest_int(iscale * x[j]).min(127) as i8;
+    }
+    for (j, b) in bsums.iter_mut().enumerate() {
+        *b = q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
+    }
+    1.0 / iscale
+}
+
+/// Round every element to f16 (for F16 weights) or bf16 (for BF16 weights) and back, as llama.cpp
+/// converts activations to the weight type before its float dot.
+pub(crate) fn round_activations(ty: GgmlType, x: &[f32]) -> Option<Vec<f32>> {
     match ty {
-        GgmlType::Q4_0 => dot_q4_0,
-        GgmlType::Q4_1 => dot_q4_1,
-        GgmlType::Q5_0 => dot_q5_0,
-        GgmlType::Q5_1 => dot_q5_1,
-        GgmlType::Q8_0 => dot_q8_0,
-        GgmlType::Q4_K => dot_q4_k,
-        GgmlType::Q5_K => dot_q5_k,
-        GgmlType::Q6_K => dot_q6_k,
-        _ => unreachable!("no q8 dot kernel for {ty}"),
+        GgmlType::F16 => {
+            use half::slice::HalfFloatSliceExt;
+            let mut h = vec![f16::ZERO; x.len()];
+            h.convert_from_f32_slice(x);
+            let mut out = vec![0f32; x.len()];
+            h.convert_to_f32_slice(&mut out);
+            Some(out)
+        }
+        GgmlType::BF16 => Some(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()),
+        _ => None,
     }
 }
 
+/// Signature of every tile kernel: `out[r·C + c] = dot(weight row r, activation row c)` for
+/// `R = w.len() / rb` consecutive weight rows (`rb` bytes each) and `C = xr.len()` activation
+/// rows. SIMD kernels are instantiated for fixed (R, C) and assert them.
+pub(crate) type TileFn = unsafe fn(&[u8], usize, &[QRow<'_>], &mut [f32]);
+
+/// A kernel family: `big[c − 1]` handles `rmax` weight rows × `c` activation rows (c ≤ cmax),
+/// `one[c − 1]` a single weight row × `c` activation rows.
+pub(crate) struct Tiles {
+    pub rmax: usize,
+    pub cmax: usize,
+    pub big: [TileFn; 4],
+    pub one: [TileFn; 4],
+}
+
+/// Signature of a row-dot kernel.
+pub(crate) type DotFn = unsafe fn(&[u8], &QRow<'_>) -> f32;
+
+/// Wrap a row-dot kernel into a tile kernel for any R, C (loops over the pairs).
+#[inline(always)]
+pub(crate) unsafe fn tile_by_rows(dot: DotFn, w: &[u8], rb: usize, xr: &[QRow<'_>], out: &mut [f32]) {
+    let c = xr.len();
+    for (r, wr) in w.chunks_exact(rb).enumerate() {
+        for (j, x) in xr.iter().enumerate() {
+            // SAFETY: forwarded contract (dot's ISA is available).
+            out[r * c + j] = unsafe { dot(wr, x) };
+        }
+    }
+}
+
+macro_rules! portable_tile {
+    ($name:ident, $dot:ident) => {
+        unsafe fn $name(w: &[u8], rb: usize, xr: &[QRow<'_>], out: &mut [f32]) {
+            // SAFETY: portable kernels have no requirements.
+            unsafe { tile_by_rows($dot, w, rb, xr, out) }
+        }
+    };
+}
+portable_tile!(tile_q4_0, dot_q4_0);
+portable_tile!(tile_q4_1, dot_q4_1);
+portable_tile!(tile_q5_0, dot_q5_0);
+portable_tile!(tile_q5_1, dot_q5_1);
+portable_tile!(tile_q8_0, dot_q8_0);
+portable_tile!(tile_q4_k, dot_q4_k);
+portable_tile!(tile_q5_k, dot_q5_k);
+portable_tile!(tile_q6_k, dot_q6_k);
+
+/// The portable kernels for `ty` (quantized types only).
+pub(crate) fn portable_tiles(ty: GgmlType) -> Tiles {
+    let f: TileFn = match ty {
+        GgmlType::Q4_0 => tile_q4_0,
+        GgmlType::Q4_1 => tile_q4_1,
+        GgmlType::Q5_0 => tile_q5_0,
+        GgmlType::Q5_1 => tile_q5_1,
+        GgmlType::Q8_0 => tile_q8_0,
+        GgmlType::Q4_K => tile_q4_k,
+        GgmlType::Q5_K => tile_q5_k,
+        GgmlType::Q6_K => tile_q6_k,
+        _ => unreachable!("no quantized dot kernel for {ty}"),
+    };
+    Tiles { rmax: 1, cmax: 4, big: [f; 4], one: [f; 4] }
+}
+
+/// 4-bit (and optional 5th bit) quants of a 32-block as unsigned values: element j and j+16.
 #[inline]
-fn idot_nibbles(qs: &[u8], x: &[i8]) -> i32 {
-    let mut s = 0i32;
+fn unpack_q4q5(qs: &[u8], qh: Option<u32>) -> [i32; 32] {
+    let mut q = [0i32; 32];
     for j in 0..16 {
-        s += (qs[j] & 0x0F) as i32 * x[j] as i32;
-        s += (qs[j] >> 4) as i32 * x[j + 16] as i32;
+        q[j] = (qs[j] & 0x0F) as i32;
+        q[j + 16] = (qs[j] >> 4) as i32;
+    }
+    if let Some(qh) = qh {
+        for (j, v) in q.iter_mut().enumerate() {
+            *v |= (((qh >> j) & 1) << 4) as i32;
+        }
+    }
+    q
+}
+
+#[inline]
+fn idot(q: &[i32; 32], off: i32, x: &[i8]) -> i32 {
+    let mut s = 0i32;
+    for j in 0..32 {
+        s += (q[j] - off) * x[j] as i32;
     }
     s
 }
 
-#[inline]
-fn idot_nibbles5(qs: &[u8], qh: u32, x: &[i8]) -> i32 {
-    let mut s = 0i32;
-    for j in 0..16 {
-        let lo = (qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4);
-        let hi = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
-        s += lo as i32 * x[j] as i32;
-        s += hi as i32 * x[j + 16] as i32;
-    }
-    s
-}
-
-fn dot_q4_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
-    let (mut acc, mut corr) = (0f32, 0f32);
-    for (b, blk) in w.chunks_exact(18).enumerate() {
-        let dw = rd_f16(blk, 0);
-        let i = idot_nibbles(&blk[2..18], &x.qs[32 * b..32 * b + 32]);
-        acc += dw * x.d[b] * i as f32;
-        corr += dw * x.s[b];
-    }
-    acc - 8.0 * corr
-}
-
-fn dot_q4_1(w: &[u8], x: &Q8Row<'_>) -> f32 {
+/// Q4_0/Q5_0 (× Q8_0): Σ_b f16(d_w)·d_x·Σ(q − off)·x.
+/// Q4_1/Q5_1 (× Q8_1): Σ_b f16(d_w)·d_x·Σ q·x + f16(m_w)·s_x.
+fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
+    let bb = 18 + if Q5 { 4 } else { 0 } + if MIN { 2 } else { 0 };
+    let qh_off = if MIN { 4 } else { 2 };
+    let qs_off = qh_off + if Q5 { 4 } else { 0 };
+    let off = if MIN { 0 } else if Q5 { 16 } else { 8 };
     let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(20).enumerate() {
-        let (dw, mw) = (rd_f16(blk, 0), rd_f16(blk, 2));
-        let i = idot_nibbles(&blk[4..20], &x.qs[32 * b..32 * b + 32]);
-        acc += dw * x.d[b] * i as f32 + mw * x.s[b];
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let qh = Q5.then(|| u32::from_le_bytes([blk[qh_off], blk[qh_off + 1], blk[qh_off + 2], blk[qh_off + 3]]));
+        let q = unpack_q4q5(&blk[qs_off..qs_off + 16], qh);
+        let i = idot(&q, off, &x.qs[32 * b..32 * b + 32]);
+        acc += rd_f16(blk, 0) * x.d[b] * i as f32;
+        if MIN {
+            acc += rd_f16(blk, 2) * x.s[b];
+        }
     }
     acc
 }
 
-fn dot_q5_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
-    let (mut acc, mut corr) = (0f32, 0f32);
-    for (b, blk) in w.chunks_exact(22).enumerate() {
-        let dw = rd_f16(blk, 0);
-        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-        let i = idot_nibbles5(&blk[6..22], qh, &x.qs[32 * b..32 * b + 32]);
-        acc += dw * x.d[b] * i as f32;
-        corr += dw * x.s[b];
-    }
-    acc - 16.0 * corr
+fn dot_q4_0(w: &[u8], x: &QRow<'_>) -> f32 {
+    dot_q4q5::<false, false>(w, x)
+}
+fn dot_q4_1(w: &[u8], x: &QRow<'_>) -> f32 {
+    dot_q4q5::<false, true>(w, x)
+}
+fn dot_q5_0(w: &[u8], x: &QRow<'_>) -> f32 {
+    dot_q4q5::<true, false>(w, x)
+}
+fn dot_q5_1(w: &[u8], x: &QRow<'_>) -> f32 {
+    dot_q4q5::<true, true>(w, x)
 }
 
-fn dot_q5_1(w: &[u8], x: &Q8Row<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(24).enumerate() {
-        let (dw, mw) = (rd_f16(blk, 0), rd_f16(blk, 2));
-        let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
-        let i = idot_nibbles5(&blk[8..24], qh, &x.qs[32 * b..32 * b + 32]);
-        acc += dw * x.d[b] * i as f32 + mw * x.s[b];
-    }
-    acc
-}
-
-fn dot_q8_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
+fn dot_q8_0(w: &[u8], x: &QRow<'_>) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(34).enumerate() {
-        let dw = rd_f16(blk, 0);
         let xq = &x.qs[32 * b..32 * b + 32];
         let mut i = 0i32;
         for j in 0..32 {
             i += (blk[2 + j] as i8) as i32 * xq[j] as i32;
         }
-        acc += dw * x.d[b] * i as f32;
+        acc += rd_f16(blk, 0) * x.d[b] * i as f32;
     }
     acc
 }
 
-fn dot_q45_k<const Q5: bool>(w: &[u8], x: &Q8Row<'_>) -> f32 {
+/// Q4_K/Q5_K (× Q8_K): per super-block, `d = d_x·f16(d_w)`, `dmin = d_x·f16(dmin_w)`,
+/// `d·Σ_j sc_j·Σ(q·x) − dmin·Σ_j m_j·(bsum[2j] + bsum[2j+1])`.
+fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
     let bb = if Q5 { 176 } else { 144 };
     let qs_off = if Q5 { 48 } else { 16 };
     let mut acc = 0f32;
     for (i, blk) in w.chunks_exact(bb).enumerate() {
-        let d = rd_f16(blk, 0);
-        let dmin = rd_f16(blk, 2);
         let scales = &blk[4..16];
         let qh = &blk[16..48];
         let qs = &blk[qs_off..qs_off + 128];
+        let (mut isum, mut msum) = (0i32, 0i32);
         for s in 0..8 {
             let (sc, mn) = scale_min_k4(s, scales);
-            let c = s / 2;
-            let shift = if s % 2 == 0 { 0 } else { 4 };
-            let xb = 8 * i + s;
-            let xq = &x.qs[32 * xb..32 * xb + 32];
-            let mut isum = 0i32;
+            let (c, shift) = (s / 2, 4 * (s % 2));
+            let xq = &x.qs[256 * i + 32 * s..256 * i + 32 * s + 32];
+            let mut sub = 0i32;
             for l in 0..32 {
                 let mut q = (qs[32 * c + l] >> shift) & 0x0F;
                 if Q5 {
                     q |= ((qh[l] >> s) & 1) << 4;
                 }
-                isum += q as i32 * xq[l] as i32;
+                sub += q as i32 * xq[l] as i32;
             }
-            acc += d * sc as f32 * x.d[xb] * isum as f32 - dmin * mn as f32 * x.s[xb];
+            isum += sc as i32 * sub;
+            msum += mn as i32 * (x.bs16[16 * i + 2 * s] as i32 + x.bs16[16 * i + 2 * s + 1] as i32);
         }
+        let d = x.d[i] * rd_f16(blk, 0);
+        let dmin = x.d[i] * rd_f16(blk, 2);
+        acc += d * isum as f32 - dmin * msum as f32;
     }
     acc
 }
 
-fn dot_q4_k(w: &[u8], x: &Q8Row<'_>) -> f32 {
+fn dot_q4_k(w: &[u8], x: &QRow<'_>) -> f32 {
     dot_q45_k::<false>(w, x)
 }
-
-fn dot_q5_k(w: &[u8], x: &Q8Row<'_>) -> f32 {
+fn dot_q5_k(w: &[u8], x: &QRow<'_>) -> f32 {
     dot_q45_k::<true>(w, x)
 }
 
-fn dot_q6_k(w: &[u8], x: &Q8Row<'_>) -> f32 {
+/// The 6-bit quant (0..63) of element `e` (0..256) of a Q6_K block.
+#[inline]
+pub(crate) fn q6_k_quant(blk: &[u8], e: usize) -> i32 {
+    let (h, r) = (e / 128, e % 128);
+    let (g, l) = (r / 32, r % 32);
+    let ql = blk[64 * h + l + if g % 2 == 1 { 32 } else { 0 }];
+    let lo = if g < 2 { ql & 0x0F } else { ql >> 4 };
+    let hi = (blk[128 + 32 * h + l] >> (2 * g)) & 3;
+    (lo | (hi << 4)) as i32
+}
+
+/// Q6_K (× Q8_K): `d_x·f16(d_w)·Σ_{16 sub-blocks} sc_j·Σ((q − 32)·x)`.
+fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
     let mut acc = 0f32;
     for (i, blk) in w.chunks_exact(210).enumerate() {
-        let d = rd_f16(blk, 208);
-        for h in 0..2 {
-            let ql = &blk[64 * h..64 * h + 64];
-            let qh = &blk[128 + 32 * h..160 + 32 * h];
-            for g in 0..4 {
-                // Elements 128h + 32g + l, l in 0..32: one activation block.
-                let xb = 8 * i + 4 * h + g;
-                let xq = &x.qs[32 * xb..32 * xb + 32];
-                let mut isum = [0i32; 2];
-                for l in 0..32 {
-                    let lo = if g % 2 == 0 { ql[l] } else { ql[l + 32] };
-                    let lo = if g < 2 { lo & 0x0F } else { lo >> 4 };
-                    let hi = (qh[l] >> (2 * g)) & 3;
-                    let q = (lo | (hi << 4)) as i32 - 32;
-                    isum[l / 16] += q * xq[l] as i32;
-                }
-                let sc0 = blk[192 + 8 * h + 2 * g] as i8 as f32;
-                let sc1 = blk[192 + 8 * h + 2 * g + 1] as i8 as f32;
-                acc += d * x.d[xb] * (sc0 * isum[0] as f32 + sc1 * isum[1] as f32);
+        let mut isum = 0i32;
+        for j in 0..16 {
+            let sc = blk[192 + j] as i8 as i32;
+            let mut sub = 0i32;
+            for e in 16 * j..16 * j + 16 {
+                sub += (q6_k_quant(blk, e) - 32) * x.qs[256 * i + e] as i32;
             }
+            isum += sc * sub;
         }
+        acc += x.d[i] * rd_f16(blk, 208) * isum as f32;
     }
     acc
 }

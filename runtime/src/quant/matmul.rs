@@ -1,15 +1,15 @@
-//! The matmul driver: picks the integer-dot path (small m) or the dequantize+gemm path (large m),
-//! and splits output rows across the current rayon pool.
+//! The matmul driver: quantizes the activation rows to the weight type's vec_dot_type (as
+//! llama.cpp does for every batch size) and runs the integer tile kernels; float weights run f32
+//! dots on activations rounded to the weight's precision (F16/BF16), via `gemm` for large m.
+//! Output rows are split across the current rayon pool.
 
-use super::kernels::{DotFn, Q8Buf, Q8Row, portable_dot};
+use super::kernels::{ActKind, QAct, QRow, Tiles, portable_tiles, round_activations};
 use super::reference::dequantize_block;
 use super::{GgmlType, Isa, QMatRef};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Up to this many activation rows use the quantized-activation integer dot kernels; above it,
-/// tiles of weight rows are dequantized to f32 and multiplied with `gemm` (measured crossover:
-/// at m = 16 the dot path still beats gemm on 576-wide Q4_1 matrices).
+/// Float weights with more activation rows than this go through the `gemm` crate.
 pub(crate) const MAX_DOT_M: usize = 16;
 
 /// Below this many multiply-adds (rows·cols·m) a call stays on the calling thread: waking the
@@ -18,6 +18,9 @@ const PAR_MIN_MACS: usize = 1 << 18;
 
 /// Target f32 elements per dequantized weight tile in the gemm path (~512 KiB, within L2).
 const TILE_ELEMS: usize = 1 << 17;
+
+/// Target bytes of quantized activations walked per pass over a task's weight rows (L2-sized).
+const ACT_CHUNK_BYTES: usize = 1 << 17;
 
 thread_local! {
     static TILE_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -38,15 +41,15 @@ impl SyncPtr {
     }
 }
 
-fn dot_fn(isa: Isa, ty: GgmlType) -> DotFn {
+fn tiles_for(isa: Isa, ty: GgmlType) -> Tiles {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => super::x86::avx2::dot_fn(ty),
+        Isa::Avx2 => super::x86::avx2::tiles(ty),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => super::x86::avx512::dot_fn(ty),
+        Isa::Avx512 => super::x86::avx512::tiles(ty),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => super::neon::dot_fn(ty),
-        _ => portable_dot(ty),
+        Isa::Neon => super::neon::tiles(ty),
+        _ => portable_tiles(ty),
     }
 }
 
@@ -60,8 +63,9 @@ pub fn matmul(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
 }
 
 /// As [`matmul`], forcing the kernels of `isa` (panics if this CPU cannot run it).
-/// `Isa::Portable` uses no explicit SIMD in the dot kernels; for `m > 16` every ISA goes through
-/// the same dequantize + `gemm` path (the `gemm` crate does its own CPU dispatch).
+/// `Isa::Portable` uses no explicit SIMD in the dot kernels. Quantized weights use the same
+/// activation quantization and integer block dots on every ISA and for every `m`; float weights
+/// use f32 dots (the `gemm` crate, with its own CPU dispatch, for `m > 16`).
 pub fn matmul_with(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     assert!(isa.is_available(), "matmul_with: ISA {isa:?} not available on this CPU");
     if let Err(e) = w.validate() {
@@ -76,46 +80,74 @@ pub fn matmul_with(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32])
         y.fill(0.0);
         return;
     }
-    if m > MAX_DOT_M {
-        gemm_path(w, x, m, y);
-    } else if is_float(w.ty) {
-        float_dot_path(w, x, m, y);
+    if is_float(w.ty) {
+        let rounded = round_activations(w.ty, x);
+        let x = rounded.as_deref().unwrap_or(x);
+        if m > MAX_DOT_M {
+            gemm_path(w, x, m, y);
+        } else {
+            float_dot_path(w, x, m, y);
+        }
     } else {
-        q8_dot_path(isa, w, x, m, y);
+        q_dot_path(isa, w, x, m, y);
     }
 }
 
-/// Run `f` over `rows` split into contiguous ranges, in parallel when `macs` is large enough.
-fn for_row_chunks(rows: usize, macs: usize, f: impl Fn(usize, usize) + Sync) {
+/// Run `f` over `rows` split into contiguous ranges whose starts are multiples of `align`, in
+/// parallel when `macs` is large enough.
+fn for_row_chunks(rows: usize, macs: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
     let nt = rayon::current_num_threads();
-    if nt <= 1 || macs < PAR_MIN_MACS || rows < 2 {
+    let groups = rows.div_ceil(align);
+    if nt <= 1 || macs < PAR_MIN_MACS || groups < 2 {
         f(0, rows);
         return;
     }
     // A few chunks per thread lets work stealing even out a descheduled thread.
-    let n = (nt * 4).min(rows);
-    (0..n)
-        .into_par_iter()
-        .for_each(|c| f(c * rows / n, (c + 1) * rows / n));
+    let n = (nt * 4).min(groups);
+    (0..n).into_par_iter().for_each(|c| {
+        let r0 = (c * groups / n * align).min(rows);
+        let r1 = ((c + 1) * groups / n * align).min(rows);
+        f(r0, r1)
+    });
 }
 
-fn q8_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+fn q_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
     let rb = w.row_bytes();
-    let xq = Q8Buf::quantize(x, cols);
-    let xr: Vec<Q8Row<'_>> = (0..m).map(|i| xq.row(i)).collect();
-    let dot = dot_fn(isa, w.ty);
+    let act = QAct::quantize(ActKind::for_weight(w.ty), x, cols);
+    let xr: Vec<QRow<'_>> = (0..m).map(|i| act.row(i)).collect();
+    let t = tiles_for(isa, w.ty);
+    assert!((1..=4).contains(&t.rmax) && (1..=4).contains(&t.cmax));
+    // Activation rows per pass: an L2-sized slab, a whole number of column tiles.
+    let mchunk = (ACT_CHUNK_BYTES / cols).max(t.cmax) / t.cmax * t.cmax;
     let yp = SyncPtr(y.as_mut_ptr());
-    for_row_chunks(rows, rows * cols * m, |r0, r1| {
-        for r in r0..r1 {
-            let wr = &w.data[r * rb..(r + 1) * rb];
-            for (i, xi) in xr.iter().enumerate() {
-                // SAFETY: `dot` belongs to `isa`, which was checked available on this CPU;
-                // `wr` is one whole row of `w.ty` blocks and `xi` an activation row of `cols`.
-                let v = unsafe { dot(wr, xi) };
-                // SAFETY: i < m and r < rows, so the index is inside y (len m·rows); every
-                // (i, r) is written by exactly one task.
-                unsafe { *yp.get().add(i * rows + r) = v };
+    for_row_chunks(rows, rows * cols * m, t.rmax, |r0, r1| {
+        let mut out = [0f32; 16];
+        for c0 in (0..m).step_by(mchunk) {
+            let c1 = m.min(c0 + mchunk);
+            let mut r = r0;
+            while r < r1 {
+                let nr = if r1 - r >= t.rmax { t.rmax } else { 1 };
+                let fam = if nr == t.rmax { &t.big } else { &t.one };
+                let wr = &w.data[r * rb..(r + nr) * rb];
+                let mut c = c0;
+                while c < c1 {
+                    let nc = t.cmax.min(c1 - c);
+                    let o = &mut out[..nr * nc];
+                    // SAFETY: the kernels belong to `isa`, checked available on this CPU; `wr`
+                    // is `nr` whole rows of `w.ty` blocks and each `xr` row has `cols` elements
+                    // in the matching activation format. The kernel asserts its (R, C).
+                    unsafe { fam[nc - 1](wr, rb, &xr[c..c + nc], o) };
+                    for i in 0..nr {
+                        for j in 0..nc {
+                            // SAFETY: c + j < m and r + i < rows, so the index is inside y
+                            // (len m·rows); every (c + j, r + i) is written by one task only.
+                            unsafe { *yp.get().add((c + j) * rows + r + i) = o[i * nc + j] };
+                        }
+                    }
+                    c += nc;
+                }
+                r += nr;
             }
         }
     });
@@ -139,7 +171,7 @@ fn float_dot_path(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
     let rb = w.row_bytes();
     let yp = SyncPtr(y.as_mut_ptr());
-    for_row_chunks(rows, rows * cols * m, |r0, r1| {
+    for_row_chunks(rows, rows * cols * m, 1, |r0, r1| {
         TILE_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < cols {
@@ -172,7 +204,7 @@ fn gemm_path(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let ntiles = rows.div_ceil(tile);
     let yp = SyncPtr(y.as_mut_ptr());
     // F32 weights that are f32-aligned can be fed to gemm in place.
-    let direct = w.ty == GgmlType::F32 && (w.data.as_ptr() as usize) % 4 == 0;
+    let direct = w.ty == GgmlType::F32 && (w.data.as_ptr() as usize).is_multiple_of(4);
     let run_tile = |t: usize| {
         let r0 = t * tile;
         let r1 = rows.min(r0 + tile);

@@ -11,6 +11,9 @@
 //! ISA paths: portable scalar (everywhere), AVX2+FMA, AVX-512 (VNNI dot products, 256-bit),
 //! NEON (aarch64). [`best_isa`] picks one at runtime; [`matmul_with`] forces one.
 
+// Block kernels index several parallel arrays per element; explicit index loops read clearest.
+#![allow(clippy::needless_range_loop)]
+
 mod kernels;
 mod matmul;
 #[cfg(target_arch = "aarch64")]
@@ -249,7 +252,7 @@ impl GgmlType {
 
     /// Bytes for one row of `n` elements; `None` if `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return None;
         }
         (n / self.block_len()).checked_mul(self.block_bytes())

@@ -204,7 +204,7 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
         return Err(QuantError::Unsupported(ty));
     }
     let bl = ty.block_len();
-    if src.len() % bl != 0 {
+    if !src.len().is_multiple_of(bl) {
         return Err(QuantError::NotBlockMultiple { ty, n: src.len(), block_len: bl });
     }
     let bb = ty.block_bytes();

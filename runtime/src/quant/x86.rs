@@ -1,26 +1,63 @@
-//! x86-64 row-dot kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd`, on
-//! 256-bit vectors). Both are generated from one body by `x86_kernels!`, differing only in the
-//! unsigned×signed byte dot product primitive and the enabled target features.
+//! x86-64 tile kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd` /
+//! `vpdpwssd` on 256-bit vectors, 32 vector registers). Both are generated from one body by
+//! `x86_kernels!`, differing in the byte-dot primitives, the enabled target features and the tile
+//! shape (R weight rows × C activation rows).
 //!
-//! Conventions: weight quants are decoded to *unsigned* bytes (the u8 operand) and the offset
-//! (Q4_0 −8, Q5_0 −16) or min (Q4_1, Q5_1, Q4_K, Q5_K) is applied with the activation block sums;
-//! Q8_0 and Q6_K use the sign trick (|w| as u8, sign(w)·x as i8). No intermediate saturates:
-//! the largest u8·i8 pair sum in `vpmaddubsw` is 2·128·127 = 32512 < 32767.
+//! A tile kernel walks the blocks of R weight rows once; each weight block is decoded once into
+//! registers and multiplied against the matching block of all C activation rows, so the nibble
+//! unpacking is amortised over C and the activation loads over R. Every (row, activation) pair
+//! keeps its own accumulator and performs exactly the same operations whatever R and C are, so
+//! results do not depend on the tiling (or on the thread count).
+//!
+//! Numerics (see `kernels.rs` for the formulas): weight quants are decoded to *unsigned* bytes.
+//! The Q4_0/Q5_0 offset is applied in the integer domain (−off·Σx seeded into the block's i32
+//! accumulator), so each 32-block contributes `f16(d_w)·d_x·(exact integer)`; Q8_0 uses the sign
+//! trick. K-quants accumulate `Σ_j sc_j·Σ(q·x)` exactly in i32 over the whole super-block
+//! (`vpmaddwd` with the sub-block scale instead of ones), with the Q6_K −32 offset seeded as
+//! `−32·Σ sc_j·bsum_j` and the Q4_K/Q5_K mins as a second integer dot with the bsums.
+//! No intermediate saturates: the largest u8·i8 pair sum in `vpmaddubsw` is 2·63·127 = 16002.
 
 use super::GgmlType;
-use super::kernels::{DotFn, Q8Row};
+use super::kernels::{QRow, TileFn, Tiles};
 use super::reference::scale_min_k4;
 
+/// A [`Tiles`] family of kernel `$f` (const params `$k`, then R, C) with R ∈ {rmax, 1}, C ∈ 1..=4.
+macro_rules! family {
+    ($f:ident, $rmax:literal $(, $k:expr)?) => {
+        Tiles {
+            rmax: $rmax,
+            cmax: 4,
+            big: [
+                $f::<$($k,)? $rmax, 1> as TileFn,
+                $f::<$($k,)? $rmax, 2>,
+                $f::<$($k,)? $rmax, 3>,
+                $f::<$($k,)? $rmax, 4>,
+            ],
+            one: [
+                $f::<$($k,)? 1, 1> as TileFn,
+                $f::<$($k,)? 1, 2>,
+                $f::<$($k,)? 1, 3>,
+                $f::<$($k,)? 1, 4>,
+            ],
+        }
+    };
+}
+
 macro_rules! x86_kernels {
-    ($modname:ident, $feat:literal, $dot:item) => {
+    ($modname:ident, $feat:literal, $rmax:literal, $dot:item, $dots:item) => {
         pub(crate) mod $modname {
             use super::*;
             use std::arch::x86_64::*;
 
-            /// Unsigned(a) × signed(b) byte dot product, 4 adjacent bytes per i32 lane.
+            /// `acc + Σ a·b` over groups of 4 unsigned(a) × signed(b) bytes, per i32 lane.
             #[target_feature(enable = $feat)]
             #[inline]
             $dot
+
+            /// `acc + Σ (a·b pair sums) · sc` (i16 scale per pair sum), per i32 lane.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            $dots
 
             #[target_feature(enable = $feat)]
             #[inline]
@@ -68,268 +105,357 @@ macro_rules! x86_kernels {
 
             #[target_feature(enable = $feat)]
             #[inline]
-            fn load_x(x: &Q8Row<'_>, blk: usize) -> __m256i {
-                let xq = &x.qs[32 * blk..32 * blk + 32];
-                // SAFETY: `xq` is exactly 32 readable bytes.
-                unsafe { _mm256_loadu_si256(xq.as_ptr() as *const __m256i) }
+            fn ld(p: *const i8) -> __m256i {
+                // SAFETY: callers pass 32 readable bytes.
+                unsafe { _mm256_loadu_si256(p as *const __m256i) }
             }
 
-            /// Q4_0 / Q4_1 / Q5_0 / Q5_1: `MIN` selects the d·q+m forms, `Q5` the 5-bit forms.
+            /// An i32 vector with `v` in lane 0 and zeros elsewhere.
             #[target_feature(enable = $feat)]
-            fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                let bb = 18 + if Q5 { 4 } else { 0 } + if MIN { 2 } else { 0 };
-                let qh_off = if MIN { 4 } else { 2 };
-                let qs_off = qh_off + if Q5 { 4 } else { 0 };
-                let nb = x.d.len();
-                assert!(w.len() == nb * bb && x.qs.len() == nb * 32 && x.s.len() == nb);
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                let mut corr = 0f32;
-                let wp = w.as_ptr();
-                let mut b = 0;
-                while b < nb {
-                    // SAFETY: block b lies inside `w` (length checked above).
-                    let blk = unsafe { wp.add(b * bb) };
-                    let dw = f16(blk);
-                    // SAFETY: the quant bytes lie inside block b.
-                    let mut q = nibbles32(unsafe { blk.add(qs_off) });
-                    if Q5 {
-                        // SAFETY: qh (4 bytes) lies inside block b.
-                        let qh = unsafe { (blk.add(qh_off) as *const u32).read_unaligned() };
-                        q = _mm256_or_si256(q, bit4_from_bits32(u32::from_le(qh)));
-                    }
-                    let p = _mm256_cvtepi32_ps(dot(q, load_x(x, b)));
-                    let s = _mm256_set1_ps(dw * x.d[b]);
-                    if b % 2 == 0 {
-                        acc0 = _mm256_fmadd_ps(s, p, acc0);
-                    } else {
-                        acc1 = _mm256_fmadd_ps(s, p, acc1);
-                    }
-                    if MIN {
-                        // SAFETY: the f16 min sits at offset 2 inside block b.
-                        corr += f16(unsafe { blk.add(2) }) * x.s[b];
-                    } else {
-                        corr += dw * x.s[b];
-                    }
-                    b += 1;
-                }
-                let acc = hsum(_mm256_add_ps(acc0, acc1));
-                if MIN {
-                    acc + corr
-                } else {
-                    acc - if Q5 { 16.0 } else { 8.0 } * corr
+            #[inline]
+            fn lane0(v: i32) -> __m256i {
+                _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
+            }
+
+            fn check_rows<const C: usize>(xr: &[QRow<'_>], cols: usize, kblock: usize) {
+                assert!(xr.len() == C);
+                for x in xr {
+                    assert!(x.qs.len() == cols && x.d.len() == cols / kblock);
+                    assert!(x.sum32.len() == cols / 32);
                 }
             }
 
-            /// # Safety
-            /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q4_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                // SAFETY: the caller guarantees the target features (see `dot_fn`).
-                unsafe { dot_q4q5::<false, false>(w, x) }
-            }
-            /// # Safety
-            /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q4_1(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                // SAFETY: the caller guarantees the target features (see `dot_fn`).
-                unsafe { dot_q4q5::<false, true>(w, x) }
-            }
-            /// # Safety
-            /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q5_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                // SAFETY: the caller guarantees the target features (see `dot_fn`).
-                unsafe { dot_q4q5::<true, false>(w, x) }
-            }
-            /// # Safety
-            /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q5_1(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                // SAFETY: the caller guarantees the target features (see `dot_fn`).
-                unsafe { dot_q4q5::<true, true>(w, x) }
-            }
-
+            /// 32-element block formats. K: 0 = Q4_0, 1 = Q4_1, 2 = Q5_0, 3 = Q5_1, 4 = Q8_0.
             #[target_feature(enable = $feat)]
-            fn dot_q8_0_impl(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                let nb = x.d.len();
-                assert!(w.len() == nb * 34 && x.qs.len() == nb * 32);
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
+            fn tile_b32<const K: u8, const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
+                let q5 = K == 2 || K == 3;
+                let min = K == 1 || K == 3;
+                let q8 = K == 4;
+                let bb = if q8 { 34 } else { 18 + if q5 { 4 } else { 0 } + if min { 2 } else { 0 } };
+                let qh_off = if min { 4 } else { 2 };
+                let qs_off = if q8 { 2 } else { qh_off + if q5 { 4 } else { 0 } };
+                let off: i32 = if K == 0 { 8 } else if K == 2 { 16 } else { 0 };
+                let nb = rb / bb;
+                assert!(rb == nb * bb && w.len() == R * rb && out.len() == R * C);
+                check_rows::<C>(xr, nb * 32, 32);
+                if min {
+                    for x in xr {
+                        assert!(x.s.len() == nb);
+                    }
+                }
                 let wp = w.as_ptr();
+                let mut acc = [[_mm256_setzero_ps(); C]; R];
                 for b in 0..nb {
-                    // SAFETY: block b (34 bytes) lies inside `w`.
-                    let blk = unsafe { wp.add(b * 34) };
-                    let dw = f16(blk);
-                    // SAFETY: the 32 quant bytes follow the 2-byte scale inside block b.
-                    let q = unsafe { _mm256_loadu_si256(blk.add(2) as *const __m256i) };
-                    let xv = load_x(x, b);
-                    let p = dot(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
-                    let s = _mm256_set1_ps(dw * x.d[b]);
-                    if b % 2 == 0 {
-                        acc0 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc0);
-                    } else {
-                        acc1 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc1);
+                    let mut q = [_mm256_setzero_si256(); R];
+                    let mut dw = [_mm256_setzero_ps(); R];
+                    for r in 0..R {
+                        // SAFETY: block b of row r lies inside `w` (lengths checked above).
+                        let blk = unsafe { wp.add(r * rb + b * bb) };
+                        dw[r] = _mm256_set1_ps(f16(blk));
+                        q[r] = if q8 {
+                            // SAFETY: the 32 quant bytes lie inside the block.
+                            ld(unsafe { blk.add(qs_off) } as *const i8)
+                        } else {
+                            // SAFETY: the 16 quant bytes lie inside the block.
+                            let mut v = nibbles32(unsafe { blk.add(qs_off) });
+                            if q5 {
+                                // SAFETY: qh (4 bytes) lies inside the block.
+                                let qh = unsafe { (blk.add(qh_off) as *const u32).read_unaligned() };
+                                v = _mm256_or_si256(v, bit4_from_bits32(u32::from_le(qh)));
+                            }
+                            v
+                        };
+                    }
+                    for c in 0..C {
+                        let x = &xr[c];
+                        // SAFETY: activation block b (32 bytes) lies inside x.qs (checked).
+                        let xv = ld(unsafe { x.qs.as_ptr().add(32 * b) });
+                        // SAFETY: b < nb = x.d.len() = x.sum32.len() (checked).
+                        let (dx, sx) = unsafe { (*x.d.get_unchecked(b), *x.sum32.get_unchecked(b)) };
+                        let dx = _mm256_set1_ps(dx);
+                        let seed = if off != 0 { lane0(-off * sx) } else { _mm256_setzero_si256() };
+                        for r in 0..R {
+                            let p = if q8 {
+                                dot(seed, _mm256_sign_epi8(q[r], q[r]), _mm256_sign_epi8(xv, q[r]))
+                            } else {
+                                dot(seed, q[r], xv)
+                            };
+                            acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dx), _mm256_cvtepi32_ps(p), acc[r][c]);
+                        }
                     }
                 }
-                hsum(_mm256_add_ps(acc0, acc1))
+                for r in 0..R {
+                    // Q4_1/Q5_1: Σ_b f16(m_w)·s_x, 8 blocks at a time.
+                    let mut accm = [_mm256_setzero_ps(); C];
+                    let mut tail = [0f32; C];
+                    if min {
+                        let mut b = 0;
+                        while b + 8 <= nb {
+                            let mut mh = [0u16; 8];
+                            for k in 0..8 {
+                                // SAFETY: the f16 min sits at offset 2 of block b + k of row r.
+                                mh[k] = unsafe { (wp.add(r * rb + (b + k) * bb + 2) as *const u16).read_unaligned() };
+                            }
+                            // SAFETY: `mh` is 16 readable bytes.
+                            let mw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(mh.as_ptr() as *const __m128i) });
+                            for c in 0..C {
+                                // SAFETY: b + 8 ≤ nb = x.s.len().
+                                let sv = unsafe { _mm256_loadu_ps(xr[c].s.as_ptr().add(b)) };
+                                accm[c] = _mm256_fmadd_ps(mw, sv, accm[c]);
+                            }
+                            b += 8;
+                        }
+                        while b < nb {
+                            // SAFETY: as above, for block b < nb.
+                            let mw = f16(unsafe { wp.add(r * rb + b * bb + 2) });
+                            for c in 0..C {
+                                tail[c] += mw * xr[c].s[b];
+                            }
+                            b += 1;
+                        }
+                    }
+                    for c in 0..C {
+                        let v = hsum(acc[r][c]);
+                        out[r * C + c] = if min { v + (hsum(accm[c]) + tail[c]) } else { v };
+                    }
+                }
             }
 
-            /// Q4_K / Q5_K super-blocks.
+            /// Q4_K / Q5_K super-blocks (× Q8_K).
             #[target_feature(enable = $feat)]
-            fn dot_q45_k<const Q5: bool>(w: &[u8], x: &Q8Row<'_>) -> f32 {
+            fn tile_k45<const Q5: bool, const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
                 let bb = if Q5 { 176 } else { 144 };
                 let qs_off = if Q5 { 48 } else { 16 };
-                let nsb = x.d.len() / 8;
-                assert!(w.len() == nsb * bb && x.qs.len() == nsb * 256 && x.s.len() == nsb * 8);
-                let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                let mut accm = _mm256_setzero_ps();
-                for (i, blk) in w.chunks_exact(bb).enumerate() {
-                    let bp = blk.as_ptr();
-                    let d = f16(bp);
-                    let dmin = f16(blk[2..].as_ptr());
-                    let mut sc = [0u8; 8];
-                    let mut mn = [0u8; 8];
-                    for s in 0..8 {
-                        (sc[s], mn[s]) = scale_min_k4(s, &blk[4..16]);
-                    }
-                    // SAFETY: `sc`, `mn` are 8 bytes; x.d / x.s hold 8 floats from 8i.
-                    let (scf, mnf, xd, xs) = unsafe {
-                        (
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                sc.as_ptr() as *const __m128i,
-                            ))),
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                mn.as_ptr() as *const __m128i,
-                            ))),
-                            _mm256_loadu_ps(x.d[8 * i..8 * i + 8].as_ptr()),
-                            _mm256_loadu_ps(x.s[8 * i..8 * i + 8].as_ptr()),
-                        )
-                    };
-                    accm = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), mnf), xs, accm);
-                    let scale = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(d), scf), xd);
-                    let mut sv = [0f32; 8];
-                    // SAFETY: `sv` is 8 floats.
-                    unsafe { _mm256_storeu_ps(sv.as_mut_ptr(), scale) };
-                    // SAFETY: qh is 32 bytes at offset 16 (Q5_K only).
-                    let qh = if Q5 {
-                        unsafe { _mm256_loadu_si256(bp.add(16) as *const __m256i) }
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    for c in 0..4 {
-                        // SAFETY: qs[32c..32c+32] lies inside the block.
-                        let qv = unsafe { _mm256_loadu_si256(bp.add(qs_off + 32 * c) as *const __m256i) };
-                        let mut lo = _mm256_and_si256(qv, m4);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4);
-                        if Q5 {
-                            let b1 = _mm256_set1_epi8((1u8 << (2 * c)) as i8);
-                            let b2 = _mm256_set1_epi8((2u8 << (2 * c)) as i8);
-                            let h1 = _mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1);
-                            let h2 = _mm256_cmpeq_epi8(_mm256_and_si256(qh, b2), b2);
-                            let x10 = _mm256_set1_epi8(0x10);
-                            lo = _mm256_or_si256(lo, _mm256_and_si256(h1, x10));
-                            hi = _mm256_or_si256(hi, _mm256_and_si256(h2, x10));
-                        }
-                        let p1 = dot(lo, load_x(x, 8 * i + 2 * c));
-                        let p2 = dot(hi, load_x(x, 8 * i + 2 * c + 1));
-                        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(sv[2 * c]), _mm256_cvtepi32_ps(p1), acc0);
-                        acc1 = _mm256_fmadd_ps(
-                            _mm256_set1_ps(sv[2 * c + 1]),
-                            _mm256_cvtepi32_ps(p2),
-                            acc1,
-                        );
-                    }
+                let nsb = rb / bb;
+                assert!(rb == nsb * bb && w.len() == R * rb && out.len() == R * C);
+                check_rows::<C>(xr, nsb * 256, 256);
+                for x in xr {
+                    assert!(x.bs16.len() == nsb * 16);
                 }
-                hsum(_mm256_add_ps(acc0, acc1)) - hsum(accm)
-            }
-
-            /// # Safety
-            /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q4_k(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                // SAFETY: the caller guarantees the target features (see `dot_fn`).
-                unsafe { dot_q45_k::<false>(w, x) }
-            }
-            /// # Safety
-            /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q5_k(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                // SAFETY: the caller guarantees the target features (see `dot_fn`).
-                unsafe { dot_q45_k::<true>(w, x) }
-            }
-
-            #[target_feature(enable = $feat)]
-            fn dot_q6_k_impl(w: &[u8], x: &Q8Row<'_>) -> f32 {
-                let nsb = x.d.len() / 8;
-                assert!(w.len() == nsb * 210 && x.qs.len() == nsb * 256);
+                let wp = w.as_ptr();
                 let m4 = _mm256_set1_epi8(0x0F);
-                let off = _mm256_set1_epi8(32);
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                for (i, blk) in w.chunks_exact(210).enumerate() {
-                    let bp = blk.as_ptr();
-                    let d = f16(blk[208..].as_ptr());
-                    for h in 0..2 {
-                        // SAFETY: ql[64h..64h+64] and qh[32h..32h+32] lie inside the block.
-                        let (ql0, ql1, qh) = unsafe {
-                            (
-                                _mm256_loadu_si256(bp.add(64 * h) as *const __m256i),
-                                _mm256_loadu_si256(bp.add(64 * h + 32) as *const __m256i),
-                                _mm256_loadu_si256(bp.add(128 + 32 * h) as *const __m256i),
-                            )
-                        };
-                        let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4);
-                        let h1 = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2);
-                        let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(0x30));
-                        let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30));
-                        let q = [
-                            _mm256_or_si256(_mm256_and_si256(ql0, m4), h0),
-                            _mm256_or_si256(_mm256_and_si256(ql1, m4), h1),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h2),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h3),
-                        ];
-                        for g in 0..4 {
-                            let xb = 8 * i + 4 * h + g;
-                            let qs = _mm256_sub_epi8(q[g], off);
-                            let xv = load_x(x, xb);
-                            let p = dot(_mm256_sign_epi8(qs, qs), _mm256_sign_epi8(xv, qs));
-                            let dd = d * x.d[xb];
-                            let s0 = dd * (blk[192 + 8 * h + 2 * g] as i8) as f32;
-                            let s1 = dd * (blk[192 + 8 * h + 2 * g + 1] as i8) as f32;
-                            let sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-                            if g % 2 == 0 {
-                                acc0 = _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(p), acc0);
-                            } else {
-                                acc1 = _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(p), acc1);
+                let x10 = _mm256_set1_epi8(0x10);
+                let mut accf = [[_mm256_setzero_ps(); C]; R];
+                for i in 0..nsb {
+                    let mut sc = [[0i16; 8]; R];
+                    let mut mins = [_mm256_setzero_si256(); R];
+                    let mut dw = [0f32; R];
+                    let mut dmw = [0f32; R];
+                    for r in 0..R {
+                        let blk = &w[r * rb + i * bb..r * rb + (i + 1) * bb];
+                        dw[r] = f16(blk.as_ptr());
+                        dmw[r] = f16(blk[2..].as_ptr());
+                        let mut mn = [0i16; 16];
+                        for s in 0..8 {
+                            let (a, m) = scale_min_k4(s, &blk[4..16]);
+                            sc[r][s] = a as i16;
+                            mn[2 * s] = m as i16;
+                            mn[2 * s + 1] = m as i16;
+                        }
+                        // SAFETY: `mn` is 32 readable bytes.
+                        mins[r] = unsafe { _mm256_loadu_si256(mn.as_ptr() as *const __m256i) };
+                    }
+                    let mut acci = [[_mm256_setzero_si256(); C]; R];
+                    for ch in 0..4 {
+                        let mut lo = [_mm256_setzero_si256(); R];
+                        let mut hi = [_mm256_setzero_si256(); R];
+                        let mut s1 = [_mm256_setzero_si256(); R];
+                        let mut s2 = [_mm256_setzero_si256(); R];
+                        for r in 0..R {
+                            // SAFETY: qs[32ch..32ch+32] (and qh) lie inside super-block i of row r.
+                            let bp = unsafe { wp.add(r * rb + i * bb) };
+                            let qv = ld(unsafe { bp.add(qs_off + 32 * ch) } as *const i8);
+                            lo[r] = _mm256_and_si256(qv, m4);
+                            hi[r] = _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4);
+                            if Q5 {
+                                // SAFETY: qh is 32 bytes at offset 16 of the block.
+                                let qh = ld(unsafe { bp.add(16) } as *const i8);
+                                let b1 = _mm256_set1_epi8((1u8 << (2 * ch)) as i8);
+                                let b2 = _mm256_set1_epi8((2u8 << (2 * ch)) as i8);
+                                let h1 = _mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1);
+                                let h2 = _mm256_cmpeq_epi8(_mm256_and_si256(qh, b2), b2);
+                                lo[r] = _mm256_or_si256(lo[r], _mm256_and_si256(h1, x10));
+                                hi[r] = _mm256_or_si256(hi[r], _mm256_and_si256(h2, x10));
+                            }
+                            s1[r] = _mm256_set1_epi16(sc[r][2 * ch]);
+                            s2[r] = _mm256_set1_epi16(sc[r][2 * ch + 1]);
+                        }
+                        for c in 0..C {
+                            // SAFETY: elements 256i + 64ch .. +64 lie inside x.qs (checked).
+                            let xp = unsafe { xr[c].qs.as_ptr().add(256 * i + 64 * ch) };
+                            let x0 = ld(xp);
+                            // SAFETY: as above.
+                            let x1 = ld(unsafe { xp.add(32) });
+                            for r in 0..R {
+                                acci[r][c] = dots(acci[r][c], lo[r], x0, s1[r]);
+                                acci[r][c] = dots(acci[r][c], hi[r], x1, s2[r]);
                             }
                         }
                     }
+                    for c in 0..C {
+                        // SAFETY: i < nsb; bs16 holds 16 per super-block (checked).
+                        let (dx, bs) = unsafe {
+                            (
+                                *xr[c].d.get_unchecked(i),
+                                _mm256_loadu_si256(xr[c].bs16.as_ptr().add(16 * i) as *const __m256i),
+                            )
+                        };
+                        for r in 0..R {
+                            let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins[r], bs));
+                            let a = _mm256_mul_ps(_mm256_set1_ps(dx * dw[r]), _mm256_cvtepi32_ps(acci[r][c]));
+                            accf[r][c] = _mm256_add_ps(
+                                accf[r][c],
+                                _mm256_fnmadd_ps(_mm256_set1_ps(dx * dmw[r]), m, a),
+                            );
+                        }
+                    }
                 }
-                hsum(_mm256_add_ps(acc0, acc1))
+                for r in 0..R {
+                    for c in 0..C {
+                        out[r * C + c] = hsum(accf[r][c]);
+                    }
+                }
+            }
+
+            /// Q6_K super-blocks (× Q8_K).
+            #[target_feature(enable = $feat)]
+            fn tile_q6k<const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
+                let nsb = rb / 210;
+                assert!(rb == nsb * 210 && w.len() == R * rb && out.len() == R * C);
+                check_rows::<C>(xr, nsb * 256, 256);
+                for x in xr {
+                    assert!(x.bs16.len() == nsb * 16);
+                }
+                let wp = w.as_ptr();
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut accf = [[_mm256_setzero_ps(); C]; R];
+                for i in 0..nsb {
+                    let mut dw = [0f32; R];
+                    let mut scm = [_mm256_setzero_si256(); R];
+                    for r in 0..R {
+                        // SAFETY: super-block i of row r lies inside `w`.
+                        let bp = unsafe { wp.add(r * rb + i * 210) };
+                        dw[r] = f16(unsafe { bp.add(208) });
+                        // SAFETY: the 16 i8 scales sit at offset 192.
+                        let sc = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(bp.add(192) as *const __m128i) });
+                        scm[r] = _mm256_mullo_epi16(sc, _mm256_set1_epi16(-32));
+                    }
+                    // Seed: −32·Σ_j sc_j·bsum_j (the q − 32 offset), exact in i32.
+                    let mut acci = [[_mm256_setzero_si256(); C]; R];
+                    for c in 0..C {
+                        // SAFETY: bs16 holds 16 per super-block (checked).
+                        let bs = unsafe { _mm256_loadu_si256(xr[c].bs16.as_ptr().add(16 * i) as *const __m256i) };
+                        for r in 0..R {
+                            acci[r][c] = _mm256_madd_epi16(scm[r], bs);
+                        }
+                    }
+                    for h in 0..2 {
+                        for g in 0..4 {
+                            let mut q = [_mm256_setzero_si256(); R];
+                            let mut sv = [_mm256_setzero_si256(); R];
+                            for r in 0..R {
+                                // SAFETY: ql/qh/scales of half h lie inside super-block i of row r.
+                                let bp = unsafe { wp.add(r * rb + i * 210) };
+                                let ql = ld(unsafe { bp.add(64 * h + if g % 2 == 1 { 32 } else { 0 }) } as *const i8);
+                                let qh = ld(unsafe { bp.add(128 + 32 * h) } as *const i8);
+                                let lo = if g < 2 { _mm256_and_si256(ql, m4) } else { _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4) };
+                                let hb = match g {
+                                    0 => _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
+                                    1 => _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
+                                    2 => _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+                                    _ => _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30)),
+                                };
+                                q[r] = _mm256_or_si256(lo, hb);
+                                let j = 8 * h + 2 * g;
+                                // SAFETY: scales j, j + 1 (< 16) sit at offset 192 + j.
+                                let (a, b) = unsafe { (*bp.add(192 + j) as i8, *bp.add(193 + j) as i8) };
+                                sv[r] = _mm256_set_m128i(_mm_set1_epi16(b as i16), _mm_set1_epi16(a as i16));
+                            }
+                            for c in 0..C {
+                                // SAFETY: elements 256i + 128h + 32g .. +32 lie inside x.qs.
+                                let xv = ld(unsafe { xr[c].qs.as_ptr().add(256 * i + 128 * h + 32 * g) });
+                                for r in 0..R {
+                                    acci[r][c] = dots(acci[r][c], q[r], xv, sv[r]);
+                                }
+                            }
+                        }
+                    }
+                    for c in 0..C {
+                        // SAFETY: i < nsb = x.d.len().
+                        let dx = unsafe { *xr[c].d.get_unchecked(i) };
+                        for r in 0..R {
+                            accf[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dw[r]), _mm256_cvtepi32_ps(acci[r][c]), accf[r][c]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for c in 0..C {
+                        out[r * C + c] = hsum(accf[r][c]);
+                    }
+                }
             }
 
             /// # Safety
             /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q8_0(w: &[u8], x: &Q8Row<'_>) -> f32 {
+            unsafe fn t_b32<const K: u8, const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
                 // SAFETY: the caller guarantees the target features.
-                unsafe { dot_q8_0_impl(w, x) }
+                unsafe { tile_b32::<K, R, C>(w, rb, xr, out) }
             }
             /// # Safety
             /// The CPU must support this module's target features.
-            pub(crate) unsafe fn dot_q6_k(w: &[u8], x: &Q8Row<'_>) -> f32 {
+            unsafe fn t_k45<const Q5: bool, const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
                 // SAFETY: the caller guarantees the target features.
-                unsafe { dot_q6_k_impl(w, x) }
+                unsafe { tile_k45::<Q5, R, C>(w, rb, xr, out) }
+            }
+            /// # Safety
+            /// The CPU must support this module's target features.
+            unsafe fn t_q6k<const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
+                // SAFETY: the caller guarantees the target features.
+                unsafe { tile_q6k::<R, C>(w, rb, xr, out) }
             }
 
-            /// The kernel for `ty`. Callers must have checked the CPU has `$feat`.
-            pub(crate) fn dot_fn(ty: GgmlType) -> DotFn {
+            /// The kernels for `ty`. Callers must have checked the CPU has `$feat`.
+            pub(crate) fn tiles(ty: GgmlType) -> Tiles {
                 match ty {
-                    GgmlType::Q4_0 => dot_q4_0,
-                    GgmlType::Q4_1 => dot_q4_1,
-                    GgmlType::Q5_0 => dot_q5_0,
-                    GgmlType::Q5_1 => dot_q5_1,
-                    GgmlType::Q8_0 => dot_q8_0,
-                    GgmlType::Q4_K => dot_q4_k,
-                    GgmlType::Q5_K => dot_q5_k,
-                    GgmlType::Q6_K => dot_q6_k,
-                    _ => unreachable!("no q8 dot kernel for {ty}"),
+                    GgmlType::Q4_0 => family!(t_b32, $rmax, 0),
+                    GgmlType::Q4_1 => family!(t_b32, $rmax, 1),
+                    GgmlType::Q5_0 => family!(t_b32, $rmax, 2),
+                    GgmlType::Q5_1 => family!(t_b32, $rmax, 3),
+                    GgmlType::Q8_0 => family!(t_b32, $rmax, 4),
+                    GgmlType::Q4_K => family!(t_k45, $rmax, false),
+                    GgmlType::Q5_K => family!(t_k45, $rmax, true),
+                    GgmlType::Q6_K => family!(t_q6k, $rmax),
+                    _ => unreachable!("no quantized dot kernel for {ty}"),
                 }
             }
         }
@@ -339,15 +465,23 @@ macro_rules! x86_kernels {
 x86_kernels!(
     avx2,
     "avx2,fma,f16c",
-    fn dot(a: __m256i, b: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    2,
+    fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)))
+    },
+    fn dots(acc: __m256i, a: __m256i, b: __m256i, sc: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), sc))
     }
 );
 
 x86_kernels!(
     avx512,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    fn dot(a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    4,
+    fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, a, b)
+    },
+    fn dots(acc: __m256i, a: __m256i, b: __m256i, sc: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(a, b), sc)
     }
 );

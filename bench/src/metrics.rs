@@ -1,0 +1,421 @@
+//! Every figure of `shared/METRICS.md`, as pure functions over
+//! [`RequestRecord`]s. No clocks are read here.
+//!
+//! Units: latencies in milliseconds (from integer nanoseconds, so whole-ms
+//! inputs give exact outputs), rates per second.
+//!
+//! Which requests count:
+//! - warm-up requests never count;
+//! - latency distributions (ttft, queue, ttft_engine, itl, tpot, e2e,
+//!   prefill/decode tps) are over the measured requests that did not fail;
+//! - `error_rate` = failed / measured, `slo_attainment` = attaining / measured
+//!   (failed requests never attain);
+//! - the window runs from the first arrival to the last finish of the measured
+//!   requests, failed ones included.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::{MemorySample, Ns, RequestRecord, SloVerdict};
+use crate::slo::{Slo, SloMetric, SloStat};
+
+const NS_PER_MS: f64 = 1e6;
+const NS_PER_S: f64 = 1e9;
+
+fn ms(ns: Ns) -> f64 {
+    ns as f64 / NS_PER_MS
+}
+
+/// The reported quantiles, as per-mille: p50, p90, p95, p99, p99.9.
+pub const QUANTILES_PERMILLE: [(u64, &str); 5] = [(500, "p50"), (900, "p90"), (950, "p95"), (990, "p99"), (999, "p99.9")];
+
+/// Nearest rank: the sample at rank ⌈q·n⌉ (1-based) of the sorted samples,
+/// with q = permille/1000 in exact integer arithmetic. `None` when empty.
+pub fn nearest_rank(sorted: &[f64], permille: u64) -> Option<f64> {
+    let n = sorted.len() as u64;
+    if n == 0 {
+        return None;
+    }
+    let rank = (permille * n).div_ceil(1000).clamp(1, n);
+    Some(sorted[(rank - 1) as usize])
+}
+
+/// n is too small for the q-quantile to mean anything: n < 1/(1−q).
+pub fn too_few(n: usize, permille: u64) -> bool {
+    (n as u64) * (1000 - permille) < 1000
+}
+
+/// A distribution's summary. Percentiles listed in `small_sample` are shown
+/// with a marker (n < 1/(1−q)). With n = 0 every figure is 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Dist {
+    pub n: usize,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Sample standard deviation (n − 1); 0 for n ≤ 1.
+    pub sd: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub small_sample: Vec<String>,
+}
+
+impl Dist {
+    pub fn of(mut v: Vec<f64>) -> Dist {
+        if v.is_empty() {
+            return Dist::default();
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let sd = if n > 1 { (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+        let p = |k| nearest_rank(&v, k).unwrap();
+        Dist {
+            n,
+            mean,
+            min: v[0],
+            max: v[n - 1],
+            sd,
+            p50: p(500),
+            p90: p(900),
+            p95: p(950),
+            p99: p(990),
+            p999: p(999),
+            small_sample: QUANTILES_PERMILLE.iter().filter(|(k, _)| too_few(n, *k)).map(|(_, s)| s.to_string()).collect(),
+        }
+    }
+
+    pub fn stat(&self, s: SloStat) -> f64 {
+        match s {
+            SloStat::P50 => self.p50,
+            SloStat::P90 => self.p90,
+            SloStat::P95 => self.p95,
+            SloStat::P99 => self.p99,
+            SloStat::P999 => self.p999,
+            SloStat::Mean => self.mean,
+            SloStat::Max => self.max,
+        }
+    }
+
+    /// Whether `stat` is a percentile shown with the small-sample marker.
+    pub fn is_small(&self, s: SloStat) -> bool {
+        self.small_sample.iter().any(|x| x == s.name())
+    }
+}
+
+// ---- per-request figures (ns unless noted) ----
+
+pub fn ttft_ns(r: &RequestRecord) -> Option<Ns> {
+    r.token_ns.first().map(|t| t.saturating_sub(r.arrival_ns))
+}
+pub fn queue_ns(r: &RequestRecord) -> Option<Ns> {
+    r.schedule_ns.map(|s| s.saturating_sub(r.arrival_ns))
+}
+pub fn ttft_engine_ns(r: &RequestRecord) -> Option<Ns> {
+    Some(r.token_ns.first()?.saturating_sub(r.schedule_ns?))
+}
+pub fn e2e_ns(r: &RequestRecord) -> Ns {
+    r.finish_ns.saturating_sub(r.arrival_ns)
+}
+/// Gaps token[i+1] − token[i].
+pub fn gaps_ns(r: &RequestRecord) -> impl Iterator<Item = Ns> + '_ {
+    r.token_ns.windows(2).map(|w| w[1].saturating_sub(w[0]))
+}
+/// (token[N] − token[1]) / (N − 1) in ms, N ≥ 2.
+pub fn tpot_ms(r: &RequestRecord) -> Option<f64> {
+    let n = r.token_ns.len();
+    (n >= 2).then(|| ms(r.token_ns[n - 1] - r.token_ns[0]) / (n - 1) as f64)
+}
+/// Computed prompt tokens / prefill time, tokens/s.
+pub fn prefill_tps(r: &RequestRecord) -> Option<f64> {
+    let d = r.prefill_end_ns?.checked_sub(r.prefill_start_ns?)?;
+    let n = r.cache.computed_prompt_tokens;
+    (d > 0 && n > 0).then(|| n as f64 * NS_PER_S / d as f64)
+}
+/// (N − 1) / (token[N] − token[1]), tokens/s.
+pub fn decode_tps(r: &RequestRecord) -> Option<f64> {
+    let n = r.token_ns.len();
+    if n < 2 {
+        return None;
+    }
+    let d = r.token_ns[n - 1] - r.token_ns[0];
+    (d > 0).then(|| (n - 1) as f64 * NS_PER_S / d as f64)
+}
+
+/// Whether one request attains every constraint of the SLO with its own values.
+pub fn attains(r: &RequestRecord, slo: &Slo) -> bool {
+    if r.failed() {
+        return false;
+    }
+    slo.constraints.iter().all(|c| {
+        let v = match c.metric {
+            SloMetric::Ttft => ttft_ns(r).map(ms),
+            SloMetric::Queue => queue_ns(r).map(ms),
+            SloMetric::TtftEngine => ttft_engine_ns(r).map(ms),
+            SloMetric::E2e => Some(ms(e2e_ns(r))),
+            SloMetric::Tpot => tpot_ms(r),
+            SloMetric::Itl => gaps_ns(r).max().map(ms),
+        };
+        // A figure the request does not have (tpot with one token) cannot fail it.
+        v.is_none_or(|v| v <= c.limit_ms)
+    })
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SloReport {
+    pub name: String,
+    pub target: f64,
+    pub verdicts: Vec<SloVerdict>,
+    /// Constraints whose run-level statistic carries the small-sample marker.
+    pub small_sample: Vec<String>,
+    pub attaining: usize,
+    pub slo_attainment: f64,
+    /// Attaining requests per second of the window.
+    pub goodput_rps: f64,
+    /// Every constraint passes and attainment ≥ target.
+    pub pass: bool,
+}
+
+/// Views of our numbers in other tools' definitions, labelled as such.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compat {
+    /// GuideLLM "ITL": per request (last − first)/(N − 1), averaged weighted by output tokens N. ms.
+    pub guidellm_itl_ms: f64,
+    /// vLLM "TPOT": per request (token[N] − token[1])/(N − 1), mean/median/p99 over requests (= our tpot). ms.
+    pub vllm_tpot_mean_ms: f64,
+    pub vllm_tpot_median_ms: f64,
+    pub vllm_tpot_p99_ms: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemorySummary {
+    pub samples: usize,
+    pub rss_peak_bytes: u64,
+    pub device_bytes_peak: u64,
+    pub kv_bytes_used_peak: u64,
+    pub kv_bytes_reserved_peak: u64,
+}
+
+pub fn memory_summary(samples: &[MemorySample]) -> MemorySummary {
+    MemorySummary {
+        samples: samples.len(),
+        rss_peak_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
+        device_bytes_peak: samples.iter().map(|s| s.device_bytes).max().unwrap_or(0),
+        kv_bytes_used_peak: samples.iter().map(|s| s.kv_bytes_used).max().unwrap_or(0),
+        kv_bytes_reserved_peak: samples.iter().map(|s| s.kv_bytes_reserved).max().unwrap_or(0),
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub n_total: usize,
+    pub n_warmup: usize,
+    pub n_measured: usize,
+    pub n_completed: usize,
+    pub n_failed: usize,
+    /// First arrival → last finish of the measured requests, seconds.
+    pub window_s: f64,
+    pub ttft_ms: Dist,
+    pub queue_ms: Dist,
+    pub ttft_engine_ms: Dist,
+    /// Pooled over every gap of every request (token-weighted).
+    pub itl_ms: Dist,
+    pub tpot_ms: Dist,
+    pub e2e_ms: Dist,
+    pub prefill_tps: Dist,
+    /// Σ computed prompt tokens / Σ prefill time.
+    pub prefill_tps_total: f64,
+    pub decode_tps: Dist,
+    /// Σ (N − 1) / Σ (token[N] − token[1]).
+    pub decode_tps_total: f64,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub rps: f64,
+    pub output_tps: f64,
+    pub input_tps: f64,
+    pub error_rate: f64,
+    pub cached_prompt_tokens: u64,
+    /// Σ cached / Σ prompt tokens over the measured requests.
+    pub prefix_hit_rate: f64,
+    pub slo: Option<SloReport>,
+    pub compat: Compat,
+    pub memory: MemorySummary,
+}
+
+/// Summarise the measured requests (warm-ups dropped here).
+pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option<&Slo>) -> Summary {
+    let measured: Vec<&RequestRecord> = records.iter().filter(|r| !r.warmup).collect();
+    let ok: Vec<&RequestRecord> = measured.iter().copied().filter(|r| !r.failed()).collect();
+    let n_failed = measured.len() - ok.len();
+    let window_ns = match (measured.iter().map(|r| r.arrival_ns).min(), measured.iter().map(|r| r.finish_ns).max()) {
+        (Some(a), Some(f)) => f.saturating_sub(a),
+        _ => 0,
+    };
+    let window_s = window_ns as f64 / NS_PER_S;
+    let per_s = |x: f64| if window_ns > 0 { x * NS_PER_S / window_ns as f64 } else { 0.0 };
+
+    let prompt_tokens: u64 = measured.iter().map(|r| r.prompt_tokens as u64).sum();
+    let output_tokens: u64 = measured.iter().map(|r| r.output_tokens() as u64).sum();
+    let cached: u64 = measured.iter().map(|r| r.cache.cached_prompt_tokens as u64).sum();
+
+    let (mut pf_tok, mut pf_ns) = (0u64, 0u64);
+    let (mut dc_tok, mut dc_ns) = (0u64, 0u64);
+    for r in &ok {
+        if let (Some(s), Some(e)) = (r.prefill_start_ns, r.prefill_end_ns) {
+            pf_tok += r.cache.computed_prompt_tokens as u64;
+            pf_ns += e.saturating_sub(s);
+        }
+        let n = r.token_ns.len();
+        if n >= 2 {
+            dc_tok += (n - 1) as u64;
+            dc_ns += r.token_ns[n - 1] - r.token_ns[0];
+        }
+    }
+
+    let tpot = Dist::of(ok.iter().filter_map(|r| tpot_ms(r)).collect());
+    let itl = Dist::of(ok.iter().flat_map(|r| gaps_ns(r)).map(ms).collect());
+    let (gw_num, gw_den) = ok.iter().filter_map(|r| tpot_ms(r).map(|t| (t * r.output_tokens() as f64, r.output_tokens() as f64))).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let compat = Compat {
+        guidellm_itl_ms: if gw_den > 0.0 { gw_num / gw_den } else { 0.0 },
+        vllm_tpot_mean_ms: tpot.mean,
+        vllm_tpot_median_ms: tpot.p50,
+        vllm_tpot_p99_ms: tpot.p99,
+    };
+
+    let mut s = Summary {
+        n_total: records.len(),
+        n_warmup: records.len() - measured.len(),
+        n_measured: measured.len(),
+        n_completed: ok.len(),
+        n_failed,
+        window_s,
+        ttft_ms: Dist::of(ok.iter().filter_map(|r| ttft_ns(r)).map(ms).collect()),
+        queue_ms: Dist::of(ok.iter().filter_map(|r| queue_ns(r)).map(ms).collect()),
+        ttft_engine_ms: Dist::of(ok.iter().filter_map(|r| ttft_engine_ns(r)).map(ms).collect()),
+        itl_ms: itl,
+        tpot_ms: tpot,
+        e2e_ms: Dist::of(ok.iter().map(|r| ms(e2e_ns(r))).collect()),
+        prefill_tps: Dist::of(ok.iter().filter_map(|r| prefill_tps(r)).collect()),
+        prefill_tps_total: if pf_ns > 0 { pf_tok as f64 * NS_PER_S / pf_ns as f64 } else { 0.0 },
+        decode_tps: Dist::of(ok.iter().filter_map(|r| decode_tps(r)).collect()),
+        decode_tps_total: if dc_ns > 0 { dc_tok as f64 * NS_PER_S / dc_ns as f64 } else { 0.0 },
+        prompt_tokens,
+        output_tokens,
+        rps: per_s(ok.len() as f64),
+        output_tps: per_s(output_tokens as f64),
+        input_tps: per_s(prompt_tokens as f64),
+        error_rate: if measured.is_empty() { 0.0 } else { n_failed as f64 / measured.len() as f64 },
+        cached_prompt_tokens: cached,
+        prefix_hit_rate: if prompt_tokens > 0 { cached as f64 / prompt_tokens as f64 } else { 0.0 },
+        slo: None,
+        compat,
+        memory: memory_summary(memory),
+    };
+    if let Some(slo) = slo {
+        let attaining = measured.iter().filter(|r| attains(r, slo)).count();
+        let attainment = if measured.is_empty() { 0.0 } else { attaining as f64 / measured.len() as f64 };
+        let mut small = vec![];
+        let verdicts: Vec<SloVerdict> = slo
+            .constraints
+            .iter()
+            .map(|c| {
+                let d = match c.metric {
+                    SloMetric::Ttft => &s.ttft_ms,
+                    SloMetric::Itl => &s.itl_ms,
+                    SloMetric::Tpot => &s.tpot_ms,
+                    SloMetric::E2e => &s.e2e_ms,
+                    SloMetric::Queue => &s.queue_ms,
+                    SloMetric::TtftEngine => &s.ttft_engine_ms,
+                };
+                if d.is_small(c.stat) {
+                    small.push(c.to_string());
+                }
+                let measured = d.stat(c.stat);
+                // An empty distribution (e.g. no request with 2 tokens for itl) cannot pass.
+                SloVerdict { constraint: c.to_string(), measured, limit: c.limit_ms, pass: d.n > 0 && measured <= c.limit_ms }
+            })
+            .collect();
+        let pass = verdicts.iter().all(|v| v.pass) && attainment >= slo.target;
+        s.slo = Some(SloReport {
+            name: slo.name.clone(),
+            target: slo.target,
+            verdicts,
+            small_sample: small,
+            attaining,
+            slo_attainment: attainment,
+            goodput_rps: per_s(attaining as f64),
+            pass,
+        });
+    }
+    s
+}
+
+/// A few figures per tag (requests carry tags; a request with several tags counts in each).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TagRow {
+    pub tag: String,
+    pub n: usize,
+    pub n_failed: usize,
+    pub ttft_p50_ms: f64,
+    pub e2e_p50_ms: f64,
+    pub output_tokens: u64,
+}
+
+pub fn by_tag(records: &[RequestRecord]) -> Vec<TagRow> {
+    let mut groups: BTreeMap<&str, Vec<&RequestRecord>> = BTreeMap::new();
+    for r in records.iter().filter(|r| !r.warmup) {
+        for t in &r.tags {
+            groups.entry(t.as_str()).or_default().push(r);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(tag, rs)| {
+            let ok: Vec<_> = rs.iter().filter(|r| !r.failed()).collect();
+            TagRow {
+                tag: tag.to_string(),
+                n: rs.len(),
+                n_failed: rs.len() - ok.len(),
+                ttft_p50_ms: Dist::of(ok.iter().filter_map(|r| ttft_ns(r)).map(ms).collect()).p50,
+                e2e_p50_ms: Dist::of(ok.iter().map(|r| ms(e2e_ns(r))).collect()).p50,
+                output_tokens: rs.iter().map(|r| r.output_tokens() as u64).sum(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_definition() {
+        let v: Vec<f64> = (1..=100).map(|x| x as f64).collect();
+        assert_eq!(nearest_rank(&v, 500), Some(50.0));
+        assert_eq!(nearest_rank(&v, 990), Some(99.0));
+        assert_eq!(nearest_rank(&v, 999), Some(100.0)); // ⌈99.9⌉ = 100
+        let v: Vec<f64> = (1..=10).map(|x| x as f64).collect();
+        assert_eq!(nearest_rank(&v, 500), Some(5.0));
+        assert_eq!(nearest_rank(&v, 900), Some(9.0));
+        assert_eq!(nearest_rank(&v, 950), Some(10.0)); // ⌈9.5⌉
+        assert_eq!(nearest_rank(&[7.0], 999), Some(7.0));
+        assert_eq!(nearest_rank(&[], 500), None);
+        // small-sample marker: n < 1/(1−q)
+        assert!(too_few(1, 500) && !too_few(2, 500));
+        assert!(too_few(99, 990) && !too_few(100, 990));
+        assert!(too_few(999, 999) && !too_few(1000, 999));
+        assert!(too_few(19, 950) && !too_few(20, 950));
+    }
+
+    #[test]
+    fn dist_exact() {
+        let d = Dist::of(vec![30.0, 10.0, 20.0]);
+        assert_eq!((d.n, d.mean, d.min, d.max, d.sd, d.p50, d.p90, d.p99), (3, 20.0, 10.0, 30.0, 10.0, 20.0, 30.0, 30.0));
+        assert_eq!(d.small_sample, ["p90", "p95", "p99", "p99.9"]);
+        assert_eq!(Dist::of(vec![]), Dist::default());
+    }
+}

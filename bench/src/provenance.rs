@@ -1,0 +1,71 @@
+//! Provenance of a run (METRICS.md, Provenance): what ran, where.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use ember_runtime::engine::Engine;
+
+use crate::record::Provenance;
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn git_commit() -> String {
+    if let Some(c) = option_env!("EMBER_GIT_COMMIT") {
+        return c.to_string();
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    std::process::Command::new("git")
+        .args(["-C", dir, "rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn os() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    format!("{} {}", std::env::consts::OS, release).trim().to_string()
+}
+
+/// Provenance for a run on `engine` (hashes the model file: ~0.1 s per 100 MB).
+pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance {
+    let path = engine.file.path();
+    let mut mix: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &engine.file.tensors {
+        *mix.entry(t.ty.name()).or_default() += 1;
+    }
+    Provenance {
+        ember_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: git_commit(),
+        backend: "cpu".into(),
+        adapter: format!("{:?}", ember_runtime::quant::best_isa()),
+        driver: String::new(),
+        cpu_model: ember_runtime::sys::cpu_model(),
+        cpu_cores: ember_runtime::sys::available_cores(),
+        threads: engine.cfg.threads,
+        os: os(),
+        device_profile,
+        model_path: path.display().to_string(),
+        model_sha256: sha256_file(path).unwrap_or_default(),
+        model_arch: engine.model.config().arch.clone(),
+        model_quant_mix: serde_json::to_string(&mix).unwrap_or_default(),
+        weights_bytes: engine.model.weight_bytes(),
+    }
+}

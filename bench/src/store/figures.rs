@@ -1,0 +1,279 @@
+//! Figures recomputed from stored rows, in the terms of `shared/METRICS.md`:
+//! nearest-rank percentiles (rank ⌈q·n⌉, in integer arithmetic so that
+//! 0.9·10 is 9 and not 10), latency distributions over measured (not warm-up),
+//! non-failed requests, ITL pooled over every stored gap. Several runs are
+//! combined by pooling their samples, never by averaging percentiles.
+
+use crate::record::MemorySample;
+
+/// One request as the store holds it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReqSample {
+    pub request_id: u64,
+    pub warmup: bool,
+    pub failed: bool,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_prompt_tokens: u64,
+    pub computed_prompt_tokens: u64,
+    pub arrival_ns: u64,
+    pub schedule_ns: Option<u64>,
+    pub prefill_start_ns: Option<u64>,
+    pub prefill_end_ns: Option<u64>,
+    pub first_token_ns: Option<u64>,
+    pub last_token_ns: Option<u64>,
+    pub finish_ns: u64,
+    pub max_itl_ns: Option<u64>,
+    /// Stored token timestamps (at most the run's token cap).
+    pub token_ns: Vec<u64>,
+}
+
+impl ReqSample {
+    pub fn ttft(&self) -> Option<f64> {
+        Some(self.first_token_ns?.checked_sub(self.arrival_ns)? as f64)
+    }
+    pub fn tpot(&self) -> Option<f64> {
+        if self.output_tokens < 2 {
+            return None;
+        }
+        Some((self.last_token_ns? as f64 - self.first_token_ns? as f64) / (self.output_tokens - 1) as f64)
+    }
+    pub fn e2e(&self) -> f64 {
+        self.finish_ns.saturating_sub(self.arrival_ns) as f64
+    }
+}
+
+/// The reported statistics of one distribution.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    pub sd: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+/// The quantiles reported, in per mille, with their names.
+pub const QUANTILES: [(u64, &str); 5] = [(500, "p50"), (900, "p90"), (950, "p95"), (990, "p99"), (999, "p99.9")];
+
+/// Nearest rank: the sample at rank ⌈q·n⌉ (1-based) of the sorted samples,
+/// q = permille/1000.
+pub fn nearest_rank(sorted: &[f64], permille: u64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let n = sorted.len() as u64;
+    let rank = (permille * n).div_ceil(1000).max(1);
+    sorted[(rank - 1) as usize]
+}
+
+/// Whether a percentile is too thin to mean anything: n < 1/(1−q).
+pub fn thin(n: usize, permille: u64) -> bool {
+    (n as u64) * (1000 - permille) < 1000
+}
+
+impl Stats {
+    pub fn of(mut v: Vec<f64>) -> Option<Stats> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = if n > 1 { v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+        Some(Stats {
+            n,
+            mean,
+            min: v[0],
+            max: v[n - 1],
+            sd: var.sqrt(),
+            p50: nearest_rank(&v, 500),
+            p90: nearest_rank(&v, 900),
+            p95: nearest_rank(&v, 950),
+            p99: nearest_rank(&v, 990),
+            p999: nearest_rank(&v, 999),
+        })
+    }
+
+    /// By the stat's name as stored in `run_metrics`.
+    pub fn get(&self, stat: &str) -> Option<f64> {
+        Some(match stat {
+            "n" => self.n as f64,
+            "mean" => self.mean,
+            "min" => self.min,
+            "max" => self.max,
+            "sd" => self.sd,
+            "p50" => self.p50,
+            "p90" => self.p90,
+            "p95" => self.p95,
+            "p99" => self.p99,
+            "p99.9" => self.p999,
+            _ => return None,
+        })
+    }
+}
+
+/// The latency metrics with a distribution (values in ns; tps in tokens/s).
+pub const DIST_METRICS: [&str; 8] = ["ttft", "queue", "ttft_engine", "itl", "tpot", "e2e", "prefill_tps", "decode_tps"];
+
+/// A run's (or several pooled runs') figures.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Figures {
+    pub measured: usize,
+    pub failed: usize,
+    pub warmup: usize,
+    pub window_ns: u64,
+    pub rps: f64,
+    pub output_tps: f64,
+    pub input_tps: f64,
+    pub error_rate: f64,
+    pub prefix_hit_rate: Option<f64>,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub prefill_tps_total: Option<f64>,
+    pub decode_tps_total: Option<f64>,
+    pub rss_peak_bytes: Option<u64>,
+    pub device_bytes_peak: Option<u64>,
+    pub kv_bytes_peak: Option<u64>,
+    /// metric name -> distribution
+    pub dists: std::collections::BTreeMap<String, Stats>,
+}
+
+impl Figures {
+    /// Figures of one run.
+    pub fn compute(samples: &[ReqSample], memory: &[MemorySample]) -> Figures {
+        Figures::pooled(&[(samples, memory)])
+    }
+
+    /// Figures over several runs pooled: distributions pool the samples; the
+    /// window is the sum of the runs' windows (runs do not overlap in time).
+    pub fn pooled(runs: &[(&[ReqSample], &[MemorySample])]) -> Figures {
+        let mut f = Figures::default();
+        let mut d: std::collections::BTreeMap<&str, Vec<f64>> = DIST_METRICS.iter().map(|m| (*m, vec![])).collect();
+        let (mut cached, mut pf_tok, mut pf_ns, mut dec_tok, mut dec_ns) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut completed = 0usize;
+        for (samples, memory) in runs {
+            let measured: Vec<&ReqSample> = samples.iter().filter(|s| !s.warmup).collect();
+            f.warmup += samples.len() - measured.len();
+            if let (Some(a), Some(b)) = (measured.iter().map(|s| s.arrival_ns).min(), measured.iter().map(|s| s.finish_ns).max()) {
+                f.window_ns += b.saturating_sub(a);
+            }
+            for s in &measured {
+                f.measured += 1;
+                f.prompt_tokens += s.prompt_tokens;
+                f.output_tokens += s.output_tokens;
+                cached += s.cached_prompt_tokens;
+                if s.failed {
+                    f.failed += 1;
+                    continue;
+                }
+                completed += 1;
+                if let Some(t) = s.ttft() {
+                    d.get_mut("ttft").unwrap().push(t);
+                }
+                if let Some(q) = s.schedule_ns {
+                    d.get_mut("queue").unwrap().push(q.saturating_sub(s.arrival_ns) as f64);
+                    if let Some(t1) = s.first_token_ns {
+                        d.get_mut("ttft_engine").unwrap().push(t1.saturating_sub(q) as f64);
+                    }
+                }
+                if let Some(t) = s.tpot() {
+                    d.get_mut("tpot").unwrap().push(t);
+                }
+                d.get_mut("e2e").unwrap().push(s.e2e());
+                let itl = d.get_mut("itl").unwrap();
+                for w in s.token_ns.windows(2) {
+                    itl.push(w[1].saturating_sub(w[0]) as f64);
+                }
+                if let (Some(a), Some(b)) = (s.prefill_start_ns, s.prefill_end_ns)
+                    && b > a
+                {
+                    d.get_mut("prefill_tps").unwrap().push(s.computed_prompt_tokens as f64 * 1e9 / (b - a) as f64);
+                    pf_tok += s.computed_prompt_tokens;
+                    pf_ns += b - a;
+                }
+                if let (Some(a), Some(b)) = (s.first_token_ns, s.last_token_ns)
+                    && s.output_tokens >= 2
+                    && b > a
+                {
+                    d.get_mut("decode_tps").unwrap().push((s.output_tokens - 1) as f64 * 1e9 / (b - a) as f64);
+                    dec_tok += s.output_tokens - 1;
+                    dec_ns += b - a;
+                }
+            }
+            for m in memory.iter() {
+                f.rss_peak_bytes = Some(f.rss_peak_bytes.unwrap_or(0).max(m.rss_bytes));
+                f.device_bytes_peak = Some(f.device_bytes_peak.unwrap_or(0).max(m.device_bytes));
+                f.kv_bytes_peak = Some(f.kv_bytes_peak.unwrap_or(0).max(m.kv_bytes_used));
+            }
+        }
+        let secs = f.window_ns as f64 / 1e9;
+        if secs > 0.0 {
+            f.rps = completed as f64 / secs;
+            f.output_tps = f.output_tokens as f64 / secs;
+            f.input_tps = f.prompt_tokens as f64 / secs;
+        }
+        f.error_rate = if f.measured > 0 { f.failed as f64 / f.measured as f64 } else { 0.0 };
+        f.prefix_hit_rate = (f.prompt_tokens > 0).then(|| cached as f64 / f.prompt_tokens as f64);
+        f.prefill_tps_total = (pf_ns > 0).then(|| pf_tok as f64 * 1e9 / pf_ns as f64);
+        f.decode_tps_total = (dec_ns > 0).then(|| dec_tok as f64 * 1e9 / dec_ns as f64);
+        for (k, v) in d {
+            if let Some(s) = Stats::of(v) {
+                f.dists.insert(k.to_string(), s);
+            }
+        }
+        f
+    }
+
+    pub fn dist(&self, metric: &str) -> Option<&Stats> {
+        self.dists.get(metric)
+    }
+
+    /// The rows written to `run_metrics`: (metric, stat, value).
+    pub fn rows(&self) -> Vec<(String, String, Option<f64>)> {
+        let mut out = vec![];
+        let mut sys = |m: &str, v: Option<f64>| out.push((m.to_string(), "value".to_string(), v));
+        sys("measured", Some(self.measured as f64));
+        sys("failed", Some(self.failed as f64));
+        sys("warmup", Some(self.warmup as f64));
+        sys("window_ns", Some(self.window_ns as f64));
+        sys("rps", Some(self.rps));
+        sys("output_tps", Some(self.output_tps));
+        sys("input_tps", Some(self.input_tps));
+        sys("error_rate", Some(self.error_rate));
+        sys("prefix_hit_rate", self.prefix_hit_rate);
+        sys("prompt_tokens", Some(self.prompt_tokens as f64));
+        sys("output_tokens", Some(self.output_tokens as f64));
+        sys("prefill_tps_total", self.prefill_tps_total);
+        sys("decode_tps_total", self.decode_tps_total);
+        sys("rss_peak_bytes", self.rss_peak_bytes.map(|x| x as f64));
+        sys("device_bytes_peak", self.device_bytes_peak.map(|x| x as f64));
+        sys("kv_bytes_peak", self.kv_bytes_peak.map(|x| x as f64));
+        for (m, s) in &self.dists {
+            for stat in ["n", "mean", "min", "max", "sd", "p50", "p90", "p95", "p99", "p99.9"] {
+                out.push((m.clone(), stat.to_string(), s.get(stat)));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_uses_exact_ceiling() {
+        let v: Vec<f64> = (1..=10).map(|x| x as f64).collect();
+        assert_eq!(nearest_rank(&v, 900), 9.0); // 0.9*10 = 9 exactly, not 10
+        assert_eq!(nearest_rank(&v, 500), 5.0);
+        assert_eq!(nearest_rank(&v, 990), 10.0);
+        assert_eq!(nearest_rank(&[7.0], 999), 7.0);
+        assert!(thin(99, 990) && !thin(100, 990));
+    }
+}

@@ -1,0 +1,530 @@
+//! Workloads: what the simulated users ask.
+//!
+//! - Presets (`chat`, `rag`, `creative`, `shared-prefix`) made of synthetic
+//!   prompts: windows of real text (`bench/data/corpus.txt`) cut to exact
+//!   token lengths drawn from seeded length distributions.
+//! - Custom JSONL datasets (`prompt` or `messages`, optional `max_tokens`,
+//!   `expected`, `tags`, `stop`, `raw`, `repeat`), and ShareGPT import.
+//! - The workload hash: sha256 over prompt token ids, the arrival schedule and
+//!   the sampling parameters. Two runs are comparable only if these match.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use ember_runtime::chat::{ChatMessage, ChatTemplate};
+use ember_runtime::sample::{Rng, SamplerConfig};
+use ember_runtime::tokenizer::Tokenizer;
+
+use crate::load::LoadSpec;
+use crate::record::Ns;
+
+/// Text of our own writing that synthetic prompts are cut from.
+pub const CORPUS: &str = include_str!("../data/corpus.txt");
+/// The example evaluation set shipped with ember (JSONL).
+pub const EVAL_SET: &str = include_str!("../data/eval.jsonl");
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("{source_name}:{line}: {msg}")]
+    Line { source_name: String, line: usize, msg: String },
+    #[error("{source_name}: {msg}")]
+    File { source_name: String, msg: String },
+    #[error("unknown workload preset '{0}' (known: chat, rag, creative, shared-prefix)")]
+    Preset(String),
+    #[error("bad length distribution '{0}': use fixed:N, uniform:LO:HI or normal:MEAN:SD:LO:HI")]
+    Dist(String),
+    #[error("tokenizing request {index}: {msg}")]
+    Tokenize { index: usize, msg: String },
+}
+
+/// A distribution of token counts, sampled with a seeded generator.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LengthDist {
+    Fixed { n: usize },
+    /// Inclusive bounds.
+    Uniform { lo: usize, hi: usize },
+    /// Normal(mean, sd) rounded and clamped to [lo, hi].
+    Normal { mean: f64, sd: f64, lo: usize, hi: usize },
+}
+
+impl LengthDist {
+    pub fn sample(&self, rng: &mut Rng) -> usize {
+        match *self {
+            LengthDist::Fixed { n } => n,
+            LengthDist::Uniform { lo, hi } => lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize,
+            LengthDist::Normal { mean, sd, lo, hi } => {
+                // Box–Muller.
+                let u1 = rng.next_f64().max(1e-12);
+                let u2 = rng.next_f64();
+                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                ((mean + sd * z).round().max(0.0) as usize).clamp(lo, hi)
+            }
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        match *self {
+            LengthDist::Fixed { n } => n,
+            LengthDist::Uniform { hi, .. } | LengthDist::Normal { hi, .. } => hi,
+        }
+    }
+
+    /// The same distribution with every value at most `cap`.
+    pub fn capped(&self, cap: usize) -> LengthDist {
+        match *self {
+            LengthDist::Fixed { n } => LengthDist::Fixed { n: n.min(cap) },
+            LengthDist::Uniform { lo, hi } => LengthDist::Uniform { lo: lo.min(cap), hi: hi.min(cap) },
+            LengthDist::Normal { mean, sd, lo, hi } => LengthDist::Normal { mean: mean.min(cap as f64), sd, lo: lo.min(cap), hi: hi.min(cap) },
+        }
+    }
+
+    /// `fixed:N`, `uniform:LO:HI`, `normal:MEAN:SD:LO:HI`, or a bare `N`.
+    pub fn parse(s: &str) -> Result<LengthDist, WorkloadError> {
+        let bad = || WorkloadError::Dist(s.to_string());
+        let p: Vec<&str> = s.split(':').collect();
+        let u = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
+        let f = |x: &str| x.trim().parse::<f64>().map_err(|_| bad());
+        let d = match p.as_slice() {
+            [n] => LengthDist::Fixed { n: u(n)? },
+            ["fixed", n] => LengthDist::Fixed { n: u(n)? },
+            ["uniform", lo, hi] => LengthDist::Uniform { lo: u(lo)?, hi: u(hi)? },
+            ["normal", m, sd, lo, hi] => LengthDist::Normal { mean: f(m)?, sd: f(sd)?, lo: u(lo)?, hi: u(hi)? },
+            _ => return Err(bad()),
+        };
+        match d {
+            LengthDist::Uniform { lo, hi } | LengthDist::Normal { lo, hi, .. } if lo > hi => Err(bad()),
+            _ => Ok(d),
+        }
+    }
+}
+
+/// One request, ready for the engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub prompt_tokens: Vec<u32>,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub tags: Vec<String>,
+    pub expected: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub seed: u64,
+    /// Measured requests; a run longer than this cycles through them.
+    pub items: Vec<WorkItem>,
+    pub warmup: Vec<WorkItem>,
+    pub sampler: SamplerConfig,
+    pub ignore_eos: bool,
+    /// Things the user should know (e.g. prompts clamped to the context).
+    pub notes: Vec<String>,
+    /// Parameters, for the record.
+    pub params: serde_json::Value,
+}
+
+// ---------------------------------------------------------------- datasets
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// One line of a JSONL dataset.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetEntry {
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub expected: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Send `prompt` as is, without the chat template.
+    #[serde(default)]
+    pub raw: bool,
+    /// Repeat `prompt` this many times (to build prompts longer than a context).
+    #[serde(default)]
+    pub repeat: Option<usize>,
+    /// An id of the line's own choosing (kept in the tags as `id:...`).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Parse a JSONL dataset. Blank lines and lines starting with `//` are skipped;
+/// any other malformed line is an error naming its line number.
+pub fn parse_jsonl(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>, WorkloadError> {
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with("//") {
+            continue;
+        }
+        let err = |msg: String| WorkloadError::Line { source_name: source_name.to_string(), line: i + 1, msg };
+        let e: DatasetEntry = serde_json::from_str(l).map_err(|e| err(e.to_string()))?;
+        match (&e.prompt, &e.messages) {
+            (None, None) => return Err(err("needs \"prompt\" or \"messages\"".into())),
+            (Some(_), Some(_)) => return Err(err("has both \"prompt\" and \"messages\"; give one".into())),
+            (None, Some(m)) if m.is_empty() => return Err(err("\"messages\" is empty".into())),
+            _ => {}
+        }
+        if e.repeat == Some(0) {
+            return Err(err("\"repeat\" must be at least 1".into()));
+        }
+        out.push(e);
+    }
+    if out.is_empty() {
+        return Err(WorkloadError::File { source_name: source_name.to_string(), msg: "no requests in the file".into() });
+    }
+    Ok(out)
+}
+
+/// ShareGPT: a JSON array (or JSONL) of `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`.
+/// The first human turn (after any system turn) is the prompt; the reply that
+/// follows becomes `expected`, and its length (in tokens, at build time) the
+/// `max_tokens` unless capped.
+pub fn parse_sharegpt(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>, WorkloadError> {
+    #[derive(Deserialize)]
+    struct Turn {
+        from: String,
+        value: String,
+    }
+    #[derive(Deserialize)]
+    struct Conv {
+        conversations: Vec<Turn>,
+    }
+    let convs: Vec<(usize, Conv)> = if text.trim_start().starts_with('[') {
+        let v: Vec<Conv> = serde_json::from_str(text).map_err(|e| WorkloadError::File {
+            source_name: source_name.to_string(),
+            msg: format!("not a ShareGPT JSON array: {e} (line {})", e.line()),
+        })?;
+        v.into_iter().enumerate().map(|(i, c)| (i + 1, c)).collect()
+    } else {
+        let mut v = vec![];
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let c: Conv = serde_json::from_str(line).map_err(|e| WorkloadError::Line { source_name: source_name.to_string(), line: i + 1, msg: e.to_string() })?;
+            v.push((i + 1, c));
+        }
+        v
+    };
+    let mut out = vec![];
+    for (n, c) in convs {
+        let mut messages = vec![];
+        let mut expected = None;
+        for t in &c.conversations {
+            match t.from.as_str() {
+                "system" if messages.is_empty() => messages.push(Message { role: "system".into(), content: t.value.clone() }),
+                "human" | "user" if !messages.iter().any(|m: &Message| m.role == "user") => {
+                    messages.push(Message { role: "user".into(), content: t.value.clone() })
+                }
+                "gpt" | "assistant" | "chatgpt" | "bard" if messages.iter().any(|m| m.role == "user") => {
+                    expected = Some(t.value.clone());
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if !messages.iter().any(|m| m.role == "user") {
+            // Conversations without a human turn are skipped, as other tools do.
+            log::debug!("{source_name}: conversation {n} has no human turn; skipped");
+            continue;
+        }
+        out.push(DatasetEntry { messages: Some(messages), expected, tags: vec!["sharegpt".into()], ..Default::default() });
+    }
+    if out.is_empty() {
+        return Err(WorkloadError::File { source_name: source_name.to_string(), msg: "no conversation with a human turn".into() });
+    }
+    Ok(out)
+}
+
+/// How dataset entries become token ids.
+pub struct DatasetOptions<'a> {
+    pub template: Option<&'a ChatTemplate>,
+    /// For entries without `max_tokens` (and no `expected` to size from).
+    pub default_max_tokens: usize,
+    /// Cap on every entry's max_tokens.
+    pub max_tokens_cap: Option<usize>,
+    /// Size a missing `max_tokens` from the length of `expected` (ShareGPT).
+    pub size_from_expected: bool,
+}
+
+pub fn build_dataset_items(entries: &[DatasetEntry], tok: &Tokenizer, o: &DatasetOptions) -> Result<Vec<WorkItem>, WorkloadError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let terr = |msg: String| WorkloadError::Tokenize { index, msg };
+            let (text, templated) = match (&e.prompt, &e.messages, o.template) {
+                (Some(p), _, tpl) => {
+                    let p = p.repeat(e.repeat.unwrap_or(1));
+                    match tpl {
+                        Some(t) if !e.raw => (t.render(&[ChatMessage::new("user", p)], true).map_err(|x| terr(x.to_string()))?, true),
+                        _ => (p, false),
+                    }
+                }
+                (None, Some(m), Some(t)) => {
+                    let msgs: Vec<ChatMessage> = m.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
+                    (t.render(&msgs, true).map_err(|x| terr(x.to_string()))?, true)
+                }
+                (None, Some(m), None) => (m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"), false),
+                (None, None, _) => unreachable!("parse_jsonl checks"),
+            };
+            // A chat template writes BOS itself; special-token text is parsed as in `ember run`.
+            let add_bos = !templated && !text.is_empty() && tok.add_bos_default();
+            let prompt_tokens = tok.encode(&text, add_bos, true).map_err(|x| terr(x.to_string()))?;
+            let mut max_tokens = match (e.max_tokens, &e.expected) {
+                (Some(n), _) => n,
+                (None, Some(x)) if o.size_from_expected => tok.encode(x, false, false).map(|v| v.len()).unwrap_or(0).max(1),
+                _ => o.default_max_tokens,
+            };
+            if let Some(c) = o.max_tokens_cap {
+                max_tokens = max_tokens.min(c);
+            }
+            let mut tags = e.tags.clone();
+            if let Some(id) = &e.id {
+                tags.push(format!("id:{id}"));
+            }
+            Ok(WorkItem { prompt_tokens, max_tokens, stop: e.stop.clone(), tags, expected: e.expected.clone() })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- synthetic
+
+/// Token ids of the corpus, cut into prompts of exact lengths.
+pub struct Corpus {
+    pub tokens: Vec<u32>,
+    pub bos: Option<u32>,
+}
+
+impl Corpus {
+    pub fn new(tok: &Tokenizer, text: &str) -> Corpus {
+        let tokens = tok.encode(text, false, false).unwrap_or_default();
+        assert!(!tokens.is_empty(), "corpus tokenizes to nothing");
+        Corpus { tokens, bos: if tok.add_bos_default() { tok.bos_id() } else { None } }
+    }
+
+    /// Exactly `n` tokens: BOS (if the model wants one) then a window of the
+    /// corpus starting at a seeded offset, wrapping around at the end.
+    pub fn cut(&self, n: usize, rng: &mut Rng) -> Vec<u32> {
+        let mut out = Vec::with_capacity(n);
+        if n == 0 {
+            return out;
+        }
+        if let Some(b) = self.bos {
+            out.push(b);
+        }
+        let len = self.tokens.len();
+        let start = (rng.next_u64() % len as u64) as usize;
+        out.extend((0..n - out.len()).map(|i| self.tokens[(start + i) % len]));
+        out
+    }
+}
+
+/// A synthetic workload's shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyntheticSpec {
+    pub name: String,
+    /// Input tokens per request (after any shared prefix).
+    pub input: LengthDist,
+    pub output: LengthDist,
+    /// Tokens of one system prompt shared by every request (shared-prefix).
+    pub shared_prefix: usize,
+}
+
+impl SyntheticSpec {
+    pub fn preset(name: &str) -> Result<SyntheticSpec, WorkloadError> {
+        let s = |input, output, shared_prefix| SyntheticSpec { name: name.to_string(), input, output, shared_prefix };
+        use LengthDist::*;
+        Ok(match name {
+            // short in, short-to-medium out
+            "chat" => s(Normal { mean: 96.0, sd: 48.0, lo: 16, hi: 256 }, Uniform { lo: 32, hi: 96 }, 0),
+            // ~2k in, short out: prefill-dominated
+            "rag" => s(Normal { mean: 2048.0, sd: 128.0, lo: 1792, hi: 2304 }, Uniform { lo: 16, hi: 48 }, 0),
+            // short in, long out: decode-dominated
+            "creative" => s(Uniform { lo: 16, hi: 64 }, Uniform { lo: 192, hi: 384 }, 0),
+            // one 512-token system prompt, short user turns
+            "shared-prefix" => s(Uniform { lo: 16, hi: 64 }, Uniform { lo: 32, hi: 64 }, 512),
+            other => return Err(WorkloadError::Preset(other.to_string())),
+        })
+    }
+
+    pub fn default_requests(&self) -> usize {
+        match self.name.as_str() {
+            "rag" => 4,
+            "creative" => 8,
+            _ => 24,
+        }
+    }
+
+    /// Build `n` measured and `n_warmup` warm-up requests, each prompt plus its
+    /// output fitting `n_ctx` (prompts are clamped, with a note, when the
+    /// model's context is too small for the preset).
+    pub fn build(&self, corpus: &Corpus, n_ctx: usize, n: usize, n_warmup: usize, seed: u64, sampler: SamplerConfig) -> Workload {
+        let mut notes = vec![];
+        let out_max = self.output.max().min(n_ctx / 4).max(1);
+        let output = self.output.capped(out_max);
+        if output != self.output {
+            notes.push(format!("{}: output lengths capped at {out_max} tokens for the context of {n_ctx}", self.name));
+        }
+        let room = n_ctx.saturating_sub(out_max + 1).max(2);
+        let prefix_len = self.shared_prefix.min(room / 2);
+        if prefix_len != self.shared_prefix {
+            notes.push(format!("{}: shared prefix clamped from {} to {prefix_len} tokens to fit the context of {n_ctx}", self.name, self.shared_prefix));
+        }
+        let in_cap = room - prefix_len;
+        let input = self.input.capped(in_cap);
+        if input != self.input {
+            notes.push(format!(
+                "{}: prompts of up to {} tokens do not fit this model's context of {n_ctx} with {out_max} output tokens; clamped to at most {} tokens",
+                self.name,
+                self.input.max() + prefix_len,
+                in_cap + prefix_len
+            ));
+        }
+        let mut rng = Rng::new(seed);
+        let prefix = corpus.cut(prefix_len, &mut rng);
+        let suffix_corpus = Corpus { tokens: corpus.tokens.clone(), bos: None };
+        let make = |rng: &mut Rng| {
+            let n_in = input.sample(rng).max(1);
+            let mut p = prefix.clone();
+            let c = if p.is_empty() { corpus } else { &suffix_corpus };
+            p.extend(c.cut(n_in, rng));
+            WorkItem { prompt_tokens: p, max_tokens: output.sample(rng).max(1), stop: vec![], tags: vec![self.name.clone()], expected: None }
+        };
+        let items: Vec<WorkItem> = (0..n).map(|_| make(&mut rng)).collect();
+        // Warm-ups fault in the weights and pools; they need not be long.
+        let mut wrng = Rng::new(seed ^ 0x5EED_0A3D);
+        let warmup: Vec<WorkItem> = (0..n_warmup)
+            .map(|_| {
+                let mut it = make(&mut wrng);
+                it.prompt_tokens.truncate(256);
+                it.max_tokens = it.max_tokens.min(16);
+                it
+            })
+            .collect();
+        Workload {
+            name: self.name.clone(),
+            seed,
+            items,
+            warmup,
+            sampler,
+            ignore_eos: true,
+            notes,
+            params: serde_json::json!({"input": input, "output": output, "shared_prefix": prefix_len, "n_ctx": n_ctx}),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- hash
+
+/// sha256 (first 16 bytes, hex) over every request's prompt token ids and
+/// output budget, the arrival schedule (the load spec, and the intended
+/// arrival offsets where the load has them) and the sampling parameters.
+pub fn workload_hash(w: &Workload, load: &LoadSpec, schedule: &[Ns]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"ember-workload-v1");
+    for (tag, items) in [(b'w', &w.warmup), (b'm', &w.items)] {
+        h.update([tag]);
+        h.update((items.len() as u64).to_le_bytes());
+        for it in items.iter() {
+            h.update((it.prompt_tokens.len() as u64).to_le_bytes());
+            for t in &it.prompt_tokens {
+                h.update(t.to_le_bytes());
+            }
+            h.update((it.max_tokens as u64).to_le_bytes());
+            for s in &it.stop {
+                h.update((s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+        }
+    }
+    h.update(serde_json::to_vec(load).unwrap_or_default());
+    h.update((schedule.len() as u64).to_le_bytes());
+    for t in schedule {
+        h.update(t.to_le_bytes());
+    }
+    let s = &w.sampler;
+    h.update(
+        format!(
+            "temp={};top_k={};top_p={};min_p={};rp={};rln={};seed={};ignore_eos={}",
+            s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, s.repeat_last_n, s.seed, w.ignore_eos
+        )
+        .as_bytes(),
+    );
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_dists() {
+        assert_eq!(LengthDist::parse("128").unwrap(), LengthDist::Fixed { n: 128 });
+        assert_eq!(LengthDist::parse("uniform:4:9").unwrap(), LengthDist::Uniform { lo: 4, hi: 9 });
+        assert!(LengthDist::parse("uniform:9:4").is_err());
+        assert!(LengthDist::parse("normal:1:2").is_err());
+        let d = LengthDist::parse("normal:100:30:80:120").unwrap();
+        let mut rng = Rng::new(3);
+        let v: Vec<usize> = (0..2000).map(|_| d.sample(&mut rng)).collect();
+        assert!(v.iter().all(|&x| (80..=120).contains(&x)));
+        let mean = v.iter().sum::<usize>() as f64 / v.len() as f64;
+        assert!((mean - 100.0).abs() < 2.0, "{mean}");
+        let u = LengthDist::Uniform { lo: 4, hi: 9 };
+        let v: Vec<usize> = (0..600).map(|_| u.sample(&mut rng)).collect();
+        assert!((4..=9).all(|k| v.contains(&k)) && v.iter().all(|&x| (4..=9).contains(&x)));
+    }
+
+    #[test]
+    fn malformed_lines_are_named() {
+        let text = "{\"prompt\": \"hi\"}\n\n// comment\n{\"prompt\": \"x\", \"max_tokens\": \"many\"}\n";
+        let e = parse_jsonl(text, "d.jsonl").unwrap_err().to_string();
+        assert!(e.starts_with("d.jsonl:4:"), "{e}");
+        let e = parse_jsonl("{\"prompt\":\"a\"}\n{\"tags\":[\"x\"]}\n", "d.jsonl").unwrap_err().to_string();
+        assert_eq!(e, "d.jsonl:2: needs \"prompt\" or \"messages\"");
+        let e = parse_jsonl("{\"prompt\":\"a\",\"messages\":[{\"role\":\"user\",\"content\":\"b\"}]}", "d").unwrap_err().to_string();
+        assert!(e.starts_with("d:1: has both"), "{e}");
+        let e = parse_jsonl("not json", "d").unwrap_err().to_string();
+        assert!(e.starts_with("d:1: "), "{e}");
+        let e = parse_jsonl("{\"prompt\":\"a\",\"colour\":1}", "d").unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let ok = parse_jsonl("{\"messages\":[{\"role\":\"user\",\"content\":\"b\"}],\"max_tokens\":3,\"expected\":\"c\",\"tags\":[\"t\"]}", "d").unwrap();
+        assert_eq!(ok[0].max_tokens, Some(3));
+        assert_eq!(ok[0].tags, ["t"]);
+    }
+
+    #[test]
+    fn sharegpt_import() {
+        let text = r#"[{"conversations":[{"from":"system","value":"be brief"},{"from":"human","value":"hi"},{"from":"gpt","value":"hello there"},{"from":"human","value":"more"}]},
+                      {"conversations":[{"from":"gpt","value":"orphan"}]}]"#;
+        let v = parse_sharegpt(text, "s.json").unwrap();
+        assert_eq!(v.len(), 1);
+        let m = v[0].messages.as_ref().unwrap();
+        assert_eq!((m[0].role.as_str(), m[1].content.as_str()), ("system", "hi"));
+        assert_eq!(v[0].expected.as_deref(), Some("hello there"));
+        let e = parse_sharegpt("{\"conversations\":[]}\n{oops}\n", "s.jsonl").unwrap_err().to_string();
+        assert!(e.starts_with("s.jsonl:2:"), "{e}");
+    }
+
+    #[test]
+    fn shipped_eval_set_parses() {
+        let v = parse_jsonl(EVAL_SET, "eval.jsonl").unwrap();
+        assert!(v.len() >= 100, "{}", v.len());
+        assert!(v.iter().all(|e| !e.tags.is_empty()));
+        for tag in ["empty", "one-token", "over-context", "unicode", "emoji", "mixed-script", "code", "stop", "special-tokens"] {
+            assert!(v.iter().any(|e| e.tags.iter().any(|t| t == tag)), "no prompt tagged {tag}");
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! burn integration: ember's quantized matmul as a burn backend extension.
+//!
+//! Model code works on backend-generic `burn::tensor::Tensor<D>` values and calls [`qmatmul`];
+//! `#[backend_extension]` routes the call to the backend the tensor lives on:
+//!
+//! - **Flex** (CPU, the default): [`crate::quant::matmul`], ember's SIMD kernels, run directly on
+//!   the GGUF blocks in the mmap. The activations are read through a zero-copy slice of the Flex
+//!   tensor (one copy only if the input is a non-contiguous view) and the output `Vec<f32>` is
+//!   moved into the result tensor, so the extension adds a fixed cost of a few hundred ns per call
+//!   and no per-element work.
+//! - **Cube** (only with this crate's `wgpu` feature): an **interim** path. The weight is
+//!   dequantized to f32 once, uploaded, cached, and multiplied with burn's dense matmul. It is
+//!   correct but spends 4 bytes per weight of device memory and bandwidth; the real path is a
+//!   CubeCL kernel that reads the quantized blocks on the device.
+//!
+//! Backends not listed (ndarray, libtorch, remote) panic when the op is called on them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+pub use burn::tensor::{Device, Shape, Tensor, TensorData};
+
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::quant::{self, GgmlType, QMatRef, QuantError};
+
+/// The CPU device ember runs on: burn-flex.
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
+/// The device to run on: the first GPU adapter when the `wgpu` feature is on and `gpu` is asked
+/// for, the CPU otherwise.
+pub fn device(gpu: bool) -> Device {
+    #[cfg(feature = "wgpu")]
+    if gpu {
+        return Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    }
+    let _ = gpu;
+    cpu()
+}
+
+/// Errors building a [`QWeightHandle`].
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("weight bytes {start}..{end} lie outside the {file_len}-byte mapping")]
+    OutOfBounds { start: usize, end: usize, file_len: usize },
+    #[error("tensor {name}: {dims:?} is not a matrix")]
+    NotMatrix { name: String, dims: Vec<u64> },
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+}
+
+/// A quantized weight matrix `[rows, cols]` (row-major, rows of GGUF blocks) that points into a
+/// GGUF mapping: no bytes are copied on the CPU. Cloning bumps one refcount.
+#[derive(Clone, Debug)]
+pub struct QWeightHandle {
+    file: Arc<GgufFile>,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    start: usize,
+    len: usize,
+}
+
+impl QWeightHandle {
+    /// `bytes` is a range of `file.bytes()` holding exactly `rows` rows of `cols` elements of `ty`.
+    pub fn new(
+        file: Arc<GgufFile>,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Range<usize>,
+    ) -> Result<Self, HandleError> {
+        let file_len = file.bytes().len();
+        if bytes.start > bytes.end || bytes.end > file_len {
+            return Err(HandleError::OutOfBounds { start: bytes.start, end: bytes.end, file_len });
+        }
+        let h = QWeightHandle { file, ty, rows, cols, start: bytes.start, len: bytes.end - bytes.start };
+        h.mat().validate()?;
+        Ok(h)
+    }
+
+    /// The GGUF tensor `t` of `file` (GGUF dims `[cols, rows]`).
+    pub fn from_tensor(file: &Arc<GgufFile>, t: &TensorInfo) -> Result<Self, HandleError> {
+        if t.dims.len() != 2 {
+            return Err(HandleError::NotMatrix { name: t.name.clone(), dims: t.dims.clone() });
+        }
+        let (rows, cols) = t.rows_cols();
+        let start = (file.data_offset() + t.offset) as usize;
+        Self::new(file.clone(), t.ty, rows, cols, start..start + t.n_bytes as usize)
+    }
+
+    /// The borrowed view the kernels take.
+    #[inline]
+    pub fn mat(&self) -> QMatRef<'_> {
+        QMatRef { ty: self.ty, rows: self.rows, cols: self.cols, data: &self.file.bytes()[self.start..self.start + self.len] }
+    }
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// Custom ops on burn backends. The `Cube` arm exists only with this crate's `wgpu` feature.
+#[backend_extension(Flex, Cube: cfg(feature = "wgpu"))]
+pub trait QuantOps: Backend {
+    /// `y[.., rows] = x[.., cols] · Wᵀ` for a float `x` whose last dimension is `w.cols()`.
+    fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self>;
+}
+
+fn out_shape(x: &Shape, w: &QWeightHandle) -> (usize, Shape) {
+    let r = x.num_dims();
+    assert!(r >= 1, "qmatmul: x must have at least one dimension");
+    assert_eq!(x[r - 1], w.cols, "qmatmul: x's last dimension must equal the weight's cols");
+    let m = if w.cols == 0 { x.num_elements() } else { x.num_elements() / w.cols };
+    let mut s = x.clone();
+    s[r - 1] = w.rows;
+    (m, s)
+}
+
+impl QuantOps for Flex {
+    fn qmatmul(x: FlexTensor, w: &QWeightHandle) -> FlexTensor {
+        let (m, shape) = out_shape(&x.shape(), w);
+        // Zero-copy for a contiguous f32 tensor (the normal case); one copy for a strided view.
+        let x = if x.as_slice::<f32>().is_some() { x } else { x.to_contiguous() };
+        let xs = x.as_slice::<f32>().expect("qmatmul: x must be an f32 tensor");
+        let mut y = vec![0f32; m * w.rows];
+        quant::matmul(w.mat(), xs, m, &mut y);
+        // Moves the allocation into the tensor; no copy.
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
+}
+
+/// Interim GPU path: dequantized f32 copies of the weights, uploaded once per (weight, device)
+/// and kept for the life of the process (entries of a dropped mapping are replaced on reuse).
+#[cfg(feature = "wgpu")]
+mod cube {
+    use super::*;
+    use burn::backend::Cube;
+    use burn::backend::ops::FloatTensorOps;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, Weak};
+
+    type Key = (usize, usize, usize); // (mapping address, byte start, byte len)
+    struct Entry {
+        file: Weak<GgufFile>,
+        device: <Cube as Backend>::Device,
+        wt: FloatTensor<Cube>, // [cols, rows] = Wᵀ
+    }
+    static CACHE: Mutex<Option<HashMap<Key, Entry>>> = Mutex::new(None);
+
+    fn weight_t(w: &QWeightHandle, device: &<Cube as Backend>::Device) -> FloatTensor<Cube> {
+        let key = (Arc::as_ptr(&w.file) as usize, w.start, w.len);
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let map = cache.get_or_insert_with(HashMap::new);
+        if let Some(e) = map.get(&key)
+            && e.device == *device
+            && e.file.upgrade().is_some_and(|f| Arc::ptr_eq(&f, &w.file))
+        {
+            return e.wt.clone();
+        }
+        let (n, k) = (w.rows, w.cols);
+        let mut deq = vec![0f32; n * k];
+        quant::dequantize(w.ty, w.mat().data, &mut deq).expect("validated at handle creation");
+        let t = Cube::float_from_data(TensorData::new(deq, [n, k]), device);
+        let wt = Cube::float_swap_dims(t, 0, 1);
+        map.insert(key, Entry { file: Arc::downgrade(&w.file), device: device.clone(), wt: wt.clone() });
+        wt
+    }
+
+    impl QuantOps for Cube {
+        fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self> {
+            let (m, shape) = out_shape(&x.shape(), w);
+            let wt = weight_t(w, &x.device());
+            let x2 = Self::float_reshape(x, Shape::from([m, w.cols]));
+            let y = Self::float_matmul(x2, wt);
+            Self::float_reshape(y, shape)
+        }
+    }
+}
+
+/// Model-facing op: `x[.., cols] · Wᵀ -> [.., rows]` on whatever backend `x` lives on.
+pub fn qmatmul<const D: usize>(x: Tensor<D>, w: &QWeightHandle) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as QuantOps>::qmatmul(x.into_dispatch(), w))
+}
+
+/// Host-buffer convenience for callers that keep activations in `Vec<f32>`: moves `x`
+/// (`m × w.cols()`) into a CPU tensor, runs [`qmatmul`] and moves the result back out. On Flex
+/// neither direction copies.
+pub fn qmatmul_vec(x: Vec<f32>, m: usize, w: &QWeightHandle) -> Vec<f32> {
+    let x = Tensor::<2>::from_data(TensorData::new(x, [m, w.cols]), &cpu());
+    qmatmul(x, w).into_data().try_into_vec::<f32>().expect("qmatmul output is f32")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufWriter, parse_bytes};
+
+    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// An in-memory GGUF file with one (rows × cols) matrix per type.
+    fn file_with(types: &[GgmlType], rows: usize, cols: usize) -> Arc<GgufFile> {
+        let mut seed = 7u64;
+        let mut w = GgufWriter::new();
+        for ty in types {
+            let f = rand_vec(rows * cols, &mut seed);
+            let q = quant::quantize(*ty, &f).unwrap();
+            w.tensor(format!("w.{}", ty.name()), &[cols as u64, rows as u64], *ty, q);
+        }
+        Arc::new(parse_bytes(&w.to_bytes()).unwrap())
+    }
+
+    fn handle(file: &Arc<GgufFile>, ty: GgmlType) -> QWeightHandle {
+        QWeightHandle::from_tensor(file, file.require_tensor(&format!("w.{}", ty.name())).unwrap()).unwrap()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    const TYPES: [GgmlType; 3] = [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K];
+
+    #[test]
+    fn extension_matches_quant_matmul_bit_for_bit() {
+        let (rows, cols) = (96, 256);
+        let file = file_with(&TYPES, rows, cols);
+        let mut seed = 11u64;
+        for ty in TYPES {
+            let w = handle(&file, ty);
+            // The handle points into the mapping: no copy of the blocks.
+            assert!(std::ptr::eq(w.mat().data.as_ptr(), file.tensor_bytes(file.require_tensor(&format!("w.{}", ty.name())).unwrap()).as_ptr()));
+            for m in [1usize, 7] {
+                let x = rand_vec(m * cols, &mut seed);
+                let mut want = vec![0f32; m * rows];
+                quant::matmul(w.mat(), &x, m, &mut want);
+                let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, cols]), &cpu());
+                let y = qmatmul(t, &w);
+                assert_eq!(y.dims(), [m, rows]);
+                let got = y.into_data().try_into_vec::<f32>().unwrap();
+                assert_eq!(bits(&got), bits(&want), "{ty} m={m}");
+                assert_eq!(bits(&qmatmul_vec(x, m, &w)), bits(&want), "{ty} m={m} (vec)");
+            }
+        }
+    }
+
+    #[test]
+    fn rank3_input() {
+        let (rows, cols) = (32, 64);
+        let file = file_with(&[GgmlType::Q8_0], rows, cols);
+        let w = handle(&file, GgmlType::Q8_0);
+        let mut seed = 3u64;
+        let x = rand_vec(2 * 3 * cols, &mut seed);
+        let mut want = vec![0f32; 6 * rows];
+        quant::matmul(w.mat(), &x, 6, &mut want);
+        let y = qmatmul(Tensor::<3>::from_data(TensorData::new(x, [2, 3, cols]), &cpu()), &w);
+        assert_eq!(y.dims(), [2, 3, rows]);
+        assert_eq!(bits(&y.into_data().try_into_vec::<f32>().unwrap()), bits(&want));
+    }
+
+    #[test]
+    fn non_contiguous_input() {
+        let (rows, cols, m) = (64, 128, 5);
+        let file = file_with(&[GgmlType::Q4_1], rows, cols);
+        let w = handle(&file, GgmlType::Q4_1);
+        let mut seed = 5u64;
+        // x stored transposed ([cols, m]) and viewed as [m, cols].
+        let xt = rand_vec(cols * m, &mut seed);
+        let mut x = vec![0f32; m * cols];
+        for i in 0..m {
+            for j in 0..cols {
+                x[i * cols + j] = xt[j * m + i];
+            }
+        }
+        let mut want = vec![0f32; m * rows];
+        quant::matmul(w.mat(), &x, m, &mut want);
+        let view = Tensor::<2>::from_data(TensorData::new(xt, [cols, m]), &cpu()).transpose();
+        let got = qmatmul(view, &w).into_data().try_into_vec::<f32>().unwrap();
+        assert_eq!(bits(&got), bits(&want));
+    }
+
+    #[test]
+    fn vec_round_trip_does_not_copy() {
+        // Vec -> Flex tensor -> Vec keeps the allocation (what `linear()` relies on).
+        let v: Vec<f32> = (0..1024).map(|i| i as f32).collect();
+        let p = v.as_ptr();
+        let t = Tensor::<2>::from_data(TensorData::new(v, [4, 256]), &cpu());
+        let back = t.into_data().try_into_vec::<f32>().unwrap();
+        assert_eq!(back.as_ptr(), p);
+    }
+
+    #[test]
+    fn bad_handles_are_rejected() {
+        let file = file_with(&[GgmlType::Q8_0], 4, 32);
+        let len = file.bytes().len();
+        assert!(matches!(
+            QWeightHandle::new(file.clone(), GgmlType::Q8_0, 4, 32, len - 8..len + 8),
+            Err(HandleError::OutOfBounds { .. })
+        ));
+        assert!(matches!(QWeightHandle::new(file, GgmlType::Q8_0, 4, 32, 0..10), Err(HandleError::Quant(_))));
+    }
+}
