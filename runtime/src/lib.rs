@@ -1,6 +1,7 @@
 //! ember runtime: GGUF on mmap, quantized kernels, tokenizer, KV cache,
 //! sampling and the engine loop. The runtime emits timestamped events and
 //! never prints; measuring is the bench crate's job.
+#[cfg(feature = "burn")]
 pub mod backend;
 pub mod embedded;
 pub mod engine;
