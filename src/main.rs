@@ -153,6 +153,21 @@ struct BenchArgs {
     /// device profile name to record in the provenance
     #[argh(option)]
     device_profile: Option<String>,
+    /// results store to write this run to (default: $EMBER_DB or ~/.local/share/ember/ember.db)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// do not write the run to the results store
+    #[argh(switch)]
+    no_db: bool,
+    /// serve one request at a time instead of continuous batching
+    #[argh(switch)]
+    no_batching: bool,
+    /// turn off prefix caching (shared prompt prefixes are recomputed)
+    #[argh(switch)]
+    no_prefix_cache: bool,
+    /// KV cache budget in MiB for the batching server (default 512, or the --target profile's)
+    #[argh(option)]
+    kv_budget_mib: Option<usize>,
     /// device profile (targets/NAME.toml, built in; or a .toml path): sets threads, the memory/KV budget (caps --ctx) and the default SLO; explicit flags win
     #[argh(option)]
     target: Option<String>,
@@ -714,7 +729,50 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     };
     let provenance = ember_bench::provenance::for_engine(&engine, a.device_profile.clone());
     let started_at = rfc3339_now();
-    let mut server = SequentialServer::new(&engine);
+    let mut sequential = SequentialServer::new(&engine);
+    let kv_budget_bytes = a.kv_budget_mib.map(|m| m << 20).unwrap_or(512 << 20);
+    let mut scheduler = ember_runtime::scheduler::Scheduler::new(
+        &engine,
+        ember_runtime::scheduler::SchedulerConfig { kv_budget_bytes, prefix_caching: !a.no_prefix_cache, ..Default::default() },
+    );
+    let server: &mut dyn ember_runtime::serve::Server = if a.no_batching { &mut sequential } else { &mut scheduler };
+    // The results store: the run row first, then each request as it finishes.
+    let mut store = if a.no_db {
+        None
+    } else {
+        let path = a.db.clone().unwrap_or_else(ember_bench::store::default_db_path);
+        Some(ember_bench::store::Store::open(&path).with_context(|| format!("opening the results store {}", path.display()))?)
+    };
+    let mut run_id = None;
+    if let (Some(st), false) = (store.as_mut(), a.sweep) {
+        let schedule = harness::arrival_schedule(&load, &limits, w.items.len());
+        let head = RunResult {
+            started_at: started_at.clone(),
+            provenance: provenance.clone(),
+            workload: WorkloadInfo {
+                name: wname.clone(),
+                seed: a.seed,
+                hash: workload::workload_hash(&w, &load, &schedule),
+                load: serde_json::to_string(&load)?,
+                n_requests: w.items.len(),
+                n_warmup: w.warmup.len(),
+                ..Default::default()
+            },
+            slo_name: slo.name.clone(),
+            slo: serde_json::to_string(&slo)?,
+            ..Default::default()
+        };
+        let id = st.begin_run(&head)?;
+        run_id = Some(id);
+        let path = st.path().to_path_buf();
+        // A second connection for the sink: each finished request is its own transaction.
+        let mut sink_store = ember_bench::store::Store::open(&path)?;
+        harness::set_record_sink(Some(Box::new(move |r| {
+            if let Err(e) = sink_store.add_request(id, r) {
+                log::error!("results store: request {} not saved: {e}", r.request_id);
+            }
+        })));
+    }
     let (out, sweep, load_used) = if a.sweep {
         let cfg = SweepConfig {
             requests_per_point: a.requests.unwrap_or(16).max(4),
@@ -724,11 +782,11 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
             seed: a.seed,
         };
         let w_items = w.clone();
-        let (sw, out) = harness::sweep(&mut server, &SystemClock, &w_items, &opts, &slo, &cfg, &mut on_progress);
+        let (sw, out) = harness::sweep(server, &SystemClock, &w_items, &opts, &slo, &cfg, &mut on_progress);
         let rate = sw.max_goodput_rate.or(sw.points.last().map(|p| p.rate_rps)).unwrap_or(1.0);
         (out, Some(sw), LoadSpec::Rate { rps: rate, arrivals, seed: a.seed })
     } else {
-        (harness::run(&mut server, &SystemClock, &w, &opts, &mut on_progress), None, load.clone())
+        (harness::run(server, &SystemClock, &w, &opts, &mut on_progress), None, load.clone())
     };
     bar.finish_and_clear();
     if sweep.is_some() {
@@ -765,6 +823,19 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
         cache_evictions: out.cache_evictions,
         summary_json: serde_json::to_string(&summary)?,
     };
+    harness::set_record_sink(None);
+    if let Some(st) = store.as_mut() {
+        match run_id {
+            Some(id) => {
+                st.add_memory_samples(id, &result.memory)?;
+                st.finish_run(id, &result)?;
+            }
+            None => {
+                st.save_run(&result)?;
+            }
+        }
+        eprintln!("ember: run saved to {}", st.path().display());
+    }
     if let Some(path) = &a.out {
         let j = serde_json::json!({"run": result, "sweep": sweep, "overhead": out.overhead});
         std::fs::write(path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;

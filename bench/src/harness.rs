@@ -237,6 +237,11 @@ impl Driver<'_> {
                         self.done += 1;
                     }
                     finished.push((id, at));
+                    RECORD_SINK.with(|s| {
+                        if let Some(f) = s.borrow_mut().as_mut() {
+                            f(r)
+                        }
+                    });
                 }
             }
         }
@@ -314,6 +319,17 @@ fn ember_rss() -> u64 {
         Some(f) => f(),
         None => ember_runtime::sys::memory().rss_bytes,
     })
+}
+
+thread_local! {
+    static RECORD_SINK: std::cell::RefCell<Option<Box<dyn FnMut(&RequestRecord)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Called with each request's record the moment it finishes (on the driving
+/// thread), e.g. to commit it to the results store so a crash loses at most the
+/// requests in flight. `None` removes the sink.
+pub fn set_record_sink(f: Option<Box<dyn FnMut(&RequestRecord)>>) {
+    RECORD_SINK.with(|s| *s.borrow_mut() = f);
 }
 
 /// Replace the RSS probe on this thread (tests use a fixed value).
