@@ -21,6 +21,9 @@ use super::GgmlType;
 use super::kernels::{QRow, TileFn, Tiles};
 use super::reference::scale_min_k4;
 
+/// How far ahead of the block being decoded the kernels prefetch each weight row.
+const PREFETCH_BYTES: usize = 4096;
+
 /// A [`Tiles`] family of kernel `$f` (const params `$k`, then R, C) with R ∈ {rmax, 1}, C ∈ 1..=4.
 macro_rules! family {
     ($f:ident, $rmax:literal $(, $k:expr)?) => {
@@ -156,6 +159,9 @@ macro_rules! x86_kernels {
                     for r in 0..R {
                         // SAFETY: block b of row r lies inside `w` (lengths checked above).
                         let blk = unsafe { wp.add(r * rb + b * bb) };
+                        // Decode streams the weights from DRAM once per token: ask for the
+                        // row's data ahead of use (a hint; it never faults).
+                        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_BYTES) as *const i8);
                         dw[r] = _mm256_set1_ps(f16(blk));
                         q[r] = if q8 {
                             // SAFETY: the 32 quant bytes lie inside the block.
@@ -253,6 +259,8 @@ macro_rules! x86_kernels {
                     let mut dmw = [0f32; R];
                     for r in 0..R {
                         let blk = &w[r * rb + i * bb..r * rb + (i + 1) * bb];
+                        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(PREFETCH_BYTES + 64) as *const i8);
                         dw[r] = f16(blk.as_ptr());
                         dmw[r] = f16(blk[2..].as_ptr());
                         let mut mn = [0i16; 16];
@@ -350,6 +358,9 @@ macro_rules! x86_kernels {
                     for r in 0..R {
                         // SAFETY: super-block i of row r lies inside `w`.
                         let bp = unsafe { wp.add(r * rb + i * 210) };
+                        for k in 0..4 {
+                            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH_BYTES + 64 * k) as *const i8);
+                        }
                         dw[r] = f16(unsafe { bp.add(208) });
                         // SAFETY: the 16 i8 scales sit at offset 192.
                         let sc = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(bp.add(192) as *const __m128i) });
