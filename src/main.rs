@@ -588,21 +588,6 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
 
 /// `ember bench` with a workload: build it, drive the engine through the
 /// harness, print the table (or JSON).
@@ -728,7 +713,7 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
         bar.set_position(p.done as u64);
     };
     let provenance = ember_bench::provenance::for_engine(&engine, a.device_profile.clone());
-    let started_at = rfc3339_now();
+    let started_at = ember_bench::store::now_rfc3339();
     let mut sequential = SequentialServer::new(&engine);
     let kv_budget_bytes = a.kv_budget_mib.map(|m| m << 20).unwrap_or(512 << 20);
     let mut scheduler = ember_runtime::scheduler::Scheduler::new(

@@ -728,25 +728,11 @@ pub fn kernel_checks(threads: usize, profile: Option<&DeviceProfile>, fault: Opt
     out
 }
 
-fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
 
 /// Run every check. `progress` sees each check as it completes.
 pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, SelftestError> {
     let t0 = Instant::now();
-    let started_at = rfc3339_now();
+    let started_at = crate::store::now_rfc3339();
     let profile = opts.profile.as_ref();
     let threads = opts.threads.or(profile.map(|p| p.threads)).unwrap_or_else(ember_runtime::sys::available_cores);
     if threads == 0 {

@@ -172,7 +172,8 @@ pub fn parse_finish(s: &str) -> FinishKind {
     }
 }
 
-fn now_rfc3339() -> String {
+/// The current UTC time as RFC 3339 (for humans; every figure uses the monotonic clock).
+pub fn now_rfc3339() -> String {
     // Civil UTC from the Unix time (Howard Hinnant's days-to-civil algorithm).
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
