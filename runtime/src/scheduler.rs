@@ -258,17 +258,9 @@ impl Server for Scheduler<'_> {
             r.history.push(tok);
             let index = r.n_out;
             r.n_out += 1;
-            let eog = !r.req.ignore_eos && engine.tokenizer.is_eog(tok);
-            let piece = if eog { String::new() } else { String::from_utf8_lossy(&engine.tokenizer.token_bytes(tok)).into_owned() };
-            r.text.push_str(&piece);
-            let tail = r.text.len().saturating_sub(piece.len() + r.req.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0));
-            let mut tail = tail;
-            while !r.text.is_char_boundary(tail) {
-                tail -= 1;
-            }
-            let stop_hit = r.req.stop_strings.iter().any(|s| !s.is_empty() && r.text[tail..].contains(s.as_str()));
+            let (piece, stop) = crate::serve::absorb_token(engine, &r.req, &mut r.text, tok);
             out.push(ServeEvent::Token { id: r.req.id, at, index, token: tok, text: piece });
-            if eog || stop_hit {
+            if stop {
                 done.push((i, FinishKind::Stop));
             } else if r.n_out >= r.req.max_tokens || self.kv.seq_len(r.seq) + 1 >= engine.cfg.n_ctx {
                 done.push((i, FinishKind::Length));

@@ -124,6 +124,23 @@ pub trait Server {
     fn stats(&self) -> ServerStats;
 }
 
+/// What a freshly sampled token means for its request: its text, and whether
+/// it ends the request (end-of-generation token, or a stop string completed).
+/// `text` is the request's output so far; the new piece is appended to it.
+pub(crate) fn absorb_token(engine: &Engine, req: &ServeRequest, text: &mut String, tok: u32) -> (String, bool) {
+    let eog = !req.ignore_eos && engine.tokenizer.is_eog(tok);
+    let piece = if eog { String::new() } else { String::from_utf8_lossy(&engine.tokenizer.token_bytes(tok)).into_owned() };
+    text.push_str(&piece);
+    // Only the tail that the new piece can have completed needs searching.
+    let longest = req.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut tail = text.len().saturating_sub(piece.len() + longest);
+    while !text.is_char_boundary(tail) {
+        tail -= 1;
+    }
+    let stop_hit = req.stop_strings.iter().any(|s| !s.is_empty() && text[tail..].contains(s.as_str()));
+    (piece, eog || stop_hit)
+}
+
 struct Active {
     req: ServeRequest,
     kv: KvCache,
@@ -238,13 +255,10 @@ impl Server for SequentialServer<'_> {
         a.history.push(tok);
         let index = a.n_out;
         a.n_out += 1;
-        let eog = !a.req.ignore_eos && engine.tokenizer.is_eog(tok);
-        let piece = if eog { String::new() } else { String::from_utf8_lossy(&engine.tokenizer.token_bytes(tok)).into_owned() };
-        a.text.push_str(&piece);
-        let stop_hit = !a.req.stop_strings.is_empty() && a.req.stop_strings.iter().any(|s| !s.is_empty() && a.text.contains(s.as_str()));
+        let (piece, stop) = absorb_token(engine, &a.req, &mut a.text, tok);
         out.push(ServeEvent::Token { id: a.req.id, at, index, token: tok, text: piece });
         let full = a.kv.len() + 1 >= engine.cfg.n_ctx;
-        if eog || stop_hit {
+        if stop {
             self.finish(out, FinishKind::Stop, None);
         } else if a.n_out >= a.req.max_tokens || full {
             self.finish(out, FinishKind::Length, None);
