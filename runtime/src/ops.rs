@@ -152,6 +152,46 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Where one kv head's rows sit in a sequence's blocks.
+#[derive(Clone, Copy)]
+struct KvRows {
+    block_size: usize,
+    kvrow: usize,
+    off: usize,
+    hd: usize,
+}
+
+impl KvRows {
+    #[inline(always)]
+    fn row<'a>(&self, blocks: &[&'a [f32]], j: usize) -> &'a [f32] {
+        &blocks[j / self.block_size][(j % self.block_size) * self.kvrow + self.off..][..self.hd]
+    }
+}
+
+/// One query head against its kv head: scaled scores, softmax, probabilities at
+/// f16 precision (llama.cpp multiplies f16 V by f16-converted probabilities),
+/// then the weighted sum of V rows into `o`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend(qh: &[f32], k_blocks: &[&[f32]], v_blocks: &[&[f32]], kv: KvRows, n_ctx: usize, scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+    scores.extend((0..n_ctx).map(|j| dot(qh, kv.row(k_blocks, j)) * scale));
+    softmax(scores);
+    round_f16_slice(scores);
+    o.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        axpy(o, p, kv.row(v_blocks, j));
+    }
+}
+
+/// [`attend`] compiled for AVX2: the same operations in the same order on wider
+/// vectors (no FMA contraction), so results are bit-identical to the baseline.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+fn attend_avx2(qh: &[f32], k_blocks: &[&[f32]], v_blocks: &[&[f32]], kv: KvRows, n_ctx: usize, scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+    attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o)
+}
+
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -185,9 +225,8 @@ pub fn attention(
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n_q = q.len() / qrow;
-    let row = |blocks: &[&[f32]], j: usize, kvh: usize| -> *const f32 {
-        blocks[j / block_size][(j % block_size) * kvrow + kvh * hd..].as_ptr()
-    };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     let work = |idx: usize, o: &mut [f32], scores: &mut Vec<f32>| {
         let (t, h) = (idx / s.n_heads, idx % s.n_heads);
         let kvh = h / group;
@@ -204,21 +243,14 @@ pub fn attention(
             &q[t * qrow + h * hd..][..hd]
         };
         scores.clear();
-        scores.extend((0..n_ctx).map(|j| {
-            // SAFETY: `row` points at a kv row inside a block slice with at least
-            // `hd` elements left (kvh·hd + hd ≤ kvrow).
-            let kr = unsafe { std::slice::from_raw_parts(row(k_blocks, j, kvh), hd) };
-            dot(qh, kr) * scale
-        }));
-        softmax(scores);
-        // llama.cpp multiplies V (f16) by the probabilities converted to f16.
-        round_f16_slice(scores);
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            // SAFETY: as above, for the value blocks.
-            let vr = unsafe { std::slice::from_raw_parts(row(v_blocks, j, kvh), hd) };
-            axpy(o, p, vr);
+        let kv = KvRows { block_size, kvrow, off: kvh * hd, hd };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2 support was detected at run time.
+            unsafe { attend_avx2(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o) };
+            return;
         }
+        attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o);
     };
     let total_work = n_q * s.n_heads * (pos0 + n_q) * hd;
     if total_work < 1 << 16 {
