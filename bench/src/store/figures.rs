@@ -58,46 +58,26 @@ pub struct Stats {
     pub p999: f64,
 }
 
-/// The quantiles reported, in per mille, with their names.
-pub const QUANTILES: [(u64, &str); 5] = [(500, "p50"), (900, "p90"), (950, "p95"), (990, "p99"), (999, "p99.9")];
+/// The quantiles reported, in per mille, with their names (the metrics module's set).
+pub use crate::metrics::QUANTILES_PERMILLE as QUANTILES;
 
 /// Nearest rank: the sample at rank ⌈q·n⌉ (1-based) of the sorted samples,
-/// q = permille/1000.
+/// q = permille/1000 (`metrics::nearest_rank`); NaN when there are none.
 pub fn nearest_rank(sorted: &[f64], permille: u64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let n = sorted.len() as u64;
-    let rank = (permille * n).div_ceil(1000).max(1);
-    sorted[(rank - 1) as usize]
+    crate::metrics::nearest_rank(sorted, permille).unwrap_or(f64::NAN)
 }
 
 /// Whether a percentile is too thin to mean anything: n < 1/(1−q).
-pub fn thin(n: usize, permille: u64) -> bool {
-    (n as u64) * (1000 - permille) < 1000
-}
+pub use crate::metrics::too_few as thin;
 
 impl Stats {
-    pub fn of(mut v: Vec<f64>) -> Option<Stats> {
+    /// The same statistics the harness reports (`metrics::Dist`); `None` for no samples.
+    pub fn of(v: Vec<f64>) -> Option<Stats> {
         if v.is_empty() {
             return None;
         }
-        v.sort_by(|a, b| a.total_cmp(b));
-        let n = v.len();
-        let mean = v.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 { v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
-        Some(Stats {
-            n,
-            mean,
-            min: v[0],
-            max: v[n - 1],
-            sd: var.sqrt(),
-            p50: nearest_rank(&v, 500),
-            p90: nearest_rank(&v, 900),
-            p95: nearest_rank(&v, 950),
-            p99: nearest_rank(&v, 990),
-            p999: nearest_rank(&v, 999),
-        })
+        let d = crate::metrics::Dist::of(v);
+        Some(Stats { n: d.n, mean: d.mean, min: d.min, max: d.max, sd: d.sd, p50: d.p50, p90: d.p90, p95: d.p95, p99: d.p99, p999: d.p999 })
     }
 
     /// By the stat's name as stored in `run_metrics`.
