@@ -60,6 +60,9 @@ struct BenchArgs {
     /// llama-bench mode: repetitions (default 5)
     #[argh(option, short = 'r')]
     reps: Option<usize>,
+    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    #[argh(option, default = "String::from(\"auto\")")]
+    backend: String,
     /// worker threads (default: all cores)
     #[argh(option, short = 't')]
     threads: Option<usize>,
@@ -196,6 +199,9 @@ struct RunArgs {
     /// maximum new tokens (default 128)
     #[argh(option, short = 'n', default = "128")]
     n_predict: usize,
+    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    #[argh(option, default = "String::from(\"auto\")")]
+    backend: String,
     /// worker threads (default: all cores)
     #[argh(option, short = 't')]
     threads: Option<usize>,
@@ -296,13 +302,28 @@ fn model_path(p: Option<PathBuf>) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn open_engine(model: Option<PathBuf>, threads: Option<usize>, ctx: Option<usize>, batch: usize) -> Result<Engine> {
+/// Decide where to run (`--backend`) and say so on stderr when it is not the plain CPU choice.
+fn place(backend: &str) -> Result<ember_runtime::accel::Placement> {
+    use ember_runtime::accel::{BackendChoice, Placement, choose};
+    let choice: BackendChoice = backend.parse().map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
+    let p = choose(choice);
+    match (&p, choice) {
+        (Placement::Cpu { .. }, BackendChoice::Cpu) => log::info!("{}", p.describe()),
+        (Placement::Cpu { reason }, _) => eprintln!("ember: --backend {choice}: falling back to the CPU: {reason}"),
+        #[cfg(feature = "wgpu")]
+        (Placement::Gpu { .. }, _) => eprintln!("ember: {}", p.describe()),
+    }
+    Ok(p)
+}
+
+fn open_engine(model: Option<PathBuf>, backend: &str, threads: Option<usize>, ctx: Option<usize>, batch: usize) -> Result<Engine> {
     let path = model_path(model)?;
     let threads = threads.unwrap_or_else(ember_runtime::sys::available_cores);
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    let engine = ember_models::open(&path, |train_ctx| EngineConfig {
+    let placement = place(backend)?;
+    let engine = ember_models::open_on(&path, &placement, |train_ctx| EngineConfig {
         threads,
         n_ctx: ctx.unwrap_or(train_ctx.min(4096)),
         prefill_chunk: batch.max(1),
@@ -350,7 +371,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     sampler.validate().map_err(|e| anyhow::anyhow!(e))?;
     let t_load = Instant::now();
-    let engine = open_engine(a.model.clone(), a.threads, a.ctx, a.batch)?;
+    let engine = open_engine(a.model.clone(), &a.backend, a.threads, a.ctx, a.batch)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let tok = &engine.tokenizer;
     let text = if a.chat {
@@ -430,8 +451,17 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let ttft_ms = ms(t_start, t_first);
     let decode_ms = ms(t_first, t_last);
     let mem = ember_runtime::sys::memory();
+    let dev = match engine.model.device_memory() {
+        Some(m) => format!(
+            " | device: weights {:.0} MiB, peak {:.0} MiB",
+            m.weights_bytes as f64 / (1 << 20) as f64,
+            m.peak_bytes as f64 / (1 << 20) as f64
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "\nember: {n_prompt} prompt tokens, {n_gen} generated ({:?}) | load {load_ms:.0} ms | TTFT {ttft_ms:.1} ms | prefill {:.1} tok/s | decode {} | RSS peak {:.0} MiB",
+        "\nember: {} | {n_prompt} prompt tokens, {n_gen} generated ({:?}) | load {load_ms:.0} ms | TTFT {ttft_ms:.1} ms | prefill {:.1} tok/s | decode {} | RSS peak {:.0} MiB{dev}",
+        engine.model.backend(),
         generation.finish_reason,
         n_prompt as f64 / (prefill_ms / 1e3),
         if n_gen >= 2 { format!("{:.1} tok/s", (n_gen - 1) as f64 / (decode_ms / 1e3)) } else { "n/a (<2 tokens)".into() },
@@ -549,7 +579,7 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
     if longest == 0 {
         bail!("nothing to run: give --pp and/or --tg");
     }
-    let engine = open_engine(a.model.clone(), a.threads, Some(longest.max(16)), a.batch)?;
+    let engine = open_engine(a.model.clone(), &a.backend, a.threads, Some(longest.max(16)), a.batch)?;
     let c = engine.model.config();
     if longest > c.n_ctx_train {
         bail!("--pp/--tg of {longest} tokens exceeds the model's training context of {}", c.n_ctx_train);
@@ -573,7 +603,8 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
     if a.json {
         let out = serde_json::json!({
             "model": name, "model_path": engine.file.path(), "weights_bytes": engine.model.weight_bytes(),
-            "threads": threads, "backend": "cpu", "isa": format!("{:?}", ember_runtime::quant::best_isa()),
+            "threads": threads, "backend": engine.model.backend(), "adapter": engine.model.adapter().map(|a| a.0),
+            "isa": format!("{:?}", ember_runtime::quant::best_isa()),
             "target": APPLIED_TARGET.get(),
             "results": results, "rss_peak_bytes": ember_runtime::sys::memory().rss_peak_bytes,
         });
@@ -582,7 +613,11 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
         println!("| model | size | backend | threads | test | t/s |");
         println!("| --- | ---: | --- | ---: | ---: | ---: |");
         for r in &results {
-            println!("| {name} | {size_mib:.2} MiB | CPU ({:?}) | {threads} | {} | {:.2} ± {:.2} |", ember_runtime::quant::best_isa(), r.test, r.mean_tps, r.sd_tps);
+            let be = match engine.model.adapter() {
+                Some((a, _)) => format!("wgpu ({a})"),
+                None => format!("CPU ({:?})", ember_runtime::quant::best_isa()),
+            };
+            println!("| {name} | {size_mib:.2} MiB | {be} | {threads} | {} | {:.2} ± {:.2} |", r.test, r.mean_tps, r.sd_tps);
         }
     }
     Ok(())
@@ -622,7 +657,7 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     if a.requests == Some(0) {
         bail!("--requests must be at least 1");
     }
-    let engine = open_engine(a.model.clone(), a.threads, a.ctx, a.batch)?;
+    let engine = open_engine(a.model.clone(), &a.backend, a.threads, a.ctx, a.batch)?;
     let n_ctx = engine.cfg.n_ctx;
     let sampler = SamplerConfig { temperature: a.temp, seed: a.seed, ..SamplerConfig::default() };
     sampler.validate().map_err(|e| anyhow::anyhow!("bad sampling parameters: {e}"))?;

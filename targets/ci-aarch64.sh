@@ -27,7 +27,9 @@ rustup target add "$TRIPLE" >/dev/null 2>&1 || rustup target add "$TRIPLE"
 # ---- build (the linker and CC come from .cargo/config.toml)
 if [ -n "${EMBER_CI_RELEASE:-}" ]; then PROF=(--release); DIR=release; else PROF=(); DIR=debug; fi
 t0=$(date +%s)
-nice cargo build --locked "${PROF[@]}" --target "$TRIPLE" --bin ember
+# CPU-only for the ARM check (--no-default-features drops wgpu): the NEON kernels are what
+# qemu can exercise, and a second wgpu stack for aarch64 would cost CI ~20 more minutes.
+nice cargo build --locked "${PROF[@]}" --target "$TRIPLE" --no-default-features --bin ember
 t1=$(date +%s)
 nice cargo build --locked "${PROF[@]}" --bin ember
 say "cross-build $TRIPLE ($DIR): $((t1 - t0)) s"

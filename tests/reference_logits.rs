@@ -52,10 +52,12 @@ struct Top {
     logits: Vec<f32>,
 }
 
-fn check_model(model_file: &str, fixture: &str) {
+fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel::Placement) {
     let path = common::real_model(model_file);
     let r: Reference = serde_json::from_str(&std::fs::read_to_string(common::fixture(fixture)).unwrap()).unwrap();
-    let engine = ember_models::open(&path, |_| EngineConfig { threads: 2, n_ctx: 512, prefill_chunk: 512 }).unwrap();
+    let engine =
+        ember_models::open_on(&path, placement, |_| EngineConfig { threads: 2, n_ctx: 512, prefill_chunk: 512 }).unwrap();
+    eprintln!("{model_file} on {}", engine.model.backend());
     assert_eq!(engine.model.config().n_vocab, r.n_vocab);
     assert_eq!(r.model_sha256.len(), 64);
     let n_vocab = r.n_vocab;
@@ -128,12 +130,29 @@ fn check_model(model_file: &str, fixture: &str) {
     assert!(greedy_failures.is_empty(), "greedy continuation differs from llama.cpp within the first {GREEDY_PREFIX} tokens:\n{}", greedy_failures.join("\n"));
 }
 
+fn cpu() -> ember_runtime::accel::Placement {
+    ember_runtime::accel::choose(ember_runtime::accel::BackendChoice::Cpu)
+}
+
 #[test]
 fn smollm2_q4_1_matches_llama_cpp() {
-    check_model(common::SMOLLM2, "dev-smollm2-135m-instruct-q4_1.json");
+    check_model(common::SMOLLM2, "dev-smollm2-135m-instruct-q4_1.json", &cpu());
 }
 
 #[test]
 fn qwen25_q4_k_m_matches_llama_cpp() {
-    check_model(common::QWEN25, "dev-qwen2.5-coder-0.5b-instruct-q4_k_m.json");
+    check_model(common::QWEN25, "dev-qwen2.5-coder-0.5b-instruct-q4_k_m.json", &cpu());
+}
+
+/// The same acceptance through the GPU decoder (`--backend wgpu`); in CI on lavapipe. Fails
+/// (never skips) without a wgpu adapter.
+#[cfg(feature = "wgpu")]
+#[test]
+fn smollm2_q4_1_matches_llama_cpp_on_wgpu() {
+    use ember_runtime::accel::{BackendChoice, Placement, choose};
+    let p = choose(BackendChoice::Wgpu);
+    if let Placement::Cpu { reason } = &p {
+        panic!("no usable wgpu adapter ({reason}); on Debian/Ubuntu install mesa-vulkan-drivers");
+    }
+    check_model(common::SMOLLM2, "dev-smollm2-135m-instruct-q4_1.json", &p);
 }

@@ -54,9 +54,9 @@ pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance
     Provenance {
         ember_version: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: git_commit(),
-        backend: "cpu".into(),
-        adapter: format!("{:?}", ember_runtime::quant::best_isa()),
-        driver: String::new(),
+        backend: engine.model.backend().into(),
+        adapter: engine.model.adapter().map(|a| a.0).unwrap_or_else(|| format!("{:?}", ember_runtime::quant::best_isa())),
+        driver: engine.model.adapter().map(|a| a.1).unwrap_or_default(),
         cpu_model: ember_runtime::sys::cpu_model(),
         cpu_cores: ember_runtime::sys::available_cores(),
         threads: engine.cfg.threads,

@@ -3,6 +3,7 @@
 //! shared [`transformer`] block, with the differences (biases, RoPE style, tied
 //! output head) carried as data rather than as copies of the code.
 
+pub mod device;
 pub mod llama;
 pub mod qwen2;
 pub mod transformer;
@@ -15,17 +16,35 @@ use ember_runtime::model::{Model, ModelError};
 /// Architectures ember can run, by `general.architecture`.
 pub const SUPPORTED: &[&str] = &[llama::ARCH, qwen2::ARCH];
 
-/// Bind a mapped GGUF file to its architecture's implementation.
-pub fn load(file: Arc<GgufFile>) -> Result<Box<dyn Model>, ModelError> {
+/// Bind a mapped GGUF file to its architecture's decoder.
+pub fn load_transformer(file: Arc<GgufFile>) -> Result<transformer::Transformer, ModelError> {
     let arch = file.require_str(ember_runtime::gguf::keys::ARCHITECTURE)?.to_string();
     match arch.as_str() {
-        llama::ARCH => Ok(Box::new(llama::load(file)?)),
-        qwen2::ARCH => Ok(Box::new(qwen2::load(file)?)),
+        llama::ARCH => llama::load(file),
+        qwen2::ARCH => qwen2::load(file),
         _ => Err(ModelError::UnknownArchitecture {
             path: file.path().display().to_string(),
             arch,
             supported: SUPPORTED.join(", "),
         }),
+    }
+}
+
+/// Bind a mapped GGUF file to its architecture's implementation, on the CPU.
+pub fn load(file: Arc<GgufFile>) -> Result<Box<dyn Model>, ModelError> {
+    Ok(Box::new(load_transformer(file)?))
+}
+
+/// As [`load`], on the device `placement` names: the CPU fast path, or the burn-tensor decoder
+/// ([`device::DeviceTransformer`]) with the weights uploaded to the GPU.
+pub fn load_on(file: Arc<GgufFile>, placement: &ember_runtime::accel::Placement) -> Result<Box<dyn Model>, ModelError> {
+    match placement {
+        ember_runtime::accel::Placement::Cpu { .. } => load(file),
+        #[cfg(feature = "wgpu")]
+        ember_runtime::accel::Placement::Gpu { device, adapter } => {
+            let a = Some((format!("{} ({}, {})", adapter.name, adapter.kind, adapter.api), adapter.driver.clone()));
+            Ok(Box::new(device::DeviceTransformer::new(load_transformer(file)?, device.clone(), "wgpu", a)?))
+        }
     }
 }
 
@@ -48,8 +67,18 @@ pub fn open(
     path: &std::path::Path,
     cfg: impl FnOnce(usize) -> ember_runtime::engine::EngineConfig,
 ) -> Result<ember_runtime::engine::Engine, OpenError> {
+    let cpu = ember_runtime::accel::Placement::Cpu { reason: "default".into() };
+    open_on(path, &cpu, cfg)
+}
+
+/// [`open`] on the device `placement` names.
+pub fn open_on(
+    path: &std::path::Path,
+    placement: &ember_runtime::accel::Placement,
+    cfg: impl FnOnce(usize) -> ember_runtime::engine::EngineConfig,
+) -> Result<ember_runtime::engine::Engine, OpenError> {
     let file = Arc::new(GgufFile::open(path)?);
-    let model = load(file.clone())?;
+    let model = load_on(file.clone(), placement)?;
     let tokenizer = ember_runtime::tokenizer::Tokenizer::from_gguf(&file.metadata)
         .map_err(|source| OpenError::Tokenizer { path: path.display().to_string(), source })?;
     let cfg = cfg(model.config().n_ctx_train);

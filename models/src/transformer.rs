@@ -68,38 +68,38 @@ impl TensorName {
 
 /// A weight matrix as a byte range of the mapping.
 #[derive(Clone, Copy, Debug)]
-struct QWeight {
-    ty: GgmlType,
-    rows: usize,
-    cols: usize,
-    start: usize,
-    len: usize,
+pub(crate) struct QWeight {
+    pub(crate) ty: GgmlType,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: QWeight, // (n_heads·head_dim, n_embd)
-    wk: QWeight, // (n_kv_heads·head_dim, n_embd)
-    wv: QWeight, // (n_kv_heads·head_dim, n_embd)
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    wo: QWeight, // (n_embd, n_heads·head_dim)
-    ffn_norm: Vec<f32>,
-    w_gate: QWeight, // (n_ff, n_embd)
-    w_up: QWeight,   // (n_ff, n_embd)
-    w_down: QWeight, // (n_embd, n_ff)
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: QWeight, // (n_heads·head_dim, n_embd)
+    pub(crate) wk: QWeight, // (n_kv_heads·head_dim, n_embd)
+    pub(crate) wv: QWeight, // (n_kv_heads·head_dim, n_embd)
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) wo: QWeight, // (n_embd, n_heads·head_dim)
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) w_gate: QWeight, // (n_ff, n_embd)
+    pub(crate) w_up: QWeight,   // (n_ff, n_embd)
+    pub(crate) w_down: QWeight, // (n_embd, n_ff)
 }
 
 pub struct Transformer {
-    file: Arc<GgufFile>,
-    cfg: ModelConfig,
-    rope: Rope,
-    tok_embd: QWeight, // (n_vocab, n_embd)
-    output_norm: Vec<f32>,
-    output: QWeight, // (n_vocab, n_embd), possibly the embedding itself
-    layers: Vec<Layer>,
-    weight_bytes: u64,
+    pub(crate) file: Arc<GgufFile>,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) rope: Rope,
+    pub(crate) tok_embd: QWeight, // (n_vocab, n_embd)
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) output: QWeight, // (n_vocab, n_embd), possibly the embedding itself
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) weight_bytes: u64,
 }
 
 struct Binder<'a> {

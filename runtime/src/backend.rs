@@ -8,10 +8,10 @@
 //!   tensor (one copy only if the input is a non-contiguous view) and the output `Vec<f32>` is
 //!   moved into the result tensor, so the extension adds a fixed cost of a few hundred ns per call
 //!   and no per-element work.
-//! - **Cube** (only with this crate's `wgpu` feature): an **interim** path. The weight is
-//!   dequantized to f32 once, uploaded, cached, and multiplied with burn's dense matmul. It is
-//!   correct but spends 4 bytes per weight of device memory and bandwidth; the real path is a
-//!   CubeCL kernel that reads the quantized blocks on the device.
+//! - **Cube** (only with this crate's `wgpu` feature): the weight is repacked once, losslessly,
+//!   into one flat affine layout ([`crate::quant::repack`]: 4-, 8- or 16-bit codes plus an f32
+//!   scale and offset per group), uploaded, and multiplied by a CubeCL kernel that decodes the
+//!   codes in registers ([`cube`]). No type is widened to f32 weights on the device.
 //!
 //! Backends not listed (ndarray, libtorch, remote) panic when the op is called on them.
 
@@ -31,16 +31,6 @@ pub fn cpu() -> Device {
     Device::flex()
 }
 
-/// The device to run on: the first GPU adapter when the `wgpu` feature is on and `gpu` is asked
-/// for, the CPU otherwise.
-pub fn device(gpu: bool) -> Device {
-    #[cfg(feature = "wgpu")]
-    if gpu {
-        return Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
-    }
-    let _ = gpu;
-    cpu()
-}
 
 /// Errors building a [`QWeightHandle`].
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +41,8 @@ pub enum HandleError {
     NotMatrix { name: String, dims: Vec<u64> },
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error("GPU upload: {0}")]
+    Device(String),
 }
 
 /// A quantized weight matrix `[rows, cols]` (row-major, rows of GGUF blocks) that points into a
@@ -63,6 +55,9 @@ pub struct QWeightHandle {
     cols: usize,
     start: usize,
     len: usize,
+    /// The weight's copy on a GPU device, made by [`prepare`] (or the first GPU matmul).
+    #[cfg(feature = "wgpu")]
+    gpu: Arc<std::sync::Mutex<Option<cube::DevWeight>>>,
 }
 
 impl QWeightHandle {
@@ -78,7 +73,16 @@ impl QWeightHandle {
         if bytes.start > bytes.end || bytes.end > file_len {
             return Err(HandleError::OutOfBounds { start: bytes.start, end: bytes.end, file_len });
         }
-        let h = QWeightHandle { file, ty, rows, cols, start: bytes.start, len: bytes.end - bytes.start };
+        let h = QWeightHandle {
+            file,
+            ty,
+            rows,
+            cols,
+            start: bytes.start,
+            len: bytes.end - bytes.start,
+            #[cfg(feature = "wgpu")]
+            gpu: Arc::default(),
+        };
         h.mat().validate()?;
         Ok(h)
     }
@@ -118,6 +122,14 @@ pub trait QuantOps: Backend {
     fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self>;
 }
 
+#[cfg(feature = "wgpu")]
+impl QuantOps for burn::backend::Cube {
+    fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self> {
+        let (m, shape) = out_shape(&x.shape(), w);
+        cube::qmatmul(x, w, m, shape)
+    }
+}
+
 fn out_shape(x: &Shape, w: &QWeightHandle) -> (usize, Shape) {
     let r = x.num_dims();
     assert!(r >= 1, "qmatmul: x must have at least one dimension");
@@ -141,52 +153,20 @@ impl QuantOps for Flex {
     }
 }
 
-/// Interim GPU path: dequantized f32 copies of the weights, uploaded once per (weight, device)
-/// and kept for the life of the process (entries of a dropped mapping are replaced on reuse).
+/// The GPU arm: weights repacked losslessly at upload ([`crate::quant::repack`]) and multiplied
+/// by one CubeCL kernel that decodes codes in registers. Nothing is widened to f32 weights.
 #[cfg(feature = "wgpu")]
-mod cube {
-    use super::*;
-    use burn::backend::Cube;
-    use burn::backend::ops::FloatTensorOps;
-    use std::collections::HashMap;
-    use std::sync::{Mutex, Weak};
+pub(crate) mod cube;
 
-    type Key = (usize, usize, usize); // (mapping address, byte start, byte len)
-    struct Entry {
-        file: Weak<GgufFile>,
-        device: <Cube as Backend>::Device,
-        wt: FloatTensor<Cube>, // [cols, rows] = Wᵀ
+/// Copy `w` to `device` ahead of use, in the device's layout, and return the device bytes it
+/// takes (0 on the CPU, where weights stay in the mapping). Idempotent.
+pub fn prepare(w: &QWeightHandle, device: &Device) -> Result<usize, HandleError> {
+    #[cfg(feature = "wgpu")]
+    if let Some(d) = cube::cube_device(device) {
+        return cube::prepare(w, &d);
     }
-    static CACHE: Mutex<Option<HashMap<Key, Entry>>> = Mutex::new(None);
-
-    fn weight_t(w: &QWeightHandle, device: &<Cube as Backend>::Device) -> FloatTensor<Cube> {
-        let key = (Arc::as_ptr(&w.file) as usize, w.start, w.len);
-        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        let map = cache.get_or_insert_with(HashMap::new);
-        if let Some(e) = map.get(&key)
-            && e.device == *device
-            && e.file.upgrade().is_some_and(|f| Arc::ptr_eq(&f, &w.file))
-        {
-            return e.wt.clone();
-        }
-        let (n, k) = (w.rows, w.cols);
-        let mut deq = vec![0f32; n * k];
-        quant::dequantize(w.ty, w.mat().data, &mut deq).expect("validated at handle creation");
-        let t = Cube::float_from_data(TensorData::new(deq, [n, k]), device);
-        let wt = Cube::float_swap_dims(t, 0, 1);
-        map.insert(key, Entry { file: Arc::downgrade(&w.file), device: device.clone(), wt: wt.clone() });
-        wt
-    }
-
-    impl QuantOps for Cube {
-        fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self> {
-            let (m, shape) = out_shape(&x.shape(), w);
-            let wt = weight_t(w, &x.device());
-            let x2 = Self::float_reshape(x, Shape::from([m, w.cols]));
-            let y = Self::float_matmul(x2, wt);
-            Self::float_reshape(y, shape)
-        }
-    }
+    let _ = (w, device);
+    Ok(0)
 }
 
 /// Model-facing op: `x[.., cols] · Wᵀ -> [.., rows]` on whatever backend `x` lives on.

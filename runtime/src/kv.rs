@@ -102,6 +102,12 @@ pub struct PagedKv {
     seqs: HashMap<SeqId, Seq>,
     next_seq: SeqId,
     pub counters: KvCounters,
+    /// K/V storage kept by a backend outside host memory (a GPU model's device pools, indexed by
+    /// the same block ids). While it is set, host storage is never allocated: this struct does the
+    /// bookkeeping (blocks, prefix index, refcounts, LRU) for both.
+    pub device_store: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Bytes the device pools hold (set by the backend that owns `device_store`).
+    pub device_bytes: usize,
 }
 
 const HASH_SEED: u64 = 0x6a09_e667_f3bc_c909;
@@ -137,6 +143,8 @@ impl PagedKv {
             seqs: HashMap::new(),
             next_seq: 0,
             counters: KvCounters::default(),
+            device_store: None,
+            device_bytes: 0,
         }
     }
 
@@ -155,7 +163,7 @@ impl PagedKv {
         self.used_blocks() * self.layout.block_bytes()
     }
     pub fn bytes_reserved(&self) -> usize {
-        self.storage.capacity() * 4
+        if self.device_store.is_some() { self.device_bytes } else { self.storage.capacity() * 4 }
     }
     pub fn bytes_budget(&self) -> usize {
         self.n_blocks * self.layout.block_bytes()
@@ -190,7 +198,7 @@ impl PagedKv {
             b
         };
         let need = (b as usize + 1) * self.layout.block_floats();
-        if self.storage.len() < need {
+        if self.device_store.is_none() && self.storage.len() < need {
             self.storage.resize(need, 0.0);
         }
         self.refcount[b as usize] = 1;
@@ -301,6 +309,11 @@ impl PagedKv {
             self.storage[ko..ko + kd].copy_from_slice(kr);
             self.storage[vo..vo + kd].copy_from_slice(vr);
         }
+    }
+
+    /// The block ids holding `seq`'s positions, in order (position `p` is in `table[p / block_size]`).
+    pub fn block_table(&self, seq: SeqId) -> &[BlockId] {
+        &self.seqs[&seq].blocks
     }
 
     /// Per-block K and V slices (`[block_size × kv_dim]` each) of `seq` in `layer`.

@@ -1,6 +1,7 @@
 //! ember runtime: GGUF on mmap, quantized kernels, tokenizer, KV cache,
 //! sampling and the engine loop. The runtime emits timestamped events and
 //! never prints; measuring is the bench crate's job.
+pub mod accel;
 #[cfg(feature = "burn")]
 pub mod backend;
 pub mod embedded;
@@ -14,5 +15,7 @@ pub mod sample;
 pub mod scheduler;
 pub mod serve;
 pub mod sys;
+#[cfg(feature = "burn")]
+pub mod tensor_ops;
 pub mod tokenizer;
 pub mod chat;

@@ -73,8 +73,33 @@ pub struct BatchItem<'a> {
     pub logits: LogitsWanted,
 }
 
+/// Memory a GPU backend holds, as its allocator reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceMemory {
+    /// Weight bytes uploaded to the device (repacked layout).
+    pub weights_bytes: u64,
+    /// Allocator bytes in use now (weights, KV pools, activations).
+    pub in_use_bytes: u64,
+    /// Allocator bytes reserved from the driver now.
+    pub reserved_bytes: u64,
+    /// Largest `reserved_bytes` seen after any forward pass.
+    pub peak_bytes: u64,
+}
+
 pub trait Model: Send + Sync {
     fn config(&self) -> &ModelConfig;
+    /// Where the forward pass runs, for logs and records: "cpu" or "wgpu".
+    fn backend(&self) -> &'static str {
+        "cpu"
+    }
+    /// The GPU adapter and driver the model runs on (`None` on the CPU).
+    fn adapter(&self) -> Option<(String, String)> {
+        None
+    }
+    /// Device memory from the backend's allocator; `None` on the CPU, where RSS covers it.
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
     /// Bytes of weights this model reads (mapped, not copied).
     fn weight_bytes(&self) -> u64;
     /// Shape of this model's KV blocks.

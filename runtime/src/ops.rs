@@ -61,6 +61,17 @@ impl Rope {
         Rope { style, head_dim, n_rot, inv_freq }
     }
 
+    /// `(cos θ_i, sin θ_i)` for the `n_rot / 2` rotated pairs at position `pos`: the angles
+    /// [`Rope::apply`] uses, for backends that rotate elsewhere.
+    pub fn angles(&self, pos: usize, cs: &mut [(f32, f32)]) {
+        let mut theta = pos as f32;
+        let scale = if self.n_rot / 2 > 1 { self.inv_freq[1] } else { 1.0 };
+        for c in cs.iter_mut() {
+            *c = (theta.cos(), theta.sin());
+            theta *= scale;
+        }
+    }
+
     /// Rotate every head of `x` (`[n_tokens × n_heads·head_dim]`), token t at position `pos0 + t`.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, pos0: usize) {
         let hd = self.head_dim;
@@ -68,12 +79,7 @@ impl Rope {
         let half = self.n_rot / 2;
         let mut cs = vec![(0f32, 0f32); half];
         for (t, xr) in x.chunks_exact_mut(row).enumerate() {
-            let mut theta = (pos0 + t) as f32;
-            let scale = if half > 1 { self.inv_freq[1] } else { 1.0 };
-            for c in cs.iter_mut() {
-                *c = (theta.cos(), theta.sin());
-                theta *= scale;
-            }
+            self.angles(pos0 + t, &mut cs);
             for h in xr.chunks_exact_mut(hd) {
                 match self.style {
                     RopeStyle::Normal => {

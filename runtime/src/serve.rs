@@ -189,6 +189,8 @@ impl Server for SequentialServer<'_> {
             kv_bytes_reserved: reserved as u64,
             running: self.active.is_some() as usize,
             waiting: self.waiting.len(),
+            device_bytes: self.engine.model.device_memory().map_or(0, |m| m.reserved_bytes),
+            device_bytes_peak: self.engine.model.device_memory().map_or(0, |m| m.peak_bytes),
             ..Default::default()
         }
     }

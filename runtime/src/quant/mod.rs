@@ -19,6 +19,7 @@ mod matmul;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod reference;
+pub mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

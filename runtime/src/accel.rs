@@ -1,0 +1,283 @@
+//! Where a model runs: `--backend auto|cpu|wgpu|vulkan|metal`.
+//!
+//! * `cpu`: ember's own SIMD kernels on the mapped file.
+//! * `auto`: the best **hardware** GPU adapter wgpu finds (discrete, then integrated, then
+//!   virtual); otherwise the CPU, saying why.
+//! * `wgpu`: the best adapter of any kind, software ones included (lavapipe, llvmpipe), which is
+//!   how CI checks the GPU path on a machine without a GPU.
+//! * `vulkan`, `metal`: as `wgpu`, limited to adapters of that API.
+//!
+//! On every API ember's kernels are compiled to WGSL: burn's direct SPIR-V path (`burn/vulkan`)
+//! crashes Debian 12's lavapipe at the first compute pipeline, so no target enables it.
+//!
+//! An adapter that lacks what the kernels need (compute shaders, 64-unit workgroups, four storage
+//! buffers per stage, 1 KiB of workgroup memory) is skipped with a message. If the device then
+//! fails to come up, the caller gets [`Placement::Cpu`] with the reason, never a crash.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Wgpu,
+    Vulkan,
+    Metal,
+}
+
+impl BackendChoice {
+    pub const NAMES: [&'static str; 5] = ["auto", "cpu", "wgpu", "vulkan", "metal"];
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => BackendChoice::Auto,
+            "cpu" => BackendChoice::Cpu,
+            "wgpu" | "gpu" => BackendChoice::Wgpu,
+            "vulkan" => BackendChoice::Vulkan,
+            "metal" => BackendChoice::Metal,
+            _ => return Err(format!("unknown backend '{s}' (expected one of: {})", Self::NAMES.join(", "))),
+        })
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Self::NAMES[*self as usize])
+    }
+}
+
+/// One wgpu adapter, as the log and the benchmark record describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adapter {
+    pub name: String,
+    /// "discrete", "integrated", "virtual", "software" or "other".
+    pub kind: &'static str,
+    /// Graphics API: "vulkan", "metal", "dx12", ...
+    pub api: String,
+    pub driver: String,
+    /// Why the kernels cannot run on it, if they cannot.
+    pub unusable: Option<String>,
+}
+
+impl Adapter {
+    pub fn is_hardware(&self) -> bool {
+        matches!(self.kind, "discrete" | "integrated" | "virtual")
+    }
+}
+
+impl fmt::Display for Adapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}, {}", self.name, self.kind, self.api)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// The decision.
+#[derive(Clone, Debug)]
+pub enum Placement {
+    Cpu { reason: String },
+    #[cfg(feature = "wgpu")]
+    Gpu { device: burn::tensor::Device, adapter: Adapter },
+}
+
+impl Placement {
+    /// "cpu" or "wgpu", as stored with benchmark runs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Placement::Cpu { .. } => "cpu",
+            #[cfg(feature = "wgpu")]
+            Placement::Gpu { .. } => "wgpu",
+        }
+    }
+    /// One line for the log and for stderr.
+    pub fn describe(&self) -> String {
+        match self {
+            Placement::Cpu { reason } => format!("backend: cpu ({reason})"),
+            #[cfg(feature = "wgpu")]
+            Placement::Gpu { adapter, .. } => format!("backend: wgpu on {adapter}"),
+        }
+    }
+}
+
+/// Every adapter wgpu reports on the primary APIs, in wgpu's order.
+#[cfg(feature = "wgpu")]
+pub fn adapters() -> Vec<Adapter> {
+    raw_adapters().into_iter().map(|(a, _)| a).collect()
+}
+
+#[cfg(not(feature = "wgpu"))]
+pub fn adapters() -> Vec<Adapter> {
+    Vec::new()
+}
+
+#[cfg(feature = "wgpu")]
+fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
+    let desc = wgpu::InstanceDescriptor { backends: wgpu::Backends::PRIMARY, ..wgpu::InstanceDescriptor::new_without_display_handle_from_env() };
+    let instance = wgpu::Instance::new(desc);
+    let list = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    list.into_iter()
+        .map(|a| {
+            let info = a.get_info();
+            let kind = match info.device_type {
+                wgpu::DeviceType::DiscreteGpu => "discrete",
+                wgpu::DeviceType::IntegratedGpu => "integrated",
+                wgpu::DeviceType::VirtualGpu => "virtual",
+                wgpu::DeviceType::Cpu => "software",
+                wgpu::DeviceType::Other => "other",
+            };
+            let limits = a.limits();
+            let down = a.get_downlevel_capabilities();
+            let unusable = if !down.flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
+                Some("no compute shaders".to_string())
+            } else if limits.max_compute_workgroup_size_x < 64 || limits.max_compute_invocations_per_workgroup < 64 {
+                Some(format!("workgroups of {} units (ember needs 64)", limits.max_compute_workgroup_size_x))
+            } else if limits.max_storage_buffers_per_shader_stage < 4 {
+                Some(format!("{} storage buffers per stage (ember needs 4)", limits.max_storage_buffers_per_shader_stage))
+            } else if limits.max_compute_workgroup_storage_size < 1024 {
+                Some(format!("{} bytes of workgroup memory (ember needs 1024)", limits.max_compute_workgroup_storage_size))
+            } else {
+                None
+            };
+            let driver = [info.driver.as_str(), info.driver_info.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let ad = Adapter { name: info.name.clone(), kind, api: format!("{:?}", info.backend).to_lowercase(), driver, unusable };
+            (ad, info.device_type)
+        })
+        .collect()
+}
+
+/// Decide where to run. Never fails: anything that prevents the GPU path becomes a CPU
+/// placement with the reason.
+pub fn choose(choice: BackendChoice) -> Placement {
+    if choice == BackendChoice::Cpu {
+        return Placement::Cpu { reason: "--backend cpu".into() };
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        Placement::Cpu { reason: format!("--backend {choice}: this ember was built without the wgpu feature") }
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        gpu::choose(choice)
+    }
+}
+
+#[cfg(feature = "wgpu")]
+mod gpu {
+    use super::*;
+    use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+
+    fn rank(kind: &str) -> u8 {
+        match kind {
+            "discrete" => 0,
+            "integrated" => 1,
+            "virtual" => 2,
+            "software" => 3,
+            _ => 4,
+        }
+    }
+
+    pub(super) fn choose(choice: BackendChoice) -> Placement {
+        let all = raw_adapters();
+        let wanted_api = match choice {
+            BackendChoice::Vulkan => Some("vulkan"),
+            BackendChoice::Metal => Some("metal"),
+            _ => None,
+        };
+        let mut skipped = Vec::new();
+        let mut best: Option<(usize, &Adapter, wgpu::DeviceType)> = None;
+        for (i, (a, ty)) in all.iter().enumerate() {
+            if wanted_api.is_some_and(|api| a.api != api) {
+                continue;
+            }
+            if choice == BackendChoice::Auto && !a.is_hardware() {
+                skipped.push(format!("{a}: not a hardware GPU"));
+                continue;
+            }
+            if let Some(why) = &a.unusable {
+                skipped.push(format!("{a}: {why}"));
+                continue;
+            }
+            if best.is_none_or(|(_, b, _)| rank(a.kind) < rank(b.kind)) {
+                best = Some((i, a, *ty));
+            }
+        }
+        let Some((idx, adapter, ty)) = best else {
+            let mut reason = match (choice, wanted_api) {
+                (_, Some(api)) => format!("--backend {choice}: no usable {api} adapter"),
+                (BackendChoice::Auto, _) => "no hardware GPU adapter".to_string(),
+                _ => format!("--backend {choice}: no usable GPU adapter"),
+            };
+            if all.is_empty() {
+                reason.push_str(" (wgpu found no adapter at all; on Linux install a Vulkan driver, e.g. mesa-vulkan-drivers)");
+            } else if !skipped.is_empty() {
+                reason.push_str(&format!(" (skipped: {})", skipped.join("; ")));
+            }
+            return Placement::Cpu { reason };
+        };
+        // burn selects adapters by type and index within that type, in wgpu's order.
+        let nth = all[..idx].iter().filter(|(_, t)| *t == ty).count();
+        let kind = match ty {
+            wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(nth),
+            wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(nth),
+            wgpu::DeviceType::VirtualGpu => DeviceKind::VirtualGpu(nth),
+            wgpu::DeviceType::Cpu => DeviceKind::Cpu,
+            wgpu::DeviceType::Other => DeviceKind::DefaultDevice,
+        };
+        let device = Device::wgpu(kind);
+        match smoke_test(&device) {
+            Ok(()) => Placement::Gpu { device, adapter: adapter.clone() },
+            Err(why) => Placement::Cpu { reason: format!("{adapter} failed to start: {why}") },
+        }
+    }
+
+    /// Bring the device up and run one op, catching a panic from the driver stack.
+    fn smoke_test(device: &Device) -> Result<(), String> {
+        let d = device.clone();
+        let r = std::panic::catch_unwind(move || {
+            let t = Tensor::<1>::from_data(TensorData::new(vec![1f32, 2.0, 3.0, 4.0], [4]), &d);
+            let v = (t * 2.0).into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+            if v == [2.0, 4.0, 6.0, 8.0] { Ok(()) } else { Err(format!("wrong result {v:?}")) }
+        });
+        match r {
+            Ok(r) => r,
+            Err(p) => Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_name_and_rejects_others() {
+        for n in BackendChoice::NAMES {
+            assert_eq!(n.parse::<BackendChoice>().unwrap().to_string(), n);
+        }
+        let e = "cuda".parse::<BackendChoice>().unwrap_err();
+        assert!(e.contains("auto, cpu, wgpu, vulkan, metal"), "{e}");
+    }
+
+    #[test]
+    fn cpu_is_always_cpu() {
+        assert_eq!(choose(BackendChoice::Cpu).backend(), "cpu");
+    }
+}
