@@ -249,7 +249,9 @@ impl Model for DeviceTransformer {
             let k = self.linear(xn.clone(), &ly.wk, ly.bk.as_ref());
             let v = self.linear(xn, &ly.wv, ly.bv.as_ref());
             let q = T::rope(q, &self.rope, c.n_heads, &cos, &sin);
-            let k = T::rope(k, &self.rope, c.n_kv_heads, &cos, &sin);
+            // The cache holds f16 values (llama.cpp's default), as on the CPU path.
+            let k = backend::round_f16(T::rope(k, &self.rope, c.n_kv_heads, &cos, &sin));
+            let v = backend::round_f16(v);
             // Store the new rows, one contiguous slot run at a time.
             let (mut kp, mut vp) = (pools.k[l].clone(), pools.v[l].clone());
             for (r0, len, pos0, slots) in &segs {

@@ -329,14 +329,16 @@ impl Model for Transformer {
             self.linear(&ly.wq, ly.bq.as_deref(), &s.xn, n, &mut s.q);
             self.linear(&ly.wk, ly.bk.as_deref(), &s.xn, n, &mut s.k);
             self.linear(&ly.wv, ly.bv.as_deref(), &s.xn, n, &mut s.v);
-            ops::round_f16_slice(&mut s.k);
-            ops::round_f16_slice(&mut s.v);
             s.att.resize(n * q_dim, 0.0);
             for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
                 let q = &mut s.q[r0 * q_dim..(r0 + len) * q_dim];
                 let k = &mut s.k[r0 * kv_dim..(r0 + len) * kv_dim];
                 self.rope.apply(q, c.n_heads, pos0);
                 self.rope.apply(k, c.n_kv_heads, pos0);
+                // The cache holds f16 (llama.cpp's default): K is rounded after RoPE, as
+                // llama.cpp copies the rotated f32 K into its f16 cache.
+                ops::round_f16_slice(k);
+                ops::round_f16_slice(&mut s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
                 kv.write(it.seq, l, k, &s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
             }
             for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {

@@ -120,6 +120,9 @@ impl QWeightHandle {
 pub trait QuantOps: Backend {
     /// `y[.., rows] = x[.., cols] · Wᵀ` for a float `x` whose last dimension is `w.cols()`.
     fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self>;
+    /// Every element rounded to the nearest f16 value (kept in f32): the precision of
+    /// llama.cpp's f16 KV cache, for backends without f16 storage.
+    fn round_f16(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "wgpu")]
@@ -127,6 +130,9 @@ impl QuantOps for burn::backend::Cube {
     fn qmatmul(x: FloatTensor<Self>, w: &QWeightHandle) -> FloatTensor<Self> {
         let (m, shape) = out_shape(&x.shape(), w);
         cube::qmatmul(x, w, m, shape)
+    }
+    fn round_f16(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        cube::round_f16(x)
     }
 }
 
@@ -151,6 +157,12 @@ impl QuantOps for Flex {
         // Moves the allocation into the tensor; no copy.
         FlexTensor::from_data(TensorData::new(y, shape))
     }
+    fn round_f16(x: FlexTensor) -> FlexTensor {
+        let shape = x.shape();
+        let x = if x.as_slice::<f32>().is_some() { x } else { x.to_contiguous() };
+        let v: Vec<f32> = x.as_slice::<f32>().expect("round_f16: f32 tensor").iter().map(|&v| crate::ops::round_f16(v)).collect();
+        FlexTensor::from_data(TensorData::new(v, shape))
+    }
 }
 
 /// The GPU arm: weights repacked losslessly at upload ([`crate::quant::repack`]) and multiplied
@@ -172,6 +184,11 @@ pub fn prepare(w: &QWeightHandle, device: &Device) -> Result<usize, HandleError>
 /// Model-facing op: `x[.., cols] · Wᵀ -> [.., rows]` on whatever backend `x` lives on.
 pub fn qmatmul<const D: usize>(x: Tensor<D>, w: &QWeightHandle) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as QuantOps>::qmatmul(x.into_dispatch(), w))
+}
+
+/// [`QuantOps::round_f16`] on whatever backend `x` lives on.
+pub fn round_f16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as QuantOps>::round_f16(x.into_dispatch()))
 }
 
 /// Host-buffer convenience for callers that keep activations in `Vec<f32>`: moves `x`

@@ -80,7 +80,9 @@ pub fn rope(x: Tensor<2>, rope: &Rope, n_heads: usize, cos: &Tensor<2>, sin: &Te
 
 /// Causal attention of `q` (`[n_q, n_heads·head_dim]`, query t at position `pos0 + t`) against
 /// `k`, `v` (`[n_ctx, n_kv_heads·head_dim]`, positions `0..n_ctx`, `n_ctx ≥ pos0 + n_q`), with
-/// grouped-query heads (query head h reads kv head `h / (n_heads / n_kv_heads)`).
+/// grouped-query heads (query head h reads kv head `h / (n_heads / n_kv_heads)`). `k` and `v`
+/// are expected at f16 precision (the cache's); `q` and the probabilities are rounded to it here,
+/// as [`crate::ops::attention`] does.
 pub fn attention(
     q: Tensor<2>,
     k: Tensor<2>,
@@ -94,7 +96,8 @@ pub fn attention(
     let [n_ctx, _] = k.dims();
     let device = q.device();
     let g = n_heads / n_kv_heads;
-    let q = q.reshape([n_q, n_heads, head_dim]).swap_dims(0, 1); // [H, n_q, hd]
+    // q at f16 precision like the cached keys, as llama.cpp's f16 K·Q product has it.
+    let q = crate::backend::round_f16(q).reshape([n_q, n_heads, head_dim]).swap_dims(0, 1); // [H, n_q, hd]
     let expand = |t: Tensor<2>| {
         t.reshape([n_ctx, n_kv_heads, head_dim])
             .swap_dims(0, 1) // [KV, n_ctx, hd]
@@ -113,7 +116,8 @@ pub fn attention(
         }
     }
     let mask = Tensor::<2>::from_data(TensorData::new(mask, [n_q, n_ctx]), &device).unsqueeze_dim::<3>(0);
-    let probs = softmax(scores + mask);
+    // Probabilities at f16 precision: llama.cpp multiplies the f16 V by f16-converted ones.
+    let probs = crate::backend::round_f16(softmax(scores + mask));
     probs.matmul(v).swap_dims(0, 1).reshape([n_q, n_heads * head_dim])
 }
 

@@ -20,6 +20,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeDevice, kernel::into_contiguous};
 
 use super::{HandleError, QWeightHandle};
+use crate::quant::GgmlType;
 use crate::quant::repack::{CodeKind, repack};
 
 /// Units per cube.
@@ -146,6 +147,115 @@ fn f16_bits_to_f32(h: u32) -> f32 {
     out
 }
 
+/// Round to the nearest f16 value (ties to even), kept in f32: subnormal f16 values are
+/// multiples of 2^-24, normal ones keep 10 mantissa bits, and overflow goes to ±inf.
+#[allow(unused_assignments)]
+#[cube]
+fn round_f16_value(x: f32) -> f32 {
+    let a = x.abs();
+    let mut out = x;
+    if a < 6.103_515_6e-5f32 {
+        out = (x * 16_777_216.0f32).round() * 5.960_464_5e-8f32;
+    } else if a >= 65_520.0f32 {
+        let bits = u32::reinterpret(x);
+        out = f32::reinterpret((bits & 0x8000_0000u32) | 0x7F80_0000u32);
+    } else {
+        let bits = u32::reinterpret(x);
+        let lsb = (bits >> 13) & 1;
+        out = f32::reinterpret((bits + 0xFFFu32 + lsb) & 0xFFFF_E000u32);
+    }
+    out
+}
+
+#[cube(launch)]
+fn round_f16_kernel(x: &[f32], y: &mut [f32], n: u32) {
+    let i = ABSOLUTE_POS;
+    if i < n as usize {
+        y[i] = round_f16_value(x[i]);
+    }
+}
+
+/// Round half away from zero (C `roundf`).
+#[cube]
+fn round_away(v: f32) -> f32 {
+    let r = (v.abs() + 0.5f32).floor();
+    select(v < 0.0f32, -r, r)
+}
+
+/// The activation rounding ember's CPU kernels (and llama.cpp) apply before their integer dots,
+/// as f32 values `d · q`: per block of 32 with an f16 scale (`act` 0: Q8_0 and Q8_1), per block of
+/// 256 with an f32 scale (`act` 1: Q8_K), or each value rounded to f16 (2) or bf16 (3) for
+/// float weights. One unit per block.
+#[allow(unused_assignments)]
+#[cube(launch)]
+fn quantize_act_kernel(
+    x: &[f32],
+    y: &mut [f32],
+    corr: &mut [f32],
+    n_blocks: u32,
+    #[comptime] act: u32,
+    #[comptime] block: u32,
+    #[comptime] q81: bool,
+) {
+    let b = ABSOLUTE_POS;
+    if b < n_blocks as usize {
+        let base = b * block as usize;
+        if comptime![act == 0] {
+            let mut amax = 0.0f32;
+            for j in 0..block as usize {
+                amax = amax.max(x[base + j].abs());
+            }
+            let d = amax / 127.0f32;
+            let mut id = 0.0f32;
+            if d != 0.0f32 {
+                id = 1.0f32 / d;
+            }
+            let dh = round_f16_value(d);
+            let mut sum = 0.0f32;
+            for j in 0..block as usize {
+                let q = round_away(x[base + j] * id);
+                sum += q;
+                y[base + j] = q * dh;
+            }
+            if comptime![q81] {
+                // Q8_1 carries s = f16(d·Σq) for the weight's min term; the kernel adds
+                // `offset · (s − dh·Σq)` so that term uses s exactly as the CPU does.
+                corr[b] = round_f16_value(d * sum) - dh * sum;
+            }
+        } else if comptime![act == 1] {
+            let mut amax = 0.0f32;
+            let mut max = 0.0f32;
+            for j in 0..block as usize {
+                let v = x[base + j];
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            if amax == 0.0f32 {
+                for j in 0..block as usize {
+                    y[base + j] = 0.0f32;
+                }
+            } else {
+                let iscale = -127.0f32 / max;
+                let d = 1.0f32 / iscale;
+                for j in 0..block as usize {
+                    // ggml's nearest_int: ties to even (WGSL round), clamped at 127.
+                    let q = (iscale * x[base + j]).round().min(127.0f32);
+                    y[base + j] = q * d;
+                }
+            }
+        } else if comptime![act == 2] {
+            y[b] = round_f16_value(x[b]);
+        } else {
+            // bf16: round to nearest even on the top 16 bits.
+            let bits = u32::reinterpret(x[b]);
+            let lsb = (bits >> 16) & 1;
+            y[b] = f32::reinterpret((bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32);
+        }
+    }
+}
+
 #[allow(unused_assignments)]
 #[cube]
 fn decode(word: u32, k: u32, scale: f32, offset: f32, #[comptime] kind: u32) -> f32 {
@@ -169,6 +279,7 @@ fn qmm_kernel(
     codes: &[u32],
     params: &[f32],
     x: &[f32],
+    corr: &[f32],
     y: &mut [f32],
     m: u32,
     rows: u32,
@@ -176,6 +287,7 @@ fn qmm_kernel(
     #[comptime] kind: u32,
     #[comptime] per_word: u32,
     #[comptime] group: u32,
+    #[comptime] has_corr: bool,
 ) {
     // No early return: the barriers below must be reached by every unit (WGSL uniformity), so a
     // cube past the last row computes row `rows - 1` again and does not write it.
@@ -203,6 +315,15 @@ fn qmm_kernel(
             let g = (r as usize * cols as usize + c0) / group as usize;
             scale = params[2 * g];
             offset = params[2 * g + 1];
+        }
+        if comptime![has_corr] {
+            // First word of a 32-column activation block (Q4_1/Q5_1 groups are those blocks).
+            if c0 % 32 == 0 {
+                a0 += offset * corr[(x0 + c0) / 32];
+                a1 += offset * corr[(x1 + c0) / 32];
+                a2 += offset * corr[(x2 + c0) / 32];
+                a3 += offset * corr[(x3 + c0) / 32];
+            }
         }
         #[unroll]
         for k in 0..per_word {
@@ -239,13 +360,82 @@ fn qmm_kernel(
     }
 }
 
-/// `y = x · Wᵀ` on the device `x` lives on.
+fn launch_1d(n: usize) -> (CubeCount, CubeDim) {
+    let units = 64u32;
+    let cubes = (n as u32).div_ceil(units).max(1);
+    (CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), 1), CubeDim::new_1d(units))
+}
+
+/// [`super::QuantOps::round_f16`] on the device.
+pub(crate) fn round_f16(x: CubeTensor) -> CubeTensor {
+    let x = into_contiguous(x);
+    assert_eq!(x.dtype, DType::F32, "round_f16: x must be f32 on the device");
+    let n = x.meta.shape().num_elements();
+    let client = x.client.clone();
+    let out = client.empty(n.max(1) * 4);
+    if n > 0 {
+        let (count, dim) = launch_1d(n);
+        unsafe {
+            round_f16_kernel::launch(
+                &client,
+                count,
+                dim,
+                BufferArg::from_raw_parts(x.handle.clone(), n),
+                BufferArg::from_raw_parts(out.clone(), n),
+                n as u32,
+            );
+        }
+    }
+    CubeTensor::new_contiguous(client, x.device.clone(), x.meta.shape().clone(), out, DType::F32)
+}
+
+/// `x` rounded as the CPU kernels round activations for `ty` (see `quantize_act_kernel`).
+/// Returns the rounded activations and, for Q8_1 (Q4_1/Q5_1 weights), the per-block
+/// corrections of the min term.
+fn quantize_act(x: &CubeTensor, ty: GgmlType, n: usize) -> Option<(cubecl::server::Handle, Option<cubecl::server::Handle>)> {
+    let (act, block) = match ty {
+        GgmlType::F32 => return None,
+        GgmlType::F16 => (2, 1),
+        GgmlType::BF16 => (3, 1),
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => (1, 256),
+        _ => (0, 32),
+    };
+    let q81 = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+    let client = &x.client;
+    let out = client.empty(n.max(1) * 4);
+    let n_blocks = n / block;
+    let corr = client.empty(if q81 { n_blocks.max(1) * 4 } else { 4 });
+    let (count, dim) = launch_1d(n_blocks);
+    unsafe {
+        quantize_act_kernel::launch(
+            client,
+            count,
+            dim,
+            BufferArg::from_raw_parts(x.handle.clone(), n),
+            BufferArg::from_raw_parts(out.clone(), n),
+            BufferArg::from_raw_parts(corr.clone(), if q81 { n_blocks.max(1) } else { 1 }),
+            n_blocks as u32,
+            act,
+            block as u32,
+            q81,
+        );
+    }
+    Some((out, q81.then_some(corr)))
+}
+
+/// `y = x · Wᵀ` on the device `x` lives on. The activations are first rounded as the CPU
+/// kernels round them (8-bit blocks for quantized weights, f16/bf16 for half weights), so the
+/// GPU follows the same numerics as the CPU path and llama.cpp.
 pub(crate) fn qmatmul(x: CubeTensor, w: &QWeightHandle, m: usize, out_shape: burn::tensor::Shape) -> CubeTensor {
     let device = x.device.clone();
     let (b, _, _) = bind(w, &device).unwrap_or_else(|e| panic!("qmatmul: {e}"));
     let x = into_contiguous(x);
     assert_eq!(x.dtype, DType::F32, "qmatmul: x must be f32 on the device");
     let client = x.client.clone();
+    let (xq, corr) = quantize_act(&x, w.ty, m * w.cols).unwrap_or_else(|| (x.handle.clone(), None));
+    let has_corr = corr.is_some();
+    let n_corr = if has_corr { m * w.cols / 32 } else { 1 };
+    let corr = corr.unwrap_or_else(|| client.empty(4));
     let out = client.empty(m.max(1) * w.rows * 4);
     if m > 0 && w.rows > 0 {
         let rows = w.rows as u32;
@@ -260,7 +450,8 @@ pub(crate) fn qmatmul(x: CubeTensor, w: &QWeightHandle, m: usize, out_shape: bur
                 CubeDim::new_1d(UNITS),
                 BufferArg::from_raw_parts(b.codes, b.n_codes),
                 BufferArg::from_raw_parts(b.params, b.n_params),
-                BufferArg::from_raw_parts(x.handle.clone(), m * w.cols),
+                BufferArg::from_raw_parts(xq, m * w.cols),
+                BufferArg::from_raw_parts(corr, n_corr),
                 BufferArg::from_raw_parts(out.clone(), m * w.rows),
                 m as u32,
                 rows,
@@ -268,6 +459,7 @@ pub(crate) fn qmatmul(x: CubeTensor, w: &QWeightHandle, m: usize, out_shape: bur
                 kind_id(kind),
                 kind.per_word() as u32,
                 b.group.max(1) as u32,
+                has_corr,
             );
         }
     }
