@@ -305,18 +305,28 @@ fn model_path(p: Option<PathBuf>) -> Result<PathBuf> {
 /// Decide where to run (`--backend`) and say so on stderr when it is not the plain CPU choice.
 fn place(backend: &str) -> Result<ember_runtime::accel::Placement> {
     use ember_runtime::accel::{BackendChoice, Placement, choose};
-    let choice: BackendChoice = backend.parse().map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
+    let choice: BackendChoice = backend
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--backend: {e}"))?;
     let p = choose(choice);
     match (&p, choice) {
         (Placement::Cpu { .. }, BackendChoice::Cpu) => log::info!("{}", p.describe()),
-        (Placement::Cpu { reason }, _) => eprintln!("ember: --backend {choice}: falling back to the CPU: {reason}"),
+        (Placement::Cpu { reason }, _) => {
+            eprintln!("ember: --backend {choice}: falling back to the CPU: {reason}")
+        }
         #[cfg(feature = "wgpu")]
         (Placement::Gpu { .. }, _) => eprintln!("ember: {}", p.describe()),
     }
     Ok(p)
 }
 
-fn open_engine(model: Option<PathBuf>, backend: &str, threads: Option<usize>, ctx: Option<usize>, batch: usize) -> Result<Engine> {
+fn open_engine(
+    model: Option<PathBuf>,
+    backend: &str,
+    threads: Option<usize>,
+    ctx: Option<usize>,
+    batch: usize,
+) -> Result<Engine> {
     let path = model_path(model)?;
     let threads = threads.unwrap_or_else(ember_runtime::sys::available_cores);
     if threads == 0 {
@@ -350,10 +360,12 @@ fn read_prompt(a: &RunArgs) -> Result<String> {
         (Some(p), None) => Ok(p.clone()),
         (None, Some(f)) if f.as_os_str() == "-" => {
             let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the prompt from stdin")?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading the prompt from stdin")?;
             Ok(s)
         }
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading the prompt from {}", f.display())),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the prompt from {}", f.display())),
         (None, None) => bail!("no prompt: give -p TEXT or -f FILE"),
     }
 }
@@ -377,21 +389,35 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let text = if a.chat {
         let mut msgs = vec![];
         if let Some(s) = &a.system {
-            msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(ChatMessage { role: "user".into(), content: prompt });
-        if engine.file.metadata.get_str(ember_runtime::gguf::keys::CHAT_TEMPLATE).is_none() {
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: prompt,
+        });
+        if engine
+            .file
+            .metadata
+            .get_str(ember_runtime::gguf::keys::CHAT_TEMPLATE)
+            .is_none()
+        {
             log::warn!("model has no chat template; using ChatML");
         }
         let tpl = ChatTemplate::from_metadata_or_chatml(&engine.file.metadata)
             .context("the model's chat template does not parse")?;
-        tpl.render(&msgs, true).context("rendering the chat template")?
+        tpl.render(&msgs, true)
+            .context("rendering the chat template")?
     } else {
         prompt
     };
     // A chat template already writes BOS where the model wants it.
     let add_bos = !a.no_bos && !a.chat && tok.add_bos_default();
-    let prompt_tokens = tok.encode(&text, add_bos, true).context("tokenizing the prompt")?;
+    let prompt_tokens = tok
+        .encode(&text, add_bos, true)
+        .context("tokenizing the prompt")?;
     let n_ctx = engine.cfg.n_ctx;
     if prompt_tokens.len() >= n_ctx {
         bail!(
@@ -421,12 +447,18 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             t_first.get_or_insert(at);
             t_last = Some(at);
             if !a.json && io_err.is_none() {
-                io_err = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()).err();
+                io_err = stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .err();
             }
         }
         Event::Finish { text, .. } => {
             if !a.json && io_err.is_none() {
-                io_err = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()).err();
+                io_err = stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .err();
             }
         }
     });
@@ -464,7 +496,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         engine.model.backend(),
         generation.finish_reason,
         n_prompt as f64 / (prefill_ms / 1e3),
-        if n_gen >= 2 { format!("{:.1} tok/s", (n_gen - 1) as f64 / (decode_ms / 1e3)) } else { "n/a (<2 tokens)".into() },
+        if n_gen >= 2 {
+            format!("{:.1} tok/s", (n_gen - 1) as f64 / (decode_ms / 1e3))
+        } else {
+            "n/a (<2 tokens)".into()
+        },
         mem.rss_peak_bytes as f64 / (1 << 20) as f64,
     );
     Ok(())
@@ -499,10 +535,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             .iter()
             .map(|(k, v)| {
                 let j = match v {
-                    Value::Array(arr) => serde_json::json!({"array_len": arr.len(), "type": v.type_name()}),
+                    Value::Array(arr) => {
+                        serde_json::json!({"array_len": arr.len(), "type": v.type_name()})
+                    }
                     Value::String(s) => serde_json::Value::String(s.clone()),
                     Value::Bool(b) => serde_json::Value::Bool(*b),
-                    other => other.as_f64().map(|f| serde_json::json!(f)).unwrap_or(serde_json::Value::Null),
+                    other => other
+                        .as_f64()
+                        .map(|f| serde_json::json!(f))
+                        .unwrap_or(serde_json::Value::Null),
                 };
                 (k.to_string(), j)
             })
@@ -514,7 +555,12 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             .collect();
         let quant: serde_json::Map<String, serde_json::Value> = mix
             .iter()
-            .map(|(k, (n, el, b))| (k.to_string(), serde_json::json!({"tensors": n, "elements": el, "bytes": b})))
+            .map(|(k, (n, el, b))| {
+                (
+                    k.to_string(),
+                    serde_json::json!({"tensors": n, "elements": el, "bytes": b}),
+                )
+            })
             .collect();
         let out = serde_json::json!({
             "path": path, "version": file.version, "alignment": file.alignment,
@@ -525,12 +571,30 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("file:       {}", path.display());
-    println!("gguf:       v{}, alignment {}, {} metadata keys, {} tensors", file.version, file.alignment, file.metadata.len(), file.tensors.len());
-    println!("size:       {:.2} MB file, {:.2} MB tensor data", file.file_len() as f64 / 1e6, tensor_bytes as f64 / 1e6);
-    println!("parameters: {n_params} ({:.1} M), {:.3} bits/weight", n_params as f64 / 1e6, tensor_bytes as f64 * 8.0 / n_params as f64);
+    println!(
+        "gguf:       v{}, alignment {}, {} metadata keys, {} tensors",
+        file.version,
+        file.alignment,
+        file.metadata.len(),
+        file.tensors.len()
+    );
+    println!(
+        "size:       {:.2} MB file, {:.2} MB tensor data",
+        file.file_len() as f64 / 1e6,
+        tensor_bytes as f64 / 1e6
+    );
+    println!(
+        "parameters: {n_params} ({:.1} M), {:.3} bits/weight",
+        n_params as f64 / 1e6,
+        tensor_bytes as f64 * 8.0 / n_params as f64
+    );
     println!("quant mix:");
     for (k, (n, el, b)) in &mix {
-        println!("  {k:<6} {n:>4} tensors {:>12} weights {:>10.2} MB", el, *b as f64 / 1e6);
+        println!(
+            "  {k:<6} {n:>4} tensors {:>12} weights {:>10.2} MB",
+            el,
+            *b as f64 / 1e6
+        );
     }
     println!("metadata:");
     for (k, v) in file.metadata.iter() {
@@ -539,7 +603,13 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if a.tensors {
         println!("tensors:");
         for t in &file.tensors {
-            println!("  {:<40} {:<6} {:?} {} bytes", t.name, t.ty.name(), t.dims, t.n_bytes);
+            println!(
+                "  {:<40} {:<6} {:?} {} bytes",
+                t.name,
+                t.ty.name(),
+                t.dims,
+                t.n_bytes
+            );
         }
     } else {
         println!("({} tensors; --tensors lists them)", file.tensors.len());
@@ -552,7 +622,11 @@ fn parse_list(flag: &str, s: &str) -> Result<Vec<usize>> {
         return Ok(vec![]);
     }
     s.split(',')
-        .map(|x| x.trim().parse::<usize>().with_context(|| format!("--{flag}: '{x}' is not a token count")))
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--{flag}: '{x}' is not a token count"))
+        })
         .collect()
 }
 
@@ -579,12 +653,25 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
     if longest == 0 {
         bail!("nothing to run: give --pp and/or --tg");
     }
-    let engine = open_engine(a.model.clone(), &a.backend, a.threads, Some(longest.max(16)), a.batch)?;
+    let engine = open_engine(
+        a.model.clone(),
+        &a.backend,
+        a.threads,
+        Some(longest.max(16)),
+        a.batch,
+    )?;
     let c = engine.model.config();
     if longest > c.n_ctx_train {
-        bail!("--pp/--tg of {longest} tokens exceeds the model's training context of {}", c.n_ctx_train);
+        bail!(
+            "--pp/--tg of {longest} tokens exceeds the model's training context of {}",
+            c.n_ctx_train
+        );
     }
-    let tests: Vec<(Test, usize)> = pp.iter().map(|&n| (Test::Pp, n)).chain(tg.iter().map(|&n| (Test::Tg, n))).collect();
+    let tests: Vec<(Test, usize)> = pp
+        .iter()
+        .map(|&n| (Test::Pp, n))
+        .chain(tg.iter().map(|&n| (Test::Tg, n)))
+        .collect();
     let bar = indicatif::ProgressBar::new((tests.len() * reps) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")
@@ -597,7 +684,12 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
         results.push(run_test(&engine, kind, n, reps, || bar.inc(1))?);
     }
     bar.finish_and_clear();
-    let name = engine.file.metadata.get_str("general.name").unwrap_or("?").to_string();
+    let name = engine
+        .file
+        .metadata
+        .get_str("general.name")
+        .unwrap_or("?")
+        .to_string();
     let size_mib = engine.model.weight_bytes() as f64 / (1 << 20) as f64;
     let threads = engine.cfg.threads;
     if a.json {
@@ -617,12 +709,14 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
                 Some((a, _)) => format!("wgpu ({a})"),
                 None => format!("CPU ({:?})", ember_runtime::quant::best_isa()),
             };
-            println!("| {name} | {size_mib:.2} MiB | {be} | {threads} | {} | {:.2} ± {:.2} |", r.test, r.mean_tps, r.sd_tps);
+            println!(
+                "| {name} | {size_mib:.2} MiB | {be} | {threads} | {} | {:.2} ± {:.2} |",
+                r.test, r.mean_tps, r.sd_tps
+            );
         }
     }
     Ok(())
 }
-
 
 /// `ember bench` with a workload: build it, drive the engine through the
 /// harness, print the table (or JSON).
@@ -634,7 +728,10 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     use ember_bench::workload::{self, Corpus, DatasetOptions, LengthDist, SyntheticSpec};
     use ember_runtime::serve::SequentialServer;
 
-    let modes = [a.concurrency.is_some(), a.rate.is_some(), a.sweep].iter().filter(|x| **x).count();
+    let modes = [a.concurrency.is_some(), a.rate.is_some(), a.sweep]
+        .iter()
+        .filter(|x| **x)
+        .count();
     if modes > 1 {
         bail!("give at most one of --concurrency, --rate and --sweep");
     }
@@ -659,8 +756,14 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     }
     let engine = open_engine(a.model.clone(), &a.backend, a.threads, a.ctx, a.batch)?;
     let n_ctx = engine.cfg.n_ctx;
-    let sampler = SamplerConfig { temperature: a.temp, seed: a.seed, ..SamplerConfig::default() };
-    sampler.validate().map_err(|e| anyhow::anyhow!("bad sampling parameters: {e}"))?;
+    let sampler = SamplerConfig {
+        temperature: a.temp,
+        seed: a.seed,
+        ..SamplerConfig::default()
+    };
+    sampler
+        .validate()
+        .map_err(|e| anyhow::anyhow!("bad sampling parameters: {e}"))?;
 
     // ---- workload
     let wname;
@@ -671,22 +774,53 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
             } else {
                 std::fs::read_to_string(d).with_context(|| format!("reading the dataset {d}"))?
             };
-            (workload::parse_jsonl(&text, if d == "eval" { "bench/data/eval.jsonl" } else { d })?, format!("dataset:{d}"), false)
+            (
+                workload::parse_jsonl(
+                    &text,
+                    if d == "eval" {
+                        "bench/data/eval.jsonl"
+                    } else {
+                        d
+                    },
+                )?,
+                format!("dataset:{d}"),
+                false,
+            )
         } else {
             let p = a.sharegpt.as_ref().unwrap();
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading the ShareGPT file {}", p.display()))?;
-            (workload::parse_sharegpt(&text, &p.display().to_string())?, format!("sharegpt:{}", p.display()), true)
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the ShareGPT file {}", p.display()))?;
+            (
+                workload::parse_sharegpt(&text, &p.display().to_string())?,
+                format!("sharegpt:{}", p.display()),
+                true,
+            )
         };
         let tpl = if a.raw_prompts {
             None
         } else {
-            Some(ChatTemplate::from_metadata_or_chatml(&engine.file.metadata).context("the model's chat template does not parse")?)
+            Some(
+                ChatTemplate::from_metadata_or_chatml(&engine.file.metadata)
+                    .context("the model's chat template does not parse")?,
+            )
         };
-        let opts = DatasetOptions { template: tpl.as_ref(), default_max_tokens: a.max_tokens.unwrap_or(128), max_tokens_cap: a.max_tokens, size_from_expected: sharegpt };
+        let opts = DatasetOptions {
+            template: tpl.as_ref(),
+            default_max_tokens: a.max_tokens.unwrap_or(128),
+            max_tokens_cap: a.max_tokens,
+            size_from_expected: sharegpt,
+        };
         let items = workload::build_dataset_items(&entries, &engine.tokenizer, &opts)?;
         wname = name;
         let n = a.requests.unwrap_or(items.len());
-        let warmup = items.iter().filter(|i| !i.prompt_tokens.is_empty() && i.prompt_tokens.len() < n_ctx).take(1).cloned().cycle().take(a.warmup).collect();
+        let warmup = items
+            .iter()
+            .filter(|i| !i.prompt_tokens.is_empty() && i.prompt_tokens.len() < n_ctx)
+            .take(1)
+            .cloned()
+            .cycle()
+            .take(a.warmup)
+            .collect();
         workload::Workload {
             name: wname.clone(),
             seed: a.seed,
@@ -721,26 +855,54 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
 
     // ---- load
     let load = match (a.concurrency, a.rate) {
-        (Some(c), _) => LoadSpec::Concurrency { users: c, think_ms: a.think_ms },
-        (_, Some(r)) => LoadSpec::Rate { rps: r, arrivals, seed: a.seed },
-        _ if a.think_ms > 0 => LoadSpec::Concurrency { users: 1, think_ms: a.think_ms },
+        (Some(c), _) => LoadSpec::Concurrency {
+            users: c,
+            think_ms: a.think_ms,
+        },
+        (_, Some(r)) => LoadSpec::Rate {
+            rps: r,
+            arrivals,
+            seed: a.seed,
+        },
+        _ if a.think_ms > 0 => LoadSpec::Concurrency {
+            users: 1,
+            think_ms: a.think_ms,
+        },
         _ => LoadSpec::Sync,
     };
     let limits = Limits {
-        max_requests: if a.duration.is_some() && a.requests.is_none() { None } else { Some(w.items.len()) },
+        max_requests: if a.duration.is_some() && a.requests.is_none() {
+            None
+        } else {
+            Some(w.items.len())
+        },
         max_duration_ms: a.duration.map(|d| (d * 1000.0) as u64),
     };
-    let opts = HarnessOptions { load: load.clone(), limits, record_tokens: !a.no_token_recording, ..Default::default() };
+    let opts = HarnessOptions {
+        load: load.clone(),
+        limits,
+        record_tokens: !a.no_token_recording,
+        ..Default::default()
+    };
 
     // ---- run
     let planned = harness::planned_requests(&load, &limits, w.items.len());
     let bar = indicatif::ProgressBar::new(planned.unwrap_or(0) as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} bench {msg} [{bar:30}] {pos}/{len} requests, {elapsed}")
-            .unwrap()
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} bench {msg} [{bar:30}] {pos}/{len} requests, {elapsed}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
     );
-    bar.set_message(format!("{wname} · {}", if a.sweep { "sweep".into() } else { load.describe() }));
+    bar.set_message(format!(
+        "{wname} · {}",
+        if a.sweep {
+            "sweep".into()
+        } else {
+            load.describe()
+        }
+    ));
     let mut on_progress = |p: &harness::Progress| {
         if let Some(n) = p.planned {
             bar.set_length(n as u64);
@@ -753,15 +915,28 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     let kv_budget_bytes = a.kv_budget_mib.map(|m| m << 20).unwrap_or(512 << 20);
     let mut scheduler = ember_runtime::scheduler::Scheduler::new(
         &engine,
-        ember_runtime::scheduler::SchedulerConfig { kv_budget_bytes, prefix_caching: !a.no_prefix_cache, ..Default::default() },
+        ember_runtime::scheduler::SchedulerConfig {
+            kv_budget_bytes,
+            prefix_caching: !a.no_prefix_cache,
+            ..Default::default()
+        },
     );
-    let server: &mut dyn ember_runtime::serve::Server = if a.no_batching { &mut sequential } else { &mut scheduler };
+    let server: &mut dyn ember_runtime::serve::Server = if a.no_batching {
+        &mut sequential
+    } else {
+        &mut scheduler
+    };
     // The results store: the run row first, then each request as it finishes.
     let mut store = if a.no_db {
         None
     } else {
-        let path = a.db.clone().unwrap_or_else(ember_bench::store::default_db_path);
-        Some(ember_bench::store::Store::open(&path).with_context(|| format!("opening the results store {}", path.display()))?)
+        let path =
+            a.db.clone()
+                .unwrap_or_else(ember_bench::store::default_db_path);
+        Some(
+            ember_bench::store::Store::open(&path)
+                .with_context(|| format!("opening the results store {}", path.display()))?,
+        )
     };
     let mut run_id = None;
     if let (Some(st), false) = (store.as_mut(), a.sweep) {
@@ -802,11 +977,34 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
             seed: a.seed,
         };
         let w_items = w.clone();
-        let (sw, out) = harness::sweep(server, &SystemClock, &w_items, &opts, &slo, &cfg, &mut on_progress);
-        let rate = sw.max_goodput_rate.or(sw.points.last().map(|p| p.rate_rps)).unwrap_or(1.0);
-        (out, Some(sw), LoadSpec::Rate { rps: rate, arrivals, seed: a.seed })
+        let (sw, out) = harness::sweep(
+            server,
+            &SystemClock,
+            &w_items,
+            &opts,
+            &slo,
+            &cfg,
+            &mut on_progress,
+        );
+        let rate = sw
+            .max_goodput_rate
+            .or(sw.points.last().map(|p| p.rate_rps))
+            .unwrap_or(1.0);
+        (
+            out,
+            Some(sw),
+            LoadSpec::Rate {
+                rps: rate,
+                arrivals,
+                seed: a.seed,
+            },
+        )
     } else {
-        (harness::run(server, &SystemClock, &w, &opts, &mut on_progress), None, load.clone())
+        (
+            harness::run(server, &SystemClock, &w, &opts, &mut on_progress),
+            None,
+            load.clone(),
+        )
     };
     bar.finish_and_clear();
     if sweep.is_some() {
@@ -817,7 +1015,11 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
 
     // ---- figures
     let summary = ember_bench::metrics::summarize(&out.records, &out.memory, Some(&slo));
-    let tags = if a.by_tag { ember_bench::metrics::by_tag(&out.records) } else { vec![] };
+    let tags = if a.by_tag {
+        ember_bench::metrics::by_tag(&out.records)
+    } else {
+        vec![]
+    };
     let schedule = harness::arrival_schedule(&load_used, &limits, w.items.len());
     let hash = workload::workload_hash(&w, &load_used, &schedule);
     let slo_rep = summary.slo.clone().unwrap_or_default();
@@ -829,7 +1031,9 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
             seed: a.seed,
             hash,
             load: serde_json::to_string(&load_used)?,
-            params: serde_json::to_string(&serde_json::json!({"workload": w.params, "limits": limits, "sampler": format!("{:?}", w.sampler), "ignore_eos": w.ignore_eos, "record_tokens": !a.no_token_recording, "n_ctx": n_ctx}))?,
+            params: serde_json::to_string(
+                &serde_json::json!({"workload": w.params, "limits": limits, "sampler": format!("{:?}", w.sampler), "ignore_eos": w.ignore_eos, "record_tokens": !a.no_token_recording, "n_ctx": n_ctx}),
+            )?,
             n_requests: summary.n_measured,
             n_warmup: summary.n_warmup,
         },
@@ -858,7 +1062,8 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     }
     if let Some(path) = &a.out {
         let j = serde_json::json!({"run": result, "sweep": sweep, "overhead": out.overhead});
-        std::fs::write(path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if a.json {
         let j = serde_json::json!({
@@ -868,7 +1073,16 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        print!("{}", ember_bench::table::render(&result, &summary, sweep.as_ref(), &tags, Some(out.overhead.fraction())));
+        print!(
+            "{}",
+            ember_bench::table::render(
+                &result,
+                &summary,
+                sweep.as_ref(),
+                &tags,
+                Some(out.overhead.fraction())
+            )
+        );
     }
     Ok(())
 }
@@ -966,14 +1180,24 @@ fn cmd_compare(a: CompareArgs) -> Result<()> {
     if a.json && a.csv {
         bail!("give --json or --csv, not both");
     }
-    let max_regression = a.max_regression.as_deref().map(parse_fraction).transpose().map_err(|e| anyhow::anyhow!("--max-regression: {e}"))?;
+    let max_regression = a
+        .max_regression
+        .as_deref()
+        .map(parse_fraction)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--max-regression: {e}"))?;
     if max_regression.is_some() && a.baseline.is_none() {
         bail!("--max-regression needs --baseline FILE");
     }
     let mut costs = vec![];
     for c in &a.cost {
-        let (label, usd) = c.split_once('=').with_context(|| format!("--cost '{c}': expected LABEL=USD_PER_HOUR"))?;
-        let usd: f64 = usd.trim().parse().with_context(|| format!("--cost '{c}': '{usd}' is not a number"))?;
+        let (label, usd) = c
+            .split_once('=')
+            .with_context(|| format!("--cost '{c}': expected LABEL=USD_PER_HOUR"))?;
+        let usd: f64 = usd
+            .trim()
+            .parse()
+            .with_context(|| format!("--cost '{c}': '{usd}' is not a number"))?;
         costs.push((label.trim().to_string(), usd));
     }
     let files = if a.dbs.is_empty() && a.db.is_none() && a.baseline.is_some() {
@@ -986,12 +1210,19 @@ fn cmd_compare(a: CompareArgs) -> Result<()> {
     {
         bail!("{}: no such baseline store", b.display());
     }
-    let opts = CompareOptions { baseline: a.baseline.clone(), max_regression, costs, include_unfinished: a.include_unfinished };
+    let opts = CompareOptions {
+        baseline: a.baseline.clone(),
+        max_regression,
+        costs,
+        include_unfinished: a.include_unfinished,
+    };
     let cmp = compare(&files, &opts)?;
     let n_files = cmp.files.len();
     if cmp.groups.is_empty() && n_files >= 2 {
         eprint!("{}", cmp.to_text());
-        bail!("no workload hash is shared by the {n_files} files: refusing to compare different workloads");
+        bail!(
+            "no workload hash is shared by the {n_files} files: refusing to compare different workloads"
+        );
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&cmp.to_json())?);
@@ -1010,7 +1241,10 @@ fn cmd_compare(a: CompareArgs) -> Result<()> {
 
 fn cmd_report(a: ReportArgs) -> Result<()> {
     let files = store_files(a.dbs, a.db)?;
-    let opts = ember_bench::report::ReportOptions { title: a.title, ..Default::default() };
+    let opts = ember_bench::report::ReportOptions {
+        title: a.title,
+        ..Default::default()
+    };
     let html = ember_bench::report::render(&files, &opts)?;
     std::fs::write(&a.output, html).with_context(|| format!("writing {}", a.output.display()))?;
     eprintln!("ember: wrote {}", a.output.display());
@@ -1019,8 +1253,14 @@ fn cmd_report(a: ReportArgs) -> Result<()> {
 
 fn cmd_export(a: ExportArgs) -> Result<()> {
     use ember_bench::export::{Format, What, export};
-    let format: Format = a.format.parse().map_err(|e: String| anyhow::anyhow!("--format: {e}"))?;
-    let what: What = a.what.parse().map_err(|e: String| anyhow::anyhow!("--what: {e}"))?;
+    let format: Format = a
+        .format
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--format: {e}"))?;
+    let what: What = a
+        .what
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--what: {e}"))?;
     let files = store_files(a.dbs, a.db)?;
     let out = export(&files, what, format)?;
     match &a.output {
@@ -1041,7 +1281,12 @@ static APPLIED_TARGET: std::sync::OnceLock<serde_json::Value> = std::sync::OnceL
 fn apply_target(a: &mut BenchArgs, spec: &str) -> Result<()> {
     let p = ember_bench::profile::DeviceProfile::resolve(spec)?;
     if !p.matches_this_arch() {
-        eprintln!("ember bench: note: profile {} is for {}, this binary is {}", p.name, p.target_triple, std::env::consts::ARCH);
+        eprintln!(
+            "ember bench: note: profile {} is for {}, this binary is {}",
+            p.name,
+            p.target_triple,
+            std::env::consts::ARCH
+        );
     }
     let threads = *a.threads.get_or_insert(p.threads);
     if a.slo.is_none() && a.slo_max.is_empty() {
@@ -1052,14 +1297,18 @@ fn apply_target(a: &mut BenchArgs, spec: &str) -> Result<()> {
     let path = model_path(a.model.clone())?;
     a.model = Some(path.clone());
     let file = std::sync::Arc::new(GgufFile::open(&path)?);
-    let model = ember_models::load(file.clone()).with_context(|| format!("{}: cannot load the model", path.display()))?;
+    let model = ember_models::load(file.clone())
+        .with_context(|| format!("{}: cannot load the model", path.display()))?;
     let weights = model.weight_bytes();
     let c = model.config();
     let kv_budget = p.kv_budget_bytes(weights).map_err(|e| anyhow::anyhow!(e))?;
     let per_tok = c.kv_bytes_per_token().max(1) as u64;
     let ctx_cap = (kv_budget / per_tok) as usize;
     if ctx_cap < 16 {
-        bail!("profile {}: a KV budget of {kv_budget} bytes holds only {ctx_cap} positions of this model", p.name);
+        bail!(
+            "profile {}: a KV budget of {kv_budget} bytes holds only {ctx_cap} positions of this model",
+            p.name
+        );
     }
     let want = a.ctx.unwrap_or(c.n_ctx_train.min(4096));
     let ctx = want.min(ctx_cap);
@@ -1113,7 +1362,11 @@ struct SelftestArgs {
 
 fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     use ember_bench::selftest;
-    let profile = a.target.as_deref().map(ember_bench::profile::DeviceProfile::resolve).transpose()?;
+    let profile = a
+        .target
+        .as_deref()
+        .map(ember_bench::profile::DeviceProfile::resolve)
+        .transpose()?;
     let opts = selftest::Options {
         model: a.model.clone(),
         threads: a.threads,
@@ -1122,7 +1375,10 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
         ..Default::default()
     };
     if let Some(f) = &opts.fault {
-        eprintln!("ember selftest: {}={f}: fault injection is on, a parity check will fail on purpose", selftest::FAULT_ENV);
+        eprintln!(
+            "ember selftest: {}={f}: fault injection is on, a parity check will fail on purpose",
+            selftest::FAULT_ENV
+        );
     }
     let json = a.json;
     let report = selftest::run(&opts, |c| {
@@ -1131,10 +1387,17 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
         }
     })?;
     if !a.no_db {
-        let db = a.db.clone().unwrap_or_else(ember_bench::store::default_db_path);
+        let db =
+            a.db.clone()
+                .unwrap_or_else(ember_bench::store::default_db_path);
         let mut store = ember_bench::store::Store::open(&db)?;
         let run = report.save(&mut store)?;
-        eprintln!("ember selftest: wrote {} rows to {} (run {})", report.checks.len(), db.display(), run.0);
+        eprintln!(
+            "ember selftest: wrote {} rows to {} (run {})",
+            report.checks.len(),
+            db.display(),
+            run.0
+        );
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
@@ -1147,7 +1410,11 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
         for c in &failed {
             eprintln!("ember selftest: FAILED {}: {}", c.name, c.message);
         }
-        bail!("{} of {} self-test checks failed", failed.len(), report.checks.len());
+        bail!(
+            "{} of {} self-test checks failed",
+            failed.len(),
+            report.checks.len()
+        );
     }
     Ok(())
 }
@@ -1155,7 +1422,12 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     let level = if cli.verbose { "debug" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp(None).init();
+    // wgpu's HAL logs failed probes of APIs that are not there (EGL without a GL driver) as
+    // errors; ember reports the adapter it chose, or why none, itself. RUST_LOG overrides.
+    let filter = format!("{level},wgpu_hal=off");
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
+        .format_timestamp(None)
+        .init();
     let r = match cli.cmd {
         Command::Run(a) => cmd_run(a),
         Command::Tokenize(a) => cmd_tokenize(a),

@@ -12,7 +12,16 @@ fn kill_9_mid_bench_loses_nothing_that_finished() {
     let db = dir.join("bench.db");
     let _ = std::fs::remove_file(&db);
     let mut child = common::ember()
-        .args(["bench", "-n", "100000", "--input-len", "32", "--output-len", "16", "--db"])
+        .args([
+            "bench",
+            "-n",
+            "100000",
+            "--input-len",
+            "32",
+            "--output-len",
+            "16",
+            "--db",
+        ])
         .arg(&db)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -22,21 +31,37 @@ fn kill_9_mid_bench_loses_nothing_that_finished() {
     let t0 = Instant::now();
     let mut seen = 0i64;
     while seen < 20 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "bench committed only {seen} requests in 60 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "bench committed only {seen} requests in 60 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
-        if let Ok(c) = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) {
-            seen = c.query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).unwrap_or(0);
+        if let Ok(c) =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        {
+            seen = c
+                .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+                .unwrap_or(0);
         }
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
     let c = rusqlite::Connection::open(&db).unwrap();
-    let ok: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(ok, "ok");
-    let n: i64 = c.query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).unwrap();
-    assert!(n >= seen, "{n} requests after the kill, {seen} were committed before it");
-    let status: String = c.query_row("SELECT status FROM runs", [], |r| r.get(0)).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        n >= seen,
+        "{n} requests after the kill, {seen} were committed before it"
+    );
+    let status: String = c
+        .query_row("SELECT status FROM runs", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(status, "running", "the run never finished");
     // Every stored request is whole: its token rows match its output count.
     let torn: i64 = c
@@ -48,5 +73,7 @@ fn kill_9_mid_bench_loses_nothing_that_finished() {
         .unwrap();
     assert_eq!(torn, 0);
     // The views still answer.
-    let _: i64 = c.query_row("SELECT count(*) FROM v_request_latency", [], |r| r.get(0)).unwrap();
+    let _: i64 = c
+        .query_row("SELECT count(*) FROM v_request_latency", [], |r| r.get(0))
+        .unwrap();
 }

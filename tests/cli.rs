@@ -19,7 +19,11 @@ fn rewrite(bytes: &[u8], drop_tensor: Option<&str>, set: &[(&str, Value)]) -> Ve
     let g = parse_bytes(bytes).unwrap();
     let mut w = GgufWriter::new();
     for (k, v) in g.metadata.iter() {
-        let v = set.iter().find(|(sk, _)| *sk == k).map(|(_, sv)| sv.clone()).unwrap_or_else(|| v.clone());
+        let v = set
+            .iter()
+            .find(|(sk, _)| *sk == k)
+            .map(|(_, sv)| sv.clone())
+            .unwrap_or_else(|| v.clone());
         w.kv(k, v);
     }
     for t in &g.tensors {
@@ -32,41 +36,92 @@ fn rewrite(bytes: &[u8], drop_tensor: Option<&str>, set: &[(&str, Value)]) -> Ve
 
 /// Run `ember run` on a file and check it fails cleanly with `needle` in the message.
 fn expect_error(file: &Path, needle: &str) {
-    let out = ember().args(["run", "-n", "2", "-p", "hi", "-m"]).arg(file).output().unwrap();
+    let out = ember()
+        .args(["run", "-n", "2", "-p", "hi", "-m"])
+        .arg(file)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}: expected exit 1, stderr: {err}", file.display());
-    assert!(!err.contains("panicked"), "panic on {}: {err}", file.display());
-    assert!(err.contains(needle), "{}: expected {needle:?} in: {err}", file.display());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}: expected exit 1, stderr: {err}",
+        file.display()
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panic on {}: {err}",
+        file.display()
+    );
+    assert!(
+        err.contains(needle),
+        "{}: expected {needle:?} in: {err}",
+        file.display()
+    );
     let name = file.file_name().unwrap().to_string_lossy();
-    assert!(err.contains(name.as_ref()), "error should name the file {name}: {err}");
+    assert!(
+        err.contains(name.as_ref()),
+        "error should name the file {name}: {err}"
+    );
     assert!(out.stdout.is_empty(), "no output on error");
 }
 
 #[test]
 fn embedded_default_counts_greedily() {
-    let out = ember().args(["run", "-p", "hello", "-n", "10", "--temp", "0"]).output().unwrap();
+    let out = ember()
+        .args(["run", "-p", "hello", "-n", "10", "--temp", "0"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("embedded default model"), "should say it uses the embedded model: {err}");
-    assert!(err.contains("TTFT") && err.contains("decode"), "summary on stderr: {err}");
+    assert!(
+        err.contains("embedded default model"),
+        "should say it uses the embedded model: {err}"
+    );
+    assert!(
+        err.contains("TTFT") && err.contains("decode"),
+        "summary on stderr: {err}"
+    );
     // The embedded model's output head follows each letter with the next one.
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "pqrstuvwxy");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "pqrstuvwxy"
+    );
 }
 
 #[test]
 fn json_output_has_the_documented_shape() {
     let out = ember()
-        .args(["run", "-p", "abc", "-n", "3", "--temp", "0", "--json", "--top-logprobs", "4", "--echo"])
+        .args([
+            "run",
+            "-p",
+            "abc",
+            "-n",
+            "3",
+            "--temp",
+            "0",
+            "--json",
+            "--top-logprobs",
+            "4",
+            "--echo",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_tokens"], serde_json::json!([97, 98, 99]));
     assert_eq!(v["generated_tokens"], serde_json::json!([100, 101, 102]));
     assert_eq!(v["text"], "def");
     let pos = v["positions"].as_array().unwrap();
     // With --echo: after 1, 2, 3 prompt tokens, then after each generated token but the last.
-    let consumed: Vec<u64> = pos.iter().map(|p| p["consumed"].as_u64().unwrap()).collect();
+    let consumed: Vec<u64> = pos
+        .iter()
+        .map(|p| p["consumed"].as_u64().unwrap())
+        .collect();
     assert_eq!(consumed, vec![1, 2, 3, 4, 5]);
     for p in pos {
         let top = p["top"].as_array().unwrap();
@@ -78,26 +133,47 @@ fn json_output_has_the_documented_shape() {
     // Position after consuming "abc" predicts "d".
     assert_eq!(pos[2]["top"][0]["id"], 100);
     // Without --echo only the positions from the last prompt token on.
-    let out = ember().args(["run", "-p", "abc", "-n", "3", "--temp", "0", "--json"]).output().unwrap();
+    let out = ember()
+        .args(["run", "-p", "abc", "-n", "3", "--temp", "0", "--json"])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let consumed: Vec<u64> = v["positions"].as_array().unwrap().iter().map(|p| p["consumed"].as_u64().unwrap()).collect();
+    let consumed: Vec<u64> = v["positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["consumed"].as_u64().unwrap())
+        .collect();
     assert_eq!(consumed, vec![3, 4, 5]);
 }
 
 #[test]
 fn stop_strings_end_generation_and_are_not_printed() {
-    let out = ember().args(["run", "-p", "a", "-n", "20", "--temp", "0", "--stop", "fg"]).output().unwrap();
+    let out = ember()
+        .args(["run", "-p", "a", "-n", "20", "--temp", "0", "--stop", "fg"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "bcde");
 }
 
 #[test]
 fn tokenize_prints_a_json_array() {
-    let out = ember().args(["tokenize", "hi<|im_start|>"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ember()
+        .args(["tokenize", "hi<|im_start|>"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ids: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids, vec![104, 105, 257]);
-    let out = ember().args(["tokenize", "--no-special", "<|im_end|>"]).output().unwrap();
+    let out = ember()
+        .args(["tokenize", "--no-special", "<|im_end|>"])
+        .output()
+        .unwrap();
     let ids: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids.len(), "<|im_end|>".len());
 }
@@ -109,7 +185,9 @@ fn inspect_reports_quant_mix_and_params() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["metadata"]["general.architecture"], "llama");
     let mix = v["quant_mix"].as_object().unwrap();
-    for t in ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] {
+    for t in [
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
+    ] {
         assert!(mix.contains_key(t), "{t} missing from {mix:?}");
     }
     assert!(v["n_params"].as_u64().unwrap() > 1_000_000);
@@ -131,32 +209,60 @@ fn bad_files_get_clear_errors() {
     let mut b = good.clone();
     b[4..8].copy_from_slice(&9u32.to_le_bytes());
     expect_error(&write("version.gguf", &b), "unsupported GGUF version 9");
-    expect_error(&write("short-data.gguf", &good[..good.len() - 100]), "runs past the end of the file");
+    expect_error(
+        &write("short-data.gguf", &good[..good.len() - 100]),
+        "runs past the end of the file",
+    );
 
     let mut w = GgufWriter::new();
-    w.tensor("huge", &[1 << 40, 1 << 40], ember_runtime::quant::GgmlType::F32, vec![]);
+    w.tensor(
+        "huge",
+        &[1 << 40, 1 << 40],
+        ember_runtime::quant::GgmlType::F32,
+        vec![],
+    );
     expect_error(&write("overflow.gguf", &w.to_bytes()), "overflow");
 
     let mut w = GgufWriter::new();
-    w.tensor("t", &[32], ember_runtime::quant::GgmlType::F32, vec![0; 128]);
+    w.tensor(
+        "t",
+        &[32],
+        ember_runtime::quant::GgmlType::F32,
+        vec![0; 128],
+    );
     let mut b = w.to_bytes();
     let p = 24 + 8 + 1 + 4 + 8; // header, name, n_dims, one dim
     b[p..p + 4].copy_from_slice(&77u32.to_le_bytes());
     expect_error(&write("quant-type.gguf", &b), "unknown quant type id 77");
 
-    expect_error(&write("missing.gguf", &rewrite(&good, Some("blk.1.ffn_up.weight"), &[])), "missing tensor 'blk.1.ffn_up.weight'");
+    expect_error(
+        &write(
+            "missing.gguf",
+            &rewrite(&good, Some("blk.1.ffn_up.weight"), &[]),
+        ),
+        "missing tensor 'blk.1.ffn_up.weight'",
+    );
     let arch = [("general.architecture", Value::String("mamba9".into()))];
-    expect_error(&write("arch.gguf", &rewrite(&good, None, &arch)), "unknown architecture 'mamba9'");
+    expect_error(
+        &write("arch.gguf", &rewrite(&good, None, &arch)),
+        "unknown architecture 'mamba9'",
+    );
     expect_error(&dir.join("does-not-exist.gguf"), "cannot open");
 }
 
 #[test]
 fn prompt_longer_than_context_is_refused() {
     let long = "abc ".repeat(100);
-    let out = ember().args(["run", "-c", "64", "-n", "4", "-p", &long]).output().unwrap();
+    let out = ember()
+        .args(["run", "-c", "64", "-n", "4", "-p", &long])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("longer than the context of 64 tokens"), "{err}");
+    assert!(
+        err.contains("longer than the context of 64 tokens"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
 }
 
@@ -164,9 +270,98 @@ fn prompt_longer_than_context_is_refused() {
 fn bad_flags_are_usage_errors() {
     let out = ember().args(["run", "--no-such-flag"]).output().unwrap();
     assert!(!out.status.success());
-    let out = ember().args(["run", "-p", "x", "--top-p", "0"]).output().unwrap();
+    let out = ember()
+        .args(["run", "-p", "x", "--top-p", "0"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("top-p"));
-    let out = ember().args(["run", "-p", "x", "--threads", "0"]).output().unwrap();
+    let out = ember()
+        .args(["run", "-p", "x", "--threads", "0"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn backend_auto_without_a_gpu_says_it_falls_back_and_runs_on_the_cpu() {
+    // WGPU_BACKEND=gl leaves wgpu no Vulkan/Metal/DX12 adapter to find: a machine without a GPU.
+    let out = ember()
+        .env("WGPU_BACKEND", "gl")
+        .args([
+            "run",
+            "-p",
+            "hello",
+            "-n",
+            "10",
+            "--temp",
+            "0",
+            "--backend",
+            "auto",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("--backend auto: falling back to the CPU"),
+        "should say it fell back: {err}"
+    );
+    assert!(
+        err.contains("ember: cpu |"),
+        "summary should name the CPU backend: {err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "pqrstuvwxy"
+    );
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn backend_wgpu_runs_the_embedded_model_on_a_gpu_adapter() {
+    // Any adapter counts for --backend wgpu, software ones too (lavapipe in CI).
+    let out = ember()
+        .args([
+            "run",
+            "-p",
+            "hello",
+            "-n",
+            "10",
+            "--temp",
+            "0",
+            "--backend",
+            "wgpu",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("backend: wgpu on "),
+        "should name the adapter: {err}"
+    );
+    assert!(
+        err.contains("ember: wgpu |") && err.contains("device: weights"),
+        "summary: {err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "pqrstuvwxy"
+    );
+}
+
+#[test]
+fn unknown_backend_is_a_usage_error() {
+    let out = ember()
+        .args(["run", "-p", "hello", "--backend", "cuda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unknown backend 'cuda'") && err.contains("auto, cpu, wgpu, vulkan, metal"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
 }

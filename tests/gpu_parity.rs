@@ -44,15 +44,25 @@ fn gpu() -> Device {
 
 fn nmse(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().max(1e-30);
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum();
+    let den: f64 = b
+        .iter()
+        .map(|&y| (y as f64).powi(2))
+        .sum::<f64>()
+        .max(1e-30);
     num / den
 }
 
 fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
     (0..n)
         .map(|_| {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         })
         .collect()
@@ -79,11 +89,20 @@ fn quantized_matmul_every_type() {
         let mut d = vec![0f32; rows * cols];
         quant::dequantize(ty, &q, &mut d).unwrap();
         dense.push(d);
-        w.tensor(format!("w.{}", ty.name()), &[cols as u64, rows as u64], ty, q);
+        w.tensor(
+            format!("w.{}", ty.name()),
+            &[cols as u64, rows as u64],
+            ty,
+            q,
+        );
     }
     let file: Arc<GgufFile> = Arc::new(parse_bytes(&w.to_bytes()).unwrap());
     for (ty, deq) in GgmlType::SUPPORTED.into_iter().zip(&dense) {
-        let h = QWeightHandle::from_tensor(&file, file.require_tensor(&format!("w.{}", ty.name())).unwrap()).unwrap();
+        let h = QWeightHandle::from_tensor(
+            &file,
+            file.require_tensor(&format!("w.{}", ty.name())).unwrap(),
+        )
+        .unwrap();
         let bytes = backend::prepare(&h, &dev).unwrap();
         for m in [1usize, 3, 9] {
             let x = rand_vec(m * cols, &mut seed);
@@ -92,14 +111,24 @@ fn quantized_matmul_every_type() {
             let exact: Vec<f32> = (0..m * rows)
                 .map(|i| {
                     let (r, c) = (i / rows, i % rows);
-                    (0..cols).map(|k| x[r * cols + k] as f64 * deq[c * cols + k] as f64).sum::<f64>() as f32
+                    (0..cols)
+                        .map(|k| x[r * cols + k] as f64 * deq[c * cols + k] as f64)
+                        .sum::<f64>() as f32
                 })
                 .collect();
             let g = host(backend::qmatmul(to_dev(x, [m, cols], &dev), &h));
             let (e_cpu, e_ref) = (nmse(&g, &cpu), nmse(&g, &exact));
-            eprintln!("{ty:>5} m={m}: device {bytes} B, NMSE vs CPU kernels {e_cpu:.2e}, vs f64 {e_ref:.2e}");
-            assert!(e_cpu <= NMSE_QMM_VS_CPU, "{ty} m={m}: NMSE vs CPU {e_cpu:e}");
-            assert!(e_ref <= NMSE_QMM_VS_F64, "{ty} m={m}: NMSE vs f64 reference {e_ref:e}");
+            eprintln!(
+                "{ty:>5} m={m}: device {bytes} B, NMSE vs CPU kernels {e_cpu:.2e}, vs f64 {e_ref:.2e}"
+            );
+            assert!(
+                e_cpu <= NMSE_QMM_VS_CPU,
+                "{ty} m={m}: NMSE vs CPU {e_cpu:e}"
+            );
+            assert!(
+                e_ref <= NMSE_QMM_VS_F64,
+                "{ty} m={m}: NMSE vs f64 reference {e_ref:e}"
+            );
         }
     }
 }
@@ -119,7 +148,10 @@ fn rmsnorm_softmax_silu() {
     eprintln!("rmsnorm NMSE {e:.2e}");
     assert!(e <= NMSE_DENSE, "rmsnorm {e:e}");
 
-    let s: Vec<f32> = rand_vec(n * 300, &mut seed).iter().map(|v| v * 20.0).collect();
+    let s: Vec<f32> = rand_vec(n * 300, &mut seed)
+        .iter()
+        .map(|v| v * 20.0)
+        .collect();
     let mut want = s.clone();
     want.chunks_exact_mut(300).for_each(ops::softmax);
     let got = host(T::softmax(to_dev(s, [n, 300], &dev)));
@@ -127,11 +159,17 @@ fn rmsnorm_softmax_silu() {
     eprintln!("softmax NMSE {e:.2e}");
     assert!(e <= NMSE_DENSE, "softmax {e:e}");
 
-    let g: Vec<f32> = rand_vec(n * 1536, &mut seed).iter().map(|v| v * 8.0).collect();
+    let g: Vec<f32> = rand_vec(n * 1536, &mut seed)
+        .iter()
+        .map(|v| v * 8.0)
+        .collect();
     let u = rand_vec(n * 1536, &mut seed);
     let mut want = g.clone();
     ops::silu_mul(&mut want, &u);
-    let got = host(T::silu_mul(to_dev(g, [n, 1536], &dev), to_dev(u, [n, 1536], &dev)));
+    let got = host(T::silu_mul(
+        to_dev(g, [n, 1536], &dev),
+        to_dev(u, [n, 1536], &dev),
+    ));
     let e = nmse(&got, &want);
     eprintln!("silu·mul NMSE {e:.2e}");
     assert!(e <= NMSE_DENSE, "silu_mul {e:e}");
@@ -142,13 +180,32 @@ fn round_f16_matches_half() {
     let dev = gpu();
     let mut seed = 5u64;
     // Normal values at several scales, f16 subnormals, overflow, signed zeros and exact ties.
-    let mut x: Vec<f32> = rand_vec(4096, &mut seed).iter().enumerate().map(|(i, v)| v * 10f32.powi((i % 13) as i32 - 8)).collect();
-    x.extend([0.0, -0.0, 65504.0, 65519.0, 65520.0, -70000.0, 1e-8, -3e-6, 1.0 + 1.0 / 2048.0, 1.0 + 3.0 / 2048.0]);
+    let mut x: Vec<f32> = rand_vec(4096, &mut seed)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 10f32.powi((i % 13) as i32 - 8))
+        .collect();
+    x.extend([
+        0.0,
+        -0.0,
+        65504.0,
+        65519.0,
+        65520.0,
+        -70000.0,
+        1e-8,
+        -3e-6,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+    ]);
     let n = x.len();
     let got = host(backend::round_f16(to_dev(x.clone(), [n], &dev)));
     for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
         let want = half::f16::from_f32(v).to_f32();
-        assert_eq!(g.to_bits(), want.to_bits(), "element {i}: {v:e} -> {g:e}, half gives {want:e}");
+        assert_eq!(
+            g.to_bits(),
+            want.to_bits(),
+            "element {i}: {v:e} -> {g:e}, half gives {want:e}"
+        );
     }
 }
 
@@ -156,7 +213,11 @@ fn round_f16_matches_half() {
 fn rope_both_styles() {
     let dev = gpu();
     let mut seed = 3u64;
-    for (style, hd, n_rot) in [(RopeStyle::Normal, 64, 64), (RopeStyle::Neox, 64, 64), (RopeStyle::Neox, 128, 96)] {
+    for (style, hd, n_rot) in [
+        (RopeStyle::Normal, 64, 64),
+        (RopeStyle::Neox, 64, 64),
+        (RopeStyle::Neox, 128, 96),
+    ] {
         let (n, heads, pos0) = (6, 3, 37);
         let rope = Rope::new(style, hd, n_rot, 10_000.0);
         let x = rand_vec(n * heads * hd, &mut seed);
@@ -164,7 +225,13 @@ fn rope_both_styles() {
         rope.apply(&mut want, heads, pos0);
         let positions: Vec<usize> = (pos0..pos0 + n).collect();
         let (c, s) = T::rope_tables(&rope, &positions, &dev);
-        let got = host(T::rope(to_dev(x, [n, heads * hd], &dev), &rope, heads, &c, &s));
+        let got = host(T::rope(
+            to_dev(x, [n, heads * hd], &dev),
+            &rope,
+            heads,
+            &c,
+            &s,
+        ));
         let e = nmse(&got, &want);
         eprintln!("rope {style:?} hd={hd} rot={n_rot} NMSE {e:.2e}");
         assert!(e <= NMSE_DENSE, "rope {style:?}: {e:e}");
@@ -179,8 +246,14 @@ fn attention_with_gqa_and_cache() {
     let (heads, kv_heads, hd, pos0, n_q) = (9, 3, 64, 20, 4);
     let n_ctx = pos0 + n_q;
     let q = rand_vec(n_q * heads * hd, &mut seed);
-    let k: Vec<f32> = rand_vec(n_ctx * kv_heads * hd, &mut seed).iter().map(|v| ops::round_f16(v * 4.0)).collect();
-    let v: Vec<f32> = rand_vec(n_ctx * kv_heads * hd, &mut seed).iter().map(|&x| ops::round_f16(x)).collect();
+    let k: Vec<f32> = rand_vec(n_ctx * kv_heads * hd, &mut seed)
+        .iter()
+        .map(|v| ops::round_f16(v * 4.0))
+        .collect();
+    let v: Vec<f32> = rand_vec(n_ctx * kv_heads * hd, &mut seed)
+        .iter()
+        .map(|&x| ops::round_f16(x))
+        .collect();
     let mut want = vec![0f32; n_q * heads * hd];
     // The CPU path reads the cache block by block: use two blocks of 16 (the tail unused).
     let bs = 16;
@@ -190,7 +263,11 @@ fn attention_with_gqa_and_cache() {
     vb[..v.len()].copy_from_slice(&v);
     let (k0, k1) = kb.split_at(bs * kv_heads * hd);
     let (v0, v1) = vb.split_at(bs * kv_heads * hd);
-    let shape = AttnShape { n_heads: heads, n_kv_heads: kv_heads, head_dim: hd };
+    let shape = AttnShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+    };
     ops::attention(&q, &[k0, k1], &[v0, v1], bs, pos0, shape, &mut want);
     let got = host(T::attention(
         to_dev(q, [n_q, heads * hd], &dev),
@@ -212,7 +289,11 @@ fn attention_with_gqa_and_cache() {
 fn embedded_model_end_to_end() {
     let dir = std::env::temp_dir().join("ember-gpu-parity");
     let (path, _) = ember_runtime::embedded::ensure_in(&dir).unwrap();
-    let cfg = |_| EngineConfig { threads: 2, n_ctx: 64, prefill_chunk: 64 };
+    let cfg = |_| EngineConfig {
+        threads: 2,
+        n_ctx: 64,
+        prefill_chunk: 64,
+    };
     let cpu = ember_models::open(&path, cfg).unwrap();
     let placement = match choose(BackendChoice::Wgpu) {
         p @ Placement::Gpu { .. } => p,
@@ -220,16 +301,32 @@ fn embedded_model_end_to_end() {
     };
     let gpu = ember_models::open_on(&path, &placement, cfg).unwrap();
     assert_eq!(gpu.model.backend(), "wgpu");
-    let toks = cpu.tokenizer.encode("hello world, hello", true, true).unwrap();
+    let toks = cpu
+        .tokenizer
+        .encode("hello world, hello", true, true)
+        .unwrap();
     let (mut a, mut b) = (vec![], vec![]);
-    cpu.forward(&toks, &mut cpu.new_cache(), LogitsWanted::All, &mut a).unwrap();
-    gpu.forward(&toks, &mut gpu.new_cache(), LogitsWanted::All, &mut b).unwrap();
+    cpu.forward(&toks, &mut cpu.new_cache(), LogitsWanted::All, &mut a)
+        .unwrap();
+    gpu.forward(&toks, &mut gpu.new_cache(), LogitsWanted::All, &mut b)
+        .unwrap();
     let e = nmse(&b, &a);
-    eprintln!("embedded model, {} positions: logits NMSE wgpu vs CPU {e:.2e}", toks.len());
+    eprintln!(
+        "embedded model, {} positions: logits NMSE wgpu vs CPU {e:.2e}",
+        toks.len()
+    );
     assert!(e <= 1e-6, "logits NMSE {e:e}");
     let n_vocab = cpu.model.config().n_vocab;
-    for (i, (ra, rb)) in a.chunks_exact(n_vocab).zip(b.chunks_exact(n_vocab)).enumerate() {
-        assert_eq!(ember_runtime::sample::argmax(ra), ember_runtime::sample::argmax(rb), "position {i}");
+    for (i, (ra, rb)) in a
+        .chunks_exact(n_vocab)
+        .zip(b.chunks_exact(n_vocab))
+        .enumerate()
+    {
+        assert_eq!(
+            ember_runtime::sample::argmax(ra),
+            ember_runtime::sample::argmax(rb),
+            "position {i}"
+        );
     }
     // Decoding on the device, through the engine: the embedded model's golden continuation.
     let req = ember_runtime::engine::GenerateRequest {
@@ -243,7 +340,13 @@ fn embedded_model_end_to_end() {
     };
     let g = gpu.generate(&req, &mut |_| {}).unwrap();
     assert_eq!(g.text, "pqrstuvwxy");
-    let mem = gpu.model.device_memory().expect("the allocator reports memory");
+    let mem = gpu
+        .model
+        .device_memory()
+        .expect("the allocator reports memory");
     eprintln!("device memory: {mem:?}");
-    assert!(mem.weights_bytes > 0 && mem.peak_bytes >= mem.weights_bytes, "{mem:?}");
+    assert!(
+        mem.weights_bytes > 0 && mem.peak_bytes >= mem.weights_bytes,
+        "{mem:?}"
+    );
 }

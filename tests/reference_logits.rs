@@ -54,9 +54,14 @@ struct Top {
 
 fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel::Placement) {
     let path = common::real_model(model_file);
-    let r: Reference = serde_json::from_str(&std::fs::read_to_string(common::fixture(fixture)).unwrap()).unwrap();
-    let engine =
-        ember_models::open_on(&path, placement, |_| EngineConfig { threads: 2, n_ctx: 512, prefill_chunk: 512 }).unwrap();
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture(fixture)).unwrap()).unwrap();
+    let engine = ember_models::open_on(&path, placement, |_| EngineConfig {
+        threads: 2,
+        n_ctx: 512,
+        prefill_chunk: 512,
+    })
+    .unwrap();
     eprintln!("{model_file} on {}", engine.model.backend());
     assert_eq!(engine.model.config().n_vocab, r.n_vocab);
     assert_eq!(r.model_sha256.len(), 64);
@@ -65,14 +70,28 @@ fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel
     let mut greedy_failures = vec![];
     for case in &r.cases {
         // The tokenizer must agree with llama.cpp's on the prompt.
-        let ours = engine.tokenizer.encode(&case.prompt, case.add_bos, true).unwrap();
-        assert_eq!(ours, case.prompt_tokens, "tokenization of {:?}", case.prompt);
+        let ours = engine
+            .tokenizer
+            .encode(&case.prompt, case.add_bos, true)
+            .unwrap();
+        assert_eq!(
+            ours, case.prompt_tokens,
+            "tokenization of {:?}",
+            case.prompt
+        );
 
         // 1) Logits at every position: prompt and llama.cpp's greedy tokens in one prefill.
-        let all: Vec<u32> = case.prompt_tokens.iter().chain(&case.greedy_tokens).copied().collect();
+        let all: Vec<u32> = case
+            .prompt_tokens
+            .iter()
+            .chain(&case.greedy_tokens)
+            .copied()
+            .collect();
         let mut kv = engine.new_cache();
         let mut logits = Vec::new();
-        engine.forward(&all, &mut kv, LogitsWanted::All, &mut logits).unwrap();
+        engine
+            .forward(&all, &mut kv, LogitsWanted::All, &mut logits)
+            .unwrap();
         for (i, top) in case.top_logits_per_position.iter().enumerate() {
             let row = &logits[i * n_vocab..(i + 1) * n_vocab];
             for (&id, &want) in top.ids.iter().zip(&top.logits) {
@@ -86,7 +105,11 @@ fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel
             }
             if top.logits[0] - top.logits[1] >= MARGIN {
                 let argmax = ember_runtime::sample::argmax(row);
-                assert_eq!(argmax, top.ids[0], "{:?} position {i}: top-1 differs", case.prompt);
+                assert_eq!(
+                    argmax, top.ids[0],
+                    "{:?} position {i}: top-1 differs",
+                    case.prompt
+                );
             }
         }
 
@@ -97,7 +120,14 @@ fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel
         let n = GREEDY_PREFIX.min(case.greedy_tokens.len());
         let np = case.prompt_tokens.len();
         let mut kv = engine.new_cache();
-        engine.forward(&case.prompt_tokens, &mut kv, LogitsWanted::Last, &mut logits).unwrap();
+        engine
+            .forward(
+                &case.prompt_tokens,
+                &mut kv,
+                LogitsWanted::Last,
+                &mut logits,
+            )
+            .unwrap();
         for i in 0..n {
             let want = case.greedy_tokens[i];
             let top = &case.top_logits_per_position[np - 1 + i];
@@ -107,10 +137,15 @@ fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel
                 if margin >= NEAR_TIE {
                     greedy_failures.push(format!("{:?}: generated token {i} is {got}, llama.cpp {want} (its margin {margin:.3})", case.prompt));
                 } else {
-                    eprintln!("{:?}: token {i}: near-tie (llama.cpp margin {margin:.3}): ours {got}, llama.cpp {want}", case.prompt);
+                    eprintln!(
+                        "{:?}: token {i}: near-tie (llama.cpp margin {margin:.3}): ours {got}, llama.cpp {want}",
+                        case.prompt
+                    );
                 }
             }
-            engine.forward(&[want], &mut kv, LogitsWanted::Last, &mut logits).unwrap();
+            engine
+                .forward(&[want], &mut kv, LogitsWanted::Last, &mut logits)
+                .unwrap();
         }
         // 3) Free-running greedy generation, reported (CPU only: on a software GPU it would
         //    triple this test's time for a figure that is only informative).
@@ -127,11 +162,24 @@ fn check_model(model_file: &str, fixture: &str, placement: &ember_runtime::accel
             ignore_eos: false,
         };
         let g = engine.generate(&req, &mut |_| {}).unwrap();
-        let same = g.generated_tokens.iter().zip(&case.greedy_tokens).take_while(|(a, b)| a == b).count();
-        eprintln!("{:?}: free-running greedy matches llama.cpp for {same}/{} tokens", case.prompt, case.greedy_tokens.len());
+        let same = g
+            .generated_tokens
+            .iter()
+            .zip(&case.greedy_tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "{:?}: free-running greedy matches llama.cpp for {same}/{} tokens",
+            case.prompt,
+            case.greedy_tokens.len()
+        );
     }
     eprintln!("{model_file}: worst |Δlogit| on llama.cpp's top-8 = {worst:.3}");
-    assert!(greedy_failures.is_empty(), "greedy continuation differs from llama.cpp within the first {GREEDY_PREFIX} tokens:\n{}", greedy_failures.join("\n"));
+    assert!(
+        greedy_failures.is_empty(),
+        "greedy continuation differs from llama.cpp within the first {GREEDY_PREFIX} tokens:\n{}",
+        greedy_failures.join("\n")
+    );
 }
 
 fn cpu() -> ember_runtime::accel::Placement {
@@ -140,12 +188,20 @@ fn cpu() -> ember_runtime::accel::Placement {
 
 #[test]
 fn smollm2_q4_1_matches_llama_cpp() {
-    check_model(common::SMOLLM2, "dev-smollm2-135m-instruct-q4_1.json", &cpu());
+    check_model(
+        common::SMOLLM2,
+        "dev-smollm2-135m-instruct-q4_1.json",
+        &cpu(),
+    );
 }
 
 #[test]
 fn qwen25_q4_k_m_matches_llama_cpp() {
-    check_model(common::QWEN25, "dev-qwen2.5-coder-0.5b-instruct-q4_k_m.json", &cpu());
+    check_model(
+        common::QWEN25,
+        "dev-qwen2.5-coder-0.5b-instruct-q4_k_m.json",
+        &cpu(),
+    );
 }
 
 /// The same acceptance through the GPU decoder (`--backend wgpu`); in CI on lavapipe. Fails

@@ -43,7 +43,14 @@ fn pct(f: &ColumnFigures, metric: &str, stat: &str, scale: f64) -> Option<(f64, 
 
 macro_rules! p {
     ($key:literal, $label:literal, $metric:literal, $stat:literal, $gated:expr) => {
-        FigureDef { key: $key, label: $label, unit: "ms", better: Better::Lower, gated: $gated, get: |f| pct(f, $metric, $stat, 1e6) }
+        FigureDef {
+            key: $key,
+            label: $label,
+            unit: "ms",
+            better: Better::Lower,
+            gated: $gated,
+            get: |f| pct(f, $metric, $stat, 1e6),
+        }
     };
 }
 
@@ -140,7 +147,11 @@ pub fn figure_defs() -> Vec<FigureDef> {
             unit: "MiB",
             better: Better::Lower,
             gated: true,
-            get: |f| f.figures.rss_peak_bytes.map(|x| (x as f64 / 1048576.0, false)),
+            get: |f| {
+                f.figures
+                    .rss_peak_bytes
+                    .map(|x| (x as f64 / 1048576.0, false))
+            },
         },
         FigureDef {
             key: "device_peak",
@@ -148,7 +159,12 @@ pub fn figure_defs() -> Vec<FigureDef> {
             unit: "MiB",
             better: Better::Lower,
             gated: false,
-            get: |f| f.figures.device_bytes_peak.filter(|&x| x > 0).map(|x| (x as f64 / 1048576.0, false)),
+            get: |f| {
+                f.figures
+                    .device_bytes_peak
+                    .filter(|&x| x > 0)
+                    .map(|x| (x as f64 / 1048576.0, false))
+            },
         },
         FigureDef {
             key: "prefix_hit_rate",
@@ -186,8 +202,14 @@ impl ColumnFigures {
         (self.figures.output_tps > 0.0).then(|| c / (self.figures.output_tps * 3600.0) * 1e6)
     }
 
-    fn build(runs: &[(Vec<ReqSample>, Vec<MemorySample>, &RunRow)], cost: Option<f64>) -> ColumnFigures {
-        let pooled: Vec<(&[ReqSample], &[MemorySample])> = runs.iter().map(|(s, m, _)| (s.as_slice(), m.as_slice())).collect();
+    fn build(
+        runs: &[(Vec<ReqSample>, Vec<MemorySample>, &RunRow)],
+        cost: Option<f64>,
+    ) -> ColumnFigures {
+        let pooled: Vec<(&[ReqSample], &[MemorySample])> = runs
+            .iter()
+            .map(|(s, m, _)| (s.as_slice(), m.as_slice()))
+            .collect();
         let figures = Figures::pooled(&pooled);
         let (mut att, mut meas, mut win, mut all_att) = (0.0, 0.0, 0.0, true);
         for (s, m, row) in runs {
@@ -232,17 +254,37 @@ pub struct Column {
 impl Column {
     pub fn label(&self) -> String {
         let load = load_label(&self.load);
-        format!("{}: {}{}", self.file, self.device, if load.is_empty() { String::new() } else { format!(" [{load}]") })
+        format!(
+            "{}: {}{}",
+            self.file,
+            self.device,
+            if load.is_empty() {
+                String::new()
+            } else {
+                format!(" [{load}]")
+            }
+        )
     }
 }
 
 /// "rate 4" or "concurrency 8" from the load JSON.
 pub fn load_label(load: &str) -> String {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(load) else { return load.to_string() };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(load) else {
+        return load.to_string();
+    };
     let mode = v.get("mode").and_then(|m| m.as_str()).unwrap_or("");
     match mode {
-        "rate" | "poisson" | "constant" => format!("{mode} {}", v.get("rate").map(|x| x.to_string()).unwrap_or_default()),
-        "concurrency" => format!("concurrency {}", v.get("concurrency").or(v.get("n")).map(|x| x.to_string()).unwrap_or_default()),
+        "rate" | "poisson" | "constant" => format!(
+            "{mode} {}",
+            v.get("rate").map(|x| x.to_string()).unwrap_or_default()
+        ),
+        "concurrency" => format!(
+            "concurrency {}",
+            v.get("concurrency")
+                .or(v.get("n"))
+                .map(|x| x.to_string())
+                .unwrap_or_default()
+        ),
         "" => String::new(),
         m => m.to_string(),
     }
@@ -253,7 +295,14 @@ pub fn load_x(load: &str) -> Option<(String, f64)> {
     let v: serde_json::Value = serde_json::from_str(load).ok()?;
     for k in ["rate", "concurrency", "n"] {
         if let Some(x) = v.get(k).and_then(|x| x.as_f64()) {
-            return Some((if k == "n" { "concurrency".to_string() } else { k.to_string() }, x));
+            return Some((
+                if k == "n" {
+                    "concurrency".to_string()
+                } else {
+                    k.to_string()
+                },
+                x,
+            ));
         }
     }
     None
@@ -317,8 +366,12 @@ pub struct CompareOptions {
 /// Parses "5%" or "0.05" into a fraction.
 pub fn parse_fraction(s: &str) -> Result<f64, String> {
     let t = s.trim();
-    let v = if let Some(p) = t.strip_suffix('%') { p.trim().parse::<f64>().map(|x| x / 100.0) } else { t.parse::<f64>() }
-        .map_err(|_| format!("'{s}' is not a percentage (e.g. 5% or 0.05)"))?;
+    let v = if let Some(p) = t.strip_suffix('%') {
+        p.trim().parse::<f64>().map(|x| x / 100.0)
+    } else {
+        t.parse::<f64>()
+    }
+    .map_err(|_| format!("'{s}' is not a percentage (e.g. 5% or 0.05)"))?;
     if !(v >= 0.0 && v.is_finite()) {
         return Err(format!("'{s}' must be a non-negative percentage"));
     }
@@ -326,7 +379,9 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
 }
 
 fn stem(p: &Path) -> String {
-    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 /// Loads the runs of each file and builds the comparison.
@@ -343,7 +398,8 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
     let mut notes = vec![];
     // key: (hash, file idx, fingerprint, model sha, load)
     type Key = (String, usize, String, String, String);
-    let mut cols: BTreeMap<Key, (Vec<(Vec<ReqSample>, Vec<MemorySample>, RunRow)>, String)> = BTreeMap::new();
+    let mut cols: BTreeMap<Key, (Vec<(Vec<ReqSample>, Vec<MemorySample>, RunRow)>, String)> =
+        BTreeMap::new();
     let mut names: BTreeMap<String, String> = BTreeMap::new();
     let mut labels: Vec<String> = all_files.iter().map(|p| stem(p)).collect();
     // disambiguate equal file names from different folders
@@ -364,7 +420,9 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
             }
             let s = store.samples(row.run)?;
             let m = store.memory(row.run)?;
-            names.entry(row.workload.hash.clone()).or_insert_with(|| row.workload.name.clone());
+            names
+                .entry(row.workload.hash.clone())
+                .or_insert_with(|| row.workload.name.clone());
             let key = (
                 row.workload.hash.clone(),
                 fi,
@@ -373,7 +431,10 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
                 row.workload.load.clone(),
             );
             let device = row.device_label();
-            cols.entry(key).or_insert_with(|| (vec![], device)).0.push((s, m, row));
+            cols.entry(key)
+                .or_insert_with(|| (vec![], device))
+                .0
+                .push((s, m, row));
         }
     }
     let cost_for = |file: &str, row: &RunRow| -> Option<f64> {
@@ -393,9 +454,15 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
     for ((hash, fi, fp, sha, load), (runs, device)) in cols {
         let first = &runs[0].2;
         let cost = cost_for(&labels[fi], first);
-        let refs: Vec<(Vec<ReqSample>, Vec<MemorySample>, &RunRow)> = runs.iter().map(|(s, m, r)| (s.clone(), m.clone(), r)).collect();
+        let refs: Vec<(Vec<ReqSample>, Vec<MemorySample>, &RunRow)> = runs
+            .iter()
+            .map(|(s, m, r)| (s.clone(), m.clone(), r))
+            .collect();
         let pooled = ColumnFigures::build(&refs, cost);
-        let per_run = refs.iter().map(|x| ColumnFigures::build(std::slice::from_ref(x), cost)).collect();
+        let per_run = refs
+            .iter()
+            .map(|x| ColumnFigures::build(std::slice::from_ref(x), cost))
+            .collect();
         by_hash.entry(hash).or_default().push(Column {
             file: labels[fi].clone(),
             device,
@@ -416,7 +483,11 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
     for (hash, columns) in by_hash {
         let name = names.get(&hash).cloned().unwrap_or_default();
         if columns.len() >= 2 {
-            groups.push(Group { workload_hash: hash, workload_name: name, columns });
+            groups.push(Group {
+                workload_hash: hash,
+                workload_name: name,
+                columns,
+            });
         } else {
             for c in columns {
                 mismatched.push(Mismatched {
@@ -442,14 +513,25 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
             }
         }
     }
-    Ok(Comparison { files: labels, groups, mismatched, gate, notes })
+    Ok(Comparison {
+        files: labels,
+        groups,
+        mismatched,
+        gate,
+        notes,
+    })
 }
 
 fn gate_group(g: &Group, max: f64, out: &mut Vec<GateCheck>, notes: &mut Vec<String>) {
     let defs = figure_defs();
     for cand in g.columns.iter().filter(|c| !c.baseline) {
         // the baseline column of the same load, else the first baseline column
-        let Some(base) = g.columns.iter().filter(|c| c.baseline).find(|c| c.load == cand.load).or(g.columns.iter().find(|c| c.baseline))
+        let Some(base) = g
+            .columns
+            .iter()
+            .filter(|c| c.baseline)
+            .find(|c| c.load == cand.load)
+            .or(g.columns.iter().find(|c| c.baseline))
         else {
             continue;
         };
@@ -461,7 +543,11 @@ fn gate_group(g: &Group, max: f64, out: &mut Vec<GateCheck>, notes: &mut Vec<Str
             ));
         }
         for d in defs.iter().filter(|d| d.gated) {
-            let (Some((b, bthin)), Some((c, cthin))) = ((d.get)(&base.pooled), (d.get)(&cand.pooled)) else { continue };
+            let (Some((b, bthin)), Some((c, cthin))) =
+                ((d.get)(&base.pooled), (d.get)(&cand.pooled))
+            else {
+                continue;
+            };
             if b == 0.0 || !b.is_finite() || !c.is_finite() {
                 continue;
             }
@@ -470,13 +556,21 @@ fn gate_group(g: &Group, max: f64, out: &mut Vec<GateCheck>, notes: &mut Vec<Str
                 Better::Higher => (b - c) / b.abs(),
             };
             let noise = (base.per_run.len() >= 2).then(|| {
-                let mut v: Vec<f64> = base.per_run.iter().filter_map(|r| (d.get)(r).map(|x| x.0)).collect();
+                let mut v: Vec<f64> = base
+                    .per_run
+                    .iter()
+                    .filter_map(|r| (d.get)(r).map(|x| x.0))
+                    .collect();
                 v.sort_by(|a, b| a.total_cmp(b));
                 if v.len() < 2 {
                     return 0.0;
                 }
                 let med = v[v.len() / 2].abs();
-                if med > 0.0 { (v[v.len() - 1] - v[0]) / med } else { 0.0 }
+                if med > 0.0 {
+                    (v[v.len() - 1] - v[0]) / med
+                } else {
+                    0.0
+                }
             });
             let allowed = max + noise.unwrap_or(0.0);
             out.push(GateCheck {
@@ -526,13 +620,25 @@ impl Comparison {
         let mut s = String::new();
         let defs = figure_defs();
         if self.groups.is_empty() {
-            let _ = writeln!(s, "No workload appears in two columns: nothing to put side by side.");
+            let _ = writeln!(
+                s,
+                "No workload appears in two columns: nothing to put side by side."
+            );
         }
         for g in &self.groups {
-            let _ = writeln!(s, "\n## workload '{}' (hash {})\n", g.workload_name, short(&g.workload_hash));
+            let _ = writeln!(
+                s,
+                "\n## workload '{}' (hash {})\n",
+                g.workload_name,
+                short(&g.workload_hash)
+            );
             let mut header = vec!["figure".to_string()];
             for (i, c) in g.columns.iter().enumerate() {
-                let runs = if c.run_uids.len() > 1 { format!(", {} runs pooled", c.run_uids.len()) } else { String::new() };
+                let runs = if c.run_uids.len() > 1 {
+                    format!(", {} runs pooled", c.run_uids.len())
+                } else {
+                    String::new()
+                };
                 header.push(format!(
                     "{}{}{}{}",
                     c.label(),
@@ -543,11 +649,16 @@ impl Comparison {
             }
             let mut rows = vec![header];
             for d in &defs {
-                let vals: Vec<Option<(f64, bool)>> = g.columns.iter().map(|c| (d.get)(&c.pooled)).collect();
+                let vals: Vec<Option<(f64, bool)>> =
+                    g.columns.iter().map(|c| (d.get)(&c.pooled)).collect();
                 if vals.iter().all(|v| v.is_none()) {
                     continue;
                 }
-                let mut row = vec![if d.unit.is_empty() { d.label.to_string() } else { format!("{} ({})", d.label, d.unit) }];
+                let mut row = vec![if d.unit.is_empty() {
+                    d.label.to_string()
+                } else {
+                    format!("{} ({})", d.label, d.unit)
+                }];
                 let first = vals[0];
                 for (i, v) in vals.iter().enumerate() {
                     row.push(match v {
@@ -570,17 +681,34 @@ impl Comparison {
                 rows.push(row);
             }
             s.push_str(&render_table(&rows));
-            let fps: std::collections::BTreeSet<&str> = g.columns.iter().map(|c| c.device_fingerprint.as_str()).collect();
-            let models: std::collections::BTreeSet<&str> = g.columns.iter().map(|c| c.model_sha256.as_str()).collect();
+            let fps: std::collections::BTreeSet<&str> = g
+                .columns
+                .iter()
+                .map(|c| c.device_fingerprint.as_str())
+                .collect();
+            let models: std::collections::BTreeSet<&str> =
+                g.columns.iter().map(|c| c.model_sha256.as_str()).collect();
             if fps.len() > 1 {
-                let _ = writeln!(s, "devices differ across columns (same workload hash: a fair device comparison)");
+                let _ = writeln!(
+                    s,
+                    "devices differ across columns (same workload hash: a fair device comparison)"
+                );
             }
             if models.len() > 1 {
                 let _ = writeln!(s, "note: the model file differs across columns (sha256)");
             }
         }
-        if self.groups.iter().any(|g| g.columns.iter().any(|c| figure_defs().iter().any(|d| (d.get)(&c.pooled).is_some_and(|x| x.1)))) {
-            let _ = writeln!(s, "\n† too few samples for this percentile to mean much (n < 1/(1−q))");
+        if self.groups.iter().any(|g| {
+            g.columns.iter().any(|c| {
+                figure_defs()
+                    .iter()
+                    .any(|d| (d.get)(&c.pooled).is_some_and(|x| x.1))
+            })
+        }) {
+            let _ = writeln!(
+                s,
+                "\n† too few samples for this percentile to mean much (n < 1/(1−q))"
+            );
         }
         if !self.mismatched.is_empty() {
             let _ = writeln!(
@@ -618,14 +746,28 @@ impl Comparison {
                     fmt_num(g.baseline),
                     fmt_num(g.candidate),
                     format!("{:+.1}%", g.worse_by * 100.0),
-                    g.noise.map(|n| format!("{:.1}%", n * 100.0)).unwrap_or_else(|| "unknown".into()),
+                    g.noise
+                        .map(|n| format!("{:.1}%", n * 100.0))
+                        .unwrap_or_else(|| "unknown".into()),
                     format!("{:.1}%", g.allowed * 100.0),
-                    format!("{}{}", if g.regressed { "REGRESSED" } else { "ok" }, if g.thin { " †" } else { "" }),
+                    format!(
+                        "{}{}",
+                        if g.regressed { "REGRESSED" } else { "ok" },
+                        if g.thin { " †" } else { "" }
+                    ),
                 ]);
             }
             s.push_str(&render_table(&rows));
             let n = self.gate.iter().filter(|g| g.regressed).count();
-            let _ = writeln!(s, "{}", if n == 0 { "gate: pass".to_string() } else { format!("gate: FAIL ({n} figure(s) regressed)") });
+            let _ = writeln!(
+                s,
+                "{}",
+                if n == 0 {
+                    "gate: pass".to_string()
+                } else {
+                    format!("gate: FAIL ({n} figure(s) regressed)")
+                }
+            );
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
@@ -635,7 +777,9 @@ impl Comparison {
 
     /// One CSV row per (workload, column, figure).
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("workload_hash,workload,file,device,load,baseline,runs,figure,unit,value,thin\n");
+        let mut s = String::from(
+            "workload_hash,workload,file,device,load,baseline,runs,figure,unit,value,thin\n",
+        );
         let defs = figure_defs();
         for g in &self.groups {
             for c in &g.columns {
@@ -699,13 +843,25 @@ impl Comparison {
 }
 
 pub(crate) fn csv(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 /// A markdown table with padded columns.
 pub(crate) fn render_table(rows: &[Vec<String>]) -> String {
     let ncol = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let w: Vec<usize> = (0..ncol).map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+    let w: Vec<usize> = (0..ncol)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut s = String::new();
     for (k, r) in rows.iter().enumerate() {
         s.push('|');

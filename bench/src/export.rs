@@ -55,10 +55,17 @@ fn load(files: &[PathBuf]) -> Result<Vec<Loaded>, StoreError> {
     let mut out = vec![];
     for f in files {
         let store = Store::open_existing(f)?;
-        let file = f.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = f
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for row in store.runs()? {
             let figures = Figures::compute(&store.samples(row.run)?, &store.memory(row.run)?);
-            out.push(Loaded { file: file.clone(), row, figures });
+            out.push(Loaded {
+                file: file.clone(),
+                row,
+                figures,
+            });
         }
     }
     Ok(out)
@@ -115,7 +122,12 @@ fn run_values(l: &Loaded) -> Vec<serde_json::Value> {
     let f = &l.figures;
     let r = &l.row;
     let p = &r.provenance;
-    let ms = |m: &str, q: &str| f.dist(m).and_then(|s| s.get(q)).map(|v| json!(v / 1e6)).unwrap_or(json!(null));
+    let ms = |m: &str, q: &str| {
+        f.dist(m)
+            .and_then(|s| s.get(q))
+            .map(|v| json!(v / 1e6))
+            .unwrap_or(json!(null))
+    };
     let opt = |v: Option<f64>| v.map(|x| json!(x)).unwrap_or(json!(null));
     vec![
         json!(l.file),
@@ -179,36 +191,59 @@ pub fn export(files: &[PathBuf], what: What, format: Format) -> Result<String, S
         (What::Runs, _) => {
             let runs = load(files)?;
             let rows: Vec<Vec<serde_json::Value>> = runs.iter().map(run_values).collect();
-            Ok(tabular(RUN_COLUMNS.iter().map(|s| s.to_string()).collect(), rows, format))
+            Ok(tabular(
+                RUN_COLUMNS.iter().map(|s| s.to_string()).collect(),
+                rows,
+                format,
+            ))
         }
-        (What::Requests, Format::Markdown) => Err(StoreError::Invalid("requests export: use --format csv or json".into())),
+        (What::Requests, Format::Markdown) => Err(StoreError::Invalid(
+            "requests export: use --format csv or json".into(),
+        )),
         (What::Requests, _) => {
             let mut cols: Vec<String> = vec![];
             let mut rows = vec![];
             for f in files {
                 let store = Store::open_existing(f)?;
-                let file = f.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let file = f
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let mut st = store
                     .conn()
                     .prepare("SELECT * FROM v_request_latency ORDER BY run_id, req_pk")
-                    .map_err(|e| StoreError::Sqlite { path: f.clone(), source: e })?;
+                    .map_err(|e| StoreError::Sqlite {
+                        path: f.clone(),
+                        source: e,
+                    })?;
                 if cols.is_empty() {
                     cols.push("file".into());
                     cols.extend(st.column_names().map(|s| s.to_string()));
                 }
                 let n = st.column_count();
-                let mut q = st.query([]).map_err(|e| StoreError::Sqlite { path: f.clone(), source: e })?;
-                while let Some(r) = q.next().map_err(|e| StoreError::Sqlite { path: f.clone(), source: e })? {
+                let mut q = st.query([]).map_err(|e| StoreError::Sqlite {
+                    path: f.clone(),
+                    source: e,
+                })?;
+                while let Some(r) = q.next().map_err(|e| StoreError::Sqlite {
+                    path: f.clone(),
+                    source: e,
+                })? {
                     let mut row = vec![serde_json::json!(file)];
                     for i in 0..n {
                         use rusqlite::types::ValueRef;
-                        row.push(match r.get_ref(i).map_err(|e| StoreError::Sqlite { path: f.clone(), source: e })? {
-                            ValueRef::Null => serde_json::Value::Null,
-                            ValueRef::Integer(x) => serde_json::json!(x),
-                            ValueRef::Real(x) => serde_json::json!(x),
-                            ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
-                            ValueRef::Blob(_) => serde_json::Value::Null,
-                        });
+                        row.push(
+                            match r.get_ref(i).map_err(|e| StoreError::Sqlite {
+                                path: f.clone(),
+                                source: e,
+                            })? {
+                                ValueRef::Null => serde_json::Value::Null,
+                                ValueRef::Integer(x) => serde_json::json!(x),
+                                ValueRef::Real(x) => serde_json::json!(x),
+                                ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
+                                ValueRef::Blob(_) => serde_json::Value::Null,
+                            },
+                        );
                     }
                     rows.push(row);
                 }
@@ -221,14 +256,20 @@ pub fn export(files: &[PathBuf], what: What, format: Format) -> Result<String, S
 fn tabular(cols: Vec<String>, rows: Vec<Vec<serde_json::Value>>, format: Format) -> String {
     match format {
         Format::Json => {
-            let arr: Vec<serde_json::Value> =
-                rows.into_iter().map(|r| serde_json::Value::Object(cols.iter().cloned().zip(r).collect())).collect();
+            let arr: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|r| serde_json::Value::Object(cols.iter().cloned().zip(r).collect()))
+                .collect();
             serde_json::to_string_pretty(&arr).unwrap_or_default() + "\n"
         }
         _ => {
             let mut s = cols.join(",") + "\n";
             for r in rows {
-                let _ = writeln!(s, "{}", r.iter().map(csv_cell).collect::<Vec<_>>().join(","));
+                let _ = writeln!(
+                    s,
+                    "{}",
+                    r.iter().map(csv_cell).collect::<Vec<_>>().join(",")
+                );
             }
             s
         }
@@ -240,19 +281,38 @@ fn tabular(cols: Vec<String>, rows: Vec<Vec<serde_json::Value>>, format: Format)
 /// tokens/s, each as mean ± sd over the run's measured requests (llama-bench
 /// takes mean ± sd over repetitions; here a request is a repetition).
 fn llama_bench_markdown(runs: &[Loaded]) -> String {
-    let mut rows = vec![vec!["model".to_string(), "size".into(), "backend".into(), "threads".into(), "test".into(), "t/s".into()]];
+    let mut rows = vec![vec![
+        "model".to_string(),
+        "size".into(),
+        "backend".into(),
+        "threads".into(),
+        "test".into(),
+        "t/s".into(),
+    ]];
     for l in runs {
         let p = &l.row.provenance;
         let size = format!("{:.2} MiB", p.weights_bytes as f64 / 1048576.0);
         let backend = if p.device_profile.as_deref().is_some_and(|d| !d.is_empty()) {
-            format!("{} ({})", p.backend, p.device_profile.clone().unwrap_or_default())
+            format!(
+                "{} ({})",
+                p.backend,
+                p.device_profile.clone().unwrap_or_default()
+            )
         } else {
             p.backend.clone()
         };
-        let model = format!("{} {}", p.model_arch, p.model_sha256.chars().take(8).collect::<String>());
+        let model = format!(
+            "{} {}",
+            p.model_arch,
+            p.model_sha256.chars().take(8).collect::<String>()
+        );
         let wl = format!("{}{}", l.row.workload.name, {
             let ll = load_label(&l.row.workload.load);
-            if ll.is_empty() { String::new() } else { format!(" @ {ll}") }
+            if ll.is_empty() {
+                String::new()
+            } else {
+                format!(" @ {ll}")
+            }
         });
         for (test, metric) in [("pp", "prefill_tps"), ("tg", "decode_tps")] {
             if let Some(s) = l.figures.dist(metric) {

@@ -95,7 +95,11 @@ pub struct Overhead {
 impl Overhead {
     /// Harness bookkeeping as a fraction of engine step time.
     pub fn fraction(&self) -> f64 {
-        if self.step_ns == 0 { 0.0 } else { self.harness_ns as f64 / self.step_ns as f64 }
+        if self.step_ns == 0 {
+            0.0
+        } else {
+            self.harness_ns as f64 / self.step_ns as f64
+        }
     }
 }
 
@@ -116,7 +120,9 @@ pub struct RunOutput {
 pub fn planned_requests(load: &LoadSpec, limits: &Limits, n_items: usize) -> Option<usize> {
     match (limits.max_requests, limits.max_duration_ms, load) {
         (Some(n), _, _) => Some(n),
-        (None, Some(d), LoadSpec::Rate { rps, .. }) => Some(((rps * d as f64 / 1000.0).ceil() as usize).max(1)),
+        (None, Some(d), LoadSpec::Rate { rps, .. }) => {
+            Some(((rps * d as f64 / 1000.0).ceil() as usize).max(1))
+        }
         (None, Some(_), _) => None,
         (None, None, _) => Some(n_items),
     }
@@ -125,7 +131,16 @@ pub fn planned_requests(load: &LoadSpec, limits: &Limits, n_items: usize) -> Opt
 /// The intended arrival schedule of a load (empty for closed loops).
 pub fn arrival_schedule(load: &LoadSpec, limits: &Limits, n_items: usize) -> Vec<Ns> {
     match load {
-        LoadSpec::Rate { rps, arrivals, seed } => load::schedule(*rps, *arrivals, planned_requests(load, limits, n_items).unwrap_or(n_items), *seed),
+        LoadSpec::Rate {
+            rps,
+            arrivals,
+            seed,
+        } => load::schedule(
+            *rps,
+            *arrivals,
+            planned_requests(load, limits, n_items).unwrap_or(n_items),
+            *seed,
+        ),
         _ => vec![],
     }
 }
@@ -157,7 +172,13 @@ impl Driver<'_> {
         t.saturating_duration_since(self.t0).as_nanos() as Ns
     }
 
-    fn submit(&mut self, server: &mut dyn Server, item: &WorkItem, arrival: Instant, warmup: bool) -> RequestId {
+    fn submit(
+        &mut self,
+        server: &mut dyn Server,
+        item: &WorkItem,
+        arrival: Instant,
+        warmup: bool,
+    ) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
         let arrival_ns = self.ns(arrival);
@@ -199,7 +220,9 @@ impl Driver<'_> {
         let t0 = self.t0;
         let ns = |t: Instant| t.saturating_duration_since(t0).as_nanos() as Ns;
         for ev in self.events.drain(..) {
-            let Some(&i) = self.slot.get(&ev.id()) else { continue };
+            let Some(&i) = self.slot.get(&ev.id()) else {
+                continue;
+            };
             let r = &mut self.records[i];
             match ev {
                 ServeEvent::Enqueued { at, .. } => r.enqueue_ns = ns(at),
@@ -224,7 +247,12 @@ impl Driver<'_> {
                     self.output_tokens += 1;
                     self.overhead.tokens += 1;
                 }
-                ServeEvent::Finished { id, at, reason, error } => {
+                ServeEvent::Finished {
+                    id,
+                    at,
+                    reason,
+                    error,
+                } => {
                     r.finish_ns = ns(at);
                     r.finish_reason = reason;
                     r.error = error;
@@ -248,7 +276,10 @@ impl Driver<'_> {
     }
 
     fn sample_memory(&mut self, server: &dyn Server, now: Instant, force: bool) {
-        if self.last_rss_at.is_none_or(|t| now.saturating_duration_since(t) >= self.o.rss_interval) {
+        if self
+            .last_rss_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.o.rss_interval)
+        {
             self.rss = ember_rss();
             self.last_rss_at = Some(now);
         }
@@ -262,9 +293,21 @@ impl Driver<'_> {
             kv_bytes_used: s.kv_bytes_used,
             kv_bytes_reserved: s.kv_bytes_reserved,
         };
-        let timer = self.last_sample_at.is_none_or(|t| now.saturating_duration_since(t) >= self.o.memory_interval);
+        let timer = self
+            .last_sample_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.o.memory_interval);
         let changed = self.memory.last().is_none_or(|l| {
-            (l.rss_bytes, l.device_bytes, l.kv_bytes_used, l.kv_bytes_reserved) != (m.rss_bytes, m.device_bytes, m.kv_bytes_used, m.kv_bytes_reserved)
+            (
+                l.rss_bytes,
+                l.device_bytes,
+                l.kv_bytes_used,
+                l.kv_bytes_reserved,
+            ) != (
+                m.rss_bytes,
+                m.device_bytes,
+                m.kv_bytes_used,
+                m.kv_bytes_reserved,
+            )
         });
         if force || timer || changed {
             self.memory.push(m);
@@ -274,8 +317,18 @@ impl Driver<'_> {
         }
     }
 
-    fn progress(&mut self, now: Instant, planned: Option<usize>, force: bool, cb: &mut dyn FnMut(&Progress)) {
-        if force || self.last_progress.is_none_or(|t| now.saturating_duration_since(t) >= self.o.progress_interval) {
+    fn progress(
+        &mut self,
+        now: Instant,
+        planned: Option<usize>,
+        force: bool,
+        cb: &mut dyn FnMut(&Progress),
+    ) {
+        if force
+            || self
+                .last_progress
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.o.progress_interval)
+        {
             self.last_progress = Some(now);
             cb(&Progress {
                 warmup_done: self.warmup_done,
@@ -288,7 +341,13 @@ impl Driver<'_> {
     }
 
     /// One engine step plus bookkeeping; returns finished requests.
-    fn step(&mut self, server: &mut dyn Server, clock: &dyn Clock, planned: Option<usize>, cb: &mut dyn FnMut(&Progress)) -> Vec<(RequestId, Instant)> {
+    fn step(
+        &mut self,
+        server: &mut dyn Server,
+        clock: &dyn Clock,
+        planned: Option<usize>,
+        cb: &mut dyn FnMut(&Progress),
+    ) -> Vec<(RequestId, Instant)> {
         let t = Instant::now();
         let mut ev = std::mem::take(&mut self.events);
         server.step(&mut ev);
@@ -301,7 +360,10 @@ impl Driver<'_> {
         let now = clock.now();
         if self.o.record_tokens {
             self.sample_memory(server, now, false);
-        } else if self.last_sample_at.is_none_or(|t| now.saturating_duration_since(t) >= self.o.memory_interval) {
+        } else if self
+            .last_sample_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.o.memory_interval)
+        {
             self.sample_memory(server, now, true);
         }
         self.progress(now, planned, !finished.is_empty(), cb);
@@ -339,7 +401,13 @@ pub fn set_rss_probe(f: Option<Box<dyn FnMut() -> u64>>) {
 
 /// Run a workload against a server: warm-up requests one at a time, then the
 /// measured requests under `o.load`.
-pub fn run(server: &mut dyn Server, clock: &dyn Clock, w: &Workload, o: &HarnessOptions, progress: &mut dyn FnMut(&Progress)) -> RunOutput {
+pub fn run(
+    server: &mut dyn Server,
+    clock: &dyn Clock,
+    w: &Workload,
+    o: &HarnessOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> RunOutput {
     assert!(!w.items.is_empty(), "a workload needs at least one request");
     let t0 = clock.now();
     let mut d = Driver {
@@ -377,18 +445,25 @@ pub fn run(server: &mut dyn Server, clock: &dyn Clock, w: &Workload, o: &Harness
     }
 
     let tm = clock.now();
-    let deadline = o.limits.max_duration_ms.map(|ms| tm + Duration::from_millis(ms));
+    let deadline = o
+        .limits
+        .max_duration_ms
+        .map(|ms| tm + Duration::from_millis(ms));
     let schedule = arrival_schedule(&o.load, &o.limits, w.items.len());
     let (users, think) = match o.load {
         LoadSpec::Sync => (1, Duration::ZERO),
-        LoadSpec::Concurrency { users, think_ms } => (users.max(1), Duration::from_millis(think_ms)),
+        LoadSpec::Concurrency { users, think_ms } => {
+            (users.max(1), Duration::from_millis(think_ms))
+        }
         LoadSpec::Rate { .. } => (0, Duration::ZERO),
     };
     // Closed loop: when each user sends next (None while its request runs).
     let mut ready: Vec<Option<Instant>> = vec![Some(tm); users];
     let mut user_of: HashMap<RequestId, usize> = HashMap::new();
     let mut sent = 0usize;
-    let may_send = |sent: usize, at: Instant| planned.is_none_or(|p| sent < p) && deadline.is_none_or(|dl| at < dl);
+    let may_send = |sent: usize, at: Instant| {
+        planned.is_none_or(|p| sent < p) && deadline.is_none_or(|dl| at < dl)
+    };
     loop {
         let now = clock.now();
         // Submit everything that is due, stamped with its intended arrival.
@@ -428,7 +503,12 @@ pub fn run(server: &mut dyn Server, clock: &dyn Clock, w: &Workload, o: &Harness
         }
         // Idle: wait for the next arrival, or stop.
         let next_due = if users > 0 {
-            ready.iter().flatten().copied().filter(|&r| may_send(sent, r)).min()
+            ready
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|&r| may_send(sent, r))
+                .min()
         } else if sent < schedule.len() {
             let due = tm + Duration::from_nanos(schedule[sent]);
             may_send(sent, due).then_some(due)
@@ -442,7 +522,9 @@ pub fn run(server: &mut dyn Server, clock: &dyn Clock, w: &Workload, o: &Harness
                 let until = due.min(now + o.memory_interval);
                 clock.sleep_until(until);
                 let now = clock.now();
-                if d.last_sample_at.is_none_or(|t| now.saturating_duration_since(t) >= o.memory_interval) {
+                if d.last_sample_at
+                    .is_none_or(|t| now.saturating_duration_since(t) >= o.memory_interval)
+                {
                     d.sample_memory(server, now, true);
                 }
                 d.progress(now, planned, false, progress);
@@ -465,8 +547,18 @@ pub fn run(server: &mut dyn Server, clock: &dyn Clock, w: &Workload, o: &Harness
     let end = clock.now();
     d.sample_memory(server, end, true);
     d.progress(end, planned, true, progress);
-    let evictions = d.last_stats.cache_evictions.saturating_sub(d.first_evictions.unwrap_or(0));
-    RunOutput { records: d.records, memory: d.memory, schedule, overhead: d.overhead, cache_evictions: evictions, last_stats: d.last_stats }
+    let evictions = d
+        .last_stats
+        .cache_evictions
+        .saturating_sub(d.first_evictions.unwrap_or(0));
+    RunOutput {
+        records: d.records,
+        memory: d.memory,
+        schedule,
+        overhead: d.overhead,
+        cache_evictions: evictions,
+        last_stats: d.last_stats,
+    }
 }
 
 /// Sweep settings: bounded in points and in time.
@@ -499,12 +591,31 @@ pub fn sweep(
         server,
         clock,
         w,
-        &HarnessOptions { load: LoadSpec::Sync, limits: Limits { max_requests: Some(calib_n), max_duration_ms: None }, ..base.clone() },
+        &HarnessOptions {
+            load: LoadSpec::Sync,
+            limits: Limits {
+                max_requests: Some(calib_n),
+                max_duration_ms: None,
+            },
+            ..base.clone()
+        },
         progress,
     );
-    let busy_s: f64 = calib.records.iter().filter(|r| !r.warmup).map(|r| metrics::e2e_ns(r) as f64 / 1e9).sum();
-    let capacity = if busy_s > 0.0 { calib_n as f64 / busy_s } else { 1.0 };
-    let no_warm = Workload { warmup: vec![], ..w.clone() };
+    let busy_s: f64 = calib
+        .records
+        .iter()
+        .filter(|r| !r.warmup)
+        .map(|r| metrics::e2e_ns(r) as f64 / 1e9)
+        .sum();
+    let capacity = if busy_s > 0.0 {
+        calib_n as f64 / busy_s
+    } else {
+        1.0
+    };
+    let no_warm = Workload {
+        warmup: vec![],
+        ..w.clone()
+    };
     let (mut lo, mut hi): (Option<f64>, Option<f64>) = (None, None);
     let mut rate = 0.8 * capacity;
     let mut points = vec![];
@@ -517,15 +628,28 @@ pub fn sweep(
         }
         let left_ms = (cfg.budget - elapsed).as_millis() as u64;
         let o = HarnessOptions {
-            load: LoadSpec::Rate { rps: rate, arrivals: cfg.arrivals, seed: cfg.seed.wrapping_add(i as u64) },
-            limits: Limits { max_requests: Some(cfg.requests_per_point), max_duration_ms: Some(left_ms.max(1)) },
+            load: LoadSpec::Rate {
+                rps: rate,
+                arrivals: cfg.arrivals,
+                seed: cfg.seed.wrapping_add(i as u64),
+            },
+            limits: Limits {
+                max_requests: Some(cfg.requests_per_point),
+                max_duration_ms: Some(left_ms.max(1)),
+            },
             ..base.clone()
         };
         let out = run(server, clock, &no_warm, &o, progress);
         let s = metrics::summarize(&out.records, &out.memory, Some(slo));
         let rep = s.slo.clone().unwrap_or_default();
         let pass = s.n_measured > 0 && rep.slo_attainment >= slo.target;
-        points.push(SweepPoint { rate_rps: rate, n: s.n_measured, slo_attainment: rep.slo_attainment, goodput_rps: rep.goodput_rps, pass });
+        points.push(SweepPoint {
+            rate_rps: rate,
+            n: s.n_measured,
+            slo_attainment: rep.slo_attainment,
+            goodput_rps: rep.goodput_rps,
+            pass,
+        });
         if pass {
             lo = Some(lo.map_or(rate, |l: f64| l.max(rate)));
             best = Some(out);
@@ -545,6 +669,11 @@ pub fn sweep(
             (None, None) => unreachable!(),
         };
     }
-    let result = SweepResult { capacity_rps: capacity, target: slo.target, points, max_goodput_rate: lo };
+    let result = SweepResult {
+        capacity_rps: capacity,
+        target: slo.target,
+        points,
+        max_goodput_rate: lo,
+    };
     (result, best.or(last).unwrap_or(calib))
 }

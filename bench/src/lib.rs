@@ -1,18 +1,18 @@
 //! ember's benchmark harness. The runtime emits events; this crate owns the
 //! clocks that turn into figures. So far: the llama-bench-compatible mode.
 
-pub mod llamabench;
-pub mod record;
-pub mod store;
 pub mod compare;
-pub mod report;
 pub mod export;
 pub mod harness;
+pub mod llamabench;
 pub mod load;
 pub mod metrics;
+pub mod profile;
+pub mod provenance;
+pub mod record;
+pub mod report;
+pub mod selftest;
 pub mod slo;
+pub mod store;
 pub mod table;
 pub mod workload;
-pub mod provenance;
-pub mod profile;
-pub mod selftest;

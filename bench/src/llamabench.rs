@@ -32,17 +32,29 @@ pub struct BenchResult {
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (mean, var.sqrt())
 }
 
 fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed);
-    (0..n).map(|_| (rng.next_u64() % n_vocab as u64) as u32).collect()
+    (0..n)
+        .map(|_| (rng.next_u64() % n_vocab as u64) as u32)
+        .collect()
 }
 
 /// Time one test `reps` times after one untimed warm-up run.
-pub fn run_test(engine: &Engine, kind: Test, n: usize, reps: usize, mut progress: impl FnMut()) -> Result<BenchResult, ModelError> {
+pub fn run_test(
+    engine: &Engine,
+    kind: Test,
+    n: usize,
+    reps: usize,
+    mut progress: impl FnMut(),
+) -> Result<BenchResult, ModelError> {
     let n_vocab = engine.model.config().n_vocab;
     let tokens = random_tokens(n, n_vocab, 0x11A3A);
     let mut logits = Vec::new();
@@ -74,7 +86,14 @@ pub fn run_test(engine: &Engine, kind: Test, n: usize, reps: usize, mut progress
         Test::Pp => "pp",
         Test::Tg => "tg",
     };
-    Ok(BenchResult { test: format!("{prefix}{n}"), kind, n_tokens: n, samples_tps: samples, mean_tps, sd_tps })
+    Ok(BenchResult {
+        test: format!("{prefix}{n}"),
+        kind,
+        n_tokens: n,
+        samples_tps: samples,
+        mean_tps,
+        sd_tps,
+    })
 }
 
 #[cfg(test)]

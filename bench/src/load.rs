@@ -26,8 +26,15 @@ pub enum Arrivals {
 #[serde(tag = "mode", rename_all = "lowercase")]
 pub enum LoadSpec {
     Sync,
-    Concurrency { users: usize, think_ms: u64 },
-    Rate { rps: f64, arrivals: Arrivals, seed: u64 },
+    Concurrency {
+        users: usize,
+        think_ms: u64,
+    },
+    Rate {
+        rps: f64,
+        arrivals: Arrivals,
+        seed: u64,
+    },
 }
 
 impl LoadSpec {
@@ -35,8 +42,12 @@ impl LoadSpec {
         match self {
             LoadSpec::Sync => "sync".into(),
             LoadSpec::Concurrency { users, think_ms: 0 } => format!("concurrency {users}"),
-            LoadSpec::Concurrency { users, think_ms } => format!("concurrency {users}, think {think_ms} ms"),
-            LoadSpec::Rate { rps, arrivals, .. } => format!("rate {rps} req/s ({arrivals:?})").to_lowercase(),
+            LoadSpec::Concurrency { users, think_ms } => {
+                format!("concurrency {users}, think {think_ms} ms")
+            }
+            LoadSpec::Rate { rps, arrivals, .. } => {
+                format!("rate {rps} req/s ({arrivals:?})").to_lowercase()
+            }
         }
     }
 }
@@ -93,6 +104,9 @@ mod tests {
 
     #[test]
     fn constant_schedule() {
-        assert_eq!(schedule(4.0, Arrivals::Constant, 4, 0), vec![0, 250_000_000, 500_000_000, 750_000_000]);
+        assert_eq!(
+            schedule(4.0, Arrivals::Constant, 4, 0),
+            vec![0, 250_000_000, 500_000_000, 750_000_000]
+        );
     }
 }

@@ -28,7 +28,13 @@ fn ms(ns: Ns) -> f64 {
 }
 
 /// The reported quantiles, as per-mille: p50, p90, p95, p99, p99.9.
-pub const QUANTILES_PERMILLE: [(u64, &str); 5] = [(500, "p50"), (900, "p90"), (950, "p95"), (990, "p99"), (999, "p99.9")];
+pub const QUANTILES_PERMILLE: [(u64, &str); 5] = [
+    (500, "p50"),
+    (900, "p90"),
+    (950, "p95"),
+    (990, "p99"),
+    (999, "p99.9"),
+];
 
 /// Nearest rank: the sample at rank ⌈q·n⌉ (1-based) of the sorted samples,
 /// with q = permille/1000 in exact integer arithmetic. `None` when empty.
@@ -72,7 +78,11 @@ impl Dist {
         v.sort_by(|a, b| a.total_cmp(b));
         let n = v.len();
         let mean = v.iter().sum::<f64>() / n as f64;
-        let sd = if n > 1 { (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+        let sd = if n > 1 {
+            (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
         let p = |k| nearest_rank(&v, k).unwrap();
         Dist {
             n,
@@ -85,7 +95,11 @@ impl Dist {
             p95: p(950),
             p99: p(990),
             p999: p(999),
-            small_sample: QUANTILES_PERMILLE.iter().filter(|(k, _)| too_few(n, *k)).map(|(_, s)| s.to_string()).collect(),
+            small_sample: QUANTILES_PERMILLE
+                .iter()
+                .filter(|(k, _)| too_few(n, *k))
+                .map(|(_, s)| s.to_string())
+                .collect(),
         }
     }
 
@@ -206,7 +220,11 @@ pub fn memory_summary(samples: &[MemorySample]) -> MemorySummary {
         rss_peak_bytes: samples.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
         device_bytes_peak: samples.iter().map(|s| s.device_bytes).max().unwrap_or(0),
         kv_bytes_used_peak: samples.iter().map(|s| s.kv_bytes_used).max().unwrap_or(0),
-        kv_bytes_reserved_peak: samples.iter().map(|s| s.kv_bytes_reserved).max().unwrap_or(0),
+        kv_bytes_reserved_peak: samples
+            .iter()
+            .map(|s| s.kv_bytes_reserved)
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -251,16 +269,28 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
     let measured: Vec<&RequestRecord> = records.iter().filter(|r| !r.warmup).collect();
     let ok: Vec<&RequestRecord> = measured.iter().copied().filter(|r| !r.failed()).collect();
     let n_failed = measured.len() - ok.len();
-    let window_ns = match (measured.iter().map(|r| r.arrival_ns).min(), measured.iter().map(|r| r.finish_ns).max()) {
+    let window_ns = match (
+        measured.iter().map(|r| r.arrival_ns).min(),
+        measured.iter().map(|r| r.finish_ns).max(),
+    ) {
         (Some(a), Some(f)) => f.saturating_sub(a),
         _ => 0,
     };
     let window_s = window_ns as f64 / NS_PER_S;
-    let per_s = |x: f64| if window_ns > 0 { x * NS_PER_S / window_ns as f64 } else { 0.0 };
+    let per_s = |x: f64| {
+        if window_ns > 0 {
+            x * NS_PER_S / window_ns as f64
+        } else {
+            0.0
+        }
+    };
 
     let prompt_tokens: u64 = measured.iter().map(|r| r.prompt_tokens as u64).sum();
     let output_tokens: u64 = measured.iter().map(|r| r.output_tokens() as u64).sum();
-    let cached: u64 = measured.iter().map(|r| r.cache.cached_prompt_tokens as u64).sum();
+    let cached: u64 = measured
+        .iter()
+        .map(|r| r.cache.cached_prompt_tokens as u64)
+        .sum();
 
     let (mut pf_tok, mut pf_ns) = (0u64, 0u64);
     let (mut dc_tok, mut dc_ns) = (0u64, 0u64);
@@ -278,7 +308,12 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
 
     let tpot = Dist::of(ok.iter().filter_map(|r| tpot_ms(r)).collect());
     let itl = Dist::of(ok.iter().flat_map(|r| gaps_ns(r)).map(ms).collect());
-    let (gw_num, gw_den) = ok.iter().filter_map(|r| tpot_ms(r).map(|t| (t * r.output_tokens() as f64, r.output_tokens() as f64))).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let (gw_num, gw_den) = ok
+        .iter()
+        .filter_map(|r| {
+            tpot_ms(r).map(|t| (t * r.output_tokens() as f64, r.output_tokens() as f64))
+        })
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     let compat = Compat {
         guidellm_itl_ms: if gw_den > 0.0 { gw_num / gw_den } else { 0.0 },
         vllm_tpot_mean_ms: tpot.mean,
@@ -295,29 +330,54 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         window_s,
         ttft_ms: Dist::of(ok.iter().filter_map(|r| ttft_ns(r)).map(ms).collect()),
         queue_ms: Dist::of(ok.iter().filter_map(|r| queue_ns(r)).map(ms).collect()),
-        ttft_engine_ms: Dist::of(ok.iter().filter_map(|r| ttft_engine_ns(r)).map(ms).collect()),
+        ttft_engine_ms: Dist::of(
+            ok.iter()
+                .filter_map(|r| ttft_engine_ns(r))
+                .map(ms)
+                .collect(),
+        ),
         itl_ms: itl,
         tpot_ms: tpot,
         e2e_ms: Dist::of(ok.iter().map(|r| ms(e2e_ns(r))).collect()),
         prefill_tps: Dist::of(ok.iter().filter_map(|r| prefill_tps(r)).collect()),
-        prefill_tps_total: if pf_ns > 0 { pf_tok as f64 * NS_PER_S / pf_ns as f64 } else { 0.0 },
+        prefill_tps_total: if pf_ns > 0 {
+            pf_tok as f64 * NS_PER_S / pf_ns as f64
+        } else {
+            0.0
+        },
         decode_tps: Dist::of(ok.iter().filter_map(|r| decode_tps(r)).collect()),
-        decode_tps_total: if dc_ns > 0 { dc_tok as f64 * NS_PER_S / dc_ns as f64 } else { 0.0 },
+        decode_tps_total: if dc_ns > 0 {
+            dc_tok as f64 * NS_PER_S / dc_ns as f64
+        } else {
+            0.0
+        },
         prompt_tokens,
         output_tokens,
         rps: per_s(ok.len() as f64),
         output_tps: per_s(output_tokens as f64),
         input_tps: per_s(prompt_tokens as f64),
-        error_rate: if measured.is_empty() { 0.0 } else { n_failed as f64 / measured.len() as f64 },
+        error_rate: if measured.is_empty() {
+            0.0
+        } else {
+            n_failed as f64 / measured.len() as f64
+        },
         cached_prompt_tokens: cached,
-        prefix_hit_rate: if prompt_tokens > 0 { cached as f64 / prompt_tokens as f64 } else { 0.0 },
+        prefix_hit_rate: if prompt_tokens > 0 {
+            cached as f64 / prompt_tokens as f64
+        } else {
+            0.0
+        },
         slo: None,
         compat,
         memory: memory_summary(memory),
     };
     if let Some(slo) = slo {
         let attaining = measured.iter().filter(|r| attains(r, slo)).count();
-        let attainment = if measured.is_empty() { 0.0 } else { attaining as f64 / measured.len() as f64 };
+        let attainment = if measured.is_empty() {
+            0.0
+        } else {
+            attaining as f64 / measured.len() as f64
+        };
         let mut small = vec![];
         let verdicts: Vec<SloVerdict> = slo
             .constraints
@@ -336,7 +396,12 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
                 }
                 let measured = d.stat(c.stat);
                 // An empty distribution (e.g. no request with 2 tokens for itl) cannot pass.
-                SloVerdict { constraint: c.to_string(), measured, limit: c.limit_ms, pass: d.n > 0 && measured <= c.limit_ms }
+                SloVerdict {
+                    constraint: c.to_string(),
+                    measured,
+                    limit: c.limit_ms,
+                    pass: d.n > 0 && measured <= c.limit_ms,
+                }
             })
             .collect();
         let pass = verdicts.iter().all(|v| v.pass) && attainment >= slo.target;
@@ -414,7 +479,10 @@ mod tests {
     #[test]
     fn dist_exact() {
         let d = Dist::of(vec![30.0, 10.0, 20.0]);
-        assert_eq!((d.n, d.mean, d.min, d.max, d.sd, d.p50, d.p90, d.p99), (3, 20.0, 10.0, 30.0, 10.0, 20.0, 30.0, 30.0));
+        assert_eq!(
+            (d.n, d.mean, d.min, d.max, d.sd, d.p50, d.p90, d.p99),
+            (3, 20.0, 10.0, 30.0, 10.0, 20.0, 30.0, 30.0)
+        );
         assert_eq!(d.small_sample, ["p90", "p95", "p99", "p99.9"]);
         assert_eq!(Dist::of(vec![]), Dist::default());
     }

@@ -73,7 +73,10 @@ pub enum ProfileError {
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
     #[error("{path}: cannot read the profile: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("unknown device profile '{name}' (known: {known}; or a path to a .toml file)")]
     Unknown { name: String, known: String },
 }
@@ -84,13 +87,22 @@ macro_rules! builtin_profiles {
         pub const BUILTIN: &[(&str, &str)] = &[$(($name, include_str!(concat!("../../targets/", $name, ".toml")))),*];
     };
 }
-builtin_profiles!("jetson-orin-nano", "jetson-agx-orin", "raspberry-pi-5", "x86-64-avx2", "apple-m", "nvidia-h100");
+builtin_profiles!(
+    "jetson-orin-nano",
+    "jetson-agx-orin",
+    "raspberry-pi-5",
+    "x86-64-avx2",
+    "apple-m",
+    "nvidia-h100"
+);
 
 impl DeviceProfile {
     /// Parse and validate `text`; `path` names the file in every error.
     pub fn parse(text: &str, path: &str) -> Result<DeviceProfile, ProfileError> {
-        let p: DeviceProfile =
-            toml::from_str(text).map_err(|e| ProfileError::Invalid { path: path.to_string(), msg: one_line(&e.to_string()) })?;
+        let p: DeviceProfile = toml::from_str(text).map_err(|e| ProfileError::Invalid {
+            path: path.to_string(),
+            msg: one_line(&e.to_string()),
+        })?;
         p.validate(path)?;
         if let Some(stem) = Path::new(path).file_stem().and_then(|s| s.to_str())
             && path.ends_with(".toml")
@@ -98,7 +110,10 @@ impl DeviceProfile {
         {
             return Err(ProfileError::Invalid {
                 path: path.to_string(),
-                msg: format!("name = \"{}\" but the file is {stem}.toml; they must match", p.name),
+                msg: format!(
+                    "name = \"{}\" but the file is {stem}.toml; they must match",
+                    p.name
+                ),
             });
         }
         Ok(p)
@@ -106,7 +121,10 @@ impl DeviceProfile {
 
     /// Read and validate a profile file.
     pub fn load(path: &Path) -> Result<DeviceProfile, ProfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         DeviceProfile::parse(&text, &path.display().to_string())
     }
 
@@ -119,31 +137,53 @@ impl DeviceProfile {
             Some((n, text)) => DeviceProfile::parse(text, &format!("targets/{n}.toml")),
             None => Err(ProfileError::Unknown {
                 name: spec.to_string(),
-                known: BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+                known: BUILTIN
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         }
     }
 
     /// Checks that every field makes sense and that the fields agree with each other.
     pub fn validate(&self, path: &str) -> Result<(), ProfileError> {
-        let bad = |msg: String| Err(ProfileError::Invalid { path: path.to_string(), msg });
+        let bad = |msg: String| {
+            Err(ProfileError::Invalid {
+                path: path.to_string(),
+                msg,
+            })
+        };
         if self.name.trim().is_empty() {
             return bad("name is empty".into());
         }
         let parts: Vec<&str> = self.target_triple.split('-').collect();
         if parts.len() < 3 || parts.iter().any(|p| p.is_empty()) {
-            return bad(format!("target_triple '{}' is not a target triple like aarch64-unknown-linux-gnu", self.target_triple));
+            return bad(format!(
+                "target_triple '{}' is not a target triple like aarch64-unknown-linux-gnu",
+                self.target_triple
+            ));
         }
         if self.backends.is_empty() {
-            return bad("backends is empty: name at least one of cpu, wgpu-vulkan, wgpu-metal, wgpu-dx12".into());
+            return bad(
+                "backends is empty: name at least one of cpu, wgpu-vulkan, wgpu-metal, wgpu-dx12"
+                    .into(),
+            );
         }
         for b in &self.backends {
             if !KNOWN_BACKENDS.contains(&b.as_str()) {
-                return bad(format!("backends: unknown backend '{b}' (known: {})", KNOWN_BACKENDS.join(", ")));
+                return bad(format!(
+                    "backends: unknown backend '{b}' (known: {})",
+                    KNOWN_BACKENDS.join(", ")
+                ));
             }
         }
-        if self.backends.iter().any(|b| b == "wgpu-metal") && !self.target_triple.contains("apple") {
-            return bad(format!("backends names wgpu-metal but target_triple '{}' is not an Apple target", self.target_triple));
+        if self.backends.iter().any(|b| b == "wgpu-metal") && !self.target_triple.contains("apple")
+        {
+            return bad(format!(
+                "backends names wgpu-metal but target_triple '{}' is not an Apple target",
+                self.target_triple
+            ));
         }
         if self.threads == 0 {
             return bad("threads = 0: a device needs at least one worker thread".into());
@@ -153,14 +193,20 @@ impl DeviceProfile {
                 return bad("cpu_cores = 0".into());
             }
             if self.threads > c {
-                return bad(format!("threads = {} exceeds cpu_cores = {c}", self.threads));
+                return bad(format!(
+                    "threads = {} exceeds cpu_cores = {c}",
+                    self.threads
+                ));
             }
         }
         let positive = |field: &str, v: f64| -> Result<(), ProfileError> {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(ProfileError::Invalid { path: path.to_string(), msg: format!("{field} = {v} must be a positive number") })
+                Err(ProfileError::Invalid {
+                    path: path.to_string(),
+                    msg: format!("{field} = {v} must be a positive number"),
+                })
             }
         };
         positive("memory_budget_gib", self.memory_budget_gib)?;
@@ -176,7 +222,10 @@ impl DeviceProfile {
         if let Some(k) = self.kv_budget_gib {
             positive("kv_budget_gib", k)?;
             if k > self.memory_budget_gib {
-                return bad(format!("kv_budget_gib = {k} is larger than memory_budget_gib = {}", self.memory_budget_gib));
+                return bad(format!(
+                    "kv_budget_gib = {k} is larger than memory_budget_gib = {}",
+                    self.memory_budget_gib
+                ));
             }
         }
         if let Some(b) = self.memory_bandwidth_gbs {
@@ -186,7 +235,10 @@ impl DeviceProfile {
             return bad(format!("default_slo: {e}"));
         }
         if !(self.cost_per_hour_usd.is_finite() && self.cost_per_hour_usd >= 0.0) {
-            return bad(format!("cost_per_hour_usd = {} must be zero or more", self.cost_per_hour_usd));
+            return bad(format!(
+                "cost_per_hour_usd = {} must be zero or more",
+                self.cost_per_hour_usd
+            ));
         }
         positive("typical_power_w", self.typical_power_w)?;
         Ok(())
@@ -224,11 +276,18 @@ impl DeviceProfile {
 
 /// Every built-in profile, parsed and validated.
 pub fn builtin() -> Result<Vec<DeviceProfile>, ProfileError> {
-    BUILTIN.iter().map(|(n, t)| DeviceProfile::parse(t, &format!("targets/{n}.toml"))).collect()
+    BUILTIN
+        .iter()
+        .map(|(n, t)| DeviceProfile::parse(t, &format!("targets/{n}.toml")))
+        .collect()
 }
 
 fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -247,6 +306,10 @@ mod tests {
         let w = 1u64 << 30;
         let kv = p.kv_budget_bytes(w).unwrap();
         assert!(kv <= p.memory_budget_bytes() - w);
-        assert!(p.kv_budget_bytes(100 << 30).unwrap_err().contains("do not fit"));
+        assert!(
+            p.kv_budget_bytes(100 << 30)
+                .unwrap_err()
+                .contains("do not fit")
+        );
     }
 }

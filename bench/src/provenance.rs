@@ -40,8 +40,12 @@ fn git_commit() -> String {
 }
 
 fn os() -> String {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
-    format!("{} {}", std::env::consts::OS, release).trim().to_string()
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!("{} {}", std::env::consts::OS, release)
+        .trim()
+        .to_string()
 }
 
 /// Provenance for a run on `engine` (hashes the model file: ~0.1 s per 100 MB).
@@ -55,7 +59,11 @@ pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance
         ember_version: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: git_commit(),
         backend: engine.model.backend().into(),
-        adapter: engine.model.adapter().map(|a| a.0).unwrap_or_else(|| format!("{:?}", ember_runtime::quant::best_isa())),
+        adapter: engine
+            .model
+            .adapter()
+            .map(|a| a.0)
+            .unwrap_or_else(|| format!("{:?}", ember_runtime::quant::best_isa())),
         driver: engine.model.adapter().map(|a| a.1).unwrap_or_default(),
         cpu_model: ember_runtime::sys::cpu_model(),
         cpu_cores: ember_runtime::sys::available_cores(),

@@ -41,7 +41,10 @@ impl RequestRecord {
         self.token_ns.len()
     }
     pub fn failed(&self) -> bool {
-        matches!(self.finish_reason, FinishKind::Error | FinishKind::Cancelled)
+        matches!(
+            self.finish_reason,
+            FinishKind::Error | FinishKind::Cancelled
+        )
     }
 }
 

@@ -11,11 +11,17 @@ use crate::compare::{CompareOptions, compare, load_label, load_x};
 use crate::record::MemorySample;
 use crate::store::{Figures, ReqSample, RunRow, Store, StoreError};
 
-const PALETTE: [&str; 10] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    "#7f7f7f", "#bcbd22",
+];
 
 /// Escapes text for HTML/SVG.
 pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A data series for a chart.
@@ -33,7 +39,11 @@ fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
     }
     let raw = (hi - lo) / want.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
     let start = (lo / step).ceil() * step;
     let mut v = vec![];
     let mut t = start;
@@ -60,11 +70,26 @@ fn tick_label(v: f64) -> String {
 }
 
 /// A line/dot chart as an inline SVG element. `id` becomes `data-plot`.
-pub fn line_chart(id: &str, title: &str, xlabel: &str, ylabel: &str, series: &[Series], y_from_zero: bool) -> String {
+pub fn line_chart(
+    id: &str,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[Series],
+    y_from_zero: bool,
+) -> String {
     let (w, h) = (640.0, 340.0);
     let (ml, mr, mt, mb) = (64.0, 16.0, 30.0, 44.0);
-    let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    let pts = series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|p| p.0.is_finite() && p.1.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
     for &(x, y) in pts {
         x0 = x0.min(x);
         x1 = x1.max(x);
@@ -81,7 +106,12 @@ pub fn line_chart(id: &str, title: &str, xlabel: &str, ylabel: &str, series: &[S
         esc(title)
     );
     if !x0.is_finite() {
-        let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle" font-size="13" fill="gray">no data</text></svg>"#, w / 2.0, h / 2.0);
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13" fill="gray">no data</text></svg>"#,
+            w / 2.0,
+            h / 2.0
+        );
         return s;
     }
     if y_from_zero {
@@ -130,19 +160,40 @@ pub fn line_chart(id: &str, title: &str, xlabel: &str, ylabel: &str, series: &[S
     );
     for (i, se) in series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
-        let good: Vec<&(f64, f64)> = se.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+        let good: Vec<&(f64, f64)> = se
+            .points
+            .iter()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .collect();
         if se.dots {
             let _ = write!(s, r#"<g class="series" fill="{c}" fill-opacity="0.55">"#);
             for p in &good {
-                let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="1.8"/>"#, sx(p.0), sy(p.1));
+                let _ = write!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="1.8"/>"#,
+                    sx(p.0),
+                    sy(p.1)
+                );
             }
             s.push_str("</g>");
         } else {
-            let d: Vec<String> = good.iter().map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
-            let _ = write!(s, r#"<polyline class="series" fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, d.join(" "));
+            let d: Vec<String> = good
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1)))
+                .collect();
+            let _ = write!(
+                s,
+                r#"<polyline class="series" fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                d.join(" ")
+            );
             if good.len() <= 12 {
                 for p in &good {
-                    let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{c}"/>"#, sx(p.0), sy(p.1));
+                    let _ = write!(
+                        s,
+                        r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{c}"/>"#,
+                        sx(p.0),
+                        sy(p.1)
+                    );
                 }
             }
         }
@@ -171,7 +222,12 @@ pub fn bar_chart(id: &str, title: &str, unit: &str, bars: &[(String, f64)]) -> S
     let row = 24.0;
     let (ml, mt) = (250.0, 30.0);
     let h = mt + row * bars.len() as f64 + 30.0;
-    let max = bars.iter().map(|b| b.1).filter(|v| v.is_finite()).fold(0.0f64, f64::max).max(1e-12);
+    let max = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-12);
     let pw = w - ml - 80.0;
     let mut s = String::new();
     let _ = write!(
@@ -210,8 +266,12 @@ fn cdf(mut v: Vec<f64>, max: usize) -> Vec<(f64, f64)> {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     let step = (n / max.max(1)).max(1);
-    let mut out: Vec<(f64, f64)> =
-        v.iter().enumerate().filter(|(i, _)| i % step == 0 || *i == n - 1).map(|(i, x)| (*x, (i + 1) as f64 / n as f64)).collect();
+    let mut out: Vec<(f64, f64)> = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i == n - 1)
+        .map(|(i, x)| (*x, (i + 1) as f64 / n as f64))
+        .collect();
     if let Some(first) = out.first().copied() {
         out.insert(0, (first.0, 0.0));
     }
@@ -235,7 +295,11 @@ impl LoadedRun {
             self.row.run.0,
             self.row.device_label(),
             self.row.workload.name,
-            if load.is_empty() { String::new() } else { format!(" · {load}") }
+            if load.is_empty() {
+                String::new()
+            } else {
+                format!(" · {load}")
+            }
         )
     }
 }
@@ -250,7 +314,10 @@ pub struct ReportOptions {
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        ReportOptions { max_runs_detailed: 8, title: "ember benchmark report".into() }
+        ReportOptions {
+            max_runs_detailed: 8,
+            title: "ember benchmark report".into(),
+        }
     }
 }
 
@@ -259,12 +326,21 @@ pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, StoreEr
     let mut runs = vec![];
     for f in files {
         let store = Store::open_existing(f)?;
-        let file = f.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = f
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for row in store.runs()? {
             let samples = store.samples(row.run)?;
             let memory = store.memory(row.run)?;
             let figures = Figures::compute(&samples, &memory);
-            runs.push(LoadedRun { file: file.clone(), row, samples, memory, figures });
+            runs.push(LoadedRun {
+                file: file.clone(),
+                row,
+                samples,
+                memory,
+                figures,
+            });
         }
     }
     let mut h = String::new();
@@ -281,24 +357,43 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
         esc(&opts.title),
         runs.len(),
         files.len(),
-        esc(&files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
+        esc(&files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "))
     );
 
     // --- runs table
     h.push_str("<h2>Runs</h2><table><tr><th>run</th><th>status</th><th>device</th><th>model</th><th>workload</th><th>load</th><th>n</th><th>failed</th><th>TTFT p50 ms</th><th>TTFT p99 ms</th><th>ITL p50 ms</th><th>ITL p99 ms</th><th>TPOT p50 ms</th><th>out tok/s</th><th>attainment</th><th>goodput req/s</th><th>peak RSS MiB</th><th>prefix hit</th></tr>");
     for r in &runs {
         let f = &r.figures;
-        let ms = |m: &str, q: &str| f.dist(m).and_then(|s| s.get(q)).map(|v| format!("{:.2}", v / 1e6)).unwrap_or_else(|| "–".into());
+        let ms = |m: &str, q: &str| {
+            f.dist(m)
+                .and_then(|s| s.get(q))
+                .map(|v| format!("{:.2}", v / 1e6))
+                .unwrap_or_else(|| "–".into())
+        };
         let _ = write!(
             h,
             "<tr><td>{}#{}</td><td{}>{}</td><td>{}</td><td>{} {}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&r.file),
             r.row.run.0,
-            if r.row.status == "finished" { "" } else { " class=\"bad\"" },
+            if r.row.status == "finished" {
+                ""
+            } else {
+                " class=\"bad\""
+            },
             esc(&r.row.status),
             esc(&r.row.device_label()),
             esc(&r.row.provenance.model_arch),
-            esc(&r.row.provenance.model_sha256.chars().take(8).collect::<String>()),
+            esc(&r
+                .row
+                .provenance
+                .model_sha256
+                .chars()
+                .take(8)
+                .collect::<String>()),
             esc(&r.row.workload.name),
             esc(&r.row.workload.hash.chars().take(10).collect::<String>()),
             esc(&load_label(&r.row.workload.load)),
@@ -310,22 +405,43 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             ms("itl", "p99"),
             ms("tpot", "p50"),
             f.output_tps,
-            r.row.slo_attainment.map(|a| format!("{:.1}%", a * 100.0)).unwrap_or_else(|| "–".into()),
-            r.row.goodput_rps.map(|g| format!("{g:.2}")).unwrap_or_else(|| "–".into()),
-            f.rss_peak_bytes.map(|b| format!("{:.1}", b as f64 / 1048576.0)).unwrap_or_else(|| "–".into()),
-            f.prefix_hit_rate.map(|x| format!("{:.1}%", x * 100.0)).unwrap_or_else(|| "–".into()),
+            r.row
+                .slo_attainment
+                .map(|a| format!("{:.1}%", a * 100.0))
+                .unwrap_or_else(|| "–".into()),
+            r.row
+                .goodput_rps
+                .map(|g| format!("{g:.2}"))
+                .unwrap_or_else(|| "–".into()),
+            f.rss_peak_bytes
+                .map(|b| format!("{:.1}", b as f64 / 1048576.0))
+                .unwrap_or_else(|| "–".into()),
+            f.prefix_hit_rate
+                .map(|x| format!("{:.1}%", x * 100.0))
+                .unwrap_or_else(|| "–".into()),
         );
     }
     h.push_str("</table>");
 
     // --- latency CDFs
     h.push_str(r#"<h2>Latency CDFs</h2><div class="plots">"#);
-    for (metric, label) in [("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"), ("e2e", "end-to-end latency")] {
+    for (metric, label) in [
+        ("ttft", "TTFT"),
+        ("itl", "ITL"),
+        ("tpot", "TPOT"),
+        ("e2e", "end-to-end latency"),
+    ] {
         let series: Vec<Series> = runs
             .iter()
             .map(|r| Series {
                 name: r.name(),
-                points: cdf(metric_values(&r.samples, metric).into_iter().map(|x| x / 1e6).collect(), 400),
+                points: cdf(
+                    metric_values(&r.samples, metric)
+                        .into_iter()
+                        .map(|x| x / 1e6)
+                        .collect(),
+                    400,
+                ),
                 dots: false,
             })
             .collect();
@@ -347,7 +463,12 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             .samples
             .iter()
             .filter(|s| !s.warmup && !s.failed)
-            .flat_map(|s| s.token_ns.windows(2).map(|w| (w[1] as f64 / 1e9, (w[1] - w[0]) as f64 / 1e6)).collect::<Vec<_>>())
+            .flat_map(|s| {
+                s.token_ns
+                    .windows(2)
+                    .map(|w| (w[1] as f64 / 1e9, (w[1] - w[0]) as f64 / 1e6))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let step = (pts.len() / 4000).max(1);
         if step > 1 {
@@ -358,18 +479,27 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             &format!("ITL over time: {}", r.name()),
             "time since run start (s)",
             "ITL (ms)",
-            &[Series { name: "gap".into(), points: pts, dots: true }],
+            &[Series {
+                name: "gap".into(),
+                points: pts,
+                dots: true,
+            }],
             true,
         ));
     }
     if runs.len() > opts.max_runs_detailed {
-        let _ = write!(h, r#"<p class="note">{} more run(s) not plotted.</p>"#, runs.len() - opts.max_runs_detailed);
+        let _ = write!(
+            h,
+            r#"<p class="note">{} more run(s) not plotted.</p>"#,
+            runs.len() - opts.max_runs_detailed
+        );
     }
     h.push_str("</div>");
 
     // --- sweeps
     h.push_str("<h2>Sweeps: throughput and attainment against load</h2>");
-    let mut sweeps: BTreeMap<(String, String, String, String, String), Vec<(f64, &LoadedRun)>> = BTreeMap::new();
+    let mut sweeps: BTreeMap<(String, String, String, String, String), Vec<(f64, &LoadedRun)>> =
+        BTreeMap::new();
     for r in &runs {
         if let Some((axis, x)) = load_x(&r.row.workload.load) {
             let key = (
@@ -384,7 +514,13 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
     }
     let sweeps: Vec<_> = sweeps
         .into_iter()
-        .filter(|(_, v)| v.iter().map(|(x, _)| x.to_bits()).collect::<std::collections::BTreeSet<_>>().len() >= 2)
+        .filter(|(_, v)| {
+            v.iter()
+                .map(|(x, _)| x.to_bits())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= 2
+        })
         .collect();
     if sweeps.is_empty() {
         h.push_str(r#"<p class="note" data-empty="sweep">No sweep in these files: a sweep needs runs of one workload on one device at two or more rates or concurrencies.</p>"#);
@@ -396,28 +532,70 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
         for ((file, _, _, wl, _), mut v) in sweeps.clone() {
             v.sort_by(|a, b| a.0.total_cmp(&b.0));
             let name = format!("{file} {} · {wl}", v[0].1.row.device_label());
-            tps.push(Series { name: name.clone(), points: v.iter().map(|(x, r)| (*x, r.figures.output_tps)).collect(), dots: false });
+            tps.push(Series {
+                name: name.clone(),
+                points: v.iter().map(|(x, r)| (*x, r.figures.output_tps)).collect(),
+                dots: false,
+            });
             att.push(Series {
                 name,
-                points: v.iter().filter_map(|(x, r)| r.row.slo_attainment.map(|a| (*x, a * 100.0))).collect(),
+                points: v
+                    .iter()
+                    .filter_map(|(x, r)| r.row.slo_attainment.map(|a| (*x, a * 100.0)))
+                    .collect(),
                 dots: false,
             });
         }
-        h.push_str(&line_chart("sweep-tps", &format!("output tokens/s vs {axis}"), &axis, "output tokens/s", &tps, true));
-        h.push_str(&line_chart("sweep-attainment", &format!("SLO attainment vs {axis}"), &axis, "attainment (%)", &att, true));
+        h.push_str(&line_chart(
+            "sweep-tps",
+            &format!("output tokens/s vs {axis}"),
+            &axis,
+            "output tokens/s",
+            &tps,
+            true,
+        ));
+        h.push_str(&line_chart(
+            "sweep-attainment",
+            &format!("SLO attainment vs {axis}"),
+            &axis,
+            "attainment (%)",
+            &att,
+            true,
+        ));
         h.push_str("</div>");
     }
 
     // --- memory timeline
     h.push_str(r#"<h2>Memory timeline</h2><div class="plots">"#);
     for r in runs.iter().take(opts.max_runs_detailed) {
-        let mib = |f: fn(&MemorySample) -> u64| r.memory.iter().map(|m| (m.t_ns as f64 / 1e9, f(m) as f64 / 1048576.0)).collect::<Vec<_>>();
-        let mut series = vec![Series { name: "RSS".into(), points: mib(|m| m.rss_bytes), dots: false }];
+        let mib = |f: fn(&MemorySample) -> u64| {
+            r.memory
+                .iter()
+                .map(|m| (m.t_ns as f64 / 1e9, f(m) as f64 / 1048576.0))
+                .collect::<Vec<_>>()
+        };
+        let mut series = vec![Series {
+            name: "RSS".into(),
+            points: mib(|m| m.rss_bytes),
+            dots: false,
+        }];
         if r.memory.iter().any(|m| m.device_bytes > 0) {
-            series.push(Series { name: "device".into(), points: mib(|m| m.device_bytes), dots: false });
+            series.push(Series {
+                name: "device".into(),
+                points: mib(|m| m.device_bytes),
+                dots: false,
+            });
         }
-        series.push(Series { name: "KV used".into(), points: mib(|m| m.kv_bytes_used), dots: false });
-        series.push(Series { name: "KV reserved".into(), points: mib(|m| m.kv_bytes_reserved), dots: false });
+        series.push(Series {
+            name: "KV used".into(),
+            points: mib(|m| m.kv_bytes_used),
+            dots: false,
+        });
+        series.push(Series {
+            name: "KV reserved".into(),
+            points: mib(|m| m.kv_bytes_reserved),
+            dots: false,
+        });
         h.push_str(&line_chart(
             &format!("memory-{}", r.row.run.0),
             &format!("memory: {}", r.name()),
@@ -431,7 +609,13 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
 
     // --- device comparison
     h.push_str("<h2>Device comparison</h2>");
-    let cmp = compare(files, &CompareOptions { include_unfinished: true, ..Default::default() })?;
+    let cmp = compare(
+        files,
+        &CompareOptions {
+            include_unfinished: true,
+            ..Default::default()
+        },
+    )?;
     if cmp.groups.is_empty() {
         h.push_str(r#"<p class="note" data-empty="devices">No workload hash appears in two columns (file/device/model/load), so there is nothing to compare side by side.</p>"#);
     }
@@ -442,17 +626,31 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             esc(&g.workload_name),
             esc(&g.workload_hash.chars().take(12).collect::<String>())
         );
-        let bars = |f: &dyn Fn(&crate::compare::ColumnFigures) -> Option<f64>| -> Vec<(String, f64)> {
-            g.columns.iter().map(|c| (c.label(), f(&c.pooled).unwrap_or(f64::NAN))).collect()
-        };
-        h.push_str(&bar_chart(&format!("devices-{gi}-tps"), "output tokens/s", "tok/s", &bars(&|c| Some(c.figures.output_tps))));
+        let bars =
+            |f: &dyn Fn(&crate::compare::ColumnFigures) -> Option<f64>| -> Vec<(String, f64)> {
+                g.columns
+                    .iter()
+                    .map(|c| (c.label(), f(&c.pooled).unwrap_or(f64::NAN)))
+                    .collect()
+            };
+        h.push_str(&bar_chart(
+            &format!("devices-{gi}-tps"),
+            "output tokens/s",
+            "tok/s",
+            &bars(&|c| Some(c.figures.output_tps)),
+        ));
         h.push_str(&bar_chart(
             &format!("devices-{gi}-ttft"),
             "TTFT p50 (ms)",
             "ms",
             &bars(&|c| c.figures.dist("ttft").map(|s| s.p50 / 1e6)),
         ));
-        h.push_str(&bar_chart(&format!("devices-{gi}-itl"), "ITL p50 (ms)", "ms", &bars(&|c| c.figures.dist("itl").map(|s| s.p50 / 1e6))));
+        h.push_str(&bar_chart(
+            &format!("devices-{gi}-itl"),
+            "ITL p50 (ms)",
+            "ms",
+            &bars(&|c| c.figures.dist("itl").map(|s| s.p50 / 1e6)),
+        ));
         h.push_str("</div><pre>");
         h.push_str(&esc(&crate::compare::Comparison {
             groups: vec![g.clone()],
@@ -485,7 +683,14 @@ fn metric_values(samples: &[ReqSample], metric: &str) -> Vec<f64> {
         "ttft" => ok.filter_map(|s| s.ttft()).collect(),
         "tpot" => ok.filter_map(|s| s.tpot()).collect(),
         "e2e" => ok.map(|s| s.e2e()).collect(),
-        "itl" => ok.flat_map(|s| s.token_ns.windows(2).map(|w| (w[1] - w[0]) as f64).collect::<Vec<_>>()).collect(),
+        "itl" => ok
+            .flat_map(|s| {
+                s.token_ns
+                    .windows(2)
+                    .map(|w| (w[1] - w[0]) as f64)
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
         _ => vec![],
     }
 }

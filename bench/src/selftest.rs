@@ -40,8 +40,16 @@ pub const FAULT_ENV: &str = "EMBER_SELFTEST_FAULT";
 /// (name, prompt, expected token ids). The model "counts": each letter or digit is followed by
 /// the next one.
 pub const GOLDEN: [(&str, &str, &[u32]); 2] = [
-    ("golden.hello", "hello", &[112, 113, 114, 115, 116, 117, 118, 119, 120, 121]), // "pqrstuvwxy"
-    ("golden.digits", "Route 66 to 7", &[56, 57, 48, 49, 50, 51, 52, 53]),             // "89012345"
+    (
+        "golden.hello",
+        "hello",
+        &[112, 113, 114, 115, 116, 117, 118, 119, 120, 121],
+    ), // "pqrstuvwxy"
+    (
+        "golden.digits",
+        "Route 66 to 7",
+        &[56, 57, 48, 49, 50, 51, 52, 53],
+    ), // "89012345"
 ];
 
 /// NMSE budget, portable vs SIMD kernel: identical integer block dots on identical quantized
@@ -83,12 +91,22 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: impl Into<String>, pass: bool, figure: Option<f64>, unit: &str, message: impl Into<String>) -> Check {
+    fn new(
+        name: impl Into<String>,
+        pass: bool,
+        figure: Option<f64>,
+        unit: &str,
+        message: impl Into<String>,
+    ) -> Check {
         Check {
             name: name.into(),
             pass,
             figure: figure.filter(|f| f.is_finite()),
-            unit: if unit.is_empty() { None } else { Some(unit.to_string()) },
+            unit: if unit.is_empty() {
+                None
+            } else {
+                Some(unit.to_string())
+            },
             message: message.into(),
         }
     }
@@ -146,8 +164,17 @@ impl Report {
 
     /// Fixed-width text table.
     pub fn to_table(&self) -> String {
-        let w = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(5).max(5);
-        let mut s = format!("{:<w$}  {:<4}  {:>12}  {:<8}  message\n", "check", "", "figure", "unit");
+        let w = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut s = format!(
+            "{:<w$}  {:<4}  {:>12}  {:<8}  message\n",
+            "check", "", "figure", "unit"
+        );
         for c in &self.checks {
             let fig = match c.figure {
                 Some(f) if f != 0.0 && (f.abs() < 1e-3 || f.abs() >= 1e6) => format!("{f:.3e}"),
@@ -169,7 +196,10 @@ impl Report {
             nfail,
             self.elapsed_s,
             self.threads,
-            self.device_profile.as_ref().map(|p| format!(", profile {p}")).unwrap_or_default()
+            self.device_profile
+                .as_ref()
+                .map(|p| format!(", profile {p}"))
+                .unwrap_or_default()
         );
         s
     }
@@ -254,7 +284,9 @@ pub fn parse_fault(spec: &str) -> Result<Fault, String> {
         Some(i) => quant::available_isas()
             .into_iter()
             .find(|isa| isa.name().eq_ignore_ascii_case(i.trim()))
-            .ok_or_else(|| format!("{FAULT_ENV}='{spec}': ISA '{i}' is not available on this CPU"))?,
+            .ok_or_else(|| {
+                format!("{FAULT_ENV}='{spec}': ISA '{i}' is not available on this CPU")
+            })?,
     };
     Ok(Fault { ty, isa })
 }
@@ -279,7 +311,11 @@ pub fn nmse(got: &[f64], want: &[f64]) -> f64 {
     if !got.iter().all(|g| g.is_finite()) {
         return f64::INFINITY;
     }
-    if p == 0.0 { if e == 0.0 { 0.0 } else { f64::INFINITY } } else { e / p }
+    if p == 0.0 {
+        if e == 0.0 { 0.0 } else { f64::INFINITY }
+    } else {
+        e / p
+    }
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -287,7 +323,10 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 }
 
 fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
 }
 
 // ------------------------------------------------------------------ checks
@@ -312,7 +351,11 @@ fn check_backends(profile: Option<&DeviceProfile>) -> Check {
         }
         if !p.matches_this_arch() {
             pass = false;
-            msg += &format!("; this binary is {} but the profile's target is {}", std::env::consts::ARCH, p.target_triple);
+            msg += &format!(
+                "; this binary is {} but the profile's target is {}",
+                std::env::consts::ARCH,
+                p.target_triple
+            );
         }
     }
     Check::new("backends", pass, Some(isas.len() as f64), "isas", msg)
@@ -357,7 +400,11 @@ fn check_roundtrips(out: &mut Vec<Check>) {
         let msg = format!(
             "{n} values -> {bytes} bytes ({:.2} bits/weight); NMSE {e:.2e} (budget {budget:.1e}){}",
             bytes as f64 * 8.0 / n as f64,
-            if zero_ok { "" } else { "; an all-zero block did not come back as zeros" }
+            if zero_ok {
+                ""
+            } else {
+                "; an all-zero block did not come back as zeros"
+            }
         );
         out.push(Check::new(name, pass, Some(e), "nmse", msg));
     }
@@ -378,7 +425,12 @@ fn check_parity(threads: usize, fault: Option<Fault>, out: &mut Vec<Check>) {
         let q = quant::quantize(ty, &w).expect("block-aligned");
         let mut wd = vec![0f32; rows * cols];
         quant::dequantize(ty, &q, &mut wd).expect("dequantize");
-        let wm = QMatRef { ty, rows, cols, data: &q };
+        let wm = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &q,
+        };
         // m = 1 (decode) and m = 17 (tiles, and the gemm path of float weights).
         let cases: Vec<(usize, Vec<f32>, Vec<f64>)> = [1usize, 17]
             .into_iter()
@@ -390,7 +442,9 @@ fn check_parity(threads: usize, fault: Option<Fault>, out: &mut Vec<Check>) {
                 let mut yr = vec![0f64; m * rows];
                 for i in 0..m {
                     for r in 0..rows {
-                        yr[i * rows + r] = (0..cols).map(|k| wd[r * cols + k] as f64 * x[i * cols + k] as f64).sum();
+                        yr[i * rows + r] = (0..cols)
+                            .map(|k| wd[r * cols + k] as f64 * x[i * cols + k] as f64)
+                            .sum();
                     }
                 }
                 (m, x, yr)
@@ -410,15 +464,35 @@ fn check_parity(threads: usize, fault: Option<Fault>, out: &mut Vec<Check>) {
                 })
                 .collect()
         };
-        let portable = run(Isa::Portable, fault == Some(Fault { ty, isa: Isa::Portable }));
+        let portable = run(
+            Isa::Portable,
+            fault
+                == Some(Fault {
+                    ty,
+                    isa: Isa::Portable,
+                }),
+        );
         for &isa in &isas {
             let injected = fault == Some(Fault { ty, isa });
-            let got = if isa == Isa::Portable { portable.clone() } else { run(isa, injected) };
-            let vs_ref = cases.iter().zip(&got).map(|((_, _, yr), y)| nmse(y, yr)).fold(0f64, f64::max);
+            let got = if isa == Isa::Portable {
+                portable.clone()
+            } else {
+                run(isa, injected)
+            };
+            let vs_ref = cases
+                .iter()
+                .zip(&got)
+                .map(|((_, _, yr), y)| nmse(y, yr))
+                .fold(0f64, f64::max);
             let vs_port = if isa == Isa::Portable {
                 None
             } else {
-                Some(got.iter().zip(&portable).map(|(y, p)| nmse(y, p)).fold(0f64, f64::max))
+                Some(
+                    got.iter()
+                        .zip(&portable)
+                        .map(|(y, p)| nmse(y, p))
+                        .fold(0f64, f64::max),
+                )
             };
             let mut pass = vs_ref <= PARITY_REF_NMSE;
             let mut msg = String::new();
@@ -426,15 +500,27 @@ fn check_parity(threads: usize, fault: Option<Fault>, out: &mut Vec<Check>) {
                 pass &= p <= PARITY_ISA_NMSE;
                 msg += &format!("NMSE vs portable {p:.2e} (budget {PARITY_ISA_NMSE:.0e}), ");
             }
-            msg += &format!("vs f64 reference {vs_ref:.2e} (budget {PARITY_REF_NMSE:.0e}); {rows}x{cols}, m=1 and 17");
+            msg += &format!(
+                "vs f64 reference {vs_ref:.2e} (budget {PARITY_REF_NMSE:.0e}); {rows}x{cols}, m=1 and 17"
+            );
             if !pass {
-                msg = format!("{} matmul on {} disagrees with the reference: {msg}", ty.name(), isa.name());
+                msg = format!(
+                    "{} matmul on {} disagrees with the reference: {msg}",
+                    ty.name(),
+                    isa.name()
+                );
             }
             if injected {
                 msg += &format!(" [fault injected on purpose by {FAULT_ENV}]");
             }
             let figure = vs_port.unwrap_or(vs_ref);
-            out.push(Check::new(format!("parity.{}.{}", ty.name(), isa.name()), pass, Some(figure), "nmse", msg));
+            out.push(Check::new(
+                format!("parity.{}.{}", ty.name(), isa.name()),
+                pass,
+                Some(figure),
+                "nmse",
+                msg,
+            ));
         }
     }
 }
@@ -443,7 +529,13 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
     let pool = pool(threads);
     let mut rng = Rng::new(0x0B5);
     let mut push = |name: &str, e: f64, budget: f64, what: &str| {
-        out.push(Check::new(name, e <= budget, Some(e), "nmse", format!("{what}: NMSE {e:.2e} vs naive f64 (budget {budget:.0e})")));
+        out.push(Check::new(
+            name,
+            e <= budget,
+            Some(e),
+            "nmse",
+            format!("{what}: NMSE {e:.2e} vs naive f64 (budget {budget:.0e})"),
+        ));
     };
 
     // RMSNorm.
@@ -491,7 +583,12 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
         }
         worst = worst.max(nmse(&f64s(&y), &want));
     }
-    push("op.rope", worst, 1e-8, "normal and neox, head_dim 64, positions 37..40");
+    push(
+        "op.rope",
+        worst,
+        1e-8,
+        "normal and neox, head_dim 64, positions 37..40",
+    );
 
     // Softmax.
     let x = randn(&mut rng, 1000, 8.0);
@@ -500,16 +597,31 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
     let want: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp() / z).collect();
-    push("op.softmax", nmse(&f64s(&y), &want), 1e-10, "1000 logits, sd 8");
+    push(
+        "op.softmax",
+        nmse(&f64s(&y), &want),
+        1e-10,
+        "1000 logits, sd 8",
+    );
 
     // Causal attention with GQA over a paged history (blocks of 16), 2 new queries.
-    let s = AttnShape { n_heads: 8, n_kv_heads: 2, head_dim: 64 };
+    let s = AttnShape {
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
     let (n_past, n_q, bs) = (40usize, 2usize, 16usize);
     let kvrow = s.n_kv_heads * s.head_dim;
     let qrow = s.n_heads * s.head_dim;
     let total = n_past + n_q;
-    let k: Vec<f32> = randn(&mut rng, total * kvrow, 1.0).into_iter().map(ops::round_f16).collect();
-    let v: Vec<f32> = randn(&mut rng, total * kvrow, 1.0).into_iter().map(ops::round_f16).collect();
+    let k: Vec<f32> = randn(&mut rng, total * kvrow, 1.0)
+        .into_iter()
+        .map(ops::round_f16)
+        .collect();
+    let v: Vec<f32> = randn(&mut rng, total * kvrow, 1.0)
+        .into_iter()
+        .map(ops::round_f16)
+        .collect();
     let q = randn(&mut rng, n_q * qrow, 1.0);
     let kb: Vec<&[f32]> = k.chunks(bs * kvrow).collect();
     let vb: Vec<&[f32]> = v.chunks(bs * kvrow).collect();
@@ -524,7 +636,9 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
             let n = n_past + t + 1;
             let mut sc: Vec<f64> = (0..n)
                 .map(|j| {
-                    (0..s.head_dim).map(|d| qh[d] as f64 * k[j * kvrow + kvh * s.head_dim + d] as f64).sum::<f64>()
+                    (0..s.head_dim)
+                        .map(|d| qh[d] as f64 * k[j * kvrow + kvh * s.head_dim + d] as f64)
+                        .sum::<f64>()
                         / (s.head_dim as f64).sqrt()
                 })
                 .collect();
@@ -532,36 +646,65 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
             let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
             sc.iter_mut().for_each(|x| *x = (*x - mx).exp() / z);
             for d in 0..s.head_dim {
-                want[t * qrow + h * s.head_dim + d] = (0..n).map(|j| sc[j] * v[j * kvrow + kvh * s.head_dim + d] as f64).sum();
+                want[t * qrow + h * s.head_dim + d] = (0..n)
+                    .map(|j| sc[j] * v[j * kvrow + kvh * s.head_dim + d] as f64)
+                    .sum();
             }
         }
     }
     // The kernel rounds q and the probabilities to f16 (as llama.cpp's f16 KV path): ~1e-7.
-    push("op.attention", nmse(&f64s(&y), &want), 1e-5, "8 heads / 2 kv heads (GQA), head_dim 64, 40 past + 2 new, paged by 16");
+    push(
+        "op.attention",
+        nmse(&f64s(&y), &want),
+        1e-5,
+        "8 heads / 2 kv heads (GQA), head_dim 64, 40 past + 2 new, paged by 16",
+    );
 }
 
 fn check_golden(engine: &Engine, out: &mut Vec<Check>) {
     for (name, prompt, want) in GOLDEN {
-        let r = engine.tokenizer.encode(prompt, engine.tokenizer.add_bos_default(), true).map_err(|e| e.to_string()).and_then(|toks| {
-            let req = GenerateRequest {
-                prompt_tokens: toks,
-                max_tokens: want.len(),
-                sampler: SamplerConfig::greedy(),
-                stop_strings: vec![],
-                top_logprobs: 0,
-                echo: false,
-                ignore_eos: true,
-            };
-            engine.generate(&req, &mut |_| {}).map_err(|e| e.to_string())
-        });
+        let r = engine
+            .tokenizer
+            .encode(prompt, engine.tokenizer.add_bos_default(), true)
+            .map_err(|e| e.to_string())
+            .and_then(|toks| {
+                let req = GenerateRequest {
+                    prompt_tokens: toks,
+                    max_tokens: want.len(),
+                    sampler: SamplerConfig::greedy(),
+                    stop_strings: vec![],
+                    top_logprobs: 0,
+                    echo: false,
+                    ignore_eos: true,
+                };
+                engine
+                    .generate(&req, &mut |_| {})
+                    .map_err(|e| e.to_string())
+            });
         let want_text = engine.tokenizer.decode(want);
         let c = match r {
-            Err(e) => Check::new(name, false, None, "tokens", format!("prompt {prompt:?}: generation failed: {e}")),
+            Err(e) => Check::new(
+                name,
+                false,
+                None,
+                "tokens",
+                format!("prompt {prompt:?}: generation failed: {e}"),
+            ),
             Ok(g) => {
-                let same = g.generated_tokens.iter().zip(want.iter()).take_while(|(a, b)| a == b).count();
+                let same = g
+                    .generated_tokens
+                    .iter()
+                    .zip(want.iter())
+                    .take_while(|(a, b)| a == b)
+                    .count();
                 let pass = g.generated_tokens == want;
                 let msg = if pass {
-                    format!("prompt {prompt:?} -> {:?}, ids {:?} (exact, greedy, {})", g.text, g.generated_tokens, quant::best_isa().name())
+                    format!(
+                        "prompt {prompt:?} -> {:?}, ids {:?} (exact, greedy, {})",
+                        g.text,
+                        g.generated_tokens,
+                        quant::best_isa().name()
+                    )
                 } else {
                     format!(
                         "prompt {prompt:?}: expected {want_text:?} {want:?}, got {:?} {:?} (first {same} match)",
@@ -585,7 +728,10 @@ fn smaps_of(path: &Path) -> Option<(u64, u64)> {
     let (mut rss, mut anon) = (0u64, 0u64);
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        let is_header = first.contains('-') && first.split('-').all(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
+        let is_header = first.contains('-')
+            && first
+                .split('-')
+                .all(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
         if is_header {
             inside = line.trim_end().ends_with(want);
             found |= inside;
@@ -594,7 +740,13 @@ fn smaps_of(path: &Path) -> Option<(u64, u64)> {
         if !inside {
             continue;
         }
-        let kb = || line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        let kb = || {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
         if line.starts_with("Rss:") {
             rss += kb();
         } else if line.starts_with("Anonymous:") {
@@ -609,10 +761,18 @@ fn mib(b: f64) -> f64 {
 }
 
 /// Opens the model, runs it, and checks the weights are read in place from the mapping.
-fn open_and_check_mmap(path: &Path, threads: usize, out: &mut Vec<Check>) -> Result<Engine, SelftestError> {
+fn open_and_check_mmap(
+    path: &Path,
+    threads: usize,
+    out: &mut Vec<Check>,
+) -> Result<Engine, SelftestError> {
     let before = ember_runtime::sys::memory();
-    let engine = ember_models::open(path, |train| EngineConfig { threads, n_ctx: train.min(256), prefill_chunk: 64 })
-        .map_err(|e| SelftestError::Open(format!("{}: {e}", path.display())))?;
+    let engine = ember_models::open(path, |train| EngineConfig {
+        threads,
+        n_ctx: train.min(256),
+        prefill_chunk: 64,
+    })
+    .map_err(|e| SelftestError::Open(format!("{}: {e}", path.display())))?;
     // Run every weight once: a short prompt and a few decode steps.
     let n_vocab = engine.model.config().n_vocab as u32;
     let req = GenerateRequest {
@@ -632,17 +792,36 @@ fn open_and_check_mmap(path: &Path, threads: usize, out: &mut Vec<Check>) -> Res
     let smaps = smaps_of(path);
     let name = "mmap";
     let c = if let Err(e) = ran {
-        Check::new(name, false, None, "MiB", format!("running the model failed: {e}"))
+        Check::new(
+            name,
+            false,
+            None,
+            "MiB",
+            format!("running the model failed: {e}"),
+        )
     } else if after.rss_bytes == 0 {
-        Check::new(name, true, None, "MiB", "skipped: /proc/self/status is not available on this OS")
+        Check::new(
+            name,
+            true,
+            None,
+            "MiB",
+            "skipped: /proc/self/status is not available on this OS",
+        )
     } else {
         // The mapping's own pages: resident, and none of them anonymous (copy-on-write) copies.
         let (map_ok, map_msg) = match smaps {
             Some((rss, anon)) => (
                 anon == 0 && rss > 0,
-                format!("; the file's mapping: {:.2} MiB resident, {:.2} MiB anonymous", mib(rss as f64), mib(anon as f64)),
+                format!(
+                    "; the file's mapping: {:.2} MiB resident, {:.2} MiB anonymous",
+                    mib(rss as f64),
+                    mib(anon as f64)
+                ),
             ),
-            None => (true, "; /proc/self/smaps has no mapping of the file".to_string()),
+            None => (
+                true,
+                "; /proc/self/smaps has no mapping of the file".to_string(),
+            ),
         };
         // A second copy of the weights would grow anonymous memory by about their size; KV cache
         // and activations for 12 positions are far below half of any real model. Models under
@@ -706,7 +885,12 @@ fn measure_matmul(threads: usize, ty: GgmlType, rows: usize, cols: usize, m: usi
     let mut rng = Rng::new(99);
     let w = randn(&mut rng, rows * cols, 0.05);
     let q = quant::quantize(ty, &w).expect("aligned");
-    let wm = QMatRef { ty, rows, cols, data: &q };
+    let wm = QMatRef {
+        ty,
+        rows,
+        cols,
+        data: &q,
+    };
     let x = randn(&mut rng, m * cols, 1.0);
     let mut y = vec![0f32; m * rows];
     pool.install(|| quant::matmul(wm, &x, m, &mut y)); // warm-up
@@ -720,7 +904,11 @@ fn measure_matmul(threads: usize, ty: GgmlType, rows: usize, cols: usize, m: usi
 }
 
 /// The model-independent checks (fast): backends, round-trips, kernel parity and ops.
-pub fn kernel_checks(threads: usize, profile: Option<&DeviceProfile>, fault: Option<Fault>) -> Vec<Check> {
+pub fn kernel_checks(
+    threads: usize,
+    profile: Option<&DeviceProfile>,
+    fault: Option<Fault>,
+) -> Vec<Check> {
     let mut out = vec![check_backends(profile)];
     check_roundtrips(&mut out);
     check_parity(threads, fault, &mut out);
@@ -728,13 +916,15 @@ pub fn kernel_checks(threads: usize, profile: Option<&DeviceProfile>, fault: Opt
     out
 }
 
-
 /// Run every check. `progress` sees each check as it completes.
 pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, SelftestError> {
     let t0 = Instant::now();
     let started_at = crate::store::now_rfc3339();
     let profile = opts.profile.as_ref();
-    let threads = opts.threads.or(profile.map(|p| p.threads)).unwrap_or_else(ember_runtime::sys::available_cores);
+    let threads = opts
+        .threads
+        .or(profile.map(|p| p.threads))
+        .unwrap_or_else(ember_runtime::sys::available_cores);
     if threads == 0 {
         return Err(SelftestError::Threads);
     }
@@ -751,7 +941,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
         Some(spec) => match parse_fault(spec) {
             Ok(f) => Some(f),
             Err(e) => {
-                emit(&mut checks, vec![Check::new("fault-injection", false, None, "", e)]);
+                emit(
+                    &mut checks,
+                    vec![Check::new("fault-injection", false, None, "", e)],
+                );
                 None
             }
         },
@@ -759,9 +952,15 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
     emit(&mut checks, kernel_checks(threads, profile, fault));
 
     // The embedded model: for the golden decode, and for everything else without --model.
-    let dir = opts.cache_dir.clone().unwrap_or_else(ember_runtime::embedded::default_dir);
-    let (embedded_path, _) = ember_runtime::embedded::ensure_in(&dir)
-        .map_err(|source| SelftestError::Embedded { dir: dir.display().to_string(), source })?;
+    let dir = opts
+        .cache_dir
+        .clone()
+        .unwrap_or_else(ember_runtime::embedded::default_dir);
+    let (embedded_path, _) =
+        ember_runtime::embedded::ensure_in(&dir).map_err(|source| SelftestError::Embedded {
+            dir: dir.display().to_string(),
+            source,
+        })?;
     let model_path = opts.model.clone().unwrap_or_else(|| embedded_path.clone());
 
     let mut c = vec![];
@@ -772,8 +971,12 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
     if opts.model.is_none() {
         check_golden(&engine, &mut c);
     } else {
-        let emb = ember_models::open(&embedded_path, |_| EngineConfig { threads, n_ctx: 64, prefill_chunk: 64 })
-            .map_err(|e| SelftestError::Open(format!("{}: {e}", embedded_path.display())))?;
+        let emb = ember_models::open(&embedded_path, |_| EngineConfig {
+            threads,
+            n_ctx: 64,
+            prefill_chunk: 64,
+        })
+        .map_err(|e| SelftestError::Open(format!("{}: {e}", embedded_path.display())))?;
         check_golden(&emb, &mut c);
     }
     emit(&mut checks, c);
@@ -781,36 +984,63 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
     // Machine figures.
     let bw_bytes = opts.bandwidth_bytes.unwrap_or(256 << 20);
     let bw = measure_bandwidth(threads, bw_bytes);
-    let mut msg = format!("{threads} threads reading {:.0} MiB, best of 4", mib(bw_bytes as f64));
+    let mut msg = format!(
+        "{threads} threads reading {:.0} MiB, best of 4",
+        mib(bw_bytes as f64)
+    );
     if let Some(nom) = profile.and_then(|p| p.memory_bandwidth_gbs) {
-        msg += &format!("; {:.0}% of the profile's nominal {nom} GB/s", 100.0 * bw / nom);
+        msg += &format!(
+            "; {:.0}% of the profile's nominal {nom} GB/s",
+            100.0 * bw / nom
+        );
     }
     let flops = measure_matmul(threads, GgmlType::F32, 512, 1024, 64);
     let qflops = measure_matmul(threads, GgmlType::Q4_K, 1024, 1024, 1);
     // The prefill path of the model's own dominant weight type (by bytes), 32 rows.
     let mut by_type: std::collections::BTreeMap<&str, (u64, GgmlType)> = Default::default();
-    for t in engine.file.tensors.iter().filter(|t| t.ty.is_supported() && t.dims.len() == 2) {
+    for t in engine
+        .file
+        .tensors
+        .iter()
+        .filter(|t| t.ty.is_supported() && t.dims.len() == 2)
+    {
         by_type.entry(t.ty.name()).or_insert((0, t.ty)).0 += t.n_bytes;
     }
-    let dominant = by_type.values().max_by_key(|(b, _)| *b).map(|(_, t)| *t).unwrap_or(GgmlType::Q4_K);
+    let dominant = by_type
+        .values()
+        .max_by_key(|(b, _)| *b)
+        .map(|(_, t)| *t)
+        .unwrap_or(GgmlType::Q4_K);
     let pflops = measure_matmul(threads, dominant, 512, 1024, 32);
     emit(
         &mut checks,
         vec![
-            Check::new("memory.bandwidth", bw > 0.0 && bw.is_finite(), Some(bw), "GB/s", msg),
+            Check::new(
+                "memory.bandwidth",
+                bw > 0.0 && bw.is_finite(),
+                Some(bw),
+                "GB/s",
+                msg,
+            ),
             Check::new(
                 "matmul.f32",
                 flops > 0.0 && flops.is_finite(),
                 Some(flops / 1e9),
                 "GFLOP/s",
-                format!("f32 weights 512x1024, 64 rows (prefill path, gemm), {}", quant::best_isa().name()),
+                format!(
+                    "f32 weights 512x1024, 64 rows (prefill path, gemm), {}",
+                    quant::best_isa().name()
+                ),
             ),
             Check::new(
                 format!("matmul.{}.m32", dominant.name()),
                 pflops > 0.0 && pflops.is_finite(),
                 Some(pflops / 1e9),
                 "GFLOP/s",
-                format!("the model's main weight type, 512x1024, 32 rows (prefill path), {}", quant::best_isa().name()),
+                format!(
+                    "the model's main weight type, 512x1024, 32 rows (prefill path), {}",
+                    quant::best_isa().name()
+                ),
             ),
             Check::new(
                 "matmul.q4_k",
@@ -839,7 +1069,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
                 b.mean_tps > 0.0 && b.mean_tps.is_finite(),
                 Some(b.mean_tps),
                 "tok/s",
-                format!("{}: {:.1} ± {:.1} tok/s over 3 reps", b.test, b.mean_tps, b.sd_tps),
+                format!(
+                    "{}: {:.1} ± {:.1} tok/s over 3 reps",
+                    b.test, b.mean_tps, b.sd_tps
+                ),
             ),
             Err(e) => Check::new(name, false, None, "tok/s", format!("failed: {e}")),
         });
@@ -847,7 +1080,12 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
 
     // Rooflines of the model in use.
     let weights = engine.model.weight_bytes() as f64;
-    let n_params: f64 = engine.file.tensors.iter().map(|t| t.n_elements() as f64).sum();
+    let n_params: f64 = engine
+        .file
+        .tensors
+        .iter()
+        .map(|t| t.n_elements() as f64)
+        .sum();
     let kv_per_tok = engine.model.config().kv_bytes_per_token() as f64;
     // Decode reads every weight once per token, plus the KV cache (≤ 16 positions here).
     let bytes_per_tok = weights + kv_per_tok * 16.0;
@@ -860,9 +1098,18 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
             100.0 * frac
         );
         if frac > 1.0 {
-            msg += &format!("; above the DRAM roofline: the weights ({:.1} MiB) are served from cache", mib(weights));
+            msg += &format!(
+                "; above the DRAM roofline: the weights ({:.1} MiB) are served from cache",
+                mib(weights)
+            );
         }
-        c.push(Check::new("roofline.decode", frac > 0.0 && frac.is_finite(), Some(frac), "fraction", msg));
+        c.push(Check::new(
+            "roofline.decode",
+            frac > 0.0 && frac.is_finite(),
+            Some(frac),
+            "fraction",
+            msg,
+        ));
     }
     if let Some(achieved) = fig(&pp) {
         // Prefill does ~2 FLOP per parameter per token.
@@ -897,7 +1144,13 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
             ),
             Err(e) => (false, e),
         };
-        c.push(Check::new("profile.memory", ok, Some(mib(weights)), "MiB", msg));
+        c.push(Check::new(
+            "profile.memory",
+            ok,
+            Some(mib(weights)),
+            "MiB",
+            msg,
+        ));
     }
     emit(&mut checks, c);
 
@@ -932,7 +1185,11 @@ mod tests {
         assert_eq!(f.ty, GgmlType::Q4_K);
         assert_eq!(f.isa, quant::best_isa());
         assert_eq!(parse_fault("Q8_0:portable").unwrap().isa, Isa::Portable);
-        assert!(parse_fault("q3_k").unwrap_err().contains("not a supported block type"));
+        assert!(
+            parse_fault("q3_k")
+                .unwrap_err()
+                .contains("not a supported block type")
+        );
     }
 
     #[test]
@@ -942,14 +1199,26 @@ mod tests {
         assert!(bad.is_empty(), "{bad:#?}");
         // Every supported type on every ISA has a parity row; every type a round trip.
         let n_isa = quant::available_isas().len();
-        assert_eq!(ok.iter().filter(|c| c.name.starts_with("parity.")).count(), 11 * n_isa);
-        assert_eq!(ok.iter().filter(|c| c.name.starts_with("roundtrip.")).count(), 11);
+        assert_eq!(
+            ok.iter().filter(|c| c.name.starts_with("parity.")).count(),
+            11 * n_isa
+        );
+        assert_eq!(
+            ok.iter()
+                .filter(|c| c.name.starts_with("roundtrip."))
+                .count(),
+            11
+        );
 
         let fault = parse_fault("q4_k").unwrap();
         let out = kernel_checks(2, None, Some(fault));
         let failed: Vec<_> = out.iter().filter(|c| !c.pass).collect();
         assert_eq!(failed.len(), 1, "{failed:#?}");
         assert_eq!(failed[0].name, format!("parity.Q4_K.{}", fault.isa.name()));
-        assert!(failed[0].message.contains("disagrees"), "{}", failed[0].message);
+        assert!(
+            failed[0].message.contains("disagrees"),
+            "{}",
+            failed[0].message
+        );
     }
 }

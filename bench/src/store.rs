@@ -25,7 +25,10 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::record::{CacheUse, FinishKind, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict, WorkloadInfo};
+use crate::record::{
+    CacheUse, FinishKind, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict,
+    WorkloadInfo,
+};
 
 pub use figures::{Figures, ReqSample, Stats};
 
@@ -41,12 +44,20 @@ pub const DEFAULT_TOKEN_CAP: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("{path}: cannot create the directory: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: no such database")]
     Missing { path: PathBuf },
-    #[error("{path}: schema version {found} is newer than this ember understands ({SCHEMA_VERSION}); upgrade ember")]
+    #[error(
+        "{path}: schema version {found} is newer than this ember understands ({SCHEMA_VERSION}); upgrade ember"
+    )]
     TooNew { path: PathBuf, found: i64 },
     #[error("{path}: run {run} does not exist")]
     NoSuchRun { path: PathBuf, run: i64 },
@@ -70,7 +81,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { token_cap: DEFAULT_TOKEN_CAP, keep_text: true }
+        StoreOptions {
+            token_cap: DEFAULT_TOKEN_CAP,
+            keep_text: true,
+        }
     }
 }
 
@@ -108,7 +122,11 @@ impl RunRow {
         match &p.device_profile {
             Some(d) if !d.is_empty() => format!("{d} ({})", p.backend),
             _ => {
-                let adapter = if p.adapter.is_empty() { p.cpu_model.as_str() } else { p.adapter.as_str() };
+                let adapter = if p.adapter.is_empty() {
+                    p.cpu_model.as_str()
+                } else {
+                    p.adapter.as_str()
+                };
                 format!("{} {}", p.backend, adapter).trim().to_string()
             }
         }
@@ -151,7 +169,14 @@ fn fnv1a_hex(parts: &[&str]) -> String {
 
 /// The device fingerprint: what makes two runs "the same machine".
 pub fn device_fingerprint(p: &Provenance) -> String {
-    fnv1a_hex(&[&p.cpu_model, &p.cpu_cores.to_string(), &p.os, &p.backend, &p.adapter, &p.driver])
+    fnv1a_hex(&[
+        &p.cpu_model,
+        &p.cpu_cores.to_string(),
+        &p.os,
+        &p.backend,
+        &p.adapter,
+        &p.driver,
+    ])
 }
 
 fn finish_str(k: FinishKind) -> &'static str {
@@ -175,7 +200,10 @@ pub fn parse_finish(s: &str) -> FinishKind {
 /// The current UTC time as RFC 3339 (for humans; every figure uses the monotonic clock).
 pub fn now_rfc3339() -> String {
     // Civil UTC from the Unix time (Howard Hinnant's days-to-civil algorithm).
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -186,7 +214,12 @@ pub fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 impl Store {
@@ -194,10 +227,20 @@ impl Store {
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
-        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite { path: path.clone(), source })?;
-        let mut s = Store { conn, path, opts: StoreOptions::default() };
+        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let mut s = Store {
+            conn,
+            path,
+            opts: StoreOptions::default(),
+        };
         s.configure()?;
         s.migrate()?;
         Ok(s)
@@ -209,7 +252,9 @@ impl Store {
     pub fn open_existing(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref();
         if !path.is_file() {
-            return Err(StoreError::Missing { path: path.to_path_buf() });
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
         }
         Store::open(path)
     }
@@ -229,7 +274,10 @@ impl Store {
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn configure(&mut self) -> Result<(), StoreError> {
@@ -237,28 +285,49 @@ impl Store {
         // log. synchronous=NORMAL keeps every committed transaction across a
         // process crash (kill -9); only a power loss can drop the last few.
         self.conn
-            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            )
             .map_err(|e| self.err(e))?;
-        self.conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| self.err(e))?;
+        self.conn
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// The file's schema version.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.err(e))
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         let v = self.schema_version()?;
         if v > SCHEMA_VERSION {
-            return Err(StoreError::TooNew { path: self.path.clone(), found: v });
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: v,
+            });
         }
         for (k, sql) in MIGRATIONS.iter().enumerate().skip(v as usize) {
-            let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
-            tx.execute_batch(sql).map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+            let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
+            tx.execute_batch(sql).map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
             tx.pragma_update(None, "user_version", (k + 1) as i64)
-                .map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
-            tx.commit().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            tx.commit().map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
         }
         Ok(())
     }
@@ -270,23 +339,47 @@ impl Store {
         let p = &run.provenance;
         let w = &run.workload;
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite { path: path.clone(), source };
+        let e = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(e)?;
         tx.execute(
             "INSERT INTO models(sha256, arch, quant_mix, weights_bytes) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(sha256) DO NOTHING",
-            params![p.model_sha256, p.model_arch, p.model_quant_mix, p.weights_bytes as i64],
+            params![
+                p.model_sha256,
+                p.model_arch,
+                p.model_quant_mix,
+                p.weights_bytes as i64
+            ],
         )
         .map_err(e)?;
-        let model_id: i64 = tx.query_row("SELECT model_id FROM models WHERE sha256 = ?1", [&p.model_sha256], |r| r.get(0)).map_err(e)?;
+        let model_id: i64 = tx
+            .query_row(
+                "SELECT model_id FROM models WHERE sha256 = ?1",
+                [&p.model_sha256],
+                |r| r.get(0),
+            )
+            .map_err(e)?;
         tx.execute(
             "INSERT INTO workloads(hash, name, seed, params, n_requests, n_warmup) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(hash) DO NOTHING",
             params![w.hash, w.name, w.seed as i64, w.params, w.n_requests as i64, w.n_warmup as i64],
         )
         .map_err(e)?;
-        let workload_id: i64 = tx.query_row("SELECT workload_id FROM workloads WHERE hash = ?1", [&w.hash], |r| r.get(0)).map_err(e)?;
-        let started = if run.started_at.is_empty() { now_rfc3339() } else { run.started_at.clone() };
+        let workload_id: i64 = tx
+            .query_row(
+                "SELECT workload_id FROM workloads WHERE hash = ?1",
+                [&w.hash],
+                |r| r.get(0),
+            )
+            .map_err(e)?;
+        let started = if run.started_at.is_empty() {
+            now_rfc3339()
+        } else {
+            run.started_at.clone()
+        };
         let uid = fnv1a_hex(&[
             &started,
             &std::process::id().to_string(),
@@ -332,17 +425,35 @@ impl Store {
     /// in its own transaction.
     pub fn add_request(&mut self, run: RunId, r: &RequestRecord) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite { path: path.clone(), source };
+        let e = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(e)?;
         let cap: i64 = tx
-            .query_row("SELECT token_cap FROM runs WHERE run_id = ?1", [run.0], |r| r.get(0))
+            .query_row(
+                "SELECT token_cap FROM runs WHERE run_id = ?1",
+                [run.0],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(e)?
-            .ok_or(StoreError::NoSuchRun { path: self.path.clone(), run: run.0 })?;
+            .ok_or(StoreError::NoSuchRun {
+                path: self.path.clone(),
+                run: run.0,
+            })?;
         let n_store = r.token_ns.len().min(cap.max(0) as usize);
-        let max_itl = r.token_ns.windows(2).map(|w| w[1].saturating_sub(w[0])).max();
+        let max_itl = r
+            .token_ns
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .max();
         let tags = serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into());
-        let text = if self.opts.keep_text { r.output_text.clone() } else { None };
+        let text = if self.opts.keep_text {
+            r.output_text.clone()
+        } else {
+            None
+        };
         tx.execute(
             "INSERT INTO requests(run_id, request_id, warmup, tags, prompt_tokens, output_tokens, arrival_ns,
                  enqueue_ns, schedule_ns, prefill_start_ns, prefill_end_ns, first_token_ns, last_token_ns,
@@ -378,18 +489,28 @@ impl Store {
         .map_err(e)?;
         let pk = tx.last_insert_rowid();
         {
-            let mut st = tx.prepare_cached("INSERT INTO tokens(req_pk, i, t_ns) VALUES (?1, ?2, ?3)").map_err(e)?;
+            let mut st = tx
+                .prepare_cached("INSERT INTO tokens(req_pk, i, t_ns) VALUES (?1, ?2, ?3)")
+                .map_err(e)?;
             for (i, &t) in r.token_ns.iter().take(n_store).enumerate() {
-                st.execute(params![pk, (i + 1) as i64, t as i64]).map_err(e)?;
+                st.execute(params![pk, (i + 1) as i64, t as i64])
+                    .map_err(e)?;
             }
         }
         tx.commit().map_err(e)
     }
 
     /// Appends memory samples (one transaction).
-    pub fn add_memory_samples(&mut self, run: RunId, samples: &[MemorySample]) -> Result<(), StoreError> {
+    pub fn add_memory_samples(
+        &mut self,
+        run: RunId,
+        samples: &[MemorySample],
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite { path: path.clone(), source };
+        let e = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(e)?;
         {
             let mut st = tx
@@ -422,7 +543,10 @@ impl Store {
         let mem = self.memory(run)?;
         let figs = Figures::compute(&samples, &mem);
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite { path: path.clone(), source };
+        let e = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(e)?;
         let n = tx
             .execute(
@@ -441,9 +565,13 @@ impl Store {
             )
             .map_err(e)?;
         if n == 0 {
-            return Err(StoreError::NoSuchRun { path: self.path.clone(), run: run.0 });
+            return Err(StoreError::NoSuchRun {
+                path: self.path.clone(),
+                run: run.0,
+            });
         }
-        tx.execute("DELETE FROM slo_verdicts WHERE run_id = ?1", [run.0]).map_err(e)?;
+        tx.execute("DELETE FROM slo_verdicts WHERE run_id = ?1", [run.0])
+            .map_err(e)?;
         for v in &result.slo_verdicts {
             tx.execute(
                 "INSERT INTO slo_verdicts(run_id, constraint_text, measured, limit_value, pass) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -451,9 +579,14 @@ impl Store {
             )
             .map_err(e)?;
         }
-        tx.execute("DELETE FROM run_metrics WHERE run_id = ?1", [run.0]).map_err(e)?;
+        tx.execute("DELETE FROM run_metrics WHERE run_id = ?1", [run.0])
+            .map_err(e)?;
         {
-            let mut st = tx.prepare_cached("INSERT INTO run_metrics(run_id, metric, stat, value) VALUES (?1, ?2, ?3, ?4)").map_err(e)?;
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO run_metrics(run_id, metric, stat, value) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(e)?;
             for (metric, stat, value) in figs.rows() {
                 st.execute(params![run.0, metric, stat, value]).map_err(e)?;
             }
@@ -476,14 +609,22 @@ impl Store {
 
     /// Records the device's cost (USD per hour) for $/Mtok.
     pub fn set_cost_per_hour(&mut self, run: RunId, usd_per_hour: f64) -> Result<(), StoreError> {
-        self.conn.execute("UPDATE runs SET cost_per_hour = ?2 WHERE run_id = ?1", params![run.0, usd_per_hour]).map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "UPDATE runs SET cost_per_hour = ?2 WHERE run_id = ?1",
+                params![run.0, usd_per_hour],
+            )
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// Stores self-test results for a run (one transaction).
     pub fn add_selftest(&mut self, run: RunId, rows: &[SelfTestRow]) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite { path: path.clone(), source };
+        let e = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(e)?;
         for r in rows {
             tx.execute(
@@ -568,7 +709,9 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let mut out: Vec<(i64, ReqSample)> = st
             .query_map([run.0], |r| {
-                let o = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|x| x as u64)) };
+                let o = |i: usize| -> rusqlite::Result<Option<u64>> {
+                    Ok(r.get::<_, Option<i64>>(i)?.map(|x| x as u64))
+                };
                 Ok((
                     r.get::<_, i64>(0)?,
                     ReqSample {
@@ -600,7 +743,11 @@ impl Store {
                 "SELECT t.req_pk, t.t_ns FROM tokens t JOIN requests r USING (req_pk) WHERE r.run_id = ?1 ORDER BY t.req_pk, t.i",
             )
             .map_err(|e| self.err(e))?;
-        let toks = tst.query_map([run.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))).map_err(|e| self.err(e))?;
+        let toks = tst
+            .query_map([run.0], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.err(e))?;
         let mut idx = 0usize;
         for t in toks {
             let (pk, ns) = t.map_err(|e| self.err(e))?;
@@ -644,25 +791,51 @@ impl Store {
             .prepare_cached("SELECT constraint_text, measured, limit_value, pass FROM slo_verdicts WHERE run_id = ?1 ORDER BY rowid")
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map([run.0], |r| Ok(SloVerdict { constraint: r.get(0)?, measured: r.get(1)?, limit: r.get(2)?, pass: r.get(3)? }))
+            .query_map([run.0], |r| {
+                Ok(SloVerdict {
+                    constraint: r.get(0)?,
+                    measured: r.get(1)?,
+                    limit: r.get(2)?,
+                    pass: r.get(3)?,
+                })
+            })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
     /// The stored `run_metrics` of a run as (metric, stat) -> value.
-    pub fn run_metrics(&self, run: RunId) -> Result<std::collections::BTreeMap<(String, String), Option<f64>>, StoreError> {
-        let mut st = self.conn.prepare_cached("SELECT metric, stat, value FROM run_metrics WHERE run_id = ?1").map_err(|e| self.err(e))?;
-        let rows = st.query_map([run.0], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?))).map_err(|e| self.err(e))?;
+    pub fn run_metrics(
+        &self,
+        run: RunId,
+    ) -> Result<std::collections::BTreeMap<(String, String), Option<f64>>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT metric, stat, value FROM run_metrics WHERE run_id = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([run.0], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))
+            .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
     /// Reads a whole run back as a `RunResult` (token timestamps as stored,
     /// i.e. at most `token_cap` per request).
     pub fn load_run(&self, run: RunId) -> Result<RunResult, StoreError> {
-        let row = self.runs()?.into_iter().find(|r| r.run == run).ok_or(StoreError::NoSuchRun { path: self.path.clone(), run: run.0 })?;
+        let row = self
+            .runs()?
+            .into_iter()
+            .find(|r| r.run == run)
+            .ok_or(StoreError::NoSuchRun {
+                path: self.path.clone(),
+                run: run.0,
+            })?;
         let (slo, summary_json): (String, Option<String>) = self
             .conn
-            .query_row("SELECT slo, summary_json FROM runs WHERE run_id = ?1", [run.0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT slo, summary_json FROM runs WHERE run_id = ?1",
+                [run.0],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(|e| self.err(e))?;
         let mut st = self
             .conn
@@ -676,7 +849,9 @@ impl Store {
         let samples = self.samples(run)?;
         let recs = st
             .query_map([run.0], |r| {
-                let o = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|x| x as u64)) };
+                let o = |i: usize| -> rusqlite::Result<Option<u64>> {
+                    Ok(r.get::<_, Option<i64>>(i)?.map(|x| x as u64))
+                };
                 Ok(RequestRecord {
                     request_id: r.get::<_, i64>(1)? as u64,
                     warmup: r.get(2)?,
@@ -725,7 +900,9 @@ impl Store {
 
     /// `PRAGMA integrity_check`'s answer ("ok" when sound).
     pub fn integrity_check(&self) -> Result<String, StoreError> {
-        self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| self.err(e))
+        self.conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -735,12 +912,20 @@ pub fn expand_db_args(args: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     let mut out = vec![];
     for a in args {
         if a.is_dir() {
-            let rd = std::fs::read_dir(a).map_err(|source| StoreError::Io { path: a.clone(), source })?;
-            let mut v: Vec<PathBuf> =
-                rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "db" || x == "sqlite")).collect();
+            let rd = std::fs::read_dir(a).map_err(|source| StoreError::Io {
+                path: a.clone(),
+                source,
+            })?;
+            let mut v: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "db" || x == "sqlite"))
+                .collect();
             v.sort();
             if v.is_empty() {
-                return Err(StoreError::Invalid(format!("{}: no .db files in this directory", a.display())));
+                return Err(StoreError::Invalid(format!(
+                    "{}: no .db files in this directory",
+                    a.display()
+                )));
             }
             out.extend(v);
         } else if a.is_file() {

@@ -35,10 +35,24 @@ fn bytes(b: u64) -> String {
 
 fn row(out: &mut String, name: &str, d: &Dist) {
     if d.n == 0 {
-        let _ = writeln!(out, "| {name:<16} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |", 0, "-", "-", "-", "-", "-", "-", "-", "-", "-");
+        let _ = writeln!(
+            out,
+            "| {name:<16} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
+            0, "-", "-", "-", "-", "-", "-", "-", "-", "-"
+        );
         return;
     }
-    let p = |v: f64, label: &str| format!("{}{}", num(v), if d.small_sample.iter().any(|s| s == label) { "*" } else { "" });
+    let p = |v: f64, label: &str| {
+        format!(
+            "{}{}",
+            num(v),
+            if d.small_sample.iter().any(|s| s == label) {
+                "*"
+            } else {
+                ""
+            }
+        )
+    };
     let _ = writeln!(
         out,
         "| {name:<16} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
@@ -56,7 +70,13 @@ fn row(out: &mut String, name: &str, d: &Dist) {
 }
 
 /// The human-readable report of one run.
-pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[TagRow], overhead_fraction: Option<f64>) -> String {
+pub fn render(
+    r: &RunResult,
+    s: &Summary,
+    sweep: Option<&SweepResult>,
+    tags: &[TagRow],
+    overhead_fraction: Option<f64>,
+) -> String {
     let mut o = String::new();
     let w = &r.workload;
     let _ = writeln!(
@@ -71,10 +91,22 @@ pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[T
         w.seed
     );
     let p = &r.provenance;
-    let _ = writeln!(o, "model {} ({}) · {} threads · {} {} · {}", p.model_path, p.model_arch, p.threads, p.backend, p.adapter, p.cpu_model);
+    let _ = writeln!(
+        o,
+        "model {} ({}) · {} threads · {} {} · {}",
+        p.model_path, p.model_arch, p.threads, p.backend, p.adapter, p.cpu_model
+    );
     let _ = writeln!(o);
-    let _ = writeln!(o, "| {:<16} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |", "metric", "n", "mean", "p50", "p90", "p95", "p99", "p99.9", "min", "max", "sd");
-    let _ = writeln!(o, "|{:-<18}|{:->7}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|", "", ":", ":", ":", ":", ":", ":", ":", ":", ":", ":");
+    let _ = writeln!(
+        o,
+        "| {:<16} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "metric", "n", "mean", "p50", "p90", "p95", "p99", "p99.9", "min", "max", "sd"
+    );
+    let _ = writeln!(
+        o,
+        "|{:-<18}|{:->7}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|",
+        "", ":", ":", ":", ":", ":", ":", ":", ":", ":", ":"
+    );
     row(&mut o, "ttft ms", &s.ttft_ms);
     row(&mut o, "queue ms", &s.queue_ms);
     row(&mut o, "ttft_engine ms", &s.ttft_engine_ms);
@@ -83,7 +115,10 @@ pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[T
     row(&mut o, "e2e ms", &s.e2e_ms);
     row(&mut o, "prefill tok/s", &s.prefill_tps);
     row(&mut o, "decode tok/s", &s.decode_tps);
-    let _ = writeln!(o, "* nearest-rank percentile from too few samples (n < 1/(1-q))");
+    let _ = writeln!(
+        o,
+        "* nearest-rank percentile from too few samples (n < 1/(1-q))"
+    );
     let _ = writeln!(o);
     let _ = writeln!(
         o,
@@ -118,15 +153,35 @@ pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[T
     );
     if let Some(slo) = &s.slo {
         let _ = writeln!(o);
-        let _ = writeln!(o, "SLO {} (attainment target {:.0}%): {}", slo.name, slo.target * 100.0, if slo.pass { "PASS" } else { "FAIL" });
+        let _ = writeln!(
+            o,
+            "SLO {} (attainment target {:.0}%): {}",
+            slo.name,
+            slo.target * 100.0,
+            if slo.pass { "PASS" } else { "FAIL" }
+        );
         for v in &slo.verdicts {
-            let small = if slo.small_sample.contains(&v.constraint) { " (* too few samples)" } else { "" };
-            let _ = writeln!(o, "  {}  {:<22} measured {} ms{small}", if v.pass { "PASS" } else { "FAIL" }, v.constraint, num(v.measured));
+            let small = if slo.small_sample.contains(&v.constraint) {
+                " (* too few samples)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                o,
+                "  {}  {:<22} measured {} ms{small}",
+                if v.pass { "PASS" } else { "FAIL" },
+                v.constraint,
+                num(v.measured)
+            );
         }
         let _ = writeln!(
             o,
             "  {}  slo_attainment {:.1}% ({}/{}) >= {:.0}% · goodput {} req/s",
-            if slo.slo_attainment >= slo.target { "PASS" } else { "FAIL" },
+            if slo.slo_attainment >= slo.target {
+                "PASS"
+            } else {
+                "FAIL"
+            },
             slo.slo_attainment * 100.0,
             slo.attaining,
             s.n_measured,
@@ -136,7 +191,11 @@ pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[T
     }
     if let Some(sw) = sweep {
         let _ = writeln!(o);
-        let _ = writeln!(o, "sweep (Poisson arrivals; sync service rate {} req/s):", num(sw.capacity_rps));
+        let _ = writeln!(
+            o,
+            "sweep (Poisson arrivals; sync service rate {} req/s):",
+            num(sw.capacity_rps)
+        );
         for pt in &sw.points {
             let _ = writeln!(
                 o,
@@ -150,7 +209,12 @@ pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[T
         }
         match sw.max_goodput_rate {
             Some(x) => {
-                let _ = writeln!(o, "  max_goodput_rate {} req/s (attainment >= {:.0}%)", num(x), sw.target * 100.0);
+                let _ = writeln!(
+                    o,
+                    "  max_goodput_rate {} req/s (attainment >= {:.0}%)",
+                    num(x),
+                    sw.target * 100.0
+                );
             }
             None => {
                 let _ = writeln!(o, "  max_goodput_rate: no rate tried met the target");
@@ -171,14 +235,29 @@ pub fn render(r: &RunResult, s: &Summary, sweep: Option<&SweepResult>, tags: &[T
     }
     if !tags.is_empty() {
         let _ = writeln!(o);
-        let _ = writeln!(o, "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |", "tag", "n", "failed", "ttft p50 ms", "e2e p50 ms", "out tok");
+        let _ = writeln!(
+            o,
+            "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
+            "tag", "n", "failed", "ttft p50 ms", "e2e p50 ms", "out tok"
+        );
         for t in tags {
-            let _ = writeln!(o, "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |", t.tag, t.n, t.n_failed, num(t.ttft_p50_ms), num(t.e2e_p50_ms), t.output_tokens);
+            let _ = writeln!(
+                o,
+                "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
+                t.tag,
+                t.n,
+                t.n_failed,
+                num(t.ttft_p50_ms),
+                num(t.e2e_p50_ms),
+                t.output_tokens
+            );
         }
     }
     o
 }
 
 fn load_label(load_json: &str) -> String {
-    serde_json::from_str::<crate::load::LoadSpec>(load_json).map(|l| l.describe()).unwrap_or_else(|_| load_json.to_string())
+    serde_json::from_str::<crate::load::LoadSpec>(load_json)
+        .map(|l| l.describe())
+        .unwrap_or_else(|_| load_json.to_string())
 }

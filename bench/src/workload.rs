@@ -26,7 +26,11 @@ pub const EVAL_SET: &str = include_str!("../data/eval.jsonl");
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     #[error("{source_name}:{line}: {msg}")]
-    Line { source_name: String, line: usize, msg: String },
+    Line {
+        source_name: String,
+        line: usize,
+        msg: String,
+    },
     #[error("{source_name}: {msg}")]
     File { source_name: String, msg: String },
     #[error("unknown workload preset '{0}' (known: chat, rag, creative, shared-prefix)")]
@@ -41,11 +45,21 @@ pub enum WorkloadError {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum LengthDist {
-    Fixed { n: usize },
+    Fixed {
+        n: usize,
+    },
     /// Inclusive bounds.
-    Uniform { lo: usize, hi: usize },
+    Uniform {
+        lo: usize,
+        hi: usize,
+    },
     /// Normal(mean, sd) rounded and clamped to [lo, hi].
-    Normal { mean: f64, sd: f64, lo: usize, hi: usize },
+    Normal {
+        mean: f64,
+        sd: f64,
+        lo: usize,
+        hi: usize,
+    },
 }
 
 impl LengthDist {
@@ -74,8 +88,16 @@ impl LengthDist {
     pub fn capped(&self, cap: usize) -> LengthDist {
         match *self {
             LengthDist::Fixed { n } => LengthDist::Fixed { n: n.min(cap) },
-            LengthDist::Uniform { lo, hi } => LengthDist::Uniform { lo: lo.min(cap), hi: hi.min(cap) },
-            LengthDist::Normal { mean, sd, lo, hi } => LengthDist::Normal { mean: mean.min(cap as f64), sd, lo: lo.min(cap), hi: hi.min(cap) },
+            LengthDist::Uniform { lo, hi } => LengthDist::Uniform {
+                lo: lo.min(cap),
+                hi: hi.min(cap),
+            },
+            LengthDist::Normal { mean, sd, lo, hi } => LengthDist::Normal {
+                mean: mean.min(cap as f64),
+                sd,
+                lo: lo.min(cap),
+                hi: hi.min(cap),
+            },
         }
     }
 
@@ -88,12 +110,22 @@ impl LengthDist {
         let d = match p.as_slice() {
             [n] => LengthDist::Fixed { n: u(n)? },
             ["fixed", n] => LengthDist::Fixed { n: u(n)? },
-            ["uniform", lo, hi] => LengthDist::Uniform { lo: u(lo)?, hi: u(hi)? },
-            ["normal", m, sd, lo, hi] => LengthDist::Normal { mean: f(m)?, sd: f(sd)?, lo: u(lo)?, hi: u(hi)? },
+            ["uniform", lo, hi] => LengthDist::Uniform {
+                lo: u(lo)?,
+                hi: u(hi)?,
+            },
+            ["normal", m, sd, lo, hi] => LengthDist::Normal {
+                mean: f(m)?,
+                sd: f(sd)?,
+                lo: u(lo)?,
+                hi: u(hi)?,
+            },
             _ => return Err(bad()),
         };
         match d {
-            LengthDist::Uniform { lo, hi } | LengthDist::Normal { lo, hi, .. } if lo > hi => Err(bad()),
+            LengthDist::Uniform { lo, hi } | LengthDist::Normal { lo, hi, .. } if lo > hi => {
+                Err(bad())
+            }
             _ => Ok(d),
         }
     }
@@ -168,11 +200,17 @@ pub fn parse_jsonl(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>, W
         if l.is_empty() || l.starts_with("//") {
             continue;
         }
-        let err = |msg: String| WorkloadError::Line { source_name: source_name.to_string(), line: i + 1, msg };
+        let err = |msg: String| WorkloadError::Line {
+            source_name: source_name.to_string(),
+            line: i + 1,
+            msg,
+        };
         let e: DatasetEntry = serde_json::from_str(l).map_err(|e| err(e.to_string()))?;
         match (&e.prompt, &e.messages) {
             (None, None) => return Err(err("needs \"prompt\" or \"messages\"".into())),
-            (Some(_), Some(_)) => return Err(err("has both \"prompt\" and \"messages\"; give one".into())),
+            (Some(_), Some(_)) => {
+                return Err(err("has both \"prompt\" and \"messages\"; give one".into()));
+            }
             (None, Some(m)) if m.is_empty() => return Err(err("\"messages\" is empty".into())),
             _ => {}
         }
@@ -182,7 +220,10 @@ pub fn parse_jsonl(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>, W
         out.push(e);
     }
     if out.is_empty() {
-        return Err(WorkloadError::File { source_name: source_name.to_string(), msg: "no requests in the file".into() });
+        return Err(WorkloadError::File {
+            source_name: source_name.to_string(),
+            msg: "no requests in the file".into(),
+        });
     }
     Ok(out)
 }
@@ -213,7 +254,11 @@ pub fn parse_sharegpt(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>
             if line.trim().is_empty() {
                 continue;
             }
-            let c: Conv = serde_json::from_str(line).map_err(|e| WorkloadError::Line { source_name: source_name.to_string(), line: i + 1, msg: e.to_string() })?;
+            let c: Conv = serde_json::from_str(line).map_err(|e| WorkloadError::Line {
+                source_name: source_name.to_string(),
+                line: i + 1,
+                msg: e.to_string(),
+            })?;
             v.push((i + 1, c));
         }
         v
@@ -224,11 +269,19 @@ pub fn parse_sharegpt(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>
         let mut expected = None;
         for t in &c.conversations {
             match t.from.as_str() {
-                "system" if messages.is_empty() => messages.push(Message { role: "system".into(), content: t.value.clone() }),
+                "system" if messages.is_empty() => messages.push(Message {
+                    role: "system".into(),
+                    content: t.value.clone(),
+                }),
                 "human" | "user" if !messages.iter().any(|m: &Message| m.role == "user") => {
-                    messages.push(Message { role: "user".into(), content: t.value.clone() })
+                    messages.push(Message {
+                        role: "user".into(),
+                        content: t.value.clone(),
+                    })
                 }
-                "gpt" | "assistant" | "chatgpt" | "bard" if messages.iter().any(|m| m.role == "user") => {
+                "gpt" | "assistant" | "chatgpt" | "bard"
+                    if messages.iter().any(|m| m.role == "user") =>
+                {
                     expected = Some(t.value.clone());
                     break;
                 }
@@ -240,10 +293,18 @@ pub fn parse_sharegpt(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>
             log::debug!("{source_name}: conversation {n} has no human turn; skipped");
             continue;
         }
-        out.push(DatasetEntry { messages: Some(messages), expected, tags: vec!["sharegpt".into()], ..Default::default() });
+        out.push(DatasetEntry {
+            messages: Some(messages),
+            expected,
+            tags: vec!["sharegpt".into()],
+            ..Default::default()
+        });
     }
     if out.is_empty() {
-        return Err(WorkloadError::File { source_name: source_name.to_string(), msg: "no conversation with a human turn".into() });
+        return Err(WorkloadError::File {
+            source_name: source_name.to_string(),
+            msg: "no conversation with a human turn".into(),
+        });
     }
     Ok(out)
 }
@@ -259,7 +320,11 @@ pub struct DatasetOptions<'a> {
     pub size_from_expected: bool,
 }
 
-pub fn build_dataset_items(entries: &[DatasetEntry], tok: &Tokenizer, o: &DatasetOptions) -> Result<Vec<WorkItem>, WorkloadError> {
+pub fn build_dataset_items(
+    entries: &[DatasetEntry],
+    tok: &Tokenizer,
+    o: &DatasetOptions,
+) -> Result<Vec<WorkItem>, WorkloadError> {
     entries
         .iter()
         .enumerate()
@@ -269,23 +334,45 @@ pub fn build_dataset_items(entries: &[DatasetEntry], tok: &Tokenizer, o: &Datase
                 (Some(p), _, tpl) => {
                     let p = p.repeat(e.repeat.unwrap_or(1));
                     match tpl {
-                        Some(t) if !e.raw => (t.render(&[ChatMessage::new("user", p)], true).map_err(|x| terr(x.to_string()))?, true),
+                        Some(t) if !e.raw => (
+                            t.render(&[ChatMessage::new("user", p)], true)
+                                .map_err(|x| terr(x.to_string()))?,
+                            true,
+                        ),
                         _ => (p, false),
                     }
                 }
                 (None, Some(m), Some(t)) => {
-                    let msgs: Vec<ChatMessage> = m.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
-                    (t.render(&msgs, true).map_err(|x| terr(x.to_string()))?, true)
+                    let msgs: Vec<ChatMessage> = m
+                        .iter()
+                        .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
+                        .collect();
+                    (
+                        t.render(&msgs, true).map_err(|x| terr(x.to_string()))?,
+                        true,
+                    )
                 }
-                (None, Some(m), None) => (m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"), false),
+                (None, Some(m), None) => (
+                    m.iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    false,
+                ),
                 (None, None, _) => unreachable!("parse_jsonl checks"),
             };
             // A chat template writes BOS itself; special-token text is parsed as in `ember run`.
             let add_bos = !templated && !text.is_empty() && tok.add_bos_default();
-            let prompt_tokens = tok.encode(&text, add_bos, true).map_err(|x| terr(x.to_string()))?;
+            let prompt_tokens = tok
+                .encode(&text, add_bos, true)
+                .map_err(|x| terr(x.to_string()))?;
             let mut max_tokens = match (e.max_tokens, &e.expected) {
                 (Some(n), _) => n,
-                (None, Some(x)) if o.size_from_expected => tok.encode(x, false, false).map(|v| v.len()).unwrap_or(0).max(1),
+                (None, Some(x)) if o.size_from_expected => tok
+                    .encode(x, false, false)
+                    .map(|v| v.len())
+                    .unwrap_or(0)
+                    .max(1),
                 _ => o.default_max_tokens,
             };
             if let Some(c) = o.max_tokens_cap {
@@ -295,7 +382,13 @@ pub fn build_dataset_items(entries: &[DatasetEntry], tok: &Tokenizer, o: &Datase
             if let Some(id) = &e.id {
                 tags.push(format!("id:{id}"));
             }
-            Ok(WorkItem { prompt_tokens, max_tokens, stop: e.stop.clone(), tags, expected: e.expected.clone() })
+            Ok(WorkItem {
+                prompt_tokens,
+                max_tokens,
+                stop: e.stop.clone(),
+                tags,
+                expected: e.expected.clone(),
+            })
         })
         .collect()
 }
@@ -312,7 +405,14 @@ impl Corpus {
     pub fn new(tok: &Tokenizer, text: &str) -> Corpus {
         let tokens = tok.encode(text, false, false).unwrap_or_default();
         assert!(!tokens.is_empty(), "corpus tokenizes to nothing");
-        Corpus { tokens, bos: if tok.add_bos_default() { tok.bos_id() } else { None } }
+        Corpus {
+            tokens,
+            bos: if tok.add_bos_default() {
+                tok.bos_id()
+            } else {
+                None
+            },
+        }
     }
 
     /// Exactly `n` tokens: BOS (if the model wants one) then a window of the
@@ -345,13 +445,36 @@ pub struct SyntheticSpec {
 
 impl SyntheticSpec {
     pub fn preset(name: &str) -> Result<SyntheticSpec, WorkloadError> {
-        let s = |input, output, shared_prefix| SyntheticSpec { name: name.to_string(), input, output, shared_prefix };
+        let s = |input, output, shared_prefix| SyntheticSpec {
+            name: name.to_string(),
+            input,
+            output,
+            shared_prefix,
+        };
         use LengthDist::*;
         Ok(match name {
             // short in, short-to-medium out
-            "chat" => s(Normal { mean: 96.0, sd: 48.0, lo: 16, hi: 256 }, Uniform { lo: 32, hi: 96 }, 0),
+            "chat" => s(
+                Normal {
+                    mean: 96.0,
+                    sd: 48.0,
+                    lo: 16,
+                    hi: 256,
+                },
+                Uniform { lo: 32, hi: 96 },
+                0,
+            ),
             // ~2k in, short out: prefill-dominated
-            "rag" => s(Normal { mean: 2048.0, sd: 128.0, lo: 1792, hi: 2304 }, Uniform { lo: 16, hi: 48 }, 0),
+            "rag" => s(
+                Normal {
+                    mean: 2048.0,
+                    sd: 128.0,
+                    lo: 1792,
+                    hi: 2304,
+                },
+                Uniform { lo: 16, hi: 48 },
+                0,
+            ),
             // short in, long out: decode-dominated
             "creative" => s(Uniform { lo: 16, hi: 64 }, Uniform { lo: 192, hi: 384 }, 0),
             // one 512-token system prompt, short user turns
@@ -371,12 +494,23 @@ impl SyntheticSpec {
     /// Build `n` measured and `n_warmup` warm-up requests, each prompt plus its
     /// output fitting `n_ctx` (prompts are clamped, with a note, when the
     /// model's context is too small for the preset).
-    pub fn build(&self, corpus: &Corpus, n_ctx: usize, n: usize, n_warmup: usize, seed: u64, sampler: SamplerConfig) -> Workload {
+    pub fn build(
+        &self,
+        corpus: &Corpus,
+        n_ctx: usize,
+        n: usize,
+        n_warmup: usize,
+        seed: u64,
+        sampler: SamplerConfig,
+    ) -> Workload {
         let mut notes = vec![];
         let out_max = self.output.max().min(n_ctx / 4).max(1);
         let output = self.output.capped(out_max);
         if output != self.output {
-            notes.push(format!("{}: output lengths capped at {out_max} tokens for the context of {n_ctx}", self.name));
+            notes.push(format!(
+                "{}: output lengths capped at {out_max} tokens for the context of {n_ctx}",
+                self.name
+            ));
         }
         let room = n_ctx.saturating_sub(out_max + 1).max(2);
         let prefix_len = self.shared_prefix.min(room / 2);
@@ -395,13 +529,22 @@ impl SyntheticSpec {
         }
         let mut rng = Rng::new(seed);
         let prefix = corpus.cut(prefix_len, &mut rng);
-        let suffix_corpus = Corpus { tokens: corpus.tokens.clone(), bos: None };
+        let suffix_corpus = Corpus {
+            tokens: corpus.tokens.clone(),
+            bos: None,
+        };
         let make = |rng: &mut Rng| {
             let n_in = input.sample(rng).max(1);
             let mut p = prefix.clone();
             let c = if p.is_empty() { corpus } else { &suffix_corpus };
             p.extend(c.cut(n_in, rng));
-            WorkItem { prompt_tokens: p, max_tokens: output.sample(rng).max(1), stop: vec![], tags: vec![self.name.clone()], expected: None }
+            WorkItem {
+                prompt_tokens: p,
+                max_tokens: output.sample(rng).max(1),
+                stop: vec![],
+                tags: vec![self.name.clone()],
+                expected: None,
+            }
         };
         let items: Vec<WorkItem> = (0..n).map(|_| make(&mut rng)).collect();
         // Warm-ups fault in the weights and pools; they need not be long.
@@ -459,11 +602,21 @@ pub fn workload_hash(w: &Workload, load: &LoadSpec, schedule: &[Ns]) -> String {
     h.update(
         format!(
             "temp={};top_k={};top_p={};min_p={};rp={};rln={};seed={};ignore_eos={}",
-            s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, s.repeat_last_n, s.seed, w.ignore_eos
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            s.min_p,
+            s.repeat_penalty,
+            s.repeat_last_n,
+            s.seed,
+            w.ignore_eos
         )
         .as_bytes(),
     );
-    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -472,8 +625,14 @@ mod tests {
 
     #[test]
     fn length_dists() {
-        assert_eq!(LengthDist::parse("128").unwrap(), LengthDist::Fixed { n: 128 });
-        assert_eq!(LengthDist::parse("uniform:4:9").unwrap(), LengthDist::Uniform { lo: 4, hi: 9 });
+        assert_eq!(
+            LengthDist::parse("128").unwrap(),
+            LengthDist::Fixed { n: 128 }
+        );
+        assert_eq!(
+            LengthDist::parse("uniform:4:9").unwrap(),
+            LengthDist::Uniform { lo: 4, hi: 9 }
+        );
         assert!(LengthDist::parse("uniform:9:4").is_err());
         assert!(LengthDist::parse("normal:1:2").is_err());
         let d = LengthDist::parse("normal:100:30:80:120").unwrap();
@@ -489,16 +648,26 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_named() {
-        let text = "{\"prompt\": \"hi\"}\n\n// comment\n{\"prompt\": \"x\", \"max_tokens\": \"many\"}\n";
+        let text =
+            "{\"prompt\": \"hi\"}\n\n// comment\n{\"prompt\": \"x\", \"max_tokens\": \"many\"}\n";
         let e = parse_jsonl(text, "d.jsonl").unwrap_err().to_string();
         assert!(e.starts_with("d.jsonl:4:"), "{e}");
-        let e = parse_jsonl("{\"prompt\":\"a\"}\n{\"tags\":[\"x\"]}\n", "d.jsonl").unwrap_err().to_string();
+        let e = parse_jsonl("{\"prompt\":\"a\"}\n{\"tags\":[\"x\"]}\n", "d.jsonl")
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "d.jsonl:2: needs \"prompt\" or \"messages\"");
-        let e = parse_jsonl("{\"prompt\":\"a\",\"messages\":[{\"role\":\"user\",\"content\":\"b\"}]}", "d").unwrap_err().to_string();
+        let e = parse_jsonl(
+            "{\"prompt\":\"a\",\"messages\":[{\"role\":\"user\",\"content\":\"b\"}]}",
+            "d",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("d:1: has both"), "{e}");
         let e = parse_jsonl("not json", "d").unwrap_err().to_string();
         assert!(e.starts_with("d:1: "), "{e}");
-        let e = parse_jsonl("{\"prompt\":\"a\",\"colour\":1}", "d").unwrap_err().to_string();
+        let e = parse_jsonl("{\"prompt\":\"a\",\"colour\":1}", "d")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field"), "{e}");
         let ok = parse_jsonl("{\"messages\":[{\"role\":\"user\",\"content\":\"b\"}],\"max_tokens\":3,\"expected\":\"c\",\"tags\":[\"t\"]}", "d").unwrap();
         assert_eq!(ok[0].max_tokens, Some(3));
@@ -512,9 +681,14 @@ mod tests {
         let v = parse_sharegpt(text, "s.json").unwrap();
         assert_eq!(v.len(), 1);
         let m = v[0].messages.as_ref().unwrap();
-        assert_eq!((m[0].role.as_str(), m[1].content.as_str()), ("system", "hi"));
+        assert_eq!(
+            (m[0].role.as_str(), m[1].content.as_str()),
+            ("system", "hi")
+        );
         assert_eq!(v[0].expected.as_deref(), Some("hello there"));
-        let e = parse_sharegpt("{\"conversations\":[]}\n{oops}\n", "s.jsonl").unwrap_err().to_string();
+        let e = parse_sharegpt("{\"conversations\":[]}\n{oops}\n", "s.jsonl")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("s.jsonl:2:"), "{e}");
     }
 
@@ -523,8 +697,21 @@ mod tests {
         let v = parse_jsonl(EVAL_SET, "eval.jsonl").unwrap();
         assert!(v.len() >= 100, "{}", v.len());
         assert!(v.iter().all(|e| !e.tags.is_empty()));
-        for tag in ["empty", "one-token", "over-context", "unicode", "emoji", "mixed-script", "code", "stop", "special-tokens"] {
-            assert!(v.iter().any(|e| e.tags.iter().any(|t| t == tag)), "no prompt tagged {tag}");
+        for tag in [
+            "empty",
+            "one-token",
+            "over-context",
+            "unicode",
+            "emoji",
+            "mixed-script",
+            "code",
+            "stop",
+            "special-tokens",
+        ] {
+            assert!(
+                v.iter().any(|e| e.tags.iter().any(|t| t == tag)),
+                "no prompt tagged {tag}"
+            );
         }
     }
 }

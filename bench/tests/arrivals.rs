@@ -28,14 +28,30 @@ fn poisson_gaps_pass_ks_against_exponential() {
 
 #[test]
 fn same_seed_same_schedule_and_hash() {
-    assert_eq!(schedule(3.0, Arrivals::Poisson, 100, 42), schedule(3.0, Arrivals::Poisson, 100, 42));
-    assert_ne!(schedule(3.0, Arrivals::Poisson, 100, 42), schedule(3.0, Arrivals::Poisson, 100, 43));
+    assert_eq!(
+        schedule(3.0, Arrivals::Poisson, 100, 42),
+        schedule(3.0, Arrivals::Poisson, 100, 42)
+    );
+    assert_ne!(
+        schedule(3.0, Arrivals::Poisson, 100, 42),
+        schedule(3.0, Arrivals::Poisson, 100, 43)
+    );
 
-    let corpus = Corpus { tokens: (0..5000u32).map(|i| i * 7 % 1000).collect(), bos: Some(1) };
+    let corpus = Corpus {
+        tokens: (0..5000u32).map(|i| i * 7 % 1000).collect(),
+        bos: Some(1),
+    };
     let spec = SyntheticSpec::preset("chat").unwrap();
     let build = |seed| spec.build(&corpus, 2048, 16, 1, seed, SamplerConfig::greedy());
-    let load = |seed| LoadSpec::Rate { rps: 2.0, arrivals: Arrivals::Poisson, seed };
-    let lim = Limits { max_requests: Some(16), max_duration_ms: None };
+    let load = |seed| LoadSpec::Rate {
+        rps: 2.0,
+        arrivals: Arrivals::Poisson,
+        seed,
+    };
+    let lim = Limits {
+        max_requests: Some(16),
+        max_duration_ms: None,
+    };
     let hash = |wseed, lseed| {
         let w = build(wseed);
         let l = load(lseed);
@@ -47,24 +63,62 @@ fn same_seed_same_schedule_and_hash() {
     let w = build(7);
     assert_eq!(w.items, build(7).items);
     // Exact token lengths within the preset's bounds, BOS first.
-    assert!(w.items.iter().all(|i| (16..=256).contains(&i.prompt_tokens.len()) && i.prompt_tokens[0] == 1 && (32..=96).contains(&i.max_tokens)));
+    assert!(
+        w.items
+            .iter()
+            .all(|i| (16..=256).contains(&i.prompt_tokens.len())
+                && i.prompt_tokens[0] == 1
+                && (32..=96).contains(&i.max_tokens))
+    );
     let l = load(7);
     let sched = arrival_schedule(&l, &lim, 16);
     let mut w2 = build(7);
     w2.sampler.temperature = 0.5;
-    assert_ne!(workload_hash(&w, &l, &sched), workload_hash(&w2, &l, &sched), "sampling params differ");
+    assert_ne!(
+        workload_hash(&w, &l, &sched),
+        workload_hash(&w2, &l, &sched),
+        "sampling params differ"
+    );
 }
 
 #[test]
 fn presets_clamp_to_small_contexts() {
-    let corpus = Corpus { tokens: (0..3000u32).collect(), bos: None };
+    let corpus = Corpus {
+        tokens: (0..3000u32).collect(),
+        bos: None,
+    };
     let rag = SyntheticSpec::preset("rag").unwrap();
     let w = rag.build(&corpus, 1024, 4, 1, 0, SamplerConfig::greedy());
-    assert!(w.items.iter().all(|i| i.prompt_tokens.len() + i.max_tokens < 1024));
-    assert!(w.notes.iter().any(|n| n.contains("do not fit this model's context of 1024")), "{:?}", w.notes);
+    assert!(
+        w.items
+            .iter()
+            .all(|i| i.prompt_tokens.len() + i.max_tokens < 1024)
+    );
+    assert!(
+        w.notes
+            .iter()
+            .any(|n| n.contains("do not fit this model's context of 1024")),
+        "{:?}",
+        w.notes
+    );
     let w = rag.build(&corpus, 8192, 4, 1, 0, SamplerConfig::greedy());
     assert!(w.notes.is_empty());
-    assert!(w.items.iter().all(|i| (1792..=2304).contains(&i.prompt_tokens.len())));
-    let sp = SyntheticSpec::preset("shared-prefix").unwrap().build(&corpus, 4096, 5, 0, 0, SamplerConfig::greedy());
-    assert!(sp.items.windows(2).all(|p| p[0].prompt_tokens[..512] == p[1].prompt_tokens[..512]));
+    assert!(
+        w.items
+            .iter()
+            .all(|i| (1792..=2304).contains(&i.prompt_tokens.len()))
+    );
+    let sp = SyntheticSpec::preset("shared-prefix").unwrap().build(
+        &corpus,
+        4096,
+        5,
+        0,
+        0,
+        SamplerConfig::greedy(),
+    );
+    assert!(
+        sp.items
+            .windows(2)
+            .all(|p| p[0].prompt_tokens[..512] == p[1].prompt_tokens[..512])
+    );
 }

@@ -17,8 +17,15 @@ const CHILD_ENV: &str = "EMBER_STORE_CRASH_CHILD";
 
 #[test]
 fn crash_child_writer() {
-    let Some(db) = std::env::var_os(CHILD_ENV) else { return };
-    let run = synth_run(&SynthSpec { n_requests: 5_000, n_warmup: 1, output_tokens: (16, 128), ..Default::default() });
+    let Some(db) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let run = synth_run(&SynthSpec {
+        n_requests: 5_000,
+        n_warmup: 1,
+        output_tokens: (16, 128),
+        ..Default::default()
+    });
     let mut store = Store::open(&db).unwrap();
     let id = store.begin_run(&run).unwrap();
     println!("\nrun {}", id.0);
@@ -27,7 +34,9 @@ fn crash_child_writer() {
         println!("committed {}", r.request_id);
         if k % 4 == 0 {
             // a bigger transaction, so the kill may land inside one
-            store.add_memory_samples(id, &run.memory[..run.memory.len().min(200)]).unwrap();
+            store
+                .add_memory_samples(id, &run.memory[..run.memory.len().min(200)])
+                .unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
@@ -40,7 +49,12 @@ fn kill_9_mid_run_keeps_every_committed_request() {
     let db = dir.join("crash.db");
     let _ = std::fs::remove_file(&db);
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_writer", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &db)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -63,28 +77,57 @@ fn kill_9_mid_run_keeps_every_committed_request() {
         }
     }
     let status = child.wait().unwrap();
-    assert!(!status.success(), "the writer should have been killed, not finished");
+    assert!(
+        !status.success(),
+        "the writer should have been killed, not finished"
+    );
     {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(9), "killed by SIGKILL");
     }
-    assert_eq!(committed.len(), 60, "the writer reported 60 commits before the kill");
+    assert_eq!(
+        committed.len(),
+        60,
+        "the writer reported 60 commits before the kill"
+    );
     let run = RunId(run_id.expect("the writer printed its run id"));
 
     let store = Store::open(&db).unwrap();
     assert_eq!(store.integrity_check().unwrap(), "ok");
-    let fk: i64 = store.conn().query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| r.get(0)).unwrap();
+    let fk: i64 = store
+        .conn()
+        .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     assert_eq!(fk, 0, "no dangling rows");
-    let status: String = store.conn().query_row("SELECT status FROM runs WHERE run_id = ?1", [run.0], |r| r.get(0)).unwrap();
+    let status: String = store
+        .conn()
+        .query_row("SELECT status FROM runs WHERE run_id = ?1", [run.0], |r| {
+            r.get(0)
+        })
+        .unwrap();
     assert_eq!(status, "running", "a killed run stays marked as running");
     let stored: std::collections::BTreeSet<i64> = {
-        let mut st = store.conn().prepare("SELECT request_id FROM requests WHERE run_id = ?1").unwrap();
-        st.query_map([run.0], |r| r.get(0)).unwrap().map(|x| x.unwrap()).collect()
+        let mut st = store
+            .conn()
+            .prepare("SELECT request_id FROM requests WHERE run_id = ?1")
+            .unwrap();
+        st.query_map([run.0], |r| r.get(0))
+            .unwrap()
+            .map(|x| x.unwrap())
+            .collect()
     };
     for id in &committed {
-        assert!(stored.contains(id), "request {id} was committed before the kill but is missing");
+        assert!(
+            stored.contains(id),
+            "request {id} was committed before the kill but is missing"
+        );
     }
-    assert!(stored.len() <= committed.len() + 1, "at most the one in flight beyond what was reported");
+    assert!(
+        stored.len() <= committed.len() + 1,
+        "at most the one in flight beyond what was reported"
+    );
     // Every stored request has all its token rows (the transaction is atomic).
     let bad: i64 = store
         .conn()
@@ -96,8 +139,19 @@ fn kill_9_mid_run_keeps_every_committed_request() {
         .unwrap();
     assert_eq!(bad, 0);
     // The summary view still answers for the cut-short run.
-    let measured: i64 = store.conn().query_row("SELECT measured FROM v_run_summary WHERE run_id = ?1", [run.0], |r| r.get(0)).unwrap();
-    assert_eq!(measured as usize, stored.len() - 1, "all but the warm-up are measured");
+    let measured: i64 = store
+        .conn()
+        .query_row(
+            "SELECT measured FROM v_run_summary WHERE run_id = ?1",
+            [run.0],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        measured as usize,
+        stored.len() - 1,
+        "all but the warm-up are measured"
+    );
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,8 @@ use ember_bench::store::testdata::{SynthSpec, synth_run};
 use ember_bench::store::{RunId, Store, StoreOptions};
 
 fn tmp_db(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ember-store-honest-{}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("ember-store-honest-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("t.db")
@@ -31,14 +32,28 @@ fn pct(mut v: Vec<f64>, q: f64) -> f64 {
 fn in_memory(run: &RunResult, metric: &str) -> Vec<f64> {
     let ok = run.records.iter().filter(|r| !r.warmup && !r.failed());
     match metric {
-        "ttft" => ok.filter_map(|r| Some((r.token_ns.first()? - r.arrival_ns) as f64)).collect(),
+        "ttft" => ok
+            .filter_map(|r| Some((r.token_ns.first()? - r.arrival_ns) as f64))
+            .collect(),
         "e2e" => ok.map(|r| (r.finish_ns - r.arrival_ns) as f64).collect(),
-        "queue" => ok.map(|r| (r.schedule_ns.unwrap() - r.arrival_ns) as f64).collect(),
+        "queue" => ok
+            .map(|r| (r.schedule_ns.unwrap() - r.arrival_ns) as f64)
+            .collect(),
         "tpot" => ok
             .filter(|r| r.token_ns.len() >= 2)
-            .map(|r| (r.token_ns[r.token_ns.len() - 1] - r.token_ns[0]) as f64 / (r.token_ns.len() - 1) as f64)
+            .map(|r| {
+                (r.token_ns[r.token_ns.len() - 1] - r.token_ns[0]) as f64
+                    / (r.token_ns.len() - 1) as f64
+            })
             .collect(),
-        "itl" => ok.flat_map(|r| r.token_ns.windows(2).map(|w| (w[1] - w[0]) as f64).collect::<Vec<_>>()).collect(),
+        "itl" => ok
+            .flat_map(|r| {
+                r.token_ns
+                    .windows(2)
+                    .map(|w| (w[1] - w[0]) as f64)
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
         _ => unreachable!(),
     }
 }
@@ -52,7 +67,19 @@ fn check_run(store: &Store, run: RunId, original: &RunResult, itl_exact: bool) {
                 "SELECT n, min_ms, mean_ms, p50_ms, p90_ms, p95_ms, p99_ms, p999_ms, max_ms
                  FROM v_latency_percentiles WHERE run_id = ?1 AND metric = ?2",
                 rusqlite::params![run.0, metric],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                    ))
+                },
             )
             .unwrap();
         let sql = [
@@ -68,12 +95,22 @@ fn check_run(store: &Store, run: RunId, original: &RunResult, itl_exact: bool) {
         ];
         for (stat, v) in sql {
             let s = stored[&(metric.to_string(), stat.to_string())].unwrap();
-            assert!(close(s, v), "run {} {metric} {stat}: stored {s} vs SQL {v}", run.0);
+            assert!(
+                close(s, v),
+                "run {} {metric} {stat}: stored {s} vs SQL {v}",
+                run.0
+            );
         }
         if metric != "ttft_engine" && (metric != "itl" || itl_exact) {
             let mem = in_memory(original, metric);
             assert_eq!(mem.len() as f64, sql[0].1, "{metric} n");
-            for (q, stat) in [(0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99"), (0.999, "p99.9")] {
+            for (q, stat) in [
+                (0.5, "p50"),
+                (0.9, "p90"),
+                (0.95, "p95"),
+                (0.99, "p99"),
+                (0.999, "p99.9"),
+            ] {
                 let m = pct(mem.clone(), q);
                 let s = stored[&(metric.to_string(), stat.to_string())].unwrap();
                 assert!(close(s, m), "{metric} {stat}: stored {s} vs records {m}");
@@ -88,7 +125,12 @@ fn percentiles_recomputed_with_plain_sql_agree_with_the_stored_summary() {
     let mut store = Store::open(&db).unwrap();
     let mut runs = vec![];
     for (seed, n, err) in [(1u64, 57usize, 0.0), (2, 200, 0.05), (3, 10, 0.0)] {
-        let r = synth_run(&SynthSpec { seed, n_requests: n, error_fraction: err, ..Default::default() });
+        let r = synth_run(&SynthSpec {
+            seed,
+            n_requests: n,
+            error_fraction: err,
+            ..Default::default()
+        });
         runs.push((store.save_run(&r).unwrap(), r));
     }
     for (id, r) in &runs {
@@ -128,25 +170,50 @@ fn percentiles_recomputed_with_plain_sql_agree_with_the_stored_summary() {
         // and the summary view shows the same (in ms)
         let (v_ttft99, v_itl99, out_tps): (f64, f64, f64) = store
             .conn()
-            .query_row("SELECT ttft_p99_ms, itl_p99_ms, output_tps FROM v_run_summary WHERE run_id = ?1", [id.0], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT ttft_p99_ms, itl_p99_ms, output_tps FROM v_run_summary WHERE run_id = ?1",
+                [id.0],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .unwrap();
-        assert!(close(v_ttft99 * 1e6, m[&("ttft".into(), "p99".into())].unwrap()));
-        assert!(close(v_itl99 * 1e6, m[&("itl".into(), "p99".into())].unwrap()));
-        assert!(close(out_tps, m[&("output_tps".into(), "value".into())].unwrap()));
+        assert!(close(
+            v_ttft99 * 1e6,
+            m[&("ttft".into(), "p99".into())].unwrap()
+        ));
+        assert!(close(
+            v_itl99 * 1e6,
+            m[&("itl".into(), "p99".into())].unwrap()
+        ));
+        assert!(close(
+            out_tps,
+            m[&("output_tps".into(), "value".into())].unwrap()
+        ));
     }
 }
 
 #[test]
 fn token_cap_keeps_ttft_tpot_exact_and_sql_still_agrees() {
     let db = tmp_db("cap");
-    let mut store = Store::open(&db).unwrap().with_options(StoreOptions { token_cap: 5, keep_text: false });
-    let r = synth_run(&SynthSpec { seed: 9, n_requests: 30, output_tokens: (10, 40), ..Default::default() });
+    let mut store = Store::open(&db).unwrap().with_options(StoreOptions {
+        token_cap: 5,
+        keep_text: false,
+    });
+    let r = synth_run(&SynthSpec {
+        seed: 9,
+        n_requests: 30,
+        output_tokens: (10, 40),
+        ..Default::default()
+    });
     let id = store.save_run(&r).unwrap();
-    let max_stored: i64 = store.conn().query_row("SELECT MAX(tokens_stored) FROM requests", [], |r| r.get(0)).unwrap();
+    let max_stored: i64 = store
+        .conn()
+        .query_row("SELECT MAX(tokens_stored) FROM requests", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(max_stored, 5);
     check_run(&store, id, &r, false);
-    let texts: i64 = store.conn().query_row("SELECT COUNT(output_text) FROM requests", [], |r| r.get(0)).unwrap();
+    let texts: i64 = store
+        .conn()
+        .query_row("SELECT COUNT(output_text) FROM requests", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(texts, 0);
 }

@@ -12,7 +12,11 @@ fn tmp(name: &str) -> std::path::PathBuf {
 #[test]
 fn store_round_trips_a_run_and_reports_its_schema() {
     let db = tmp("rt");
-    let r = synth_run(&SynthSpec { seed: 5, n_requests: 20, ..Default::default() });
+    let r = synth_run(&SynthSpec {
+        seed: 5,
+        n_requests: 20,
+        ..Default::default()
+    });
     let id = {
         let mut s = Store::open(&db).unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
@@ -33,9 +37,15 @@ fn store_round_trips_a_run_and_reports_its_schema() {
     };
     // reopen: no migration runs twice, data intact
     let s = Store::open_existing(&db).unwrap();
-    let mode: String = s.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = s
+        .conn()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
-    let fk: i64 = s.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+    let fk: i64 = s
+        .conn()
+        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(fk, 1);
     let back = s.load_run(id).unwrap();
     assert_eq!(back.records, r.records);
@@ -48,10 +58,26 @@ fn store_round_trips_a_run_and_reports_its_schema() {
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].status, "finished");
     assert_eq!(runs[0].cost_per_hour, Some(1.25));
-    let n: i64 = s.conn().query_row("SELECT COUNT(*) FROM selftest_results WHERE pass = 1", [], |r| r.get(0)).unwrap();
+    let n: i64 = s
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM selftest_results WHERE pass = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert_eq!(n, 1);
-    for v in ["v_run_summary", "v_request_latency", "v_itl", "v_latency_samples", "v_latency_percentiles"] {
-        let _: i64 = s.conn().query_row(&format!("SELECT COUNT(*) FROM {v}"), [], |r| r.get(0)).unwrap();
+    for v in [
+        "v_run_summary",
+        "v_request_latency",
+        "v_itl",
+        "v_latency_samples",
+        "v_latency_percentiles",
+    ] {
+        let _: i64 = s
+            .conn()
+            .query_row(&format!("SELECT COUNT(*) FROM {v}"), [], |r| r.get(0))
+            .unwrap();
     }
     assert_eq!(s.integrity_check().unwrap(), "ok");
 }
@@ -61,11 +87,16 @@ fn a_newer_schema_is_refused_and_a_missing_file_is_not_created() {
     let db = tmp("new");
     {
         let s = Store::open(&db).unwrap();
-        s.conn().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        s.conn()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
     }
     assert!(matches!(Store::open(&db), Err(StoreError::TooNew { .. })));
     let missing = db.with_file_name("missing.db");
-    assert!(matches!(Store::open_existing(&missing), Err(StoreError::Missing { .. })));
+    assert!(matches!(
+        Store::open_existing(&missing),
+        Err(StoreError::Missing { .. })
+    ));
     assert!(!missing.exists());
 }
 
@@ -73,9 +104,13 @@ fn a_newer_schema_is_refused_and_a_missing_file_is_not_created() {
 fn default_path_honours_ember_db() {
     // SAFETY: this test binary's other tests do not read EMBER_DB.
     unsafe { std::env::set_var("EMBER_DB", "/tmp/x/ember-test.db") };
-    assert_eq!(ember_bench::store::default_db_path(), std::path::PathBuf::from("/tmp/x/ember-test.db"));
+    assert_eq!(
+        ember_bench::store::default_db_path(),
+        std::path::PathBuf::from("/tmp/x/ember-test.db")
+    );
     unsafe { std::env::remove_var("EMBER_DB") };
     assert!(
-        ember_bench::store::default_db_path().ends_with("ember/ember.db") || ember_bench::store::default_db_path().ends_with("ember.db")
+        ember_bench::store::default_db_path().ends_with("ember/ember.db")
+            || ember_bench::store::default_db_path().ends_with("ember.db")
     );
 }

@@ -13,13 +13,13 @@
 use std::sync::{Arc, Mutex};
 
 use ember_runtime::backend::{self, HandleError, QWeightHandle};
+use ember_runtime::backend::{Device, Tensor, TensorData};
 use ember_runtime::gguf::GgufFile;
 use ember_runtime::kv::PagedKv;
 use ember_runtime::model::{BatchItem, DeviceMemory, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::Rope;
 use ember_runtime::quant;
 use ember_runtime::tensor_ops as T;
-use ember_runtime::backend::{Device, Tensor, TensorData};
 
 use crate::transformer::{QWeight, Transformer};
 
@@ -77,9 +77,18 @@ impl DeviceTransformer {
         let path = t.file.path().display().to_string();
         let mut dev_bytes = 0u64;
         let mut handle = |w: &QWeight| -> Result<QWeightHandle, ModelError> {
-            let h = QWeightHandle::new(t.file.clone(), w.ty, w.rows, w.cols, w.start..w.start + w.len)
-                .and_then(|h| backend::prepare(&h, &device).map(|b| (h, b)))
-                .map_err(|e: HandleError| ModelError::BadHparams { path: path.clone(), what: format!("device upload: {e}") })?;
+            let h = QWeightHandle::new(
+                t.file.clone(),
+                w.ty,
+                w.rows,
+                w.cols,
+                w.start..w.start + w.len,
+            )
+            .and_then(|h| backend::prepare(&h, &device).map(|b| (h, b)))
+            .map_err(|e: HandleError| ModelError::BadHparams {
+                path: path.clone(),
+                what: format!("device upload: {e}"),
+            })?;
             dev_bytes += h.1 as u64;
             Ok(h.0)
         };
@@ -162,8 +171,14 @@ impl Pools {
             self.k = (0..n_layers).map(|_| grow(None)).collect();
             self.v = (0..n_layers).map(|_| grow(None)).collect();
         } else {
-            self.k = std::mem::take(&mut self.k).into_iter().map(|t| grow(Some(t))).collect();
-            self.v = std::mem::take(&mut self.v).into_iter().map(|t| grow(Some(t))).collect();
+            self.k = std::mem::take(&mut self.k)
+                .into_iter()
+                .map(|t| grow(Some(t)))
+                .collect();
+            self.v = std::mem::take(&mut self.v)
+                .into_iter()
+                .map(|t| grow(Some(t)))
+                .collect();
         }
         self.cap = new_cap;
     }
@@ -190,11 +205,19 @@ impl Model for DeviceTransformer {
         self.adapter.clone()
     }
 
-    fn forward_batch(&self, items: &[BatchItem<'_>], kv: &mut PagedKv, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    fn forward_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        kv: &mut PagedKv,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         let c = &self.cfg;
         for it in items {
             if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-                return Err(ModelError::BadToken { id, n_vocab: c.n_vocab });
+                return Err(ModelError::BadToken {
+                    id,
+                    n_vocab: c.n_vocab,
+                });
             }
         }
         let items: Vec<&BatchItem> = items.iter().filter(|it| !it.tokens.is_empty()).collect();
@@ -203,7 +226,11 @@ impl Model for DeviceTransformer {
             return Ok(());
         }
         if kv.device_store.is_none() {
-            kv.device_store = Some(Box::new(Pools { cap: 0, k: vec![], v: vec![] }));
+            kv.device_store = Some(Box::new(Pools {
+                cap: 0,
+                k: vec![],
+                v: vec![],
+            }));
         }
         for it in &items {
             kv.reserve(it.seq, it.tokens.len())?;
@@ -217,14 +244,18 @@ impl Model for DeviceTransformer {
         for it in &items {
             let pos0 = kv.seq_len(it.seq);
             let table = kv.block_table(it.seq);
-            let slots: Vec<usize> = (0..pos0 + it.tokens.len()).map(|p| table[p / bs] as usize * bs + p % bs).collect();
+            let slots: Vec<usize> = (0..pos0 + it.tokens.len())
+                .map(|p| table[p / bs] as usize * bs + p % bs)
+                .collect();
             max_slot = max_slot.max(slots.iter().copied().max().unwrap_or(0));
             segs.push((n, it.tokens.len(), pos0, slots));
             n += it.tokens.len();
         }
         let device = &self.device;
         let mut pools_box = kv.device_store.take().expect("set above");
-        let pools = pools_box.downcast_mut::<Pools>().expect("a PagedKv is used by one backend");
+        let pools = pools_box
+            .downcast_mut::<Pools>()
+            .expect("a PagedKv is used by one backend");
         pools.ensure(max_slot + 1, c.n_layers, kv_dim, device);
 
         let d = c.n_embd;
@@ -235,11 +266,17 @@ impl Model for DeviceTransformer {
             cols: self.tok_embd.cols,
             data: &self.file.bytes()[self.tok_embd.start..self.tok_embd.start + self.tok_embd.len],
         };
-        for (row, &t) in x_host.chunks_exact_mut(d).zip(items.iter().flat_map(|it| it.tokens.iter())) {
+        for (row, &t) in x_host
+            .chunks_exact_mut(d)
+            .zip(items.iter().flat_map(|it| it.tokens.iter()))
+        {
             quant::dequantize_row(embd, t as usize, row);
         }
         let mut x = Tensor::<2>::from_data(TensorData::new(x_host, [n, d]), device);
-        let positions: Vec<usize> = segs.iter().flat_map(|(_, len, pos0, _)| *pos0..*pos0 + *len).collect();
+        let positions: Vec<usize> = segs
+            .iter()
+            .flat_map(|(_, len, pos0, _)| *pos0..*pos0 + *len)
+            .collect();
         let (cos, sin) = T::rope_tables(&self.rope, &positions, device);
         let q_dim = c.n_heads * c.head_dim;
 
@@ -263,8 +300,14 @@ impl Model for DeviceTransformer {
                         j += 1;
                     }
                     let rows = r0 + i..r0 + j;
-                    kp = kp.slice_assign([s0..s0 + (j - i), 0..kv_dim], k.clone().slice([rows.clone(), 0..kv_dim]));
-                    vp = vp.slice_assign([s0..s0 + (j - i), 0..kv_dim], v.clone().slice([rows, 0..kv_dim]));
+                    kp = kp.slice_assign(
+                        [s0..s0 + (j - i), 0..kv_dim],
+                        k.clone().slice([rows.clone(), 0..kv_dim]),
+                    );
+                    vp = vp.slice_assign(
+                        [s0..s0 + (j - i), 0..kv_dim],
+                        v.clone().slice([rows, 0..kv_dim]),
+                    );
                     i = j;
                 }
             }
@@ -275,9 +318,21 @@ impl Model for DeviceTransformer {
                 let kh = T::gather_rows(kp.clone(), slots);
                 let vh = T::gather_rows(vp.clone(), slots);
                 let qi = q.clone().slice([*r0..r0 + len, 0..q_dim]);
-                outs.push(T::attention(qi, kh, vh, *pos0, c.n_heads, c.n_kv_heads, c.head_dim));
+                outs.push(T::attention(
+                    qi,
+                    kh,
+                    vh,
+                    *pos0,
+                    c.n_heads,
+                    c.n_kv_heads,
+                    c.head_dim,
+                ));
             }
-            let att = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 0) };
+            let att = if outs.len() == 1 {
+                outs.pop().unwrap()
+            } else {
+                Tensor::cat(outs, 0)
+            };
             x = x + self.linear(att, &ly.wo, None);
             let xn = T::rmsnorm(x.clone(), &ly.ffn_norm, c.rms_eps);
             let gate = self.linear(xn.clone(), &ly.w_gate, None);
@@ -304,10 +359,13 @@ impl Model for DeviceTransformer {
         let h = T::gather_rows(x, &rows);
         let h = T::rmsnorm(h, &self.output_norm, c.rms_eps);
         let out = backend::qmatmul(h, &self.output);
-        *logits = out.into_data().try_to_vec::<f32>().map_err(|e| ModelError::BadHparams {
-            path: self.file.path().display().to_string(),
-            what: format!("reading logits back from the device: {e:?}"),
-        })?;
+        *logits = out
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| ModelError::BadHparams {
+                path: self.file.path().display().to_string(),
+                what: format!("reading logits back from the device: {e:?}"),
+            })?;
         self.note_memory();
         Ok(())
     }

@@ -18,7 +18,9 @@ pub const SUPPORTED: &[&str] = &[llama::ARCH, qwen2::ARCH];
 
 /// Bind a mapped GGUF file to its architecture's decoder.
 pub fn load_transformer(file: Arc<GgufFile>) -> Result<transformer::Transformer, ModelError> {
-    let arch = file.require_str(ember_runtime::gguf::keys::ARCHITECTURE)?.to_string();
+    let arch = file
+        .require_str(ember_runtime::gguf::keys::ARCHITECTURE)?
+        .to_string();
     match arch.as_str() {
         llama::ARCH => llama::load(file),
         qwen2::ARCH => qwen2::load(file),
@@ -37,13 +39,24 @@ pub fn load(file: Arc<GgufFile>) -> Result<Box<dyn Model>, ModelError> {
 
 /// As [`load`], on the device `placement` names: the CPU fast path, or the burn-tensor decoder
 /// ([`device::DeviceTransformer`]) with the weights uploaded to the GPU.
-pub fn load_on(file: Arc<GgufFile>, placement: &ember_runtime::accel::Placement) -> Result<Box<dyn Model>, ModelError> {
+pub fn load_on(
+    file: Arc<GgufFile>,
+    placement: &ember_runtime::accel::Placement,
+) -> Result<Box<dyn Model>, ModelError> {
     match placement {
         ember_runtime::accel::Placement::Cpu { .. } => load(file),
         #[cfg(feature = "wgpu")]
         ember_runtime::accel::Placement::Gpu { device, adapter } => {
-            let a = Some((format!("{} ({}, {})", adapter.name, adapter.kind, adapter.api), adapter.driver.clone()));
-            Ok(Box::new(device::DeviceTransformer::new(load_transformer(file)?, device.clone(), "wgpu", a)?))
+            let a = Some((
+                format!("{} ({}, {})", adapter.name, adapter.kind, adapter.api),
+                adapter.driver.clone(),
+            ));
+            Ok(Box::new(device::DeviceTransformer::new(
+                load_transformer(file)?,
+                device.clone(),
+                "wgpu",
+                a,
+            )?))
         }
     }
 }
@@ -56,7 +69,10 @@ pub enum OpenError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{path}: tokenizer: {source}")]
-    Tokenizer { path: String, source: ember_runtime::tokenizer::TokenizerError },
+    Tokenizer {
+        path: String,
+        source: ember_runtime::tokenizer::TokenizerError,
+    },
     #[error(transparent)]
     Engine(#[from] ember_runtime::engine::EngineError),
 }
@@ -67,7 +83,9 @@ pub fn open(
     path: &std::path::Path,
     cfg: impl FnOnce(usize) -> ember_runtime::engine::EngineConfig,
 ) -> Result<ember_runtime::engine::Engine, OpenError> {
-    let cpu = ember_runtime::accel::Placement::Cpu { reason: "default".into() };
+    let cpu = ember_runtime::accel::Placement::Cpu {
+        reason: "default".into(),
+    };
     open_on(path, &cpu, cfg)
 }
 
@@ -79,8 +97,15 @@ pub fn open_on(
 ) -> Result<ember_runtime::engine::Engine, OpenError> {
     let file = Arc::new(GgufFile::open(path)?);
     let model = load_on(file.clone(), placement)?;
-    let tokenizer = ember_runtime::tokenizer::Tokenizer::from_gguf(&file.metadata)
-        .map_err(|source| OpenError::Tokenizer { path: path.display().to_string(), source })?;
+    let tokenizer =
+        ember_runtime::tokenizer::Tokenizer::from_gguf(&file.metadata).map_err(|source| {
+            OpenError::Tokenizer {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
     let cfg = cfg(model.config().n_ctx_train);
-    Ok(ember_runtime::engine::Engine::new(file, model, tokenizer, cfg)?)
+    Ok(ember_runtime::engine::Engine::new(
+        file, model, tokenizer, cfg,
+    )?)
 }

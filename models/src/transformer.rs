@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
+use ember_runtime::backend::{self, QWeightHandle, Tensor, TensorData};
 use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
 use ember_runtime::kv::PagedKv;
 use ember_runtime::model::{BatchItem, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
-use ember_runtime::backend::{self, QWeightHandle, Tensor, TensorData};
 use ember_runtime::quant::{self, GgmlType, QMatRef};
 
 /// What differs between architectures, as data.
@@ -110,7 +110,12 @@ struct Binder<'a> {
 
 impl Binder<'_> {
     fn shape_err(&self, t: &TensorInfo, expected: String) -> ModelError {
-        ModelError::BadShape { path: self.path.clone(), name: t.name.clone(), dims: t.dims.clone(), expected }
+        ModelError::BadShape {
+            path: self.path.clone(),
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            expected,
+        }
     }
     /// A matrix with GGUF dims `[cols, rows]`.
     fn matrix(&mut self, n: TensorName, rows: usize, cols: usize) -> Result<QWeight, ModelError> {
@@ -120,11 +125,21 @@ impl Binder<'_> {
             return Err(self.shape_err(t, format!("[{cols}, {rows}]")));
         }
         if !t.ty.is_supported() {
-            return Err(ModelError::UnsupportedType { path: self.path.clone(), name: t.name.clone(), ty: t.ty });
+            return Err(ModelError::UnsupportedType {
+                path: self.path.clone(),
+                name: t.name.clone(),
+                ty: t.ty,
+            });
         }
         let start = (self.file.data_offset() + t.offset) as usize;
         self.bytes += t.n_bytes;
-        Ok(QWeight { ty: t.ty, rows, cols, start, len: t.n_bytes as usize })
+        Ok(QWeight {
+            ty: t.ty,
+            rows,
+            cols,
+            start,
+            len: t.n_bytes as usize,
+        })
     }
     /// A vector converted to f32.
     fn vector(&mut self, n: TensorName, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -134,17 +149,27 @@ impl Binder<'_> {
             return Err(self.shape_err(t, format!("[{len}]")));
         }
         if !t.ty.is_supported() {
-            return Err(ModelError::UnsupportedType { path: self.path.clone(), name: t.name.clone(), ty: t.ty });
+            return Err(ModelError::UnsupportedType {
+                path: self.path.clone(),
+                name: t.name.clone(),
+                ty: t.ty,
+            });
         }
         let mut v = vec![0f32; len];
-        quant::dequantize(t.ty, self.file.tensor_bytes(t), &mut v).map_err(|e| ModelError::BadHparams {
-            path: self.path.clone(),
-            what: format!("tensor '{}': {e}", t.name),
+        quant::dequantize(t.ty, self.file.tensor_bytes(t), &mut v).map_err(|e| {
+            ModelError::BadHparams {
+                path: self.path.clone(),
+                what: format!("tensor '{}': {e}", t.name),
+            }
         })?;
         self.bytes += t.n_bytes;
         Ok(v)
     }
-    fn optional_vector(&mut self, n: TensorName, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+    fn optional_vector(
+        &mut self,
+        n: TensorName,
+        len: usize,
+    ) -> Result<Option<Vec<f32>>, ModelError> {
         if self.file.tensor(&n.gguf()).is_none() {
             return Ok(None);
         }
@@ -156,31 +181,48 @@ fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<ModelConfig, ModelError> 
     let path = file.path().display().to_string();
     let md = &file.metadata;
     let a = spec.arch;
-    let req = |k: ArchKey| -> Result<usize, ModelError> { Ok(file.require_u64(&k.key(a))? as usize) };
+    let req =
+        |k: ArchKey| -> Result<usize, ModelError> { Ok(file.require_u64(&k.key(a))? as usize) };
     let n_embd = req(ArchKey::EmbeddingLength)?;
     let n_layers = req(ArchKey::BlockCount)?;
     let n_heads = req(ArchKey::HeadCount)?;
-    let n_kv_heads = md.arch_u64(a, ArchKey::HeadCountKv).map(|v| v as usize).unwrap_or(n_heads);
+    let n_kv_heads = md
+        .arch_u64(a, ArchKey::HeadCountKv)
+        .map(|v| v as usize)
+        .unwrap_or(n_heads);
     let n_ff = req(ArchKey::FeedForwardLength)?;
     let n_ctx_train = md.arch_u64(a, ArchKey::ContextLength).unwrap_or(2048) as usize;
-    let bad = |what: String| ModelError::BadHparams { path: path.clone(), what };
+    let bad = |what: String| ModelError::BadHparams {
+        path: path.clone(),
+        what,
+    };
     if n_embd == 0 || n_layers == 0 || n_heads == 0 || n_kv_heads == 0 || n_ff == 0 {
         return Err(bad(format!(
             "zero-sized model (embd {n_embd}, layers {n_layers}, heads {n_heads}/{n_kv_heads}, ff {n_ff})"
         )));
     }
     if n_embd % n_heads != 0 || n_heads % n_kv_heads != 0 {
-        return Err(bad(format!("n_embd {n_embd}, heads {n_heads}, kv heads {n_kv_heads} do not divide")));
+        return Err(bad(format!(
+            "n_embd {n_embd}, heads {n_heads}, kv heads {n_kv_heads} do not divide"
+        )));
     }
     if n_embd > 1 << 20 || n_layers > 4096 || n_ff > 1 << 22 || n_heads > 4096 {
         return Err(bad("implausibly large hyper-parameters".into()));
     }
-    let head_dim = md.get_u64(&format!("{a}.attention.key_length")).map(|v| v as usize).unwrap_or(n_embd / n_heads);
-    let n_rot = md.arch_u64(a, ArchKey::RopeDimensionCount).map(|v| v as usize).unwrap_or(head_dim);
+    let head_dim = md
+        .get_u64(&format!("{a}.attention.key_length"))
+        .map(|v| v as usize)
+        .unwrap_or(n_embd / n_heads);
+    let n_rot = md
+        .arch_u64(a, ArchKey::RopeDimensionCount)
+        .map(|v| v as usize)
+        .unwrap_or(head_dim);
     if n_rot > head_dim || n_rot % 2 != 0 || head_dim == 0 {
         return Err(bad(format!("rope dims {n_rot} vs head dim {head_dim}")));
     }
-    let rope_base = md.arch_f64(a, ArchKey::RopeFreqBase).unwrap_or(spec.default_rope_base as f64) as f32;
+    let rope_base = md
+        .arch_f64(a, ArchKey::RopeFreqBase)
+        .unwrap_or(spec.default_rope_base as f64) as f32;
     let rms_eps = md.arch_f64(a, ArchKey::LayerNormRmsEpsilon).unwrap_or(1e-5) as f32;
     let embd = file.require_tensor(&TensorName::TokenEmbd.gguf())?;
     if embd.dims.len() != 2 || embd.dims[0] != n_embd as u64 {
@@ -215,14 +257,33 @@ impl Transformer {
     pub fn load(file: Arc<GgufFile>, spec: &ArchSpec) -> Result<Self, ModelError> {
         use TensorName::*;
         let cfg = hparams(&file, spec)?;
-        let mut b = Binder { file: &file, path: file.path().display().to_string(), bytes: 0 };
-        let (d, q_dim, kv_dim, ff) = (cfg.n_embd, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.n_ff);
+        let mut b = Binder {
+            file: &file,
+            path: file.path().display().to_string(),
+            bytes: 0,
+        };
+        let (d, q_dim, kv_dim, ff) = (
+            cfg.n_embd,
+            cfg.n_heads * cfg.head_dim,
+            cfg.kv_dim(),
+            cfg.n_ff,
+        );
         let tok_embd = b.matrix(TokenEmbd, cfg.n_vocab, d)?;
         let output_norm = b.vector(OutputNorm, d)?;
-        let output = if cfg.tied_embeddings { tok_embd } else { b.matrix(Output, cfg.n_vocab, d)? };
+        let output = if cfg.tied_embeddings {
+            tok_embd
+        } else {
+            b.matrix(Output, cfg.n_vocab, d)?
+        };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            let bias = |b: &mut Binder, n, len| if spec.qkv_bias { b.optional_vector(n, len) } else { Ok(None) };
+            let bias = |b: &mut Binder, n, len| {
+                if spec.qkv_bias {
+                    b.optional_vector(n, len)
+                } else {
+                    Ok(None)
+                }
+            };
             layers.push(Layer {
                 attn_norm: b.vector(AttnNorm(l), d)?,
                 wq: b.matrix(AttnQ(l), q_dim, d)?,
@@ -240,11 +301,25 @@ impl Transformer {
         }
         let weight_bytes = b.bytes;
         let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.n_rot, cfg.rope_base);
-        Ok(Transformer { file, cfg, rope, tok_embd, output_norm, output, layers, weight_bytes })
+        Ok(Transformer {
+            file,
+            cfg,
+            rope,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            weight_bytes,
+        })
     }
 
     fn mat(&self, w: &QWeight) -> QMatRef<'_> {
-        QMatRef { ty: w.ty, rows: w.rows, cols: w.cols, data: &self.file.bytes()[w.start..w.start + w.len] }
+        QMatRef {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            data: &self.file.bytes()[w.start..w.start + w.len],
+        }
     }
 
     /// y[m × rows] = x[m × cols] · Wᵀ (+ bias), as a burn op: the quantized matmul is the
@@ -252,13 +327,22 @@ impl Transformer {
     /// mmapped blocks. `x` is copied once into `y`'s old buffer (callers lend slices), moved into
     /// the tensor, and the result's allocation is moved back out into `y`.
     fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
-        let h = QWeightHandle::new(self.file.clone(), w.ty, w.rows, w.cols, w.start..w.start + w.len)
-            .expect("weight ranges are checked at load");
+        let h = QWeightHandle::new(
+            self.file.clone(),
+            w.ty,
+            w.rows,
+            w.cols,
+            w.start..w.start + w.len,
+        )
+        .expect("weight ranges are checked at load");
         let mut buf = std::mem::take(y);
         buf.clear();
         buf.extend_from_slice(x);
         let xt = Tensor::<2>::from_data(TensorData::new(buf, [m, w.cols]), &backend::cpu());
-        *y = backend::qmatmul(xt, &h).into_data().try_into_vec::<f32>().expect("qmatmul returns f32");
+        *y = backend::qmatmul(xt, &h)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("qmatmul returns f32");
         if let Some(b) = bias {
             for row in y.chunks_exact_mut(w.rows) {
                 row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
@@ -289,11 +373,19 @@ impl Model for Transformer {
         self.weight_bytes
     }
 
-    fn forward_batch(&self, items: &[BatchItem<'_>], kv: &mut PagedKv, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    fn forward_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        kv: &mut PagedKv,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         let c = &self.cfg;
         for it in items {
             if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-                return Err(ModelError::BadToken { id, n_vocab: c.n_vocab });
+                return Err(ModelError::BadToken {
+                    id,
+                    n_vocab: c.n_vocab,
+                });
             }
         }
         let items: Vec<&BatchItem> = items.iter().filter(|it| !it.tokens.is_empty()).collect();
@@ -321,7 +413,11 @@ impl Model for Transformer {
         for (row, &t) in x.chunks_exact_mut(d).zip(all_tokens) {
             quant::dequantize_row(embd, t as usize, row);
         }
-        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
         let mut s = Scratch::default();
         for (l, ly) in self.layers.iter().enumerate() {
             s.xn.resize(n * d, 0.0);
@@ -344,7 +440,15 @@ impl Model for Transformer {
             for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
                 let (kb, vb) = kv.layer_blocks(it.seq, l);
                 let q = &s.q[r0 * q_dim..(r0 + len) * q_dim];
-                ops::attention(q, &kb, &vb, bs, pos0, shape, &mut s.att[r0 * q_dim..(r0 + len) * q_dim]);
+                ops::attention(
+                    q,
+                    &kb,
+                    &vb,
+                    bs,
+                    pos0,
+                    shape,
+                    &mut s.att[r0 * q_dim..(r0 + len) * q_dim],
+                );
             }
             self.linear(&ly.wo, None, &s.att, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
@@ -364,7 +468,9 @@ impl Model for Transformer {
         for (it, &(r0, len, _)) in items.iter().zip(&segs) {
             match it.logits {
                 LogitsWanted::None => {}
-                LogitsWanted::Last => rows.extend_from_slice(&x[(r0 + len - 1) * d..(r0 + len) * d]),
+                LogitsWanted::Last => {
+                    rows.extend_from_slice(&x[(r0 + len - 1) * d..(r0 + len) * d])
+                }
                 LogitsWanted::All => rows.extend_from_slice(&x[r0 * d..(r0 + len) * d]),
             }
         }

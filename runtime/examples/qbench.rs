@@ -5,7 +5,9 @@
 //! integer dot kernels, m > 16 the ISA-independent dequantize + gemm path); m = 4..16 only for
 //! Q4_1. A `dequantize_row` line per matrix gives the single-thread dequantization rate.
 
-use ember_runtime::quant::{GgmlType, Isa, QMatRef, available_isas, best_isa, dequantize_row, matmul_with, quantize};
+use ember_runtime::quant::{
+    GgmlType, Isa, QMatRef, available_isas, best_isa, dequantize_row, matmul_with, quantize,
+};
 use std::time::{Duration, Instant};
 
 fn data(n: usize) -> Vec<f32> {
@@ -53,13 +55,29 @@ fn main() {
     ];
     let pools: Vec<(usize, rayon::ThreadPool)> = [1, 2]
         .into_iter()
-        .map(|n| (n, rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()))
+        .map(|n| {
+            (
+                n,
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap(),
+            )
+        })
         .collect();
     println!("isas: {:?}, best {:?}", available_isas(), best_isa());
-    println!("{:<6} {:>6}x{:<5} {:<12} {:>4} {:<9} {:>3}t  {:>10}  {:>9}", "type", "rows", "cols", "what", "m", "isa", "", "time", "rate");
+    println!(
+        "{:<6} {:>6}x{:<5} {:<12} {:>4} {:<9} {:>3}t  {:>10}  {:>9}",
+        "type", "rows", "cols", "what", "m", "isa", "", "time", "rate"
+    );
     for &(ty, rows, cols, what) in shapes {
         let q = quantize(ty, &data(rows * cols)).unwrap();
-        let w = QMatRef { ty, rows, cols, data: &q };
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &q,
+        };
         {
             let mut row = vec![0f32; cols];
             let t = time(budget, || {
@@ -69,7 +87,12 @@ fn main() {
             });
             println!(
                 "{:<6} {:>6}x{:<5} {:<12} dequantize_row, 1 thread: {:8.1}us  {:6.2} Gelem/s",
-                ty.name(), rows, cols, what, t * 1e6, (rows * cols) as f64 / t / 1e9
+                ty.name(),
+                rows,
+                cols,
+                what,
+                t * 1e6,
+                (rows * cols) as f64 / t / 1e9
             );
         }
         for m in [1usize, 4, 8, 16, 128, 512] {
@@ -78,7 +101,11 @@ fn main() {
             }
             let x = data(m * cols);
             let mut y = vec![0f32; m * rows];
-            let isas = if m == 1 { available_isas() } else { vec![best_isa()] };
+            let isas = if m == 1 {
+                available_isas()
+            } else {
+                vec![best_isa()]
+            };
             for &isa in &isas {
                 for (nt, pool) in &pools {
                     let t = pool.install(|| time(budget, || matmul_with(isa, w, &x, m, &mut y)));

@@ -41,7 +41,12 @@ impl FromStr for BackendChoice {
             "wgpu" | "gpu" => BackendChoice::Wgpu,
             "vulkan" => BackendChoice::Vulkan,
             "metal" => BackendChoice::Metal,
-            _ => return Err(format!("unknown backend '{s}' (expected one of: {})", Self::NAMES.join(", "))),
+            _ => {
+                return Err(format!(
+                    "unknown backend '{s}' (expected one of: {})",
+                    Self::NAMES.join(", ")
+                ));
+            }
         })
     }
 }
@@ -84,9 +89,14 @@ impl fmt::Display for Adapter {
 /// The decision.
 #[derive(Clone, Debug)]
 pub enum Placement {
-    Cpu { reason: String },
+    Cpu {
+        reason: String,
+    },
     #[cfg(feature = "wgpu")]
-    Gpu { device: burn::tensor::Device, adapter: Adapter },
+    Gpu {
+        device: burn::tensor::Device,
+        adapter: Adapter,
+    },
 }
 
 impl Placement {
@@ -121,7 +131,10 @@ pub fn adapters() -> Vec<Adapter> {
 
 #[cfg(feature = "wgpu")]
 fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
-    let desc = wgpu::InstanceDescriptor { backends: wgpu::Backends::PRIMARY, ..wgpu::InstanceDescriptor::new_without_display_handle_from_env() };
+    let desc = wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    };
     let instance = wgpu::Instance::new(desc);
     let list = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     list.into_iter()
@@ -138,12 +151,23 @@ fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
             let down = a.get_downlevel_capabilities();
             let unusable = if !down.flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
                 Some("no compute shaders".to_string())
-            } else if limits.max_compute_workgroup_size_x < 64 || limits.max_compute_invocations_per_workgroup < 64 {
-                Some(format!("workgroups of {} units (ember needs 64)", limits.max_compute_workgroup_size_x))
+            } else if limits.max_compute_workgroup_size_x < 64
+                || limits.max_compute_invocations_per_workgroup < 64
+            {
+                Some(format!(
+                    "workgroups of {} units (ember needs 64)",
+                    limits.max_compute_workgroup_size_x
+                ))
             } else if limits.max_storage_buffers_per_shader_stage < 4 {
-                Some(format!("{} storage buffers per stage (ember needs 4)", limits.max_storage_buffers_per_shader_stage))
+                Some(format!(
+                    "{} storage buffers per stage (ember needs 4)",
+                    limits.max_storage_buffers_per_shader_stage
+                ))
             } else if limits.max_compute_workgroup_storage_size < 1024 {
-                Some(format!("{} bytes of workgroup memory (ember needs 1024)", limits.max_compute_workgroup_storage_size))
+                Some(format!(
+                    "{} bytes of workgroup memory (ember needs 1024)",
+                    limits.max_compute_workgroup_storage_size
+                ))
             } else {
                 None
             };
@@ -153,7 +177,13 @@ fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
                 .copied()
                 .collect::<Vec<_>>()
                 .join(" ");
-            let ad = Adapter { name: info.name.clone(), kind, api: format!("{:?}", info.backend).to_lowercase(), driver, unusable };
+            let ad = Adapter {
+                name: info.name.clone(),
+                kind,
+                api: format!("{:?}", info.backend).to_lowercase(),
+                driver,
+                unusable,
+            };
             (ad, info.device_type)
         })
         .collect()
@@ -163,11 +193,15 @@ fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
 /// placement with the reason.
 pub fn choose(choice: BackendChoice) -> Placement {
     if choice == BackendChoice::Cpu {
-        return Placement::Cpu { reason: "--backend cpu".into() };
+        return Placement::Cpu {
+            reason: "--backend cpu".into(),
+        };
     }
     #[cfg(not(feature = "wgpu"))]
     {
-        Placement::Cpu { reason: format!("--backend {choice}: this ember was built without the wgpu feature") }
+        Placement::Cpu {
+            reason: format!("--backend {choice}: this ember was built without the wgpu feature"),
+        }
     }
     #[cfg(feature = "wgpu")]
     {
@@ -239,8 +273,13 @@ mod gpu {
         };
         let device = Device::wgpu(kind);
         match smoke_test(&device) {
-            Ok(()) => Placement::Gpu { device, adapter: adapter.clone() },
-            Err(why) => Placement::Cpu { reason: format!("{adapter} failed to start: {why}") },
+            Ok(()) => Placement::Gpu {
+                device,
+                adapter: adapter.clone(),
+            },
+            Err(why) => Placement::Cpu {
+                reason: format!("{adapter} failed to start: {why}"),
+            },
         }
     }
 
@@ -249,8 +288,15 @@ mod gpu {
         let d = device.clone();
         let r = std::panic::catch_unwind(move || {
             let t = Tensor::<1>::from_data(TensorData::new(vec![1f32, 2.0, 3.0, 4.0], [4]), &d);
-            let v = (t * 2.0).into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-            if v == [2.0, 4.0, 6.0, 8.0] { Ok(()) } else { Err(format!("wrong result {v:?}")) }
+            let v = (t * 2.0)
+                .into_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))?;
+            if v == [2.0, 4.0, 6.0, 8.0] {
+                Ok(())
+            } else {
+                Err(format!("wrong result {v:?}"))
+            }
         });
         match r {
             Ok(r) => r,

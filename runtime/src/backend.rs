@@ -31,12 +31,15 @@ pub fn cpu() -> Device {
     Device::flex()
 }
 
-
 /// Errors building a [`QWeightHandle`].
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     #[error("weight bytes {start}..{end} lie outside the {file_len}-byte mapping")]
-    OutOfBounds { start: usize, end: usize, file_len: usize },
+    OutOfBounds {
+        start: usize,
+        end: usize,
+        file_len: usize,
+    },
     #[error("tensor {name}: {dims:?} is not a matrix")]
     NotMatrix { name: String, dims: Vec<u64> },
     #[error(transparent)]
@@ -71,7 +74,11 @@ impl QWeightHandle {
     ) -> Result<Self, HandleError> {
         let file_len = file.bytes().len();
         if bytes.start > bytes.end || bytes.end > file_len {
-            return Err(HandleError::OutOfBounds { start: bytes.start, end: bytes.end, file_len });
+            return Err(HandleError::OutOfBounds {
+                start: bytes.start,
+                end: bytes.end,
+                file_len,
+            });
         }
         let h = QWeightHandle {
             file,
@@ -90,17 +97,31 @@ impl QWeightHandle {
     /// The GGUF tensor `t` of `file` (GGUF dims `[cols, rows]`).
     pub fn from_tensor(file: &Arc<GgufFile>, t: &TensorInfo) -> Result<Self, HandleError> {
         if t.dims.len() != 2 {
-            return Err(HandleError::NotMatrix { name: t.name.clone(), dims: t.dims.clone() });
+            return Err(HandleError::NotMatrix {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+            });
         }
         let (rows, cols) = t.rows_cols();
         let start = (file.data_offset() + t.offset) as usize;
-        Self::new(file.clone(), t.ty, rows, cols, start..start + t.n_bytes as usize)
+        Self::new(
+            file.clone(),
+            t.ty,
+            rows,
+            cols,
+            start..start + t.n_bytes as usize,
+        )
     }
 
     /// The borrowed view the kernels take.
     #[inline]
     pub fn mat(&self) -> QMatRef<'_> {
-        QMatRef { ty: self.ty, rows: self.rows, cols: self.cols, data: &self.file.bytes()[self.start..self.start + self.len] }
+        QMatRef {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.file.bytes()[self.start..self.start + self.len],
+        }
     }
     pub fn ty(&self) -> GgmlType {
         self.ty
@@ -139,8 +160,16 @@ impl QuantOps for burn::backend::Cube {
 fn out_shape(x: &Shape, w: &QWeightHandle) -> (usize, Shape) {
     let r = x.num_dims();
     assert!(r >= 1, "qmatmul: x must have at least one dimension");
-    assert_eq!(x[r - 1], w.cols, "qmatmul: x's last dimension must equal the weight's cols");
-    let m = if w.cols == 0 { x.num_elements() } else { x.num_elements() / w.cols };
+    assert_eq!(
+        x[r - 1],
+        w.cols,
+        "qmatmul: x's last dimension must equal the weight's cols"
+    );
+    let m = if w.cols == 0 {
+        x.num_elements()
+    } else {
+        x.num_elements() / w.cols
+    };
     let mut s = x.clone();
     s[r - 1] = w.rows;
     (m, s)
@@ -150,8 +179,14 @@ impl QuantOps for Flex {
     fn qmatmul(x: FlexTensor, w: &QWeightHandle) -> FlexTensor {
         let (m, shape) = out_shape(&x.shape(), w);
         // Zero-copy for a contiguous f32 tensor (the normal case); one copy for a strided view.
-        let x = if x.as_slice::<f32>().is_some() { x } else { x.to_contiguous() };
-        let xs = x.as_slice::<f32>().expect("qmatmul: x must be an f32 tensor");
+        let x = if x.as_slice::<f32>().is_some() {
+            x
+        } else {
+            x.to_contiguous()
+        };
+        let xs = x
+            .as_slice::<f32>()
+            .expect("qmatmul: x must be an f32 tensor");
         let mut y = vec![0f32; m * w.rows];
         quant::matmul(w.mat(), xs, m, &mut y);
         // Moves the allocation into the tensor; no copy.
@@ -159,8 +194,17 @@ impl QuantOps for Flex {
     }
     fn round_f16(x: FlexTensor) -> FlexTensor {
         let shape = x.shape();
-        let x = if x.as_slice::<f32>().is_some() { x } else { x.to_contiguous() };
-        let v: Vec<f32> = x.as_slice::<f32>().expect("round_f16: f32 tensor").iter().map(|&v| crate::ops::round_f16(v)).collect();
+        let x = if x.as_slice::<f32>().is_some() {
+            x
+        } else {
+            x.to_contiguous()
+        };
+        let v: Vec<f32> = x
+            .as_slice::<f32>()
+            .expect("round_f16: f32 tensor")
+            .iter()
+            .map(|&v| crate::ops::round_f16(v))
+            .collect();
         FlexTensor::from_data(TensorData::new(v, shape))
     }
 }
@@ -196,7 +240,10 @@ pub fn round_f16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// neither direction copies.
 pub fn qmatmul_vec(x: Vec<f32>, m: usize, w: &QWeightHandle) -> Vec<f32> {
     let x = Tensor::<2>::from_data(TensorData::new(x, [m, w.cols]), &cpu());
-    qmatmul(x, w).into_data().try_into_vec::<f32>().expect("qmatmul output is f32")
+    qmatmul(x, w)
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("qmatmul output is f32")
 }
 
 #[cfg(test)]
@@ -207,7 +254,9 @@ mod tests {
     fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
         (0..n)
             .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -220,13 +269,22 @@ mod tests {
         for ty in types {
             let f = rand_vec(rows * cols, &mut seed);
             let q = quant::quantize(*ty, &f).unwrap();
-            w.tensor(format!("w.{}", ty.name()), &[cols as u64, rows as u64], *ty, q);
+            w.tensor(
+                format!("w.{}", ty.name()),
+                &[cols as u64, rows as u64],
+                *ty,
+                q,
+            );
         }
         Arc::new(parse_bytes(&w.to_bytes()).unwrap())
     }
 
     fn handle(file: &Arc<GgufFile>, ty: GgmlType) -> QWeightHandle {
-        QWeightHandle::from_tensor(file, file.require_tensor(&format!("w.{}", ty.name())).unwrap()).unwrap()
+        QWeightHandle::from_tensor(
+            file,
+            file.require_tensor(&format!("w.{}", ty.name())).unwrap(),
+        )
+        .unwrap()
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -243,7 +301,11 @@ mod tests {
         for ty in TYPES {
             let w = handle(&file, ty);
             // The handle points into the mapping: no copy of the blocks.
-            assert!(std::ptr::eq(w.mat().data.as_ptr(), file.tensor_bytes(file.require_tensor(&format!("w.{}", ty.name())).unwrap()).as_ptr()));
+            assert!(std::ptr::eq(
+                w.mat().data.as_ptr(),
+                file.tensor_bytes(file.require_tensor(&format!("w.{}", ty.name())).unwrap())
+                    .as_ptr()
+            ));
             for m in [1usize, 7] {
                 let x = rand_vec(m * cols, &mut seed);
                 let mut want = vec![0f32; m * rows];
@@ -253,7 +315,11 @@ mod tests {
                 assert_eq!(y.dims(), [m, rows]);
                 let got = y.into_data().try_into_vec::<f32>().unwrap();
                 assert_eq!(bits(&got), bits(&want), "{ty} m={m}");
-                assert_eq!(bits(&qmatmul_vec(x, m, &w)), bits(&want), "{ty} m={m} (vec)");
+                assert_eq!(
+                    bits(&qmatmul_vec(x, m, &w)),
+                    bits(&want),
+                    "{ty} m={m} (vec)"
+                );
             }
         }
     }
@@ -267,9 +333,15 @@ mod tests {
         let x = rand_vec(2 * 3 * cols, &mut seed);
         let mut want = vec![0f32; 6 * rows];
         quant::matmul(w.mat(), &x, 6, &mut want);
-        let y = qmatmul(Tensor::<3>::from_data(TensorData::new(x, [2, 3, cols]), &cpu()), &w);
+        let y = qmatmul(
+            Tensor::<3>::from_data(TensorData::new(x, [2, 3, cols]), &cpu()),
+            &w,
+        );
         assert_eq!(y.dims(), [2, 3, rows]);
-        assert_eq!(bits(&y.into_data().try_into_vec::<f32>().unwrap()), bits(&want));
+        assert_eq!(
+            bits(&y.into_data().try_into_vec::<f32>().unwrap()),
+            bits(&want)
+        );
     }
 
     #[test]
@@ -311,6 +383,9 @@ mod tests {
             QWeightHandle::new(file.clone(), GgmlType::Q8_0, 4, 32, len - 8..len + 8),
             Err(HandleError::OutOfBounds { .. })
         ));
-        assert!(matches!(QWeightHandle::new(file, GgmlType::Q8_0, 4, 32, 0..10), Err(HandleError::Quant(_))));
+        assert!(matches!(
+            QWeightHandle::new(file, GgmlType::Q8_0, 4, 32, 0..10),
+            Err(HandleError::Quant(_))
+        ));
     }
 }

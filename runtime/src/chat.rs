@@ -106,7 +106,8 @@ impl ChatTemplate {
 
     /// The fallback ChatML renderer.
     pub fn chatml(bos_token: impl Into<String>, eos_token: impl Into<String>) -> ChatTemplate {
-        ChatTemplate::new(CHATML_TEMPLATE, bos_token.into(), eos_token.into()).expect("built-in ChatML template parses")
+        ChatTemplate::new(CHATML_TEMPLATE, bos_token.into(), eos_token.into())
+            .expect("built-in ChatML template parses")
     }
 
     /// Compile a Jinja chat template.
@@ -138,7 +139,11 @@ impl ChatTemplate {
 
     /// Render the conversation. `add_generation_prompt` appends the
     /// assistant header so the model answers next.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         let tmpl = self.env.get_template(NAME).map_err(render_err)?;
         tmpl.render(minijinja::context! {
             messages => Value::from_serialize(messages),
@@ -255,7 +260,11 @@ fn strftime_at(fmt: &str, secs: i64) -> String {
 }
 
 /// Python `json.dumps(value, ensure_ascii=False, indent=indent)`.
-fn tojson(value: &Value, indent: Option<Value>, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+fn tojson(
+    value: &Value,
+    indent: Option<Value>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<Value, Error> {
     let indent = match indent {
         Some(v) => Some(v),
         None => kwargs.get::<Option<Value>>("indent")?,
@@ -300,7 +309,12 @@ fn newline(out: &mut String, indent: Option<usize>, level: usize) {
     }
 }
 
-fn write_json(out: &mut String, v: &Value, indent: Option<usize>, level: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    v: &Value,
+    indent: Option<usize>,
+    level: usize,
+) -> Result<(), Error> {
     let item_sep = if indent.is_some() { "," } else { ", " };
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
@@ -428,16 +442,23 @@ fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Res
                 }
             }
             "split" | "rsplit" => {
-                let maxsplit = args.get(1).and_then(|v| i64::try_from(v.clone()).ok()).unwrap_or(-1);
+                let maxsplit = args
+                    .get(1)
+                    .and_then(|v| i64::try_from(v.clone()).ok())
+                    .unwrap_or(-1);
                 let parts: Vec<String> = match chars {
                     Some(sep) if !sep.is_empty() => {
                         if maxsplit < 0 {
                             s.split(sep).map(str::to_string).collect()
                         } else if method == "split" {
-                            s.splitn(maxsplit as usize + 1, sep).map(str::to_string).collect()
+                            s.splitn(maxsplit as usize + 1, sep)
+                                .map(str::to_string)
+                                .collect()
                         } else {
-                            let mut v: Vec<String> =
-                                s.rsplitn(maxsplit as usize + 1, sep).map(str::to_string).collect();
+                            let mut v: Vec<String> = s
+                                .rsplitn(maxsplit as usize + 1, sep)
+                                .map(str::to_string)
+                                .collect();
                             v.reverse();
                             v
                         }
@@ -463,14 +484,24 @@ fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Res
             ),
             "count" => Value::from(
                 chars
-                    .map(|p| if p.is_empty() { 0 } else { s.matches(p).count() })
+                    .map(|p| {
+                        if p.is_empty() {
+                            0
+                        } else {
+                            s.matches(p).count()
+                        }
+                    })
                     .unwrap_or(0),
             ),
             "join" => {
                 let items: Vec<String> = match args.first() {
                     Some(a) => a
                         .try_iter()?
-                        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                        .map(|v| {
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string())
+                        })
                         .collect(),
                     None => vec![],
                 };
@@ -550,7 +581,10 @@ mod tests {
 
     #[test]
     fn chat_chatml_template_matches_direct_renderer() {
-        let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
+        let msgs = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
         let t = ChatTemplate::chatml("", "");
         assert_eq!(t.render(&msgs, true).unwrap(), render_chatml(&msgs, true));
         assert_eq!(
@@ -567,17 +601,25 @@ mod tests {
             "</s>",
         )
         .unwrap();
-        let out = t.render(&[ChatMessage::new("user", "  x  ")], false).unwrap();
+        let out = t
+            .render(&[ChatMessage::new("user", "  x  ")], false)
+            .unwrap();
         // Booleans print Python-style, as in transformers.
         assert_eq!(out, "x|x  |a+b|True|<s>");
-        let t = ChatTemplate::new("{{ raise_exception('only user/assistant roles') }}", "", "").unwrap();
+        let t = ChatTemplate::new("{{ raise_exception('only user/assistant roles') }}", "", "")
+            .unwrap();
         let e = t.render(&[], false).unwrap_err();
         assert!(e.to_string().contains("only user/assistant roles"), "{e}");
     }
 
     #[test]
     fn chat_tojson_is_python_style() {
-        let t = ChatTemplate::new("{{ {'name': 'f', 'args': [1, 'é', none]} | tojson }}", "", "").unwrap();
+        let t = ChatTemplate::new(
+            "{{ {'name': 'f', 'args': [1, 'é', none]} | tojson }}",
+            "",
+            "",
+        )
+        .unwrap();
         // Python separators and no ASCII escaping; minijinja (without its
         // `preserve_order` feature) keeps map keys sorted.
         assert_eq!(

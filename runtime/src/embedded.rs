@@ -88,10 +88,19 @@ pub fn build() -> Vec<u8> {
         .kv(format!("{a}.embedding_length"), Value::U32(d as u32))
         .kv(format!("{a}.block_count"), Value::U32(N_LAYERS as u32))
         .kv(format!("{a}.feed_forward_length"), Value::U32(N_FF as u32))
-        .kv(format!("{a}.attention.head_count"), Value::U32(N_HEADS as u32))
-        .kv(format!("{a}.attention.head_count_kv"), Value::U32(N_KV_HEADS as u32))
+        .kv(
+            format!("{a}.attention.head_count"),
+            Value::U32(N_HEADS as u32),
+        )
+        .kv(
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(N_KV_HEADS as u32),
+        )
         .kv(format!("{a}.rope.freq_base"), Value::F32(10000.0))
-        .kv(format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
+        .kv(
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        )
         .kv(keys::TOK_MODEL, Value::String("gpt2".into()))
         .kv(keys::TOK_PRE, Value::String("gpt-2".into()))
         .kv(keys::TOK_TOKENS, Value::Array(Array::Strings(tokens)))
@@ -116,13 +125,31 @@ pub fn build() -> Vec<u8> {
             out[y * d + j] = embd[x * d + j] * MARGIN / d as f32;
         }
     }
-    w.tensor("token_embd.weight", &[d as u64, N_VOCAB as u64], GgmlType::Q8_0, q(GgmlType::Q8_0, &embd));
-    w.tensor("output_norm.weight", &[d as u64], GgmlType::F32, q(GgmlType::F32, &vec![1.0; d]));
-    w.tensor("output.weight", &[d as u64, N_VOCAB as u64], GgmlType::Q8_0, q(GgmlType::Q8_0, &out));
+    w.tensor(
+        "token_embd.weight",
+        &[d as u64, N_VOCAB as u64],
+        GgmlType::Q8_0,
+        q(GgmlType::Q8_0, &embd),
+    );
+    w.tensor(
+        "output_norm.weight",
+        &[d as u64],
+        GgmlType::F32,
+        q(GgmlType::F32, &vec![1.0; d]),
+    );
+    w.tensor(
+        "output.weight",
+        &[d as u64, N_VOCAB as u64],
+        GgmlType::Q8_0,
+        q(GgmlType::Q8_0, &out),
+    );
 
     use GgmlType::*;
     // Every computed block format appears at least once.
-    let mix = [[Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0], [Q5_1, F16, BF16, F32, Q4_K, Q6_K, Q5_K]];
+    let mix = [
+        [Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0],
+        [Q5_1, F16, BF16, F32, Q4_K, Q6_K, Q5_K],
+    ];
     let hd = d / N_HEADS;
     let kv = N_KV_HEADS * hd;
     for (l, m) in mix.iter().enumerate() {
@@ -135,12 +162,27 @@ pub fn build() -> Vec<u8> {
             ("ffn_up", N_FF, d),
             ("ffn_down", d, N_FF),
         ];
-        w.tensor(format!("blk.{l}.attn_norm.weight"), &[d as u64], F32, q(F32, &vec![1.0; d]));
-        w.tensor(format!("blk.{l}.ffn_norm.weight"), &[d as u64], F32, q(F32, &vec![1.0; d]));
+        w.tensor(
+            format!("blk.{l}.attn_norm.weight"),
+            &[d as u64],
+            F32,
+            q(F32, &vec![1.0; d]),
+        );
+        w.tensor(
+            format!("blk.{l}.ffn_norm.weight"),
+            &[d as u64],
+            F32,
+            q(F32, &vec![1.0; d]),
+        );
         for ((name, rows, cols), &ty) in shapes.iter().zip(m) {
             let std = 0.5 / (*cols as f32).sqrt();
             let v = random(&mut rng, rows * cols, std);
-            w.tensor(format!("blk.{l}.{name}.weight"), &[*cols as u64, *rows as u64], ty, q(ty, &v));
+            w.tensor(
+                format!("blk.{l}.{name}.weight"),
+                &[*cols as u64, *rows as u64],
+                ty,
+                q(ty, &v),
+            );
         }
     }
     w.to_bytes()

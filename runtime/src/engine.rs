@@ -19,8 +19,14 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error("prompt is empty (no tokens after tokenization, and no BOS)")]
     EmptyPrompt,
-    #[error("prompt of {prompt} tokens plus {max_new} new tokens does not fit the context of {n_ctx}")]
-    PromptTooLong { prompt: usize, max_new: usize, n_ctx: usize },
+    #[error(
+        "prompt of {prompt} tokens plus {max_new} new tokens does not fit the context of {n_ctx}"
+    )]
+    PromptTooLong {
+        prompt: usize,
+        max_new: usize,
+        n_ctx: usize,
+    },
     #[error("bad sampling parameters: {0}")]
     Sampling(String),
     #[error("cannot build the thread pool: {0}")]
@@ -40,12 +46,27 @@ pub enum FinishReason {
 /// Engine events, stamped when they happen.
 #[derive(Clone, Debug)]
 pub enum Event<'a> {
-    PrefillStart { at: Instant, n_prompt: usize },
-    PrefillEnd { at: Instant, n_computed: usize },
+    PrefillStart {
+        at: Instant,
+        n_prompt: usize,
+    },
+    PrefillEnd {
+        at: Instant,
+        n_computed: usize,
+    },
     /// A token was sampled; `text` is the newly printable text (may be empty
     /// while a UTF-8 sequence or a possible stop string is incomplete).
-    Token { at: Instant, index: usize, id: u32, text: &'a str },
-    Finish { at: Instant, reason: FinishReason, text: &'a str },
+    Token {
+        at: Instant,
+        index: usize,
+        id: u32,
+        text: &'a str,
+    },
+    Finish {
+        at: Instant,
+        reason: FinishReason,
+        text: &'a str,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -101,7 +122,12 @@ pub struct Engine {
     pool: rayon::ThreadPool,
 }
 
-fn positions_from(logits: &[f32], n_vocab: usize, first_consumed: usize, k: usize) -> Vec<Position> {
+fn positions_from(
+    logits: &[f32],
+    n_vocab: usize,
+    first_consumed: usize,
+    k: usize,
+) -> Vec<Position> {
     logits
         .chunks_exact(n_vocab)
         .enumerate()
@@ -109,7 +135,14 @@ fn positions_from(logits: &[f32], n_vocab: usize, first_consumed: usize, k: usiz
             let lse = sample::logsumexp(row);
             Position {
                 consumed: first_consumed + i,
-                top: sample::top_k(row, k).into_iter().map(|(id, logit)| TopEntry { id, logit, logprob: logit - lse }).collect(),
+                top: sample::top_k(row, k)
+                    .into_iter()
+                    .map(|(id, logit)| TopEntry {
+                        id,
+                        logit,
+                        logprob: logit - lse,
+                    })
+                    .collect(),
             }
         })
         .collect()
@@ -121,7 +154,11 @@ fn safe_emit_len(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
     for s in stops {
         for k in (1..s.len()).rev() {
-            if k <= text.len() && text.is_char_boundary(text.len() - k) && s.is_char_boundary(k) && text.ends_with(&s[..k]) {
+            if k <= text.len()
+                && text.is_char_boundary(text.len() - k)
+                && s.is_char_boundary(k)
+                && text.ends_with(&s[..k])
+            {
                 hold = hold.max(k);
                 break;
             }
@@ -131,13 +168,24 @@ fn safe_emit_len(text: &str, stops: &[String]) -> usize {
 }
 
 impl Engine {
-    pub fn new(file: Arc<GgufFile>, model: Box<dyn Model>, tokenizer: Tokenizer, cfg: EngineConfig) -> Result<Self, EngineError> {
+    pub fn new(
+        file: Arc<GgufFile>,
+        model: Box<dyn Model>,
+        tokenizer: Tokenizer,
+        cfg: EngineConfig,
+    ) -> Result<Self, EngineError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.max(1))
             .thread_name(|i| format!("ember-worker-{i}"))
             .build()
             .map_err(|e| EngineError::Threads(e.to_string()))?;
-        Ok(Engine { file, model, tokenizer, cfg, pool })
+        Ok(Engine {
+            file,
+            model,
+            tokenizer,
+            cfg,
+            pool,
+        })
     }
 
     /// Run `f` on the engine's thread pool (kernels use `rayon::current_num_threads`).
@@ -150,18 +198,37 @@ impl Engine {
     }
 
     /// Forward `tokens` through the model on the engine's pool.
-    pub fn forward(&self, tokens: &[u32], kv: &mut KvCache, wanted: LogitsWanted, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        self.pool.install(|| self.model.forward(tokens, kv, wanted, logits))
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        wanted: LogitsWanted,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.pool
+            .install(|| self.model.forward(tokens, kv, wanted, logits))
     }
 
     /// Prefill in chunks of `prefill_chunk`; returns the logits wanted.
-    fn prefill(&self, tokens: &[u32], kv: &mut KvCache, all: bool, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+    fn prefill(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        all: bool,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         let chunk = self.cfg.prefill_chunk.max(1);
         let mut out = Vec::new();
         let n_chunks = tokens.len().div_ceil(chunk);
         for (i, c) in tokens.chunks(chunk).enumerate() {
             let last = i + 1 == n_chunks;
-            let wanted = if all { LogitsWanted::All } else if last { LogitsWanted::Last } else { LogitsWanted::None };
+            let wanted = if all {
+                LogitsWanted::All
+            } else if last {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
             self.forward(c, kv, wanted, logits)?;
             if all {
                 out.extend_from_slice(logits);
@@ -174,7 +241,11 @@ impl Engine {
     }
 
     /// Generate for one request on a fresh cache, reporting events as they happen.
-    pub fn generate(&self, req: &GenerateRequest, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Generation, EngineError> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Generation, EngineError> {
         req.sampler.validate().map_err(EngineError::Sampling)?;
         let n_prompt = req.prompt_tokens.len();
         if n_prompt == 0 {
@@ -182,16 +253,26 @@ impl Engine {
         }
         let n_ctx = self.cfg.n_ctx;
         if n_prompt > n_ctx || (req.max_tokens > 0 && n_prompt + 1 > n_ctx) {
-            return Err(EngineError::PromptTooLong { prompt: n_prompt, max_new: req.max_tokens, n_ctx });
+            return Err(EngineError::PromptTooLong {
+                prompt: n_prompt,
+                max_new: req.max_tokens,
+                n_ctx,
+            });
         }
         let n_vocab = self.model.config().n_vocab;
         let mut kv = self.new_cache();
         let mut logits = Vec::new();
         let mut positions = Vec::new();
-        on_event(Event::PrefillStart { at: Instant::now(), n_prompt });
+        on_event(Event::PrefillStart {
+            at: Instant::now(),
+            n_prompt,
+        });
         let want_all = req.echo && req.top_logprobs > 0;
         self.prefill(&req.prompt_tokens, &mut kv, want_all, &mut logits)?;
-        on_event(Event::PrefillEnd { at: Instant::now(), n_computed: n_prompt });
+        on_event(Event::PrefillEnd {
+            at: Instant::now(),
+            n_computed: n_prompt,
+        });
         if want_all {
             positions = positions_from(&logits, n_vocab, 1, req.top_logprobs);
             logits.drain(..(n_prompt - 1) * n_vocab);
@@ -208,7 +289,12 @@ impl Engine {
         while generated.len() < max_new {
             // With echo, the distribution after the last prompt token came from prefill.
             if req.top_logprobs > 0 && !(want_all && generated.is_empty()) {
-                positions.extend(positions_from(&logits, n_vocab, history.len(), req.top_logprobs));
+                positions.extend(positions_from(
+                    &logits,
+                    n_vocab,
+                    history.len(),
+                    req.top_logprobs,
+                ));
             }
             let id = sampler.sample(&logits, &history);
             let at = Instant::now();
@@ -226,13 +312,29 @@ impl Engine {
                 while !text.is_char_boundary(from) {
                     from -= 1;
                 }
-                if let Some(p) = req.stop_strings.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str())).min() {
+                if let Some(p) = req
+                    .stop_strings
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| text[from..].find(s.as_str()))
+                    .min()
+                {
                     text.truncate(from + p);
                     stopped = true;
                 }
             }
-            let upto = if stopped { text.len() } else { safe_emit_len(&text, &req.stop_strings) }.max(emitted);
-            on_event(Event::Token { at, index: generated.len() - 1, id, text: &text[emitted..upto] });
+            let upto = if stopped {
+                text.len()
+            } else {
+                safe_emit_len(&text, &req.stop_strings)
+            }
+            .max(emitted);
+            on_event(Event::Token {
+                at,
+                index: generated.len() - 1,
+                id,
+                text: &text[emitted..upto],
+            });
             emitted = upto;
             if stopped {
                 finish = FinishReason::Stop;
@@ -246,8 +348,18 @@ impl Engine {
         if finish == FinishReason::Length {
             text.push_str(&decoder.finish());
         }
-        on_event(Event::Finish { at: Instant::now(), reason: finish, text: &text[emitted.min(text.len())..] });
-        Ok(Generation { prompt_tokens: req.prompt_tokens.clone(), generated_tokens: generated, text, positions, finish_reason: finish })
+        on_event(Event::Finish {
+            at: Instant::now(),
+            reason: finish,
+            text: &text[emitted.min(text.len())..],
+        });
+        Ok(Generation {
+            prompt_tokens: req.prompt_tokens.clone(),
+            generated_tokens: generated,
+            text,
+            positions,
+            finish_reason: finish,
+        })
     }
 }
 

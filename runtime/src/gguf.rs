@@ -26,27 +26,58 @@ const MAX_DIMS: u32 = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("{path}: cannot open: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a GGUF file (magic {found:02x?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, found: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (ember reads v2 and v3)")]
     UnsupportedVersion { path: PathBuf, version: u32 },
-    #[error("{path}: truncated: {what} at byte {offset} runs past the end of the file ({len} bytes)")]
-    Truncated { path: PathBuf, what: String, offset: u64, len: u64 },
+    #[error(
+        "{path}: truncated: {what} at byte {offset} runs past the end of the file ({len} bytes)"
+    )]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+        len: u64,
+    },
     #[error("{path}: malformed: {what}")]
     Malformed { path: PathBuf, what: String },
     #[error("{path}: tensor '{name}' has unknown quant type id {type_id}")]
-    UnknownType { path: PathBuf, name: String, type_id: u32 },
+    UnknownType {
+        path: PathBuf,
+        name: String,
+        type_id: u32,
+    },
     #[error("{path}: tensor '{name}': dims {dims:?} overflow")]
-    DimsOverflow { path: PathBuf, name: String, dims: Vec<u64> },
-    #[error("{path}: tensor '{name}' data [{start}, {end}) runs past the end of the file ({len} bytes)")]
-    DataPastEnd { path: PathBuf, name: String, start: u64, end: u64, len: u64 },
+    DimsOverflow {
+        path: PathBuf,
+        name: String,
+        dims: Vec<u64>,
+    },
+    #[error(
+        "{path}: tensor '{name}' data [{start}, {end}) runs past the end of the file ({len} bytes)"
+    )]
+    DataPastEnd {
+        path: PathBuf,
+        name: String,
+        start: u64,
+        end: u64,
+        len: u64,
+    },
     #[error("{path}: missing tensor '{name}'")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: missing metadata key '{key}'")]
     MissingKey { path: PathBuf, key: String },
     #[error("{path}: metadata key '{key}' has type {found}, expected {expected}")]
-    WrongType { path: PathBuf, key: String, found: &'static str, expected: &'static str },
+    WrongType {
+        path: PathBuf,
+        key: String,
+        found: &'static str,
+        expected: &'static str,
+    },
 }
 
 /// GGUF metadata value types (the on-disk ids).
@@ -399,7 +430,9 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], GgufError> {
-        let end = (self.pos as u64).checked_add(n).filter(|&e| e <= self.buf.len() as u64);
+        let end = (self.pos as u64)
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len() as u64);
         match end {
             Some(end) => {
                 let s = &self.buf[self.pos..end as usize];
@@ -440,7 +473,10 @@ impl<'a> Cursor<'a> {
         })
     }
     fn malformed(&self, what: String) -> GgufError {
-        GgufError::Malformed { path: self.path.to_path_buf(), what }
+        GgufError::Malformed {
+            path: self.path.to_path_buf(),
+            what,
+        }
     }
     fn scalar(&mut self, t: ValueType, what: &str) -> Result<Value, GgufError> {
         Ok(match t {
@@ -468,8 +504,9 @@ impl<'a> Cursor<'a> {
             return self.scalar(t, what);
         }
         let et_raw = self.u32(what)?;
-        let et = ValueType::from_u32(et_raw)
-            .ok_or_else(|| self.malformed(format!("{what}: unknown array element type {et_raw}")))?;
+        let et = ValueType::from_u32(et_raw).ok_or_else(|| {
+            self.malformed(format!("{what}: unknown array element type {et_raw}"))
+        })?;
         let n = self.u64(what)?;
         // Every element takes at least one byte, so a count beyond the remaining bytes is a lie.
         let remaining = (self.buf.len() - self.pos) as u64;
@@ -492,15 +529,27 @@ impl<'a> Cursor<'a> {
             }
             ValueType::I32 => {
                 let b = self.take(n as u64 * 4, what)?;
-                Array::I32(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+                Array::I32(
+                    b.chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
             }
             ValueType::U32 => {
                 let b = self.take(n as u64 * 4, what)?;
-                Array::U32(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+                Array::U32(
+                    b.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
             }
             ValueType::F32 => {
                 let b = self.take(n as u64 * 4, what)?;
-                Array::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+                Array::F32(
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
             }
             ValueType::Array => return Err(self.malformed(format!("{what}: nested array"))),
             _ => {
@@ -518,7 +567,10 @@ impl GgufFile {
     /// Map and parse a GGUF file. Tensor data is not touched.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| GgufError::Io { path: path.clone(), source };
+        let io = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this process. A file
         // truncated by another process while mapped would fault; that is the same
@@ -529,27 +581,40 @@ impl GgufFile {
 
     fn parse(path: PathBuf, mmap: memmap2::Mmap) -> Result<Self, GgufError> {
         let buf: &[u8] = &mmap;
-        let mut c = Cursor { buf, pos: 0, path: &path };
+        let mut c = Cursor {
+            buf,
+            pos: 0,
+            path: &path,
+        };
         let magic: [u8; 4] = c.arr("magic")?;
         if magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic { path: path.clone(), found: magic });
+            return Err(GgufError::BadMagic {
+                path: path.clone(),
+                found: magic,
+            });
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(GgufError::UnsupportedVersion { path: path.clone(), version });
+            return Err(GgufError::UnsupportedVersion {
+                path: path.clone(),
+                version,
+            });
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         let remaining = buf.len() as u64;
         if n_tensors > remaining || n_kv > remaining {
-            return Err(c.malformed(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata keys")));
+            return Err(c.malformed(format!(
+                "implausible counts: {n_tensors} tensors, {n_kv} metadata keys"
+            )));
         }
         let mut metadata = Metadata::default();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
             let t_raw = c.u32(&format!("type of '{key}'"))?;
-            let t = ValueType::from_u32(t_raw)
-                .ok_or_else(|| c.malformed(format!("metadata '{key}': unknown value type {t_raw}")))?;
+            let t = ValueType::from_u32(t_raw).ok_or_else(|| {
+                c.malformed(format!("metadata '{key}': unknown value type {t_raw}"))
+            })?;
             let v = c.value(t, &format!("value of '{key}'"))?;
             metadata.insert(key, v);
         }
@@ -557,7 +622,9 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => return Err(c.malformed(format!("general.alignment {v} is not a power of two"))),
+                _ => {
+                    return Err(c.malformed(format!("general.alignment {v} is not a power of two")));
+                }
             },
         };
         let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -566,7 +633,9 @@ impl GgufFile {
             let name = c.string(&format!("tensor #{i} name"))?;
             let n_dims = c.u32(&format!("tensor '{name}' n_dims"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(c.malformed(format!("tensor '{name}': {n_dims} dims (1..={MAX_DIMS} allowed)")));
+                return Err(c.malformed(format!(
+                    "tensor '{name}': {n_dims} dims (1..={MAX_DIMS} allowed)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -574,10 +643,20 @@ impl GgufFile {
             }
             let type_id = c.u32(&format!("tensor '{name}' type"))?;
             let offset = c.u64(&format!("tensor '{name}' offset"))?;
-            let ty = GgmlType::from_u32(type_id)
-                .ok_or_else(|| GgufError::UnknownType { path: path.clone(), name: name.clone(), type_id })?;
-            let overflow = || GgufError::DimsOverflow { path: path.clone(), name: name.clone(), dims: dims.clone() };
-            let n_el = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(overflow)?;
+            let ty = GgmlType::from_u32(type_id).ok_or_else(|| GgufError::UnknownType {
+                path: path.clone(),
+                name: name.clone(),
+                type_id,
+            })?;
+            let overflow = || GgufError::DimsOverflow {
+                path: path.clone(),
+                name: name.clone(),
+                dims: dims.clone(),
+            };
+            let n_el = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(overflow)?;
             let bl = ty.block_len() as u64;
             if dims[0] % bl != 0 {
                 return Err(c.malformed(format!(
@@ -586,14 +665,24 @@ impl GgufFile {
                     ty.name()
                 )));
             }
-            let n_bytes = (n_el / bl).checked_mul(ty.block_bytes() as u64).ok_or_else(overflow)?;
+            let n_bytes = (n_el / bl)
+                .checked_mul(ty.block_bytes() as u64)
+                .ok_or_else(overflow)?;
             if offset % alignment != 0 {
-                return Err(c.malformed(format!("tensor '{name}': offset {offset} not aligned to {alignment}")));
+                return Err(c.malformed(format!(
+                    "tensor '{name}': offset {offset} not aligned to {alignment}"
+                )));
             }
             if index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(c.malformed(format!("duplicate tensor '{name}'")));
             }
-            tensors.push(TensorInfo { name, dims, ty, offset, n_bytes });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                n_bytes,
+            });
         }
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let len = buf.len() as u64;
@@ -613,7 +702,16 @@ impl GgufFile {
                 }
             }
         }
-        Ok(GgufFile { path, mmap, version, alignment, metadata, tensors, index, data_offset })
+        Ok(GgufFile {
+            path,
+            mmap,
+            version,
+            alignment,
+            metadata,
+            tensors,
+            index,
+            data_offset,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -629,7 +727,10 @@ impl GgufFile {
         self.index.get(name).map(|&i| &self.tensors[i])
     }
     pub fn require_tensor(&self, name: &str) -> Result<&TensorInfo, GgufError> {
-        self.tensor(name).ok_or_else(|| GgufError::MissingTensor { path: self.path.clone(), name: name.to_string() })
+        self.tensor(name).ok_or_else(|| GgufError::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
     }
     /// Zero-copy view of a tensor's bytes inside the mapping (bounds were checked at open).
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
@@ -642,7 +743,10 @@ impl GgufFile {
     }
     pub fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
         match self.metadata.get(key) {
-            None => Err(GgufError::MissingKey { path: self.path.clone(), key: key.to_string() }),
+            None => Err(GgufError::MissingKey {
+                path: self.path.clone(),
+                key: key.to_string(),
+            }),
             Some(v) => v.as_u64().ok_or_else(|| GgufError::WrongType {
                 path: self.path.clone(),
                 key: key.to_string(),
@@ -653,7 +757,10 @@ impl GgufFile {
     }
     pub fn require_str(&self, key: &str) -> Result<&str, GgufError> {
         match self.metadata.get(key) {
-            None => Err(GgufError::MissingKey { path: self.path.clone(), key: key.to_string() }),
+            None => Err(GgufError::MissingKey {
+                path: self.path.clone(),
+                key: key.to_string(),
+            }),
             Some(v) => v.as_str().ok_or_else(|| GgufError::WrongType {
                 path: self.path.clone(),
                 key: key.to_string(),
@@ -670,12 +777,23 @@ impl GgufFile {
 
 /// Parse a GGUF image held in memory (used by the fuzz target and tests).
 pub fn parse_bytes(bytes: &[u8]) -> Result<GgufFile, GgufError> {
-    let mut anon = memmap2::MmapMut::map_anon(bytes.len().max(1))
-        .map_err(|source| GgufError::Io { path: PathBuf::from("<memory>"), source })?;
+    let mut anon =
+        memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|source| GgufError::Io {
+            path: PathBuf::from("<memory>"),
+            source,
+        })?;
     anon[..bytes.len()].copy_from_slice(bytes);
-    let ro = anon.make_read_only().map_err(|source| GgufError::Io { path: PathBuf::from("<memory>"), source })?;
+    let ro = anon.make_read_only().map_err(|source| GgufError::Io {
+        path: PathBuf::from("<memory>"),
+        source,
+    })?;
     if bytes.is_empty() {
-        return Err(GgufError::Truncated { path: "<memory>".into(), what: "magic".into(), offset: 0, len: 0 });
+        return Err(GgufError::Truncated {
+            path: "<memory>".into(),
+            what: "magic".into(),
+            offset: 0,
+            len: 0,
+        });
     }
     // The anonymous map may be larger than the input (page rounding is hidden by memmap2,
     // but len() is what we asked for).
@@ -694,14 +812,25 @@ pub struct GgufWriter {
 
 impl GgufWriter {
     pub fn new() -> Self {
-        GgufWriter { kvs: vec![], tensors: vec![], alignment: DEFAULT_ALIGNMENT, version: 3 }
+        GgufWriter {
+            kvs: vec![],
+            tensors: vec![],
+            alignment: DEFAULT_ALIGNMENT,
+            version: 3,
+        }
     }
     pub fn kv(&mut self, key: impl Into<String>, v: Value) -> &mut Self {
         self.kvs.push((key.into(), v));
         self
     }
     /// `dims` in GGUF order (dims[0] contiguous). `data` must be the encoded blocks.
-    pub fn tensor(&mut self, name: impl Into<String>, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
+    pub fn tensor(
+        &mut self,
+        name: impl Into<String>,
+        dims: &[u64],
+        ty: GgmlType,
+        data: Vec<u8>,
+    ) -> &mut Self {
         self.tensors.push((name.into(), dims.to_vec(), ty, data));
         self
     }
@@ -772,15 +901,26 @@ impl GgufWriter {
                     Array::I32(x) => (5, x.len()),
                     Array::U32(x) => (4, x.len()),
                     Array::F32(x) => (6, x.len()),
-                    Array::Other(x) => (x.first().map(|e| Self::put_scalar(&mut Vec::new(), e)).unwrap_or(0), x.len()),
+                    Array::Other(x) => (
+                        x.first()
+                            .map(|e| Self::put_scalar(&mut Vec::new(), e))
+                            .unwrap_or(0),
+                        x.len(),
+                    ),
                 };
                 out.extend_from_slice(&et.to_le_bytes());
                 out.extend_from_slice(&(n as u64).to_le_bytes());
                 match a {
                     Array::Strings(x) => x.iter().for_each(|s| Self::put_str(out, s)),
-                    Array::I32(x) => x.iter().for_each(|e| out.extend_from_slice(&e.to_le_bytes())),
-                    Array::U32(x) => x.iter().for_each(|e| out.extend_from_slice(&e.to_le_bytes())),
-                    Array::F32(x) => x.iter().for_each(|e| out.extend_from_slice(&e.to_le_bytes())),
+                    Array::I32(x) => x
+                        .iter()
+                        .for_each(|e| out.extend_from_slice(&e.to_le_bytes())),
+                    Array::U32(x) => x
+                        .iter()
+                        .for_each(|e| out.extend_from_slice(&e.to_le_bytes())),
+                    Array::F32(x) => x
+                        .iter()
+                        .for_each(|e| out.extend_from_slice(&e.to_le_bytes())),
                     Array::Other(x) => x.iter().for_each(|e| {
                         Self::put_scalar(out, e);
                     }),
@@ -838,9 +978,17 @@ mod tests {
         w.kv(keys::ARCHITECTURE, Value::String("llama".into()))
             .kv("llama.block_count", Value::U32(2))
             .kv("llama.rope.freq_base", Value::F32(10000.0))
-            .kv(keys::TOK_TOKENS, Value::Array(Array::Strings(vec!["a".into(), "b".into()])))
+            .kv(
+                keys::TOK_TOKENS,
+                Value::Array(Array::Strings(vec!["a".into(), "b".into()])),
+            )
             .kv(keys::TOK_ADD_BOS, Value::Bool(true))
-            .tensor("w", &[4, 2], GgmlType::F32, f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.]))
+            .tensor(
+                "w",
+                &[4, 2],
+                GgmlType::F32,
+                f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.]),
+            )
             .tensor("v", &[3], GgmlType::F32, f32_bytes(&[9., 10., 11.]));
         w
     }
@@ -851,17 +999,29 @@ mod tests {
         assert_eq!(g.version, 3);
         assert_eq!(g.metadata.architecture(), Some("llama"));
         assert_eq!(g.metadata.arch_u64("llama", ArchKey::BlockCount), Some(2));
-        assert_eq!(g.metadata.arch_f64("llama", ArchKey::RopeFreqBase), Some(10000.0));
-        assert_eq!(g.metadata.get_strings(keys::TOK_TOKENS).unwrap(), &["a".to_string(), "b".to_string()]);
+        assert_eq!(
+            g.metadata.arch_f64("llama", ArchKey::RopeFreqBase),
+            Some(10000.0)
+        );
+        assert_eq!(
+            g.metadata.get_strings(keys::TOK_TOKENS).unwrap(),
+            &["a".to_string(), "b".to_string()]
+        );
         assert_eq!(g.metadata.get_bool(keys::TOK_ADD_BOS), Some(true));
         let w = g.tensor("w").unwrap();
         assert_eq!(w.rows_cols(), (2, 4));
-        assert_eq!(g.tensor_bytes(w), &f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.])[..]);
+        assert_eq!(
+            g.tensor_bytes(w),
+            &f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.])[..]
+        );
         let v = g.tensor("v").unwrap();
         assert_eq!(v.offset % 32, 0);
         assert_eq!(g.tensor_bytes(v), &f32_bytes(&[9., 10., 11.])[..]);
         assert!(g.tensor("missing").is_none());
-        assert!(matches!(g.require_tensor("missing"), Err(GgufError::MissingTensor { .. })));
+        assert!(matches!(
+            g.require_tensor("missing"),
+            Err(GgufError::MissingTensor { .. })
+        ));
     }
 
     #[test]
@@ -916,7 +1076,10 @@ mod tests {
         let mut b = sample().to_bytes();
         b[4..8].copy_from_slice(&7u32.to_le_bytes());
         let e = parse_bytes(&b).unwrap_err();
-        assert!(matches!(e, GgufError::UnsupportedVersion { version: 7, .. }));
+        assert!(matches!(
+            e,
+            GgufError::UnsupportedVersion { version: 7, .. }
+        ));
         assert!(e.to_string().contains("unsupported GGUF version 7"));
         let mut w = sample();
         w.version = 2;
@@ -927,14 +1090,20 @@ mod tests {
     fn dims_overflow_and_unknown_type() {
         let mut w = GgufWriter::new();
         w.tensor("big", &[u64::MAX / 2, 4], GgmlType::F32, vec![]);
-        assert!(matches!(parse_bytes(&w.to_bytes()), Err(GgufError::DimsOverflow { .. })));
+        assert!(matches!(
+            parse_bytes(&w.to_bytes()),
+            Err(GgufError::DimsOverflow { .. })
+        ));
         let mut w = GgufWriter::new();
         w.tensor("t", &[32], GgmlType::F32, vec![0; 128]);
         let mut b = w.to_bytes();
         // The type id sits right after name (8+1), n_dims (4) and one dim (8).
         let p = 24 + 8 + 1 + 4 + 8;
         b[p..p + 4].copy_from_slice(&999u32.to_le_bytes());
-        assert!(matches!(parse_bytes(&b), Err(GgufError::UnknownType { type_id: 999, .. })));
+        assert!(matches!(
+            parse_bytes(&b),
+            Err(GgufError::UnknownType { type_id: 999, .. })
+        ));
     }
 
     #[test]

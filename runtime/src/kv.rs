@@ -25,8 +25,14 @@ pub type BlockId = u32;
 pub enum KvError {
     #[error("context full: {needed} positions needed, the context holds {n_ctx}")]
     ContextFull { needed: usize, n_ctx: usize },
-    #[error("KV budget exhausted: {needed} more blocks needed, {available} free or evictable of {total}")]
-    BudgetExhausted { needed: usize, available: usize, total: usize },
+    #[error(
+        "KV budget exhausted: {needed} more blocks needed, {available} free or evictable of {total}"
+    )]
+    BudgetExhausted {
+        needed: usize,
+        available: usize,
+        total: usize,
+    },
     #[error("unknown sequence {0}")]
     UnknownSeq(SeqId),
 }
@@ -115,7 +121,11 @@ const HASH_SEED: u64 = 0x6a09_e667_f3bc_c909;
 /// FNV-1a over the parent hash and the block's token ids.
 pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ parent.rotate_left(17);
-    for b in parent.to_le_bytes().into_iter().chain(tokens.iter().flat_map(|t| t.to_le_bytes())) {
+    for b in parent
+        .to_le_bytes()
+        .into_iter()
+        .chain(tokens.iter().flat_map(|t| t.to_le_bytes()))
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -163,7 +173,11 @@ impl PagedKv {
         self.used_blocks() * self.layout.block_bytes()
     }
     pub fn bytes_reserved(&self) -> usize {
-        if self.device_store.is_some() { self.device_bytes } else { self.storage.capacity() * 4 }
+        if self.device_store.is_some() {
+            self.device_bytes
+        } else {
+            self.storage.capacity() * 4
+        }
     }
     pub fn bytes_budget(&self) -> usize {
         self.n_blocks * self.layout.block_bytes()
@@ -269,7 +283,10 @@ impl PagedKv {
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSeq(seq))?;
         let needed_pos = s.len + n;
         if needed_pos > self.n_ctx {
-            return Err(KvError::ContextFull { needed: needed_pos, n_ctx: self.n_ctx });
+            return Err(KvError::ContextFull {
+                needed: needed_pos,
+                n_ctx: self.n_ctx,
+            });
         }
         let have = s.blocks.len();
         let want = self.blocks_needed(needed_pos);
@@ -278,7 +295,11 @@ impl PagedKv {
         }
         let extra = want - have;
         if extra > self.available_blocks() {
-            return Err(KvError::BudgetExhausted { needed: extra, available: self.available_blocks(), total: self.n_blocks });
+            return Err(KvError::BudgetExhausted {
+                needed: extra,
+                available: self.available_blocks(),
+                total: self.n_blocks,
+            });
         }
         for _ in 0..extra {
             let b = self.take_block().expect("checked availability");
@@ -320,8 +341,16 @@ impl PagedKv {
     pub fn layer_blocks(&self, seq: SeqId, layer: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
         let n = self.layout.block_size * self.layout.kv_dim;
         let s = &self.seqs[&seq];
-        let k = s.blocks.iter().map(|&b| &self.storage[self.offset(b, layer, false)..][..n]).collect();
-        let v = s.blocks.iter().map(|&b| &self.storage[self.offset(b, layer, true)..][..n]).collect();
+        let k = s
+            .blocks
+            .iter()
+            .map(|&b| &self.storage[self.offset(b, layer, false)..][..n])
+            .collect();
+        let v = s
+            .blocks
+            .iter()
+            .map(|&b| &self.storage[self.offset(b, layer, true)..][..n])
+            .collect();
         (k, v)
     }
 
@@ -362,7 +391,9 @@ impl PagedKv {
     /// Drop positions from `pos` on (e.g. rejected speculative tokens).
     pub fn truncate(&mut self, seq: SeqId, pos: usize) {
         let bs = self.layout.block_size;
-        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            return;
+        };
         if pos >= s.len {
             return;
         }
@@ -404,7 +435,11 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 impl KvCache {
     pub fn new(n_layers: usize, kv_dim: usize, n_ctx: usize) -> Self {
-        let layout = KvLayout { n_layers, kv_dim, block_size: DEFAULT_BLOCK_SIZE };
+        let layout = KvLayout {
+            n_layers,
+            kv_dim,
+            block_size: DEFAULT_BLOCK_SIZE,
+        };
         let mut pages = PagedKv::new(layout, n_ctx.div_ceil(DEFAULT_BLOCK_SIZE), n_ctx);
         pages.prefix_caching = false;
         let seq = pages.new_seq();
@@ -438,13 +473,20 @@ mod tests {
     use super::*;
 
     fn layout() -> KvLayout {
-        KvLayout { n_layers: 2, kv_dim: 3, block_size: 4 }
+        KvLayout {
+            n_layers: 2,
+            kv_dim: 3,
+            block_size: 4,
+        }
     }
 
     fn fill(kv: &mut PagedKv, seq: SeqId, tokens: &[u32]) {
         kv.reserve(seq, tokens.len()).unwrap();
         for l in 0..2 {
-            let k: Vec<f32> = tokens.iter().flat_map(|&t| [t as f32, l as f32, 0.0]).collect();
+            let k: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| [t as f32, l as f32, 0.0])
+                .collect();
             kv.write(seq, l, &k, &k);
         }
         kv.commit(seq, tokens);
@@ -459,7 +501,14 @@ mod tests {
         assert_eq!(kv.used_blocks(), 3);
         let b = kv.new_seq();
         let hit = kv.match_prefix(b, &prompt).unwrap();
-        assert_eq!(hit, PrefixHit { lookups: 2, hit_blocks: 2, cached_tokens: 8 });
+        assert_eq!(
+            hit,
+            PrefixHit {
+                lookups: 2,
+                hit_blocks: 2,
+                cached_tokens: 8
+            }
+        );
         assert_eq!(kv.used_blocks(), 3, "shared, not copied");
         // Same values visible through b's table.
         let (ka, _) = kv.layer_blocks(a, 1);
@@ -482,23 +531,45 @@ mod tests {
         kv.free_seq(a);
         assert_eq!(kv.available_blocks(), 4);
         let b = kv.new_seq();
-        assert_eq!(kv.match_prefix(b, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap().hit_blocks, 2);
+        assert_eq!(
+            kv.match_prefix(b, &[1, 2, 3, 4, 5, 6, 7, 8, 9])
+                .unwrap()
+                .hit_blocks,
+            2
+        );
         kv.free_seq(b);
         // Fill the whole budget with new tokens: both cached blocks get evicted.
         let c = kv.new_seq();
         fill(&mut kv, c, &(50..66).collect::<Vec<_>>());
         assert_eq!(kv.counters.evictions, 2);
         let d = kv.new_seq();
-        assert!(matches!(kv.reserve(d, 1), Err(KvError::BudgetExhausted { needed: 1, available: 0, total: 4 })));
+        assert!(matches!(
+            kv.reserve(d, 1),
+            Err(KvError::BudgetExhausted {
+                needed: 1,
+                available: 0,
+                total: 4
+            })
+        ));
         kv.free_seq(c);
-        assert_eq!(kv.match_prefix(d, &[1, 2, 3, 4, 5]).unwrap().hit_blocks, 0, "evicted");
+        assert_eq!(
+            kv.match_prefix(d, &[1, 2, 3, 4, 5]).unwrap().hit_blocks,
+            0,
+            "evicted"
+        );
     }
 
     #[test]
     fn context_limit_and_truncate() {
         let mut kv = PagedKv::new(layout(), 8, 6);
         let a = kv.new_seq();
-        assert!(matches!(kv.reserve(a, 7), Err(KvError::ContextFull { needed: 7, n_ctx: 6 })));
+        assert!(matches!(
+            kv.reserve(a, 7),
+            Err(KvError::ContextFull {
+                needed: 7,
+                n_ctx: 6
+            })
+        ));
         fill(&mut kv, a, &[1, 2, 3, 4, 5]);
         kv.truncate(a, 2);
         assert_eq!(kv.seq_len(a), 2);

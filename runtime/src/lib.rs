@@ -4,6 +4,7 @@
 pub mod accel;
 #[cfg(feature = "burn")]
 pub mod backend;
+pub mod chat;
 pub mod embedded;
 pub mod engine;
 pub mod gguf;
@@ -18,4 +19,3 @@ pub mod sys;
 #[cfg(feature = "burn")]
 pub mod tensor_ops;
 pub mod tokenizer;
-pub mod chat;

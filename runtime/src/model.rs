@@ -13,11 +13,24 @@ pub enum ModelError {
     #[error(transparent)]
     Kv(#[from] KvError),
     #[error("{path}: unknown architecture '{arch}' (ember supports: {supported})")]
-    UnknownArchitecture { path: String, arch: String, supported: String },
+    UnknownArchitecture {
+        path: String,
+        arch: String,
+        supported: String,
+    },
     #[error("{path}: tensor '{name}' has shape {dims:?}, expected {expected}")]
-    BadShape { path: String, name: String, dims: Vec<u64>, expected: String },
+    BadShape {
+        path: String,
+        name: String,
+        dims: Vec<u64>,
+        expected: String,
+    },
     #[error("{path}: tensor '{name}' uses {ty:?}, which ember cannot compute yet")]
-    UnsupportedType { path: String, name: String, ty: GgmlType },
+    UnsupportedType {
+        path: String,
+        name: String,
+        ty: GgmlType,
+    },
     #[error("{path}: bad hyper-parameter: {what}")]
     BadHparams { path: String, what: String },
     #[error("token id {id} is outside the vocabulary ({n_vocab})")]
@@ -105,7 +118,11 @@ pub trait Model: Send + Sync {
     /// Shape of this model's KV blocks.
     fn kv_layout(&self, block_size: usize) -> KvLayout {
         let c = self.config();
-        KvLayout { n_layers: c.n_layers, kv_dim: c.kv_dim(), block_size }
+        KvLayout {
+            n_layers: c.n_layers,
+            kv_dim: c.kv_dim(),
+            block_size,
+        }
     }
     /// A fresh single-sequence cache able to hold `n_ctx` positions.
     fn new_cache(&self, n_ctx: usize) -> KvCache {
@@ -116,10 +133,25 @@ pub trait Model: Send + Sync {
     /// read once for all rows. Each item's tokens are appended to its sequence
     /// in `kv`; the wanted logits rows (`n_vocab` each) are written to `logits`
     /// in item order.
-    fn forward_batch(&self, items: &[BatchItem<'_>], kv: &mut PagedKv, logits: &mut Vec<f32>) -> Result<(), ModelError>;
+    fn forward_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        kv: &mut PagedKv,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError>;
     /// Single-sequence convenience over [`Model::forward_batch`].
-    fn forward(&self, tokens: &[u32], kv: &mut KvCache, wanted: LogitsWanted, logits: &mut Vec<f32>) -> Result<(), ModelError> {
-        let item = BatchItem { seq: kv.seq, tokens, logits: wanted };
+    fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        wanted: LogitsWanted,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let item = BatchItem {
+            seq: kv.seq,
+            tokens,
+            logits: wanted,
+        };
         self.forward_batch(&[item], &mut kv.pages, logits)
     }
 }

@@ -58,14 +58,23 @@ impl Rope {
             inv_freq.push(f);
             f *= scale;
         }
-        Rope { style, head_dim, n_rot, inv_freq }
+        Rope {
+            style,
+            head_dim,
+            n_rot,
+            inv_freq,
+        }
     }
 
     /// `(cos θ_i, sin θ_i)` for the `n_rot / 2` rotated pairs at position `pos`: the angles
     /// [`Rope::apply`] uses, for backends that rotate elsewhere.
     pub fn angles(&self, pos: usize, cs: &mut [(f32, f32)]) {
         let mut theta = pos as f32;
-        let scale = if self.n_rot / 2 > 1 { self.inv_freq[1] } else { 1.0 };
+        let scale = if self.n_rot / 2 > 1 {
+            self.inv_freq[1]
+        } else {
+            1.0
+        };
         for c in cs.iter_mut() {
             *c = (theta.cos(), theta.sin());
             theta *= scale;
@@ -179,7 +188,16 @@ impl KvRows {
 /// then the weighted sum of V rows into `o`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend(qh: &[f32], k_blocks: &[&[f32]], v_blocks: &[&[f32]], kv: KvRows, n_ctx: usize, scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+fn attend(
+    qh: &[f32],
+    k_blocks: &[&[f32]],
+    v_blocks: &[&[f32]],
+    kv: KvRows,
+    n_ctx: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
     scores.extend((0..n_ctx).map(|j| dot(qh, kv.row(k_blocks, j)) * scale));
     softmax(scores);
     round_f16_slice(scores);
@@ -194,7 +212,16 @@ fn attend(qh: &[f32], k_blocks: &[&[f32]], v_blocks: &[&[f32]], kv: KvRows, n_ct
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-fn attend_avx2(qh: &[f32], k_blocks: &[&[f32]], v_blocks: &[&[f32]], kv: KvRows, n_ctx: usize, scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+fn attend_avx2(
+    qh: &[f32],
+    k_blocks: &[&[f32]],
+    v_blocks: &[&[f32]],
+    kv: KvRows,
+    n_ctx: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
     attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o)
 }
 
@@ -249,7 +276,12 @@ pub fn attention(
             &q[t * qrow + h * hd..][..hd]
         };
         scores.clear();
-        let kv = KvRows { block_size, kvrow, off: kvh * hd, hd };
+        let kv = KvRows {
+            block_size,
+            kvrow,
+            off: kvh * hd,
+            hd,
+        };
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 support was detected at run time.
@@ -305,7 +337,11 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_with_gqa() {
-        let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+        let s = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
         let n_past = 5;
         let mut seed = 1u32;
         let mut rnd = || {
@@ -328,12 +364,18 @@ mod tests {
                 let qh = &q[t * 32 + h * 8..][..8];
                 let n = 3 + t + 1;
                 let mut w: Vec<f64> = (0..n)
-                    .map(|j| (0..8).map(|d| round_f16(qh[d]) as f64 * k[j * 16 + kvh * 8 + d] as f64).sum::<f64>() / 8f64.sqrt())
+                    .map(|j| {
+                        (0..8)
+                            .map(|d| round_f16(qh[d]) as f64 * k[j * 16 + kvh * 8 + d] as f64)
+                            .sum::<f64>()
+                            / 8f64.sqrt()
+                    })
                     .collect();
                 let m = w.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = w.iter().map(|x| (x - m).exp()).sum();
                 // Probabilities at f16 precision, as in `attention`.
-                w.iter_mut().for_each(|x| *x = round_f16(((*x - m).exp() / z) as f32) as f64);
+                w.iter_mut()
+                    .for_each(|x| *x = round_f16(((*x - m).exp() / z) as f32) as f64);
                 for d in 0..8 {
                     let want: f64 = (0..n).map(|j| w[j] * v[j * 16 + kvh * 8 + d] as f64).sum();
                     let got = out[t * 32 + h * 8 + d] as f64;

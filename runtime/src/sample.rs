@@ -24,13 +24,24 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        SamplerConfig { temperature: 0.0, ..Default::default() }
+        SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
@@ -46,7 +57,10 @@ impl SamplerConfig {
             return Err(format!("min-p must be in [0, 1], got {}", self.min_p));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return Err(format!("repeat penalty must be > 0, got {}", self.repeat_penalty));
+            return Err(format!(
+                "repeat penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -95,7 +109,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Self {
         let rng = Rng::new(cfg.seed);
-        Sampler { cfg, rng, cand: Vec::new() }
+        Sampler {
+            cfg,
+            rng,
+            cand: Vec::new(),
+        }
     }
 
     /// Pick the next token from raw logits. `history` is every token so far
@@ -107,7 +125,8 @@ impl Sampler {
             return argmax(logits);
         }
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         if penalise {
             let start = history.len().saturating_sub(c.repeat_last_n);
             let mut seen = std::collections::HashSet::new();
@@ -116,21 +135,35 @@ impl Sampler {
                     && let Some(e) = self.cand.get_mut(t as usize)
                 {
                     // CTRL-style penalty as in llama.cpp: shrink positives, grow negatives.
-                    e.1 = if e.1 > 0.0 { e.1 / c.repeat_penalty } else { e.1 * c.repeat_penalty };
+                    e.1 = if e.1 > 0.0 {
+                        e.1 / c.repeat_penalty
+                    } else {
+                        e.1 * c.repeat_penalty
+                    };
                 }
             }
         }
         if c.is_greedy() {
-            let best = self.cand.iter().fold((0u32, f32::NEG_INFINITY), |b, &x| if x.1 > b.1 { x } else { b });
+            let best =
+                self.cand.iter().fold(
+                    (0u32, f32::NEG_INFINITY),
+                    |b, &x| if x.1 > b.1 { x } else { b },
+                );
             return best.0;
         }
         // Sort descending by logit (top-k first to keep this cheap for big vocabularies).
-        let k = if c.top_k == 0 { self.cand.len() } else { c.top_k.min(self.cand.len()) };
+        let k = if c.top_k == 0 {
+            self.cand.len()
+        } else {
+            c.top_k.min(self.cand.len())
+        };
         if k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.cand
+                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             self.cand.truncate(k);
         }
-        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.cand
+            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         // Probabilities at temperature 1 for top-p/min-p, as llama.cpp's chain does.
         let m = self.cand[0].1;
         let mut p: Vec<f64> = self.cand.iter().map(|x| ((x.1 - m) as f64).exp()).collect();
@@ -153,7 +186,11 @@ impl Sampler {
         }
         self.cand.truncate(keep);
         let t = c.temperature as f64;
-        let w: Vec<f64> = self.cand.iter().map(|x| (((x.1 - m) as f64) / t).exp()).collect();
+        let w: Vec<f64> = self
+            .cand
+            .iter()
+            .map(|x| (((x.1 - m) as f64) / t).exp())
+            .collect();
         let z: f64 = w.iter().sum();
         let mut r = self.rng.next_f64() * z;
         for (i, &wi) in w.iter().enumerate() {
@@ -175,7 +212,11 @@ pub fn logsumexp(logits: &[f32]) -> f32 {
 
 /// The `k` largest logits as (id, logit), sorted by logit descending, ties by id.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut v: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut v: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     let k = k.min(v.len());
     if k == 0 {
         return vec![];
@@ -200,7 +241,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_greedy_choice() {
-        let cfg = SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::greedy() };
+        let cfg = SamplerConfig {
+            repeat_penalty: 2.0,
+            ..SamplerConfig::greedy()
+        };
         let mut s = Sampler::new(cfg);
         // Token 1 (3.0) was just used: 3.0/2 = 1.5 < 2.9.
         assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0], &[1]), 2);
@@ -209,7 +253,14 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_follows_distribution() {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 42, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 42,
+            ..Default::default()
+        };
         let draw = |n| {
             let mut s = Sampler::new(cfg.clone());
             (0..n).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
@@ -225,8 +276,18 @@ mod tests {
     fn top_k_one_and_min_p_are_greedy() {
         let logits = [1.0f32, 5.0, 4.9];
         for cfg in [
-            SamplerConfig { temperature: 1.0, top_k: 1, ..Default::default() },
-            SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.99, ..Default::default() },
+            SamplerConfig {
+                temperature: 1.0,
+                top_k: 1,
+                ..Default::default()
+            },
+            SamplerConfig {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.99,
+                ..Default::default()
+            },
         ] {
             let mut s = Sampler::new(cfg);
             assert!((0..50).all(|_| s.sample(&logits, &[]) == 1));
@@ -237,14 +298,24 @@ mod tests {
     fn top_p_cuts_the_tail() {
         // p ≈ [0.665, 0.245, 0.09]; top-p 0.8 keeps two.
         let logits = [2.0f32, 1.0, 0.0];
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.8, min_p: 0.0, seed: 7, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.8,
+            min_p: 0.0,
+            seed: 7,
+            ..Default::default()
+        };
         let mut s = Sampler::new(cfg);
         assert!((0..500).all(|_| s.sample(&logits, &[]) != 2));
     }
 
     #[test]
     fn top_k_sorted() {
-        assert_eq!(top_k(&[1.0, 3.0, 2.0, 3.0], 3), vec![(1, 3.0), (3, 3.0), (2, 2.0)]);
+        assert_eq!(
+            top_k(&[1.0, 3.0, 2.0, 3.0], 3),
+            vec![(1, 3.0), (3, 3.0), (2, 2.0)]
+        );
         let l = logsumexp(&[0.0, 0.0]);
         assert!((l - 2f32.ln()).abs() < 1e-6);
     }

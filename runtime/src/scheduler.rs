@@ -70,9 +70,20 @@ pub struct Scheduler<'e> {
 impl<'e> Scheduler<'e> {
     pub fn new(engine: &'e Engine, cfg: SchedulerConfig) -> Self {
         let layout = engine.model.kv_layout(cfg.block_size.max(1));
-        let mut kv = PagedKv::new(layout, layout.blocks_for_budget(cfg.kv_budget_bytes), engine.cfg.n_ctx);
+        let mut kv = PagedKv::new(
+            layout,
+            layout.blocks_for_budget(cfg.kv_budget_bytes),
+            engine.cfg.n_ctx,
+        );
         kv.prefix_caching = cfg.prefix_caching;
-        Scheduler { engine, cfg, kv, waiting: VecDeque::new(), running: Vec::new(), logits: Vec::new() }
+        Scheduler {
+            engine,
+            cfg,
+            kv,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            logits: Vec::new(),
+        }
     }
 
     pub fn kv_counters(&self) -> KvCounters {
@@ -81,30 +92,49 @@ impl<'e> Scheduler<'e> {
 
     /// Blocks promised to running sequences but not yet allocated.
     fn outstanding_reservations(&self) -> usize {
-        self.running.iter().map(|r| r.reserved_blocks.saturating_sub(self.kv_blocks_of(r))).sum()
+        self.running
+            .iter()
+            .map(|r| r.reserved_blocks.saturating_sub(self.kv_blocks_of(r)))
+            .sum()
     }
 
     fn kv_blocks_of(&self, r: &Running) -> usize {
         self.kv.blocks_needed(self.kv.seq_len(r.seq))
     }
 
-    fn finish(&mut self, i: usize, reason: FinishKind, error: Option<String>, out: &mut Vec<ServeEvent>) {
+    fn finish(
+        &mut self,
+        i: usize,
+        reason: FinishKind,
+        error: Option<String>,
+        out: &mut Vec<ServeEvent>,
+    ) {
         let r = self.running.swap_remove(i);
         self.kv.free_seq(r.seq);
-        out.push(ServeEvent::Finished { id: r.req.id, at: Instant::now(), reason, error });
+        out.push(ServeEvent::Finished {
+            id: r.req.id,
+            at: Instant::now(),
+            reason,
+            error,
+        });
     }
 
     /// Admit waiting requests while the budget allows (FCFS: stop at the first that does not fit).
     fn admit(&mut self, out: &mut Vec<ServeEvent>) {
         while self.running.len() < self.cfg.max_running {
-            let Some(req) = self.waiting.front() else { break };
+            let Some(req) = self.waiting.front() else {
+                break;
+            };
             let n_ctx = self.engine.cfg.n_ctx;
             let total = req.prompt_tokens.len() + req.max_tokens;
             let need = self.kv.blocks_needed(total.min(n_ctx));
             let err = if req.prompt_tokens.is_empty() {
                 Some("empty prompt".to_string())
             } else if req.prompt_tokens.len() >= n_ctx {
-                Some(format!("prompt of {} tokens does not fit the context of {n_ctx}", req.prompt_tokens.len()))
+                Some(format!(
+                    "prompt of {} tokens does not fit the context of {n_ctx}",
+                    req.prompt_tokens.len()
+                ))
             } else if need > self.kv.n_blocks() {
                 Some(format!(
                     "needs {need} KV blocks ({} bytes) for {total} positions, the whole budget is {} blocks ({} bytes)",
@@ -117,13 +147,24 @@ impl<'e> Scheduler<'e> {
             };
             if let Some(e) = err {
                 let req = self.waiting.pop_front().unwrap();
-                out.push(ServeEvent::Scheduled { id: req.id, at: Instant::now() });
-                out.push(ServeEvent::Finished { id: req.id, at: Instant::now(), reason: FinishKind::Error, error: Some(e) });
+                out.push(ServeEvent::Scheduled {
+                    id: req.id,
+                    at: Instant::now(),
+                });
+                out.push(ServeEvent::Finished {
+                    id: req.id,
+                    at: Instant::now(),
+                    reason: FinishKind::Error,
+                    error: Some(e),
+                });
                 continue;
             }
             // Shared prefix blocks may cut the need; count it after matching.
             let seq = self.kv.new_seq();
-            let hit = self.kv.match_prefix(seq, &req.prompt_tokens).expect("fresh sequence");
+            let hit = self
+                .kv
+                .match_prefix(seq, &req.prompt_tokens)
+                .expect("fresh sequence");
             let need_new = need - hit.hit_blocks;
             if need_new + self.outstanding_reservations() > self.kv.available_blocks() {
                 // Does not fit now: undo the match and wait.
@@ -137,7 +178,10 @@ impl<'e> Scheduler<'e> {
                 cache_lookups: hit.lookups,
                 cache_hit_blocks: hit.hit_blocks,
             };
-            out.push(ServeEvent::Scheduled { id: req.id, at: Instant::now() });
+            out.push(ServeEvent::Scheduled {
+                id: req.id,
+                at: Instant::now(),
+            });
             self.running.push(Running {
                 sampler: Sampler::new(req.sampler.clone()),
                 history: req.prompt_tokens.clone(),
@@ -156,7 +200,10 @@ impl<'e> Scheduler<'e> {
 
 impl Server for Scheduler<'_> {
     fn submit(&mut self, req: ServeRequest, out: &mut Vec<ServeEvent>) {
-        out.push(ServeEvent::Enqueued { id: req.id, at: Instant::now() });
+        out.push(ServeEvent::Enqueued {
+            id: req.id,
+            at: Instant::now(),
+        });
         self.waiting.push_back(req);
     }
 
@@ -169,8 +216,16 @@ impl Server for Scheduler<'_> {
             weights_bytes: self.engine.model.weight_bytes(),
             kv_bytes_used: self.kv.bytes_used() as u64,
             kv_bytes_reserved: self.kv.bytes_reserved() as u64,
-            device_bytes: self.engine.model.device_memory().map_or(0, |m| m.reserved_bytes),
-            device_bytes_peak: self.engine.model.device_memory().map_or(0, |m| m.peak_bytes),
+            device_bytes: self
+                .engine
+                .model
+                .device_memory()
+                .map_or(0, |m| m.reserved_bytes),
+            device_bytes_peak: self
+                .engine
+                .model
+                .device_memory()
+                .map_or(0, |m| m.peak_bytes),
             cache_evictions: self.kv.counters.evictions,
             running: self.running.len(),
             waiting: self.waiting.len(),
@@ -204,7 +259,10 @@ impl Server for Scheduler<'_> {
             let r = &mut self.running[i];
             if !r.prefill_started {
                 r.prefill_started = true;
-                out.push(ServeEvent::PrefillStart { id: r.req.id, at: now });
+                out.push(ServeEvent::PrefillStart {
+                    id: r.req.id,
+                    at: now,
+                });
             }
         }
         let items: Vec<BatchItem> = plan
@@ -215,12 +273,20 @@ impl Server for Scheduler<'_> {
                 BatchItem {
                     seq: r.seq,
                     tokens: &r.history[start..start + n],
-                    logits: if ends_prompt { LogitsWanted::Last } else { LogitsWanted::None },
+                    logits: if ends_prompt {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
                 }
             })
             .collect();
         let engine = self.engine;
-        let result = engine.install(|| engine.model.forward_batch(&items, &mut self.kv, &mut self.logits));
+        let result = engine.install(|| {
+            engine
+                .model
+                .forward_batch(&items, &mut self.kv, &mut self.logits)
+        });
         drop(items);
         if let Err(e) = result {
             // Never leave a half-done batch behind: fail the sequences in it.
@@ -244,7 +310,11 @@ impl Server for Scheduler<'_> {
                 if r.prefilled < r.req.prompt_tokens.len() {
                     continue;
                 }
-                out.push(ServeEvent::PrefillEnd { id: r.req.id, at: Instant::now(), cache: r.cache });
+                out.push(ServeEvent::PrefillEnd {
+                    id: r.req.id,
+                    at: Instant::now(),
+                    cache: r.cache,
+                });
                 if r.req.max_tokens == 0 {
                     done.push((i, FinishKind::Length));
                     row += 1;
@@ -259,10 +329,17 @@ impl Server for Scheduler<'_> {
             let index = r.n_out;
             r.n_out += 1;
             let (piece, stop) = crate::serve::absorb_token(engine, &r.req, &mut r.text, tok);
-            out.push(ServeEvent::Token { id: r.req.id, at, index, token: tok, text: piece });
+            out.push(ServeEvent::Token {
+                id: r.req.id,
+                at,
+                index,
+                token: tok,
+                text: piece,
+            });
             if stop {
                 done.push((i, FinishKind::Stop));
-            } else if r.n_out >= r.req.max_tokens || self.kv.seq_len(r.seq) + 1 >= engine.cfg.n_ctx {
+            } else if r.n_out >= r.req.max_tokens || self.kv.seq_len(r.seq) + 1 >= engine.cfg.n_ctx
+            {
                 done.push((i, FinishKind::Length));
             }
         }

@@ -60,14 +60,38 @@ pub struct CacheUse {
 
 #[derive(Clone, Debug)]
 pub enum ServeEvent {
-    Enqueued { id: RequestId, at: Instant },
+    Enqueued {
+        id: RequestId,
+        at: Instant,
+    },
     /// First placed in a batch.
-    Scheduled { id: RequestId, at: Instant },
-    PrefillStart { id: RequestId, at: Instant },
-    PrefillEnd { id: RequestId, at: Instant, cache: CacheUse },
+    Scheduled {
+        id: RequestId,
+        at: Instant,
+    },
+    PrefillStart {
+        id: RequestId,
+        at: Instant,
+    },
+    PrefillEnd {
+        id: RequestId,
+        at: Instant,
+        cache: CacheUse,
+    },
     /// The `index`-th output token (0-based) was sampled.
-    Token { id: RequestId, at: Instant, index: usize, token: u32, text: String },
-    Finished { id: RequestId, at: Instant, reason: FinishKind, error: Option<String> },
+    Token {
+        id: RequestId,
+        at: Instant,
+        index: usize,
+        token: u32,
+        text: String,
+    },
+    Finished {
+        id: RequestId,
+        at: Instant,
+        reason: FinishKind,
+        error: Option<String>,
+    },
 }
 
 impl ServeEvent {
@@ -127,9 +151,18 @@ pub trait Server {
 /// What a freshly sampled token means for its request: its text, and whether
 /// it ends the request (end-of-generation token, or a stop string completed).
 /// `text` is the request's output so far; the new piece is appended to it.
-pub(crate) fn absorb_token(engine: &Engine, req: &ServeRequest, text: &mut String, tok: u32) -> (String, bool) {
+pub(crate) fn absorb_token(
+    engine: &Engine,
+    req: &ServeRequest,
+    text: &mut String,
+    tok: u32,
+) -> (String, bool) {
     let eog = !req.ignore_eos && engine.tokenizer.is_eog(tok);
-    let piece = if eog { String::new() } else { String::from_utf8_lossy(&engine.tokenizer.token_bytes(tok)).into_owned() };
+    let piece = if eog {
+        String::new()
+    } else {
+        String::from_utf8_lossy(&engine.tokenizer.token_bytes(tok)).into_owned()
+    };
     text.push_str(&piece);
     // Only the tail that the new piece can have completed needs searching.
     let longest = req.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -137,7 +170,10 @@ pub(crate) fn absorb_token(engine: &Engine, req: &ServeRequest, text: &mut Strin
     while !text.is_char_boundary(tail) {
         tail -= 1;
     }
-    let stop_hit = req.stop_strings.iter().any(|s| !s.is_empty() && text[tail..].contains(s.as_str()));
+    let stop_hit = req
+        .stop_strings
+        .iter()
+        .any(|s| !s.is_empty() && text[tail..].contains(s.as_str()));
     (piece, eog || stop_hit)
 }
 
@@ -161,19 +197,31 @@ pub struct SequentialServer<'e> {
 
 impl<'e> SequentialServer<'e> {
     pub fn new(engine: &'e Engine) -> Self {
-        SequentialServer { engine, waiting: VecDeque::new(), active: None }
+        SequentialServer {
+            engine,
+            waiting: VecDeque::new(),
+            active: None,
+        }
     }
 
     fn finish(&mut self, out: &mut Vec<ServeEvent>, reason: FinishKind, error: Option<String>) {
         if let Some(a) = self.active.take() {
-            out.push(ServeEvent::Finished { id: a.req.id, at: Instant::now(), reason, error });
+            out.push(ServeEvent::Finished {
+                id: a.req.id,
+                at: Instant::now(),
+                reason,
+                error,
+            });
         }
     }
 }
 
 impl Server for SequentialServer<'_> {
     fn submit(&mut self, req: ServeRequest, out: &mut Vec<ServeEvent>) {
-        out.push(ServeEvent::Enqueued { id: req.id, at: Instant::now() });
+        out.push(ServeEvent::Enqueued {
+            id: req.id,
+            at: Instant::now(),
+        });
         self.waiting.push_back(req);
     }
 
@@ -182,15 +230,27 @@ impl Server for SequentialServer<'_> {
     }
 
     fn stats(&self) -> ServerStats {
-        let (used, reserved) = self.active.as_ref().map(|a| (a.kv.bytes_used(), a.kv.bytes_reserved())).unwrap_or((0, 0));
+        let (used, reserved) = self
+            .active
+            .as_ref()
+            .map(|a| (a.kv.bytes_used(), a.kv.bytes_reserved()))
+            .unwrap_or((0, 0));
         ServerStats {
             weights_bytes: self.engine.model.weight_bytes(),
             kv_bytes_used: used as u64,
             kv_bytes_reserved: reserved as u64,
             running: self.active.is_some() as usize,
             waiting: self.waiting.len(),
-            device_bytes: self.engine.model.device_memory().map_or(0, |m| m.reserved_bytes),
-            device_bytes_peak: self.engine.model.device_memory().map_or(0, |m| m.peak_bytes),
+            device_bytes: self
+                .engine
+                .model
+                .device_memory()
+                .map_or(0, |m| m.reserved_bytes),
+            device_bytes_peak: self
+                .engine
+                .model
+                .device_memory()
+                .map_or(0, |m| m.peak_bytes),
             ..Default::default()
         }
     }
@@ -198,19 +258,32 @@ impl Server for SequentialServer<'_> {
     fn step(&mut self, out: &mut Vec<ServeEvent>) -> bool {
         let engine = self.engine;
         if self.active.is_none() {
-            let Some(req) = self.waiting.pop_front() else { return false };
+            let Some(req) = self.waiting.pop_front() else {
+                return false;
+            };
             let id = req.id;
-            out.push(ServeEvent::Scheduled { id, at: Instant::now() });
+            out.push(ServeEvent::Scheduled {
+                id,
+                at: Instant::now(),
+            });
             let n_ctx = engine.cfg.n_ctx;
             let err = if req.prompt_tokens.is_empty() {
                 Some("empty prompt".to_string())
             } else if req.prompt_tokens.len() >= n_ctx {
-                Some(format!("prompt of {} tokens does not fit the context of {n_ctx}", req.prompt_tokens.len()))
+                Some(format!(
+                    "prompt of {} tokens does not fit the context of {n_ctx}",
+                    req.prompt_tokens.len()
+                ))
             } else {
                 req.sampler.validate().err()
             };
             if let Some(e) = err {
-                out.push(ServeEvent::Finished { id, at: Instant::now(), reason: FinishKind::Error, error: Some(e) });
+                out.push(ServeEvent::Finished {
+                    id,
+                    at: Instant::now(),
+                    reason: FinishKind::Error,
+                    error: Some(e),
+                });
                 return true;
             }
             let mut a = Active {
@@ -222,11 +295,18 @@ impl Server for SequentialServer<'_> {
                 logits: Vec::new(),
                 req,
             };
-            out.push(ServeEvent::PrefillStart { id, at: Instant::now() });
+            out.push(ServeEvent::PrefillStart {
+                id,
+                at: Instant::now(),
+            });
             let chunk = engine.cfg.prefill_chunk.max(1);
             let n_chunks = a.req.prompt_tokens.len().div_ceil(chunk);
             for (i, c) in a.req.prompt_tokens.chunks(chunk).enumerate() {
-                let wanted = if i + 1 == n_chunks { LogitsWanted::Last } else { LogitsWanted::None };
+                let wanted = if i + 1 == n_chunks {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                };
                 if let Err(e) = engine.forward(c, &mut a.kv, wanted, &mut a.logits) {
                     self.active = Some(a);
                     self.finish(out, FinishKind::Error, Some(e.to_string()));
@@ -234,8 +314,15 @@ impl Server for SequentialServer<'_> {
                 }
             }
             let n = a.req.prompt_tokens.len();
-            let cache = CacheUse { computed_prompt_tokens: n, ..Default::default() };
-            out.push(ServeEvent::PrefillEnd { id, at: Instant::now(), cache });
+            let cache = CacheUse {
+                computed_prompt_tokens: n,
+                ..Default::default()
+            };
+            out.push(ServeEvent::PrefillEnd {
+                id,
+                at: Instant::now(),
+                cache,
+            });
             self.active = Some(a);
             if self.active.as_ref().unwrap().req.max_tokens == 0 {
                 self.finish(out, FinishKind::Length, None);
@@ -258,7 +345,13 @@ impl Server for SequentialServer<'_> {
         let index = a.n_out;
         a.n_out += 1;
         let (piece, stop) = absorb_token(engine, &a.req, &mut a.text, tok);
-        out.push(ServeEvent::Token { id: a.req.id, at, index, token: tok, text: piece });
+        out.push(ServeEvent::Token {
+            id: a.req.id,
+            at,
+            index,
+            token: tok,
+            text: piece,
+        });
         let full = a.kv.len() + 1 >= engine.cfg.n_ctx;
         if stop {
             self.finish(out, FinishKind::Stop, None);

@@ -14,7 +14,13 @@ pub fn memory() -> MemoryStats {
     let mut m = MemoryStats::default();
     if let Ok(s) = std::fs::read_to_string("/proc/self/status") {
         for line in s.lines() {
-            let kb = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+            let kb = |l: &str| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024
+            };
             if line.starts_with("VmRSS:") {
                 m.rss_bytes = kb(line);
             } else if line.starts_with("VmHWM:") {
@@ -34,7 +40,11 @@ pub fn cpu_model() -> String {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("model name") || l.starts_with("Model") || l.starts_with("Hardware"))
+                .find(|l| {
+                    l.starts_with("model name")
+                        || l.starts_with("Model")
+                        || l.starts_with("Hardware")
+                })
                 .and_then(|l| l.split(':').nth(1))
                 .map(|v| v.trim().to_string())
         })
@@ -42,5 +52,7 @@ pub fn cpu_model() -> String {
 }
 
 pub fn available_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

@@ -30,7 +30,10 @@ pub fn softmax<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 pub fn rope_tables(rope: &Rope, positions: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
     let half = rope.n_rot / 2;
     let mut cs = vec![(0f32, 0f32); half];
-    let (mut c, mut s) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+    let (mut c, mut s) = (
+        Vec::with_capacity(positions.len() * half),
+        Vec::with_capacity(positions.len() * half),
+    );
     for &p in positions {
         rope.angles(p, &mut cs);
         c.extend(cs.iter().map(|v| v.0));
@@ -44,7 +47,13 @@ pub fn rope_tables(rope: &Rope, positions: &[usize], device: &Device) -> (Tensor
 }
 
 /// Rotate `x` (`[n, heads·head_dim]`) with tables from [`rope_tables`].
-pub fn rope(x: Tensor<2>, rope: &Rope, n_heads: usize, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<2> {
+pub fn rope(
+    x: Tensor<2>,
+    rope: &Rope,
+    n_heads: usize,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+) -> Tensor<2> {
     let [n, _] = x.dims();
     let hd = rope.head_dim;
     let half = rope.n_rot / 2;
@@ -61,7 +70,9 @@ pub fn rope(x: Tensor<2>, rope: &Rope, n_heads: usize, cos: &Tensor<2>, sin: &Te
             Tensor::cat(vec![ra, rb], 2)
         }
         RopeStyle::Normal => {
-            let pairs = x.slice([0..n, 0..n_heads, 0..2 * half]).reshape([n, n_heads, half, 2]);
+            let pairs = x
+                .slice([0..n, 0..n_heads, 0..2 * half])
+                .reshape([n, n_heads, half, 2]);
             let a = pairs.clone().slice([0..n, 0..n_heads, 0..half, 0..1]);
             let b = pairs.slice([0..n, 0..n_heads, 0..half, 1..2]);
             let c4 = c.unsqueeze_dim::<4>(3);
@@ -97,7 +108,9 @@ pub fn attention(
     let device = q.device();
     let g = n_heads / n_kv_heads;
     // q at f16 precision like the cached keys, as llama.cpp's f16 K·Q product has it.
-    let q = crate::backend::round_f16(q).reshape([n_q, n_heads, head_dim]).swap_dims(0, 1); // [H, n_q, hd]
+    let q = crate::backend::round_f16(q)
+        .reshape([n_q, n_heads, head_dim])
+        .swap_dims(0, 1); // [H, n_q, hd]
     let expand = |t: Tensor<2>| {
         t.reshape([n_ctx, n_kv_heads, head_dim])
             .swap_dims(0, 1) // [KV, n_ctx, hd]
@@ -115,10 +128,14 @@ pub fn attention(
             mask[t * n_ctx + j] = -1e30;
         }
     }
-    let mask = Tensor::<2>::from_data(TensorData::new(mask, [n_q, n_ctx]), &device).unsqueeze_dim::<3>(0);
+    let mask =
+        Tensor::<2>::from_data(TensorData::new(mask, [n_q, n_ctx]), &device).unsqueeze_dim::<3>(0);
     // Probabilities at f16 precision: llama.cpp multiplies the f16 V by f16-converted ones.
     let probs = crate::backend::round_f16(softmax(scores + mask));
-    probs.matmul(v).swap_dims(0, 1).reshape([n_q, n_heads * head_dim])
+    probs
+        .matmul(v)
+        .swap_dims(0, 1)
+        .reshape([n_q, n_heads * head_dim])
 }
 
 /// Rows `idx` of `t` (`[rows, cols]`).

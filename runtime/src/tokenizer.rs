@@ -36,7 +36,9 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, SplitDelimiterBehavior};
+use tokenizers::{
+    OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, SplitDelimiterBehavior,
+};
 
 use crate::gguf::{Metadata, keys};
 
@@ -109,11 +111,10 @@ impl PreType {
             "default" => PreType::Default,
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => PreType::Llama3,
             "qwen2" | "deepseek-r1-qwen" => PreType::Qwen2,
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-                PreType::DigitsGpt2
-            }
-            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
-            | "jina-v2-code" | "roberta-bpe" => PreType::Gpt2,
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => PreType::DigitsGpt2,
+            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en"
+            | "jina-v2-es" | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" => PreType::Gpt2,
             _ => return None,
         })
     }
@@ -122,7 +123,12 @@ impl PreType {
     /// fragment produced by the previous one, keeping both matches and gaps.
     fn regexes(self) -> Vec<&'static str> {
         match self {
-            PreType::Default => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"],
+            PreType::Default => vec![
+                r"[\p{P}\$\+<=>\^~\|]+",
+                GPT2_RE,
+                r"\p{N}+",
+                r"[0-9][0-9][0-9]",
+            ],
             PreType::Llama3 => vec![LLAMA3_RE],
             PreType::Qwen2 => vec![QWEN2_RE],
             PreType::DigitsGpt2 => vec![r"\p{N}", GPT2_RE],
@@ -136,7 +142,8 @@ fn byte_level_tables() -> ([char; 256], Vec<i16>) {
     let mut fwd = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u8 {
-        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         fwd[b as usize] = if printable {
             b as char
         } else {
@@ -387,7 +394,9 @@ impl Tokenizer {
             .ok_or(TokenizerError::MissingKey(keys::TOK_TOKENS))?;
         let n = tokens.len();
         if n == 0 {
-            return Err(TokenizerError::Invalid("empty tokenizer.ggml.tokens".into()));
+            return Err(TokenizerError::Invalid(
+                "empty tokenizer.ggml.tokens".into(),
+            ));
         }
         let mut types: Vec<TokenType> = match md.get_i32s(keys::TOK_TYPES) {
             Some(t) if t.len() == n => t.iter().map(|&v| TokenType::from_gguf(v)).collect(),
@@ -401,7 +410,11 @@ impl Tokenizer {
             }
             None => vec![TokenType::Normal; n],
         };
-        let id_key = |k: &str| md.get_u64(k).filter(|&v| (v as usize) < n).map(|v| v as u32);
+        let id_key = |k: &str| {
+            md.get_u64(k)
+                .filter(|&v| (v as usize) < n)
+                .map(|v| v as u32)
+        };
 
         let is_spm = match model_name.as_str() {
             "llama" => true,
@@ -427,9 +440,11 @@ impl Tokenizer {
             let mut byte_tokens = [None; 256];
             for (b, slot) in byte_tokens.iter_mut().enumerate() {
                 let hex = format!("<0x{b:02X}>");
-                *slot = vocab
-                    .get(&hex)
-                    .or_else(|| std::str::from_utf8(&[b as u8]).ok().and_then(|s| vocab.get(s)));
+                *slot = vocab.get(&hex).or_else(|| {
+                    std::str::from_utf8(&[b as u8])
+                        .ok()
+                        .and_then(|s| vocab.get(s))
+                });
             }
             Kind::Spm(Box::new(SpmModel {
                 scores,
@@ -437,9 +452,12 @@ impl Tokenizer {
                 add_space_prefix: md.get_bool(keys::TOK_ADD_SPACE_PREFIX).unwrap_or(true),
             }))
         } else {
-            let pre = PreType::from_name(&pre_name).ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.clone()))?;
+            let pre = PreType::from_name(&pre_name)
+                .ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.clone()))?;
             if md.get_str(keys::TOK_PRE).is_none() {
-                log::warn!("tokenizer: no tokenizer.ggml.pre, using llama.cpp's 'default' pre-tokenizer");
+                log::warn!(
+                    "tokenizer: no tokenizer.ggml.pre, using llama.cpp's 'default' pre-tokenizer"
+                );
                 pre_name = "default".into();
             }
             add_bos_default = pre == PreType::Llama3;
@@ -453,7 +471,11 @@ impl Tokenizer {
                 id_key(keys::TOK_UNK).or(Some(0)),
             )
         } else {
-            (id_key(keys::TOK_BOS), id_key(keys::TOK_EOS), id_key(keys::TOK_UNK))
+            (
+                id_key(keys::TOK_BOS),
+                id_key(keys::TOK_EOS),
+                id_key(keys::TOK_UNK),
+            )
         };
         let mut eot = id_key(keys::TOK_EOT);
 
@@ -478,7 +500,10 @@ impl Tokenizer {
         }
         eog.extend(eos);
         eog.extend(eot);
-        if let Some(eom) = md.get_u64("tokenizer.ggml.eom_token_id").filter(|&v| (v as usize) < n) {
+        if let Some(eom) = md
+            .get_u64("tokenizer.ggml.eom_token_id")
+            .filter(|&v| (v as usize) < n)
+        {
             eog.insert(eom as u32);
         }
 
@@ -490,7 +515,12 @@ impl Tokenizer {
                 ) && !tokens[i as usize].is_empty()
             })
             .collect();
-        specials.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
+        specials.sort_by(|&a, &b| {
+            tokens[b as usize]
+                .len()
+                .cmp(&tokens[a as usize].len())
+                .then(a.cmp(&b))
+        });
 
         let add_bos = md.get_bool(keys::TOK_ADD_BOS).unwrap_or(add_bos_default);
         let add_eos = md.get_bool(keys::TOK_ADD_EOS).unwrap_or(false);
@@ -516,7 +546,12 @@ impl Tokenizer {
     /// [`Self::add_bos_default`] unless told otherwise); `parse_special` lets
     /// text such as `<|im_start|>` become the control token. User-defined
     /// tokens are always recognised (llama.cpp behaviour). EOS is never appended.
-    pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_bos {
             match self.bos {
@@ -581,7 +616,10 @@ impl Tokenizer {
                 continue;
             }
             let pat = self.vocab.text(id);
-            if !frags.iter().any(|f| matches!(f, Frag::Text(s) if s.contains(pat))) {
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Frag::Text(s) if s.contains(pat)))
+            {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
@@ -755,7 +793,13 @@ fn build_bpe(md: &Metadata, vocab: &VocabTable, pre: PreType) -> Result<BpeModel
     let mut joined = String::new();
     for (rank, m) in merges_raw.iter().enumerate() {
         // llama.cpp splits at the first space after the first byte.
-        let Some(pos) = m.as_bytes().iter().skip(1).position(|&c| c == b' ').map(|p| p + 1) else {
+        let Some(pos) = m
+            .as_bytes()
+            .iter()
+            .skip(1)
+            .position(|&c| c == b' ')
+            .map(|p| p + 1)
+        else {
             skipped += 1;
             continue;
         };
@@ -770,7 +814,9 @@ fn build_bpe(md: &Metadata, vocab: &VocabTable, pre: PreType) -> Result<BpeModel
         joined.push_str(b);
         let new_id = vocab.get(&joined).unwrap_or(EMPTY);
         // First (lowest-rank) occurrence wins, like llama.cpp's bpe_ranks.emplace.
-        merges.entry(pair_key(a_id, b_id)).or_insert((rank as u32, new_id));
+        merges
+            .entry(pair_key(a_id, b_id))
+            .or_insert((rank as u32, new_id));
     }
     if skipped > 0 {
         log::warn!("tokenizer: ignored {skipped} BPE merges whose parts are not tokens");
@@ -839,7 +885,12 @@ impl Ord for BpeBigram {
 }
 
 impl BpeModel {
-    fn tokenize(&self, vocab: &VocabTable, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+    fn tokenize(
+        &self,
+        vocab: &VocabTable,
+        text: &str,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
         let mut pts = PreTokenizedString::from(text);
         self.pre.pre_tokenize(&mut pts).map_err(backend)?;
         let mut syms: Vec<BpeSym> = Vec::new();
@@ -1014,21 +1065,22 @@ impl SpmModel {
             return;
         }
         let mut heap = BinaryHeap::new();
-        let try_add = |syms: &[SpmSym], heap: &mut BinaryHeap<SpmBigram>, left: isize, right: isize| {
-            if left < 0 || right < 0 {
-                return;
-            }
-            let (l, r) = (syms[left as usize], syms[right as usize]);
-            let s = &text[l.start..l.start + l.len + r.len];
-            if let Some(id) = vocab.get(s) {
-                heap.push(SpmBigram {
-                    left: left as usize,
-                    right: right as usize,
-                    score: self.scores[id as usize],
-                    size: s.len(),
-                });
-            }
-        };
+        let try_add =
+            |syms: &[SpmSym], heap: &mut BinaryHeap<SpmBigram>, left: isize, right: isize| {
+                if left < 0 || right < 0 {
+                    return;
+                }
+                let (l, r) = (syms[left as usize], syms[right as usize]);
+                let s = &text[l.start..l.start + l.len + r.len];
+                if let Some(id) = vocab.get(s) {
+                    heap.push(SpmBigram {
+                        left: left as usize,
+                        right: right as usize,
+                        score: self.scores[id as usize],
+                        size: s.len(),
+                    });
+                }
+            };
         for i in 1..syms.len() {
             try_add(&syms, &mut heap, i as isize - 1, i as isize);
         }
@@ -1175,7 +1227,9 @@ mod tests {
     }
 
     fn id(t: &Tokenizer, s: &str) -> u32 {
-        (0..t.vocab_size() as u32).find(|&i| t.token_text(i) == s).unwrap()
+        (0..t.vocab_size() as u32)
+            .find(|&i| t.token_text(i) == s)
+            .unwrap()
     }
 
     #[test]
@@ -1193,7 +1247,10 @@ mod tests {
         // Control text is literal unless parse_special.
         let lit = t.encode("</s>", false, false).unwrap();
         assert!(!lit.contains(&2));
-        assert_eq!(t.encode("hello</s>", false, true).unwrap(), vec![id(&t, "▁hello"), 2]);
+        assert_eq!(
+            t.encode("hello</s>", false, true).unwrap(),
+            vec![id(&t, "▁hello"), 2]
+        );
         assert!(t.is_eog(2));
     }
 
@@ -1229,7 +1286,9 @@ mod tests {
     fn tokenizer_rejects_unknown_model_and_pre() {
         let mut md = spm_md();
         md.insert(keys::TOK_MODEL, Value::String("bert".into()));
-        assert!(matches!(Tokenizer::from_gguf(&md), Err(TokenizerError::UnsupportedModel(m)) if m == "bert"));
+        assert!(
+            matches!(Tokenizer::from_gguf(&md), Err(TokenizerError::UnsupportedModel(m)) if m == "bert")
+        );
         let mut md = spm_md();
         md.insert(keys::TOK_MODEL, Value::String("gpt2".into()));
         md.insert(keys::TOK_PRE, Value::String("mystery".into()));

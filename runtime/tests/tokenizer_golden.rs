@@ -35,7 +35,8 @@ fn require(path: PathBuf) -> PathBuf {
 fn load(path: &Path) -> (Tokenizer, GgufFile, f64) {
     let f = GgufFile::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let t0 = Instant::now();
-    let tok = Tokenizer::from_gguf(&f.metadata).unwrap_or_else(|e| panic!("tokenizer for {}: {e}", path.display()));
+    let tok = Tokenizer::from_gguf(&f.metadata)
+        .unwrap_or_else(|e| panic!("tokenizer for {}: {e}", path.display()));
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     eprintln!(
         "tokenizer {}: from_gguf {:.1} ms ({} tokens)",
@@ -51,8 +52,10 @@ fn load(path: &Path) -> (Tokenizer, GgufFile, f64) {
 fn golden(name: &str) {
     let dir = cache_dir().join("vocab");
     let gguf = require(dir.join(format!("ggml-vocab-{name}.gguf")));
-    let inp = std::fs::read_to_string(require(dir.join(format!("ggml-vocab-{name}.gguf.inp")))).unwrap();
-    let out = std::fs::read_to_string(require(dir.join(format!("ggml-vocab-{name}.gguf.out")))).unwrap();
+    let inp =
+        std::fs::read_to_string(require(dir.join(format!("ggml-vocab-{name}.gguf.inp")))).unwrap();
+    let out =
+        std::fs::read_to_string(require(dir.join(format!("ggml-vocab-{name}.gguf.out")))).unwrap();
     let sep = "\n__ggml_vocab_test__\n";
     let mut cases = Vec::new();
     let mut rest = inp.as_str();
@@ -62,10 +65,22 @@ fn golden(name: &str) {
     }
     let expected: Vec<Vec<u32>> = out
         .lines()
-        .map(|l| l.split_whitespace().map(|x| x.parse::<u32>().unwrap()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .map(|x| x.parse::<u32>().unwrap())
+                .collect()
+        })
         .collect();
-    assert_eq!(cases.len(), expected.len(), "{name}: .inp/.out case counts differ");
-    assert!(cases.len() >= 40, "{name}: only {} cases parsed", cases.len());
+    assert_eq!(
+        cases.len(),
+        expected.len(),
+        "{name}: .inp/.out case counts differ"
+    );
+    assert!(
+        cases.len() >= 40,
+        "{name}: only {} cases parsed",
+        cases.len()
+    );
 
     let (tok, _f, _) = load(&gguf);
     let mut failures = Vec::new();
@@ -106,7 +121,9 @@ fn golden_gpt2() {
 
 #[test]
 fn golden_llama_spm_decode_roundtrip() {
-    let (tok, _f, _) = load(&require(cache_dir().join("vocab/ggml-vocab-llama-spm.gguf")));
+    let (tok, _f, _) = load(&require(
+        cache_dir().join("vocab/ggml-vocab-llama-spm.gguf"),
+    ));
     for text in [
         "Hello world",
         " Hello World!",
@@ -143,7 +160,9 @@ const SMOL_CASES: &[RefCase] = &[
     RefCase {
         prompt: "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
         add_bos: false,
-        ids: &[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198],
+        ids: &[
+            1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198,
+        ],
     },
     RefCase {
         prompt: "def add(a, b):\n    return",
@@ -153,7 +172,9 @@ const SMOL_CASES: &[RefCase] = &[
     RefCase {
         prompt: "Edge devices like the Jetson Orin run language models",
         add_bos: false,
-        ids: &[36270, 3381, 702, 260, 530, 1175, 258, 1816, 254, 1658, 1789, 2859],
+        ids: &[
+            36270, 3381, 702, 260, 530, 1175, 258, 1816, 254, 1658, 1789, 2859,
+        ],
     },
 ];
 
@@ -173,7 +194,8 @@ const QWEN_CASES: &[RefCase] = &[
         prompt: "<|im_start|>user\nWrite a haiku about memory bandwidth.<|im_end|>\n<|im_start|>assistant\n",
         add_bos: false,
         ids: &[
-            151644, 872, 198, 7985, 264, 6386, 38242, 911, 4938, 33394, 13, 151645, 198, 151644, 77091, 198,
+            151644, 872, 198, 7985, 264, 6386, 38242, 911, 4938, 33394, 13, 151645, 198, 151644,
+            77091, 198,
         ],
     },
 ];
@@ -181,30 +203,41 @@ const QWEN_CASES: &[RefCase] = &[
 /// (generated ids, llama.cpp's generated text) pairs from the same references.
 const SMOL_GEN: &[(&[u32], &str)] = &[(
     &[
-        7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701, 30, 198, 198, 504,
-        1797, 1918,
+        7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701,
+        30, 198, 198, 504, 1797, 1918,
     ],
     " Paris.\n\nThe United States has a population of approximately 311 million people.\n\nThe United States",
 )];
 const QWEN_GEN: &[(&[u32], &str)] = &[(
     &[
-        198, 262, 421, 308, 2651, 220, 15, 510, 286, 470, 330, 7928, 1946, 698, 262, 4409, 308, 621, 220, 16, 510, 286,
-        470, 220,
+        198, 262, 421, 308, 2651, 220, 15, 510, 286, 470, 330, 7928, 1946, 698, 262, 4409, 308,
+        621, 220, 16, 510, 286, 470, 220,
     ],
     "\n    if n <= 0:\n        return \"Invalid input\"\n    elif n == 1:\n        return ",
 )];
 
-fn check_reference(file: &str, cases: &[RefCase], gen_cases: &[(&[u32], &str)], pre: &str) -> Tokenizer {
+fn check_reference(
+    file: &str,
+    cases: &[RefCase],
+    gen_cases: &[(&[u32], &str)],
+    pre: &str,
+) -> Tokenizer {
     let (tok, _f, _) = load(&require(cache_dir().join(file)));
     assert_eq!(tok.model_kind(), "gpt2");
     assert_eq!(tok.pre_kind(), pre);
-    assert!(!tok.add_bos_default(), "{file}: add_bos_token is false in the GGUF");
+    assert!(
+        !tok.add_bos_default(),
+        "{file}: add_bos_token is false in the GGUF"
+    );
     for c in cases {
         let ids = tok.encode(c.prompt, c.add_bos, true).unwrap();
         assert_eq!(ids, c.ids, "{file}: {:?}", c.prompt);
         // Round trip: control tokens rendered when asked, hidden otherwise.
         assert_eq!(tok.decode_with_special(&ids, true), c.prompt);
-        let plain: String = c.prompt.replace("<|im_start|>", "").replace("<|im_end|>", "");
+        let plain: String = c
+            .prompt
+            .replace("<|im_start|>", "")
+            .replace("<|im_end|>", "");
         assert_eq!(tok.decode(&ids), plain);
     }
     for (ids, text) in gen_cases {
@@ -226,7 +259,12 @@ fn check_reference(file: &str, cases: &[RefCase], gen_cases: &[(&[u32], &str)], 
 
 #[test]
 fn reference_smollm2() {
-    let tok = check_reference("SmolLM2-135M-Instruct.Q4_1.gguf", SMOL_CASES, SMOL_GEN, "smollm");
+    let tok = check_reference(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        SMOL_CASES,
+        SMOL_GEN,
+        "smollm",
+    );
     assert_eq!(tok.vocab_size(), 49152);
     assert_eq!(tok.bos_id(), Some(1));
     assert_eq!(tok.eos_id(), Some(2));
@@ -241,7 +279,12 @@ fn reference_smollm2() {
 
 #[test]
 fn reference_qwen25() {
-    let tok = check_reference("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", QWEN_CASES, QWEN_GEN, "qwen2");
+    let tok = check_reference(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        QWEN_CASES,
+        QWEN_GEN,
+        "qwen2",
+    );
     assert_eq!(tok.vocab_size(), 151936);
     assert_eq!(tok.eos_id(), Some(151645));
     assert!(tok.is_eog(151645), "<|im_end|>");
@@ -249,14 +292,20 @@ fn reference_qwen25() {
     assert!(!tok.is_eog(151644), "<|im_start|>");
     assert!(!tok.is_eog(198));
     // <tool_call> is user-defined: recognised even without parse_special.
-    assert_eq!(tok.encode("<tool_call>", false, false).unwrap(), vec![151657]);
+    assert_eq!(
+        tok.encode("<tool_call>", false, false).unwrap(),
+        vec![151657]
+    );
     assert_eq!(tok.token_bytes(198), b"\n");
 }
 
 #[test]
 fn load_time_qwen_vocab() {
     // Best of three to keep scheduler noise out; the budget is ~300 ms.
-    let f = GgufFile::open(require(cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))).unwrap();
+    let f = GgufFile::open(require(
+        cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+    ))
+    .unwrap();
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -271,7 +320,9 @@ fn load_time_qwen_vocab() {
 #[test]
 fn stream_decoder_emoji_over_byte_tokens() {
     // SPM: 🦙 has no piece, so it is four <0xXX> byte tokens.
-    let (tok, _f, _) = load(&require(cache_dir().join("vocab/ggml-vocab-llama-spm.gguf")));
+    let (tok, _f, _) = load(&require(
+        cache_dir().join("vocab/ggml-vocab-llama-spm.gguf"),
+    ));
     let ids = tok.encode("🦙!", false, false).unwrap();
     assert_eq!(ids, vec![29871, 243, 162, 169, 156, 29991]);
     let mut sd = StreamDecoder::new(&tok);
@@ -280,7 +331,9 @@ fn stream_decoder_emoji_over_byte_tokens() {
     assert_eq!(sd.finish(), "");
 
     // Byte-level BPE: a ZWJ emoji sequence split into byte pieces.
-    let (tok, _f, _) = load(&require(cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")));
+    let (tok, _f, _) = load(&require(
+        cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+    ));
     let text = "ok 😶‍🌫️ 🦙🦙 done";
     let ids = tok.encode(text, false, false).unwrap();
     let mut sd = StreamDecoder::new(&tok);
@@ -296,7 +349,10 @@ fn stream_decoder_emoji_over_byte_tokens() {
     }
     out.push_str(&sd.finish());
     assert_eq!(out, text);
-    assert!(partial_steps > 0, "expected some emoji split across tokens: {ids:?}");
+    assert!(
+        partial_steps > 0,
+        "expected some emoji split across tokens: {ids:?}"
+    );
 }
 
 fn conversation() -> Vec<ChatMessage> {
@@ -317,7 +373,9 @@ fn chat_template_smollm2() {
     assert_eq!(t.render(&conversation(), true).unwrap(), EXPECTED_CHATML);
     assert_eq!(render_chatml(&conversation(), true), EXPECTED_CHATML);
     // No system message: the template's default one is inserted.
-    let out = t.render(&[ChatMessage::new("user", "What is 2+2?")], true).unwrap();
+    let out = t
+        .render(&[ChatMessage::new("user", "What is 2+2?")], true)
+        .unwrap();
     assert_eq!(
         out,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
@@ -325,23 +383,34 @@ fn chat_template_smollm2() {
     // The rendered prompt tokenizes like llama.cpp's reference (user-only part).
     let tok = Tokenizer::from_gguf(&f.metadata).unwrap();
     let user_only = out.split_once("<|im_end|>\n").unwrap().1;
-    assert_eq!(tok.encode(user_only, false, true).unwrap(), SMOL_CASES[2].ids);
+    assert_eq!(
+        tok.encode(user_only, false, true).unwrap(),
+        SMOL_CASES[2].ids
+    );
 }
 
 #[test]
 fn chat_template_qwen25() {
-    let f = GgufFile::open(require(cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))).unwrap();
+    let f = GgufFile::open(require(
+        cache_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+    ))
+    .unwrap();
     let t = ChatTemplate::from_metadata(&f.metadata)
         .expect("Qwen2.5 has a template")
         .unwrap();
     assert_eq!(t.render(&conversation(), true).unwrap(), EXPECTED_CHATML);
     assert_eq!(
         t.render(&conversation(), false).unwrap(),
-        EXPECTED_CHATML.strip_suffix("<|im_start|>assistant\n").unwrap()
+        EXPECTED_CHATML
+            .strip_suffix("<|im_start|>assistant\n")
+            .unwrap()
     );
     let out = t
         .render(
-            &[ChatMessage::new("user", "Write a haiku about memory bandwidth.")],
+            &[ChatMessage::new(
+                "user",
+                "Write a haiku about memory bandwidth.",
+            )],
             true,
         )
         .unwrap();
@@ -351,7 +420,10 @@ fn chat_template_qwen25() {
     );
     let tok = Tokenizer::from_gguf(&f.metadata).unwrap();
     let user_only = out.split_once("<|im_end|>\n").unwrap().1;
-    assert_eq!(tok.encode(user_only, false, true).unwrap(), QWEN_CASES[2].ids);
+    assert_eq!(
+        tok.encode(user_only, false, true).unwrap(),
+        QWEN_CASES[2].ids
+    );
 }
 
 #[test]

@@ -36,7 +36,10 @@ impl ReqSample {
         if self.output_tokens < 2 {
             return None;
         }
-        Some((self.last_token_ns? as f64 - self.first_token_ns? as f64) / (self.output_tokens - 1) as f64)
+        Some(
+            (self.last_token_ns? as f64 - self.first_token_ns? as f64)
+                / (self.output_tokens - 1) as f64,
+        )
     }
     pub fn e2e(&self) -> f64 {
         self.finish_ns.saturating_sub(self.arrival_ns) as f64
@@ -77,7 +80,18 @@ impl Stats {
             return None;
         }
         let d = crate::metrics::Dist::of(v);
-        Some(Stats { n: d.n, mean: d.mean, min: d.min, max: d.max, sd: d.sd, p50: d.p50, p90: d.p90, p95: d.p95, p99: d.p99, p999: d.p999 })
+        Some(Stats {
+            n: d.n,
+            mean: d.mean,
+            min: d.min,
+            max: d.max,
+            sd: d.sd,
+            p50: d.p50,
+            p90: d.p90,
+            p95: d.p95,
+            p99: d.p99,
+            p999: d.p999,
+        })
     }
 
     /// By the stat's name as stored in `run_metrics`.
@@ -99,7 +113,16 @@ impl Stats {
 }
 
 /// The latency metrics with a distribution (values in ns; tps in tokens/s).
-pub const DIST_METRICS: [&str; 8] = ["ttft", "queue", "ttft_engine", "itl", "tpot", "e2e", "prefill_tps", "decode_tps"];
+pub const DIST_METRICS: [&str; 8] = [
+    "ttft",
+    "queue",
+    "ttft_engine",
+    "itl",
+    "tpot",
+    "e2e",
+    "prefill_tps",
+    "decode_tps",
+];
 
 /// A run's (or several pooled runs') figures.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -134,13 +157,18 @@ impl Figures {
     /// window is the sum of the runs' windows (runs do not overlap in time).
     pub fn pooled(runs: &[(&[ReqSample], &[MemorySample])]) -> Figures {
         let mut f = Figures::default();
-        let mut d: std::collections::BTreeMap<&str, Vec<f64>> = DIST_METRICS.iter().map(|m| (*m, vec![])).collect();
-        let (mut cached, mut pf_tok, mut pf_ns, mut dec_tok, mut dec_ns) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut d: std::collections::BTreeMap<&str, Vec<f64>> =
+            DIST_METRICS.iter().map(|m| (*m, vec![])).collect();
+        let (mut cached, mut pf_tok, mut pf_ns, mut dec_tok, mut dec_ns) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut completed = 0usize;
         for (samples, memory) in runs {
             let measured: Vec<&ReqSample> = samples.iter().filter(|s| !s.warmup).collect();
             f.warmup += samples.len() - measured.len();
-            if let (Some(a), Some(b)) = (measured.iter().map(|s| s.arrival_ns).min(), measured.iter().map(|s| s.finish_ns).max()) {
+            if let (Some(a), Some(b)) = (
+                measured.iter().map(|s| s.arrival_ns).min(),
+                measured.iter().map(|s| s.finish_ns).max(),
+            ) {
                 f.window_ns += b.saturating_sub(a);
             }
             for s in &measured {
@@ -157,9 +185,13 @@ impl Figures {
                     d.get_mut("ttft").unwrap().push(t);
                 }
                 if let Some(q) = s.schedule_ns {
-                    d.get_mut("queue").unwrap().push(q.saturating_sub(s.arrival_ns) as f64);
+                    d.get_mut("queue")
+                        .unwrap()
+                        .push(q.saturating_sub(s.arrival_ns) as f64);
                     if let Some(t1) = s.first_token_ns {
-                        d.get_mut("ttft_engine").unwrap().push(t1.saturating_sub(q) as f64);
+                        d.get_mut("ttft_engine")
+                            .unwrap()
+                            .push(t1.saturating_sub(q) as f64);
                     }
                 }
                 if let Some(t) = s.tpot() {
@@ -173,7 +205,9 @@ impl Figures {
                 if let (Some(a), Some(b)) = (s.prefill_start_ns, s.prefill_end_ns)
                     && b > a
                 {
-                    d.get_mut("prefill_tps").unwrap().push(s.computed_prompt_tokens as f64 * 1e9 / (b - a) as f64);
+                    d.get_mut("prefill_tps")
+                        .unwrap()
+                        .push(s.computed_prompt_tokens as f64 * 1e9 / (b - a) as f64);
                     pf_tok += s.computed_prompt_tokens;
                     pf_ns += b - a;
                 }
@@ -181,7 +215,9 @@ impl Figures {
                     && s.output_tokens >= 2
                     && b > a
                 {
-                    d.get_mut("decode_tps").unwrap().push((s.output_tokens - 1) as f64 * 1e9 / (b - a) as f64);
+                    d.get_mut("decode_tps")
+                        .unwrap()
+                        .push((s.output_tokens - 1) as f64 * 1e9 / (b - a) as f64);
                     dec_tok += s.output_tokens - 1;
                     dec_ns += b - a;
                 }
@@ -198,7 +234,11 @@ impl Figures {
             f.output_tps = f.output_tokens as f64 / secs;
             f.input_tps = f.prompt_tokens as f64 / secs;
         }
-        f.error_rate = if f.measured > 0 { f.failed as f64 / f.measured as f64 } else { 0.0 };
+        f.error_rate = if f.measured > 0 {
+            f.failed as f64 / f.measured as f64
+        } else {
+            0.0
+        };
         f.prefix_hit_rate = (f.prompt_tokens > 0).then(|| cached as f64 / f.prompt_tokens as f64);
         f.prefill_tps_total = (pf_ns > 0).then(|| pf_tok as f64 * 1e9 / pf_ns as f64);
         f.decode_tps_total = (dec_ns > 0).then(|| dec_tok as f64 * 1e9 / dec_ns as f64);
@@ -232,10 +272,15 @@ impl Figures {
         sys("prefill_tps_total", self.prefill_tps_total);
         sys("decode_tps_total", self.decode_tps_total);
         sys("rss_peak_bytes", self.rss_peak_bytes.map(|x| x as f64));
-        sys("device_bytes_peak", self.device_bytes_peak.map(|x| x as f64));
+        sys(
+            "device_bytes_peak",
+            self.device_bytes_peak.map(|x| x as f64),
+        );
         sys("kv_bytes_peak", self.kv_bytes_peak.map(|x| x as f64));
         for (m, s) in &self.dists {
-            for stat in ["n", "mean", "min", "max", "sd", "p50", "p90", "p95", "p99", "p99.9"] {
+            for stat in [
+                "n", "mean", "min", "max", "sd", "p50", "p90", "p95", "p99", "p99.9",
+            ] {
                 out.push((m.clone(), stat.to_string(), s.get(stat)));
             }
         }

@@ -88,13 +88,24 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
         }
         let arrival = t_arr as u64;
         let enqueue = arrival + 20_000 + (rng.f() * 30_000.0) as u64;
-        let (slot, free) = slots.iter().copied().enumerate().min_by_key(|&(_, t)| t).unwrap();
+        let (slot, free) = slots
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by_key(|&(_, t)| t)
+            .unwrap();
         let schedule = enqueue.max(free) + 50_000;
         let prompt = rng.range(spec.prompt_tokens.0, spec.prompt_tokens.1);
-        let cached = if i % 3 == 0 { (prompt / 2) / 16 * 16 } else { 0 };
+        let cached = if i % 3 == 0 {
+            (prompt / 2) / 16 * 16
+        } else {
+            0
+        };
         let computed = prompt - cached;
         let pf_start = schedule + 10_000;
-        let pf_end = pf_start + ((computed.max(1) as f64) * spec.prefill_ms_per_token * ms * (0.9 + 0.2 * rng.f())) as u64;
+        let pf_end = pf_start
+            + ((computed.max(1) as f64) * spec.prefill_ms_per_token * ms * (0.9 + 0.2 * rng.f()))
+                as u64;
         let n_out = rng.range(spec.output_tokens.0, spec.output_tokens.1);
         let fail = rng.f() < spec.error_fraction;
         let mut t = pf_end as f64 + 0.3 * ms;
@@ -114,7 +125,11 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
         records.push(RequestRecord {
             request_id: i as u64,
             warmup: i < spec.n_warmup,
-            tags: vec![if i % 2 == 0 { "everyday".into() } else { "code".into() }],
+            tags: vec![if i % 2 == 0 {
+                "everyday".into()
+            } else {
+                "code".into()
+            }],
             prompt_tokens: prompt,
             arrival_ns: arrival,
             enqueue_ns: enqueue,
@@ -147,12 +162,19 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
     let step = (end / 2000).max(50_000_000);
     let base = 180u64 << 20;
     while tm <= end + 50_000_000 {
-        let active = records.iter().filter(|r| r.schedule_ns.unwrap() <= tm && r.finish_ns >= tm).count() as u64;
+        let active = records
+            .iter()
+            .filter(|r| r.schedule_ns.unwrap() <= tm && r.finish_ns >= tm)
+            .count() as u64;
         let kv = active * (6 << 20) + (rng.f() * (1 << 20) as f64) as u64;
         memory.push(MemorySample {
             t_ns: tm,
             rss_bytes: base + kv + (tm / 1_000_000) * 1024,
-            device_bytes: if spec.backend == "cpu" { 0 } else { base / 2 + kv },
+            device_bytes: if spec.backend == "cpu" {
+                0
+            } else {
+                base / 2 + kv
+            },
             kv_bytes_used: kv,
             kv_bytes_reserved: 64 << 20,
         });
@@ -161,27 +183,52 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
     let hash = if spec.workload_hash.is_empty() {
         format!("{:016x}", {
             let mut r = Rng::new(spec.seed ^ (spec.n_requests as u64) << 32);
-            spec.workload_name.bytes().fold(r.next_u64(), |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+            spec.workload_name.bytes().fold(r.next_u64(), |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            })
         })
     } else {
         spec.workload_hash.clone()
     };
     let load = if spec.rate > 0.0 {
-        format!(r#"{{"mode":"rate","rate":{},"concurrency":{}}}"#, spec.rate, spec.concurrency)
+        format!(
+            r#"{{"mode":"rate","rate":{},"concurrency":{}}}"#,
+            spec.rate, spec.concurrency
+        )
     } else {
-        format!(r#"{{"mode":"concurrency","concurrency":{}}}"#, spec.concurrency)
+        format!(
+            r#"{{"mode":"concurrency","concurrency":{}}}"#,
+            spec.concurrency
+        )
     };
     let measured: Vec<&RequestRecord> = records.iter().filter(|r| !r.warmup).collect();
-    let attaining = measured.iter().filter(|r| !r.failed() && r.token_ns.first().is_some_and(|&t| t - r.arrival_ns <= 500_000_000)).count();
-    let win = measured.iter().map(|r| r.finish_ns).max().unwrap_or(0) - measured.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
+    let attaining = measured
+        .iter()
+        .filter(|r| {
+            !r.failed()
+                && r.token_ns
+                    .first()
+                    .is_some_and(|&t| t - r.arrival_ns <= 500_000_000)
+        })
+        .count();
+    let win = measured.iter().map(|r| r.finish_ns).max().unwrap_or(0)
+        - measured.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
     RunResult {
         started_at: "2025-06-01T12:00:00Z".into(),
         provenance: Provenance {
             ember_version: "0.1.0".into(),
             git_commit: "0000000".into(),
             backend: spec.backend.clone(),
-            adapter: if spec.backend == "cpu" { String::new() } else { "Synthetic GPU".into() },
-            driver: if spec.backend == "cpu" { String::new() } else { "synthetic 1.0".into() },
+            adapter: if spec.backend == "cpu" {
+                String::new()
+            } else {
+                "Synthetic GPU".into()
+            },
+            driver: if spec.backend == "cpu" {
+                String::new()
+            } else {
+                "synthetic 1.0".into()
+            },
             cpu_model: "Synthetic CPU @ 3.0GHz".into(),
             cpu_cores: 8,
             threads: 8,
@@ -204,7 +251,12 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
         },
         slo_name: "chat-interactive".into(),
         slo: r#"{"ttft_p99_ms":500}"#.into(),
-        slo_verdicts: vec![SloVerdict { constraint: "ttft_p99 <= 500ms".into(), measured: 0.0, limit: 500.0, pass: true }],
+        slo_verdicts: vec![SloVerdict {
+            constraint: "ttft_p99 <= 500ms".into(),
+            measured: 0.0,
+            limit: 500.0,
+            pass: true,
+        }],
         slo_attainment: attaining as f64 / measured.len().max(1) as f64,
         goodput_rps: attaining as f64 / (win.max(1) as f64 / 1e9),
         records,

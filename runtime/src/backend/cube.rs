@@ -44,7 +44,11 @@ pub(crate) struct DevWeight {
 
 impl std::fmt::Debug for DevWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DevWeight({:?}, group {}, {} bytes)", self.kind, self.group, self.bytes)
+        write!(
+            f,
+            "DevWeight({:?}, group {}, {} bytes)",
+            self.kind, self.group, self.bytes
+        )
     }
 }
 
@@ -86,7 +90,10 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
     if r.kind == CodeKind::F16 || r.kind == CodeKind::Bf16 {
         // Two codes per word must not straddle rows: the kernel walks whole words per row.
         if w.cols % 2 != 0 {
-            return Err(HandleError::Device(format!("{} matrix with an odd column count ({})", w.ty, w.cols)));
+            return Err(HandleError::Device(format!(
+                "{} matrix with an odd column count ({})",
+                w.ty, w.cols
+            )));
         }
     }
     let client = device.client();
@@ -102,7 +109,11 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
     }
     let codes = client.create_from_slice(u32::as_bytes(&r.codes));
     // A zero-length binding is not allowed; raw float layouts get one unused word.
-    let params_v = if r.params.is_empty() { vec![0f32] } else { r.params.clone() };
+    let params_v = if r.params.is_empty() {
+        vec![0f32]
+    } else {
+        r.params.clone()
+    };
     let params = client.create_from_slice(f32::as_bytes(&params_v));
     let bytes = r.bytes();
     let d = DevWeight {
@@ -115,7 +126,14 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
         group: r.group,
         bytes,
     };
-    let b = Bound { codes, params, n_codes: d.n_codes, n_params: d.n_params, kind: d.kind, group: d.group };
+    let b = Bound {
+        codes,
+        params,
+        n_codes: d.n_codes,
+        n_params: d.n_params,
+        kind: d.kind,
+        group: d.group,
+    };
     *slot = Some(d);
     Ok((b, bytes, true))
 }
@@ -182,16 +200,18 @@ fn round_away(v: f32) -> f32 {
     select(v < 0.0f32, -r, r)
 }
 
-/// The activation rounding ember's CPU kernels (and llama.cpp) apply before their integer dots,
-/// as f32 values `d · q`: per block of 32 with an f16 scale (`act` 0: Q8_0 and Q8_1), per block of
-/// 256 with an f32 scale (`act` 1: Q8_K), or each value rounded to f16 (2) or bf16 (3) for
-/// float weights. One unit per block.
+/// The activation rounding ember's CPU kernels (and llama.cpp) apply before their integer dots.
+/// For quantized weights (`act` 0: Q8_0/Q8_1 blocks of 32 with an f16 scale; `act` 1: Q8_K
+/// blocks of 256 with an f32 scale) it writes the integer quants `q` (as f32, exactly), the
+/// block scales `dx` and, for Q8_1, `sx = f16(d·Σq)`. For float weights it writes each value
+/// rounded to f16 (`act` 2) or bf16 (3) in `q`. One unit per block.
 #[allow(unused_assignments)]
 #[cube(launch)]
 fn quantize_act_kernel(
     x: &[f32],
-    y: &mut [f32],
-    corr: &mut [f32],
+    q: &mut [f32],
+    dx: &mut [f32],
+    sx: &mut [f32],
     n_blocks: u32,
     #[comptime] act: u32,
     #[comptime] block: u32,
@@ -210,17 +230,15 @@ fn quantize_act_kernel(
             if d != 0.0f32 {
                 id = 1.0f32 / d;
             }
-            let dh = round_f16_value(d);
             let mut sum = 0.0f32;
             for j in 0..block as usize {
-                let q = round_away(x[base + j] * id);
-                sum += q;
-                y[base + j] = q * dh;
+                let v = round_away(x[base + j] * id);
+                sum += v;
+                q[base + j] = v;
             }
+            dx[b] = round_f16_value(d);
             if comptime![q81] {
-                // Q8_1 carries s = f16(d·Σq) for the weight's min term; the kernel adds
-                // `offset · (s − dh·Σq)` so that term uses s exactly as the CPU does.
-                corr[b] = round_f16_value(d * sum) - dh * sum;
+                sx[b] = round_f16_value(d * sum);
             }
         } else if comptime![act == 1] {
             let mut amax = 0.0f32;
@@ -234,26 +252,39 @@ fn quantize_act_kernel(
             }
             if amax == 0.0f32 {
                 for j in 0..block as usize {
-                    y[base + j] = 0.0f32;
+                    q[base + j] = 0.0f32;
                 }
+                dx[b] = 0.0f32;
             } else {
                 let iscale = -127.0f32 / max;
-                let d = 1.0f32 / iscale;
                 for j in 0..block as usize {
                     // ggml's nearest_int: ties to even (WGSL round), clamped at 127.
-                    let q = (iscale * x[base + j]).round().min(127.0f32);
-                    y[base + j] = q * d;
+                    q[base + j] = (iscale * x[base + j]).round().min(127.0f32);
                 }
+                dx[b] = 1.0f32 / iscale;
             }
         } else if comptime![act == 2] {
-            y[b] = round_f16_value(x[b]);
+            q[b] = round_f16_value(x[b]);
         } else {
             // bf16: round to nearest even on the top 16 bits.
             let bits = u32::reinterpret(x[b]);
             let lsb = (bits >> 16) & 1;
-            y[b] = f32::reinterpret((bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32);
+            q[b] = f32::reinterpret((bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32);
         }
     }
+}
+
+/// Code `k` of a packed word, as an exact f32 integer.
+#[allow(unused_assignments)]
+#[cube]
+fn code_of(word: u32, k: u32, #[comptime] kind: u32) -> f32 {
+    let mut c = 0.0f32;
+    if comptime![kind == 0] {
+        c = f32::cast_from((word >> (4 * k)) & 0xF);
+    } else {
+        c = f32::cast_from((word >> (8 * k)) & 0xFF);
+    }
+    c
 }
 
 #[allow(unused_assignments)]
@@ -274,12 +305,18 @@ fn decode(word: u32, k: u32, scale: f32, offset: f32, #[comptime] kind: u32) -> 
     v
 }
 
+/// Integer mode (quantized weights): per code word, `Σ (code − zp) · q` over its 8 or 4
+/// elements is exact in f32 (|terms| ≤ 255·127), then scaled by `scale · dx` as the CPU kernels
+/// scale their integer block sums; affine types add their min term from `sx` (Q8_1, once per
+/// 32-block) or from `offset · dx · Σq` (Q8_K). Float mode multiplies decoded weights by the
+/// rounded activations.
 #[cube(launch)]
 fn qmm_kernel(
     codes: &[u32],
     params: &[f32],
-    x: &[f32],
-    corr: &[f32],
+    xq: &[f32],
+    dx: &[f32],
+    sx: &[f32],
     y: &mut [f32],
     m: u32,
     rows: u32,
@@ -287,7 +324,10 @@ fn qmm_kernel(
     #[comptime] kind: u32,
     #[comptime] per_word: u32,
     #[comptime] group: u32,
-    #[comptime] has_corr: bool,
+    #[comptime] zp: u32,
+    #[comptime] affine: bool,
+    #[comptime] q81: bool,
+    #[comptime] act_block: u32,
 ) {
     // No early return: the barriers below must be reached by every unit (WGSL uniformity), so a
     // cube past the last row computes row `rows - 1` again and does not write it.
@@ -301,6 +341,7 @@ fn qmm_kernel(
     let x3 = ((t0 + 3).min(m - 1) * cols) as usize;
     let words = cols / per_word;
     let row_word = r as usize * words as usize;
+    let zpf = f32::cast_from(zp);
     let mut a0 = 0.0f32;
     let mut a1 = 0.0f32;
     let mut a2 = 0.0f32;
@@ -309,30 +350,69 @@ fn qmm_kernel(
     while wi < words {
         let word = codes[row_word + wi as usize];
         let c0 = (wi * per_word) as usize;
-        let mut scale = 1.0f32;
-        let mut offset = 0.0f32;
         if comptime![kind <= 1] {
             let g = (r as usize * cols as usize + c0) / group as usize;
-            scale = params[2 * g];
-            offset = params[2 * g + 1];
-        }
-        if comptime![has_corr] {
-            // First word of a 32-column activation block (Q4_1/Q5_1 groups are those blocks).
-            if c0 % 32 == 0 {
-                a0 += offset * corr[(x0 + c0) / 32];
-                a1 += offset * corr[(x1 + c0) / 32];
-                a2 += offset * corr[(x2 + c0) / 32];
-                a3 += offset * corr[(x3 + c0) / 32];
+            let scale = params[2 * g];
+            let offset = params[2 * g + 1];
+            let mut i0 = 0.0f32;
+            let mut i1 = 0.0f32;
+            let mut i2 = 0.0f32;
+            let mut i3 = 0.0f32;
+            let mut s0 = 0.0f32;
+            let mut s1 = 0.0f32;
+            let mut s2 = 0.0f32;
+            let mut s3 = 0.0f32;
+            #[unroll]
+            for k in 0..per_word {
+                let w = code_of(word, k, kind) - zpf;
+                let c = c0 + k as usize;
+                let (q0, q1, q2, q3) = (xq[x0 + c], xq[x1 + c], xq[x2 + c], xq[x3 + c]);
+                i0 += w * q0;
+                i1 += w * q1;
+                i2 += w * q2;
+                i3 += w * q3;
+                if comptime![affine && !q81] {
+                    s0 += q0;
+                    s1 += q1;
+                    s2 += q2;
+                    s3 += q3;
+                }
             }
-        }
-        #[unroll]
-        for k in 0..per_word {
-            let w = decode(word, k, scale, offset, kind);
-            let c = c0 + k as usize;
-            a0 += w * x[x0 + c];
-            a1 += w * x[x1 + c];
-            a2 += w * x[x2 + c];
-            a3 += w * x[x3 + c];
+            let ab = act_block as usize;
+            let (d0, d1, d2, d3) = (
+                dx[(x0 + c0) / ab],
+                dx[(x1 + c0) / ab],
+                dx[(x2 + c0) / ab],
+                dx[(x3 + c0) / ab],
+            );
+            a0 += scale * d0 * i0;
+            a1 += scale * d1 * i1;
+            a2 += scale * d2 * i2;
+            a3 += scale * d3 * i3;
+            if comptime![affine && q81] {
+                if c0 % 32 == 0 {
+                    a0 += offset * sx[(x0 + c0) / 32];
+                    a1 += offset * sx[(x1 + c0) / 32];
+                    a2 += offset * sx[(x2 + c0) / 32];
+                    a3 += offset * sx[(x3 + c0) / 32];
+                }
+            }
+            if comptime![affine && !q81] {
+                a0 += offset * d0 * s0;
+                a1 += offset * d1 * s1;
+                a2 += offset * d2 * s2;
+                a3 += offset * d3 * s3;
+            }
+        } else {
+            #[unroll]
+            for k in 0..per_word {
+                let w = decode(word, k, 1.0f32, 0.0f32, kind);
+                let c = c0 + k as usize;
+                a0 += w * xq[x0 + c];
+                a1 += w * xq[x1 + c];
+                a2 += w * xq[x2 + c];
+                a3 += w * xq[x3 + c];
+            }
         }
         wi += 64;
     }
@@ -363,13 +443,20 @@ fn qmm_kernel(
 fn launch_1d(n: usize) -> (CubeCount, CubeDim) {
     let units = 64u32;
     let cubes = (n as u32).div_ceil(units).max(1);
-    (CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), 1), CubeDim::new_1d(units))
+    (
+        CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), 1),
+        CubeDim::new_1d(units),
+    )
 }
 
 /// [`super::QuantOps::round_f16`] on the device.
 pub(crate) fn round_f16(x: CubeTensor) -> CubeTensor {
     let x = into_contiguous(x);
-    assert_eq!(x.dtype, DType::F32, "round_f16: x must be f32 on the device");
+    assert_eq!(
+        x.dtype,
+        DType::F32,
+        "round_f16: x must be f32 on the device"
+    );
     let n = x.meta.shape().num_elements();
     let client = x.client.clone();
     let out = client.empty(n.max(1) * 4);
@@ -386,25 +473,58 @@ pub(crate) fn round_f16(x: CubeTensor) -> CubeTensor {
             );
         }
     }
-    CubeTensor::new_contiguous(client, x.device.clone(), x.meta.shape().clone(), out, DType::F32)
+    CubeTensor::new_contiguous(
+        client,
+        x.device.clone(),
+        x.meta.shape().clone(),
+        out,
+        DType::F32,
+    )
 }
 
-/// `x` rounded as the CPU kernels round activations for `ty` (see `quantize_act_kernel`).
-/// Returns the rounded activations and, for Q8_1 (Q4_1/Q5_1 weights), the per-block
-/// corrections of the min term.
-fn quantize_act(x: &CubeTensor, ty: GgmlType, n: usize) -> Option<(cubecl::server::Handle, Option<cubecl::server::Handle>)> {
-    let (act, block) = match ty {
-        GgmlType::F32 => return None,
-        GgmlType::F16 => (2, 1),
-        GgmlType::BF16 => (3, 1),
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => (1, 256),
-        _ => (0, 32),
-    };
-    let q81 = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+/// Activations rounded for `ty` on the device: `(q, dx, sx)` buffers (see
+/// `quantize_act_kernel`); `None` for f32 weights (used as they are).
+struct ActBufs {
+    q: cubecl::server::Handle,
+    dx: cubecl::server::Handle,
+    n_dx: usize,
+    sx: cubecl::server::Handle,
+    n_sx: usize,
+}
+
+/// How the CPU kernels treat `ty`: (act kind, act block, zero point, affine, Q8_1).
+fn act_scheme(ty: GgmlType) -> (u32, usize, u32, bool, bool) {
+    match ty {
+        GgmlType::F32 => (4, 1, 0, false, false),
+        GgmlType::F16 => (2, 1, 0, false, false),
+        GgmlType::BF16 => (3, 1, 0, false, false),
+        GgmlType::Q4_0 => (0, 32, 8, false, false),
+        GgmlType::Q5_0 => (0, 32, 16, false, false),
+        GgmlType::Q8_0 => (0, 32, 128, false, false),
+        GgmlType::Q4_1 | GgmlType::Q5_1 => (0, 32, 0, true, true),
+        GgmlType::Q4_K | GgmlType::Q5_K => (1, 256, 0, true, false),
+        GgmlType::Q6_K => (1, 256, 32, false, false),
+        _ => unreachable!("no device layout for {ty}"),
+    }
+}
+
+fn quantize_act(x: &CubeTensor, ty: GgmlType, n: usize) -> Option<ActBufs> {
+    let (act, block, _, _, q81) = act_scheme(ty);
+    if act == 4 {
+        return None;
+    }
     let client = &x.client;
-    let out = client.empty(n.max(1) * 4);
     let n_blocks = n / block;
-    let corr = client.empty(if q81 { n_blocks.max(1) * 4 } else { 4 });
+    let quant = act <= 1;
+    let n_dx = if quant { n_blocks.max(1) } else { 1 };
+    let n_sx = if q81 { n_blocks.max(1) } else { 1 };
+    let bufs = ActBufs {
+        q: client.empty(n.max(1) * 4),
+        dx: client.empty(n_dx * 4),
+        n_dx,
+        sx: client.empty(n_sx * 4),
+        n_sx,
+    };
     let (count, dim) = launch_1d(n_blocks);
     unsafe {
         quantize_act_kernel::launch(
@@ -412,30 +532,42 @@ fn quantize_act(x: &CubeTensor, ty: GgmlType, n: usize) -> Option<(cubecl::serve
             count,
             dim,
             BufferArg::from_raw_parts(x.handle.clone(), n),
-            BufferArg::from_raw_parts(out.clone(), n),
-            BufferArg::from_raw_parts(corr.clone(), if q81 { n_blocks.max(1) } else { 1 }),
+            BufferArg::from_raw_parts(bufs.q.clone(), n),
+            BufferArg::from_raw_parts(bufs.dx.clone(), n_dx),
+            BufferArg::from_raw_parts(bufs.sx.clone(), n_sx),
             n_blocks as u32,
             act,
             block as u32,
             q81,
         );
     }
-    Some((out, q81.then_some(corr)))
+    Some(bufs)
 }
 
 /// `y = x · Wᵀ` on the device `x` lives on. The activations are first rounded as the CPU
-/// kernels round them (8-bit blocks for quantized weights, f16/bf16 for half weights), so the
-/// GPU follows the same numerics as the CPU path and llama.cpp.
-pub(crate) fn qmatmul(x: CubeTensor, w: &QWeightHandle, m: usize, out_shape: burn::tensor::Shape) -> CubeTensor {
+/// kernels round them (8-bit blocks for quantized weights, f16/bf16 for half weights) and the
+/// products are summed as integers per code word, so the GPU follows the CPU path's (and
+/// llama.cpp's) numerics up to f32 summation order.
+pub(crate) fn qmatmul(
+    x: CubeTensor,
+    w: &QWeightHandle,
+    m: usize,
+    out_shape: burn::tensor::Shape,
+) -> CubeTensor {
     let device = x.device.clone();
     let (b, _, _) = bind(w, &device).unwrap_or_else(|e| panic!("qmatmul: {e}"));
     let x = into_contiguous(x);
     assert_eq!(x.dtype, DType::F32, "qmatmul: x must be f32 on the device");
     let client = x.client.clone();
-    let (xq, corr) = quantize_act(&x, w.ty, m * w.cols).unwrap_or_else(|| (x.handle.clone(), None));
-    let has_corr = corr.is_some();
-    let n_corr = if has_corr { m * w.cols / 32 } else { 1 };
-    let corr = corr.unwrap_or_else(|| client.empty(4));
+    let n = m * w.cols;
+    let (_, act_block, zp, affine, q81) = act_scheme(w.ty);
+    let act = quantize_act(&x, w.ty, n).unwrap_or_else(|| ActBufs {
+        q: x.handle.clone(),
+        dx: client.empty(4),
+        n_dx: 1,
+        sx: client.empty(4),
+        n_sx: 1,
+    });
     let out = client.empty(m.max(1) * w.rows * 4);
     if m > 0 && w.rows > 0 {
         let rows = w.rows as u32;
@@ -450,8 +582,9 @@ pub(crate) fn qmatmul(x: CubeTensor, w: &QWeightHandle, m: usize, out_shape: bur
                 CubeDim::new_1d(UNITS),
                 BufferArg::from_raw_parts(b.codes, b.n_codes),
                 BufferArg::from_raw_parts(b.params, b.n_params),
-                BufferArg::from_raw_parts(xq, m * w.cols),
-                BufferArg::from_raw_parts(corr, n_corr),
+                BufferArg::from_raw_parts(act.q, n),
+                BufferArg::from_raw_parts(act.dx, act.n_dx),
+                BufferArg::from_raw_parts(act.sx, act.n_sx),
                 BufferArg::from_raw_parts(out.clone(), m * w.rows),
                 m as u32,
                 rows,
@@ -459,7 +592,10 @@ pub(crate) fn qmatmul(x: CubeTensor, w: &QWeightHandle, m: usize, out_shape: bur
                 kind_id(kind),
                 kind.per_word() as u32,
                 b.group.max(1) as u32,
-                has_corr,
+                zp,
+                affine,
+                q81,
+                act_block as u32,
             );
         }
     }

@@ -82,14 +82,27 @@ impl QAct {
             cols,
             qs: vec![0; x.len()],
             d: vec![0.0; nb],
-            s: if kind == ActKind::Q8_1 { vec![0.0; nb] } else { Vec::new() },
+            s: if kind == ActKind::Q8_1 {
+                vec![0.0; nb]
+            } else {
+                Vec::new()
+            },
             sum32: vec![0; x.len() / 32],
-            bs16: if kind == ActKind::Q8_K { vec![0; x.len() / 16] } else { Vec::new() },
+            bs16: if kind == ActKind::Q8_K {
+                vec![0; x.len() / 16]
+            } else {
+                Vec::new()
+            },
         };
         match kind {
             ActKind::Q8_0 | ActKind::Q8_1 => {
-                for (b, (xb, qb)) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)).enumerate() {
-                    let (d, s, sum) = quantize_block_q8_0(xb.try_into().unwrap(), qb.try_into().unwrap());
+                for (b, (xb, qb)) in x
+                    .chunks_exact(32)
+                    .zip(a.qs.chunks_exact_mut(32))
+                    .enumerate()
+                {
+                    let (d, s, sum) =
+                        quantize_block_q8_0(xb.try_into().unwrap(), qb.try_into().unwrap());
                     a.d[b] = d;
                     if kind == ActKind::Q8_1 {
                         a.s[b] = s;
@@ -98,9 +111,14 @@ impl QAct {
                 }
             }
             ActKind::Q8_K => {
-                for (b, (xb, qb)) in x.chunks_exact(256).zip(a.qs.chunks_exact_mut(256)).enumerate() {
+                for (b, (xb, qb)) in x
+                    .chunks_exact(256)
+                    .zip(a.qs.chunks_exact_mut(256))
+                    .enumerate()
+                {
                     let bs: &mut [i16; 16] = (&mut a.bs16[16 * b..16 * b + 16]).try_into().unwrap();
-                    a.d[b] = quantize_block_q8_k(xb.try_into().unwrap(), qb.try_into().unwrap(), bs);
+                    a.d[b] =
+                        quantize_block_q8_k(xb.try_into().unwrap(), qb.try_into().unwrap(), bs);
                     for j in 0..8 {
                         a.sum32[8 * b + j] = bs[2 * j] as i32 + bs[2 * j + 1] as i32;
                     }
@@ -116,9 +134,17 @@ impl QAct {
         QRow {
             qs: &self.qs[i * c..(i + 1) * c],
             d: &self.d[i * nb..(i + 1) * nb],
-            s: if self.s.is_empty() { &[] } else { &self.s[i * nb..(i + 1) * nb] },
+            s: if self.s.is_empty() {
+                &[]
+            } else {
+                &self.s[i * nb..(i + 1) * nb]
+            },
             sum32: &self.sum32[i * c / 32..(i + 1) * c / 32],
-            bs16: if self.bs16.is_empty() { &[] } else { &self.bs16[i * c / 16..(i + 1) * c / 16] },
+            bs16: if self.bs16.is_empty() {
+                &[]
+            } else {
+                &self.bs16[i * c / 16..(i + 1) * c / 16]
+            },
         }
     }
 }
@@ -187,7 +213,11 @@ pub(crate) fn round_activations(ty: GgmlType, x: &[f32]) -> Option<Vec<f32>> {
             h.convert_to_f32_slice(&mut out);
             Some(out)
         }
-        GgmlType::BF16 => Some(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()),
+        GgmlType::BF16 => Some(
+            x.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -211,7 +241,13 @@ pub(crate) type DotFn = unsafe fn(&[u8], &QRow<'_>) -> f32;
 
 /// Wrap a row-dot kernel into a tile kernel for any R, C (loops over the pairs).
 #[inline(always)]
-pub(crate) unsafe fn tile_by_rows(dot: DotFn, w: &[u8], rb: usize, xr: &[QRow<'_>], out: &mut [f32]) {
+pub(crate) unsafe fn tile_by_rows(
+    dot: DotFn,
+    w: &[u8],
+    rb: usize,
+    xr: &[QRow<'_>],
+    out: &mut [f32],
+) {
     let c = xr.len();
     for (r, wr) in w.chunks_exact(rb).enumerate() {
         for (j, x) in xr.iter().enumerate() {
@@ -251,7 +287,12 @@ pub(crate) fn portable_tiles(ty: GgmlType) -> Tiles {
         GgmlType::Q6_K => tile_q6_k,
         _ => unreachable!("no quantized dot kernel for {ty}"),
     };
-    Tiles { rmax: 1, cmax: 4, big: [f; 4], one: [f; 4] }
+    Tiles {
+        rmax: 1,
+        cmax: 4,
+        big: [f; 4],
+        one: [f; 4],
+    }
 }
 
 /// 4-bit (and optional 5th bit) quants of a 32-block as unsigned values: element j and j+16.
@@ -285,10 +326,23 @@ fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
     let bb = 18 + if Q5 { 4 } else { 0 } + if MIN { 2 } else { 0 };
     let qh_off = if MIN { 4 } else { 2 };
     let qs_off = qh_off + if Q5 { 4 } else { 0 };
-    let off = if MIN { 0 } else if Q5 { 16 } else { 8 };
+    let off = if MIN {
+        0
+    } else if Q5 {
+        16
+    } else {
+        8
+    };
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(bb).enumerate() {
-        let qh = Q5.then(|| u32::from_le_bytes([blk[qh_off], blk[qh_off + 1], blk[qh_off + 2], blk[qh_off + 3]]));
+        let qh = Q5.then(|| {
+            u32::from_le_bytes([
+                blk[qh_off],
+                blk[qh_off + 1],
+                blk[qh_off + 2],
+                blk[qh_off + 3],
+            ])
+        });
         let q = unpack_q4q5(&blk[qs_off..qs_off + 16], qh);
         let i = idot(&q, off, &x.qs[32 * b..32 * b + 32]);
         acc += rd_f16(blk, 0) * x.d[b] * i as f32;

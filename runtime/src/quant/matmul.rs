@@ -67,7 +67,10 @@ pub fn matmul(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
 /// activation quantization and integer block dots on every ISA and for every `m`; float weights
 /// use f32 dots (the `gemm` crate, with its own CPU dispatch, for `m > 16`).
 pub fn matmul_with(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
-    assert!(isa.is_available(), "matmul_with: ISA {isa:?} not available on this CPU");
+    assert!(
+        isa.is_available(),
+        "matmul_with: ISA {isa:?} not available on this CPU"
+    );
     if let Err(e) = w.validate() {
         panic!("matmul: bad weight matrix: {e}");
     }
@@ -158,7 +161,12 @@ fn q_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(p, q)| p * q).sum();
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
     for (p, q) in ac.zip(bc) {
         for k in 0..8 {
             acc[k] += p[k] * q[k];
@@ -300,6 +308,10 @@ pub(crate) fn dequant_row_fast(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
             }
         };
     }
-    assert_eq!(Some(src.len()), ty.row_bytes(dst.len()), "dequant_row: lengths");
+    assert_eq!(
+        Some(src.len()),
+        ty.row_bytes(dst.len()),
+        "dequant_row: lengths"
+    );
     rows!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K);
 }

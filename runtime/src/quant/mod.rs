@@ -277,9 +277,18 @@ pub enum QuantError {
     #[error("ggml type {0} is not supported by the quant kernels")]
     Unsupported(GgmlType),
     #[error("{ty}: {n} elements is not a multiple of the block length {block_len}")]
-    NotBlockMultiple { ty: GgmlType, n: usize, block_len: usize },
+    NotBlockMultiple {
+        ty: GgmlType,
+        n: usize,
+        block_len: usize,
+    },
     #[error("{ty}: {n} elements need {expected} bytes of blocks, got {got}")]
-    BadSrcLen { ty: GgmlType, n: usize, expected: usize, got: usize },
+    BadSrcLen {
+        ty: GgmlType,
+        n: usize,
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// A borrowed row-major weight matrix: `rows` rows of `cols` elements, each row a run of blocks.
@@ -310,11 +319,14 @@ impl<'a> QMatRef<'a> {
         if !self.ty.is_supported() {
             return Err(QuantError::Unsupported(self.ty));
         }
-        let rb = self.ty.row_bytes(self.cols).ok_or(QuantError::NotBlockMultiple {
-            ty: self.ty,
-            n: self.cols,
-            block_len: self.ty.block_len(),
-        })?;
+        let rb = self
+            .ty
+            .row_bytes(self.cols)
+            .ok_or(QuantError::NotBlockMultiple {
+                ty: self.ty,
+                n: self.cols,
+                block_len: self.ty.block_len(),
+            })?;
         let expected = rb * self.rows;
         if self.data.len() != expected {
             return Err(QuantError::BadSrcLen {

@@ -53,7 +53,13 @@ unsafe fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f
     let bb = 18 + if Q5 { 4 } else { 0 } + if MIN { 2 } else { 0 };
     let qh_off = if MIN { 4 } else { 2 };
     let qs_off = qh_off + if Q5 { 4 } else { 0 };
-    let off: i8 = if MIN { 0 } else if Q5 { 16 } else { 8 };
+    let off: i8 = if MIN {
+        0
+    } else if Q5 {
+        16
+    } else {
+        8
+    };
     let nb = x.d.len();
     assert!(w.len() == nb * bb && x.qs.len() == nb * 32);
     let mut acc = 0f32;
@@ -77,7 +83,11 @@ unsafe fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f
             }
             let lo = vsubq_s8(vreinterpretq_s8_u8(lo), offv);
             let hi = vsubq_s8(vreinterpretq_s8_u8(hi), offv);
-            let p = dot16(dot16(vdupq_n_s32(0), lo, ldx(x, 32 * b)), hi, ldx(x, 32 * b + 16));
+            let p = dot16(
+                dot16(vdupq_n_s32(0), lo, ldx(x, 32 * b)),
+                hi,
+                ldx(x, 32 * b + 16),
+            );
             let i = vaddvq_s32(p);
             acc += f16(blk, 0) * x.d[b] * i as f32;
             if MIN {
@@ -114,7 +124,11 @@ unsafe fn dot_q8_0(w: &[u8], x: &QRow<'_>) -> f32 {
         for (b, blk) in w.chunks_exact(34).enumerate() {
             let q0 = vreinterpretq_s8_u8(ld16(blk.as_ptr().add(2)));
             let q1 = vreinterpretq_s8_u8(ld16(blk.as_ptr().add(18)));
-            let p = dot16(dot16(vdupq_n_s32(0), q0, ldx(x, 32 * b)), q1, ldx(x, 32 * b + 16));
+            let p = dot16(
+                dot16(vdupq_n_s32(0), q0, ldx(x, 32 * b)),
+                q1,
+                ldx(x, 32 * b + 16),
+            );
             acc += f16(blk, 0) * x.d[b] * vaddvq_s32(p) as f32;
         }
     }
@@ -157,7 +171,8 @@ unsafe fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
                 }
                 isum += sc1 as i32 * vaddvq_s32(p1) + sc2 as i32 * vaddvq_s32(p2);
                 let bs = &x.bs16[16 * i + 4 * c..16 * i + 4 * c + 4];
-                msum += m1 as i32 * (bs[0] as i32 + bs[1] as i32) + m2 as i32 * (bs[2] as i32 + bs[3] as i32);
+                msum += m1 as i32 * (bs[0] as i32 + bs[1] as i32)
+                    + m2 as i32 * (bs[2] as i32 + bs[3] as i32);
             }
             let d = x.d[i] * f16(blk, 0);
             let dmin = x.d[i] * f16(blk, 2);
@@ -196,13 +211,23 @@ unsafe fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
                     let qh = ld16(p.add(128 + 32 * h + 16 * k));
                     let q = [
                         vorrq_u8(vandq_u8(ql0, m4), vshlq_n_u8::<4>(vandq_u8(qh, m3))),
-                        vorrq_u8(vandq_u8(ql1, m4), vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<2>(qh), m3))),
-                        vorrq_u8(vshrq_n_u8::<4>(ql0), vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<4>(qh), m3))),
+                        vorrq_u8(
+                            vandq_u8(ql1, m4),
+                            vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<2>(qh), m3)),
+                        ),
+                        vorrq_u8(
+                            vshrq_n_u8::<4>(ql0),
+                            vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<4>(qh), m3)),
+                        ),
                         vorrq_u8(vshrq_n_u8::<4>(ql1), vshlq_n_u8::<4>(vshrq_n_u8::<6>(qh))),
                     ];
                     for g in 0..4 {
                         let qs = vsubq_s8(vreinterpretq_s8_u8(q[g]), off);
-                        let s = dot16(vdupq_n_s32(0), qs, ldx(x, 256 * i + 128 * h + 32 * g + 16 * k));
+                        let s = dot16(
+                            vdupq_n_s32(0),
+                            qs,
+                            ldx(x, 256 * i + 128 * h + 32 * g + 16 * k),
+                        );
                         let sc = blk[192 + 8 * h + 2 * g + k] as i8 as i32;
                         isum += sc * vaddvq_s32(s);
                     }
@@ -244,5 +269,10 @@ pub(crate) fn tiles(ty: GgmlType) -> Tiles {
         GgmlType::Q6_K => tile_q6_k,
         _ => unreachable!("no q8 dot kernel for {ty}"),
     };
-    Tiles { rmax: 1, cmax: 4, big: [f; 4], one: [f; 4] }
+    Tiles {
+        rmax: 1,
+        cmax: 4,
+        big: [f; 4],
+        one: [f; 4],
+    }
 }

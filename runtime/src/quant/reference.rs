@@ -61,7 +61,12 @@ fn check(ty: GgmlType, n: usize, src_len: usize) -> Result<(), QuantError> {
         block_len: ty.block_len(),
     })?;
     if src_len != expected {
-        return Err(QuantError::BadSrcLen { ty, n, expected, got: src_len });
+        return Err(QuantError::BadSrcLen {
+            ty,
+            n,
+            expected,
+            got: src_len,
+        });
     }
     Ok(())
 }
@@ -205,7 +210,11 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
     }
     let bl = ty.block_len();
     if !src.len().is_multiple_of(bl) {
-        return Err(QuantError::NotBlockMultiple { ty, n: src.len(), block_len: bl });
+        return Err(QuantError::NotBlockMultiple {
+            ty,
+            n: src.len(),
+            block_len: bl,
+        });
     }
     let bb = ty.block_bytes();
     let mut out = vec![0u8; src.len() / bl * bb];
@@ -246,7 +255,11 @@ fn quantize_block(ty: GgmlType, x: &[f32], b: &mut [u8]) {
         GgmlType::F16 => b.copy_from_slice(&f16::from_f32(x[0]).to_le_bytes()),
         GgmlType::BF16 => b.copy_from_slice(&bf16::from_f32(x[0]).to_le_bytes()),
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
-            let (nlev, off) = if ty == GgmlType::Q4_0 { (15, 8.0) } else { (31, 16.0) };
+            let (nlev, off) = if ty == GgmlType::Q4_0 {
+                (15, 8.0)
+            } else {
+                (31, 16.0)
+            };
             // Map the signed extreme to -off exactly (uses the full negative range, as ggml).
             let mx = signed_absmax(x);
             let d = f16::from_f32(mx / -off).to_f32();
@@ -391,7 +404,8 @@ fn quantize_q6_k(x: &[f32], b: &mut [u8]) {
             let (q1, q2, q3, q4) = (qh_[l], qh_[l + 32], qh_[l + 64], qh_[l + 96]);
             b[64 * h + l] = (q1 & 0x0F) | ((q3 & 0x0F) << 4);
             b[64 * h + l + 32] = (q2 & 0x0F) | ((q4 & 0x0F) << 4);
-            b[128 + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            b[128 + 32 * h + l] =
+                (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
         }
     }
     for s in 0..16 {

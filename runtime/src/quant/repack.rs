@@ -104,7 +104,11 @@ impl Repacked {
         let pw = self.kind.per_word();
         let bits = self.kind.bits();
         let word = self.codes[e / pw];
-        let code = if bits == 32 { word } else { (word >> ((e % pw) as u32 * bits)) & ((1u32 << bits) - 1) };
+        let code = if bits == 32 {
+            word
+        } else {
+            (word >> ((e % pw) as u32 * bits)) & ((1u32 << bits) - 1)
+        };
         match self.kind {
             CodeKind::U4 | CodeKind::U8 => {
                 let g = e / self.group;
@@ -139,7 +143,11 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
     w.validate()?;
     let (kind, group) = device_layout(w.ty).ok_or(QuantError::Unsupported(w.ty))?;
     let n = w.rows * w.cols;
-    let mut p = Packer { bits: kind.bits(), codes: Vec::with_capacity(n.div_ceil(kind.per_word())), n: 0 };
+    let mut p = Packer {
+        bits: kind.bits(),
+        codes: Vec::with_capacity(n.div_ceil(kind.per_word())),
+        n: 0,
+    };
     let mut params = Vec::with_capacity(if group > 0 { 2 * n / group } else { 0 });
     let bb = w.ty.block_bytes();
     let mut sp = |s: f32, o: f32| params.extend_from_slice(&[s, o]);
@@ -149,14 +157,22 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
             GgmlType::F16 | GgmlType::BF16 => p.push(u16::from_le_bytes([b[0], b[1]]) as u32),
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
                 let d = rd_f16(b, 0);
-                let (off, qs) = if w.ty == GgmlType::Q4_0 { (-8.0 * d, &b[2..18]) } else { (rd_f16(b, 2), &b[4..20]) };
+                let (off, qs) = if w.ty == GgmlType::Q4_0 {
+                    (-8.0 * d, &b[2..18])
+                } else {
+                    (rd_f16(b, 2), &b[4..20])
+                };
                 sp(d, off);
                 qs.iter().for_each(|&q| p.push((q & 0x0F) as u32));
                 qs.iter().for_each(|&q| p.push((q >> 4) as u32));
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let d = rd_f16(b, 0);
-                let (off, h) = if w.ty == GgmlType::Q5_0 { (-16.0 * d, 2) } else { (rd_f16(b, 2), 4) };
+                let (off, h) = if w.ty == GgmlType::Q5_0 {
+                    (-16.0 * d, 2)
+                } else {
+                    (rd_f16(b, 2), 4)
+                };
                 let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
                 let qs = &b[h + 4..h + 20];
                 sp(d, off);
@@ -170,13 +186,19 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
             GgmlType::Q8_0 => {
                 let d = rd_f16(b, 0);
                 sp(d, -128.0 * d);
-                b[2..34].iter().for_each(|&q| p.push((q as i8 as i32 + 128) as u32));
+                b[2..34]
+                    .iter()
+                    .for_each(|&q| p.push((q as i8 as i32 + 128) as u32));
             }
             GgmlType::Q4_K | GgmlType::Q5_K => {
                 let d = rd_f16(b, 0);
                 let dmin = rd_f16(b, 2);
                 let scales = &b[4..16];
-                let (qh, qs) = if w.ty == GgmlType::Q5_K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+                let (qh, qs) = if w.ty == GgmlType::Q5_K {
+                    (Some(&b[16..48]), &b[48..176])
+                } else {
+                    (None, &b[16..144])
+                };
                 for c in 0..4 {
                     for half in 0..2 {
                         let (sc, m) = scale_min_k4(2 * c + half, scales);
@@ -216,7 +238,14 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
         }
     }
     debug_assert_eq!(p.n, n);
-    Ok(Repacked { kind, group, rows: w.rows, cols: w.cols, codes: p.codes, params })
+    Ok(Repacked {
+        kind,
+        group,
+        rows: w.rows,
+        cols: w.cols,
+        codes: p.codes,
+        params,
+    })
 }
 
 #[cfg(test)]
@@ -230,7 +259,9 @@ mod tests {
         let mut seed = 99u64;
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let r = ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
                 // A few large values so that scales and mins vary a lot between groups.
                 if i % 97 == 0 { r * 40.0 } else { r }
@@ -240,12 +271,28 @@ mod tests {
             let q = quantize(ty, &x).unwrap();
             let mut want = vec![0f32; rows * cols];
             dequantize(ty, &q, &mut want).unwrap();
-            let r = repack(QMatRef { ty, rows, cols, data: &q }).unwrap();
+            let r = repack(QMatRef {
+                ty,
+                rows,
+                cols,
+                data: &q,
+            })
+            .unwrap();
             let (kind, group) = device_layout(ty).unwrap();
             assert_eq!((r.kind, r.group), (kind, group), "{ty}");
-            assert_eq!(r.codes.len(), (rows * cols).div_ceil(kind.per_word()), "{ty}");
+            assert_eq!(
+                r.codes.len(),
+                (rows * cols).div_ceil(kind.per_word()),
+                "{ty}"
+            );
             for e in 0..rows * cols {
-                assert_eq!(r.value(e).to_bits(), want[e].to_bits(), "{ty} element {e}: {} vs {}", r.value(e), want[e]);
+                assert_eq!(
+                    r.value(e).to_bits(),
+                    want[e].to_bits(),
+                    "{ty} element {e}: {} vs {}",
+                    r.value(e),
+                    want[e]
+                );
             }
         }
     }
@@ -253,7 +300,12 @@ mod tests {
     #[test]
     fn unsupported_type_is_an_error() {
         let data = vec![0u8; 64];
-        let w = QMatRef { ty: GgmlType::IQ4_NL, rows: 1, cols: 32, data: &data };
+        let w = QMatRef {
+            ty: GgmlType::IQ4_NL,
+            rows: 1,
+            cols: 32,
+            data: &data,
+        };
         assert!(repack(w).is_err());
     }
 }

@@ -69,13 +69,22 @@ fn type_ids_names_and_sizes() {
         (GgmlType::MXFP4, 39, "MXFP4", 32, 17),
     ];
     for &(t, id, name, bl, bb) in expect {
-        assert_eq!((t.id(), t.name(), t.block_len(), t.block_bytes()), (id, name, bl, bb));
+        assert_eq!(
+            (t.id(), t.name(), t.block_len(), t.block_bytes()),
+            (id, name, bl, bb)
+        );
     }
     assert_eq!(GgmlType::Q4_K.row_bytes(896), None);
     assert_eq!(GgmlType::Q4_K.row_bytes(1024), Some(4 * 144));
     assert_eq!(GgmlType::Q4_1.row_bytes(576), Some(18 * 20));
     assert_eq!(GgmlType::F16.row_bytes(7), Some(14));
-    assert_eq!(GgmlType::SUPPORTED.iter().filter(|t| t.is_supported()).count(), 11);
+    assert_eq!(
+        GgmlType::SUPPORTED
+            .iter()
+            .filter(|t| t.is_supported())
+            .count(),
+        11
+    );
     assert!(!GgmlType::Q2_K.is_supported() && !GgmlType::Q8_1.is_supported());
 }
 
@@ -84,7 +93,11 @@ fn errors_are_reported() {
     let mut out = vec![0f32; 32];
     assert!(matches!(
         dequantize(GgmlType::Q4_0, &[0u8; 17], &mut out),
-        Err(QuantError::BadSrcLen { expected: 18, got: 17, .. })
+        Err(QuantError::BadSrcLen {
+            expected: 18,
+            got: 17,
+            ..
+        })
     ));
     assert!(matches!(
         dequantize(GgmlType::Q4_K, &[0u8; 144], &mut out),
@@ -94,8 +107,14 @@ fn errors_are_reported() {
         dequantize(GgmlType::Q2_K, &[0u8; 84], &mut vec![0f32; 256]),
         Err(QuantError::Unsupported(GgmlType::Q2_K))
     ));
-    assert!(matches!(quantize(GgmlType::Q8_0, &[0.0; 33]), Err(QuantError::NotBlockMultiple { .. })));
-    assert!(matches!(quantize(GgmlType::IQ2_XXS, &[0.0; 256]), Err(QuantError::Unsupported(_))));
+    assert!(matches!(
+        quantize(GgmlType::Q8_0, &[0.0; 33]),
+        Err(QuantError::NotBlockMultiple { .. })
+    ));
+    assert!(matches!(
+        quantize(GgmlType::IQ2_XXS, &[0.0; 256]),
+        Err(QuantError::Unsupported(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -113,9 +132,15 @@ fn layout_float_types() {
     b.extend_from_slice(&1.5f32.to_le_bytes());
     b.extend_from_slice(&(-2.25f32).to_le_bytes());
     assert_eq!(deq(GgmlType::F32, &b), vec![1.5, -2.25]);
-    assert_eq!(deq(GgmlType::F16, &[0x00, 0x3E, 0x00, 0xC0]), vec![1.5, -2.0]);
+    assert_eq!(
+        deq(GgmlType::F16, &[0x00, 0x3E, 0x00, 0xC0]),
+        vec![1.5, -2.0]
+    );
     // bf16 is the top half of an f32: 0x3FC0 = 1.5, 0xC010 = -2.25.
-    assert_eq!(deq(GgmlType::BF16, &[0xC0, 0x3F, 0x10, 0xC0]), vec![1.5, -2.25]);
+    assert_eq!(
+        deq(GgmlType::BF16, &[0xC0, 0x3F, 0x10, 0xC0]),
+        vec![1.5, -2.25]
+    );
 }
 
 #[test]
@@ -156,7 +181,11 @@ fn layout_q5_0_and_q5_1() {
     }
     let y = deq(GgmlType::Q5_0, &b);
     let expect = |i: usize| {
-        let hi = if [0, 8, 16, 31].contains(&i) { 16.0 } else { 0.0 };
+        let hi = if [0, 8, 16, 31].contains(&i) {
+            16.0
+        } else {
+            0.0
+        };
         (i % 16) as f32 + hi - 16.0
     };
     for i in 0..32 {
@@ -223,7 +252,10 @@ fn layout_q4_k() {
             let q = (l % 16) as f32;
             let (s1, s2) = (2 * c, 2 * c + 1);
             assert_eq!(y[64 * c + l], K_SC[s1] as f32 * q - 0.5 * K_MN[s1] as f32);
-            assert_eq!(y[64 * c + 32 + l], K_SC[s2] as f32 * (15.0 - q) - 0.5 * K_MN[s2] as f32);
+            assert_eq!(
+                y[64 * c + 32 + l],
+                K_SC[s2] as f32 * (15.0 - q) - 0.5 * K_MN[s2] as f32
+            );
         }
     }
 }
@@ -244,9 +276,19 @@ fn layout_q5_k() {
     for s in 0..8 {
         for l in 0..32 {
             let lo = if s % 2 == 0 { 1.0 } else { 2.0 };
-            let bit = if s < 5 { (l >> s) & 1 } else if l == 3 && s >= 6 { 1 } else { 0 };
+            let bit = if s < 5 {
+                (l >> s) & 1
+            } else if l == 3 && s >= 6 {
+                1
+            } else {
+                0
+            };
             let q = lo + 16.0 * bit as f32;
-            assert_eq!(y[32 * s + l], K_SC[s] as f32 * q - 0.5 * K_MN[s] as f32, "el {s},{l}");
+            assert_eq!(
+                y[32 * s + l],
+                K_SC[s] as f32 * q - 0.5 * K_MN[s] as f32,
+                "el {s},{l}"
+            );
         }
     }
 }
@@ -254,7 +296,9 @@ fn layout_q5_k() {
 #[test]
 fn layout_q6_k() {
     let mut b = vec![0u8; 210];
-    let sc: Vec<i8> = (0..16).map(|s| (s as i8 + 1) * if s % 2 == 1 { -1 } else { 1 }).collect();
+    let sc: Vec<i8> = (0..16)
+        .map(|s| (s as i8 + 1) * if s % 2 == 1 { -1 } else { 1 })
+        .collect();
     for s in 0..16 {
         b[192 + s] = sc[s] as u8;
     }
@@ -266,7 +310,15 @@ fn layout_q6_k() {
     b[128 + 32] = 0x03; // el 128 +48
     let y = deq(GgmlType::Q6_K, &b);
     let mut expect: Vec<f32> = (0..256).map(|e| 0.5 * sc[e / 16] as f32 * -32.0).collect();
-    for (e, q) in [(0, 1), (64, 2), (5, 0), (37, 19), (69, 32), (101, 52), (128, 63)] {
+    for (e, q) in [
+        (0, 1),
+        (64, 2),
+        (5, 0),
+        (37, 19),
+        (69, 32),
+        (101, 52),
+        (128, 63),
+    ] {
         expect[e] = 0.5 * sc[e / 16] as f32 * (q as f32 - 32.0);
     }
     assert_eq!(y, expect);
@@ -329,7 +381,10 @@ fn round_trip_within_budget() {
         assert_eq!(q.len(), ty.row_bytes(n).unwrap());
         let mut y = vec![f32::NAN; n];
         dequantize(ty, &q, &mut y).unwrap();
-        assert!(y[512..768].iter().all(|&v| v == 0.0), "{ty}: zero block not preserved");
+        assert!(
+            y[512..768].iter().all(|&v| v == 0.0),
+            "{ty}: zero block not preserved"
+        );
         // Error relative to the local (per 256) RMS so small-scale spans count equally.
         let mut se = 0f64;
         for (xs, ys) in x.chunks(256).zip(y.chunks(256)) {
@@ -337,12 +392,23 @@ fn round_trip_within_budget() {
             if r == 0.0 {
                 continue;
             }
-            let e: f64 = xs.iter().zip(ys).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>();
+            let e: f64 = xs
+                .iter()
+                .zip(ys)
+                .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
             se += e / 256.0 / (r * r);
         }
         let rel = (se / (n / 256 - 1) as f64).sqrt();
-        eprintln!("round trip {ty}: relative RMSE {rel:.5} (budget {})", rmse_budget(ty));
-        assert!(rel <= rmse_budget(ty), "{ty}: relative RMSE {rel} > {}", rmse_budget(ty));
+        eprintln!(
+            "round trip {ty}: relative RMSE {rel:.5} (budget {})",
+            rmse_budget(ty)
+        );
+        assert!(
+            rel <= rmse_budget(ty),
+            "{ty}: relative RMSE {rel} > {}",
+            rmse_budget(ty)
+        );
     }
 }
 
@@ -355,7 +421,12 @@ fn dequantize_row_matches_reference() {
         let q = quantize(ty, &x).unwrap();
         let mut full = vec![0f32; rows * cols];
         dequantize(ty, &q, &mut full).unwrap();
-        let w = QMatRef { ty, rows, cols, data: &q };
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &q,
+        };
         let mut row = vec![0f32; cols];
         for r in 0..rows {
             dequantize_row(w, r, &mut row);
@@ -413,7 +484,9 @@ fn reference_matmul(wd: &[f32], rows: usize, cols: usize, x: &[f32], m: usize) -
 }
 
 fn norms(v: &[f32], n: usize) -> Vec<f64> {
-    v.chunks(n).map(|c| c.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt()).collect()
+    v.chunks(n)
+        .map(|c| c.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt())
+        .collect()
 }
 
 fn check_matmul(isa: Isa, ty: GgmlType, rows: usize, cols: usize, m: usize, seed: u64) {
@@ -425,7 +498,12 @@ fn check_matmul(isa: Isa, ty: GgmlType, rows: usize, cols: usize, m: usize, seed
         x[cols..2 * cols].iter_mut().for_each(|v| *v += 2.0);
         x[cols + 7] = 40.0;
     }
-    let w = QMatRef { ty, rows, cols, data: &q };
+    let w = QMatRef {
+        ty,
+        rows,
+        cols,
+        data: &q,
+    };
     let mut y = vec![f32::NAN; m * rows];
     matmul_with(isa, w, &x, m, &mut y);
     let yr = reference_matmul(&wd, rows, cols, &x, m);
@@ -440,7 +518,11 @@ fn check_matmul(isa: Isa, ty: GgmlType, rows: usize, cols: usize, m: usize, seed
         }
     }
     let rel = (se / sr).sqrt();
-    let elem_budget = if ty.block_len() == 256 { MATMUL_ELEM_BUDGET_Q8K } else { MATMUL_ELEM_BUDGET };
+    let elem_budget = if ty.block_len() == 256 {
+        MATMUL_ELEM_BUDGET_Q8K
+    } else {
+        MATMUL_ELEM_BUDGET
+    };
     assert!(
         worst <= elem_budget && rel <= MATMUL_REL_BUDGET,
         "{isa:?} {ty} {rows}x{cols} m={m}: elem {worst:.2e} (budget {elem_budget}), \
@@ -486,7 +568,12 @@ fn simd_agrees_with_portable() {
     let (rows, cols) = (29, 1024);
     for ty in GgmlType::SUPPORTED {
         let (q, wd) = make_matrix(ty, rows, cols, 21);
-        let w = QMatRef { ty, rows, cols, data: &q };
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &q,
+        };
         for m in [1, 4] {
             let x = Rng::new(5 + m as u64).vec(m * cols, 1.0);
             let mut yp = vec![0f32; m * rows];
@@ -512,11 +599,22 @@ fn threaded_matches_single_thread() {
     // Big enough to take the parallel paths (dot and gemm); results must be bit-identical
     // because each output element is computed by exactly one task in the same order.
     let (rows, cols) = (301, 1024);
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     for ty in [GgmlType::Q4_1, GgmlType::Q6_K, GgmlType::F16] {
         let (q, _) = make_matrix(ty, rows, cols, 8);
-        let w = QMatRef { ty, rows, cols, data: &q };
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &q,
+        };
         for m in [1, 5, 33] {
             let x = Rng::new(m as u64).vec(m * cols, 1.0);
             let mut y1 = vec![0f32; m * rows];
@@ -539,7 +637,12 @@ fn best_isa_is_available() {
 #[should_panic]
 fn matmul_rejects_bad_shapes() {
     let q = quantize(GgmlType::Q8_0, &[0.0; 64]).unwrap();
-    let w = QMatRef { ty: GgmlType::Q8_0, rows: 2, cols: 32, data: &q };
+    let w = QMatRef {
+        ty: GgmlType::Q8_0,
+        rows: 2,
+        cols: 32,
+        data: &q,
+    };
     let mut y = vec![0f32; 2];
     matmul(w, &[0.0; 31], 1, &mut y);
 }
@@ -576,7 +679,10 @@ fn q8_0_and_q8_1_activation_quantizer() {
         if kind == ActKind::Q8_1 {
             // s = f16(d_f32 · Σq), with the f32 (not f16-rounded) d.
             assert_eq!(a.s[0], 64.5);
-            assert_eq!(a.s[1], half::f16::from_f32(d1 * (-127 + 64) as f32).to_f32());
+            assert_eq!(
+                a.s[1],
+                half::f16::from_f32(d1 * (-127 + 64) as f32).to_f32()
+            );
         } else {
             assert!(a.s.is_empty());
         }
@@ -602,7 +708,10 @@ fn q8_k_activation_quantizer() {
     let a = QAct::quantize(ActKind::Q8_K, &x, 768);
     assert_eq!(a.d[0], -1.0);
     let q0 = &a.qs[..256];
-    assert_eq!((q0[0], q0[3], q0[7], q0[20], q0[21], q0[22], q0[255]), (-10, -127, 127, -2, -4, 0, -2));
+    assert_eq!(
+        (q0[0], q0[3], q0[7], q0[20], q0[21], q0[22], q0[255]),
+        (-10, -127, 127, -2, -4, 0, -2)
+    );
     let mut bs0 = [0i16; 16];
     bs0[0] = -10;
     bs0[1] = -6;
@@ -641,10 +750,20 @@ fn exact_q_dot(ty: GgmlType, w: &[u8], x: &[f32]) -> (f64, f64) {
                         let qh_off = if min { 4 } else { 2 };
                         let qs = &blk[qh_off + if q5 { 4 } else { 0 }..];
                         let qh = u32::from_le_bytes(blk[qh_off..qh_off + 4].try_into().unwrap());
-                        let off = if min { 0 } else if q5 { 16 } else { 8 };
+                        let off = if min {
+                            0
+                        } else if q5 {
+                            16
+                        } else {
+                            8
+                        };
                         (0..32)
                             .map(|j| {
-                                let nib = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 } as i64;
+                                let nib = if j < 16 {
+                                    qs[j] & 0x0F
+                                } else {
+                                    qs[j - 16] >> 4
+                                } as i64;
                                 let hb = if q5 { ((qh >> j) & 1) as i64 * 16 } else { 0 };
                                 nib + hb - off
                             })
@@ -737,7 +856,12 @@ fn matmul_reproduces_llama_cpp_numerics() {
         // 17 blocks for the 32-block formats (exercises the non-multiple-of-8 tails).
         let cols = if ty.block_len() == 256 { 512 } else { 544 };
         let (q, _) = make_matrix(ty, rows, cols, 77);
-        let w = QMatRef { ty, rows, cols, data: &q };
+        let w = QMatRef {
+            ty,
+            rows,
+            cols,
+            data: &q,
+        };
         let rb = w.row_bytes();
         for m in [1, 3, 16, 17, 64, 300] {
             let mut rng = Rng::new(1000 + m as u64);
@@ -756,7 +880,11 @@ fn matmul_reproduces_llama_cpp_numerics() {
                     let q = &q;
                     (0..rows).map(move |r| {
                         let wr = &q[r * rb..(r + 1) * rb];
-                        if ty.block_len() == 1 { exact_float_dot(ty, wr, xi) } else { exact_q_dot(ty, wr, xi) }
+                        if ty.block_len() == 1 {
+                            exact_float_dot(ty, wr, xi)
+                        } else {
+                            exact_q_dot(ty, wr, xi)
+                        }
                     })
                 })
                 .collect();

@@ -478,7 +478,10 @@ x86_kernels!(
     "avx2,fma,f16c",
     2,
     fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)))
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)),
+        )
     },
     fn dots(acc: __m256i, a: __m256i, b: __m256i, sc: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), sc))
