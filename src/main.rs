@@ -61,8 +61,8 @@ struct BenchArgs {
     #[argh(option, short = 'r')]
     reps: Option<usize>,
     /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
-    #[argh(option, default = "String::from(\"auto\")")]
-    backend: String,
+    #[argh(option)]
+    backend: Option<String>,
     /// worker threads (default: all cores)
     #[argh(option, short = 't')]
     threads: Option<usize>,
@@ -199,9 +199,9 @@ struct RunArgs {
     /// maximum new tokens (default 128)
     #[argh(option, short = 'n', default = "128")]
     n_predict: usize,
-    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
-    #[argh(option, default = "String::from(\"auto\")")]
-    backend: String,
+    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto, or the --target profile's first backend)
+    #[argh(option)]
+    backend: Option<String>,
     /// worker threads (default: all cores)
     #[argh(option, short = 't')]
     threads: Option<usize>,
@@ -383,7 +383,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     sampler.validate().map_err(|e| anyhow::anyhow!(e))?;
     let t_load = Instant::now();
-    let engine = open_engine(a.model.clone(), &a.backend, a.threads, a.ctx, a.batch)?;
+    let engine = open_engine(a.model.clone(), a.backend.as_deref().unwrap_or("auto"), a.threads, a.ctx, a.batch)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let tok = &engine.tokenizer;
     let text = if a.chat {
@@ -655,7 +655,7 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
     }
     let engine = open_engine(
         a.model.clone(),
-        &a.backend,
+        a.backend.as_deref().unwrap_or("auto"),
         a.threads,
         Some(longest.max(16)),
         a.batch,
@@ -754,7 +754,7 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     if a.requests == Some(0) {
         bail!("--requests must be at least 1");
     }
-    let engine = open_engine(a.model.clone(), &a.backend, a.threads, a.ctx, a.batch)?;
+    let engine = open_engine(a.model.clone(), a.backend.as_deref().unwrap_or("auto"), a.threads, a.ctx, a.batch)?;
     let n_ctx = engine.cfg.n_ctx;
     let sampler = SamplerConfig {
         temperature: a.temp,
@@ -1289,6 +1289,19 @@ fn apply_target(a: &mut BenchArgs, spec: &str) -> Result<()> {
         );
     }
     let threads = *a.threads.get_or_insert(p.threads);
+    // The profile's preferred backend, unless --backend says otherwise.
+    let backend = a
+        .backend
+        .get_or_insert_with(|| {
+            match p.backends.first().map(String::as_str) {
+                Some("wgpu-vulkan") => "vulkan",
+                Some("wgpu-metal") => "metal",
+                Some("wgpu-dx12") => "wgpu",
+                _ => "cpu",
+            }
+            .to_string()
+        })
+        .clone();
     if a.slo.is_none() && a.slo_max.is_empty() {
         a.slo = Some(p.default_slo.clone());
     }
@@ -1314,13 +1327,13 @@ fn apply_target(a: &mut BenchArgs, spec: &str) -> Result<()> {
     let ctx = want.min(ctx_cap);
     a.ctx = Some(ctx);
     let applied = serde_json::json!({
-        "name": p.name, "target_triple": p.target_triple, "backends": p.backends,
+        "name": p.name, "target_triple": p.target_triple, "backends": p.backends, "backend": backend,
         "threads": threads, "memory_budget_bytes": p.memory_budget_bytes(), "weights_bytes": weights,
         "kv_budget_bytes": kv_budget, "kv_bytes_per_token": per_tok, "ctx": ctx, "ctx_capped_by_budget": ctx < want,
         "slo": a.slo, "cost_per_hour_usd": p.cost_per_hour_usd, "typical_power_w": p.typical_power_w,
     });
     eprintln!(
-        "ember bench: target {}: threads {threads}, memory budget {:.2} GiB (weights {:.1} MiB, KV budget {:.1} MiB = {ctx_cap} positions), ctx {ctx}, SLO {}",
+        "ember bench: target {}: backend {backend}, threads {threads}, memory budget {:.2} GiB (weights {:.1} MiB, KV budget {:.1} MiB = {ctx_cap} positions), ctx {ctx}, SLO {}",
         p.name,
         p.memory_budget_gib,
         weights as f64 / (1 << 20) as f64,

@@ -334,8 +334,23 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 fn check_backends(profile: Option<&DeviceProfile>) -> Check {
     let isas = quant::available_isas();
     let names: Vec<&str> = isas.iter().map(|i| i.name()).collect();
+    let adapters = ember_runtime::accel::adapters();
+    let gpu = if !ember_runtime::accel::GPU_COMPILED {
+        "no GPU backend is compiled into this binary (built without the wgpu feature)".to_string()
+    } else if adapters.is_empty() {
+        "wgpu found no adapter".to_string()
+    } else {
+        let list: Vec<String> = adapters
+            .iter()
+            .map(|a| match &a.unusable {
+                Some(why) => format!("{a} [unusable: {why}]"),
+                None => a.to_string(),
+            })
+            .collect();
+        format!("wgpu adapters: {}", list.join("; "))
+    };
     let mut msg = format!(
-        "cpu ({}, {}): ISAs {} (kernels use {}); no GPU backend is compiled into this binary (wgpu is not built in), so no adapters are probed",
+        "cpu ({}, {}): ISAs {} (kernels use {}); {gpu}",
         std::env::consts::ARCH,
         ember_runtime::sys::cpu_model(),
         names.join(", "),
@@ -344,10 +359,20 @@ fn check_backends(profile: Option<&DeviceProfile>) -> Check {
     let mut pass = isas.contains(&Isa::Portable);
     if let Some(p) = profile {
         msg += &format!("; profile {} prefers [{}]", p.name, p.backends.join(", "));
-        if !p.backends.iter().any(|b| b == "cpu") {
+        let has_api = |api: &str| adapters.iter().any(|a| a.api == api && a.unusable.is_none());
+        let first = p.backends.first().map(String::as_str).unwrap_or("cpu");
+        let gpu_ok = match first {
+            "wgpu-vulkan" => has_api("vulkan"),
+            "wgpu-metal" => has_api("metal"),
+            "wgpu-dx12" => has_api("dx12"),
+            _ => false,
+        };
+        if first == "cpu" || gpu_ok {
+            msg += &format!(": {first} is available");
+        } else if !p.backends.iter().any(|b| b == "cpu") {
             msg += ": none of them is available, running on the cpu";
-        } else if p.backends.first().map(String::as_str) != Some("cpu") {
-            msg += ": falling back to cpu";
+        } else {
+            msg += &format!(": no adapter for {first}, falling back to cpu");
         }
         if !p.matches_this_arch() {
             pass = false;

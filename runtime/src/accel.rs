@@ -17,6 +17,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// Whether this binary has the GPU backend (the `wgpu` feature) compiled in.
+pub const GPU_COMPILED: bool = cfg!(feature = "wgpu");
+
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BackendChoice {
