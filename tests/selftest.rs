@@ -305,11 +305,14 @@ fn bench_target_raspberry_pi_5_applies_threads_budget_and_slo() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("target raspberry-pi-5: threads 4, memory budget 6.00 GiB"),
+        err.contains("target raspberry-pi-5: backend cpu, threads 4, memory budget 6.00 GiB"),
         "{err}"
     );
     let j = json_of(&out);
     let t = &j["target"];
+    // The profile lists cpu first, so the run is on the CPU.
+    assert_eq!(t["backend"], "cpu");
+    assert_eq!(j["provenance"]["backend"], "cpu");
     assert_eq!(t["name"], "raspberry-pi-5");
     assert_eq!(t["threads"], 4);
     assert_eq!(t["memory_budget_bytes"], 6u64 << 30);
