@@ -5,6 +5,7 @@
 //! read in place by the quantized kernels. Only the tiny norm vectors and
 //! biases are converted to f32 at load.
 
+use rayon::prelude::*;
 use std::sync::Arc;
 
 use ember_runtime::backend::{self, QWeightHandle, Tensor, TensorData};
@@ -326,15 +327,46 @@ impl Transformer {
     /// `QuantOps` backend extension, which on the CPU (burn-flex) runs `quant::matmul` on the
     /// mmapped blocks. `x` is copied once into `y`'s old buffer (callers lend slices), moved into
     /// the tensor, and the result's allocation is moved back out into `y`.
-    fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
-        let h = QWeightHandle::new(
+    fn handle(&self, w: &QWeight) -> QWeightHandle {
+        QWeightHandle::new(
             self.file.clone(),
             w.ty,
             w.rows,
             w.cols,
             w.start..w.start + w.len,
         )
-        .expect("weight ranges are checked at load");
+        .expect("weight ranges are checked at load")
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up) in one fused call: one
+    /// activation quantization and one parallel section (see `backend::qmatmul_many_host`).
+    fn linear_many<const N: usize>(
+        &self,
+        ws: [(&QWeight, Option<&[f32]>); N],
+        x: &[f32],
+        m: usize,
+        ys: [&mut Vec<f32>; N],
+    ) {
+        let hs: Vec<QWeightHandle> = ws.iter().map(|(w, _)| self.handle(w)).collect();
+        let hr: Vec<&QWeightHandle> = hs.iter().collect();
+        let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(N);
+        let mut ys = ys;
+        for y in ys.iter_mut() {
+            bufs.push(std::mem::take(*y));
+        }
+        backend::qmatmul_many_host(x, m, &hr, &mut bufs);
+        for ((y, buf), (w, bias)) in ys.into_iter().zip(bufs).zip(ws) {
+            *y = buf;
+            if let Some(b) = bias {
+                for row in y.chunks_exact_mut(w.rows) {
+                    row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
+                }
+            }
+        }
+    }
+
+    fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
+        let h = self.handle(w);
         let mut buf = std::mem::take(y);
         buf.clear();
         buf.extend_from_slice(x);
@@ -422,9 +454,16 @@ impl Model for Transformer {
         for (l, ly) in self.layers.iter().enumerate() {
             s.xn.resize(n * d, 0.0);
             ops::rmsnorm(&x, &ly.attn_norm, c.rms_eps, &mut s.xn);
-            self.linear(&ly.wq, ly.bq.as_deref(), &s.xn, n, &mut s.q);
-            self.linear(&ly.wk, ly.bk.as_deref(), &s.xn, n, &mut s.k);
-            self.linear(&ly.wv, ly.bv.as_deref(), &s.xn, n, &mut s.v);
+            self.linear_many(
+                [
+                    (&ly.wq, ly.bq.as_deref()),
+                    (&ly.wk, ly.bk.as_deref()),
+                    (&ly.wv, ly.bv.as_deref()),
+                ],
+                &s.xn,
+                n,
+                [&mut s.q, &mut s.k, &mut s.v],
+            );
             s.att.resize(n * q_dim, 0.0);
             for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
                 let q = &mut s.q[r0 * q_dim..(r0 + len) * q_dim];
@@ -437,25 +476,34 @@ impl Model for Transformer {
                 ops::round_f16_slice(&mut s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
                 kv.write(it.seq, l, k, &s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
             }
+            // Each sequence attends over its own cache: the sequences run in parallel (a
+            // decode step has one query row per sequence, too little work to split alone).
+            let mut jobs = Vec::with_capacity(items.len());
+            let mut att_rest = &mut s.att[..];
             for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
+                let (out, rest) = std::mem::take(&mut att_rest).split_at_mut(len * q_dim);
+                att_rest = rest;
                 let (kb, vb) = kv.layer_blocks(it.seq, l);
-                let q = &s.q[r0 * q_dim..(r0 + len) * q_dim];
-                ops::attention(
-                    q,
-                    &kb,
-                    &vb,
-                    bs,
-                    pos0,
-                    shape,
-                    &mut s.att[r0 * q_dim..(r0 + len) * q_dim],
-                );
+                jobs.push((&s.q[r0 * q_dim..(r0 + len) * q_dim], kb, vb, pos0, out));
+            }
+            let attend = |(q, kb, vb, pos0, out): (&[f32], Vec<&[f32]>, Vec<&[f32]>, usize, &mut [f32])| {
+                ops::attention(q, &kb, &vb, bs, pos0, shape, out)
+            };
+            if jobs.len() > 1 {
+                jobs.into_par_iter().for_each(attend);
+            } else {
+                jobs.into_iter().for_each(attend);
             }
             self.linear(&ly.wo, None, &s.att, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
 
             ops::rmsnorm(&x, &ly.ffn_norm, c.rms_eps, &mut s.xn);
-            self.linear(&ly.w_gate, None, &s.xn, n, &mut s.gate);
-            self.linear(&ly.w_up, None, &s.xn, n, &mut s.up);
+            self.linear_many(
+                [(&ly.w_gate, None), (&ly.w_up, None)],
+                &s.xn,
+                n,
+                [&mut s.gate, &mut s.up],
+            );
             ops::silu_mul(&mut s.gate, &s.up);
             self.linear(&ly.w_down, None, &s.gate, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);

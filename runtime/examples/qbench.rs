@@ -1,4 +1,5 @@
-//! Quant kernel micro-benchmark: `cargo run -p ember-runtime --example qbench --profile dev [-- quick]`
+//! Quant kernel micro-benchmark:
+//! `cargo run -p ember-runtime --example qbench --profile dev [-- quick] [TYPE[:ROWSxCOLS]…]`
 //!
 //! m = 1 (decode): weight GB/s per ISA, 1 and 2 threads.
 //! m > 1 (prefill): effective GFLOP/s (2·m·rows·cols / time), best ISA only (m ≤ 16 runs the
@@ -70,7 +71,13 @@ fn main() {
         "{:<6} {:>6}x{:<5} {:<12} {:>4} {:<9} {:>3}t  {:>10}  {:>9}",
         "type", "rows", "cols", "what", "m", "isa", "", "time", "rate"
     );
+    // Optional filter: `TYPE` or `TYPE:ROWSxCOLS` arguments (e.g. `Q4_1:576x1536`).
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| a != "quick").collect();
     for &(ty, rows, cols, what) in shapes {
+        let key = format!("{}:{rows}x{cols}", ty.name());
+        if !filters.is_empty() && !filters.iter().any(|f| key == *f || ty.name() == f) {
+            continue;
+        }
         let q = quantize(ty, &data(rows * cols)).unwrap();
         let w = QMatRef {
             ty,

@@ -138,8 +138,32 @@ pub fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
+/// [`round_f16`] on every element; 8 at a time with F16C where the CPU has it (the same
+/// round-to-nearest-even conversion, without a call per element).
 pub fn round_f16_slice(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the features were detected at run time.
+        unsafe { round_f16_slice_f16c(x) };
+        return;
+    }
     x.iter_mut().for_each(|v| *v = round_f16(*v));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn round_f16_slice_f16c(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (chunks, rest) = x.as_chunks_mut::<8>();
+    for c in chunks {
+        // SAFETY: `c` is 8 readable and writable f32s.
+        unsafe {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    rest.iter_mut().for_each(|v| *v = round_f16(*v));
 }
 
 #[inline]
@@ -177,9 +201,10 @@ struct KvRows {
 }
 
 impl KvRows {
+    /// Row `r` of one block.
     #[inline(always)]
-    fn row<'a>(&self, blocks: &[&'a [f32]], j: usize) -> &'a [f32] {
-        &blocks[j / self.block_size][(j % self.block_size) * self.kvrow + self.off..][..self.hd]
+    fn row_in<'a>(&self, block: &'a [f32], r: usize) -> &'a [f32] {
+        &block[r * self.kvrow + self.off..][..self.hd]
     }
 }
 
@@ -198,12 +223,34 @@ fn attend(
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
-    scores.extend((0..n_ctx).map(|j| dot(qh, kv.row(k_blocks, j)) * scale));
+    // Plain loops block by block (not `extend(map(..))`, not a division per row): the closure
+    // of an iterator adapter is a separate generic function that would not inherit
+    // `attend_avx2`'s target features.
+    scores.resize(n_ctx, 0.0);
+    let mut j = 0;
+    for kb in k_blocks {
+        let take = kv.block_size.min(n_ctx - j);
+        for r in 0..take {
+            scores[j + r] = dot(qh, kv.row_in(kb, r)) * scale;
+        }
+        j += take;
+        if j == n_ctx {
+            break;
+        }
+    }
     softmax(scores);
     round_f16_slice(scores);
     o.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        axpy(o, p, kv.row(v_blocks, j));
+    let mut j = 0;
+    for vb in v_blocks {
+        let take = kv.block_size.min(n_ctx - j);
+        for (r, &p) in scores[j..j + take].iter().enumerate() {
+            axpy(o, p, kv.row_in(vb, r));
+        }
+        j += take;
+        if j == n_ctx {
+            break;
+        }
     }
 }
 
@@ -306,6 +353,24 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_f16_slice_matches_the_scalar_rounding() {
+        let mut seed = 1u32;
+        let mut v: Vec<f32> = (0..10_000)
+            .map(|i| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                let m = (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                m * 10f32.powi(i % 14 - 8)
+            })
+            .collect();
+        // Ties, f16 subnormals, overflow to infinity, signed zero.
+        v.extend([1.0 + 1.0 / 2048.0, 1.0 + 3.0 / 2048.0, 6.0e-8, -3.0e-8, 1.0e-5, 65520.0, -70000.0, -0.0, 0.0]);
+        let want: Vec<u32> = v.iter().map(|&x| round_f16(x).to_bits()).collect();
+        round_f16_slice(&mut v);
+        let got: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn rmsnorm_unit() {

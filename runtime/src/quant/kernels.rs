@@ -50,6 +50,11 @@ impl ActKind {
 /// * `s`: Q8_1 only, one f16-rounded `d·Σq` per block (empty otherwise).
 /// * `sum32`: Σq per 32 elements (all kinds).
 /// * `bs16`: Q8_K only, Σq per 16 elements (empty otherwise).
+/// * `gq`, `gd`, `gs`, `gsum`: Q8_0/Q8_1 only (empty otherwise), the row in *groups* of 8 blocks
+///   (256 elements; the last group zero-padded) for the x86 group kernels. In group g, vector k
+///   (32 bytes, k = 0..8) holds in its 4-byte lane j the quants 4k..4k+4 of block 8g + j: a
+///   dword transpose of the group, so one `vpdpbusd` lane accumulates one block. `gd`/`gs`/`gsum`
+///   are `d`/`s`/`sum32` padded to 8 per group (zeros in the padding).
 #[derive(Clone, Copy)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct QRow<'a> {
@@ -58,7 +63,40 @@ pub(crate) struct QRow<'a> {
     pub s: &'a [f32],
     pub sum32: &'a [i32],
     pub bs16: &'a [i16],
+    pub gq: &'a [i8],
+    pub gd: &'a [f32],
+    pub gs: &'a [f32],
+    pub gsum: &'a [i32],
 }
+
+/// One cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct Line([i8; 64]);
+
+/// Bytes that start on a cache line, so that 32-byte SIMD loads at multiples of 32 never
+/// straddle two lines.
+#[derive(Default)]
+pub(crate) struct Lines(Vec<Line>, usize);
+
+impl Lines {
+    pub fn zeroed(n: usize) -> Lines {
+        Lines(vec![Line([0; 64]); n.div_ceil(64)], n)
+    }
+
+    pub fn as_slice(&self) -> &[i8] {
+        // SAFETY: the Vec holds at least `self.1` initialised bytes (64 per Line, no padding).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const i8, self.1) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [i8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut i8, self.1) }
+    }
+}
+
+/// Blocks per group in the [`QRow`] group layout.
+pub(crate) const GROUP: usize = 8;
 
 /// `m` activation rows quantized to one [`ActKind`].
 pub(crate) struct QAct {
@@ -69,6 +107,12 @@ pub(crate) struct QAct {
     pub s: Vec<f32>,
     pub sum32: Vec<i32>,
     pub bs16: Vec<i16>,
+    /// Groups per row in the group layout (0 for Q8_K).
+    pub ng: usize,
+    pub gq: Lines,
+    pub gd: Vec<f32>,
+    pub gs: Vec<f32>,
+    pub gsum: Vec<i32>,
 }
 
 impl QAct {
@@ -93,22 +137,30 @@ impl QAct {
             } else {
                 Vec::new()
             },
+            ng: 0,
+            gq: Lines::default(),
+            gd: Vec::new(),
+            gs: Vec::new(),
+            gsum: Vec::new(),
         };
         match kind {
             ActKind::Q8_0 | ActKind::Q8_1 => {
+                let block = q8_0_block_fn();
                 for (b, (xb, qb)) in x
                     .chunks_exact(32)
                     .zip(a.qs.chunks_exact_mut(32))
                     .enumerate()
                 {
+                    // SAFETY: `block` runs on this CPU (chosen by feature detection).
                     let (d, s, sum) =
-                        quantize_block_q8_0(xb.try_into().unwrap(), qb.try_into().unwrap());
+                        unsafe { block(xb.try_into().unwrap(), qb.try_into().unwrap()) };
                     a.d[b] = d;
                     if kind == ActKind::Q8_1 {
                         a.s[b] = s;
                     }
                     a.sum32[b] = sum;
                 }
+                a.fill_groups();
             }
             ActKind::Q8_K => {
                 for (b, (xb, qb)) in x
@@ -128,9 +180,42 @@ impl QAct {
         a
     }
 
+    /// Build the group layout (see [`QRow`]) from `qs`, `d`, `s` and `sum32` (32-blocks only).
+    fn fill_groups(&mut self) {
+        let nb = self.cols / 32;
+        let m = if nb == 0 { 0 } else { self.qs.len() / self.cols };
+        let ng = nb.div_ceil(GROUP);
+        self.ng = ng;
+        self.gq = Lines::zeroed(m * ng * 256);
+        let gq = self.gq.as_mut_slice();
+        self.gd = vec![0.0; m * ng * GROUP];
+        self.gs = vec![0.0; m * ng * GROUP];
+        self.gsum = vec![0; m * ng * GROUP];
+        for i in 0..m {
+            let qrow = &self.qs[i * nb * 32..(i + 1) * nb * 32];
+            let grow = &mut gq[i * ng * 256..(i + 1) * ng * 256];
+            for (b, src) in qrow.chunks_exact(32).enumerate() {
+                let base = (b / GROUP) * 256 + 4 * (b % GROUP);
+                for (k, word) in src.chunks_exact(4).enumerate() {
+                    grow[base + 32 * k..base + 32 * k + 4].copy_from_slice(word);
+                }
+            }
+            for b in 0..nb {
+                let (g, j) = (i * ng + b / GROUP, b % GROUP);
+                self.gd[g * GROUP + j] = self.d[i * nb + b];
+                if !self.s.is_empty() {
+                    self.gs[g * GROUP + j] = self.s[i * nb + b];
+                }
+                self.gsum[g * GROUP + j] = self.sum32[i * nb + b];
+            }
+        }
+    }
+
     pub fn row(&self, i: usize) -> QRow<'_> {
         let c = self.cols;
         let nb = c / self.kind.block_len();
+        let ng = self.ng;
+        let grp = |v: usize| if ng == 0 { 0..0 } else { i * ng * v..(i + 1) * ng * v };
         QRow {
             qs: &self.qs[i * c..(i + 1) * c],
             d: &self.d[i * nb..(i + 1) * nb],
@@ -145,6 +230,10 @@ impl QAct {
             } else {
                 &self.bs16[i * c / 16..(i + 1) * c / 16]
             },
+            gq: &self.gq.as_slice()[grp(256)],
+            gd: &self.gd[grp(GROUP)],
+            gs: &self.gs[grp(GROUP)],
+            gsum: &self.gsum[grp(GROUP)],
         }
     }
 }
@@ -160,14 +249,87 @@ pub(crate) fn quantize_block_q8_0(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32,
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for j in 0..32 {
-        // `f32::round` rounds half away from zero, like C `roundf`.
-        let v = (x[j] * id).round() as i32;
+        let v = round_half_away(x[j] * id);
         q[j] = v as i8;
         sum += v;
     }
     let dh = f16::from_f32(d).to_f32();
     let s = f16::from_f32(d * sum as f32).to_f32();
     (dh, s, sum)
+}
+
+type Q8BlockFn = unsafe fn(&[f32; 32], &mut [i8; 32]) -> (f32, f32, i32);
+
+/// The fastest exact [`quantize_block_q8_0`] this CPU runs.
+fn q8_0_block_fn() -> Q8BlockFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return quantize_block_q8_0_avx2;
+    }
+    |x, q| quantize_block_q8_0(x, q)
+}
+
+/// [`quantize_block_q8_0`] on AVX2, bit for bit: the same max, scale, products and
+/// half-away-from-zero rounding, 8 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) fn quantize_block_q8_0_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32, i32) {
+    use std::arch::x86_64::*;
+    // SAFETY: 4 loads of 8 inside the 32-element block.
+    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let mut m = _mm256_and_ps(v[0], abs);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs));
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` is 8 writable f32s.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let idv = _mm256_set1_ps(id);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let mut sum = _mm256_setzero_si256();
+    let mut iv = [_mm256_setzero_si256(); 4];
+    for i in 0..4 {
+        let p = _mm256_mul_ps(v[i], idv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+        let f = _mm256_sub_ps(p, t);
+        let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half), one);
+        let down = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(f, _mm256_set1_ps(-0.5)), one);
+        iv[i] = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_add_ps(t, up), down));
+        sum = _mm256_add_epi32(sum, iv[i]);
+    }
+    // i32 → i8 (|q| ≤ 127, so the saturating packs are exact); packs interleave 128-bit lanes.
+    let w0 = _mm256_packs_epi32(iv[0], iv[1]);
+    let w1 = _mm256_packs_epi32(iv[2], iv[3]);
+    let b = _mm256_packs_epi16(w0, w1);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `q` is 32 writable bytes.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b) };
+    let mut sl = [0i32; 8];
+    // SAFETY: `sl` is 8 writable i32s.
+    unsafe { _mm256_storeu_si256(sl.as_mut_ptr() as *mut __m256i, sum) };
+    let sum: i32 = sl.iter().sum();
+    let dh = f16::from_f32(d).to_f32();
+    let s = f16::from_f32(d * sum as f32).to_f32();
+    (dh, s, sum)
+}
+
+/// C `roundf` (half away from zero) to an integer, for |v| < 2^31, without a libm call (the
+/// baseline x86-64 target has no rounding instruction; `f32::round` calls `roundf`).
+#[inline]
+pub(crate) fn round_half_away(v: f32) -> i32 {
+    let t = v as i32; // truncates toward zero
+    let frac = v - t as f32; // exact: |v| < 2^23 or v is already an integer
+    if frac >= 0.5 {
+        t + 1
+    } else if frac <= -0.5 {
+        t - 1
+    } else {
+        t
+    }
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even, via the 1.5·2^23 trick.
@@ -232,9 +394,12 @@ pub(crate) type TileFn = unsafe fn(&[u8], usize, &[QRow<'_>], &mut [f32]);
 pub(crate) struct Tiles {
     pub rmax: usize,
     pub cmax: usize,
-    pub big: [TileFn; 4],
-    pub one: [TileFn; 4],
+    pub big: [TileFn; MAX_C],
+    pub one: [TileFn; MAX_C],
 }
+
+/// The most activation rows any tile kernel takes at once.
+pub(crate) const MAX_C: usize = 8;
 
 /// Signature of a row-dot kernel.
 pub(crate) type DotFn = unsafe fn(&[u8], &QRow<'_>) -> f32;
@@ -290,8 +455,8 @@ pub(crate) fn portable_tiles(ty: GgmlType) -> Tiles {
     Tiles {
         rmax: 1,
         cmax: 4,
-        big: [f; 4],
-        one: [f; 4],
+        big: [f; MAX_C],
+        one: [f; MAX_C],
     }
 }
 

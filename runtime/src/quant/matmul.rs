@@ -3,7 +3,7 @@
 //! dots on activations rounded to the weight's precision (F16/BF16), via `gemm` for large m.
 //! Output rows are split across the current rayon pool.
 
-use super::kernels::{ActKind, QAct, QRow, Tiles, portable_tiles, round_activations};
+use super::kernels::{ActKind, MAX_C, QAct, QRow, Tiles, portable_tiles, round_activations};
 use super::reference::dequantize_block;
 use super::{GgmlType, Isa, QMatRef};
 use rayon::prelude::*;
@@ -115,44 +115,129 @@ fn for_row_chunks(rows: usize, macs: usize, align: usize, f: impl Fn(usize, usiz
 }
 
 fn q_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    let rb = w.row_bytes();
-    let act = QAct::quantize(ActKind::for_weight(w.ty), x, cols);
+    let act = QAct::quantize(ActKind::for_weight(w.ty), x, w.cols);
     let xr: Vec<QRow<'_>> = (0..m).map(|i| act.row(i)).collect();
     let t = tiles_for(isa, w.ty);
-    assert!((1..=4).contains(&t.rmax) && (1..=4).contains(&t.cmax));
+    let yp = SyncPtr(y.as_mut_ptr());
+    for_row_chunks(w.rows, w.rows * w.cols * m, t.rmax, |r0, r1| {
+        // SAFETY: `t` belongs to `isa` (checked available by the caller), `xr` is `x` quantized
+        // for `w.ty`, `y` is m × rows and this task alone writes rows r0..r1.
+        unsafe { run_rows(&t, w, &xr, r0, r1, yp) }
+    });
+}
+
+/// Output rows `r0..r1` of `w` for all activation rows `xr`, tile by tile, into `y` (m × rows).
+///
+/// # Safety
+/// `t`'s kernels must run on this CPU and match `w.ty`; each `xr` row must be the activation
+/// format of `w.ty` with `w.cols` elements; `y` must point to `xr.len() × w.rows` floats of
+/// which no other thread writes rows `r0..r1`.
+unsafe fn run_rows(t: &Tiles, w: QMatRef<'_>, xr: &[QRow<'_>], r0: usize, r1: usize, y: SyncPtr) {
+    let (rows, cols, m) = (w.rows, w.cols, xr.len());
+    let rb = w.row_bytes();
+    assert!((1..=4).contains(&t.rmax) && (1..=MAX_C).contains(&t.cmax));
     // Activation rows per pass: an L2-sized slab, a whole number of column tiles.
     let mchunk = (ACT_CHUNK_BYTES / cols).max(t.cmax) / t.cmax * t.cmax;
-    let yp = SyncPtr(y.as_mut_ptr());
-    for_row_chunks(rows, rows * cols * m, t.rmax, |r0, r1| {
-        let mut out = [0f32; 16];
-        for c0 in (0..m).step_by(mchunk) {
-            let c1 = m.min(c0 + mchunk);
-            let mut r = r0;
-            while r < r1 {
-                let nr = if r1 - r >= t.rmax { t.rmax } else { 1 };
-                let fam = if nr == t.rmax { &t.big } else { &t.one };
-                let wr = &w.data[r * rb..(r + nr) * rb];
-                let mut c = c0;
-                while c < c1 {
-                    let nc = t.cmax.min(c1 - c);
-                    let o = &mut out[..nr * nc];
-                    // SAFETY: the kernels belong to `isa`, checked available on this CPU; `wr`
-                    // is `nr` whole rows of `w.ty` blocks and each `xr` row has `cols` elements
-                    // in the matching activation format. The kernel asserts its (R, C).
-                    unsafe { fam[nc - 1](wr, rb, &xr[c..c + nc], o) };
-                    for i in 0..nr {
-                        for j in 0..nc {
-                            // SAFETY: c + j < m and r + i < rows, so the index is inside y
-                            // (len m·rows); every (c + j, r + i) is written by one task only.
-                            unsafe { *yp.get().add((c + j) * rows + r + i) = o[i * nc + j] };
-                        }
+    let mut out = [0f32; 4 * MAX_C];
+    for c0 in (0..m).step_by(mchunk) {
+        let c1 = m.min(c0 + mchunk);
+        let mut r = r0;
+        while r < r1 {
+            let nr = if r1 - r >= t.rmax { t.rmax } else { 1 };
+            let fam = if nr == t.rmax { &t.big } else { &t.one };
+            let wr = &w.data[r * rb..(r + nr) * rb];
+            let mut c = c0;
+            while c < c1 {
+                let nc = t.cmax.min(c1 - c);
+                let o = &mut out[..nr * nc];
+                // SAFETY: per this function's contract; `wr` is `nr` whole rows of `w.ty`
+                // blocks. The kernel asserts its (R, C).
+                unsafe { fam[nc - 1](wr, rb, &xr[c..c + nc], o) };
+                for i in 0..nr {
+                    for j in 0..nc {
+                        // SAFETY: c + j < m and r + i < rows, so the index is inside y (len
+                        // m·rows); this task alone writes rows r0..r1.
+                        unsafe { *y.get().add((c + j) * rows + r + i) = o[i * nc + j] };
                     }
-                    c += nc;
                 }
-                r += nr;
+                c += nc;
             }
+            r += nr;
         }
+    }
+}
+
+/// Several weights that read the same input (q/k/v, gate/up): `ys[i] = x · W_iᵀ`.
+///
+/// Quantized weights with the same activation format share one quantization of `x`, and the
+/// rows of all of them run in one parallel section (one fork/join instead of one per weight).
+/// Every output element is bit-identical to what [`matmul`] gives for that weight alone.
+pub fn matmul_many(ws: &[QMatRef<'_>], x: &[f32], m: usize, ys: &mut [&mut [f32]]) {
+    let isa = super::best_isa();
+    assert_eq!(ws.len(), ys.len(), "matmul_many: one output per weight");
+    struct Job<'a> {
+        w: QMatRef<'a>,
+        t: Tiles,
+        act: usize,
+        y: SyncPtr,
+    }
+    let mut acts: Vec<QAct> = Vec::new();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    for (w, y) in ws.iter().zip(ys.iter_mut()) {
+        if is_float(w.ty) || m == 0 || w.rows == 0 || w.cols == 0 {
+            matmul_with(isa, *w, x, m, y);
+            continue;
+        }
+        if let Err(e) = w.validate() {
+            panic!("matmul: bad weight matrix: {e}");
+        }
+        assert_eq!(x.len(), m * w.cols, "matmul: x must be m × cols");
+        assert_eq!(y.len(), m * w.rows, "matmul: y must be m × rows");
+        let kind = ActKind::for_weight(w.ty);
+        let act = match acts.iter().position(|a| a.kind == kind) {
+            Some(i) => i,
+            None => {
+                acts.push(QAct::quantize(kind, x, w.cols));
+                acts.len() - 1
+            }
+        };
+        jobs.push(Job {
+            w: *w,
+            t: tiles_for(isa, w.ty),
+            act,
+            y: SyncPtr(y.as_mut_ptr()),
+        });
+    }
+    let xrs: Vec<Vec<QRow<'_>>> = acts
+        .iter()
+        .map(|a| (0..m).map(|i| a.row(i)).collect())
+        .collect();
+    let macs: Vec<usize> = jobs.iter().map(|j| j.w.rows * j.w.cols * m).collect();
+    let total: usize = macs.iter().sum();
+    let nt = rayon::current_num_threads();
+    // SAFETY (both branches): each job's tiles belong to `isa`, the best ISA of this CPU; its
+    // activation rows are `x` quantized for its type; its output is m × rows and each
+    // (job, row range) unit is run by one task only.
+    if nt <= 1 || total < PAR_MIN_MACS {
+        for j in &jobs {
+            unsafe { run_rows(&j.t, j.w, &xrs[j.act], 0, j.w.rows, j.y) };
+        }
+        return;
+    }
+    // Units of contiguous rows, a few per thread, spread over the jobs by their work.
+    let mut units = Vec::new();
+    for (ji, j) in jobs.iter().enumerate() {
+        let groups = j.w.rows.div_ceil(j.t.rmax);
+        let n = (nt * 4 * macs[ji]).div_ceil(total).clamp(1, groups);
+        for c in 0..n {
+            let r0 = (c * groups / n * j.t.rmax).min(j.w.rows);
+            let r1 = ((c + 1) * groups / n * j.t.rmax).min(j.w.rows);
+            units.push((ji, r0, r1));
+        }
+    }
+    units.into_par_iter().for_each(|(ji, r0, r1)| {
+        let j = &jobs[ji];
+        unsafe { run_rows(&j.t, j.w, &xrs[j.act], r0, r1, j.y) };
     });
 }
 

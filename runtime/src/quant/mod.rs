@@ -26,7 +26,7 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
-pub use matmul::{matmul, matmul_with};
+pub use matmul::{matmul, matmul_many, matmul_with};
 pub use reference::{dequantize, quantize};
 
 /// A ggml tensor element type, by its on-disk type id.

@@ -5,7 +5,7 @@
 //! `d_x·f16(d)·Σ_j sc_j·Σq·x − d_x·f16(dmin)·Σ_j m_j·bsum_j` with exact integer inner sums.
 
 use super::GgmlType;
-use super::kernels::{QRow, Tiles, tile_by_rows};
+use super::kernels::{MAX_C, QRow, Tiles, tile_by_rows};
 use super::reference::scale_min_k4;
 use std::arch::aarch64::*;
 
@@ -272,7 +272,7 @@ pub(crate) fn tiles(ty: GgmlType) -> Tiles {
     Tiles {
         rmax: 1,
         cmax: 4,
-        big: [f; 4],
-        one: [f; 4],
+        big: [f; MAX_C],
+        one: [f; MAX_C],
     }
 }

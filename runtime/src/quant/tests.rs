@@ -650,7 +650,7 @@ fn matmul_rejects_bad_shapes() {
 // ---------------------------------------------------------------------------------------------
 // llama.cpp numerics: activation quantizers and exact block dots
 
-use super::kernels::{ActKind, QAct};
+use super::kernels::{ActKind, GROUP, QAct, round_half_away};
 use super::reference::rd_f16;
 
 #[test]
@@ -904,5 +904,114 @@ fn matmul_reproduces_llama_cpp_numerics() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn batched_rows_equal_rows_alone_bit_for_bit() {
+    // Continuous batching multiplies several sequences' activations in one call; each output row
+    // must be exactly what that sequence alone (m = 1) gives, whatever tile the kernels put it
+    // in, or batched greedy decoding could drift from decoding alone. Odd column counts leave a
+    // short last group (18 and 28 blocks of 32).
+    for (rows, cols) in [(37usize, 576usize), (21, 896), (9, 1024)] {
+        for ty in GgmlType::SUPPORTED {
+            if !cols.is_multiple_of(ty.block_len()) {
+                continue;
+            }
+            let (q, _) = make_matrix(ty, rows, cols, 31);
+            let w = QMatRef {
+                ty,
+                rows,
+                cols,
+                data: &q,
+            };
+            for isa in available_isas() {
+                for m in [2, 5, 8, 9, 13] {
+                    let x = Rng::new(77 + m as u64).vec(m * cols, 1.0);
+                    let mut y = vec![0f32; m * rows];
+                    matmul_with(isa, w, &x, m, &mut y);
+                    for i in 0..m {
+                        let mut yi = vec![0f32; rows];
+                        matmul_with(isa, w, &x[i * cols..(i + 1) * cols], 1, &mut yi);
+                        assert!(
+                            yi.iter().zip(&y[i * rows..(i + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} {ty} {rows}x{cols}: row {i} of m={m} differs from m=1"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn round_half_away_matches_roundf() {
+    let mut rng = Rng::new(4242);
+    let mut vals: Vec<f32> = rng.vec(100_000, 130.0);
+    for i in -260..=260 {
+        let h = i as f32 * 0.5;
+        vals.extend([h, f32::from_bits(h.to_bits() + 1), f32::from_bits(h.to_bits().wrapping_sub(1))]);
+    }
+    vals.extend([0.0, -0.0, 0.49999997, -0.49999997, 127.0, -127.0, 126.5, -126.5]);
+    for v in vals {
+        assert_eq!(round_half_away(v), v.round() as i32, "{v:e}");
+    }
+}
+
+#[test]
+fn group_layout_is_the_dword_transpose_of_each_group() {
+    // 2 rows of 18 blocks: groups of 8, 8 and 2 (+6 zero-padded blocks).
+    let cols = 18 * 32;
+    let x = Rng::new(9).vec(2 * cols, 3.0);
+    for kind in [ActKind::Q8_0, ActKind::Q8_1] {
+        let a = QAct::quantize(kind, &x, cols);
+        for i in 0..2 {
+            let r = a.row(i);
+            assert_eq!(r.gq.len(), 3 * 256);
+            for g in 0..3 {
+                for j in 0..GROUP {
+                    let b = GROUP * g + j;
+                    for k in 0..8 {
+                        for e in 0..4 {
+                            let got = r.gq[256 * g + 32 * k + 4 * j + e];
+                            let want = if b < 18 { r.qs[32 * b + 4 * k + e] } else { 0 };
+                            assert_eq!(got, want, "{kind:?} row {i} block {b} k {k} e {e}");
+                        }
+                    }
+                    let (d, s, sum) = if b < 18 {
+                        (r.d[b], if kind == ActKind::Q8_1 { r.s[b] } else { 0.0 }, r.sum32[b])
+                    } else {
+                        (0.0, 0.0, 0)
+                    };
+                    assert_eq!((r.gd[GROUP * g + j], r.gs[GROUP * g + j], r.gsum[GROUP * g + j]), (d, s, sum));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn q8_0_block_avx2_is_bit_exact() {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return; // nothing to compare on this CPU
+    }
+    let mut rng = Rng::new(99);
+    for t in 0..2000 {
+        let scale = [1e-6f32, 0.01, 1.0, 37.0, 1e4][t % 5];
+        let mut x: [f32; 32] = rng.vec(32, scale).try_into().unwrap();
+        if t % 7 == 0 {
+            x = [0.0; 32]; // d = 0
+        }
+        if t % 11 == 0 {
+            x[t % 32] = 0.5 * scale; // exact halves after scaling happen with amax = 127·k
+            x[(t + 1) % 32] = 127.0 * scale;
+        }
+        let (mut q1, mut q2) = ([0i8; 32], [0i8; 32]);
+        let a = super::kernels::quantize_block_q8_0(&x, &mut q1);
+        // SAFETY: AVX2 was detected above.
+        let b = unsafe { super::kernels::quantize_block_q8_0_avx2(&x, &mut q2) };
+        assert_eq!(q1, q2, "case {t}");
+        assert_eq!((a.0.to_bits(), a.1.to_bits(), a.2), (b.0.to_bits(), b.1.to_bits(), b.2), "case {t}");
     }
 }

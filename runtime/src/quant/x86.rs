@@ -18,36 +18,41 @@
 //! No intermediate saturates: the largest u8·i8 pair sum in `vpmaddubsw` is 2·63·127 = 16002.
 
 use super::GgmlType;
-use super::kernels::{QRow, TileFn, Tiles};
+use super::kernels::{GROUP, MAX_C, QRow, TileFn, Tiles};
 use super::reference::scale_min_k4;
 
 /// How far ahead of the block being decoded the kernels prefetch each weight row.
 const PREFETCH_BYTES: usize = 4096;
 
-/// A [`Tiles`] family of kernel `$f` (const params `$k`, then R, C) with R ∈ {rmax, 1}, C ∈ 1..=4.
+/// `v` padded to [`MAX_C`] entries by repeating its last (entries past `cmax` are never called).
+fn pad_tiles(v: &[TileFn]) -> [TileFn; MAX_C] {
+    std::array::from_fn(|i| v[i.min(v.len() - 1)])
+}
+
+/// A [`Tiles`] family of kernel `$f` (const params `$k`, then R, C): R ∈ {rmax, 1}, C ∈ 1..=cmax
+/// (cmax 4 or 8).
 macro_rules! family {
-    ($f:ident, $rmax:literal $(, $k:expr)?) => {
+    (@c $f:ident, $r:literal, 4 $(, $k:expr)?) => {
+        pad_tiles(&[$f::<$($k,)? $r, 1> as TileFn, $f::<$($k,)? $r, 2>, $f::<$($k,)? $r, 3>, $f::<$($k,)? $r, 4>])
+    };
+    (@c $f:ident, $r:literal, 8 $(, $k:expr)?) => {
+        pad_tiles(&[
+            $f::<$($k,)? $r, 1> as TileFn, $f::<$($k,)? $r, 2>, $f::<$($k,)? $r, 3>, $f::<$($k,)? $r, 4>,
+            $f::<$($k,)? $r, 5>, $f::<$($k,)? $r, 6>, $f::<$($k,)? $r, 7>, $f::<$($k,)? $r, 8>,
+        ])
+    };
+    ($f:ident, $rmax:literal, $cmax:tt $(, $k:expr)?) => {
         Tiles {
             rmax: $rmax,
-            cmax: 4,
-            big: [
-                $f::<$($k,)? $rmax, 1> as TileFn,
-                $f::<$($k,)? $rmax, 2>,
-                $f::<$($k,)? $rmax, 3>,
-                $f::<$($k,)? $rmax, 4>,
-            ],
-            one: [
-                $f::<$($k,)? 1, 1> as TileFn,
-                $f::<$($k,)? 1, 2>,
-                $f::<$($k,)? 1, 3>,
-                $f::<$($k,)? 1, 4>,
-            ],
+            cmax: $cmax,
+            big: family!(@c $f, $rmax, $cmax $(, $k)?),
+            one: family!(@c $f, 1, $cmax $(, $k)?),
         }
     };
 }
 
 macro_rules! x86_kernels {
-    ($modname:ident, $feat:literal, $rmax:literal, $dot:item, $dots:item) => {
+    ($modname:ident, $feat:literal, $rmax:literal, $gc:tt, $vnni:literal, $dot:item, $dots:item) => {
         pub(crate) mod $modname {
             use super::*;
             use std::arch::x86_64::*;
@@ -79,45 +84,11 @@ macro_rules! x86_kernels {
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
             }
 
-            /// 32 bytes: low nibbles of the 16 bytes at `p`, then their high nibbles.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn nibbles32(p: *const u8) -> __m256i {
-                // SAFETY: callers pass a pointer to 16 readable bytes.
-                let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
-                let m4 = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(v, m4);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                _mm256_set_m128i(hi, lo)
-            }
-
-            /// Byte i = 0x10 if bit i of `qh` is set, else 0.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn bit4_from_bits32(qh: u32) -> __m256i {
-                let v = _mm256_set1_epi32(qh as i32);
-                let shuf = _mm256_setr_epi8(
-                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
-                    3, 3, 3, 3, 3, 3,
-                );
-                let bytes = _mm256_shuffle_epi8(v, shuf);
-                let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
-                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-            }
-
             #[target_feature(enable = $feat)]
             #[inline]
             fn ld(p: *const i8) -> __m256i {
                 // SAFETY: callers pass 32 readable bytes.
                 unsafe { _mm256_loadu_si256(p as *const __m256i) }
-            }
-
-            /// An i32 vector with `v` in lane 0 and zeros elsewhere.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn lane0(v: i32) -> __m256i {
-                _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
             }
 
             fn check_rows<const C: usize>(xr: &[QRow<'_>], cols: usize, kblock: usize) {
@@ -128,9 +99,55 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// 32-element block formats. K: 0 = Q4_0, 1 = Q4_1, 2 = Q5_0, 3 = Q5_1, 4 = Q8_0.
+            /// The 4×4 dword transpose within each 128-bit lane: lane j of output k holds dword k
+            /// of input j (j < 4 in the low half, j − 4 of the high half).
             #[target_feature(enable = $feat)]
-            fn tile_b32<const K: u8, const R: usize, const C: usize>(
+            #[inline]
+            fn transpose4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [__m256i; 4] {
+                let t0 = _mm256_unpacklo_epi32(a, b);
+                let t1 = _mm256_unpackhi_epi32(a, b);
+                let t2 = _mm256_unpacklo_epi32(c, d);
+                let t3 = _mm256_unpackhi_epi32(c, d);
+                [
+                    _mm256_unpacklo_epi64(t0, t2),
+                    _mm256_unpackhi_epi64(t0, t2),
+                    _mm256_unpacklo_epi64(t1, t3),
+                    _mm256_unpackhi_epi64(t1, t3),
+                ]
+            }
+
+            /// 16 bytes at `lo` in the low half, 16 at `hi` in the high half.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn ld2(lo: *const u8, hi: *const u8) -> __m256i {
+                // SAFETY: callers pass two pointers to 16 readable bytes each.
+                unsafe {
+                    _mm256_set_m128i(
+                        _mm_loadu_si128(hi as *const __m128i),
+                        _mm_loadu_si128(lo as *const __m128i),
+                    )
+                }
+            }
+
+            /// The f16 at `p + j·stride` for j = 0..8, as 8 f32.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn f16x8(p: *const u8, stride: usize) -> __m256 {
+                // SAFETY: callers pass 8 f16 locations inside one group of weight blocks.
+                let h = |j: usize| unsafe { (p.add(j * stride) as *const i16).read_unaligned() };
+                _mm256_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), h(4), h(5), h(6), h(7)))
+            }
+
+            /// 32-element block formats, a group of 8 blocks at a time. K: 0 = Q4_0, 1 = Q4_1,
+            /// 2 = Q5_0, 3 = Q5_1, 4 = Q8_0.
+            ///
+            /// The group's quants are transposed in registers so that i32 lane j of the byte dot
+            /// accumulates block j alone (the activations come pre-transposed, [`QRow::gq`]): the
+            /// block scales are then applied to 8 blocks with one `cvt`, `mul` and `fmadd` instead
+            /// of one set per block, and the transpose is shared by all C activation rows.
+            /// Every (row, activation) pair does the same operations whatever R and C are.
+            #[target_feature(enable = $feat)]
+            fn tile_g8<const K: u8, const R: usize, const C: usize>(
                 w: &[u8],
                 rb: usize,
                 xr: &[QRow<'_>],
@@ -142,92 +159,138 @@ macro_rules! x86_kernels {
                 let bb = if q8 { 34 } else { 18 + if q5 { 4 } else { 0 } + if min { 2 } else { 0 } };
                 let qh_off = if min { 4 } else { 2 };
                 let qs_off = if q8 { 2 } else { qh_off + if q5 { 4 } else { 0 } };
-                let off: i32 = if K == 0 { 8 } else if K == 2 { 16 } else { 0 };
                 let nb = rb / bb;
+                let ng = nb.div_ceil(GROUP);
                 assert!(rb == nb * bb && w.len() == R * rb && out.len() == R * C);
-                check_rows::<C>(xr, nb * 32, 32);
-                if min {
-                    for x in xr {
-                        assert!(x.s.len() == nb);
-                    }
+                for x in xr {
+                    assert!(x.gq.len() == ng * 256 && x.gd.len() == ng * GROUP && x.gsum.len() == ng * GROUP);
+                    assert!(!min || x.gs.len() == ng * GROUP);
                 }
+                assert!(xr.len() == C);
                 let wp = w.as_ptr();
-                let mut acc = [[_mm256_setzero_ps(); C]; R];
-                for b in 0..nb {
-                    let mut q = [_mm256_setzero_si256(); R];
-                    let mut dw = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        // SAFETY: block b of row r lies inside `w` (lengths checked above).
-                        let blk = unsafe { wp.add(r * rb + b * bb) };
-                        // Decode streams the weights from DRAM once per token: ask for the
-                        // row's data ahead of use (a hint; it never faults).
-                        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_BYTES) as *const i8);
-                        dw[r] = _mm256_set1_ps(f16(blk));
-                        q[r] = if q8 {
-                            // SAFETY: the 32 quant bytes lie inside the block.
-                            ld(unsafe { blk.add(qs_off) } as *const i8)
-                        } else {
-                            // SAFETY: the 16 quant bytes lie inside the block.
-                            let mut v = nibbles32(unsafe { blk.add(qs_off) });
-                            if q5 {
-                                // SAFETY: qh (4 bytes) lies inside the block.
-                                let qh = unsafe { (blk.add(qh_off) as *const u32).read_unaligned() };
-                                v = _mm256_or_si256(v, bit4_from_bits32(u32::from_le(qh)));
-                            }
-                            v
-                        };
-                    }
-                    for c in 0..C {
-                        let x = &xr[c];
-                        // SAFETY: activation block b (32 bytes) lies inside x.qs (checked).
-                        let xv = ld(unsafe { x.qs.as_ptr().add(32 * b) });
-                        // SAFETY: b < nb = x.d.len() = x.sum32.len() (checked).
-                        let (dx, sx) = unsafe { (*x.d.get_unchecked(b), *x.sum32.get_unchecked(b)) };
-                        let dx = _mm256_set1_ps(dx);
-                        let seed = if off != 0 { lane0(-off * sx) } else { _mm256_setzero_si256() };
-                        for r in 0..R {
-                            let p = if q8 {
-                                dot(seed, _mm256_sign_epi8(q[r], q[r]), _mm256_sign_epi8(xv, q[r]))
-                            } else {
-                                dot(seed, q[r], xv)
-                            };
-                            acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dx), _mm256_cvtepi32_ps(p), acc[r][c]);
-                        }
-                    }
-                }
+                let m4 = _mm256_set1_epi8(0x0F);
+                let x10 = _mm256_set1_epi8(0x10);
+                // The last group of a row may be short: it is copied into a zeroed buffer (zero
+                // scales and quants; the activation padding is zero too).
+                let mut pad = [0u8; GROUP * 34];
                 for r in 0..R {
-                    // Q4_1/Q5_1: Σ_b f16(m_w)·s_x, 8 blocks at a time.
-                    let mut accm = [_mm256_setzero_ps(); C];
-                    let mut tail = [0f32; C];
-                    if min {
-                        let mut b = 0;
-                        while b + 8 <= nb {
-                            let mut mh = [0u16; 8];
-                            for k in 0..8 {
-                                // SAFETY: the f16 min sits at offset 2 of block b + k of row r.
-                                mh[k] = unsafe { (wp.add(r * rb + (b + k) * bb + 2) as *const u16).read_unaligned() };
+                    // Rows one after another: only one row's C accumulators are live.
+                    let mut acc = [_mm256_setzero_ps(); C];
+                    for g in 0..ng {
+                        let nblk = (nb - GROUP * g).min(GROUP);
+                        // SAFETY: the group's blocks lie inside row r of `w` (lengths checked).
+                        let mut base = unsafe { wp.add(r * rb + GROUP * g * bb) };
+                        if nblk < GROUP {
+                            // SAFETY: as above, nblk whole blocks.
+                            let src = unsafe { std::slice::from_raw_parts(base, nblk * bb) };
+                            pad[..nblk * bb].copy_from_slice(src);
+                            base = pad.as_ptr();
+                        } else {
+                            // Decode streams the weights from DRAM once per token: ask for the
+                            // row's data ahead of use (a hint; it never faults).
+                            let mut o = 0;
+                            while o < GROUP * bb {
+                                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_BYTES + o) as *const i8);
+                                o += 64;
                             }
-                            // SAFETY: `mh` is 16 readable bytes.
-                            let mw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(mh.as_ptr() as *const __m128i) });
-                            for c in 0..C {
-                                // SAFETY: b + 8 ≤ nb = x.s.len().
-                                let sv = unsafe { _mm256_loadu_ps(xr[c].s.as_ptr().add(b)) };
-                                accm[c] = _mm256_fmadd_ps(mw, sv, accm[c]);
-                            }
-                            b += 8;
                         }
-                        while b < nb {
-                            // SAFETY: as above, for block b < nb.
-                            let mw = f16(unsafe { wp.add(r * rb + b * bb + 2) });
-                            for c in 0..C {
-                                tail[c] += mw * xr[c].s[b];
+                        // SAFETY (all block reads below): `base` points to 8 whole blocks.
+                        let blk = |j: usize| unsafe { base.add(j * bb) };
+                        let dw = f16x8(base, bb);
+                        let mw = if min { f16x8(blk(0).wrapping_add(2), bb) } else { _mm256_setzero_ps() };
+                        let mut q = [_mm256_setzero_si256(); 8];
+                        if q8 {
+                            for h in 0..2 {
+                                let o = qs_off + 16 * h;
+                                let t = transpose4(
+                                    ld2(blk(0).wrapping_add(o), blk(4).wrapping_add(o)),
+                                    ld2(blk(1).wrapping_add(o), blk(5).wrapping_add(o)),
+                                    ld2(blk(2).wrapping_add(o), blk(6).wrapping_add(o)),
+                                    ld2(blk(3).wrapping_add(o), blk(7).wrapping_add(o)),
+                                );
+                                for k in 0..4 {
+                                    // VNNI multiplies unsigned × signed bytes: q + 128, with
+                                    // the 128·Σx taken off below.
+                                    q[4 * h + k] = if $vnni { _mm256_xor_si256(t[k], _mm256_set1_epi8(-128)) } else { t[k] };
+                                }
                             }
-                            b += 1;
+                        } else {
+                            let o = qs_off;
+                            let t = transpose4(
+                                ld2(blk(0).wrapping_add(o), blk(4).wrapping_add(o)),
+                                ld2(blk(1).wrapping_add(o), blk(5).wrapping_add(o)),
+                                ld2(blk(2).wrapping_add(o), blk(6).wrapping_add(o)),
+                                ld2(blk(3).wrapping_add(o), blk(7).wrapping_add(o)),
+                            );
+                            for k in 0..4 {
+                                q[k] = _mm256_and_si256(t[k], m4);
+                                q[k + 4] = _mm256_and_si256(_mm256_srli_epi16(t[k], 4), m4);
+                            }
+                            if q5 {
+                                // Bit e of block j's qh is bit 4 of its element e. Vector k
+                                // holds elements 4k..4k+4: their bits sit in byte k/2 of qh.
+                                // SAFETY: qh (4 bytes) lies inside each block.
+                                let h = |j: usize| unsafe { (blk(j).add(qh_off) as *const i32).read_unaligned() };
+                                let qh = _mm256_setr_epi32(h(0), h(1), h(2), h(3), h(4), h(5), h(6), h(7));
+                                for k in 0..8 {
+                                    let sel = (k / 2) as i8;
+                                    let ctrl = _mm256_setr_epi8(
+                                        sel, sel, sel, sel, 4 + sel, 4 + sel, 4 + sel, 4 + sel,
+                                        8 + sel, 8 + sel, 8 + sel, 8 + sel, 12 + sel, 12 + sel, 12 + sel, 12 + sel,
+                                        sel, sel, sel, sel, 4 + sel, 4 + sel, 4 + sel, 4 + sel,
+                                        8 + sel, 8 + sel, 8 + sel, 8 + sel, 12 + sel, 12 + sel, 12 + sel, 12 + sel,
+                                    );
+                                    let sh = 4 * (k % 2) as u32;
+                                    let bits = (0x0804_0201u32 << sh) as i32;
+                                    let mask = _mm256_set1_epi32(bits);
+                                    let bytes = _mm256_shuffle_epi8(qh, ctrl);
+                                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
+                                    q[k] = _mm256_or_si256(q[k], _mm256_and_si256(set, x10));
+                                }
+                            }
+                        }
+                        for c in 0..C {
+                            let x = &xr[c];
+                            // SAFETY: group g of the activation row lies inside gq/gd/gs/gsum
+                            // (lengths checked).
+                            let (xp, sums, dx) = unsafe {
+                                (
+                                    x.gq.as_ptr().add(256 * g),
+                                    _mm256_loadu_si256(x.gsum.as_ptr().add(GROUP * g) as *const __m256i),
+                                    _mm256_loadu_ps(x.gd.as_ptr().add(GROUP * g)),
+                                )
+                            };
+                            // The weight offset, in the integer domain: Σ(q − off)·x = Σq·x − off·Σx.
+                            let mut p = match (K, $vnni) {
+                                (0, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3)),
+                                (2, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 4)),
+                                (4, true) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7)),
+                                _ => _mm256_setzero_si256(),
+                            };
+                            // Two dependency chains (even and odd k), summed exactly at the end.
+                            let mut p2 = _mm256_setzero_si256();
+                            for k in 0..8 {
+                                // SAFETY: vector k of the group (32 bytes).
+                                let xv = ld(unsafe { xp.add(32 * k) });
+                                let acc = if k % 2 == 0 { &mut p } else { &mut p2 };
+                                *acc = if q8 && !$vnni {
+                                    dot(*acc, _mm256_sign_epi8(q[k], q[k]), _mm256_sign_epi8(xv, q[k]))
+                                } else {
+                                    dot(*acc, q[k], xv)
+                                };
+                            }
+                            let p = _mm256_add_epi32(p, p2);
+                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx), acc[c]);
+                            if min {
+                                // Q4_1/Q5_1: + f16(m_w)·s_x per block.
+                                // SAFETY: as above.
+                                let sx = unsafe { _mm256_loadu_ps(x.gs.as_ptr().add(GROUP * g)) };
+                                acc[c] = _mm256_fmadd_ps(mw, sx, acc[c]);
+                            }
                         }
                     }
                     for c in 0..C {
-                        let v = hsum(acc[r][c]);
-                        out[r * C + c] = if min { v + (hsum(accm[c]) + tail[c]) } else { v };
+                        out[r * C + c] = hsum(acc[c]);
                     }
                 }
             }
@@ -423,14 +486,14 @@ macro_rules! x86_kernels {
 
             /// # Safety
             /// The CPU must support this module's target features.
-            unsafe fn t_b32<const K: u8, const R: usize, const C: usize>(
+            unsafe fn t_g8<const K: u8, const R: usize, const C: usize>(
                 w: &[u8],
                 rb: usize,
                 xr: &[QRow<'_>],
                 out: &mut [f32],
             ) {
                 // SAFETY: the caller guarantees the target features.
-                unsafe { tile_b32::<K, R, C>(w, rb, xr, out) }
+                unsafe { tile_g8::<K, R, C>(w, rb, xr, out) }
             }
             /// # Safety
             /// The CPU must support this module's target features.
@@ -458,14 +521,16 @@ macro_rules! x86_kernels {
             /// The kernels for `ty`. Callers must have checked the CPU has `$feat`.
             pub(crate) fn tiles(ty: GgmlType) -> Tiles {
                 match ty {
-                    GgmlType::Q4_0 => family!(t_b32, $rmax, 0),
-                    GgmlType::Q4_1 => family!(t_b32, $rmax, 1),
-                    GgmlType::Q5_0 => family!(t_b32, $rmax, 2),
-                    GgmlType::Q5_1 => family!(t_b32, $rmax, 3),
-                    GgmlType::Q8_0 => family!(t_b32, $rmax, 4),
-                    GgmlType::Q4_K => family!(t_k45, $rmax, false),
-                    GgmlType::Q5_K => family!(t_k45, $rmax, true),
-                    GgmlType::Q6_K => family!(t_q6k, $rmax),
+                    // The group kernels walk their R rows one after another (R only amortises
+                    // the call).
+                    GgmlType::Q4_0 => family!(t_g8, 4, $gc, 0),
+                    GgmlType::Q4_1 => family!(t_g8, 4, $gc, 1),
+                    GgmlType::Q5_0 => family!(t_g8, 4, $gc, 2),
+                    GgmlType::Q5_1 => family!(t_g8, 4, $gc, 3),
+                    GgmlType::Q8_0 => family!(t_g8, 4, $gc, 4),
+                    GgmlType::Q4_K => family!(t_k45, $rmax, 4, false),
+                    GgmlType::Q5_K => family!(t_k45, $rmax, 4, true),
+                    GgmlType::Q6_K => family!(t_q6k, $rmax, 4),
                     _ => unreachable!("no quantized dot kernel for {ty}"),
                 }
             }
@@ -477,6 +542,8 @@ x86_kernels!(
     avx2,
     "avx2,fma,f16c",
     2,
+    4,
+    false,
     fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_add_epi32(
             acc,
@@ -492,6 +559,8 @@ x86_kernels!(
     avx512,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     4,
+    8,
+    true,
     fn dot(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, a, b)
     },
