@@ -53,6 +53,7 @@ fn main() {
         (GgmlType::Q4_0, 4864, 896, "ffn up"),
         (GgmlType::Q8_0, 4864, 896, "ffn up"),
         (GgmlType::F16, 1536, 576, "ffn up"),
+        (GgmlType::Q4_1, 32768, 2048, "big (DRAM)"),
     ];
     let pools: Vec<(usize, rayon::ThreadPool)> = [1, 2]
         .into_iter()
@@ -103,7 +104,10 @@ fn main() {
             );
         }
         for m in [1usize, 4, 8, 16, 128, 512] {
-            if m > 1 && rows * cols > 8_000_000 || (m > 1 && m < 128 && ty != GgmlType::Q4_1) {
+            let big = rows * cols > 8_000_000;
+            if (m > 1 && big && (ty != GgmlType::Q4_1 || m > 16))
+                || (m > 1 && m < 128 && ty != GgmlType::Q4_1)
+            {
                 continue; // lm head prefill: only the last token's logits are ever needed
             }
             let x = data(m * cols);

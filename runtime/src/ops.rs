@@ -184,6 +184,30 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot`] of `a` with four rows at once, each with exactly `dot`'s operations.
+#[inline(always)]
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a.len();
+    assert!(b.iter().all(|r| r.len() == n));
+    let mut acc = [[0f32; 8]; 4];
+    let (ca, ra) = a.as_chunks::<8>();
+    for (k, x) in ca.iter().enumerate() {
+        for (r, row) in b.iter().enumerate() {
+            let y: &[f32; 8] = row[8 * k..8 * k + 8].try_into().unwrap();
+            for i in 0..8 {
+                acc[r][i] += x[i] * y[i];
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut s: f32 = acc[r].iter().sum();
+        for (x, y) in ra.iter().zip(&b[r][8 * ca.len()..]) {
+            s += x * y;
+        }
+        s
+    })
+}
+
 #[inline]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
@@ -226,11 +250,21 @@ fn attend(
     // Plain loops block by block (not `extend(map(..))`, not a division per row): the closure
     // of an iterator adapter is a separate generic function that would not inherit
     // `attend_avx2`'s target features.
+    // Four rows at a time keep four independent dependency chains in flight; each row's
+    // arithmetic is exactly `dot`'s.
     scores.resize(n_ctx, 0.0);
     let mut j = 0;
     for kb in k_blocks {
         let take = kv.block_size.min(n_ctx - j);
-        for r in 0..take {
+        let mut r = 0;
+        while r + 4 <= take {
+            let d = dot4(qh, [0, 1, 2, 3].map(|i| kv.row_in(kb, r + i)));
+            for i in 0..4 {
+                scores[j + r + i] = d[i] * scale;
+            }
+            r += 4;
+        }
+        for r in r..take {
             scores[j + r] = dot(qh, kv.row_in(kb, r)) * scale;
         }
         j += take;
@@ -240,16 +274,42 @@ fn attend(
     }
     softmax(scores);
     round_f16_slice(scores);
-    o.fill(0.0);
-    let mut j = 0;
-    for vb in v_blocks {
-        let take = kv.block_size.min(n_ctx - j);
-        for (r, &p) in scores[j..j + take].iter().enumerate() {
-            axpy(o, p, kv.row_in(vb, r));
+    // The weighted sum of V rows, 64 output elements at a time held in registers over all
+    // rows (each element still sums its rows in order, as `axpy` row by row would).
+    let hd = kv.hd;
+    let mut c = 0;
+    while c + 64 <= hd {
+        let mut acc = [0f32; 64];
+        let mut j = 0;
+        for vb in v_blocks {
+            let take = kv.block_size.min(n_ctx - j);
+            for (r, &p) in scores[j..j + take].iter().enumerate() {
+                let v: &[f32; 64] = kv.row_in(vb, r)[c..c + 64].try_into().unwrap();
+                for i in 0..64 {
+                    acc[i] += p * v[i];
+                }
+            }
+            j += take;
+            if j == n_ctx {
+                break;
+            }
         }
-        j += take;
-        if j == n_ctx {
-            break;
+        o[c..c + 64].copy_from_slice(&acc);
+        c += 64;
+    }
+    if c < hd {
+        let o = &mut o[c..];
+        o.fill(0.0);
+        let mut j = 0;
+        for vb in v_blocks {
+            let take = kv.block_size.min(n_ctx - j);
+            for (r, &p) in scores[j..j + take].iter().enumerate() {
+                axpy(o, p, &kv.row_in(vb, r)[c..]);
+            }
+            j += take;
+            if j == n_ctx {
+                break;
+            }
         }
     }
 }
@@ -447,6 +507,57 @@ mod tests {
                     assert!((want - got).abs() < 1e-5, "t{t} h{h} d{d}: {want} vs {got}");
                 }
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn attend_avx2_is_bit_identical_to_attend() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return; // nothing to compare on this CPU
+        }
+        let mut seed = 7u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) - 0.5
+        };
+        // hd 64 (the register path), 80 (64 + a remainder) and 8 (remainder only); contexts
+        // that are and are not multiples of the block size and of 4.
+        for (hd, n_ctx) in [(64usize, 37usize), (64, 48), (80, 19), (8, 5), (128, 3)] {
+            let (bs, kvrow) = (16, 2 * hd);
+            let nblk = n_ctx.div_ceil(bs);
+            let k: Vec<f32> = (0..nblk * bs * kvrow).map(|_| rnd()).collect();
+            let v: Vec<f32> = (0..nblk * bs * kvrow).map(|_| rnd() * 3.0).collect();
+            let q: Vec<f32> = (0..hd).map(|_| round_f16(rnd() * 4.0)).collect();
+            let kb: Vec<&[f32]> = k.chunks(bs * kvrow).collect();
+            let vb: Vec<&[f32]> = v.chunks(bs * kvrow).collect();
+            let kv = KvRows {
+                block_size: bs,
+                kvrow,
+                off: hd,
+                hd,
+            };
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (mut s1, mut s2) = (Vec::new(), Vec::new());
+            let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
+            attend(&q, &kb, &vb, kv, n_ctx, scale, &mut s1, &mut o1);
+            // SAFETY: AVX2 was detected above.
+            unsafe { attend_avx2(&q, &kb, &vb, kv, n_ctx, scale, &mut s2, &mut o2) };
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&o1), bits(&o2), "hd {hd} n_ctx {n_ctx}");
+            // And against a plain row-by-row evaluation of the same formula.
+            let mut sc: Vec<f32> = (0..n_ctx)
+                .map(|j| dot(&q, &k[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd]) * scale)
+                .collect();
+            softmax(&mut sc);
+            sc.iter_mut().for_each(|p| *p = round_f16(*p));
+            let mut o3 = vec![0f32; hd];
+            for (j, &p) in sc.iter().enumerate() {
+                axpy(&mut o3, p, &v[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd]);
+            }
+            assert_eq!(bits(&o1), bits(&o3), "hd {hd} n_ctx {n_ctx} vs row by row");
         }
     }
 }

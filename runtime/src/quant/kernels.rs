@@ -50,11 +50,15 @@ impl ActKind {
 /// * `s`: Q8_1 only, one f16-rounded `d·Σq` per block (empty otherwise).
 /// * `sum32`: Σq per 32 elements (all kinds).
 /// * `bs16`: Q8_K only, Σq per 16 elements (empty otherwise).
-/// * `gq`, `gd`, `gs`, `gsum`: Q8_0/Q8_1 only (empty otherwise), the row in *groups* of 8 blocks
-///   (256 elements; the last group zero-padded) for the x86 group kernels. In group g, vector k
-///   (32 bytes, k = 0..8) holds in its 4-byte lane j the quants 4k..4k+4 of block 8g + j: a
-///   dword transpose of the group, so one `vpdpbusd` lane accumulates one block. `gd`/`gs`/`gsum`
-///   are `d`/`s`/`sum32` padded to 8 per group (zeros in the padding).
+/// * `gq`, `gd`, `gs`, `gsum`, `gm`: Q8_0/Q8_1 only (empty otherwise), the rows in *groups* of 8
+///   blocks (256 elements; a row's last group zero-padded) for the x86 group kernels. In a
+///   group, vector k (32 bytes, k = 0..8) holds in its 4-byte lane j the quants 4k..4k+4 of
+///   block j: a dword transpose, so one `vpdpbusd` lane accumulates one block. `gd`/`gs`/`gsum`
+///   are `d`/`s`/`sum32` padded to 8 per group (zeros in the padding). The layout is group-major
+///   over all `gm` rows of the [`QAct`]: this row's group g starts at `gq[256·g·gm]` (and
+///   `gd[8·g·gm]`), and the next row's groups follow each of this row's, so a tile of
+///   consecutive rows is addressed from one pointer. The slices run from this row's first
+///   group to the end of the buffers.
 #[derive(Clone, Copy)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct QRow<'a> {
@@ -67,6 +71,7 @@ pub(crate) struct QRow<'a> {
     pub gd: &'a [f32],
     pub gs: &'a [f32],
     pub gsum: &'a [i32],
+    pub gm: usize,
 }
 
 /// One cache line.
@@ -193,15 +198,13 @@ impl QAct {
         self.gsum = vec![0; m * ng * GROUP];
         for i in 0..m {
             let qrow = &self.qs[i * nb * 32..(i + 1) * nb * 32];
-            let grow = &mut gq[i * ng * 256..(i + 1) * ng * 256];
             for (b, src) in qrow.chunks_exact(32).enumerate() {
-                let base = (b / GROUP) * 256 + 4 * (b % GROUP);
+                // Group b / 8 of row i, lane b % 8.
+                let (g, j) = ((b / GROUP) * m + i, b % GROUP);
+                let base = g * 256 + 4 * j;
                 for (k, word) in src.chunks_exact(4).enumerate() {
-                    grow[base + 32 * k..base + 32 * k + 4].copy_from_slice(word);
+                    gq[base + 32 * k..base + 32 * k + 4].copy_from_slice(word);
                 }
-            }
-            for b in 0..nb {
-                let (g, j) = (i * ng + b / GROUP, b % GROUP);
                 self.gd[g * GROUP + j] = self.d[i * nb + b];
                 if !self.s.is_empty() {
                     self.gs[g * GROUP + j] = self.s[i * nb + b];
@@ -214,8 +217,8 @@ impl QAct {
     pub fn row(&self, i: usize) -> QRow<'_> {
         let c = self.cols;
         let nb = c / self.kind.block_len();
-        let ng = self.ng;
-        let grp = |v: usize| if ng == 0 { 0..0 } else { i * ng * v..(i + 1) * ng * v };
+        let gm = if self.ng == 0 { 0 } else { self.gd.len() / (self.ng * GROUP) };
+        let grp = |v: usize| if self.ng == 0 { 0..0 } else { i * v..self.ng * gm * v };
         QRow {
             qs: &self.qs[i * c..(i + 1) * c],
             d: &self.d[i * nb..(i + 1) * nb],
@@ -234,6 +237,7 @@ impl QAct {
             gd: &self.gd[grp(GROUP)],
             gs: &self.gs[grp(GROUP)],
             gsum: &self.gsum[grp(GROUP)],
+            gm,
         }
     }
 }

@@ -960,20 +960,21 @@ fn round_half_away_matches_roundf() {
 
 #[test]
 fn group_layout_is_the_dword_transpose_of_each_group() {
-    // 2 rows of 18 blocks: groups of 8, 8 and 2 (+6 zero-padded blocks).
+    // 2 rows of 18 blocks: groups of 8, 8 and 2 (+6 zero-padded blocks), group-major.
     let cols = 18 * 32;
     let x = Rng::new(9).vec(2 * cols, 3.0);
     for kind in [ActKind::Q8_0, ActKind::Q8_1] {
         let a = QAct::quantize(kind, &x, cols);
         for i in 0..2 {
             let r = a.row(i);
-            assert_eq!(r.gq.len(), 3 * 256);
+            assert_eq!(r.gm, 2);
+            assert_eq!(r.gq.len(), (3 * 2 - i) * 256);
             for g in 0..3 {
                 for j in 0..GROUP {
                     let b = GROUP * g + j;
                     for k in 0..8 {
                         for e in 0..4 {
-                            let got = r.gq[256 * g + 32 * k + 4 * j + e];
+                            let got = r.gq[256 * g * r.gm + 32 * k + 4 * j + e];
                             let want = if b < 18 { r.qs[32 * b + 4 * k + e] } else { 0 };
                             assert_eq!(got, want, "{kind:?} row {i} block {b} k {k} e {e}");
                         }
@@ -983,7 +984,8 @@ fn group_layout_is_the_dword_transpose_of_each_group() {
                     } else {
                         (0.0, 0.0, 0)
                     };
-                    assert_eq!((r.gd[GROUP * g + j], r.gs[GROUP * g + j], r.gsum[GROUP * g + j]), (d, s, sum));
+                    let gi = GROUP * g * r.gm + j;
+                    assert_eq!((r.gd[gi], r.gs[gi], r.gsum[gi]), (d, s, sum));
                 }
             }
         }

@@ -99,6 +99,40 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// 32 bytes: low nibbles of the 16 bytes at `p`, then their high nibbles.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn nibbles32(p: *const u8) -> __m256i {
+                // SAFETY: callers pass a pointer to 16 readable bytes.
+                let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+                let m4 = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(v, m4);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                _mm256_set_m128i(hi, lo)
+            }
+
+            /// Byte i = 0x10 if bit i of `qh` is set, else 0.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn bit4_from_bits32(qh: u32) -> __m256i {
+                let v = _mm256_set1_epi32(qh as i32);
+                let shuf = _mm256_setr_epi8(
+                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                    3, 3, 3, 3, 3, 3,
+                );
+                let bytes = _mm256_shuffle_epi8(v, shuf);
+                let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
+                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+            }
+
+            /// An i32 vector with `v` in lane 0 and zeros elsewhere.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn lane0(v: i32) -> __m256i {
+                _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
+            }
+
             /// The 4×4 dword transpose within each 128-bit lane: lane j of output k holds dword k
             /// of input j (j < 4 in the low half, j − 4 of the high half).
             #[target_feature(enable = $feat)]
@@ -162,37 +196,47 @@ macro_rules! x86_kernels {
                 let nb = rb / bb;
                 let ng = nb.div_ceil(GROUP);
                 assert!(rb == nb * bb && w.len() == R * rb && out.len() == R * C);
-                for x in xr {
-                    assert!(x.gq.len() == ng * 256 && x.gd.len() == ng * GROUP && x.gsum.len() == ng * GROUP);
-                    assert!(!min || x.gs.len() == ng * GROUP);
+                // The tile's activation rows are consecutive rows of one group-major buffer:
+                // row c's group g sits at (g·gm + c)·256 bytes from row 0's first group.
+                assert!(xr.len() == C && C >= 1);
+                let x0 = &xr[0];
+                let gm = x0.gm;
+                for (c, x) in xr.iter().enumerate() {
+                    assert!(x.gm == gm && x.gq.as_ptr() == x0.gq.as_ptr().wrapping_add(256 * c));
+                    assert!(x.gd.as_ptr() == x0.gd.as_ptr().wrapping_add(GROUP * c));
+                    assert!(x.gsum.as_ptr() == x0.gsum.as_ptr().wrapping_add(GROUP * c));
+                    assert!(!min || x.gs.as_ptr() == x0.gs.as_ptr().wrapping_add(GROUP * c));
                 }
-                assert!(xr.len() == C);
+                if ng > 0 {
+                    let last = (ng - 1) * gm + C; // groups (of one row) spanned by the tile
+                    assert!(gm >= C && x0.gq.len() >= last * 256);
+                    assert!(x0.gd.len() >= last * GROUP && x0.gsum.len() >= last * GROUP);
+                    assert!(!min || x0.gs.len() >= last * GROUP);
+                }
+                let (xq, xd, xs, xsum) = (x0.gq.as_ptr(), x0.gd.as_ptr(), x0.gs.as_ptr(), x0.gsum.as_ptr());
+                // The tail blocks read the linear row layout.
+                check_rows::<C>(xr, nb * 32, 32);
+                for x in xr {
+                    assert!(!min || x.s.len() == nb);
+                }
                 let wp = w.as_ptr();
                 let m4 = _mm256_set1_epi8(0x0F);
                 let x10 = _mm256_set1_epi8(0x10);
-                // The last group of a row may be short: it is copied into a zeroed buffer (zero
-                // scales and quants; the activation padding is zero too).
-                let mut pad = [0u8; GROUP * 34];
+                // Whole groups take the transposed path; the blocks after the last whole group
+                // (a row of 18 blocks has 2) are done one block at a time below.
+                let ngf = nb / GROUP;
                 for r in 0..R {
                     // Rows one after another: only one row's C accumulators are live.
                     let mut acc = [_mm256_setzero_ps(); C];
-                    for g in 0..ng {
-                        let nblk = (nb - GROUP * g).min(GROUP);
+                    for g in 0..ngf {
                         // SAFETY: the group's blocks lie inside row r of `w` (lengths checked).
-                        let mut base = unsafe { wp.add(r * rb + GROUP * g * bb) };
-                        if nblk < GROUP {
-                            // SAFETY: as above, nblk whole blocks.
-                            let src = unsafe { std::slice::from_raw_parts(base, nblk * bb) };
-                            pad[..nblk * bb].copy_from_slice(src);
-                            base = pad.as_ptr();
-                        } else {
-                            // Decode streams the weights from DRAM once per token: ask for the
-                            // row's data ahead of use (a hint; it never faults).
-                            let mut o = 0;
-                            while o < GROUP * bb {
-                                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_BYTES + o) as *const i8);
-                                o += 64;
-                            }
+                        let base = unsafe { wp.add(r * rb + GROUP * g * bb) };
+                        // Decode streams the weights from DRAM once per token: ask for the
+                        // row's data ahead of use (a hint; it never faults).
+                        let mut o = 0;
+                        while o < GROUP * bb {
+                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_BYTES + o) as *const i8);
+                            o += 64;
                         }
                         // SAFETY (all block reads below): `base` points to 8 whole blocks.
                         let blk = |j: usize| unsafe { base.add(j * bb) };
@@ -250,14 +294,14 @@ macro_rules! x86_kernels {
                             }
                         }
                         for c in 0..C {
-                            let x = &xr[c];
-                            // SAFETY: group g of the activation row lies inside gq/gd/gs/gsum
-                            // (lengths checked).
+                            let gi = g * gm + c;
+                            // SAFETY: group g of tile row c lies inside row 0's buffers
+                            // (gi < (ng − 1)·gm + C, checked above).
                             let (xp, sums, dx) = unsafe {
                                 (
-                                    x.gq.as_ptr().add(256 * g),
-                                    _mm256_loadu_si256(x.gsum.as_ptr().add(GROUP * g) as *const __m256i),
-                                    _mm256_loadu_ps(x.gd.as_ptr().add(GROUP * g)),
+                                    xq.add(256 * gi),
+                                    _mm256_loadu_si256(xsum.add(GROUP * gi) as *const __m256i),
+                                    _mm256_loadu_ps(xd.add(GROUP * gi)),
                                 )
                             };
                             // The weight offset, in the integer domain: Σ(q − off)·x = Σq·x − off·Σx.
@@ -284,13 +328,63 @@ macro_rules! x86_kernels {
                             if min {
                                 // Q4_1/Q5_1: + f16(m_w)·s_x per block.
                                 // SAFETY: as above.
-                                let sx = unsafe { _mm256_loadu_ps(x.gs.as_ptr().add(GROUP * g)) };
+                                let sx = unsafe { _mm256_loadu_ps(xs.add(GROUP * gi)) };
                                 acc[c] = _mm256_fmadd_ps(mw, sx, acc[c]);
                             }
                         }
                     }
+                    // The tail blocks: per block, the byte dot's 8 lanes scaled by that block's
+                    // d_w·d_x (the Q4_0/Q5_0/Q8_0 offsets as integer seeds, as above).
+                    let mut acct = [_mm256_setzero_ps(); C];
+                    let mut tmin = [0f32; C];
+                    for b in GROUP * ngf..nb {
+                        // SAFETY: block b of row r lies inside `w` (lengths checked).
+                        let blk = unsafe { wp.add(r * rb + b * bb) };
+                        let dwb = f16(blk);
+                        let mwb = if min { f16(blk.wrapping_add(2)) } else { 0.0 };
+                        // SAFETY (reads of the block): quants and qh lie inside the block.
+                        let qv = if q8 {
+                            let v = ld(unsafe { blk.add(qs_off) } as *const i8);
+                            if $vnni { _mm256_xor_si256(v, _mm256_set1_epi8(-128)) } else { v }
+                        } else {
+                            let mut v = nibbles32(unsafe { blk.add(qs_off) });
+                            if q5 {
+                                let qh = unsafe { (blk.add(qh_off) as *const u32).read_unaligned() };
+                                v = _mm256_or_si256(v, bit4_from_bits32(u32::from_le(qh)));
+                            }
+                            v
+                        };
+                        for c in 0..C {
+                            let x = &xr[c];
+                            // SAFETY: block b of the activation row (32 quants, one scale, one
+                            // sum, one s for Q8_1) lies inside x's row slices: b < nb.
+                            let (xv, dx, sx) = unsafe {
+                                (
+                                    ld(x.qs.as_ptr().add(32 * b)),
+                                    *x.d.get_unchecked(b),
+                                    *x.sum32.get_unchecked(b),
+                                )
+                            };
+                            let seed = match (K, $vnni) {
+                                (0, _) => lane0(-8 * sx),
+                                (2, _) => lane0(-16 * sx),
+                                (4, true) => lane0(-128 * sx),
+                                _ => _mm256_setzero_si256(),
+                            };
+                            let p = if q8 && !$vnni {
+                                dot(seed, _mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv))
+                            } else {
+                                dot(seed, qv, xv)
+                            };
+                            acct[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwb * dx), acct[c]);
+                            if min {
+                                // SAFETY: as above (Q8_1 rows carry one s per block).
+                                tmin[c] += mwb * unsafe { *x.s.get_unchecked(b) };
+                            }
+                        }
+                    }
                     for c in 0..C {
-                        out[r * C + c] = hsum(acc[c]);
+                        out[r * C + c] = hsum(acc[c]) + (hsum(acct[c]) + tmin[c]);
                     }
                 }
             }
