@@ -314,8 +314,9 @@ fn attend(
     }
 }
 
-/// [`attend`] compiled for AVX2: the same operations in the same order on wider
-/// vectors (no FMA contraction), so results are bit-identical to the baseline.
+/// [`attend`] with AVX2 intrinsics: the same operations in the same order on wider vectors
+/// (no FMA contraction), so results are bit-identical to the baseline; head sizes that are
+/// not a multiple of 8 (or above 256) take [`attend`] itself.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
@@ -329,7 +330,109 @@ fn attend_avx2(
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
-    attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o)
+    if !kv.hd.is_multiple_of(8) || kv.hd > 256 {
+        return attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o);
+    }
+    use std::arch::x86_64::*;
+    let hd = kv.hd;
+    let nv = hd / 8;
+    // SAFETY (all loads and stores below): rows are `hd` floats (`row_in` slices them with
+    // bounds checks), chunk k < nv = hd / 8, and `q`/`acc` are local arrays of nv ≤ 32 vectors.
+    let mut q = [_mm256_setzero_ps(); 32];
+    for (k, qv) in q.iter_mut().enumerate().take(nv) {
+        *qv = unsafe { _mm256_loadu_ps(qh.as_ptr().add(8 * k)) };
+    }
+    // Scores, 8 rows at a time: each row's 8 lane sums are formed exactly as `dot` forms them
+    // (lane i accumulates x[8k + i]·y[8k + i] over k, no FMA), then an 8×8 transpose lets one
+    // vector add the lanes of 8 rows in `dot`'s order: ((0 + a0) + a1) + … + a7.
+    scores.resize(n_ctx, 0.0);
+    let lanes_dot = |row: &[f32]| {
+        let mut a = _mm256_setzero_ps();
+        for (k, qv) in q.iter().enumerate().take(nv) {
+            a = _mm256_add_ps(a, _mm256_mul_ps(*qv, unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * k)) }));
+        }
+        a
+    };
+    let scale_v = _mm256_set1_ps(scale);
+    let mut j = 0;
+    for kb in k_blocks {
+        let take = kv.block_size.min(n_ctx - j);
+        let mut r = 0;
+        while r + 8 <= take {
+            let a: [__m256; 8] = std::array::from_fn(|i| lanes_dot(kv.row_in(kb, r + i)));
+            let t = transpose8(a);
+            let mut sum = _mm256_setzero_ps();
+            for ti in t {
+                sum = _mm256_add_ps(sum, ti);
+            }
+            unsafe { _mm256_storeu_ps(scores.as_mut_ptr().add(j + r), _mm256_mul_ps(sum, scale_v)) };
+            r += 8;
+        }
+        for r in r..take {
+            let mut l = [0f32; 8];
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes_dot(kv.row_in(kb, r))) };
+            scores[j + r] = l.iter().sum::<f32>() * scale;
+        }
+        j += take;
+        if j == n_ctx {
+            break;
+        }
+    }
+    softmax(scores);
+    round_f16_slice(scores);
+    // o = Σ_j p_j·v_j, all of `o` in registers, rows in order (as `axpy` row by row).
+    let mut acc = [_mm256_setzero_ps(); 32];
+    let mut j = 0;
+    for vb in v_blocks {
+        let take = kv.block_size.min(n_ctx - j);
+        for (r, &p) in scores[j..j + take].iter().enumerate() {
+            let row = kv.row_in(vb, r);
+            let pv = _mm256_set1_ps(p);
+            for (k, a) in acc.iter_mut().enumerate().take(nv) {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * k)) }));
+            }
+        }
+        j += take;
+        if j == n_ctx {
+            break;
+        }
+    }
+    for (k, a) in acc.iter().enumerate().take(nv) {
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), *a) };
+    }
+}
+
+/// 8×8 transpose of f32 lanes: output i holds lane i of inputs 0..8 (in order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn transpose8(a: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(a[0], a[1]);
+    let t1 = _mm256_unpackhi_ps(a[0], a[1]);
+    let t2 = _mm256_unpacklo_ps(a[2], a[3]);
+    let t3 = _mm256_unpackhi_ps(a[2], a[3]);
+    let t4 = _mm256_unpacklo_ps(a[4], a[5]);
+    let t5 = _mm256_unpackhi_ps(a[4], a[5]);
+    let t6 = _mm256_unpacklo_ps(a[6], a[7]);
+    let t7 = _mm256_unpackhi_ps(a[6], a[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// Shapes of one attention call.
