@@ -212,16 +212,7 @@ impl Model for DeviceTransformer {
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let c = &self.cfg;
-        for it in items {
-            if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-                return Err(ModelError::BadToken {
-                    id,
-                    n_vocab: c.n_vocab,
-                });
-            }
-        }
-        let items: Vec<&BatchItem> = items.iter().filter(|it| !it.tokens.is_empty()).collect();
-        logits.clear();
+        let items = ember_runtime::model::batch_items(items, c.n_vocab, logits)?;
         if items.is_empty() {
             return Ok(());
         }

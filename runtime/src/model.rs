@@ -86,6 +86,23 @@ pub struct BatchItem<'a> {
     pub logits: LogitsWanted,
 }
 
+/// The common start of every `Model::forward_batch`: rejects a token outside the vocabulary
+/// (before any work, so nothing is half-done), clears `logits`, and returns the items that
+/// have tokens to run.
+pub fn batch_items<'a, 'b>(
+    items: &'b [BatchItem<'a>],
+    n_vocab: usize,
+    logits: &mut Vec<f32>,
+) -> Result<Vec<&'b BatchItem<'a>>, ModelError> {
+    for it in items {
+        if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::BadToken { id, n_vocab });
+        }
+    }
+    logits.clear();
+    Ok(items.iter().filter(|it| !it.tokens.is_empty()).collect())
+}
+
 /// Memory a GPU backend holds, as its allocator reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceMemory {

@@ -212,20 +212,14 @@ impl Server for Scheduler<'_> {
     }
 
     fn stats(&self) -> ServerStats {
+        // One allocator query for both figures.
+        let dev = self.engine.model.device_memory();
         ServerStats {
             weights_bytes: self.engine.model.weight_bytes(),
             kv_bytes_used: self.kv.bytes_used() as u64,
             kv_bytes_reserved: self.kv.bytes_reserved() as u64,
-            device_bytes: self
-                .engine
-                .model
-                .device_memory()
-                .map_or(0, |m| m.reserved_bytes),
-            device_bytes_peak: self
-                .engine
-                .model
-                .device_memory()
-                .map_or(0, |m| m.peak_bytes),
+            device_bytes: dev.map_or(0, |m| m.reserved_bytes),
+            device_bytes_peak: dev.map_or(0, |m| m.peak_bytes),
             cache_evictions: self.kv.counters.evictions,
             running: self.running.len(),
             waiting: self.waiting.len(),

@@ -235,22 +235,16 @@ impl Server for SequentialServer<'_> {
             .as_ref()
             .map(|a| (a.kv.bytes_used(), a.kv.bytes_reserved()))
             .unwrap_or((0, 0));
+        // One allocator query for both figures.
+        let dev = self.engine.model.device_memory();
         ServerStats {
             weights_bytes: self.engine.model.weight_bytes(),
             kv_bytes_used: used as u64,
             kv_bytes_reserved: reserved as u64,
             running: self.active.is_some() as usize,
             waiting: self.waiting.len(),
-            device_bytes: self
-                .engine
-                .model
-                .device_memory()
-                .map_or(0, |m| m.reserved_bytes),
-            device_bytes_peak: self
-                .engine
-                .model
-                .device_memory()
-                .map_or(0, |m| m.peak_bytes),
+            device_bytes: dev.map_or(0, |m| m.reserved_bytes),
+            device_bytes_peak: dev.map_or(0, |m| m.peak_bytes),
             ..Default::default()
         }
     }
