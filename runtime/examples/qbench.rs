@@ -2,7 +2,7 @@
 //! `cargo run -p ember-runtime --example qbench --profile dev [-- quick] [TYPE[:ROWSxCOLS]…]`
 //!
 //! m = 1 (decode): weight GB/s per ISA, 1 and 2 threads.
-//! m > 1 (prefill): effective GFLOP/s (2·m·rows·cols / time), best ISA only (m ≤ 16 runs the
+//! m > 1 (batched decode at m = 8, prefill): effective GFLOP/s (2·m·rows·cols / time), best ISA only (m ≤ 16 runs the
 //! integer dot kernels, m > 16 the ISA-independent dequantize + gemm path); m = 4..16 only for
 //! Q4_1. A `dequantize_row` line per matrix gives the single-thread dequantization rate.
 
@@ -104,9 +104,11 @@ fn main() {
             );
         }
         for m in [1usize, 4, 8, 16, 128, 512] {
+            // m = 8 (8 sequences decoding together) for every type; other m > 1 for Q4_1 and
+            // prefill sizes; no prefill on the big (lm head, DRAM) shapes.
             let big = rows * cols > 8_000_000;
             if (m > 1 && big && (ty != GgmlType::Q4_1 || m > 16))
-                || (m > 1 && m < 128 && ty != GgmlType::Q4_1)
+                || (m > 1 && m < 128 && m != 8 && ty != GgmlType::Q4_1)
             {
                 continue; // lm head prefill: only the last token's logits are ever needed
             }
