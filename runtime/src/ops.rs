@@ -478,9 +478,8 @@ pub fn attention(
         // llama.cpp's f16 K·Q product does.
         let mut qbuf = [0f32; 256];
         let qh: &[f32] = if hd <= 256 {
-            for (d, &v) in qbuf.iter_mut().zip(&q[t * qrow + h * hd..][..hd]) {
-                *d = round_f16(v);
-            }
+            qbuf[..hd].copy_from_slice(&q[t * qrow + h * hd..][..hd]);
+            round_f16_slice(&mut qbuf[..hd]);
             &qbuf[..hd]
         } else {
             &q[t * qrow + h * hd..][..hd]
