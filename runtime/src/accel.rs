@@ -203,7 +203,7 @@ pub fn choose(choice: BackendChoice) -> Placement {
     #[cfg(not(feature = "wgpu"))]
     {
         Placement::Cpu {
-            reason: format!("--backend {choice}: this ember was built without the wgpu feature"),
+            reason: format!("this ember was built without the wgpu feature (asked for {choice})"),
         }
     }
     #[cfg(feature = "wgpu")]

@@ -25,11 +25,10 @@ const MAX_DIMS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: cannot open: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // `err`, not `source`: the message already carries the I/O error, and a `source` would
+    // make error-chain printers (anyhow's `{:#}`) repeat it.
+    #[error("{path}: cannot open: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a GGUF file (magic {found:02x?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, found: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (ember reads v2 and v3)")]
@@ -567,9 +566,9 @@ impl GgufFile {
     /// Map and parse a GGUF file. Tensor data is not touched.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| GgufError::Io {
+        let io = |err| GgufError::Io {
             path: path.clone(),
-            source,
+            err,
         };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this process. A file
@@ -778,14 +777,14 @@ impl GgufFile {
 /// Parse a GGUF image held in memory (used by the fuzz target and tests).
 pub fn parse_bytes(bytes: &[u8]) -> Result<GgufFile, GgufError> {
     let mut anon =
-        memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|source| GgufError::Io {
+        memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|err| GgufError::Io {
             path: PathBuf::from("<memory>"),
-            source,
+            err,
         })?;
     anon[..bytes.len()].copy_from_slice(bytes);
-    let ro = anon.make_read_only().map_err(|source| GgufError::Io {
+    let ro = anon.make_read_only().map_err(|err| GgufError::Io {
         path: PathBuf::from("<memory>"),
-        source,
+        err,
     })?;
     if bytes.is_empty() {
         return Err(GgufError::Truncated {
