@@ -1,21 +1,31 @@
 //! x86-64 tile kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd` /
 //! `vpdpwssd` on 256-bit vectors, 32 vector registers). Both are generated from one body by
 //! `x86_kernels!`, differing in the byte-dot primitives, the enabled target features and the tile
-//! shape (R weight rows × C activation rows).
+//! shape (R weight rows × C activation rows; C up to 8 on AVX-512 for the 32-element formats).
 //!
-//! A tile kernel walks the blocks of R weight rows once; each weight block is decoded once into
-//! registers and multiplied against the matching block of all C activation rows, so the nibble
-//! unpacking is amortised over C and the activation loads over R. Every (row, activation) pair
-//! keeps its own accumulator and performs exactly the same operations whatever R and C are, so
-//! results do not depend on the tiling (or on the thread count).
+//! **32-element formats** (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, `tile_g8`): a weight row is read in groups
+//! of 8 blocks. A group is transposed in registers (4-byte lanes across the 8 blocks) so that
+//! i32 lane j of the byte dot accumulates block j alone, against activations stored in the same
+//! transposed, group-major layout ([`QRow::gq`]); the 8 block scales are then applied with one
+//! convert, multiply and FMA, and one decoded group serves all C activation rows. Blocks after a
+//! row's last whole group go one at a time.
+//!
+//! **K-quants** (`tile_k45`, `tile_q6k`): a tile walks the super-blocks of R weight rows once;
+//! each is decoded into registers and multiplied against all C activation rows.
+//!
+//! Every (row, activation) pair keeps its own accumulators and performs exactly the same
+//! operations whatever R and C are, so results do not depend on the tiling, the batch or the
+//! thread count (`batched_rows_equal_rows_alone_bit_for_bit`).
 //!
 //! Numerics (see `kernels.rs` for the formulas): weight quants are decoded to *unsigned* bytes.
 //! The Q4_0/Q5_0 offset is applied in the integer domain (−off·Σx seeded into the block's i32
-//! accumulator), so each 32-block contributes `f16(d_w)·d_x·(exact integer)`; Q8_0 uses the sign
-//! trick. K-quants accumulate `Σ_j sc_j·Σ(q·x)` exactly in i32 over the whole super-block
-//! (`vpmaddwd` with the sub-block scale instead of ones), with the Q6_K −32 offset seeded as
-//! `−32·Σ sc_j·bsum_j` and the Q4_K/Q5_K mins as a second integer dot with the bsums.
-//! No intermediate saturates: the largest u8·i8 pair sum in `vpmaddubsw` is 2·63·127 = 16002.
+//! accumulator), so each 32-block contributes `f16(d_w)·d_x·(exact integer)`; Q8_0 is `q + 128`
+//! with `−128·Σx` seeded on VNNI and uses the sign trick on AVX2. K-quants accumulate
+//! `Σ_j sc_j·Σ(q·x)` exactly in i32 over the whole super-block (`vpmaddwd` with the sub-block
+//! scale instead of ones), with the Q6_K −32 offset seeded as `−32·Σ sc_j·bsum_j` and the
+//! Q4_K/Q5_K mins as a second integer dot with the bsums. No intermediate saturates: the largest
+//! u8·i8 pair sum in `vpmaddubsw` is 2·63·127 = 16002, and a VNNI lane sums at most 32 products
+//! of 255·127.
 
 use super::GgmlType;
 use super::kernels::{GROUP, MAX_C, QRow, TileFn, Tiles};
