@@ -357,11 +357,7 @@ impl Transformer {
         backend::qmatmul_many_host(x, m, &hr, &mut bufs);
         for ((y, buf), (w, bias)) in ys.into_iter().zip(bufs).zip(ws) {
             *y = buf;
-            if let Some(b) = bias {
-                for row in y.chunks_exact_mut(w.rows) {
-                    row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
-                }
-            }
+            add_bias(y, w.rows, bias);
         }
     }
 
@@ -375,10 +371,15 @@ impl Transformer {
             .into_data()
             .try_into_vec::<f32>()
             .expect("qmatmul returns f32");
-        if let Some(b) = bias {
-            for row in y.chunks_exact_mut(w.rows) {
-                row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
-            }
+        add_bias(y, w.rows, bias);
+    }
+}
+
+/// Add `bias` (one value per output feature) to every `rows`-wide row of `y`.
+fn add_bias(y: &mut [f32], rows: usize, bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(rows) {
+            row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
         }
     }
 }

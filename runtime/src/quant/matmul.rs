@@ -108,22 +108,21 @@ fn for_row_chunks(rows: usize, macs: usize, align: usize, f: impl Fn(usize, usiz
     // A few chunks per thread lets work stealing even out a descheduled thread.
     let n = (nt * 4).min(groups);
     (0..n).into_par_iter().for_each(|c| {
-        let r0 = (c * groups / n * align).min(rows);
-        let r1 = ((c + 1) * groups / n * align).min(rows);
+        let (r0, r1) = row_chunk(c, n, rows, align);
         f(r0, r1)
     });
 }
 
+/// Chunk `c` of `n` over `rows`, split into ranges whose starts are multiples of `align`.
+fn row_chunk(c: usize, n: usize, rows: usize, align: usize) -> (usize, usize) {
+    let groups = rows.div_ceil(align);
+    let r0 = (c * groups / n * align).min(rows);
+    let r1 = ((c + 1) * groups / n * align).min(rows);
+    (r0, r1)
+}
+
 fn q_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
-    let act = QAct::quantize(ActKind::for_weight(w.ty), x, w.cols);
-    let xr: Vec<QRow<'_>> = (0..m).map(|i| act.row(i)).collect();
-    let t = tiles_for(isa, w.ty);
-    let yp = SyncPtr(y.as_mut_ptr());
-    for_row_chunks(w.rows, w.rows * w.cols * m, t.rmax, |r0, r1| {
-        // SAFETY: `t` belongs to `isa` (checked available by the caller), `xr` is `x` quantized
-        // for `w.ty`, `y` is m × rows and this task alone writes rows r0..r1.
-        unsafe { run_rows(&t, w, &xr, r0, r1, yp) }
-    });
+    matmul_many_with(isa, &[w], x, m, &mut [y]);
 }
 
 /// Output rows `r0..r1` of `w` for all activation rows `xr`, tile by tile, into `y` (m × rows).
@@ -173,7 +172,12 @@ unsafe fn run_rows(t: &Tiles, w: QMatRef<'_>, xr: &[QRow<'_>], r0: usize, r1: us
 /// rows of all of them run in one parallel section (one fork/join instead of one per weight).
 /// Every output element is bit-identical to what [`matmul`] gives for that weight alone.
 pub fn matmul_many(ws: &[QMatRef<'_>], x: &[f32], m: usize, ys: &mut [&mut [f32]]) {
-    let isa = super::best_isa();
+    matmul_many_with(super::best_isa(), ws, x, m, ys)
+}
+
+/// [`matmul_many`] on the kernels of `isa` (available on this CPU); also the quantized path of
+/// [`matmul_with`], as a single weight.
+fn matmul_many_with(isa: Isa, ws: &[QMatRef<'_>], x: &[f32], m: usize, ys: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), ys.len(), "matmul_many: one output per weight");
     struct Job<'a> {
         w: QMatRef<'a>,
@@ -215,7 +219,7 @@ pub fn matmul_many(ws: &[QMatRef<'_>], x: &[f32], m: usize, ys: &mut [&mut [f32]
     let macs: Vec<usize> = jobs.iter().map(|j| j.w.rows * j.w.cols * m).collect();
     let total: usize = macs.iter().sum();
     let nt = rayon::current_num_threads();
-    // SAFETY (both branches): each job's tiles belong to `isa`, the best ISA of this CPU; its
+    // SAFETY (both branches): each job's tiles belong to `isa`, available on this CPU; its
     // activation rows are `x` quantized for its type; its output is m × rows and each
     // (job, row range) unit is run by one task only.
     if nt <= 1 || total < PAR_MIN_MACS {
@@ -230,8 +234,7 @@ pub fn matmul_many(ws: &[QMatRef<'_>], x: &[f32], m: usize, ys: &mut [&mut [f32]
         let groups = j.w.rows.div_ceil(j.t.rmax);
         let n = (nt * 4 * macs[ji]).div_ceil(total).clamp(1, groups);
         for c in 0..n {
-            let r0 = (c * groups / n * j.t.rmax).min(j.w.rows);
-            let r1 = ((c + 1) * groups / n * j.t.rmax).min(j.w.rows);
+            let (r0, r1) = row_chunk(c, n, j.w.rows, j.t.rmax);
             units.push((ji, r0, r1));
         }
     }
