@@ -442,6 +442,12 @@ impl Model for Transformer {
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
+        // RoPE angles of every row, computed once and shared by all layers' q and k.
+        let half = self.rope.n_rot / 2;
+        let mut angles = Vec::with_capacity(n * half);
+        for &(_, len, pos0) in &segs {
+            self.rope.table(pos0, len, &mut angles);
+        }
         let mut s = Scratch::default();
         for (l, ly) in self.layers.iter().enumerate() {
             s.xn.resize(n * d, 0.0);
@@ -457,11 +463,12 @@ impl Model for Transformer {
                 [&mut s.q, &mut s.k, &mut s.v],
             );
             s.att.resize(n * q_dim, 0.0);
-            for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
+            for (it, &(r0, len, _)) in items.iter().zip(&segs) {
                 let q = &mut s.q[r0 * q_dim..(r0 + len) * q_dim];
                 let k = &mut s.k[r0 * kv_dim..(r0 + len) * kv_dim];
-                self.rope.apply(q, c.n_heads, pos0);
-                self.rope.apply(k, c.n_kv_heads, pos0);
+                let cs = &angles[r0 * half..(r0 + len) * half];
+                self.rope.apply_table(q, c.n_heads, cs);
+                self.rope.apply_table(k, c.n_kv_heads, cs);
                 // The cache holds f16 (llama.cpp's default): K is rounded after RoPE, as
                 // llama.cpp copies the rotated f32 K into its f16 cache.
                 ops::round_f16_slice(k);

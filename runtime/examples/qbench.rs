@@ -104,10 +104,11 @@ fn main() {
             );
         }
         for m in [1usize, 4, 8, 16, 128, 512] {
-            // m = 8 (8 sequences decoding together) for every type; other m > 1 for Q4_1 and
-            // prefill sizes; no prefill on the big (lm head, DRAM) shapes.
+            // m = 8 (8 sequences decoding together) for every type and shape, the lm head
+            // included; other m > 1 for Q4_1 and prefill sizes; no prefill on the big (lm head,
+            // DRAM) shapes.
             let big = rows * cols > 8_000_000;
-            if (m > 1 && big && (ty != GgmlType::Q4_1 || m > 16))
+            if (m > 1 && m != 8 && big && (ty != GgmlType::Q4_1 || m > 16))
                 || (m > 1 && m < 128 && m != 8 && ty != GgmlType::Q4_1)
             {
                 continue; // lm head prefill: only the last token's logits are ever needed

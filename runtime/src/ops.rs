@@ -81,14 +81,36 @@ impl Rope {
         }
     }
 
+    /// The `(cos, sin)` table for `n` tokens at positions `pos0..pos0 + n`, appended to `out`
+    /// (`n_rot / 2` pairs per token): computed once per forward pass and shared by every layer's
+    /// q and k (see [`Rope::apply_table`]).
+    pub fn table(&self, pos0: usize, n: usize, out: &mut Vec<(f32, f32)>) {
+        let half = self.n_rot / 2;
+        let start = out.len();
+        out.resize(start + n * half, (0.0, 0.0));
+        for (t, cs) in out[start..].chunks_exact_mut(half.max(1)).enumerate().take(n) {
+            self.angles(pos0 + t, cs);
+        }
+    }
+
     /// Rotate every head of `x` (`[n_tokens × n_heads·head_dim]`), token t at position `pos0 + t`.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, pos0: usize) {
+        let n = x.len() / (n_heads * self.head_dim).max(1);
+        let mut cs = Vec::new();
+        self.table(pos0, n, &mut cs);
+        self.apply_table(x, n_heads, &cs);
+    }
+
+    /// [`Rope::apply`] with the angles of [`Rope::table`] (token t's pairs at `t · n_rot / 2`).
+    pub fn apply_table(&self, x: &mut [f32], n_heads: usize, table: &[(f32, f32)]) {
         let hd = self.head_dim;
         let row = n_heads * hd;
         let half = self.n_rot / 2;
-        let mut cs = vec![(0f32, 0f32); half];
-        for (t, xr) in x.chunks_exact_mut(row).enumerate() {
-            self.angles(pos0 + t, &mut cs);
+        if half == 0 {
+            return;
+        }
+        assert_eq!(table.len(), x.len() / row * half, "rope: one table row per token");
+        for (xr, cs) in x.chunks_exact_mut(row).zip(table.chunks_exact(half)) {
             for h in xr.chunks_exact_mut(hd) {
                 match self.style {
                     RopeStyle::Normal => {
@@ -111,22 +133,64 @@ impl Rope {
     }
 }
 
-/// gate ← silu(gate) · up
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+/// e^x in f32 without a libm call, so loops over it vectorise: n = round(x·log₂e), r = x − n·ln 2
+/// (in two parts, Cody–Waite), e^r by a degree-6 polynomial, times 2ⁿ built in the exponent
+/// bits. Within 2 ulp of the true value for normal results (`exp_f32_is_within_2_ulp`); x is
+/// clamped to [−87, 88], so large negative x gives ~1e-38 instead of a subnormal or 0 and large
+/// positive x gives ~1.7e38 instead of infinity. Plain multiplies and adds (no FMA), so every
+/// ISA and vector width computes the same bits.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5·2²³: adding it rounds to an integer (to nearest even), held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4; // few mantissa bits: n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let v = x * LOG2E + MAGIC;
+    let n = v - MAGIC;
+    let ni = v.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
+#[inline(always)]
+fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
-        let s = *g / (1.0 + (-*g).exp());
-        *g = s * u;
+        *g = *g / (1.0 + exp_f32(-*g)) * u;
     }
 }
 
-/// Numerically stable in-place softmax.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    silu_mul_body(gate, up)
+}
+
+/// gate ← silu(gate) · up, with silu(g) = g / (1 + e^−g) ([`exp_f32`]); the same bits on every
+/// ISA (the AVX2 build only widens the vectors).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul: gate and up differ in length");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 support was detected at run time.
+        unsafe { silu_mul_avx2(gate, up) };
+        return;
+    }
+    silu_mul_body(gate, up)
+}
+
+/// Numerically stable in-place softmax ([`exp_f32`], then a sum in order).
+#[inline]
 pub fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
+    x.iter_mut().for_each(|v| *v = exp_f32(*v - m));
+    let sum: f32 = x.iter().fold(0.0, |a, &v| a + v);
     let inv = 1.0 / sum;
     x.iter_mut().for_each(|v| *v *= inv);
 }
@@ -515,6 +579,54 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Distance in units in the last place between two positive normal f32s.
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp_f32_is_within_2_ulp() {
+        let mut worst = (0u32, 0f32);
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp() as f32;
+            let u = ulps(exp_f32(x), want);
+            if u > worst.0 {
+                worst = (u, x);
+            }
+            x += 1.0 / 1024.0 + x.abs() * 1e-6;
+        }
+        assert!(worst.0 <= 2, "exp_f32 is {} ulp off at x = {}", worst.0, worst.1);
+        assert_eq!(exp_f32(0.0), 1.0);
+        // Clamped ends: finite and tiny / huge, never NaN or infinite.
+        assert!(exp_f32(-1000.0) > 0.0 && exp_f32(-1000.0) < 1e-37);
+        assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp_f32(1000.0).is_finite() && exp_f32(1000.0) > 1e38);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn silu_mul_is_the_same_on_every_path_and_close_to_libm() {
+        let mut seed = 3u32;
+        let gate: Vec<f32> = (0..4099)
+            .map(|i| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 10f32.powi(i % 5 - 1)
+            })
+            .collect();
+        let up: Vec<f32> = gate.iter().rev().map(|g| g * 0.5 + 0.25).collect();
+        let mut simd = gate.clone();
+        silu_mul(&mut simd, &up);
+        let mut scalar = gate.clone();
+        silu_mul_body(&mut scalar, &up);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&simd), bits(&scalar));
+        for ((&g, &u), &y) in gate.iter().zip(&up).zip(&simd) {
+            let want = (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32;
+            assert!((y - want).abs() <= 1e-6 * want.abs().max(1e-3), "silu({g})·{u}: {y} vs {want}");
+        }
+    }
 
     #[test]
     fn round_f16_slice_matches_the_scalar_rounding() {
