@@ -13,6 +13,7 @@ use ember_runtime::accel::{BackendChoice, Placement, choose};
 use ember_runtime::backend::{self, Device, QWeightHandle, Tensor, TensorData};
 use ember_runtime::engine::EngineConfig;
 use ember_runtime::gguf::{GgufFile, GgufWriter, parse_bytes};
+use ember_runtime::kv::f16;
 use ember_runtime::model::LogitsWanted;
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
 use ember_runtime::quant::{self, GgmlType};
@@ -257,10 +258,11 @@ fn attention_with_gqa_and_cache() {
     let mut want = vec![0f32; n_q * heads * hd];
     // The CPU path reads the cache block by block: use two blocks of 16 (the tail unused).
     let bs = 16;
-    let mut kb = vec![0f32; 2 * bs * kv_heads * hd];
+    // The host cache holds f16 (exact for these rounded values).
+    let mut kb = vec![f16::ZERO; 2 * bs * kv_heads * hd];
     let mut vb = kb.clone();
-    kb[..k.len()].copy_from_slice(&k);
-    vb[..v.len()].copy_from_slice(&v);
+    kb[..k.len()].iter_mut().zip(&k).for_each(|(o, &x)| *o = f16::from_f32(x));
+    vb[..v.len()].iter_mut().zip(&v).for_each(|(o, &x)| *o = f16::from_f32(x));
     let (k0, k1) = kb.split_at(bs * kv_heads * hd);
     let (v0, v1) = vb.split_at(bs * kv_heads * hd);
     let shape = AttnShape {

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use ember_runtime::kv::f16;
 use ember_runtime::engine::{Engine, EngineConfig, GenerateRequest};
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
 use ember_runtime::quant::{self, GgmlType, Isa, QMatRef};
@@ -648,8 +649,11 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
         .map(ops::round_f16)
         .collect();
     let q = randn(&mut rng, n_q * qrow, 1.0);
-    let kb: Vec<&[f32]> = k.chunks(bs * kvrow).collect();
-    let vb: Vec<&[f32]> = v.chunks(bs * kvrow).collect();
+    // The cache stores f16 (exact for these already-rounded values).
+    let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+    let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+    let kb: Vec<&[f16]> = k16.chunks(bs * kvrow).collect();
+    let vb: Vec<&[f16]> = v16.chunks(bs * kvrow).collect();
     let mut y = vec![0f32; n_q * qrow];
     pool.install(|| ops::attention(&q, &kb, &vb, bs, n_past, s, &mut y));
     let mut want = vec![0f64; n_q * qrow];

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use ember_runtime::backend::{self, HandleError, QWeightHandle};
 use ember_runtime::backend::{Device, Tensor, TensorData};
 use ember_runtime::gguf::GgufFile;
-use ember_runtime::kv::PagedKv;
+use ember_runtime::kv::{KvLayout, PagedKv};
 use ember_runtime::model::{BatchItem, DeviceMemory, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::Rope;
 use ember_runtime::quant;
@@ -189,6 +189,15 @@ impl Model for DeviceTransformer {
         &self.cfg
     }
 
+    /// The device pools hold f32 (K/V at f16 precision; lavapipe has no f16 storage), so a
+    /// block costs twice the host cache's bytes against the budget.
+    fn kv_layout(&self, block_size: usize) -> KvLayout {
+        let c = self.config();
+        KvLayout {
+            elem_bytes: 4,
+            ..KvLayout::new(c.n_layers, c.kv_dim(), block_size)
+        }
+    }
     fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

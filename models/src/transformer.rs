@@ -8,9 +8,9 @@
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use ember_runtime::backend::{self, QWeightHandle, Tensor, TensorData};
+use ember_runtime::backend::{self, QWeightHandle};
 use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
-use ember_runtime::kv::PagedKv;
+use ember_runtime::kv::{PagedKv, f16};
 use ember_runtime::model::{BatchItem, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
 use ember_runtime::quant::{self, GgmlType, QMatRef};
@@ -323,10 +323,7 @@ impl Transformer {
         }
     }
 
-    /// y[m × rows] = x[m × cols] · Wᵀ (+ bias), as a burn op: the quantized matmul is the
-    /// `QuantOps` backend extension, which on the CPU (burn-flex) runs `quant::matmul` on the
-    /// mmapped blocks. `x` is copied once into `y`'s old buffer (callers lend slices), moved into
-    /// the tensor, and the result's allocation is moved back out into `y`.
+    /// The weight as a [`QWeightHandle`] on the mapping (no copy).
     fn handle(&self, w: &QWeight) -> QWeightHandle {
         QWeightHandle::new(
             self.file.clone(),
@@ -338,8 +335,11 @@ impl Transformer {
         .expect("weight ranges are checked at load")
     }
 
-    /// Several projections of the same input (q/k/v, gate/up) in one fused call: one
-    /// activation quantization and one parallel section (see `backend::qmatmul_many_host`).
+    /// y[m × rows] = x[m × cols] · Wᵀ (+ bias) for several projections of the same input
+    /// (q/k/v, gate/up) in one fused call: one activation quantization and one parallel section
+    /// on the mmapped GGUF blocks (`backend::qmatmul_many_host`, the host-buffer form of the
+    /// `QuantOps` burn extension's CPU kernel). Outputs reuse the callers' buffers: no allocation
+    /// per call once they have grown (a fresh 1.5 MiB lm-head buffer per step cost page faults).
     fn linear_many<const N: usize>(
         &self,
         ws: [(&QWeight, Option<&[f32]>); N],
@@ -362,16 +362,7 @@ impl Transformer {
     }
 
     fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
-        let h = self.handle(w);
-        let mut buf = std::mem::take(y);
-        buf.clear();
-        buf.extend_from_slice(x);
-        let xt = Tensor::<2>::from_data(TensorData::new(buf, [m, w.cols]), &backend::cpu());
-        *y = backend::qmatmul(xt, &h)
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("qmatmul returns f32");
-        add_bias(y, w.rows, bias);
+        self.linear_many([(w, bias)], x, m, [y]);
     }
 }
 
@@ -485,7 +476,7 @@ impl Model for Transformer {
                 let (kb, vb) = kv.layer_blocks(it.seq, l);
                 jobs.push((&s.q[r0 * q_dim..(r0 + len) * q_dim], kb, vb, pos0, out));
             }
-            let attend = |(q, kb, vb, pos0, out): (&[f32], Vec<&[f32]>, Vec<&[f32]>, usize, &mut [f32])| {
+            let attend = |(q, kb, vb, pos0, out): (&[f32], Vec<&[f16]>, Vec<&[f16]>, usize, &mut [f32])| {
                 ops::attention(q, &kb, &vb, bs, pos0, shape, out)
             };
             if jobs.len() > 1 {

@@ -5,6 +5,8 @@
 //! m > 1 (batched decode at m = 8, prefill): effective GFLOP/s (2·m·rows·cols / time), best ISA only (m ≤ 16 runs the
 //! integer dot kernels, m > 16 the ISA-independent dequantize + gemm path); m = 4..16 only for
 //! Q4_1. A `dequantize_row` line per matrix gives the single-thread dequantization rate.
+//! `cold`: every call reads a different copy of the weight (≥ 128 MiB of copies in all), so the
+//! weights come from DRAM as in a decode step that walks the whole model, not from the cache.
 
 use ember_runtime::quant::{
     GgmlType, Isa, QMatRef, available_isas, best_isa, dequantize_row, matmul_with, quantize,
@@ -73,7 +75,11 @@ fn main() {
         "type", "rows", "cols", "what", "m", "isa", "", "time", "rate"
     );
     // Optional filter: `TYPE` or `TYPE:ROWSxCOLS` arguments (e.g. `Q4_1:576x1536`).
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| a != "quick").collect();
+    let cold = std::env::args().any(|a| a == "cold");
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "quick" && a != "cold")
+        .collect();
     for &(ty, rows, cols, what) in shapes {
         let key = format!("{}:{rows}x{cols}", ty.name());
         if !filters.is_empty() && !filters.iter().any(|f| key == *f || ty.name() == f) {
@@ -85,6 +91,22 @@ fn main() {
             rows,
             cols,
             data: &q,
+        };
+        let copies: Vec<Vec<u8>> = if cold {
+            vec![q.clone(); (128usize << 20).div_ceil(q.len())]
+        } else {
+            vec![]
+        };
+        let mut next = 0;
+        let mut pick = || {
+            if copies.is_empty() {
+                return w;
+            }
+            next = (next + 1) % copies.len();
+            QMatRef {
+                data: &copies[next],
+                ..w
+            }
         };
         {
             let mut row = vec![0f32; cols];
@@ -122,7 +144,7 @@ fn main() {
             };
             for &isa in &isas {
                 for (nt, pool) in &pools {
-                    let t = pool.install(|| time(budget, || matmul_with(isa, w, &x, m, &mut y)));
+                    let t = pool.install(|| time(budget, || matmul_with(isa, pick(), &x, m, &mut y)));
                     let rate = if m == 1 {
                         format!("{:6.1} GB/s", q.len() as f64 / t / 1e9)
                     } else {

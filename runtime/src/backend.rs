@@ -249,13 +249,18 @@ pub fn qmatmul_vec(x: Vec<f32>, m: usize, w: &QWeightHandle) -> Vec<f32> {
 /// The CPU's fused form for weights that read the same host activations (q/k/v, gate/up):
 /// one activation quantization per format and one parallel section for all of them
 /// ([`quant::matmul_many`]), on the GGUF blocks in the mapping. `ys[i]` is resized to
-/// `m × ws[i].rows()`. Each result is bit-identical to [`qmatmul`] on Flex for that weight.
+/// `m × ws[i].rows()` (its capacity reused). Each result is bit-identical to [`qmatmul`] on Flex for that weight.
 pub fn qmatmul_many_host(x: &[f32], m: usize, ws: &[&QWeightHandle], ys: &mut [Vec<f32>]) {
     assert_eq!(ws.len(), ys.len(), "qmatmul_many_host: one output per weight");
     let mats: Vec<QMatRef<'_>> = ws.iter().map(|w| w.mat()).collect();
     for (y, w) in ys.iter_mut().zip(ws) {
-        y.clear();
-        y.resize(m * w.rows, 0.0);
+        // Every element is overwritten: keep the old contents rather than zero them.
+        let n = m * w.rows;
+        if y.len() > n {
+            y.truncate(n);
+        } else {
+            y.resize(n, 0.0);
+        }
     }
     let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
     quant::matmul_many(&mats, x, m, &mut outs);

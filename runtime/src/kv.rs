@@ -16,6 +16,9 @@
 //! Writers only ever append to positions at or beyond a sequence's length, and
 //! shared blocks are always full, so a shared block is never written.
 
+/// The host cache's element type.
+pub use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::collections::{BTreeMap, HashMap};
 
 pub type SeqId = u64;
@@ -37,6 +40,9 @@ pub enum KvError {
     UnknownSeq(SeqId),
 }
 
+/// Bytes per K/V element in the host cache: f16, llama.cpp's default cache type.
+pub const HOST_KV_ELEM_BYTES: usize = 2;
+
 /// Shape of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
@@ -44,15 +50,28 @@ pub struct KvLayout {
     pub kv_dim: usize,
     /// Positions per block.
     pub block_size: usize,
+    /// Bytes per stored element: [`HOST_KV_ELEM_BYTES`] for the host cache; a backend that keeps
+    /// its own pools says what its elements take (f32 pools on wgpu: 4), so a byte budget buys
+    /// the blocks that really fit.
+    pub elem_bytes: usize,
 }
 
 impl KvLayout {
-    /// f32 values in one block (K and V, all layers).
-    pub fn block_floats(&self) -> usize {
+    /// A host-cache layout (f16 elements).
+    pub fn new(n_layers: usize, kv_dim: usize, block_size: usize) -> Self {
+        KvLayout {
+            n_layers,
+            kv_dim,
+            block_size,
+            elem_bytes: HOST_KV_ELEM_BYTES,
+        }
+    }
+    /// Values in one block (K and V, all layers).
+    pub fn block_elems(&self) -> usize {
         2 * self.n_layers * self.block_size * self.kv_dim
     }
     pub fn block_bytes(&self) -> usize {
-        self.block_floats() * 4
+        self.block_elems() * self.elem_bytes
     }
     /// How many blocks fit a byte budget (at least one).
     pub fn blocks_for_budget(&self, bytes: usize) -> usize {
@@ -95,7 +114,8 @@ pub struct PagedKv {
     pub n_ctx: usize,
     /// Whether full blocks are entered in (and looked up from) the prefix index.
     pub prefix_caching: bool,
-    storage: Vec<f32>,
+    /// K and V at f16 (values arrive rounded to f16 precision, so storing them is exact).
+    storage: Vec<f16>,
     n_blocks: usize,
     refcount: Vec<u32>,
     block_hash: Vec<Option<u64>>,
@@ -176,7 +196,7 @@ impl PagedKv {
         if self.device_store.is_some() {
             self.device_bytes
         } else {
-            self.storage.capacity() * 4
+            self.storage.capacity() * std::mem::size_of::<f16>()
         }
     }
     pub fn bytes_budget(&self) -> usize {
@@ -211,9 +231,9 @@ impl PagedKv {
             self.counters.evictions += 1;
             b
         };
-        let need = (b as usize + 1) * self.layout.block_floats();
+        let need = (b as usize + 1) * self.layout.block_elems();
         if self.device_store.is_none() && self.storage.len() < need {
-            self.storage.resize(need, 0.0);
+            self.storage.resize(need, f16::ZERO);
         }
         self.refcount[b as usize] = 1;
         Some(b)
@@ -313,7 +333,8 @@ impl PagedKv {
         ((b as usize * l.n_layers + layer) * 2 + v as usize) * l.block_size * l.kv_dim
     }
 
-    /// Write K and V rows for positions `len..len + rows` of `seq` in `layer`.
+    /// Write K and V rows for positions `len..len + rows` of `seq` in `layer`, stored as f16
+    /// (round to nearest even; exact for values already at f16 precision, as the model's are).
     /// The positions must be reserved. Not committed until [`PagedKv::commit`].
     pub fn write(&mut self, seq: SeqId, layer: usize, k: &[f32], v: &[f32]) {
         let kd = self.layout.kv_dim;
@@ -327,8 +348,8 @@ impl PagedKv {
             debug_assert_eq!(self.refcount[b as usize], 1, "writing a shared block");
             let ko = self.offset(b, layer, false) + (p % bs) * kd;
             let vo = self.offset(b, layer, true) + (p % bs) * kd;
-            self.storage[ko..ko + kd].copy_from_slice(kr);
-            self.storage[vo..vo + kd].copy_from_slice(vr);
+            self.storage[ko..ko + kd].convert_from_f32_slice(kr);
+            self.storage[vo..vo + kd].convert_from_f32_slice(vr);
         }
     }
 
@@ -337,8 +358,8 @@ impl PagedKv {
         &self.seqs[&seq].blocks
     }
 
-    /// Per-block K and V slices (`[block_size × kv_dim]` each) of `seq` in `layer`.
-    pub fn layer_blocks(&self, seq: SeqId, layer: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
+    /// Per-block K and V slices (`[block_size × kv_dim]` f16 each) of `seq` in `layer`.
+    pub fn layer_blocks(&self, seq: SeqId, layer: usize) -> (Vec<&[f16]>, Vec<&[f16]>) {
         let n = self.layout.block_size * self.layout.kv_dim;
         let s = &self.seqs[&seq];
         let k = s
@@ -412,7 +433,7 @@ impl PagedKv {
             let b = self.seqs[&seq].blocks[i];
             if self.refcount[b as usize] > 1 || self.block_hash[b as usize].is_some() {
                 if let Some(nb) = self.take_block() {
-                    let n = self.layout.block_floats();
+                    let n = self.layout.block_elems();
                     let (src, dst) = (b as usize * n, nb as usize * n);
                     self.storage.copy_within(src..src + n, dst);
                     self.seqs.get_mut(&seq).unwrap().blocks[i] = nb;
@@ -435,11 +456,7 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 impl KvCache {
     pub fn new(n_layers: usize, kv_dim: usize, n_ctx: usize) -> Self {
-        let layout = KvLayout {
-            n_layers,
-            kv_dim,
-            block_size: DEFAULT_BLOCK_SIZE,
-        };
+        let layout = KvLayout::new(n_layers, kv_dim, DEFAULT_BLOCK_SIZE);
         let mut pages = PagedKv::new(layout, n_ctx.div_ceil(DEFAULT_BLOCK_SIZE), n_ctx);
         pages.prefix_caching = false;
         let seq = pages.new_seq();
@@ -473,11 +490,7 @@ mod tests {
     use super::*;
 
     fn layout() -> KvLayout {
-        KvLayout {
-            n_layers: 2,
-            kv_dim: 3,
-            block_size: 4,
-        }
+        KvLayout::new(2, 3, 4)
     }
 
     fn fill(kv: &mut PagedKv, seq: SeqId, tokens: &[u32]) {
@@ -586,8 +599,8 @@ mod tests {
         kv.truncate(b, 2);
         fill(&mut kv, b, &[7, 7]);
         let (ka, _) = kv.layer_blocks(a, 0);
-        assert_eq!(ka[0][2 * 3], 3.0, "a's block untouched");
+        assert_eq!(ka[0][2 * 3].to_f32(), 3.0, "a's block untouched");
         let (kb, _) = kv.layer_blocks(b, 0);
-        assert_eq!(kb[0][2 * 3], 7.0);
+        assert_eq!(kb[0][2 * 3].to_f32(), 7.0);
     }
 }

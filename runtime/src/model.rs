@@ -135,11 +135,7 @@ pub trait Model: Send + Sync {
     /// Shape of this model's KV blocks.
     fn kv_layout(&self, block_size: usize) -> KvLayout {
         let c = self.config();
-        KvLayout {
-            n_layers: c.n_layers,
-            kv_dim: c.kv_dim(),
-            block_size,
-        }
+        KvLayout::new(c.n_layers, c.kv_dim(), block_size)
     }
     /// A fresh single-sequence cache able to hold `n_ctx` positions.
     fn new_cache(&self, n_ctx: usize) -> KvCache {

@@ -2,6 +2,8 @@
 //! styles), SiLU·mul, softmax and causal attention over the KV cache.
 //! The quantized matmul lives in [`crate::quant`].
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// y = x / rms(x) * w, row by row (`x.len()` a multiple of `w.len()`).
@@ -291,45 +293,59 @@ struct KvRows {
 impl KvRows {
     /// Row `r` of one block.
     #[inline(always)]
-    fn row_in<'a>(&self, block: &'a [f32], r: usize) -> &'a [f32] {
+    fn row_in<'a>(&self, block: &'a [f16], r: usize) -> &'a [f16] {
         &block[r * self.kvrow + self.off..][..self.hd]
     }
 }
 
+/// `dst` ← `src` widened to f32 (exact).
+#[inline(always)]
+fn widen(src: &[f16], dst: &mut [f32]) {
+    src.convert_to_f32_slice(dst);
+}
+
 /// One query head against its kv head: scaled scores, softmax, probabilities at
 /// f16 precision (llama.cpp multiplies f16 V by f16-converted probabilities),
-/// then the weighted sum of V rows into `o`.
+/// then the weighted sum of V rows into `o`. K and V are the cache's f16 values, widened to f32
+/// exactly before use.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend(
     qh: &[f32],
-    k_blocks: &[&[f32]],
-    v_blocks: &[&[f32]],
+    k_blocks: &[&[f16]],
+    v_blocks: &[&[f16]],
     kv: KvRows,
     n_ctx: usize,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
-    // Plain loops block by block (not `extend(map(..))`, not a division per row): the closure
-    // of an iterator adapter is a separate generic function that would not inherit
-    // `attend_avx2`'s target features.
+    // Plain loops block by block (not `extend(map(..))`, not a division per row).
     // Four rows at a time keep four independent dependency chains in flight; each row's
     // arithmetic is exactly `dot`'s.
+    let hd = kv.hd;
+    let mut rows = vec![0f32; 4 * hd];
     scores.resize(n_ctx, 0.0);
     let mut j = 0;
     for kb in k_blocks {
         let take = kv.block_size.min(n_ctx - j);
         let mut r = 0;
         while r + 4 <= take {
-            let d = dot4(qh, [0, 1, 2, 3].map(|i| kv.row_in(kb, r + i)));
+            for i in 0..4 {
+                widen(kv.row_in(kb, r + i), &mut rows[i * hd..(i + 1) * hd]);
+            }
+            let (r0, rest) = rows.split_at(hd);
+            let (r1, rest) = rest.split_at(hd);
+            let (r2, r3) = rest.split_at(hd);
+            let d = dot4(qh, [r0, r1, r2, r3]);
             for i in 0..4 {
                 scores[j + r + i] = d[i] * scale;
             }
             r += 4;
         }
         for r in r..take {
-            scores[j + r] = dot(qh, kv.row_in(kb, r)) * scale;
+            widen(kv.row_in(kb, r), &mut rows[..hd]);
+            scores[j + r] = dot(qh, &rows[..hd]) * scale;
         }
         j += take;
         if j == n_ctx {
@@ -340,7 +356,6 @@ fn attend(
     round_f16_slice(scores);
     // The weighted sum of V rows, 64 output elements at a time held in registers over all
     // rows (each element still sums its rows in order, as `axpy` row by row would).
-    let hd = kv.hd;
     let mut c = 0;
     while c + 64 <= hd {
         let mut acc = [0f32; 64];
@@ -348,7 +363,8 @@ fn attend(
         for vb in v_blocks {
             let take = kv.block_size.min(n_ctx - j);
             for (r, &p) in scores[j..j + take].iter().enumerate() {
-                let v: &[f32; 64] = kv.row_in(vb, r)[c..c + 64].try_into().unwrap();
+                let v: &mut [f32; 64] = (&mut rows[..64]).try_into().unwrap();
+                widen(&kv.row_in(vb, r)[c..c + 64], v);
                 for i in 0..64 {
                     acc[i] += p * v[i];
                 }
@@ -368,7 +384,9 @@ fn attend(
         for vb in v_blocks {
             let take = kv.block_size.min(n_ctx - j);
             for (r, &p) in scores[j..j + take].iter().enumerate() {
-                axpy(o, p, &kv.row_in(vb, r)[c..]);
+                let v = &mut rows[..hd - c];
+                widen(&kv.row_in(vb, r)[c..], v);
+                axpy(o, p, v);
             }
             j += take;
             if j == n_ctx {
@@ -378,16 +396,17 @@ fn attend(
     }
 }
 
-/// [`attend`] with AVX2 intrinsics: the same operations in the same order on wider vectors
-/// (no FMA contraction), so results are bit-identical to the baseline; head sizes that are
-/// not a multiple of 8 (or above 256) take [`attend`] itself.
+/// [`attend`] with AVX2 intrinsics, K and V widened by F16C as they are loaded: the same
+/// operations in the same order on wider vectors (no FMA contraction), so results are
+/// bit-identical to the baseline; head sizes that are not a multiple of 8 (or above 256) take
+/// [`attend`] itself.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
 fn attend_avx2(
     qh: &[f32],
-    k_blocks: &[&[f32]],
-    v_blocks: &[&[f32]],
+    k_blocks: &[&[f16]],
+    v_blocks: &[&[f16]],
     kv: KvRows,
     n_ctx: usize,
     scale: f32,
@@ -400,8 +419,10 @@ fn attend_avx2(
     use std::arch::x86_64::*;
     let hd = kv.hd;
     let nv = hd / 8;
-    // SAFETY (all loads and stores below): rows are `hd` floats (`row_in` slices them with
-    // bounds checks), chunk k < nv = hd / 8, and `q`/`acc` are local arrays of nv ≤ 32 vectors.
+    // 8 cache values from `row` at element 8·k, widened (SAFETY: rows are `hd` elements, sliced
+    // with bounds checks by `row_in`, and k < nv = hd / 8).
+    let ld8 = |row: &[f16], k: usize| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(8 * k) as *const __m128i)) };
+    // SAFETY (loads and stores below): `q`/`acc` are local arrays of nv ≤ 32 vectors.
     let mut q = [_mm256_setzero_ps(); 32];
     for (k, qv) in q.iter_mut().enumerate().take(nv) {
         *qv = unsafe { _mm256_loadu_ps(qh.as_ptr().add(8 * k)) };
@@ -410,10 +431,10 @@ fn attend_avx2(
     // (lane i accumulates x[8k + i]·y[8k + i] over k, no FMA), then an 8×8 transpose lets one
     // vector add the lanes of 8 rows in `dot`'s order: ((0 + a0) + a1) + … + a7.
     scores.resize(n_ctx, 0.0);
-    let lanes_dot = |row: &[f32]| {
+    let lanes_dot = |row: &[f16]| {
         let mut a = _mm256_setzero_ps();
         for (k, qv) in q.iter().enumerate().take(nv) {
-            a = _mm256_add_ps(a, _mm256_mul_ps(*qv, unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * k)) }));
+            a = _mm256_add_ps(a, _mm256_mul_ps(*qv, ld8(row, k)));
         }
         a
     };
@@ -453,7 +474,7 @@ fn attend_avx2(
             let row = kv.row_in(vb, r);
             let pv = _mm256_set1_ps(p);
             for (k, a) in acc.iter_mut().enumerate().take(nv) {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * k)) }));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, ld8(row, k)));
             }
         }
         j += take;
@@ -469,7 +490,7 @@ fn attend_avx2(
 /// 8×8 transpose of f32 lanes: output i holds lane i of inputs 0..8 (in order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn transpose8(a: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+pub(crate) fn transpose8(a: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
     let t0 = _mm256_unpacklo_ps(a[0], a[1]);
     let t1 = _mm256_unpackhi_ps(a[0], a[1]);
@@ -510,17 +531,17 @@ pub struct AttnShape {
 /// Causal attention for `n_q` new query rows against a paged KV history.
 ///
 /// * `q`: `[n_q × n_heads·head_dim]`, query t sits at absolute position `pos0 + t`.
-/// * `k_blocks`, `v_blocks`: the sequence's cache for this layer, block by block,
-///   each `[block_size × n_kv_heads·head_dim]`; they hold at least `pos0 + n_q`
-///   positions (the new tokens are already stored).
+/// * `k_blocks`, `v_blocks`: the sequence's cache for this layer (f16, as llama.cpp's default
+///   cache), block by block, each `[block_size × n_kv_heads·head_dim]`; they hold at least
+///   `pos0 + n_q` positions (the new tokens are already stored).
 /// * `out`: `[n_q × n_heads·head_dim]`.
 ///
 /// Grouped-query attention maps query head h to kv head `h / (n_heads / n_kv_heads)`.
 /// Work is split over (token, head) pairs on the current rayon pool.
 pub fn attention(
     q: &[f32],
-    k_blocks: &[&[f32]],
-    v_blocks: &[&[f32]],
+    k_blocks: &[&[f16]],
+    v_blocks: &[&[f16]],
     block_size: usize,
     pos0: usize,
     s: AttnShape,
@@ -533,7 +554,7 @@ pub fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let n_q = q.len() / qrow;
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
     let work = |idx: usize, o: &mut [f32], scores: &mut Vec<f32>| {
         let (t, h) = (idx / s.n_heads, idx % s.n_heads);
         let kvh = h / group;
@@ -557,7 +578,7 @@ pub fn attention(
         };
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // SAFETY: AVX2 support was detected at run time.
+            // SAFETY: AVX2 and F16C support was detected at run time.
             unsafe { attend_avx2(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o) };
             return;
         }
@@ -689,13 +710,18 @@ mod tests {
             seed ^= seed << 5;
             (seed as f32 / u32::MAX as f32) - 0.5
         };
-        let k: Vec<f32> = (0..n_past * 16).map(|_| rnd()).collect();
-        let v: Vec<f32> = (0..n_past * 16).map(|_| rnd()).collect();
+        // The cache holds f16: the reference reads the same (widened) values.
+        let k16: Vec<f16> = (0..n_past * 16).map(|_| f16::from_f32(rnd())).collect();
+        let v16: Vec<f16> = (0..n_past * 16).map(|_| f16::from_f32(rnd())).collect();
+        let (k, v): (Vec<f32>, Vec<f32>) = (
+            k16.iter().map(|x| x.to_f32()).collect(),
+            v16.iter().map(|x| x.to_f32()).collect(),
+        );
         let q: Vec<f32> = (0..2 * 32).map(|_| rnd()).collect(); // two queries at positions 3 and 4
         let mut out = vec![0.0; 64];
         // Blocks of 2 positions (the last one partly filled).
-        let kb: Vec<&[f32]> = k.chunks(32).collect();
-        let vb: Vec<&[f32]> = v.chunks(32).collect();
+        let kb: Vec<&[f16]> = k16.chunks(32).collect();
+        let vb: Vec<&[f16]> = v16.chunks(32).collect();
         attention(&q, &kb, &vb, 2, 3, s, &mut out);
         for t in 0..2 {
             for h in 0..4 {
@@ -727,7 +753,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn attend_avx2_is_bit_identical_to_attend() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("f16c") {
             return; // nothing to compare on this CPU
         }
         let mut seed = 7u32;
@@ -742,11 +768,15 @@ mod tests {
         for (hd, n_ctx) in [(64usize, 37usize), (64, 48), (80, 19), (8, 5), (128, 3)] {
             let (bs, kvrow) = (16, 2 * hd);
             let nblk = n_ctx.div_ceil(bs);
-            let k: Vec<f32> = (0..nblk * bs * kvrow).map(|_| rnd()).collect();
-            let v: Vec<f32> = (0..nblk * bs * kvrow).map(|_| rnd() * 3.0).collect();
+            let k16: Vec<f16> = (0..nblk * bs * kvrow).map(|_| f16::from_f32(rnd())).collect();
+            let v16: Vec<f16> = (0..nblk * bs * kvrow).map(|_| f16::from_f32(rnd() * 3.0)).collect();
+            let (k, v): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
             let q: Vec<f32> = (0..hd).map(|_| round_f16(rnd() * 4.0)).collect();
-            let kb: Vec<&[f32]> = k.chunks(bs * kvrow).collect();
-            let vb: Vec<&[f32]> = v.chunks(bs * kvrow).collect();
+            let kb: Vec<&[f16]> = k16.chunks(bs * kvrow).collect();
+            let vb: Vec<&[f16]> = v16.chunks(bs * kvrow).collect();
             let kv = KvRows {
                 block_size: bs,
                 kvrow,
@@ -757,7 +787,7 @@ mod tests {
             let (mut s1, mut s2) = (Vec::new(), Vec::new());
             let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
             attend(&q, &kb, &vb, kv, n_ctx, scale, &mut s1, &mut o1);
-            // SAFETY: AVX2 was detected above.
+            // SAFETY: AVX2 and F16C were detected above.
             unsafe { attend_avx2(&q, &kb, &vb, kv, n_ctx, scale, &mut s2, &mut o2) };
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&o1), bits(&o2), "hd {hd} n_ctx {n_ctx}");

@@ -192,24 +192,35 @@ impl QAct {
         let ng = nb.div_ceil(GROUP);
         self.ng = ng;
         self.gq = Lines::zeroed(m * ng * 256);
-        let gq = self.gq.as_mut_slice();
         self.gd = vec![0.0; m * ng * GROUP];
         self.gs = vec![0.0; m * ng * GROUP];
         self.gsum = vec![0; m * ng * GROUP];
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2");
         for i in 0..m {
-            let qrow = &self.qs[i * nb * 32..(i + 1) * nb * 32];
-            for (b, src) in qrow.chunks_exact(32).enumerate() {
-                // Group b / 8 of row i, lane b % 8.
-                let (g, j) = ((b / GROUP) * m + i, b % GROUP);
-                let base = g * 256 + 4 * j;
-                for (k, word) in src.chunks_exact(4).enumerate() {
-                    gq[base + 32 * k..base + 32 * k + 4].copy_from_slice(word);
+            for g in 0..ng {
+                // Group g of row i sits at group index g·m + i; its lane j is block 8g + j.
+                let gi = g * m + i;
+                let b0 = g * GROUP;
+                let n = GROUP.min(nb - b0);
+                let src = &self.qs[(i * nb + b0) * 32..(i * nb + b0 + n) * 32];
+                let dst = &mut self.gq.as_mut_slice()[gi * 256..(gi + 1) * 256];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 was detected at run time.
+                    unsafe { transpose_group_avx2(src, dst) };
+                } else {
+                    transpose_group(src, dst);
                 }
-                self.gd[g * GROUP + j] = self.d[i * nb + b];
+                #[cfg(not(target_arch = "x86_64"))]
+                transpose_group(src, dst);
+                let lanes = gi * GROUP..gi * GROUP + n;
+                let blocks = i * nb + b0..i * nb + b0 + n;
+                self.gd[lanes.clone()].copy_from_slice(&self.d[blocks.clone()]);
                 if !self.s.is_empty() {
-                    self.gs[g * GROUP + j] = self.s[i * nb + b];
+                    self.gs[lanes.clone()].copy_from_slice(&self.s[blocks.clone()]);
                 }
-                self.gsum[g * GROUP + j] = self.sum32[i * nb + b];
+                self.gsum[lanes].copy_from_slice(&self.sum32[blocks]);
             }
         }
     }
@@ -239,6 +250,37 @@ impl QAct {
             gsum: &self.gsum[grp(GROUP)],
             gm,
         }
+    }
+}
+
+/// One group of the [`QRow`] layout: `src` holds up to 8 consecutive 32-byte blocks; byte
+/// `32·k + 4·j` of `dst` (256 bytes, already zero) receives dword k of block j.
+fn transpose_group(src: &[i8], dst: &mut [i8]) {
+    for (j, block) in src.chunks_exact(32).enumerate() {
+        for (k, word) in block.chunks_exact(4).enumerate() {
+            dst[32 * k + 4 * j..32 * k + 4 * j + 4].copy_from_slice(word);
+        }
+    }
+}
+
+/// [`transpose_group`] as one 8×8 dword transpose in registers (missing blocks are zeros).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn transpose_group_avx2(src: &[i8], dst: &mut [i8]) {
+    use std::arch::x86_64::*;
+    let n = src.len() / 32;
+    assert!(n <= GROUP && src.len() == 32 * n && dst.len() == 256);
+    let rows: [__m256; 8] = std::array::from_fn(|j| {
+        if j < n {
+            // SAFETY: block j (32 bytes) lies inside `src` (j < n).
+            unsafe { _mm256_loadu_ps(src.as_ptr().add(32 * j) as *const f32) }
+        } else {
+            _mm256_setzero_ps()
+        }
+    });
+    for (k, v) in crate::ops::transpose8(rows).into_iter().enumerate() {
+        // SAFETY: vector k is bytes 32k..32k + 32 of the 256-byte `dst`.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(32 * k) as *mut f32, v) };
     }
 }
 
