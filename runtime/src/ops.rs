@@ -281,20 +281,38 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Where one kv head's rows sit in a sequence's blocks.
+/// What one query sees of one kv head: the sequence's cache blocks for the layer (f16,
+/// `[block_size × kvrow]` each), where the head's rows sit in them, how many positions the
+/// query attends to, and the score scale.
 #[derive(Clone, Copy)]
-struct KvRows {
+struct HeadCache<'a> {
+    k: &'a [&'a [f16]],
+    v: &'a [&'a [f16]],
     block_size: usize,
     kvrow: usize,
     off: usize,
     hd: usize,
+    n_ctx: usize,
+    scale: f32,
 }
 
-impl KvRows {
+impl<'a> HeadCache<'a> {
     /// Row `r` of one block.
     #[inline(always)]
-    fn row_in<'a>(&self, block: &'a [f16], r: usize) -> &'a [f16] {
+    fn row(&self, block: &'a [f16], r: usize) -> &'a [f16] {
         &block[r * self.kvrow + self.off..][..self.hd]
+    }
+
+    /// The blocks of `blocks` (`self.k` or `self.v`) the query sees, each with the position of
+    /// its first row and how many of its rows count (`block_size`, fewer in the last).
+    #[inline(always)]
+    fn spans(&self, blocks: &'a [&'a [f16]]) -> impl Iterator<Item = (usize, &'a [f16], usize)> + 'a {
+        let (bs, n) = (self.block_size, self.n_ctx);
+        blocks
+            .iter()
+            .enumerate()
+            .map(move |(b, &blk)| (b * bs, blk, bs.min(n.saturating_sub(b * bs))))
+            .take_while(|&(_, _, take)| take > 0)
     }
 }
 
@@ -310,29 +328,18 @@ fn widen(src: &[f16], dst: &mut [f32]) {
 /// exactly before use.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend(
-    qh: &[f32],
-    k_blocks: &[&[f16]],
-    v_blocks: &[&[f16]],
-    kv: KvRows,
-    n_ctx: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
+fn attend(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
     // Plain loops block by block (not `extend(map(..))`, not a division per row).
     // Four rows at a time keep four independent dependency chains in flight; each row's
     // arithmetic is exactly `dot`'s.
-    let hd = kv.hd;
+    let (hd, n_ctx, scale) = (c.hd, c.n_ctx, c.scale);
     let mut rows = vec![0f32; 4 * hd];
     scores.resize(n_ctx, 0.0);
-    let mut j = 0;
-    for kb in k_blocks {
-        let take = kv.block_size.min(n_ctx - j);
+    for (j, kb, take) in c.spans(c.k) {
         let mut r = 0;
         while r + 4 <= take {
             for i in 0..4 {
-                widen(kv.row_in(kb, r + i), &mut rows[i * hd..(i + 1) * hd]);
+                widen(c.row(kb, r + i), &mut rows[i * hd..(i + 1) * hd]);
             }
             let (r0, rest) = rows.split_at(hd);
             let (r1, rest) = rest.split_at(hd);
@@ -344,53 +351,37 @@ fn attend(
             r += 4;
         }
         for r in r..take {
-            widen(kv.row_in(kb, r), &mut rows[..hd]);
+            widen(c.row(kb, r), &mut rows[..hd]);
             scores[j + r] = dot(qh, &rows[..hd]) * scale;
-        }
-        j += take;
-        if j == n_ctx {
-            break;
         }
     }
     softmax(scores);
     round_f16_slice(scores);
     // The weighted sum of V rows, 64 output elements at a time held in registers over all
     // rows (each element still sums its rows in order, as `axpy` row by row would).
-    let mut c = 0;
-    while c + 64 <= hd {
+    let mut col = 0;
+    while col + 64 <= hd {
         let mut acc = [0f32; 64];
-        let mut j = 0;
-        for vb in v_blocks {
-            let take = kv.block_size.min(n_ctx - j);
+        for (j, vb, take) in c.spans(c.v) {
             for (r, &p) in scores[j..j + take].iter().enumerate() {
                 let v: &mut [f32; 64] = (&mut rows[..64]).try_into().unwrap();
-                widen(&kv.row_in(vb, r)[c..c + 64], v);
+                widen(&c.row(vb, r)[col..col + 64], v);
                 for i in 0..64 {
                     acc[i] += p * v[i];
                 }
             }
-            j += take;
-            if j == n_ctx {
-                break;
-            }
         }
-        o[c..c + 64].copy_from_slice(&acc);
-        c += 64;
+        o[col..col + 64].copy_from_slice(&acc);
+        col += 64;
     }
-    if c < hd {
-        let o = &mut o[c..];
+    if col < hd {
+        let o = &mut o[col..];
         o.fill(0.0);
-        let mut j = 0;
-        for vb in v_blocks {
-            let take = kv.block_size.min(n_ctx - j);
+        for (j, vb, take) in c.spans(c.v) {
             for (r, &p) in scores[j..j + take].iter().enumerate() {
-                let v = &mut rows[..hd - c];
-                widen(&kv.row_in(vb, r)[c..], v);
+                let v = &mut rows[..hd - col];
+                widen(&c.row(vb, r)[col..], v);
                 axpy(o, p, v);
-            }
-            j += take;
-            if j == n_ctx {
-                break;
             }
         }
     }
@@ -403,24 +394,15 @@ fn attend(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
-fn attend_avx2(
-    qh: &[f32],
-    k_blocks: &[&[f16]],
-    v_blocks: &[&[f16]],
-    kv: KvRows,
-    n_ctx: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    if !kv.hd.is_multiple_of(8) || kv.hd > 256 {
-        return attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o);
+fn attend_avx2(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
+    if !c.hd.is_multiple_of(8) || c.hd > 256 {
+        return attend(qh, c, scores, o);
     }
     use std::arch::x86_64::*;
-    let hd = kv.hd;
+    let (hd, n_ctx, scale) = (c.hd, c.n_ctx, c.scale);
     let nv = hd / 8;
     // 8 cache values from `row` at element 8·k, widened (SAFETY: rows are `hd` elements, sliced
-    // with bounds checks by `row_in`, and k < nv = hd / 8).
+    // with bounds checks by `row`, and k < nv = hd / 8).
     let ld8 = |row: &[f16], k: usize| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(8 * k) as *const __m128i)) };
     // SAFETY (loads and stores below): `q`/`acc` are local arrays of nv ≤ 32 vectors.
     let mut q = [_mm256_setzero_ps(); 32];
@@ -439,12 +421,10 @@ fn attend_avx2(
         a
     };
     let scale_v = _mm256_set1_ps(scale);
-    let mut j = 0;
-    for kb in k_blocks {
-        let take = kv.block_size.min(n_ctx - j);
+    for (j, kb, take) in c.spans(c.k) {
         let mut r = 0;
         while r + 8 <= take {
-            let a: [__m256; 8] = std::array::from_fn(|i| lanes_dot(kv.row_in(kb, r + i)));
+            let a: [__m256; 8] = std::array::from_fn(|i| lanes_dot(c.row(kb, r + i)));
             let t = transpose8(a);
             let mut sum = _mm256_setzero_ps();
             for ti in t {
@@ -455,31 +435,21 @@ fn attend_avx2(
         }
         for r in r..take {
             let mut l = [0f32; 8];
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes_dot(kv.row_in(kb, r))) };
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes_dot(c.row(kb, r))) };
             scores[j + r] = l.iter().sum::<f32>() * scale;
-        }
-        j += take;
-        if j == n_ctx {
-            break;
         }
     }
     softmax(scores);
     round_f16_slice(scores);
     // o = Σ_j p_j·v_j, all of `o` in registers, rows in order (as `axpy` row by row).
     let mut acc = [_mm256_setzero_ps(); 32];
-    let mut j = 0;
-    for vb in v_blocks {
-        let take = kv.block_size.min(n_ctx - j);
+    for (j, vb, take) in c.spans(c.v) {
         for (r, &p) in scores[j..j + take].iter().enumerate() {
-            let row = kv.row_in(vb, r);
+            let row = c.row(vb, r);
             let pv = _mm256_set1_ps(p);
             for (k, a) in acc.iter_mut().enumerate().take(nv) {
                 *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, ld8(row, k)));
             }
-        }
-        j += take;
-        if j == n_ctx {
-            break;
         }
     }
     for (k, a) in acc.iter().enumerate().take(nv) {
@@ -555,51 +525,83 @@ pub fn attention(
     let n_q = q.len() / qrow;
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
-    let work = |idx: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+    // The query is rounded to f16 like the cached keys (see `round_f16`), as llama.cpp's f16
+    // K·Q product does.
+    let rounded_q = |t: usize, h: usize, buf: &mut Vec<f32>| {
+        buf.clear();
+        buf.extend_from_slice(&q[t * qrow + h * hd..][..hd]);
+        round_f16_slice(buf);
+    };
+    let cache = |kvh: usize, t: usize| HeadCache {
+        k: k_blocks,
+        v: v_blocks,
+        block_size,
+        kvrow,
+        off: kvh * hd,
+        hd,
+        n_ctx: pos0 + t + 1,
+        scale,
+    };
+    let total_work = n_q * s.n_heads * (pos0 + n_q) * hd;
+    let work = |idx: usize, o: &mut [f32], (scores, qb): &mut (Vec<f32>, Vec<f32>)| {
         let (t, h) = (idx / s.n_heads, idx % s.n_heads);
-        let kvh = h / group;
-        let n_ctx = pos0 + t + 1;
-        // The query is rounded to f16 like the cached keys (see `round_f16`), as
-        // llama.cpp's f16 K·Q product does.
-        let mut qbuf = [0f32; 256];
-        let qh: &[f32] = if hd <= 256 {
-            qbuf[..hd].copy_from_slice(&q[t * qrow + h * hd..][..hd]);
-            round_f16_slice(&mut qbuf[..hd]);
-            &qbuf[..hd]
-        } else {
-            &q[t * qrow + h * hd..][..hd]
-        };
+        rounded_q(t, h, qb);
         scores.clear();
-        let kv = KvRows {
-            block_size,
-            kvrow,
-            off: kvh * hd,
-            hd,
-        };
+        let c = cache(h / group, t);
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 and F16C support was detected at run time.
-            unsafe { attend_avx2(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o) };
+            unsafe { attend_avx2(qb, &c, scores, o) };
             return;
         }
-        attend(qh, k_blocks, v_blocks, kv, n_ctx, scale, scores, o);
+        attend(qb, &c, scores, o);
     };
-    let total_work = n_q * s.n_heads * (pos0 + n_q) * hd;
     if total_work < 1 << 16 {
-        let mut scores = Vec::new();
+        let mut st = (Vec::new(), Vec::new());
         for (idx, o) in out.chunks_exact_mut(hd).enumerate() {
-            work(idx, o, &mut scores);
+            work(idx, o, &mut st);
         }
     } else {
         out.par_chunks_exact_mut(hd)
             .enumerate()
-            .for_each_init(Vec::new, |scores, (idx, o)| work(idx, o, scores));
+            .for_each_init(|| (Vec::new(), Vec::new()), |st, (idx, o)| work(idx, o, st));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Uniform values in [−0.5, 0.5) from a xorshift32 sequence.
+    fn xorshift(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed as f32 / u32::MAX as f32) - 0.5
+        }
+    }
+
+    /// The second of two kv heads (rows of 2·hd) in blocks of `bs` positions.
+    fn second_head<'a>(kb: &'a [&'a [f16]], vb: &'a [&'a [f16]], bs: usize, hd: usize, n_ctx: usize) -> HeadCache<'a> {
+        HeadCache {
+            k: kb,
+            v: vb,
+            block_size: bs,
+            kvrow: 2 * hd,
+            off: hd,
+            hd,
+            n_ctx,
+            scale: 1.0 / (hd as f32).sqrt(),
+        }
+    }
+
+    /// `n` random K and V cache values (V three times wider).
+    fn random_cache(rnd: &mut impl FnMut() -> f32, n: usize) -> (Vec<f16>, Vec<f16>) {
+        let k = (0..n).map(|_| f16::from_f32(rnd())).collect();
+        let v = (0..n).map(|_| f16::from_f32(rnd() * 3.0)).collect();
+        (k, v)
+    }
 
     /// Distance in units in the last place between two positive normal f32s.
     fn ulps(a: f32, b: f32) -> u32 {
@@ -703,13 +705,7 @@ mod tests {
             head_dim: 8,
         };
         let n_past = 5;
-        let mut seed = 1u32;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32) - 0.5
-        };
+        let mut rnd = xorshift(1);
         // The cache holds f16: the reference reads the same (widened) values.
         let k16: Vec<f16> = (0..n_past * 16).map(|_| f16::from_f32(rnd())).collect();
         let v16: Vec<f16> = (0..n_past * 16).map(|_| f16::from_f32(rnd())).collect();
@@ -756,20 +752,12 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("f16c") {
             return; // nothing to compare on this CPU
         }
-        let mut seed = 7u32;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32) - 0.5
-        };
+        let mut rnd = xorshift(7);
         // hd 64 (the register path), 80 (64 + a remainder) and 8 (remainder only); contexts
         // that are and are not multiples of the block size and of 4.
         for (hd, n_ctx) in [(64usize, 37usize), (64, 48), (80, 19), (8, 5), (128, 3)] {
             let (bs, kvrow) = (16, 2 * hd);
-            let nblk = n_ctx.div_ceil(bs);
-            let k16: Vec<f16> = (0..nblk * bs * kvrow).map(|_| f16::from_f32(rnd())).collect();
-            let v16: Vec<f16> = (0..nblk * bs * kvrow).map(|_| f16::from_f32(rnd() * 3.0)).collect();
+            let (k16, v16) = random_cache(&mut rnd, n_ctx.div_ceil(bs) * bs * kvrow);
             let (k, v): (Vec<f32>, Vec<f32>) = (
                 k16.iter().map(|x| x.to_f32()).collect(),
                 v16.iter().map(|x| x.to_f32()).collect(),
@@ -777,23 +765,17 @@ mod tests {
             let q: Vec<f32> = (0..hd).map(|_| round_f16(rnd() * 4.0)).collect();
             let kb: Vec<&[f16]> = k16.chunks(bs * kvrow).collect();
             let vb: Vec<&[f16]> = v16.chunks(bs * kvrow).collect();
-            let kv = KvRows {
-                block_size: bs,
-                kvrow,
-                off: hd,
-                hd,
-            };
-            let scale = 1.0 / (hd as f32).sqrt();
+            let c = second_head(&kb, &vb, bs, hd, n_ctx);
             let (mut s1, mut s2) = (Vec::new(), Vec::new());
             let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
-            attend(&q, &kb, &vb, kv, n_ctx, scale, &mut s1, &mut o1);
+            attend(&q, &c, &mut s1, &mut o1);
             // SAFETY: AVX2 and F16C were detected above.
-            unsafe { attend_avx2(&q, &kb, &vb, kv, n_ctx, scale, &mut s2, &mut o2) };
+            unsafe { attend_avx2(&q, &c, &mut s2, &mut o2) };
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&o1), bits(&o2), "hd {hd} n_ctx {n_ctx}");
             // And against a plain row-by-row evaluation of the same formula.
             let mut sc: Vec<f32> = (0..n_ctx)
-                .map(|j| dot(&q, &k[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd]) * scale)
+                .map(|j| dot(&q, &k[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd]) * c.scale)
                 .collect();
             softmax(&mut sc);
             sc.iter_mut().for_each(|p| *p = round_f16(*p));
