@@ -194,6 +194,45 @@ fn inspect_reports_quant_mix_and_params() {
 }
 
 #[test]
+fn no_mmap_reads_the_weights_into_memory_and_decodes_the_same() {
+    let out = ember()
+        .args(["-v", "run", "-p", "hello", "-n", "10", "--temp", "0", "--no-mmap"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("read into memory"), "the load says so: {err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "pqrstuvwxy");
+    // Bad files fail the same way when read instead of mapped, empty ones included.
+    let dir = tmpdir("nommap");
+    let good = ember_runtime::embedded::build();
+    for (name, bytes, needle) in [
+        ("truncated.gguf", &good[..200], "truncated"),
+        ("empty.gguf", &good[..0], "truncated"),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = ember()
+            .args(["run", "-n", "2", "-p", "hi", "--no-mmap", "-m"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(needle) && err.contains(name), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+    let out = ember()
+        .args(["run", "-n", "2", "-p", "hi", "--no-mmap", "-m"])
+        .arg(dir.join("missing.gguf"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("missing.gguf") && err.contains("cannot open"), "{err}");
+}
+
+#[test]
 fn bad_files_get_clear_errors() {
     let dir = tmpdir("bad");
     let good = ember_runtime::embedded::build();

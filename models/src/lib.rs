@@ -95,12 +95,21 @@ pub fn open_on(
     placement: &ember_runtime::accel::Placement,
     cfg: impl FnOnce(usize) -> ember_runtime::engine::EngineConfig,
 ) -> Result<ember_runtime::engine::Engine, OpenError> {
-    let file = Arc::new(GgufFile::open(path)?);
+    open_file_on(Arc::new(GgufFile::open(path)?), placement, cfg)
+}
+
+/// [`open_on`] for a file already opened (mapped, or read into memory with
+/// [`GgufFile::read`]).
+pub fn open_file_on(
+    file: Arc<GgufFile>,
+    placement: &ember_runtime::accel::Placement,
+    cfg: impl FnOnce(usize) -> ember_runtime::engine::EngineConfig,
+) -> Result<ember_runtime::engine::Engine, OpenError> {
     let model = load_on(file.clone(), placement)?;
     let tokenizer =
         ember_runtime::tokenizer::Tokenizer::from_gguf(&file.metadata).map_err(|source| {
             OpenError::Tokenizer {
-                path: path.display().to_string(),
+                path: file.path().display().to_string(),
                 source,
             }
         })?;
