@@ -592,10 +592,26 @@ impl GgufFile {
         };
         let mut file = File::open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len() as usize;
+        Self::parse_anon(path, len, |buf| file.read_exact(buf))
+    }
+
+    /// Parse the `len`-byte GGUF image that `fill` writes into fresh anonymous memory (on huge
+    /// pages where the kernel grants them); `path` names it in errors.
+    fn parse_anon(
+        path: PathBuf,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<Self, GgufError> {
+        let io = |err| GgufError::Io {
+            path: path.clone(),
+            err,
+        };
         let mut anon = memmap2::MmapMut::map_anon(len.max(1)).map_err(io)?;
         #[cfg(target_os = "linux")]
         let _ = anon.advise(memmap2::Advice::HugePage);
-        file.read_exact(&mut anon[..len]).map_err(io)?;
+        fill(&mut anon[..len]).map_err(io)?;
+        // `ro.len()` is `len` (memmap2 hides the page rounding), except the 1 byte mapped for an
+        // empty image, which is refused here.
         let ro = anon.make_read_only().map_err(io)?;
         if len == 0 {
             return Err(GgufError::Truncated {
@@ -806,27 +822,10 @@ impl GgufFile {
 
 /// Parse a GGUF image held in memory (used by the fuzz target and tests).
 pub fn parse_bytes(bytes: &[u8]) -> Result<GgufFile, GgufError> {
-    let mut anon =
-        memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|err| GgufError::Io {
-            path: PathBuf::from("<memory>"),
-            err,
-        })?;
-    anon[..bytes.len()].copy_from_slice(bytes);
-    let ro = anon.make_read_only().map_err(|err| GgufError::Io {
-        path: PathBuf::from("<memory>"),
-        err,
-    })?;
-    if bytes.is_empty() {
-        return Err(GgufError::Truncated {
-            path: "<memory>".into(),
-            what: "magic".into(),
-            offset: 0,
-            len: 0,
-        });
-    }
-    // The anonymous map may be larger than the input (page rounding is hidden by memmap2,
-    // but len() is what we asked for).
-    GgufFile::parse(PathBuf::from("<memory>"), ro)
+    GgufFile::parse_anon(PathBuf::from("<memory>"), bytes.len(), |buf| {
+        buf.copy_from_slice(bytes);
+        Ok(())
+    })
 }
 
 /// A GGUF writer. Builds the whole file in memory: it is used for the embedded

@@ -41,7 +41,7 @@ pub enum KvError {
 }
 
 /// Bytes per K/V element in the host cache: f16, llama.cpp's default cache type.
-pub const HOST_KV_ELEM_BYTES: usize = 2;
+pub const HOST_KV_ELEM_BYTES: usize = std::mem::size_of::<f16>();
 
 /// Shape of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +196,7 @@ impl PagedKv {
         if self.device_store.is_some() {
             self.device_bytes
         } else {
-            self.storage.capacity() * std::mem::size_of::<f16>()
+            self.storage.capacity() * HOST_KV_ELEM_BYTES
         }
     }
     pub fn bytes_budget(&self) -> usize {

@@ -333,7 +333,15 @@ fn attend(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
     // Four rows at a time keep four independent dependency chains in flight; each row's
     // arithmetic is exactly `dot`'s.
     let (hd, n_ctx, scale) = (c.hd, c.n_ctx, c.scale);
-    let mut rows = vec![0f32; 4 * hd];
+    // Four widened rows; on the stack for the usual head sizes (this runs per head and token).
+    let mut stack = [0f32; 4 * 256];
+    let mut heap = Vec::new();
+    let rows: &mut [f32] = if hd <= 256 {
+        &mut stack[..4 * hd]
+    } else {
+        heap.resize(4 * hd, 0.0);
+        &mut heap
+    };
     scores.resize(n_ctx, 0.0);
     for (j, kb, take) in c.spans(c.k) {
         let mut r = 0;
