@@ -50,11 +50,15 @@ impl ActKind {
 /// * `s`: Q8_1 only, one f16-rounded `d·Σq` per block (empty otherwise).
 /// * `sum32`: Σq per 32 elements (all kinds).
 /// * `bs16`: Q8_K only, Σq per 16 elements (empty otherwise).
-/// * `gq`, `gd`, `gs`, `gsum`, `gm`: Q8_0/Q8_1 only (empty otherwise), the rows in *groups* of 8
-///   blocks (256 elements; a row's last group zero-padded) for the x86 group kernels. In a
-///   group, vector k (32 bytes, k = 0..8) holds in its 4-byte lane j the quants 4k..4k+4 of
-///   block j: a dword transpose, so one `vpdpbusd` lane accumulates one block. `gd`/`gs`/`gsum`
-///   are `d`/`s`/`sum32` padded to 8 per group (zeros in the padding). The layout is group-major
+/// * `gq`, `gd`, `gs`, `gsum`, `gm`: Q8_0/Q8_1 only (empty otherwise), the rows in *groups* for
+///   the x86 group kernels. A row's whole groups of 8 blocks come first. In such a group,
+///   vector k (32 bytes, k = 0..8) holds in its 4-byte lane j the quants 4k..4k+4 of block j: a
+///   dword transpose, so one `vpdpbusd` lane accumulates one block; `gd`/`gs`/`gsum` lane j are
+///   block j's `d`/`s`/`sum32`. The blocks after the last whole group follow in *pairs*, one
+///   per group slot (a lone last block pairs with zeros): vector 0 holds quants 0..16 of block
+///   A then of block B, vector 1 their quants 16..32, so i32 lanes 0..4 belong to A and 4..8 to
+///   B; `gd` holds A's d in lanes 0..4 and B's in 4..8, `gs`/`gsum` hold A's in lane 0 and B's
+///   in lane 4, and everything else in the slot is zero. The layout is group-major
 ///   over all `gm` rows of the [`QAct`]: this row's group g starts at `gq[256·g·gm]` (and
 ///   `gd[8·g·gm]`), and the next row's groups follow each of this row's, so a tile of
 ///   consecutive rows is addressed from one pointer. The slices run from this row's first
@@ -208,7 +212,8 @@ impl QAct {
     fn fill_groups(&mut self) {
         let nb = self.cols / 32;
         let m = if nb == 0 { 0 } else { self.qs.len() / self.cols };
-        let ng = nb.div_ceil(GROUP);
+        let (ngf, tail) = (nb / GROUP, nb % GROUP);
+        let ng = ngf + tail.div_ceil(2);
         self.ng = ng;
         self.gq = Lines::zeroed(m * ng * 256);
         self.gd = vec![0.0; m * ng * GROUP];
@@ -217,12 +222,12 @@ impl QAct {
         #[cfg(target_arch = "x86_64")]
         let avx2 = std::arch::is_x86_feature_detected!("avx2");
         for i in 0..m {
-            for g in 0..ng {
+            // Whole groups: the dword transpose of 8 blocks.
+            for g in 0..ngf {
                 // Group g of row i sits at group index g·m + i; its lane j is block 8g + j.
                 let gi = g * m + i;
-                let b0 = g * GROUP;
-                let n = GROUP.min(nb - b0);
-                let src = &self.qs[(i * nb + b0) * 32..(i * nb + b0 + n) * 32];
+                let b0 = i * nb + g * GROUP;
+                let src = &self.qs[b0 * 32..(b0 + GROUP) * 32];
                 let dst = &mut self.gq.as_mut_slice()[gi * 256..(gi + 1) * 256];
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
@@ -233,13 +238,31 @@ impl QAct {
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 transpose_group(src, dst);
-                let lanes = gi * GROUP..gi * GROUP + n;
-                let blocks = i * nb + b0..i * nb + b0 + n;
+                let lanes = gi * GROUP..(gi + 1) * GROUP;
+                let blocks = b0..b0 + GROUP;
                 self.gd[lanes.clone()].copy_from_slice(&self.d[blocks.clone()]);
                 if !self.s.is_empty() {
                     self.gs[lanes.clone()].copy_from_slice(&self.s[blocks.clone()]);
                 }
                 self.gsum[lanes].copy_from_slice(&self.sum32[blocks]);
+            }
+            // The tail blocks in pairs (a lone last block pairs with zeros): see [`QRow`].
+            for p in 0..tail.div_ceil(2) {
+                let gi = (ngf + p) * m + i;
+                let a = i * nb + ngf * GROUP + 2 * p;
+                let n = 2.min(tail - 2 * p);
+                let dst = &mut self.gq.as_mut_slice()[gi * 256..gi * 256 + 64];
+                for h in 0..n {
+                    let q = &self.qs[(a + h) * 32..(a + h + 1) * 32];
+                    dst[16 * h..16 * h + 16].copy_from_slice(&q[..16]);
+                    dst[32 + 16 * h..48 + 16 * h].copy_from_slice(&q[16..]);
+                    let l = gi * GROUP + 4 * h;
+                    self.gd[l..l + 4].fill(self.d[a + h]);
+                    if !self.s.is_empty() {
+                        self.gs[l] = self.s[a + h];
+                    }
+                    self.gsum[l] = self.sum32[a + h];
+                }
             }
         }
     }

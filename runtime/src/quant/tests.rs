@@ -912,8 +912,8 @@ fn batched_rows_equal_rows_alone_bit_for_bit() {
     // Continuous batching multiplies several sequences' activations in one call; each output row
     // must be exactly what that sequence alone (m = 1) gives, whatever tile the kernels put it
     // in, or batched greedy decoding could drift from decoding alone. Odd column counts leave a
-    // short last group (18 and 28 blocks of 32).
-    for (rows, cols) in [(37usize, 576usize), (21, 896), (9, 1024)] {
+    // tail after the last whole group of 8 blocks (18, 28 and 21 blocks of 32).
+    for (rows, cols) in [(37usize, 576usize), (21, 896), (11, 672), (9, 1024)] {
         for ty in GgmlType::SUPPORTED {
             if !cols.is_multiple_of(ty.block_len()) {
                 continue;
@@ -959,34 +959,53 @@ fn round_half_away_matches_roundf() {
 }
 
 #[test]
-fn group_layout_is_the_dword_transpose_of_each_group() {
-    // 2 rows of 18 blocks: groups of 8, 8 and 2 (+6 zero-padded blocks), group-major.
-    let cols = 18 * 32;
+fn group_layout_is_the_dword_transpose_of_each_group_then_pairs() {
+    // 2 rows of 21 blocks: groups of 8 and 8, then pair slots {16, 17}, {18, 19} and {20, 0}
+    // (a lone block with zeros), group-major over the 2 rows.
+    let (nb, ng) = (21, 5);
+    let cols = nb * 32;
     let x = Rng::new(9).vec(2 * cols, 3.0);
     for kind in [ActKind::Q8_0, ActKind::Q8_1] {
         let a = QAct::quantize(kind, &x, cols);
         for i in 0..2 {
             let r = a.row(i);
             assert_eq!(r.gm, 2);
-            assert_eq!(r.gq.len(), (3 * 2 - i) * 256);
-            for g in 0..3 {
-                for j in 0..GROUP {
-                    let b = GROUP * g + j;
-                    for k in 0..8 {
-                        for e in 0..4 {
-                            let got = r.gq[256 * g * r.gm + 32 * k + 4 * j + e];
-                            let want = if b < 18 { r.qs[32 * b + 4 * k + e] } else { 0 };
-                            assert_eq!(got, want, "{kind:?} row {i} block {b} k {k} e {e}");
+            assert_eq!(r.gq.len(), (ng * 2 - i) * 256);
+            let s = |b: usize| if kind == ActKind::Q8_1 { r.s[b] } else { 0.0 };
+            for g in 0..ng {
+                let slot = &r.gq[256 * g * r.gm..256 * g * r.gm + 256];
+                let lane = |j: usize| GROUP * g * r.gm + j;
+                if g < 2 {
+                    for j in 0..GROUP {
+                        let b = GROUP * g + j;
+                        for k in 0..8 {
+                            for e in 0..4 {
+                                let want = r.qs[32 * b + 4 * k + e];
+                                assert_eq!(slot[32 * k + 4 * j + e], want, "{kind:?} row {i} block {b} k {k}");
+                            }
                         }
+                        let l = lane(j);
+                        assert_eq!((r.gd[l], r.gs[l], r.gsum[l]), (r.d[b], s(b), r.sum32[b]));
                     }
-                    let (d, s, sum) = if b < 18 {
-                        (r.d[b], if kind == ActKind::Q8_1 { r.s[b] } else { 0.0 }, r.sum32[b])
-                    } else {
-                        (0.0, 0.0, 0)
-                    };
-                    let gi = GROUP * g * r.gm + j;
-                    assert_eq!((r.gd[gi], r.gs[gi], r.gsum[gi]), (d, s, sum));
+                    continue;
                 }
+                // Pair slot: [A 0..16 | B 0..16], [A 16..32 | B 16..32], then zeros.
+                for h in 0..2 {
+                    let b = 16 + 2 * (g - 2) + h;
+                    for e in 0..32 {
+                        let at = 32 * (e / 16) + 16 * h + e % 16;
+                        let want = if b < nb { r.qs[32 * b + e] } else { 0 };
+                        assert_eq!(slot[at], want, "{kind:?} row {i} pair block {b} e {e}");
+                    }
+                    let (d, sv, sum) = if b < nb { (r.d[b], s(b), r.sum32[b]) } else { (0.0, 0.0, 0) };
+                    for j in 0..4 {
+                        let l = lane(4 * h + j);
+                        assert_eq!(r.gd[l], d);
+                        let lead = j == 0;
+                        assert_eq!((r.gs[l], r.gsum[l]), if lead { (sv, sum) } else { (0.0, 0) });
+                    }
+                }
+                assert!(slot[64..].iter().all(|&v| v == 0));
             }
         }
     }

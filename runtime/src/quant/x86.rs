@@ -8,7 +8,8 @@
 //! i32 lane j of the byte dot accumulates block j alone, against activations stored in the same
 //! transposed, group-major layout ([`QRow::gq`]); the 8 block scales are then applied with one
 //! convert, multiply and FMA, and one decoded group serves all C activation rows. Blocks after a
-//! row's last whole group go one at a time.
+//! row's last whole group go two at a time (i32 lanes 0..4 for one block, 4..8 for the other)
+//! through the same epilogue, into the same accumulators.
 //!
 //! **K-quants** (`tile_k45`, `tile_q6k`): a tile walks the super-blocks of R weight rows once;
 //! each is decoded into registers and multiplied against all C activation rows.
@@ -109,18 +110,6 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// 32 bytes: low nibbles of the 16 bytes at `p`, then their high nibbles.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn nibbles32(p: *const u8) -> __m256i {
-                // SAFETY: callers pass a pointer to 16 readable bytes.
-                let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
-                let m4 = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(v, m4);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                _mm256_set_m128i(hi, lo)
-            }
-
             /// Byte i = 0x10 if bit i of `qh` is set, else 0.
             #[target_feature(enable = $feat)]
             #[inline]
@@ -134,13 +123,6 @@ macro_rules! x86_kernels {
                 let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
                 _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-            }
-
-            /// An i32 vector with `v` in lane 0 and zeros elsewhere.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn lane0(v: i32) -> __m256i {
-                _mm256_zextsi128_si256(_mm_cvtsi32_si128(v))
             }
 
             /// The 4×4 dword transpose within each 128-bit lane: lane j of output k holds dword k
@@ -204,7 +186,9 @@ macro_rules! x86_kernels {
                 let qh_off = if min { 4 } else { 2 };
                 let qs_off = if q8 { 2 } else { qh_off + if q5 { 4 } else { 0 } };
                 let nb = rb / bb;
-                let ng = nb.div_ceil(GROUP);
+                // Whole groups, then the remaining blocks in pairs (see [`QRow::gq`]).
+                let (ngf, npair) = (nb / GROUP, (nb % GROUP).div_ceil(2));
+                let ng = ngf + npair;
                 assert!(rb == nb * bb && w.len() == R * rb && out.len() == R * C);
                 // The tile's activation rows are consecutive rows of one group-major buffer:
                 // row c's group g sits at (g·gm + c)·256 bytes from row 0's first group.
@@ -224,17 +208,10 @@ macro_rules! x86_kernels {
                     assert!(!min || x0.gs.len() >= last * GROUP);
                 }
                 let (xq, xd, xs, xsum) = (x0.gq.as_ptr(), x0.gd.as_ptr(), x0.gs.as_ptr(), x0.gsum.as_ptr());
-                // The tail blocks read the linear row layout.
                 check_rows::<C>(xr, nb * 32, 32);
-                for x in xr {
-                    assert!(!min || x.s.len() == nb);
-                }
                 let wp = w.as_ptr();
                 let m4 = _mm256_set1_epi8(0x0F);
                 let x10 = _mm256_set1_epi8(0x10);
-                // Whole groups take the transposed path; the blocks after the last whole group
-                // (a row of 18 blocks has 2) are done one block at a time below.
-                let ngf = nb / GROUP;
                 for r in 0..R {
                     // Rows one after another: only one row's C accumulators are live.
                     let mut acc = [_mm256_setzero_ps(); C];
@@ -343,58 +320,98 @@ macro_rules! x86_kernels {
                             }
                         }
                     }
-                    // The tail blocks: per block, the byte dot's 8 lanes scaled by that block's
-                    // d_w·d_x (the Q4_0/Q5_0/Q8_0 offsets as integer seeds, as above).
-                    let mut acct = [_mm256_setzero_ps(); C];
-                    let mut tmin = [0f32; C];
-                    for b in GROUP * ngf..nb {
-                        // SAFETY: block b of row r lies inside `w` (lengths checked).
-                        let blk = unsafe { wp.add(r * rb + b * bb) };
-                        let dwb = f16(blk);
-                        let mwb = if min { f16(blk.wrapping_add(2)) } else { 0.0 };
-                        // SAFETY (reads of the block): quants and qh lie inside the block.
-                        let qv = if q8 {
-                            let v = ld(unsafe { blk.add(qs_off) } as *const i8);
-                            if $vnni { _mm256_xor_si256(v, _mm256_set1_epi8(-128)) } else { v }
-                        } else {
-                            let mut v = nibbles32(unsafe { blk.add(qs_off) });
-                            if q5 {
-                                let qh = unsafe { (blk.add(qh_off) as *const u32).read_unaligned() };
-                                v = _mm256_or_si256(v, bit4_from_bits32(u32::from_le(qh)));
+                    // The blocks after the last whole group, two at a time ([`QRow::gq`]'s
+                    // pair slots): i32 lanes 0..4 accumulate block A, lanes 4..8 block B, and
+                    // the same epilogue as a group's scales them (the per-block values sit in
+                    // lane 0 and lane 4, and the d's in all four lanes of their block).
+                    for p in 0..npair {
+                        let a = GROUP * ngf + 2 * p;
+                        let two = a + 1 < nb;
+                        // SAFETY: block a (and a + 1 when `two`) of row r lies inside `w`.
+                        let ba = unsafe { wp.add(r * rb + a * bb) };
+                        let bb2 = ba.wrapping_add(bb);
+                        // 16 bytes at `o` in block A, then (or zeros) at `o` in block B.
+                        // SAFETY: o + 16 ≤ the block length; B is read only when it exists.
+                        let pair16 = |o: usize| unsafe {
+                            let lo = _mm_loadu_si128(ba.add(o) as *const __m128i);
+                            if two {
+                                _mm256_set_m128i(_mm_loadu_si128(bb2.add(o) as *const __m128i), lo)
+                            } else {
+                                _mm256_zextsi128_si256(lo)
                             }
-                            v
                         };
+                        // d_w (and m_w) as [A's × 4, B's (or 0) × 4]: the f16s of both blocks
+                        // converted in one go, then spread over their lanes.
+                        // SAFETY: o + 2 ≤ the block length; B is read only when it exists.
+                        let h = |blk: *const u8, o: usize| unsafe { (blk.add(o) as *const u16).read_unaligned() } as u64;
+                        let hb = |o: usize| if two { h(bb2, o) } else { 0 };
+                        let mut bits = h(ba, 0) | hb(0) << 16;
+                        if min {
+                            bits |= h(ba, 2) << 32 | hb(2) << 48;
+                        }
+                        let f = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)));
+                        let dw = _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+                        let mw = if min {
+                            _mm256_permutevar8x32_ps(f, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3))
+                        } else {
+                            _mm256_setzero_ps()
+                        };
+                        let mut q = if q8 {
+                            [pair16(qs_off), pair16(qs_off + 16)]
+                        } else {
+                            let t = pair16(qs_off);
+                            [_mm256_and_si256(t, m4), _mm256_and_si256(_mm256_srli_epi16(t, 4), m4)]
+                        };
+                        if q5 {
+                            // Bit e of a block's qh is bit 4 of its element e: vector 0 takes
+                            // bits 0..16 of A's then B's, vector 1 bits 16..32.
+                            // SAFETY: qh (4 bytes) lies inside each block; B read when it exists.
+                            let qh = |blk: *const u8| u32::from_le(unsafe { (blk.add(qh_off) as *const u32).read_unaligned() });
+                            let (ha, hb) = (qh(ba), if two { qh(bb2) } else { 0 });
+                            q[0] = _mm256_or_si256(q[0], bit4_from_bits32((ha & 0xFFFF) | (hb << 16)));
+                            q[1] = _mm256_or_si256(q[1], bit4_from_bits32((ha >> 16) | (hb & 0xFFFF_0000)));
+                        }
+                        if q8 && $vnni {
+                            for v in &mut q {
+                                *v = _mm256_xor_si256(*v, _mm256_set1_epi8(-128));
+                            }
+                        }
                         for c in 0..C {
-                            let x = &xr[c];
-                            // SAFETY: block b of the activation row (32 quants, one scale, one
-                            // sum, one s for Q8_1) lies inside x's row slices: b < nb.
-                            let (xv, dx, sx) = unsafe {
+                            let gi = (ngf + p) * gm + c;
+                            // SAFETY: slot ngf + p of tile row c lies inside row 0's buffers
+                            // (gi < (ng − 1)·gm + C, checked above).
+                            let (xp, sums, dx) = unsafe {
                                 (
-                                    ld(x.qs.as_ptr().add(32 * b)),
-                                    *x.d.get_unchecked(b),
-                                    *x.sum32.get_unchecked(b),
+                                    xq.add(256 * gi),
+                                    _mm256_loadu_si256(xsum.add(GROUP * gi) as *const __m256i),
+                                    _mm256_loadu_ps(xd.add(GROUP * gi)),
                                 )
                             };
-                            let seed = match (K, $vnni) {
-                                (0, _) => lane0(-8 * sx),
-                                (2, _) => lane0(-16 * sx),
-                                (4, true) => lane0(-128 * sx),
+                            let mut pv = match (K, $vnni) {
+                                (0, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3)),
+                                (2, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 4)),
+                                (4, true) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7)),
                                 _ => _mm256_setzero_si256(),
                             };
-                            let p = if q8 && !$vnni {
-                                dot(seed, _mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv))
-                            } else {
-                                dot(seed, qv, xv)
-                            };
-                            acct[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwb * dx), acct[c]);
+                            for (k, qk) in q.iter().enumerate() {
+                                // SAFETY: vectors 0 and 1 of the slot (64 bytes).
+                                let xv = ld(unsafe { xp.add(32 * k) });
+                                pv = if q8 && !$vnni {
+                                    dot(pv, _mm256_sign_epi8(*qk, *qk), _mm256_sign_epi8(xv, *qk))
+                                } else {
+                                    dot(pv, *qk, xv)
+                                };
+                            }
+                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pv), _mm256_mul_ps(dw, dx), acc[c]);
                             if min {
-                                // SAFETY: as above (Q8_1 rows carry one s per block).
-                                tmin[c] += mwb * unsafe { *x.s.get_unchecked(b) };
+                                // SAFETY: as above.
+                                let sx = unsafe { _mm256_loadu_ps(xs.add(GROUP * gi)) };
+                                acc[c] = _mm256_fmadd_ps(mw, sx, acc[c]);
                             }
                         }
                     }
                     for c in 0..C {
-                        out[r * C + c] = hsum(acc[c]) + (hsum(acct[c]) + tmin[c]);
+                        out[r * C + c] = hsum(acc[c]);
                     }
                 }
             }
