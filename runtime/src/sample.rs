@@ -93,17 +93,41 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
 }
 
-/// Index of the largest value (first one on ties), as llama.cpp's greedy does.
+/// Index of the largest value (first one on ties; NaN never wins; 0 when nothing beats −∞),
+/// as llama.cpp's greedy does.
+///
+/// Runs per sequence and token over the whole vocabulary, so it is written to vectorize: one
+/// pass finds the largest value with 16 independent lanes (compare and select, no branch),
+/// a second finds the first chunk of 16 that holds it, and only that chunk is searched one
+/// element at a time.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut bv = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > bv {
-            bv = v;
-            best = i;
+    const L: usize = 16;
+    let mut m = [f32::NEG_INFINITY; L];
+    for ch in logits.chunks_exact(L) {
+        for i in 0..L {
+            m[i] = if ch[i] > m[i] { ch[i] } else { m[i] };
         }
     }
-    best as u32
+    let mut mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for &v in logits.chunks_exact(L).remainder() {
+        mx = if v > mx { v } else { mx };
+    }
+    if mx == f32::NEG_INFINITY {
+        return 0; // NaN or −∞ everywhere: nothing beats the start value
+    }
+    let mut start = 0;
+    for ch in logits.chunks_exact(L) {
+        let mut hit = false;
+        for &v in ch {
+            hit |= v == mx;
+        }
+        if hit {
+            break;
+        }
+        start += L;
+    }
+    let i = logits[start..].iter().position(|&v| v == mx).expect("the largest value is present");
+    (start + i) as u32
 }
 
 impl Sampler {
@@ -237,6 +261,40 @@ mod tests {
     fn greedy_is_argmax() {
         let mut s = Sampler::new(SamplerConfig::greedy());
         assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0], &[]), 1);
+    }
+
+    /// The first index of the largest value, one element at a time (`argmax`'s definition).
+    fn argmax_scalar(x: &[f32]) -> u32 {
+        let (mut best, mut bv) = (0, f32::NEG_INFINITY);
+        for (i, &v) in x.iter().enumerate() {
+            if v > bv {
+                (best, bv) = (i, v);
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_whatever_the_lane() {
+        let mut rng = Rng::new(17);
+        for n in [0usize, 1, 5, 15, 16, 17, 31, 32, 33, 100, 49152, 49155] {
+            for case in 0..12 {
+                // Few distinct values, so ties across lanes and chunks are common.
+                let mut x: Vec<f32> = (0..n).map(|_| (rng.next_u64() % 7) as f32 - 3.0).collect();
+                match case {
+                    1 if n > 0 => x.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                    2 if n > 0 => x.iter_mut().for_each(|v| *v = f32::NAN),
+                    3 if n > 3 => (x[0], x[n - 1]) = (f32::NAN, 9.0),
+                    4 if n > 3 => (x[n / 2], x[n - 1]) = (9.0, 9.0),
+                    5 if n > 0 => x[n - 1] = f32::INFINITY,
+                    6 if n > 20 => (x[3], x[19]) = (9.0, 9.0),
+                    7 if n > 20 => (x[19], x[3]) = (f32::NAN, 9.0),
+                    8 => x.iter_mut().for_each(|v| *v = -*v * 1e30),
+                    _ => {}
+                }
+                assert_eq!(argmax(&x), argmax_scalar(&x), "n {n} case {case}");
+            }
+        }
     }
 
     #[test]
