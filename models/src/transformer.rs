@@ -476,13 +476,16 @@ impl Model for Transformer {
                 let (kb, vb) = kv.layer_blocks(it.seq, l);
                 jobs.push((&s.q[r0 * q_dim..(r0 + len) * q_dim], kb, vb, pos0, out));
             }
-            let attend = |(q, kb, vb, pos0, out): (&[f32], Vec<&[f16]>, Vec<&[f16]>, usize, &mut [f32])| {
-                ops::attention(q, &kb, &vb, bs, pos0, shape, out)
-            };
             if jobs.len() > 1 {
-                jobs.into_par_iter().for_each(attend);
+                // One task per sequence; no second split inside each (nested fork/join
+                // measured ~1.6% slower at 8 sequences).
+                jobs.into_par_iter().for_each(|(q, kb, vb, pos0, out)| {
+                    ops::attention_serial(q, &kb, &vb, bs, pos0, shape, out)
+                });
             } else {
-                jobs.into_iter().for_each(attend);
+                for (q, kb, vb, pos0, out) in jobs {
+                    ops::attention(q, &kb, &vb, bs, pos0, shape, out);
+                }
             }
             self.linear(&ly.wo, None, &s.att, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);

@@ -525,6 +525,35 @@ pub fn attention(
     s: AttnShape,
     out: &mut [f32],
 ) {
+    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, out, true)
+}
+
+/// [`attention`] on the calling thread only, for callers that already run several sequences'
+/// attention in parallel (a split inside each would only add fork/join overhead).
+/// Results are identical to [`attention`]'s.
+pub fn attention_serial(
+    q: &[f32],
+    k_blocks: &[&[f16]],
+    v_blocks: &[&[f16]],
+    block_size: usize,
+    pos0: usize,
+    s: AttnShape,
+    out: &mut [f32],
+) {
+    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, out, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_in(
+    q: &[f32],
+    k_blocks: &[&[f16]],
+    v_blocks: &[&[f16]],
+    block_size: usize,
+    pos0: usize,
+    s: AttnShape,
+    out: &mut [f32],
+    split: bool,
+) {
     let hd = s.head_dim;
     let qrow = s.n_heads * hd;
     let kvrow = s.n_kv_heads * hd;
@@ -564,7 +593,7 @@ pub fn attention(
         }
         attend(qb, &c, scores, o);
     };
-    if total_work < 1 << 16 {
+    if !split || total_work < 1 << 16 {
         let mut st = (Vec::new(), Vec::new());
         for (idx, o) in out.chunks_exact_mut(hd).enumerate() {
             work(idx, o, &mut st);
@@ -752,6 +781,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn attention_serial_equals_the_split_attention() {
+        // 4 queries × 8 heads × 300 positions × 64: above the size where `attention` splits
+        // its (token, head) pairs over the pool.
+        let s = AttnShape {
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 64,
+        };
+        let (bs, n_q, pos0) = (16usize, 4usize, 296usize);
+        let kvrow = s.n_kv_heads * s.head_dim;
+        let mut rnd = xorshift(3);
+        let (k16, v16) = random_cache(&mut rnd, (pos0 + n_q).div_ceil(bs) * bs * kvrow);
+        let kb: Vec<&[f16]> = k16.chunks(bs * kvrow).collect();
+        let vb: Vec<&[f16]> = v16.chunks(bs * kvrow).collect();
+        let q: Vec<f32> = (0..n_q * s.n_heads * s.head_dim).map(|_| rnd()).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+        pool.install(|| attention(&q, &kb, &vb, bs, pos0, s, &mut a));
+        pool.install(|| attention_serial(&q, &kb, &vb, bs, pos0, s, &mut b));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(a.iter().any(|&x| x != 0.0));
     }
 
     #[cfg(target_arch = "x86_64")]
