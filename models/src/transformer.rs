@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ember_runtime::backend::{self, QWeightHandle};
 use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
-use ember_runtime::kv::{PagedKv, f16};
+use ember_runtime::kv::PagedKv;
 use ember_runtime::model::{BatchItem, LogitsWanted, Model, ModelConfig, ModelError};
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
 use ember_runtime::quant::{self, GgmlType, QMatRef};
