@@ -490,6 +490,9 @@ pub(crate) struct Tiles {
 /// The most activation rows any tile kernel takes at once.
 pub(crate) const MAX_C: usize = 8;
 
+/// The most weight rows any tile kernel takes at once.
+pub(crate) const MAX_R: usize = 8;
+
 /// Signature of a row-dot kernel.
 pub(crate) type DotFn = unsafe fn(&[u8], &QRow<'_>) -> f32;
 

@@ -3,7 +3,7 @@
 //! dots on activations rounded to the weight's precision (F16/BF16), via `gemm` for large m.
 //! Output rows are split across the current rayon pool.
 
-use super::kernels::{ActKind, MAX_C, QAct, QRow, Tiles, portable_tiles, round_activations};
+use super::kernels::{ActKind, MAX_C, MAX_R, QAct, QRow, Tiles, portable_tiles, round_activations};
 use super::reference::dequantize_block;
 use super::{GgmlType, Isa, QMatRef};
 use rayon::prelude::*;
@@ -134,10 +134,10 @@ fn q_dot_path(isa: Isa, w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
 unsafe fn run_rows(t: &Tiles, w: QMatRef<'_>, xr: &[QRow<'_>], r0: usize, r1: usize, y: SyncPtr) {
     let (rows, cols, m) = (w.rows, w.cols, xr.len());
     let rb = w.row_bytes();
-    assert!((1..=4).contains(&t.rmax) && (1..=MAX_C).contains(&t.cmax));
+    assert!((1..=MAX_R).contains(&t.rmax) && (1..=MAX_C).contains(&t.cmax));
     // Activation rows per pass: an L2-sized slab, a whole number of column tiles.
     let mchunk = (ACT_CHUNK_BYTES / cols).max(t.cmax) / t.cmax * t.cmax;
-    let mut out = [0f32; 4 * MAX_C];
+    let mut out = [0f32; MAX_R * MAX_C];
     for c0 in (0..m).step_by(mchunk) {
         let c1 = m.min(c0 + mchunk);
         let mut r = r0;

@@ -643,12 +643,12 @@ macro_rules! x86_kernels {
             pub(crate) fn tiles(ty: GgmlType) -> Tiles {
                 match ty {
                     // The group kernels walk their R rows one after another (R only amortises
-                    // the call).
-                    GgmlType::Q4_0 => family!(t_g8, 4, $gc, 0),
-                    GgmlType::Q4_1 => family!(t_g8, 4, $gc, 1),
-                    GgmlType::Q5_0 => family!(t_g8, 4, $gc, 2),
-                    GgmlType::Q5_1 => family!(t_g8, 4, $gc, 3),
-                    GgmlType::Q8_0 => family!(t_g8, 4, $gc, 4),
+                    // the call and its checks).
+                    GgmlType::Q4_0 => family!(t_g8, 8, $gc, 0),
+                    GgmlType::Q4_1 => family!(t_g8, 8, $gc, 1),
+                    GgmlType::Q5_0 => family!(t_g8, 8, $gc, 2),
+                    GgmlType::Q5_1 => family!(t_g8, 8, $gc, 3),
+                    GgmlType::Q8_0 => family!(t_g8, 8, $gc, 4),
                     GgmlType::Q4_K => family!(t_k45, $rmax, 4, false),
                     GgmlType::Q5_K => family!(t_k45, $rmax, 4, true),
                     GgmlType::Q6_K => family!(t_q6k, $rmax, 4),
