@@ -212,6 +212,50 @@ macro_rules! x86_kernels {
                 let wp = w.as_ptr();
                 let m4 = _mm256_set1_epi8(0x0F);
                 let x10 = _mm256_set1_epi8(0x10);
+                // Slot g (a whole group, or a pair of tail blocks) of tile row c against the
+                // slot's decoded weight vectors `q` (8 for a group, 2 for a pair) and its block
+                // scales `dw`/`mw` by lane: the byte dots, then the scale epilogue into `acc`.
+                let slot = |q: &[__m256i], g: usize, c: usize, dw: __m256, mw: __m256, acc: __m256| {
+                    let gi = g * gm + c;
+                    // SAFETY: slot g of tile row c lies inside row 0's buffers
+                    // (gi < (ng − 1)·gm + C, checked above).
+                    let (xp, sums, dx) = unsafe {
+                        (
+                            xq.add(256 * gi),
+                            _mm256_loadu_si256(xsum.add(GROUP * gi) as *const __m256i),
+                            _mm256_loadu_ps(xd.add(GROUP * gi)),
+                        )
+                    };
+                    // The weight offset, in the integer domain: Σ(q − off)·x = Σq·x − off·Σx.
+                    let mut p = match (K, $vnni) {
+                        (0, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3)),
+                        (2, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 4)),
+                        (4, true) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7)),
+                        _ => _mm256_setzero_si256(),
+                    };
+                    // Two dependency chains (even and odd k), summed exactly at the end.
+                    let mut p2 = _mm256_setzero_si256();
+                    for (k, &qk) in q.iter().enumerate() {
+                        // SAFETY: vector k of the slot (32 bytes; k < 8).
+                        let xv = ld(unsafe { xp.add(32 * k) });
+                        let a = if k % 2 == 0 { &mut p } else { &mut p2 };
+                        *a = if q8 && !$vnni {
+                            dot(*a, _mm256_sign_epi8(qk, qk), _mm256_sign_epi8(xv, qk))
+                        } else {
+                            dot(*a, qk, xv)
+                        };
+                    }
+                    let p = _mm256_add_epi32(p, p2);
+                    let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx), acc);
+                    if min {
+                        // Q4_1/Q5_1: + f16(m_w)·s_x per block.
+                        // SAFETY: as above.
+                        let sx = unsafe { _mm256_loadu_ps(xs.add(GROUP * gi)) };
+                        _mm256_fmadd_ps(mw, sx, acc)
+                    } else {
+                        acc
+                    }
+                };
                 for r in 0..R {
                     // Rows one after another: only one row's C accumulators are live.
                     let mut acc = [_mm256_setzero_ps(); C];
@@ -281,49 +325,13 @@ macro_rules! x86_kernels {
                             }
                         }
                         for c in 0..C {
-                            let gi = g * gm + c;
-                            // SAFETY: group g of tile row c lies inside row 0's buffers
-                            // (gi < (ng − 1)·gm + C, checked above).
-                            let (xp, sums, dx) = unsafe {
-                                (
-                                    xq.add(256 * gi),
-                                    _mm256_loadu_si256(xsum.add(GROUP * gi) as *const __m256i),
-                                    _mm256_loadu_ps(xd.add(GROUP * gi)),
-                                )
-                            };
-                            // The weight offset, in the integer domain: Σ(q − off)·x = Σq·x − off·Σx.
-                            let mut p = match (K, $vnni) {
-                                (0, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3)),
-                                (2, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 4)),
-                                (4, true) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7)),
-                                _ => _mm256_setzero_si256(),
-                            };
-                            // Two dependency chains (even and odd k), summed exactly at the end.
-                            let mut p2 = _mm256_setzero_si256();
-                            for k in 0..8 {
-                                // SAFETY: vector k of the group (32 bytes).
-                                let xv = ld(unsafe { xp.add(32 * k) });
-                                let acc = if k % 2 == 0 { &mut p } else { &mut p2 };
-                                *acc = if q8 && !$vnni {
-                                    dot(*acc, _mm256_sign_epi8(q[k], q[k]), _mm256_sign_epi8(xv, q[k]))
-                                } else {
-                                    dot(*acc, q[k], xv)
-                                };
-                            }
-                            let p = _mm256_add_epi32(p, p2);
-                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx), acc[c]);
-                            if min {
-                                // Q4_1/Q5_1: + f16(m_w)·s_x per block.
-                                // SAFETY: as above.
-                                let sx = unsafe { _mm256_loadu_ps(xs.add(GROUP * gi)) };
-                                acc[c] = _mm256_fmadd_ps(mw, sx, acc[c]);
-                            }
+                            acc[c] = slot(&q, g, c, dw, mw, acc[c]);
                         }
                     }
                     // The blocks after the last whole group, two at a time ([`QRow::gq`]'s
                     // pair slots): i32 lanes 0..4 accumulate block A, lanes 4..8 block B, and
-                    // the same epilogue as a group's scales them (the per-block values sit in
-                    // lane 0 and lane 4, and the d's in all four lanes of their block).
+                    // `slot` scales them as a group's (the per-block values sit in lane 0 and
+                    // lane 4, and the d's in all four lanes of their block).
                     for p in 0..npair {
                         let a = GROUP * ngf + 2 * p;
                         let two = a + 1 < nb;
@@ -377,37 +385,7 @@ macro_rules! x86_kernels {
                             }
                         }
                         for c in 0..C {
-                            let gi = (ngf + p) * gm + c;
-                            // SAFETY: slot ngf + p of tile row c lies inside row 0's buffers
-                            // (gi < (ng − 1)·gm + C, checked above).
-                            let (xp, sums, dx) = unsafe {
-                                (
-                                    xq.add(256 * gi),
-                                    _mm256_loadu_si256(xsum.add(GROUP * gi) as *const __m256i),
-                                    _mm256_loadu_ps(xd.add(GROUP * gi)),
-                                )
-                            };
-                            let mut pv = match (K, $vnni) {
-                                (0, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3)),
-                                (2, _) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 4)),
-                                (4, true) => _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7)),
-                                _ => _mm256_setzero_si256(),
-                            };
-                            for (k, qk) in q.iter().enumerate() {
-                                // SAFETY: vectors 0 and 1 of the slot (64 bytes).
-                                let xv = ld(unsafe { xp.add(32 * k) });
-                                pv = if q8 && !$vnni {
-                                    dot(pv, _mm256_sign_epi8(*qk, *qk), _mm256_sign_epi8(xv, *qk))
-                                } else {
-                                    dot(pv, *qk, xv)
-                                };
-                            }
-                            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pv), _mm256_mul_ps(dw, dx), acc[c]);
-                            if min {
-                                // SAFETY: as above.
-                                let sx = unsafe { _mm256_loadu_ps(xs.add(GROUP * gi)) };
-                                acc[c] = _mm256_fmadd_ps(mw, sx, acc[c]);
-                            }
+                            acc[c] = slot(&q, ngf + p, c, dw, mw, acc[c]);
                         }
                     }
                     for c in 0..C {
