@@ -8,6 +8,10 @@
 //!   (hash of the parent block's hash and its own token ids) and is entered in
 //!   the prefix index, so a later request with the same prefix maps the same
 //!   block instead of recomputing it.
+//! * The hash only *finds* a candidate. A hit is taken only when the block's own
+//!   token ids equal the prompt's and its parent is the block just matched (the
+//!   same block id, not reallocated since), so by induction the whole prefix is
+//!   the same and a hash collision can never hand out another prompt's K/V.
 //! * Blocks are reference-counted. When the last sequence lets go of a hashed
 //!   block it stays in the index as evictable, in LRU order; allocation takes a
 //!   free block first, then evicts the least recently used cached one, and
@@ -87,6 +91,10 @@ struct Seq {
     tokens: Vec<u32>,
     /// Chain hash of each full block so far.
     hashes: Vec<u64>,
+    /// For each full block, the block (id, generation) that the prefix index holds for the same
+    /// prefix: the block itself, or an identical one computed by another sequence. A block's key
+    /// names its parent this way, so what this sequence adds hangs off the chain a lookup walks.
+    canon: Vec<(BlockId, u64)>,
 }
 
 /// Counters since the cache was made (a run takes differences).
@@ -108,6 +116,16 @@ pub struct PrefixHit {
     pub cached_tokens: usize,
 }
 
+/// What a block in the prefix index was computed from, checked on every hit.
+#[derive(Clone, Debug)]
+struct BlockKey {
+    hash: u64,
+    /// The block before it in the sequence that computed it, with that block's generation then
+    /// (a block's K/V depend on every earlier position, not only on its own tokens).
+    parent: Option<(BlockId, u64)>,
+    tokens: Box<[u32]>,
+}
+
 pub struct PagedKv {
     pub layout: KvLayout,
     /// Longest sequence allowed.
@@ -118,7 +136,12 @@ pub struct PagedKv {
     storage: Vec<f16>,
     n_blocks: usize,
     refcount: Vec<u32>,
-    block_hash: Vec<Option<u64>>,
+    /// Set while a block is in the prefix index.
+    block_key: Vec<Option<BlockKey>>,
+    /// Bumped each time a block is handed out anew, so a stale parent reference never matches.
+    block_gen: Vec<u64>,
+    /// The chain hash ([`chain_hash`]; tests swap in a degenerate one to force collisions).
+    hash_fn: fn(u64, &[u32]) -> u64,
     free: Vec<BlockId>,
     /// Unreferenced hashed blocks: stamp → block (oldest first).
     lru: BTreeMap<u64, BlockId>,
@@ -164,7 +187,9 @@ impl PagedKv {
             storage: Vec::new(),
             n_blocks,
             refcount: vec![0; n_blocks],
-            block_hash: vec![None; n_blocks],
+            block_key: vec![None; n_blocks],
+            block_gen: vec![0; n_blocks],
+            hash_fn: chain_hash,
             free: (0..n_blocks as BlockId).rev().collect(),
             lru: BTreeMap::new(),
             lru_stamp: vec![0; n_blocks],
@@ -225,12 +250,13 @@ impl PagedKv {
         } else {
             let (&stamp, &b) = self.lru.iter().next()?;
             self.lru.remove(&stamp);
-            if let Some(h) = self.block_hash[b as usize].take() {
-                self.index.remove(&h);
+            if let Some(k) = self.block_key[b as usize].take() {
+                self.index.remove(&k.hash);
             }
             self.counters.evictions += 1;
             b
         };
+        self.block_gen[b as usize] += 1;
         let need = (b as usize + 1) * self.layout.block_elems();
         if self.device_store.is_none() && self.storage.len() < need {
             self.storage.resize(need, f16::ZERO);
@@ -244,7 +270,7 @@ impl PagedKv {
         debug_assert!(*rc > 0);
         *rc -= 1;
         if *rc == 0 {
-            if self.block_hash[b as usize].is_some() {
+            if self.block_key[b as usize].is_some() {
                 self.clock += 1;
                 self.lru_stamp[b as usize] = self.clock;
                 self.lru.insert(self.clock, b);
@@ -267,14 +293,24 @@ impl PagedKv {
         assert_eq!(s.len, 0, "match_prefix on a non-empty sequence");
         let max_blocks = prompt.len().saturating_sub(1) / bs;
         let mut parent = HASH_SEED;
-        let mut mapped = vec![];
+        let mut mapped: Vec<(BlockId, u64)> = vec![];
         for i in 0..max_blocks {
-            let h = chain_hash(parent, &prompt[i * bs..(i + 1) * bs]);
+            let tokens = &prompt[i * bs..(i + 1) * bs];
+            let h = (self.hash_fn)(parent, tokens);
             hit.lookups += 1;
-            match self.index.get(&h) {
-                Some(&b) => mapped.push((b, h)),
-                None => break,
+            let Some(&b) = self.index.get(&h) else {
+                break;
+            };
+            // The hash is 64 bits and not collision-resistant: take the block only if it holds
+            // exactly these tokens after exactly the blocks matched so far.
+            let want_parent = mapped.last().map(|&(p, _)| (p, self.block_gen[p as usize]));
+            let same = self.block_key[b as usize]
+                .as_ref()
+                .is_some_and(|k| k.parent == want_parent && *k.tokens == *tokens);
+            if !same {
+                break;
             }
+            mapped.push((b, h));
             parent = h;
         }
         for &(b, _) in &mapped {
@@ -287,6 +323,7 @@ impl PagedKv {
         for &(b, h) in &mapped {
             s.blocks.push(b);
             s.hashes.push(h);
+            s.canon.push((b, self.block_gen[b as usize]));
         }
         hit.hit_blocks = mapped.len();
         hit.cached_tokens = mapped.len() * bs;
@@ -379,23 +416,76 @@ impl PagedKv {
     /// blocks in the prefix index.
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) {
         let bs = self.layout.block_size;
-        let caching = self.prefix_caching;
         let s = self.seqs.get_mut(&seq).expect("commit on unknown sequence");
         s.len += tokens.len();
         s.tokens.extend_from_slice(tokens);
-        let mut new_full = vec![];
-        while caching && s.hashes.len() < s.len / bs {
-            let i = s.hashes.len();
-            let parent = if i == 0 { HASH_SEED } else { s.hashes[i - 1] };
-            let h = chain_hash(parent, &s.tokens[i * bs..(i + 1) * bs]);
-            s.hashes.push(h);
-            new_full.push((s.blocks[i], h));
+        if !self.prefix_caching {
+            return;
         }
-        for (b, h) in new_full {
-            // First writer wins; an identical block computed concurrently stays private.
-            if let std::collections::hash_map::Entry::Vacant(e) = self.index.entry(h) {
-                e.insert(b);
-                self.block_hash[b as usize] = Some(h);
+        loop {
+            let s = &self.seqs[&seq];
+            let i = s.hashes.len();
+            if i >= s.len / bs {
+                break;
+            }
+            let parent_hash = if i == 0 { HASH_SEED } else { s.hashes[i - 1] };
+            let own: Box<[u32]> = s.tokens[i * bs..(i + 1) * bs].into();
+            let h = (self.hash_fn)(parent_hash, &own);
+            let b = s.blocks[i];
+            let parent = (i > 0).then(|| s.canon[i - 1]);
+            let mine = (b, self.block_gen[b as usize]);
+            let key = BlockKey {
+                hash: h,
+                parent,
+                tokens: own,
+            };
+            let canon = match self.index.get(&h).copied() {
+                None => {
+                    self.block_key[b as usize] = Some(key);
+                    self.index.insert(h, b);
+                    mine
+                }
+                Some(old) => {
+                    let old_key = self.block_key[old as usize]
+                        .as_ref()
+                        .expect("indexed blocks have a key");
+                    if old_key.parent == parent && old_key.tokens == key.tokens {
+                        // The same prefix computed by another sequence: that block stays the
+                        // shared one and this copy stays private.
+                        (old, self.block_gen[old as usize])
+                    } else if !self.live(old_key.parent) && self.live(parent) {
+                        // The entry hangs off an evicted parent, so no lookup reaches it: this
+                        // block, which one can reach, takes its place.
+                        self.unindex(old);
+                        self.block_key[b as usize] = Some(key);
+                        self.index.insert(h, b);
+                        mine
+                    } else {
+                        // A hash collision with a live block: this one stays private.
+                        mine
+                    }
+                }
+            };
+            let s = self.seqs.get_mut(&seq).unwrap();
+            s.hashes.push(h);
+            s.canon.push(canon);
+        }
+    }
+
+    /// Whether a parent reference still names an indexed block as it was (None: the first block).
+    fn live(&self, parent: Option<(BlockId, u64)>) -> bool {
+        parent.is_none_or(|(p, g)| {
+            self.block_gen[p as usize] == g && self.block_key[p as usize].is_some()
+        })
+    }
+
+    /// Take a block out of the prefix index; unreferenced, it goes straight to the free list.
+    fn unindex(&mut self, b: BlockId) {
+        if let Some(k) = self.block_key[b as usize].take() {
+            self.index.remove(&k.hash);
+            if self.refcount[b as usize] == 0 {
+                self.lru.remove(&self.lru_stamp[b as usize]);
+                self.free.push(b);
             }
         }
     }
@@ -421,6 +511,7 @@ impl PagedKv {
         s.len = pos;
         s.tokens.truncate(pos);
         s.hashes.truncate(pos / bs);
+        s.canon.truncate(pos / bs);
         let keep = pos.div_ceil(bs);
         let dropped: Vec<BlockId> = s.blocks.drain(keep..).collect();
         for b in dropped {
@@ -431,7 +522,7 @@ impl PagedKv {
         if pos % bs != 0 {
             let i = keep - 1;
             let b = self.seqs[&seq].blocks[i];
-            if self.refcount[b as usize] > 1 || self.block_hash[b as usize].is_some() {
+            if self.refcount[b as usize] > 1 || self.block_key[b as usize].is_some() {
                 if let Some(nb) = self.take_block() {
                     let n = self.layout.block_elems();
                     let (src, dst) = (b as usize * n, nb as usize * n);
@@ -587,6 +678,103 @@ mod tests {
         kv.truncate(a, 2);
         assert_eq!(kv.seq_len(a), 2);
         assert_eq!(kv.used_blocks(), 1);
+    }
+
+    /// Every block hashes alike: every lookup finds some block.
+    fn constant_hash(_: u64, _: &[u32]) -> u64 {
+        7
+    }
+
+    /// The block's own tokens only: equal blocks after different prefixes collide.
+    fn tokens_only_hash(_: u64, tokens: &[u32]) -> u64 {
+        chain_hash(0, tokens)
+    }
+
+    #[test]
+    fn a_hash_collision_never_maps_another_prompts_block() {
+        let mut kv = PagedKv::new(layout(), 8, 64);
+        kv.hash_fn = constant_hash;
+        let a = kv.new_seq();
+        fill(&mut kv, a, &[1, 2, 3, 4, 5]);
+        kv.free_seq(a);
+        // Same hash, other tokens: a miss, not a's K/V.
+        let b = kv.new_seq();
+        let hit = kv.match_prefix(b, &[9, 9, 9, 9, 9]).unwrap();
+        assert_eq!((hit.hit_blocks, hit.cached_tokens), (0, 0), "{hit:?}");
+        assert_eq!(kv.seq_len(b), 0);
+        assert!(kv.block_table(b).is_empty());
+        // The true prefix still hits.
+        let c = kv.new_seq();
+        assert_eq!(kv.match_prefix(c, &[1, 2, 3, 4, 5]).unwrap().hit_blocks, 1);
+    }
+
+    #[test]
+    fn equal_tokens_after_another_prefix_are_a_miss() {
+        let mut kv = PagedKv::new(layout(), 8, 64);
+        kv.hash_fn = tokens_only_hash;
+        let a = kv.new_seq();
+        fill(&mut kv, a, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let c = kv.new_seq();
+        fill(&mut kv, c, &[9, 9, 9, 9]);
+        // d's second block has a's second-block tokens (and hash) but follows c's first block:
+        // a's second block was computed after other tokens, so only the first block is shared.
+        let d = kv.new_seq();
+        let hit = kv.match_prefix(d, &[9, 9, 9, 9, 5, 6, 7, 8, 0]).unwrap();
+        assert_eq!((hit.hit_blocks, hit.cached_tokens), (1, 4), "{hit:?}");
+        assert_eq!(kv.block_table(d), &kv.block_table(c)[..1]);
+    }
+
+    #[test]
+    fn a_prefix_computed_twice_stays_one_reachable_chain() {
+        // a and b compute the same first block side by side (neither found it cached); b goes on.
+        let mut kv = PagedKv::new(layout(), 8, 64);
+        let a = kv.new_seq();
+        let b = kv.new_seq();
+        fill(&mut kv, a, &[1, 2, 3, 4]);
+        fill(&mut kv, b, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        // b's second block hangs off a's copy of the first (the indexed one), so it is found.
+        let c = kv.new_seq();
+        let hit = kv.match_prefix(c, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+        assert_eq!(hit.hit_blocks, 2, "{hit:?}");
+        assert_eq!(
+            kv.block_table(c),
+            [kv.block_table(a)[0], kv.block_table(b)[1]]
+        );
+    }
+
+    #[test]
+    fn an_entry_orphaned_by_eviction_gives_way() {
+        let mut kv = PagedKv::new(layout(), 3, 64);
+        let a = kv.new_seq();
+        fill(&mut kv, a, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let x = kv.new_seq();
+        fill(&mut kv, x, &[50]);
+        kv.free_seq(a);
+        // y evicts a's first block only (the oldest); a's second stays cached, unreachable.
+        let y = kv.new_seq();
+        fill(&mut kv, y, &[60]);
+        assert_eq!(kv.counters.evictions, 1);
+        kv.free_seq(x);
+        kv.free_seq(y);
+        let c = kv.new_seq();
+        assert_eq!(
+            kv.match_prefix(c, &[1, 2, 3, 4, 5, 6, 7, 8, 9])
+                .unwrap()
+                .hit_blocks,
+            0
+        );
+        fill(&mut kv, c, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(kv.counters.evictions, 1, "c took free blocks");
+        // c's second block replaced the orphan in the index: the whole prefix is found again.
+        let d = kv.new_seq();
+        let hit = kv.match_prefix(d, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+        assert_eq!(hit.hit_blocks, 2, "{hit:?}");
+        assert_eq!(kv.block_table(d), kv.block_table(c));
+        assert_eq!(
+            (kv.free.len(), kv.lru.len()),
+            (1, 0),
+            "the orphan went to the free list"
+        );
     }
 
     #[test]
