@@ -9,7 +9,7 @@ use ember_runtime::engine::{Engine, EngineConfig, GenerateRequest};
 use ember_runtime::kv::PagedKv;
 use ember_runtime::model::{BatchItem, LogitsWanted};
 use ember_runtime::sample::SamplerConfig;
-use ember_runtime::scheduler::{Scheduler, SchedulerConfig};
+use ember_runtime::scheduler::{BatchShape, Scheduler, SchedulerConfig};
 use ember_runtime::serve::{CacheUse, FinishKind, ServeEvent, ServeRequest, Server};
 
 fn engine() -> Engine {
@@ -253,7 +253,61 @@ fn batched_equals_alone(e: &Engine, n_seqs: usize, n_new: usize) {
     for (i, t) in toks.iter().enumerate() {
         s.submit(request(i as u64, t.clone(), n_new), &mut out);
     }
-    // All 8 must decode together: count the rows of the steps.
+    // All of them must decode together: step by step, each step is one forward pass, and the
+    // tokens it emits are those of the sequences in that pass.
+    let mut steps: Vec<(BatchShape, Vec<u64>)> = vec![];
+    let mut events = vec![];
+    while s.has_work() {
+        let passes = s.forward_passes();
+        let mut step_out = vec![];
+        s.step(&mut step_out);
+        assert_eq!(s.forward_passes(), passes + 1, "one forward pass per step");
+        let mut ids: Vec<u64> = step_out
+            .iter()
+            .filter_map(|e| match e {
+                ServeEvent::Token { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        steps.push((s.last_batch(), ids));
+        events.extend(step_out);
+    }
+    let all: Vec<u64> = (0..n_seqs as u64).collect();
+    // Step 1 prefills every prompt in one pass; each later step decodes every sequence.
+    assert_eq!(
+        steps.len(),
+        n_new,
+        "steps (pass shape, sequences that got a token), first ones: {:?}",
+        &steps[..steps.len().min(3)]
+    );
+    let prompt_tokens: usize = toks.iter().map(Vec::len).sum();
+    assert_eq!(
+        steps[0],
+        (
+            BatchShape {
+                seqs: n_seqs,
+                decode_rows: 0,
+                prefill_tokens: prompt_tokens
+            },
+            all.clone()
+        )
+    );
+    for (k, step) in steps.iter().enumerate().skip(1) {
+        assert_eq!(
+            *step,
+            (
+                BatchShape {
+                    seqs: n_seqs,
+                    decode_rows: n_seqs,
+                    prefill_tokens: 0
+                },
+                all.clone()
+            ),
+            "step {k}: every sequence decodes in the same forward pass"
+        );
+    }
+    out.extend(events);
     let res = drain(&mut s, &mut out);
     for (i, want) in alone.iter().enumerate() {
         assert_eq!(
@@ -287,6 +341,38 @@ fn a_full_budget_waits_or_rejects_cleanly() {
     }
     // One that can never fit: 200 positions.
     s.submit(request(9, p.clone(), 195), &mut out);
+    // The first step admits two; the third waits behind them (and the fourth behind it, FCFS).
+    s.step(&mut out);
+    let st = s.stats();
+    assert_eq!((st.running, st.waiting), (2, 2), "after the first step");
+    assert_eq!(s.last_batch().seqs, 2);
+    let scheduled =
+        |id| move |e: &ServeEvent| matches!(e, ServeEvent::Scheduled { id: i, .. } if *i == id);
+    let first_token =
+        |id| move |e: &ServeEvent| matches!(e, ServeEvent::Token { id: i, .. } if *i == id);
+    let one_of_two_done = |e: &ServeEvent| matches!(e, ServeEvent::Finished { id: 0 | 1, .. });
+    assert!(
+        !out.iter().any(scheduled(2)),
+        "request 2 was scheduled although the budget holds only two"
+    );
+    // Until one of the first two finishes, no pass holds more than those two.
+    while s.has_work() && !out.iter().any(one_of_two_done) {
+        s.step(&mut out);
+        assert!(s.last_batch().seqs <= 2, "{:?}", s.last_batch());
+    }
+    while s.has_work() {
+        s.step(&mut out);
+    }
+    let done = out
+        .iter()
+        .position(one_of_two_done)
+        .expect("0 or 1 finished");
+    let sched2 = out.iter().position(scheduled(2)).expect("2 scheduled");
+    let tok2 = out.iter().position(first_token(2)).expect("2 decoded");
+    assert!(
+        done < sched2 && sched2 < tok2,
+        "request 2 must wait for a finished request: finished at event {done}, 2 scheduled at {sched2}"
+    );
     let res = drain(&mut s, &mut out);
     for i in 0..3 {
         assert_eq!(res[&i].2, FinishKind::Length);

@@ -43,6 +43,18 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// What one forward pass held: for tests and diagnostics that must see batch composition, not
+/// only its results.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Sequences in the pass.
+    pub seqs: usize,
+    /// Of those, sequences decoding one token.
+    pub decode_rows: usize,
+    /// Prompt tokens computed in the pass.
+    pub prefill_tokens: usize,
+}
+
 struct Running {
     req: ServeRequest,
     seq: SeqId,
@@ -65,6 +77,8 @@ pub struct Scheduler<'e> {
     waiting: VecDeque<ServeRequest>,
     running: Vec<Running>,
     logits: Vec<f32>,
+    last_batch: BatchShape,
+    forward_passes: u64,
 }
 
 impl<'e> Scheduler<'e> {
@@ -83,11 +97,23 @@ impl<'e> Scheduler<'e> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             logits: Vec::new(),
+            last_batch: BatchShape::default(),
+            forward_passes: 0,
         }
     }
 
     pub fn kv_counters(&self) -> KvCounters {
         self.kv.counters
+    }
+
+    /// The composition of the last forward pass.
+    pub fn last_batch(&self) -> BatchShape {
+        self.last_batch
+    }
+
+    /// Forward passes run so far (one per step that had work).
+    pub fn forward_passes(&self) -> u64 {
+        self.forward_passes
     }
 
     /// Blocks promised to running sequences but not yet allocated.
@@ -275,6 +301,16 @@ impl Server for Scheduler<'_> {
                 }
             })
             .collect();
+        self.last_batch = BatchShape {
+            seqs: plan.len(),
+            decode_rows: plan.iter().filter(|p| self.running[p.0].n_out > 0).count(),
+            prefill_tokens: plan
+                .iter()
+                .filter(|p| self.running[p.0].n_out == 0)
+                .map(|p| p.2)
+                .sum(),
+        };
+        self.forward_passes += 1;
         let engine = self.engine;
         let result = engine.install(|| {
             engine
