@@ -42,7 +42,7 @@ enum Command {
 #[derive(FromArgs)]
 /// Benchmark what users feel: run a workload (preset, JSONL or ShareGPT) under a
 /// load (sync, --concurrency, --rate, sweep) and report TTFT, ITL, TPOT, e2e,
-/// throughput, memory and SLO verdicts (definitions: shared/METRICS.md).
+/// throughput, memory and SLO verdicts (definitions: docs/METRICS.md).
 /// With no flags: the `chat` preset on the embedded model, sync.
 /// llama-bench mode: --pp/--tg/-r print pp<n>/tg<n> tokens/s as mean ± sd,
 /// e.g. ember bench -m M --pp 128,512 --tg 128 -r 5
@@ -204,7 +204,7 @@ struct RunArgs {
     /// maximum new tokens (default 128)
     #[argh(option, short = 'n', default = "128")]
     n_predict: usize,
-    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto, or the --target profile's first backend)
+    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
     #[argh(option)]
     backend: Option<String>,
     /// worker threads (default: all cores)
@@ -349,10 +349,24 @@ fn open_engine(
     } else {
         GgufFile::open(&path)?
     };
-    let engine = ember_models::open_file_on(std::sync::Arc::new(file), &placement, |train_ctx| EngineConfig {
-        threads,
-        n_ctx: ctx.unwrap_or(train_ctx.min(4096)),
-        prefill_chunk: batch.max(1),
+    let engine = ember_models::open_file_on(std::sync::Arc::new(file), &placement, |train_ctx| {
+        let n_ctx = match ctx {
+            // Beyond the training context RoPE positions are untrained and the KV cache grows
+            // for nothing: clamp, as a user would want, and say so.
+            Some(c) if c > train_ctx => {
+                eprintln!(
+                    "ember: --ctx {c} is more than the model's training context; using {train_ctx}"
+                );
+                train_ctx
+            }
+            Some(c) => c,
+            None => train_ctx.min(4096),
+        };
+        EngineConfig {
+            threads,
+            n_ctx,
+            prefill_chunk: batch.max(1),
+        }
     })?;
     let c = engine.model.config();
     log::info!(
@@ -690,6 +704,8 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
         .map(|&n| (Test::Pp, n))
         .chain(tg.iter().map(|&n| (Test::Tg, n)))
         .collect();
+    let mut store = open_store(a.no_db, a.db.as_ref())?;
+    let started_at = ember_bench::store::now_rfc3339();
     let bar = indicatif::ProgressBar::new((tests.len() * reps) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")
@@ -697,11 +713,24 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let mut results = vec![];
-    for (kind, n) in tests {
-        bar.set_message(format!("{}{n}", if kind == Test::Pp { "pp" } else { "tg" }));
+    for &(kind, n) in &tests {
+        bar.set_message(ember_bench::llamabench::test_name(kind, n));
         results.push(run_test(&engine, kind, n, reps, || bar.inc(1))?);
     }
     bar.finish_and_clear();
+    let stored = store.as_mut().map(|st| {
+        let head = ember_bench::llamabench::run_head(
+            ember_bench::provenance::for_engine(&engine, a.device_profile.clone()),
+            started_at,
+            &tests,
+            engine.cfg.prefill_chunk,
+            reps,
+        );
+        let mem = ember_runtime::sys::memory();
+        let device_peak = engine.model.device_memory().map_or(0, |m| m.peak_bytes);
+        st.save_llama_bench(&head, engine.cfg.prefill_chunk, &results, mem.rss_peak_bytes, device_peak)
+            .map(|_| st.path().display().to_string())
+    });
     let name = engine
         .file
         .metadata
@@ -733,7 +762,14 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    Ok(())
+    match stored {
+        Some(Ok(path)) => {
+            eprintln!("ember: run saved to {path}");
+            Ok(())
+        }
+        Some(Err(e)) => Err(e).context("the results store did not get the run"),
+        None => Ok(()),
+    }
 }
 
 /// `ember bench` with a workload: build it, drive the engine through the
@@ -944,49 +980,25 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     } else {
         &mut scheduler
     };
-    // The results store: the run row first, then each request as it finishes.
-    let mut store = if a.no_db {
-        None
-    } else {
-        let path =
-            a.db.clone()
-                .unwrap_or_else(ember_bench::store::default_db_path);
-        Some(
-            ember_bench::store::Store::open(&path)
-                .with_context(|| format!("opening the results store {}", path.display()))?,
-        )
-    };
-    let mut run_id = None;
-    if let (Some(st), false) = (store.as_mut(), a.sweep) {
-        let schedule = harness::arrival_schedule(&load, &limits, w.items.len());
-        let head = RunResult {
-            started_at: started_at.clone(),
-            provenance: provenance.clone(),
-            workload: WorkloadInfo {
-                name: wname.clone(),
-                seed: a.seed,
-                hash: workload::workload_hash(&w, &load, &schedule),
-                load: serde_json::to_string(&load)?,
-                n_requests: w.items.len(),
-                n_warmup: w.warmup.len(),
-                ..Default::default()
-            },
-            slo_name: slo.name.clone(),
-            slo: serde_json::to_string(&slo)?,
+    // The results store: the run row first, then each request as it finishes (a sweep stores
+    // each of its steps so, as a run of its own).
+    let mut store = open_store(a.no_db, a.db.as_ref())?;
+    let head = RunResult {
+        started_at: started_at.clone(),
+        provenance: provenance.clone(),
+        workload: WorkloadInfo {
+            name: wname.clone(),
+            seed: a.seed,
+            params: serde_json::to_string(
+                &serde_json::json!({"workload": w.params, "limits": limits, "sampler": format!("{:?}", w.sampler), "ignore_eos": w.ignore_eos, "record_tokens": !a.no_token_recording, "n_ctx": n_ctx}),
+            )?,
             ..Default::default()
-        };
-        let id = st.begin_run(&head)?;
-        run_id = Some(id);
-        let path = st.path().to_path_buf();
-        // A second connection for the sink: each finished request is its own transaction.
-        let mut sink_store = ember_bench::store::Store::open(&path)?;
-        harness::set_record_sink(Some(Box::new(move |r| {
-            if let Err(e) = sink_store.add_request(id, r) {
-                log::error!("results store: request {} not saved: {e}", r.request_id);
-            }
-        })));
-    }
-    let (out, sweep, load_used) = if a.sweep {
+        },
+        slo_name: slo.name.clone(),
+        slo: serde_json::to_string(&slo)?,
+        ..Default::default()
+    };
+    let (out, sweep, stored) = if a.sweep {
         let cfg = SweepConfig {
             requests_per_point: a.requests.unwrap_or(16).max(4),
             max_points: a.sweep_points.max(1),
@@ -994,89 +1006,83 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
             arrivals,
             seed: a.seed,
         };
-        let w_items = w.clone();
+        let mut recorder = store
+            .as_mut()
+            .map(|st| ember_bench::live::SweepRecorder::new(st, head.clone(), &slo));
+        let observer: &mut dyn harness::SweepObserver = match recorder.as_mut() {
+            Some(r) => r,
+            None => &mut (),
+        };
         let (sw, out) = harness::sweep(
             server,
             &SystemClock,
-            &w_items,
+            &w,
             &opts,
             &slo,
             &cfg,
             &mut on_progress,
+            observer,
         );
-        let rate = sw
-            .max_goodput_rate
-            .or(sw.points.last().map(|p| p.rate_rps))
-            .unwrap_or(1.0);
-        (
-            out,
-            Some(sw),
-            LoadSpec::Rate {
-                rps: rate,
-                arrivals,
-                seed: a.seed,
-            },
-        )
+        let stored = recorder.map(|r| r.into_result().map(|runs| runs.len()));
+        (out, Some(sw), stored)
     } else {
-        (
-            harness::run(server, &SystemClock, &w, &opts, &mut on_progress),
-            None,
-            load.clone(),
-        )
+        let live = match store.as_mut() {
+            Some(st) => {
+                let schedule = harness::arrival_schedule(&load, &limits, w.items.len());
+                let mut h = head.clone();
+                h.workload.hash = workload::workload_hash(&w, &load, &schedule);
+                h.workload.load = serde_json::to_string(&load)?;
+                h.workload.n_requests = w.items.len();
+                h.workload.n_warmup = w.warmup.len();
+                Some((ember_bench::live::LiveRun::begin(st, &h)?, h))
+            }
+            None => None,
+        };
+        let out = harness::run(server, &SystemClock, &w, &opts, &mut on_progress);
+        let stored = match (live, store.as_mut()) {
+            (Some((live, h)), Some(st)) => {
+                let (result, _) = ember_bench::live::run_result(&h, &out, &slo);
+                Some(live.finish(st, &result).map(|_| 1))
+            }
+            _ => None,
+        };
+        (out, None, stored)
     };
     bar.finish_and_clear();
+
+    // ---- figures: of the run, or of the sweep's reported step (its best passing rate)
+    let load_used = match &sweep {
+        Some(sw) => LoadSpec::Rate {
+            rps: sw
+                .max_goodput_rate
+                .or(sw.points.last().map(|p| p.rate_rps))
+                .unwrap_or(1.0),
+            arrivals,
+            seed: a.seed,
+        },
+        None => load.clone(),
+    };
     if sweep.is_some() {
-        // The reported run is one sweep point; its requests carry no warm-up.
+        // The reported step carries no warm-up.
         w.warmup.clear();
         w.items.truncate(out.records.len().max(1));
     }
-
-    // ---- figures
-    let summary = ember_bench::metrics::summarize(&out.records, &out.memory, Some(&slo));
+    let schedule = harness::arrival_schedule(&load_used, &limits, w.items.len());
+    let mut head = head;
+    head.workload.hash = workload::workload_hash(&w, &load_used, &schedule);
+    head.workload.load = serde_json::to_string(&load_used)?;
+    let (result, summary) = ember_bench::live::run_result(&head, &out, &slo);
     let tags = if a.by_tag {
         ember_bench::metrics::by_tag(&out.records)
     } else {
         vec![]
     };
-    let schedule = harness::arrival_schedule(&load_used, &limits, w.items.len());
-    let hash = workload::workload_hash(&w, &load_used, &schedule);
-    let slo_rep = summary.slo.clone().unwrap_or_default();
-    let result = RunResult {
-        started_at,
-        provenance,
-        workload: WorkloadInfo {
-            name: wname.clone(),
-            seed: a.seed,
-            hash,
-            load: serde_json::to_string(&load_used)?,
-            params: serde_json::to_string(
-                &serde_json::json!({"workload": w.params, "limits": limits, "sampler": format!("{:?}", w.sampler), "ignore_eos": w.ignore_eos, "record_tokens": !a.no_token_recording, "n_ctx": n_ctx}),
-            )?,
-            n_requests: summary.n_measured,
-            n_warmup: summary.n_warmup,
-        },
-        slo_name: slo.name.clone(),
-        slo: serde_json::to_string(&slo)?,
-        slo_verdicts: slo_rep.verdicts.clone(),
-        slo_attainment: slo_rep.slo_attainment,
-        goodput_rps: slo_rep.goodput_rps,
-        records: out.records,
-        memory: out.memory,
-        cache_evictions: out.cache_evictions,
-        summary_json: serde_json::to_string(&summary)?,
-    };
-    harness::set_record_sink(None);
-    if let Some(st) = store.as_mut() {
-        match run_id {
-            Some(id) => {
-                st.add_memory_samples(id, &result.memory)?;
-                st.finish_run(id, &result)?;
-            }
-            None => {
-                st.save_run(&result)?;
-            }
+    match (&stored, &store) {
+        (Some(Ok(n)), Some(st)) if *n > 1 => {
+            eprintln!("ember: {n} sweep steps saved as runs to {}", st.path().display())
         }
-        eprintln!("ember: run saved to {}", st.path().display());
+        (Some(Ok(_)), Some(st)) => eprintln!("ember: run saved to {}", st.path().display()),
+        _ => {}
     }
     if let Some(path) = &a.out {
         let j = serde_json::json!({"run": result, "sweep": sweep, "overhead": out.overhead});
@@ -1102,7 +1108,26 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
             )
         );
     }
-    Ok(())
+    // Figures first, then the verdict on storing them: a run that could not record what it
+    // measured exits non-zero.
+    match stored {
+        Some(Err(e)) => Err(e).context("the results store did not get the whole run"),
+        _ => Ok(()),
+    }
+}
+
+/// The results store for `bench`: none with --no-db, else --db, $EMBER_DB or the default path.
+fn open_store(
+    no_db: bool,
+    db: Option<&PathBuf>,
+) -> Result<Option<ember_bench::store::Store>> {
+    if no_db {
+        return Ok(None);
+    }
+    let path = db.cloned().unwrap_or_else(ember_bench::store::default_db_path);
+    // The store's errors name the file.
+    let store = ember_bench::store::Store::open(&path).context("opening the results store")?;
+    Ok(Some(store))
 }
 
 // ---- results store: compare, report, export (bench/STORE.md) ----
@@ -1288,7 +1313,7 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-// ---- device profiles (--target) and the self-test (issue 7) ----
+// ---- device profiles (--target) and the self-test ----
 
 /// What `--target` applied to `ember bench`, echoed in its `--json` output.
 static APPLIED_TARGET: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
@@ -1451,6 +1476,8 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any thread is started.
+    unsafe { ember_runtime::accel::quiet_headless_probe() };
     let cli: Cli = argh::from_env();
     let level = if cli.verbose { "debug" } else { "warn" };
     // wgpu's HAL logs failed probes of APIs that are not there (EGL without a GL driver) as
@@ -1472,8 +1499,26 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, "outer: inner: ...", each message once: library errors
+/// often quote their cause in their own message (SQLite's, the OS's), and printing the chain as
+/// it is would repeat it.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }

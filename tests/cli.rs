@@ -26,6 +26,11 @@ fn rewrite(bytes: &[u8], drop_tensor: Option<&str>, set: &[(&str, Value)]) -> Ve
             .unwrap_or_else(|| v.clone());
         w.kv(k, v);
     }
+    for (k, v) in set {
+        if g.metadata.get(k).is_none() {
+            w.kv(*k, v.clone());
+        }
+    }
     for t in &g.tensors {
         if Some(t.name.as_str()) != drop_tensor {
             w.tensor(t.name.clone(), &t.dims, t.ty, g.tensor_bytes(t).to_vec());
@@ -286,6 +291,30 @@ fn bad_files_get_clear_errors() {
         &write("arch.gguf", &rewrite(&good, None, &arch)),
         "unknown architecture 'mamba9'",
     );
+    // RoPE scaling that ember does not implement is refused, never run as plain RoPE.
+    let with_rope_freqs = {
+        let g = parse_bytes(&good).unwrap();
+        let mut w = GgufWriter::new();
+        for (k, v) in g.metadata.iter() {
+            w.kv(k, v.clone());
+        }
+        for t in &g.tensors {
+            w.tensor(t.name.clone(), &t.dims, t.ty, g.tensor_bytes(t).to_vec());
+        }
+        let n = (ember_runtime::embedded::N_EMBD / ember_runtime::embedded::N_HEADS / 2) as u64;
+        let ones: Vec<u8> = (0..n).flat_map(|_| 1f32.to_le_bytes()).collect();
+        w.tensor("rope_freqs.weight", &[n], ember_runtime::quant::GgmlType::F32, ones);
+        w.to_bytes()
+    };
+    expect_error(
+        &write("rope-freqs.gguf", &with_rope_freqs),
+        "RoPE frequency scaling (tensor 'rope_freqs.weight', Llama 3.1 and later) is not supported yet",
+    );
+    let yarn = [("llama.rope.scaling.type", Value::String("yarn".into()))];
+    expect_error(
+        &write("yarn.gguf", &rewrite(&good, None, &yarn)),
+        "RoPE scaling 'yarn' (llama.rope.scaling.type) is not supported yet",
+    );
     expect_error(&dir.join("does-not-exist.gguf"), "cannot open");
 }
 
@@ -303,6 +332,39 @@ fn prompt_longer_than_context_is_refused() {
         "{err}"
     );
     assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn a_context_beyond_the_training_context_is_clamped_with_a_notice() {
+    let out = ember()
+        .args(["run", "-c", "999999999", "-n", "4", "--temp", "0", "-p", "hello"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let train = ember_runtime::embedded::N_CTX;
+    assert!(
+        err.contains(&format!(
+            "--ctx 999999999 is more than the model's training context; using {train}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_model_path_that_is_not_a_file_says_so() {
+    for (path, kind) in [("/dev/null", "a character device"), ("/", "a directory")] {
+        let out = ember()
+            .args(["run", "-n", "2", "-p", "hi", "-m", path])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("{path}: not a regular file ({kind})")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -324,9 +386,9 @@ fn bad_flags_are_usage_errors() {
 
 #[test]
 fn backend_auto_without_a_gpu_says_it_falls_back_and_runs_on_the_cpu() {
-    // WGPU_BACKEND=gl leaves wgpu no Vulkan/Metal/DX12 adapter to find: a machine without a GPU.
+    // EMBER_WGPU_BACKENDS=none hides every adapter, hardware ones too: a machine without a GPU.
     let out = ember()
-        .env("WGPU_BACKEND", "gl")
+        .env("EMBER_WGPU_BACKENDS", "none")
         .args([
             "run",
             "-p",
@@ -354,6 +416,51 @@ fn backend_auto_without_a_gpu_says_it_falls_back_and_runs_on_the_cpu() {
         String::from_utf8_lossy(&out.stdout).trim_end(),
         "pqrstuvwxy"
     );
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn without_a_graphical_session_the_gpu_probe_prints_no_errors() {
+    // A board over SSH, a container: no XDG_RUNTIME_DIR. Each probe says one informative line:
+    // where it runs, or why not on a GPU.
+    for backend in ["auto", "wgpu"] {
+        let out = ember()
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("NODEVICE_SELECT")
+            .args(["run", "-p", "hello", "-n", "2", "--temp", "0", "--backend", backend])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{backend}: {err}");
+        assert!(!err.contains("error"), "{backend}: {err}");
+        let lines = err.matches("falling back to the CPU").count()
+            + err.matches("backend: wgpu on").count();
+        assert_eq!(lines, 1, "{backend}: {err}");
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn the_backends_variable_hides_adapters_the_probe_would_find() {
+    // `--backend wgpu` takes software adapters too (lavapipe in CI): hidden, it must fall back.
+    let out = ember()
+        .env("EMBER_WGPU_BACKENDS", "none")
+        .args(["run", "-p", "hello", "-n", "2", "--temp", "0", "--backend", "wgpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("falling back to the CPU") && err.contains("EMBER_WGPU_BACKENDS=none"),
+        "{err}"
+    );
+    let out = ember()
+        .env("EMBER_WGPU_BACKENDS", "vulkan,cuda")
+        .args(["run", "-p", "hello", "-n", "2", "--backend", "wgpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown API 'cuda'"), "{err}");
 }
 
 #[cfg(feature = "wgpu")]

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::llamabench::BenchResult;
+use crate::load::LoadSpec;
 use crate::record::MemorySample;
 use crate::store::figures::{QUANTILES, thin};
 use crate::store::{Figures, ReqSample, RunRow, Store, StoreError};
@@ -26,13 +28,34 @@ pub enum Better {
 
 /// One row of the side-by-side table.
 pub struct FigureDef {
-    pub key: &'static str,
-    pub label: &'static str,
+    pub key: String,
+    pub label: String,
     pub unit: &'static str,
     pub better: Better,
     /// Whether the regression gate checks it.
     pub gated: bool,
-    get: fn(&ColumnFigures) -> Option<(f64, bool)>,
+    /// The figure of a column, and whether it rests on too few samples.
+    pub get: Box<dyn Fn(&ColumnFigures) -> Option<(f64, bool)>>,
+}
+
+impl FigureDef {
+    fn new(
+        key: &str,
+        label: &str,
+        unit: &'static str,
+        better: Better,
+        gated: bool,
+        get: impl Fn(&ColumnFigures) -> Option<(f64, bool)> + 'static,
+    ) -> FigureDef {
+        FigureDef {
+            key: key.to_string(),
+            label: label.to_string(),
+            unit,
+            better,
+            gated,
+            get: Box::new(get),
+        }
+    }
 }
 
 fn pct(f: &ColumnFigures, metric: &str, stat: &str, scale: f64) -> Option<(f64, bool)> {
@@ -43,36 +66,17 @@ fn pct(f: &ColumnFigures, metric: &str, stat: &str, scale: f64) -> Option<(f64, 
 
 macro_rules! p {
     ($key:literal, $label:literal, $metric:literal, $stat:literal, $gated:expr) => {
-        FigureDef {
-            key: $key,
-            label: $label,
-            unit: "ms",
-            better: Better::Lower,
-            gated: $gated,
-            get: |f| pct(f, $metric, $stat, 1e6),
-        }
+        FigureDef::new($key, $label, "ms", Better::Lower, $gated, |f| {
+            pct(f, $metric, $stat, 1e6)
+        })
     };
 }
 
 /// The figures `ember compare` shows, in order.
 pub fn figure_defs() -> Vec<FigureDef> {
     vec![
-        FigureDef {
-            key: "measured",
-            label: "requests measured",
-            unit: "",
-            better: Better::Higher,
-            gated: false,
-            get: |f| Some((f.figures.measured as f64, false)),
-        },
-        FigureDef {
-            key: "error_rate",
-            label: "error rate",
-            unit: "%",
-            better: Better::Lower,
-            gated: false,
-            get: |f| Some((f.figures.error_rate * 100.0, false)),
-        },
+        FigureDef::new("measured", "requests measured", "", Better::Higher, false, |f| Some((f.figures.measured as f64, false))),
+        FigureDef::new("error_rate", "error rate", "%", Better::Lower, false, |f| Some((f.figures.error_rate * 100.0, false))),
         p!("ttft_p50", "TTFT p50", "ttft", "p50", true),
         p!("ttft_p90", "TTFT p90", "ttft", "p90", false),
         p!("ttft_p99", "TTFT p99", "ttft", "p99", true),
@@ -85,110 +89,89 @@ pub fn figure_defs() -> Vec<FigureDef> {
         p!("e2e_p50", "e2e p50", "e2e", "p50", true),
         p!("e2e_p99", "e2e p99", "e2e", "p99", true),
         p!("queue_p99", "queue p99", "queue", "p99", false),
-        FigureDef {
-            key: "output_tps",
-            label: "output tokens/s",
-            unit: "tok/s",
-            better: Better::Higher,
-            gated: true,
-            get: |f| Some((f.figures.output_tps, false)),
-        },
-        FigureDef {
-            key: "input_tps",
-            label: "input tokens/s",
-            unit: "tok/s",
-            better: Better::Higher,
-            gated: false,
-            get: |f| Some((f.figures.input_tps, false)),
-        },
-        FigureDef {
-            key: "decode_tps",
-            label: "decode tokens/s (total)",
-            unit: "tok/s",
-            better: Better::Higher,
-            gated: true,
-            get: |f| f.figures.decode_tps_total.map(|x| (x, false)),
-        },
-        FigureDef {
-            key: "prefill_tps",
-            label: "prefill tokens/s (total)",
-            unit: "tok/s",
-            better: Better::Higher,
-            gated: true,
-            get: |f| f.figures.prefill_tps_total.map(|x| (x, false)),
-        },
-        FigureDef {
-            key: "rps",
-            label: "requests/s",
-            unit: "req/s",
-            better: Better::Higher,
-            gated: false,
-            get: |f| Some((f.figures.rps, false)),
-        },
-        FigureDef {
-            key: "goodput",
-            label: "goodput",
-            unit: "req/s",
-            better: Better::Higher,
-            gated: true,
-            get: |f| f.goodput_rps.map(|x| (x, false)),
-        },
-        FigureDef {
-            key: "attainment",
-            label: "SLO attainment",
-            unit: "%",
-            better: Better::Higher,
-            gated: true,
-            get: |f| f.slo_attainment.map(|x| (x * 100.0, false)),
-        },
-        FigureDef {
-            key: "rss_peak",
-            label: "peak RSS",
-            unit: "MiB",
-            better: Better::Lower,
-            gated: true,
-            get: |f| {
+        FigureDef::new("output_tps", "output tokens/s", "tok/s", Better::Higher, true, |f| Some((f.figures.output_tps, false))),
+        FigureDef::new("input_tps", "input tokens/s", "tok/s", Better::Higher, false, |f| Some((f.figures.input_tps, false))),
+        FigureDef::new("decode_tps", "decode tokens/s (total)", "tok/s", Better::Higher, true, |f| f.figures.decode_tps_total.map(|x| (x, false))),
+        FigureDef::new("prefill_tps", "prefill tokens/s (total)", "tok/s", Better::Higher, true, |f| f.figures.prefill_tps_total.map(|x| (x, false))),
+        FigureDef::new("rps", "requests/s", "req/s", Better::Higher, false, |f| Some((f.figures.rps, false))),
+        FigureDef::new("goodput", "goodput", "req/s", Better::Higher, true, |f| f.goodput_rps.map(|x| (x, false))),
+        FigureDef::new("attainment", "SLO attainment", "%", Better::Higher, true, |f| f.slo_attainment.map(|x| (x * 100.0, false))),
+        FigureDef::new("rss_peak", "peak RSS", "MiB", Better::Lower, true, |f| {
                 f.figures
                     .rss_peak_bytes
                     .map(|x| (x as f64 / 1048576.0, false))
-            },
-        },
-        FigureDef {
-            key: "device_peak",
-            label: "peak device memory",
-            unit: "MiB",
-            better: Better::Lower,
-            gated: false,
-            get: |f| {
+            }),
+        FigureDef::new("device_peak", "peak device memory", "MiB", Better::Lower, false, |f| {
                 f.figures
                     .device_bytes_peak
                     .filter(|&x| x > 0)
                     .map(|x| (x as f64 / 1048576.0, false))
-            },
-        },
-        FigureDef {
-            key: "prefix_hit_rate",
-            label: "prefix hit rate",
-            unit: "%",
-            better: Better::Higher,
-            gated: false,
-            get: |f| f.figures.prefix_hit_rate.map(|x| (x * 100.0, false)),
-        },
-        FigureDef {
-            key: "usd_per_mtok",
-            label: "$/Mtok (output)",
-            unit: "$",
-            better: Better::Lower,
-            gated: false,
-            get: |f| f.usd_per_mtok().map(|x| (x, false)),
-        },
+            }),
+        FigureDef::new("prefix_hit_rate", "prefix hit rate", "%", Better::Higher, false, |f| f.figures.prefix_hit_rate.map(|x| (x * 100.0, false))),
+        FigureDef::new("usd_per_mtok", "$/Mtok (output)", "$", Better::Lower, false, |f| f.usd_per_mtok().map(|x| (x, false))),
     ]
+}
+
+/// The figures of a llama-bench group: one row per test (tokens/s, mean over the pooled
+/// repetitions), then the memory rows.
+fn llama_bench_defs(tests: &[String]) -> Vec<FigureDef> {
+    let mut defs: Vec<FigureDef> = tests
+        .iter()
+        .map(|t| {
+            let test = t.clone();
+            FigureDef::new(
+                &format!("{t}_tps"),
+                &format!("{t} tokens/s"),
+                "tok/s",
+                Better::Higher,
+                true,
+                move |f| {
+                    f.llama_bench
+                        .iter()
+                        .find(|r| r.test == test)
+                        .map(|r| (r.mean_tps, false))
+                },
+            )
+        })
+        .collect();
+    defs.extend(
+        figure_defs()
+            .into_iter()
+            .filter(|d| d.key == "rss_peak" || d.key == "device_peak"),
+    );
+    defs
+}
+
+/// The figures shown for a group: llama-bench tests for llama-bench runs, else the request
+/// figures of [`figure_defs`].
+pub fn group_defs(g: &Group) -> Vec<FigureDef> {
+    let mut tests: Vec<String> = vec![];
+    for r in g.columns.iter().flat_map(|c| &c.pooled.llama_bench) {
+        if !tests.contains(&r.test) {
+            tests.push(r.test.clone());
+        }
+    }
+    if tests.is_empty() {
+        figure_defs()
+    } else {
+        llama_bench_defs(&tests)
+    }
+}
+
+/// A run as loaded from its file.
+struct LoadedRun {
+    samples: Vec<ReqSample>,
+    memory: Vec<MemorySample>,
+    llama_bench: Vec<BenchResult>,
+    row: RunRow,
 }
 
 /// Figures of one column (pooled over its runs) plus run-level SLO results.
 #[derive(Clone, Debug, Serialize)]
 pub struct ColumnFigures {
     pub figures: Figures,
+    /// llama-bench tests (`ember bench --pp/--tg`), each pooling the repetitions of every run.
+    pub llama_bench: Vec<BenchResult>,
     /// Σ attaining / Σ measured over the runs (exact pooling of per-run attainment).
     pub slo_attainment: Option<f64>,
     /// Σ attaining / Σ window.
@@ -202,19 +185,16 @@ impl ColumnFigures {
         (self.figures.output_tps > 0.0).then(|| c / (self.figures.output_tps * 3600.0) * 1e6)
     }
 
-    fn build(
-        runs: &[(Vec<ReqSample>, Vec<MemorySample>, &RunRow)],
-        cost: Option<f64>,
-    ) -> ColumnFigures {
+    fn build(runs: &[&LoadedRun], cost: Option<f64>) -> ColumnFigures {
         let pooled: Vec<(&[ReqSample], &[MemorySample])> = runs
             .iter()
-            .map(|(s, m, _)| (s.as_slice(), m.as_slice()))
+            .map(|r| (r.samples.as_slice(), r.memory.as_slice()))
             .collect();
         let figures = Figures::pooled(&pooled);
         let (mut att, mut meas, mut win, mut all_att) = (0.0, 0.0, 0.0, true);
-        for (s, m, row) in runs {
-            let f = Figures::compute(s, m);
-            match row.slo_attainment {
+        for r in runs {
+            let f = Figures::compute(&r.samples, &r.memory);
+            match r.row.slo_attainment {
                 Some(a) => {
                     att += a * f.measured as f64;
                     meas += f.measured as f64;
@@ -223,8 +203,21 @@ impl ColumnFigures {
                 None => all_att = false,
             }
         }
+        // llama-bench tests: every repetition of every run, per test.
+        let mut llama_bench: Vec<BenchResult> = vec![];
+        for t in runs.iter().flat_map(|r| &r.llama_bench) {
+            match llama_bench.iter_mut().find(|p| p.test == t.test) {
+                Some(p) => {
+                    let mut ns = std::mem::take(&mut p.samples_ns);
+                    ns.extend(&t.samples_ns);
+                    *p = BenchResult::from_samples(t.kind, t.n_tokens, ns);
+                }
+                None => llama_bench.push(t.clone()),
+            }
+        }
         ColumnFigures {
             figures,
+            llama_bench,
             slo_attainment: (all_att && meas > 0.0).then(|| att / meas),
             goodput_rps: (all_att && win > 0.0).then(|| att / win),
             cost_per_hour: cost,
@@ -267,8 +260,11 @@ impl Column {
     }
 }
 
-/// "rate 4" or "concurrency 8" from the load JSON.
+/// "rate 4 req/s (poisson)" or "concurrency 8" from the load JSON.
 pub fn load_label(load: &str) -> String {
+    if let Ok(l) = serde_json::from_str::<LoadSpec>(load) {
+        return l.describe();
+    }
     let Ok(v) = serde_json::from_str::<serde_json::Value>(load) else {
         return load.to_string();
     };
@@ -292,6 +288,14 @@ pub fn load_label(load: &str) -> String {
 
 /// The sweep coordinate of a load: its rate or concurrency.
 pub fn load_x(load: &str) -> Option<(String, f64)> {
+    match serde_json::from_str::<LoadSpec>(load) {
+        Ok(LoadSpec::Rate { rps, .. }) => return Some(("rate".into(), rps)),
+        Ok(LoadSpec::Concurrency { users, .. }) => {
+            return Some(("concurrency".into(), users as f64));
+        }
+        Ok(LoadSpec::Sync) => return None,
+        Err(_) => {}
+    }
     let v: serde_json::Value = serde_json::from_str(load).ok()?;
     for k in ["rate", "concurrency", "n"] {
         if let Some(x) = v.get(k).and_then(|x| x.as_f64()) {
@@ -398,8 +402,7 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
     let mut notes = vec![];
     // key: (hash, file idx, fingerprint, model sha, load)
     type Key = (String, usize, String, String, String);
-    let mut cols: BTreeMap<Key, (Vec<(Vec<ReqSample>, Vec<MemorySample>, RunRow)>, String)> =
-        BTreeMap::new();
+    let mut cols: BTreeMap<Key, (Vec<LoadedRun>, String)> = BTreeMap::new();
     let mut names: BTreeMap<String, String> = BTreeMap::new();
     let mut labels: Vec<String> = all_files.iter().map(|p| stem(p)).collect();
     // disambiguate equal file names from different folders
@@ -418,8 +421,9 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
                 ));
                 continue;
             }
-            let s = store.samples(row.run)?;
-            let m = store.memory(row.run)?;
+            let samples = store.samples(row.run)?;
+            let memory = store.memory(row.run)?;
+            let llama_bench = store.llama_bench(row.run)?;
             names
                 .entry(row.workload.hash.clone())
                 .or_insert_with(|| row.workload.name.clone());
@@ -434,7 +438,12 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
             cols.entry(key)
                 .or_insert_with(|| (vec![], device))
                 .0
-                .push((s, m, row));
+                .push(LoadedRun {
+                    samples,
+                    memory,
+                    llama_bench,
+                    row,
+                });
         }
     }
     let cost_for = |file: &str, row: &RunRow| -> Option<f64> {
@@ -452,12 +461,9 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
     };
     let mut by_hash: BTreeMap<String, Vec<Column>> = BTreeMap::new();
     for ((hash, fi, fp, sha, load), (runs, device)) in cols {
-        let first = &runs[0].2;
+        let first = &runs[0].row;
         let cost = cost_for(&labels[fi], first);
-        let refs: Vec<(Vec<ReqSample>, Vec<MemorySample>, &RunRow)> = runs
-            .iter()
-            .map(|(s, m, r)| (s.clone(), m.clone(), r))
-            .collect();
+        let refs: Vec<&LoadedRun> = runs.iter().collect();
         let pooled = ColumnFigures::build(&refs, cost);
         let per_run = refs
             .iter()
@@ -471,8 +477,8 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
             model_sha256: sha,
             model_arch: first.provenance.model_arch.clone(),
             load,
-            run_uids: runs.iter().map(|r| r.2.run_uid.clone()).collect(),
-            status: runs.iter().map(|r| r.2.status.clone()).collect(),
+            run_uids: runs.iter().map(|r| r.row.run_uid.clone()).collect(),
+            status: runs.iter().map(|r| r.row.status.clone()).collect(),
             baseline: opts.baseline.is_some() && fi == 0,
             pooled,
             per_run,
@@ -523,7 +529,7 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
 }
 
 fn gate_group(g: &Group, max: f64, out: &mut Vec<GateCheck>, notes: &mut Vec<String>) {
-    let defs = figure_defs();
+    let defs = group_defs(g);
     for cand in g.columns.iter().filter(|c| !c.baseline) {
         // the baseline column of the same load, else the first baseline column
         let Some(base) = g
@@ -618,7 +624,6 @@ impl Comparison {
     /// The side-by-side tables as text (markdown-compatible).
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let defs = figure_defs();
         if self.groups.is_empty() {
             let _ = writeln!(
                 s,
@@ -648,7 +653,7 @@ impl Comparison {
                 ));
             }
             let mut rows = vec![header];
-            for d in &defs {
+            for d in &group_defs(g) {
                 let vals: Vec<Option<(f64, bool)>> =
                     g.columns.iter().map(|c| (d.get)(&c.pooled)).collect();
                 if vals.iter().all(|v| v.is_none()) {
@@ -699,11 +704,10 @@ impl Comparison {
             }
         }
         if self.groups.iter().any(|g| {
-            g.columns.iter().any(|c| {
-                figure_defs()
-                    .iter()
-                    .any(|d| (d.get)(&c.pooled).is_some_and(|x| x.1))
-            })
+            let defs = group_defs(g);
+            g.columns
+                .iter()
+                .any(|c| defs.iter().any(|d| (d.get)(&c.pooled).is_some_and(|x| x.1)))
         }) {
             let _ = writeln!(
                 s,
@@ -780,8 +784,8 @@ impl Comparison {
         let mut s = String::from(
             "workload_hash,workload,file,device,load,baseline,runs,figure,unit,value,thin\n",
         );
-        let defs = figure_defs();
         for g in &self.groups {
+            let defs = group_defs(g);
             for c in &g.columns {
                 for d in &defs {
                     if let Some((v, th)) = (d.get)(&c.pooled) {
@@ -809,11 +813,11 @@ impl Comparison {
 
     /// Machine-readable: the groups with every figure by key, plus mismatches and the gate.
     pub fn to_json(&self) -> serde_json::Value {
-        let defs = figure_defs();
         let groups: Vec<serde_json::Value> = self
             .groups
             .iter()
             .map(|g| {
+                let defs = group_defs(g);
                 let cols: Vec<serde_json::Value> = g
                     .columns
                     .iter()
@@ -822,7 +826,7 @@ impl Comparison {
                             .iter()
                             .filter_map(|d| {
                                 (d.get)(&c.pooled)
-                                    .map(|(v, th)| (d.key.to_string(), serde_json::json!({"value": v, "unit": d.unit, "thin": th})))
+                                    .map(|(v, th)| (d.key.clone(), serde_json::json!({"value": v, "unit": d.unit, "thin": th})))
                             })
                             .collect();
                         serde_json::json!({
@@ -889,4 +893,31 @@ pub(crate) fn render_table(rows: &[Vec<String>]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Arrivals;
+
+    #[test]
+    fn loads_as_the_harness_stores_them_get_labels_and_coordinates() {
+        let rate = serde_json::to_string(&LoadSpec::Rate {
+            rps: 2.5,
+            arrivals: Arrivals::Poisson,
+            seed: 0,
+        })
+        .unwrap();
+        assert_eq!(load_label(&rate), "rate 2.5 req/s (poisson)");
+        assert_eq!(load_x(&rate), Some(("rate".to_string(), 2.5)));
+        let conc = serde_json::to_string(&LoadSpec::Concurrency {
+            users: 8,
+            think_ms: 0,
+        })
+        .unwrap();
+        assert_eq!(load_label(&conc), "concurrency 8");
+        assert_eq!(load_x(&conc), Some(("concurrency".to_string(), 8.0)));
+        assert_eq!(load_x(&serde_json::to_string(&LoadSpec::Sync).unwrap()), None);
+        assert_eq!(load_label(r#"{"mode":"llama-bench","reps":5}"#), "llama-bench");
+    }
 }

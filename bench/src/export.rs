@@ -214,7 +214,7 @@ pub fn export(files: &[PathBuf], what: What, format: Format) -> Result<String, S
                     .prepare("SELECT * FROM v_request_latency ORDER BY run_id, req_pk")
                     .map_err(|e| StoreError::Sqlite {
                         path: f.clone(),
-                        source: e,
+                        err: e,
                     })?;
                 if cols.is_empty() {
                     cols.push("file".into());
@@ -223,11 +223,11 @@ pub fn export(files: &[PathBuf], what: What, format: Format) -> Result<String, S
                 let n = st.column_count();
                 let mut q = st.query([]).map_err(|e| StoreError::Sqlite {
                     path: f.clone(),
-                    source: e,
+                    err: e,
                 })?;
                 while let Some(r) = q.next().map_err(|e| StoreError::Sqlite {
                     path: f.clone(),
-                    source: e,
+                    err: e,
                 })? {
                     let mut row = vec![serde_json::json!(file)];
                     for i in 0..n {
@@ -235,7 +235,7 @@ pub fn export(files: &[PathBuf], what: What, format: Format) -> Result<String, S
                         row.push(
                             match r.get_ref(i).map_err(|e| StoreError::Sqlite {
                                 path: f.clone(),
-                                source: e,
+                                err: e,
                             })? {
                                 ValueRef::Null => serde_json::Value::Null,
                                 ValueRef::Integer(x) => serde_json::json!(x),

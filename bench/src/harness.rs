@@ -571,6 +571,21 @@ pub struct SweepConfig {
     pub seed: u64,
 }
 
+/// Told about each step of a [`sweep`] (the calibration's sync run first, then one run per
+/// rate) as it starts and as it ends, e.g. to store each step as a run of its own while the
+/// sweep goes on.
+pub trait SweepObserver {
+    /// `w` and `limits` are what the step sends under `load`.
+    fn step_start(&mut self, w: &Workload, load: &LoadSpec, limits: &Limits);
+    fn step_end(&mut self, out: &RunOutput);
+}
+
+/// Observes nothing.
+impl SweepObserver for () {
+    fn step_start(&mut self, _: &Workload, _: &LoadSpec, _: &Limits) {}
+    fn step_end(&mut self, _: &RunOutput) {}
+}
+
 /// Find `max_goodput_rate`: the highest Poisson (or constant) arrival rate at
 /// which `slo_attainment` ≥ the SLO's target. Calibrates the service rate μ
 /// with a few sync requests, then bisects between passing and failing rates,
@@ -584,12 +599,17 @@ pub fn sweep(
     slo: &Slo,
     cfg: &SweepConfig,
     progress: &mut dyn FnMut(&Progress),
+    observer: &mut dyn SweepObserver,
 ) -> (SweepResult, RunOutput) {
     let start = clock.now();
     let calib_n = w.items.len().clamp(1, 4);
-    let calib = run(
-        server,
-        clock,
+    let mut step = |w: &Workload, o: &HarnessOptions| {
+        observer.step_start(w, &o.load, &o.limits);
+        let out = run(server, clock, w, o, progress);
+        observer.step_end(&out);
+        out
+    };
+    let calib = step(
         w,
         &HarnessOptions {
             load: LoadSpec::Sync,
@@ -599,7 +619,6 @@ pub fn sweep(
             },
             ..base.clone()
         },
-        progress,
     );
     let busy_s: f64 = calib
         .records
@@ -639,7 +658,7 @@ pub fn sweep(
             },
             ..base.clone()
         };
-        let out = run(server, clock, &no_warm, &o, progress);
+        let out = step(&no_warm, &o);
         let s = metrics::summarize(&out.records, &out.memory, Some(slo));
         let rep = s.slo.clone().unwrap_or_default();
         let pass = s.n_measured > 0 && rep.slo_attainment >= slo.target;

@@ -25,18 +25,10 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn git_commit() -> String {
-    if let Some(c) = option_env!("EMBER_GIT_COMMIT") {
-        return c.to_string();
-    }
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    std::process::Command::new("git")
-        .args(["-C", dir, "rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+/// The commit this binary was built from, stamped at build time by `build.rs`: 40 hex digits,
+/// "-dirty" appended when tracked files differed from it, or "unknown" outside a git checkout.
+pub fn git_commit() -> &'static str {
+    env!("EMBER_GIT_COMMIT")
 }
 
 fn os() -> String {
@@ -57,7 +49,7 @@ pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance
     }
     Provenance {
         ember_version: env!("CARGO_PKG_VERSION").to_string(),
-        git_commit: git_commit(),
+        git_commit: git_commit().to_string(),
         backend: engine.model.backend().into(),
         adapter: engine
             .model
@@ -75,5 +67,27 @@ pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance
         model_arch: engine.model.config().arch.clone(),
         model_quant_mix: serde_json::to_string(&mix).unwrap_or_default(),
         weights_bytes: engine.model.weight_bytes(),
+        weights_load: if engine.file.is_mapped() { "mmap" } else { "read" }.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_commit_is_stamped_at_build_time() {
+        let stamped = super::git_commit();
+        let head = std::process::Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        match head {
+            Some(h) => assert!(
+                stamped == h || stamped == format!("{h}-dirty"),
+                "stamped {stamped:?}, HEAD is {h}"
+            ),
+            None => assert_eq!(stamped, "unknown"),
+        }
     }
 }

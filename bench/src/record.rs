@@ -1,4 +1,4 @@
-//! What a benchmark run records, in the terms of `shared/METRICS.md`. These
+//! What a benchmark run records, in the terms of `docs/METRICS.md`. These
 //! types are shared by the harness (which fills them), the metrics (which read
 //! them) and the SQLite store (which persists them).
 //!
@@ -77,6 +77,10 @@ pub struct Provenance {
     /// e.g. {"Q4_K": 169, "Q6_K": 25, ...} tensors per type, as JSON text.
     pub model_quant_mix: String,
     pub weights_bytes: u64,
+    /// "mmap" (the file's pages, the default) or "read" (`--no-mmap`); empty when unknown
+    /// (runs stored before schema v2).
+    #[serde(default)]
+    pub weights_load: String,
 }
 
 /// The workload a run executed: enough to reproduce it and to decide whether

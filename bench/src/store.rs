@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::llamabench::{BenchResult, Test};
 use crate::record::{
     CacheUse, FinishKind, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict,
     WorkloadInfo,
@@ -33,26 +34,25 @@ use crate::record::{
 pub use figures::{Figures, ReqSample, Stats};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migrations, in order: `MIGRATIONS[k]` takes a database from version k to k+1.
-const MIGRATIONS: &[&str] = &[include_str!("store/schema_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("store/schema_v1.sql"),
+    include_str!("store/schema_v2.sql"),
+];
 
 /// Default cap on stored token timestamps per request.
 pub const DEFAULT_TOKEN_CAP: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
-    #[error("{path}: cannot create the directory: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // `err`, not `source`: the message already carries the cause, and a `source` would make
+    // error-chain printers repeat it.
+    #[error("{path}: {}", sqlite_message(err, path))]
+    Sqlite { path: PathBuf, err: rusqlite::Error },
+    #[error("{path}: cannot create the directory: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: no such database")]
     Missing { path: PathBuf },
     #[error(
@@ -63,6 +63,25 @@ pub enum StoreError {
     NoSuchRun { path: PathBuf, run: i64 },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "{path}: run {run}: {lost} of {total} finished requests could not be written, so the stored run is incomplete (first error: {first_error})"
+    )]
+    Lost {
+        path: PathBuf,
+        run: i64,
+        lost: usize,
+        total: usize,
+        first_error: String,
+    },
+}
+
+/// SQLite's words for an error, without the file name it sometimes appends (the error names
+/// the file already).
+fn sqlite_message(err: &rusqlite::Error, path: &Path) -> String {
+    let msg = err.to_string();
+    msg.strip_suffix(&format!(": {}", path.display()))
+        .map(str::to_string)
+        .unwrap_or(msg)
 }
 
 /// A run's row id inside one database file.
@@ -88,7 +107,7 @@ impl Default for StoreOptions {
     }
 }
 
-/// One self-test check's outcome (issue 7 writes these).
+/// One self-test check's outcome (`ember selftest` writes these).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SelfTestRow {
     pub check_name: String,
@@ -227,14 +246,14 @@ impl Store {
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            std::fs::create_dir_all(dir).map_err(|err| StoreError::Io {
                 path: dir.to_path_buf(),
-                source,
+                err,
             })?;
         }
-        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+        let conn = Connection::open(&path).map_err(|err| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            err,
         })?;
         let mut s = Store {
             conn,
@@ -273,10 +292,10 @@ impl Store {
         &self.conn
     }
 
-    fn err(&self, source: rusqlite::Error) -> StoreError {
+    fn err(&self, err: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.clone(),
-            source,
+            err,
         }
     }
 
@@ -313,20 +332,20 @@ impl Store {
         for (k, sql) in MIGRATIONS.iter().enumerate().skip(v as usize) {
             let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
                 path: self.path.clone(),
-                source: e,
+                err: e,
             })?;
             tx.execute_batch(sql).map_err(|e| StoreError::Sqlite {
                 path: self.path.clone(),
-                source: e,
+                err: e,
             })?;
             tx.pragma_update(None, "user_version", (k + 1) as i64)
                 .map_err(|e| StoreError::Sqlite {
                     path: self.path.clone(),
-                    source: e,
+                    err: e,
                 })?;
             tx.commit().map_err(|e| StoreError::Sqlite {
                 path: self.path.clone(),
-                source: e,
+                err: e,
             })?;
         }
         Ok(())
@@ -339,9 +358,9 @@ impl Store {
         let p = &run.provenance;
         let w = &run.workload;
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite {
+        let e = |err| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            err,
         };
         let tx = self.conn.transaction().map_err(e)?;
         tx.execute(
@@ -390,8 +409,8 @@ impl Store {
         tx.execute(
             "INSERT INTO runs(run_uid, status, started_at, ember_version, git_commit, backend, adapter, driver,
                  cpu_model, cpu_cores, threads, os, device_profile, device_fingerprint, model_id, model_path,
-                 workload_id, load, slo_name, slo, token_cap)
-             VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                 workload_id, load, slo_name, slo, token_cap, weights_load)
+             VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
             params![
                 uid,
                 started,
@@ -413,6 +432,7 @@ impl Store {
                 run.slo_name,
                 run.slo,
                 self.opts.token_cap as i64,
+                Some(p.weights_load.as_str()).filter(|s| !s.is_empty()),
             ],
         )
         .map_err(e)?;
@@ -425,9 +445,9 @@ impl Store {
     /// in its own transaction.
     pub fn add_request(&mut self, run: RunId, r: &RequestRecord) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite {
+        let e = |err| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            err,
         };
         let tx = self.conn.transaction().map_err(e)?;
         let cap: i64 = tx
@@ -507,9 +527,9 @@ impl Store {
         samples: &[MemorySample],
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite {
+        let e = |err| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            err,
         };
         let tx = self.conn.transaction().map_err(e)?;
         {
@@ -543,9 +563,9 @@ impl Store {
         let mem = self.memory(run)?;
         let figs = Figures::compute(&samples, &mem);
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite {
+        let e = |err| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            err,
         };
         let tx = self.conn.transaction().map_err(e)?;
         let n = tx
@@ -607,6 +627,119 @@ impl Store {
         Ok(run)
     }
 
+    /// Stores the tests of a llama-bench run (`ember bench --pp/--tg`), one row each with its
+    /// per-repetition samples, in one transaction.
+    pub fn add_llama_bench(
+        &mut self,
+        run: RunId,
+        n_batch: usize,
+        n_threads: usize,
+        results: &[BenchResult],
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let e = |err| StoreError::Sqlite {
+            path: path.clone(),
+            err,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        for r in results {
+            let (avg_ns, sd_ns) = r.mean_sd_ns();
+            let (n_prompt, n_gen) = match r.kind {
+                Test::Pp => (r.n_tokens, 0),
+                Test::Tg => (0, r.n_tokens),
+            };
+            tx.execute(
+                "INSERT INTO llama_bench(run_id, test, n_prompt, n_gen, n_batch, n_threads, reps, avg_ns, stddev_ns,
+                     avg_ts, stddev_ts, samples_ns, samples_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    run.0,
+                    r.test,
+                    n_prompt as i64,
+                    n_gen as i64,
+                    n_batch as i64,
+                    n_threads as i64,
+                    r.samples_ns.len() as i64,
+                    avg_ns.round() as i64,
+                    sd_ns.round() as i64,
+                    r.mean_tps,
+                    r.sd_tps,
+                    serde_json::to_string(&r.samples_ns).unwrap_or_default(),
+                    serde_json::to_string(&r.samples_tps).unwrap_or_default(),
+                ],
+            )
+            .map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Writes a whole llama-bench run: `head` (see [`crate::llamabench::run_head`]), its tests
+    /// (timed with `n_batch` prompt tokens per pass)
+    /// and one memory sample with the process's peak RSS and device memory.
+    pub fn save_llama_bench(
+        &mut self,
+        head: &RunResult,
+        n_batch: usize,
+        results: &[BenchResult],
+        rss_peak_bytes: u64,
+        device_peak_bytes: u64,
+    ) -> Result<RunId, StoreError> {
+        let run = self.begin_run(head)?;
+        self.add_llama_bench(run, n_batch, head.provenance.threads, results)?;
+        let elapsed_ns: u64 = results.iter().flat_map(|r| &r.samples_ns).sum();
+        self.add_memory_samples(
+            run,
+            &[MemorySample {
+                t_ns: elapsed_ns,
+                rss_bytes: rss_peak_bytes,
+                device_bytes: device_peak_bytes,
+                kv_bytes_used: 0,
+                kv_bytes_reserved: 0,
+            }],
+        )?;
+        let mut done = head.clone();
+        done.summary_json = serde_json::to_string(results).unwrap_or_default();
+        self.finish_run(run, &done)?;
+        Ok(run)
+    }
+
+    /// The llama-bench tests of a run, in the order they ran (empty for other runs).
+    pub fn llama_bench(&self, run: RunId) -> Result<Vec<BenchResult>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT n_prompt, n_gen, samples_ns FROM llama_bench WHERE run_id = ?1 ORDER BY rowid",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([run.0], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for row in rows {
+            let (n_prompt, n_gen, samples) = row.map_err(|e| self.err(e))?;
+            let samples_ns: Vec<u64> = serde_json::from_str(&samples).map_err(|err| {
+                StoreError::Invalid(format!(
+                    "{}: run {}: llama_bench.samples_ns is not a JSON array of integers: {err}",
+                    self.path.display(),
+                    run.0
+                ))
+            })?;
+            let (kind, n) = if n_gen > 0 {
+                (Test::Tg, n_gen)
+            } else {
+                (Test::Pp, n_prompt)
+            };
+            out.push(BenchResult::from_samples(kind, n as usize, samples_ns));
+        }
+        Ok(out)
+    }
+
     /// Records the device's cost (USD per hour) for $/Mtok.
     pub fn set_cost_per_hour(&mut self, run: RunId, usd_per_hour: f64) -> Result<(), StoreError> {
         self.conn
@@ -621,9 +754,9 @@ impl Store {
     /// Stores self-test results for a run (one transaction).
     pub fn add_selftest(&mut self, run: RunId, rows: &[SelfTestRow]) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let e = |source| StoreError::Sqlite {
+        let e = |err| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            err,
         };
         let tx = self.conn.transaction().map_err(e)?;
         for r in rows {
@@ -645,7 +778,7 @@ impl Store {
                         r.driver, r.cpu_model, r.cpu_cores, r.threads, r.os, r.device_profile, r.model_path,
                         m.sha256, m.arch, m.quant_mix, m.weights_bytes, r.device_fingerprint, r.cost_per_hour,
                         w.name, w.seed, w.hash, r.load, w.params, w.n_requests, w.n_warmup,
-                        r.slo_name, r.slo_attainment, r.goodput_rps, r.cache_evictions
+                        r.slo_name, r.slo_attainment, r.goodput_rps, r.cache_evictions, r.weights_load
                  FROM runs r JOIN models m USING (model_id) JOIN workloads w USING (workload_id)
                  ORDER BY r.run_id",
             )
@@ -673,6 +806,7 @@ impl Store {
                         model_arch: r.get(16)?,
                         model_quant_mix: r.get(17)?,
                         weights_bytes: r.get::<_, i64>(18)? as u64,
+                        weights_load: r.get::<_, Option<String>>(32)?.unwrap_or_default(),
                     },
                     device_fingerprint: r.get(19)?,
                     cost_per_hour: r.get(20)?,
@@ -912,9 +1046,9 @@ pub fn expand_db_args(args: &[PathBuf]) -> Result<Vec<PathBuf>, StoreError> {
     let mut out = vec![];
     for a in args {
         if a.is_dir() {
-            let rd = std::fs::read_dir(a).map_err(|source| StoreError::Io {
+            let rd = std::fs::read_dir(a).map_err(|err| StoreError::Io {
                 path: a.clone(),
-                source,
+                err,
             })?;
             let mut v: Vec<PathBuf> = rd
                 .filter_map(|e| e.ok().map(|e| e.path()))

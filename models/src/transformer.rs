@@ -224,6 +224,7 @@ fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<ModelConfig, ModelError> 
     let rope_base = md
         .arch_f64(a, ArchKey::RopeFreqBase)
         .unwrap_or(spec.default_rope_base as f64) as f32;
+    refuse_rope_scaling(file, a)?;
     let rms_eps = md.arch_f64(a, ArchKey::LayerNormRmsEpsilon).unwrap_or(1e-5) as f32;
     let embd = file.require_tensor(&TensorName::TokenEmbd.gguf())?;
     if embd.dims.len() != 2 || embd.dims[0] != n_embd as u64 {
@@ -252,6 +253,32 @@ fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<ModelConfig, ModelError> 
         rms_eps,
         tied_embeddings,
     })
+}
+
+/// RoPE scaling changes every position's angles (Llama 3.1+ `rope_freqs.weight`, the linear,
+/// YaRN and LongRoPE `rope.scaling.*` keys). ember does not implement it yet, so a file that
+/// asks for it is refused with what it asks for, never run with plain RoPE.
+fn refuse_rope_scaling(file: &GgufFile, a: &str) -> Result<(), ModelError> {
+    let md = &file.metadata;
+    let what = if file.tensor("rope_freqs.weight").is_some() {
+        Some("RoPE frequency scaling (tensor 'rope_freqs.weight', Llama 3.1 and later)".to_string())
+    } else if let Some(t) = md
+        .get_str(&format!("{a}.rope.scaling.type"))
+        .filter(|t| *t != "none")
+    {
+        Some(format!("RoPE scaling '{t}' ({a}.rope.scaling.type)"))
+    } else {
+        md.get_f64(&format!("{a}.rope.scaling.factor"))
+            .filter(|f| *f != 0.0 && *f != 1.0)
+            .map(|f| format!("RoPE scaling by a factor of {f} ({a}.rope.scaling.factor)"))
+    };
+    match what {
+        Some(what) => Err(ModelError::Unsupported {
+            path: file.path().display().to_string(),
+            what,
+        }),
+        None => Ok(()),
+    }
 }
 
 impl Transformer {

@@ -10,6 +10,15 @@
 //! On every API ember's kernels are compiled to WGSL: burn's direct SPIR-V path (`burn/vulkan`)
 //! crashes Debian 12's lavapipe at the first compute pipeline, so no target enables it.
 //!
+//! `EMBER_WGPU_BACKENDS` ([`BACKENDS_ENV`]) limits the graphics APIs the probe enumerates: a comma
+//! list of `vulkan`, `metal`, `dx12`, `gl`, or `none` to hide every adapter (how the tests play a
+//! machine without a GPU on one that has one). Unset, the probe looks at Vulkan, Metal and DX12.
+//!
+//! On Linux, `auto` first looks for a GPU device node (`/dev/dri/renderD*`, `/dev/nvidia*`,
+//! `/dev/dxg`): a hardware adapter needs one, so without it ember falls back to the CPU at once,
+//! without loading the Vulkan stack (which costs tens of MiB of RSS, and whose window-system
+//! probes print errors on a headless board).
+//!
 //! An adapter that lacks what the kernels need (compute shaders, 64-unit workgroups, four storage
 //! buffers per stage, 1 KiB of workgroup memory) is skipped with a message. If the device then
 //! fails to come up, the caller gets [`Placement::Cpu`] with the reason, never a crash.
@@ -121,10 +130,90 @@ impl Placement {
     }
 }
 
-/// Every adapter wgpu reports on the primary APIs, in wgpu's order.
+/// Quiets the GPU probe on a machine without a graphical session.
+///
+/// Without `XDG_RUNTIME_DIR` (a board reached over SSH, a container), Mesa's implicit Vulkan
+/// device-selection layer, which looks for a display to rank GPUs by, prints "error:
+/// XDG_RUNTIME_DIR is invalid or not set in the environment." for every Vulkan instance the
+/// probe creates: a user reads "error" and thinks something broke. ember ranks adapters itself,
+/// so there the layer is switched off with its own switch, `NODEVICE_SELECT=1`, unless the user
+/// set that variable.
+///
+/// # Safety
+/// Sets an environment variable: call it before any other thread exists (first thing in
+/// `main`), as `std::env::set_var` requires.
+pub unsafe fn quiet_headless_probe() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        && std::env::var_os("NODEVICE_SELECT").is_none()
+    {
+        // SAFETY: the caller guarantees no other thread reads or writes the environment.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
+}
+
+/// The environment variable that limits the APIs the GPU probe enumerates (see the module docs).
+pub const BACKENDS_ENV: &str = "EMBER_WGPU_BACKENDS";
+
+/// The APIs named by a [`BACKENDS_ENV`] value.
+#[cfg(feature = "wgpu")]
+fn parse_backends(spec: &str) -> Result<wgpu::Backends, String> {
+    let mut b = wgpu::Backends::empty();
+    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        b |= match name.to_ascii_lowercase().as_str() {
+            "none" => wgpu::Backends::empty(),
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            _ => {
+                return Err(format!(
+                    "{BACKENDS_ENV}='{spec}': unknown API '{name}' (vulkan, metal, dx12, gl, none)"
+                ));
+            }
+        };
+    }
+    Ok(b)
+}
+
+/// The APIs to probe: [`BACKENDS_ENV`], else Vulkan, Metal and DX12.
+#[cfg(feature = "wgpu")]
+fn probe_backends() -> Result<wgpu::Backends, String> {
+    match std::env::var(BACKENDS_ENV) {
+        Ok(spec) => parse_backends(&spec),
+        Err(_) => Ok(wgpu::Backends::PRIMARY),
+    }
+}
+
+/// Whether this machine has a GPU device node that a hardware adapter would need (Linux;
+/// elsewhere always `Ok`). The error says where it looked.
+#[cfg(feature = "wgpu")]
+fn gpu_device_node() -> Result<(), &'static str> {
+    #[cfg(target_os = "linux")]
+    {
+        let any = |dir: &str, prefix: &str| {
+            std::fs::read_dir(dir).is_ok_and(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            })
+        };
+        if any("/dev/dri", "renderD") || any("/dev", "nvidia") || any("/dev", "dxg") {
+            Ok(())
+        } else {
+            Err("no GPU device node (/dev/dri/renderD*, /dev/nvidia*, /dev/dxg)")
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    Ok(())
+}
+
+/// Every adapter wgpu reports on the APIs the probe looks at, in wgpu's order.
 #[cfg(feature = "wgpu")]
 pub fn adapters() -> Vec<Adapter> {
-    raw_adapters().into_iter().map(|(a, _)| a).collect()
+    raw_adapters()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect()
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -133,14 +222,19 @@ pub fn adapters() -> Vec<Adapter> {
 }
 
 #[cfg(feature = "wgpu")]
-fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
+fn raw_adapters() -> Result<Vec<(Adapter, wgpu::DeviceType)>, String> {
+    let backends = probe_backends()?;
+    if backends.is_empty() {
+        return Ok(vec![]);
+    }
     let desc = wgpu::InstanceDescriptor {
-        backends: wgpu::Backends::PRIMARY,
+        backends,
         ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
     };
     let instance = wgpu::Instance::new(desc);
-    let list = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-    list.into_iter()
+    let list = futures_lite::future::block_on(instance.enumerate_adapters(backends));
+    Ok(list
+        .into_iter()
         .map(|a| {
             let info = a.get_info();
             let kind = match info.device_type {
@@ -189,7 +283,7 @@ fn raw_adapters() -> Vec<(Adapter, wgpu::DeviceType)> {
             };
             (ad, info.device_type)
         })
-        .collect()
+        .collect())
 }
 
 /// Decide where to run. Never fails: anything that prevents the GPU path becomes a CPU
@@ -228,7 +322,17 @@ mod gpu {
     }
 
     pub(super) fn choose(choice: BackendChoice) -> Placement {
-        let all = raw_adapters();
+        if choice == BackendChoice::Auto
+            && let Err(why) = gpu_device_node()
+        {
+            return Placement::Cpu {
+                reason: why.to_string(),
+            };
+        }
+        let all = match raw_adapters() {
+            Ok(all) => all,
+            Err(reason) => return Placement::Cpu { reason },
+        };
         let wanted_api = match choice {
             BackendChoice::Vulkan => Some("vulkan"),
             BackendChoice::Metal => Some("metal"),
@@ -258,6 +362,12 @@ mod gpu {
                 (BackendChoice::Auto, _) => "no hardware GPU adapter".to_string(),
                 _ => format!("--backend {choice}: no usable GPU adapter"),
             };
+            if std::env::var_os(BACKENDS_ENV).is_some() {
+                reason.push_str(&format!(
+                    " ({BACKENDS_ENV}={} limits the APIs probed)",
+                    std::env::var(BACKENDS_ENV).unwrap_or_default()
+                ));
+            }
             if all.is_empty() {
                 reason.push_str(" (wgpu found no adapter at all; on Linux install a Vulkan driver, e.g. mesa-vulkan-drivers)");
             } else if !skipped.is_empty() {
@@ -323,6 +433,19 @@ mod tests {
         }
         let e = "cuda".parse::<BackendChoice>().unwrap_err();
         assert!(e.contains("auto, cpu, wgpu, vulkan, metal"), "{e}");
+    }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn the_backends_variable_names_apis_or_none() {
+        assert_eq!(parse_backends("none"), Ok(wgpu::Backends::empty()));
+        assert_eq!(parse_backends(""), Ok(wgpu::Backends::empty()));
+        assert_eq!(
+            parse_backends("vulkan, GL"),
+            Ok(wgpu::Backends::VULKAN | wgpu::Backends::GL)
+        );
+        let e = parse_backends("vulkan,cuda").unwrap_err();
+        assert!(e.contains("unknown API 'cuda'"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum GgufError {
     // make error-chain printers (anyhow's `{:#}`) repeat it.
     #[error("{path}: cannot open: {err}")]
     Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: not a regular file ({kind}); give the path of a .gguf file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("{path}: not a GGUF file (magic {found:02x?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, found: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (ember reads v2 and v3)")]
@@ -403,6 +405,8 @@ impl TensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     mmap: memmap2::Mmap,
+    /// The bytes are the file's own pages (`open`), not a copy in anonymous memory (`read`).
+    mapped: bool,
     pub version: u32,
     pub alignment: u64,
     pub metadata: Metadata,
@@ -562,6 +566,44 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A model must be a regular file: a directory, a device (`/dev/null`), a FIFO or a socket
+/// would otherwise fail later with the OS's less helpful words ("No such device"). Checked on
+/// the path before opening it: opening a FIFO would block.
+fn check_regular(path: &Path) -> Result<(), GgufError> {
+    let ft = std::fs::metadata(path)
+        .map_err(|err| GgufError::Io {
+            path: path.to_path_buf(),
+            err,
+        })?
+        .file_type();
+    if ft.is_file() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    let kind = {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_dir() {
+            "a directory"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_fifo() {
+            "a pipe"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        }
+    };
+    #[cfg(not(unix))]
+    let kind = if ft.is_dir() { "a directory" } else { "not a file" };
+    Err(GgufError::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
 impl GgufFile {
     /// Map and parse a GGUF file. Tensor data is not touched.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
@@ -570,12 +612,13 @@ impl GgufFile {
             path: path.clone(),
             err,
         };
+        check_regular(&path)?;
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this process. A file
         // truncated by another process while mapped would fault; that is the same
         // contract llama.cpp and every mmap-based loader accept.
         let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(io)?;
-        Self::parse(path, mmap)
+        Self::parse(path, mmap, true)
     }
 
     /// Read a whole GGUF file into anonymous memory (asking the kernel for transparent huge
@@ -590,6 +633,7 @@ impl GgufFile {
             path: path.clone(),
             err,
         };
+        check_regular(&path)?;
         let mut file = File::open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len() as usize;
         Self::parse_anon(path, len, |buf| file.read_exact(buf))
@@ -621,10 +665,10 @@ impl GgufFile {
                 len: 0,
             });
         }
-        Self::parse(path, ro)
+        Self::parse(path, ro, false)
     }
 
-    fn parse(path: PathBuf, mmap: memmap2::Mmap) -> Result<Self, GgufError> {
+    fn parse(path: PathBuf, mmap: memmap2::Mmap, mapped: bool) -> Result<Self, GgufError> {
         let buf: &[u8] = &mmap;
         let mut c = Cursor {
             buf,
@@ -750,6 +794,7 @@ impl GgufFile {
         Ok(GgufFile {
             path,
             mmap,
+            mapped,
             version,
             alignment,
             metadata,
@@ -761,6 +806,11 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+    /// Whether the weights are the file's mapped pages ([`GgufFile::open`]) rather than a copy
+    /// in anonymous memory ([`GgufFile::read`], `--no-mmap`).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
     }
     pub fn file_len(&self) -> u64 {
         self.mmap.len() as u64

@@ -33,6 +33,12 @@ pub enum ModelError {
     },
     #[error("{path}: bad hyper-parameter: {what}")]
     BadHparams { path: String, what: String },
+    /// The file asks for something ember does not implement yet, which would change the
+    /// results: refused rather than run wrongly.
+    #[error(
+        "{path}: {what} is not supported yet; ember refuses the file rather than compute wrong logits"
+    )]
+    Unsupported { path: String, what: String },
     #[error("token id {id} is outside the vocabulary ({n_vocab})")]
     BadToken { id: u32, n_vocab: usize },
 }

@@ -4,7 +4,7 @@
 //! A [`Server`] takes requests with [`Server::submit`] and makes progress with
 //! [`Server::step`], emitting [`ServeEvent`]s stamped on the monotonic clock at
 //! the moment things happen. The caller owns the clock's origin and the
-//! meaning of every figure (see `shared/METRICS.md`).
+//! meaning of every figure (see `docs/METRICS.md`).
 
 use std::collections::VecDeque;
 use std::time::Instant;

@@ -1,4 +1,4 @@
-//! Figures recomputed from stored rows, in the terms of `shared/METRICS.md`:
+//! Figures recomputed from stored rows, in the terms of `docs/METRICS.md`:
 //! nearest-rank percentiles (rank ⌈q·n⌉, in integer arithmetic so that
 //! 0.9·10 is 9 and not 10), latency distributions over measured (not warm-up),
 //! non-failed requests, ITL pooled over every stored gap. Several runs are

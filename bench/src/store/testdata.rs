@@ -239,6 +239,7 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
             model_arch: "llama".into(),
             model_quant_mix: r#"{"Q4_K":30,"F32":10}"#.into(),
             weights_bytes: 90 << 20,
+            weights_load: "mmap".into(),
         },
         workload: WorkloadInfo {
             name: spec.workload_name.clone(),

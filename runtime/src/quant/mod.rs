@@ -3,10 +3,11 @@
 //! * [`GgmlType`] names every ggml tensor type id; the 11 in [`GgmlType::SUPPORTED`] are computed.
 //! * [`dequantize`] / [`quantize`] are scalar reference implementations (obviously correct, slow).
 //! * [`matmul`] computes `y[m × rows] = x[m × cols] · Wᵀ` for a borrowed weight matrix
-//!   ([`QMatRef`], straight out of the mmap). For small `m` it quantizes the activation rows to
-//!   8-bit blocks of 32 and runs integer dot products against the weight blocks in place (what
-//!   llama.cpp does); for large `m` it dequantizes tiles of weight rows to f32 and runs the `gemm`
-//!   crate on them.
+//!   ([`QMatRef`], straight out of the mmap). Quantized weights, for every `m`: the activation
+//!   rows are quantized to 8-bit blocks of 32 and integer dot products run against the weight
+//!   blocks in place (what llama.cpp does). Float weights (F32/F16/BF16): f32 dots on activations
+//!   rounded to the weight's precision, through the `gemm` crate on dequantized weight tiles when
+//!   `m` is large.
 //!
 //! ISA paths: portable scalar (everywhere), AVX2+FMA, AVX-512 (VNNI dot products, 256-bit),
 //! NEON (aarch64). [`best_isa`] picks one at runtime; [`matmul_with`] forces one.

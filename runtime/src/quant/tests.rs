@@ -626,6 +626,54 @@ fn threaded_matches_single_thread() {
     }
 }
 
+/// The kernel tests run on every ISA in `available_isas()`. This one makes sure that set is all
+/// the CPU has: if detection missed an ISA that /proc/cpuinfo advertises, its kernels would
+/// silently go untested on this runner. It prints the ISAs the other tests ran on
+/// (`cargo test -p ember-runtime isa_coverage -- --nocapture`; CI does).
+#[test]
+fn isa_coverage_is_everything_the_cpu_advertises() {
+    let have = available_isas();
+    eprintln!(
+        "kernel tests ran on these ISAs: {}",
+        have.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
+    );
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        eprintln!("no /proc/cpuinfo: cannot cross-check the detected ISAs");
+        return;
+    };
+    // The first processor's flags ("flags" on x86, "Features" on ARM).
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().collect())
+        .unwrap_or_default();
+    let has = |f: &[&str]| f.iter().all(|x| flags.contains(x));
+    #[allow(unused_mut)]
+    let mut want: Vec<Isa> = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has(&["avx2", "fma", "f16c"]) {
+            want.push(Isa::Avx2);
+        }
+        if has(&["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"]) {
+            want.push(Isa::Avx512);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if has(&["asimd"]) {
+        want.push(Isa::Neon);
+    }
+    let _ = has;
+    for isa in &want {
+        assert!(
+            have.contains(isa),
+            "/proc/cpuinfo advertises {} but available_isas() is {have:?}: its kernels are not tested here",
+            isa.name()
+        );
+    }
+}
+
 #[test]
 fn best_isa_is_available() {
     assert!(best_isa().is_available());
@@ -1015,7 +1063,9 @@ fn group_layout_is_the_dword_transpose_of_each_group_then_pairs() {
 #[test]
 fn q8_0_block_avx2_is_bit_exact() {
     if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("f16c") {
-        return; // nothing to compare on this CPU
+        // isa_coverage_is_everything_the_cpu_advertises makes sure this is a real absence.
+        eprintln!("skipped: this CPU has no AVX2+F16C");
+        return;
     }
     let mut rng = Rng::new(99);
     for t in 0..2000 {

@@ -1,0 +1,183 @@
+//! Writing benchmark runs to the results store while they run.
+//!
+//! A [`LiveRun`] stores the run's row first, then each request the moment it finishes (the
+//! harness's record sink, one transaction per request on a second connection), then the memory
+//! samples and the figures. A `kill -9` therefore loses only the requests in flight. A request
+//! that cannot be written (disk full, a locked or read-only file) is counted, and
+//! [`LiveRun::finish`] fails with [`StoreError::Lost`], naming how many, once everything else
+//! has been stored: a run that could not record what it measured must not look complete.
+//!
+//! A sweep is a series of runs, one per rate it tries (the calibration's sync run first);
+//! [`SweepRecorder`] stores each as its own live run, so a sweep killed midway keeps every
+//! request of every step that finished.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::harness::{self, RunOutput, SweepObserver};
+use crate::load::{Limits, LoadSpec};
+use crate::metrics::{self, Summary};
+use crate::record::{RunResult, WorkloadInfo};
+use crate::slo::Slo;
+use crate::store::{RunId, Store, StoreError};
+use crate::workload::{self, Workload};
+
+#[derive(Default)]
+struct Tally {
+    saved: usize,
+    lost: usize,
+    first_error: Option<String>,
+}
+
+/// A run being written to the store as it happens.
+pub struct LiveRun {
+    run: RunId,
+    tally: Rc<RefCell<Tally>>,
+}
+
+impl LiveRun {
+    /// Stores `head`'s run row (provenance, workload, SLO; its records are ignored) and installs
+    /// the harness's record sink on this thread, so each request is committed as it finishes.
+    pub fn begin(store: &mut Store, head: &RunResult) -> Result<LiveRun, StoreError> {
+        let run = store.begin_run(head)?;
+        // A second connection for the sink: each finished request is its own transaction.
+        let mut sink = Store::open(store.path())?.with_options(store.opts.clone());
+        let tally = Rc::new(RefCell::new(Tally::default()));
+        let t = Rc::clone(&tally);
+        harness::set_record_sink(Some(Box::new(move |r| {
+            let mut t = t.borrow_mut();
+            match sink.add_request(run, r) {
+                Ok(()) => t.saved += 1,
+                Err(e) => {
+                    log::error!("results store: request {} not saved: {e}", r.request_id);
+                    t.lost += 1;
+                    t.first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        })));
+        Ok(LiveRun { run, tally })
+    }
+
+    pub fn id(&self) -> RunId {
+        self.run
+    }
+
+    /// Removes the sink, stores `result`'s memory samples and figures, and marks the run
+    /// finished. Fails with [`StoreError::Lost`] when any request could not be written.
+    pub fn finish(self, store: &mut Store, result: &RunResult) -> Result<RunId, StoreError> {
+        harness::set_record_sink(None);
+        store.add_memory_samples(self.run, &result.memory)?;
+        store.finish_run(self.run, result)?;
+        let t = self.tally.borrow();
+        if t.lost > 0 {
+            return Err(StoreError::Lost {
+                path: store.path().to_path_buf(),
+                run: self.run.0,
+                lost: t.lost,
+                total: t.lost + t.saved,
+                first_error: t.first_error.clone().unwrap_or_default(),
+            });
+        }
+        Ok(self.run)
+    }
+}
+
+impl Drop for LiveRun {
+    fn drop(&mut self) {
+        harness::set_record_sink(None);
+    }
+}
+
+/// The stored result of one harness run: `head`'s provenance, workload and SLO with the
+/// figures of `out` (SLO verdicts, attainment, goodput, summary). Also returns the summary.
+pub fn run_result(head: &RunResult, out: &RunOutput, slo: &Slo) -> (RunResult, Summary) {
+    let summary = metrics::summarize(&out.records, &out.memory, Some(slo));
+    let rep = summary.slo.clone().unwrap_or_default();
+    let mut workload = head.workload.clone();
+    workload.n_requests = summary.n_measured;
+    workload.n_warmup = summary.n_warmup;
+    let result = RunResult {
+        started_at: head.started_at.clone(),
+        provenance: head.provenance.clone(),
+        workload,
+        slo_name: head.slo_name.clone(),
+        slo: head.slo.clone(),
+        slo_verdicts: rep.verdicts,
+        slo_attainment: rep.slo_attainment,
+        goodput_rps: rep.goodput_rps,
+        records: out.records.clone(),
+        memory: out.memory.clone(),
+        cache_evictions: out.cache_evictions,
+        summary_json: serde_json::to_string(&summary).unwrap_or_default(),
+    };
+    (result, summary)
+}
+
+/// Stores every step of a sweep as its own live run.
+pub struct SweepRecorder<'a> {
+    store: &'a mut Store,
+    /// Provenance, SLO, workload name, seed and parameters shared by every step.
+    head: RunResult,
+    slo: &'a Slo,
+    /// The step being stored, and its head (the step's load and workload hash).
+    live: Option<(LiveRun, RunResult)>,
+    /// The runs stored so far, in order (the calibration first).
+    pub runs: Vec<RunId>,
+    /// What went wrong while storing (the sweep itself goes on).
+    pub errors: Vec<StoreError>,
+}
+
+impl<'a> SweepRecorder<'a> {
+    pub fn new(store: &'a mut Store, head: RunResult, slo: &'a Slo) -> Self {
+        SweepRecorder {
+            store,
+            head,
+            slo,
+            live: None,
+            runs: vec![],
+            errors: vec![],
+        }
+    }
+
+    /// The first storage error, if any (the run could not record all it measured).
+    pub fn into_result(self) -> Result<Vec<RunId>, StoreError> {
+        match self.errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(self.runs),
+        }
+    }
+}
+
+impl SweepObserver for SweepRecorder<'_> {
+    fn step_start(&mut self, w: &Workload, load: &LoadSpec, limits: &Limits) {
+        let schedule = harness::arrival_schedule(load, limits, w.items.len());
+        let n = harness::planned_requests(load, limits, w.items.len()).unwrap_or(w.items.len());
+        let mut head = self.head.clone();
+        head.workload = WorkloadInfo {
+            hash: workload::workload_hash(w, load, &schedule),
+            load: serde_json::to_string(load).unwrap_or_default(),
+            n_requests: n,
+            n_warmup: w.warmup.len(),
+            ..self.head.workload.clone()
+        };
+        match LiveRun::begin(self.store, &head) {
+            Ok(live) => self.live = Some((live, head)),
+            Err(e) => self.errors.push(e),
+        }
+    }
+
+    fn step_end(&mut self, out: &RunOutput) {
+        let Some((live, head)) = self.live.take() else {
+            return;
+        };
+        let (result, _) = run_result(&head, out, self.slo);
+        let id = live.id();
+        match live.finish(self.store, &result) {
+            Ok(id) => self.runs.push(id),
+            Err(e) => {
+                self.runs.push(id);
+                self.errors.push(e);
+            }
+        }
+    }
+}
