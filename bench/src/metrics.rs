@@ -47,6 +47,72 @@ pub fn nearest_rank(sorted: &[f64], permille: u64) -> Option<f64> {
     Some(sorted[(rank - 1) as usize])
 }
 
+/// `np.percentile(samples, q)` with numpy's default method (`"linear"`), q in percent, over
+/// sorted samples: the value at the virtual index (n − 1)·q/100, interpolated between its two
+/// neighbours with the same float operations as numpy's `_lerp`, so the result has the same
+/// bits. This is what vLLM's benchmark reports as P99 etc.; ember's own figures use nearest rank.
+pub fn numpy_percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    let n = sorted.len();
+    if n == 0 {
+        return None;
+    }
+    let virtual_index = (n - 1) as f64 * (q / 100.0);
+    if virtual_index >= (n - 1) as f64 {
+        return Some(sorted[n - 1]);
+    }
+    if virtual_index < 0.0 {
+        return Some(sorted[0]);
+    }
+    let below = virtual_index.floor();
+    let gamma = virtual_index - below;
+    let (a, b) = (sorted[below as usize], sorted[below as usize + 1]);
+    let diff = b - a;
+    // numpy interpolates from the nearer end.
+    Some(if gamma >= 0.5 {
+        b - diff * (1.0 - gamma)
+    } else {
+        a + diff * gamma
+    })
+}
+
+/// `np.mean(samples)` with numpy's summation (pairwise, in blocks of 8 up to 128 values), in
+/// the samples' own order, so the result has numpy's bits. `None` when empty.
+pub fn numpy_mean(samples: &[f64]) -> Option<f64> {
+    fn pairwise(a: &[f64]) -> f64 {
+        let n = a.len();
+        if n < 8 {
+            a.iter().fold(0.0, |s, x| s + x)
+        } else if n <= 128 {
+            let mut r = [0.0; 8];
+            r.copy_from_slice(&a[..8]);
+            let whole = n - n % 8;
+            for c in a[8..whole].chunks_exact(8) {
+                for (r, x) in r.iter_mut().zip(c) {
+                    *r += x;
+                }
+            }
+            let res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+            a[whole..].iter().fold(res, |s, x| s + x)
+        } else {
+            let half = n / 2;
+            let half = half - half % 8;
+            pairwise(&a[..half]) + pairwise(&a[half..])
+        }
+    }
+    (!samples.is_empty()).then(|| (0.0 + pairwise(samples)) / samples.len() as f64)
+}
+
+/// `np.median(samples)` over sorted samples: the middle one, or the mean of the two middle ones
+/// (numpy averages them; it does not interpolate as `np.percentile(.., 50)` does).
+pub fn numpy_median(sorted: &[f64]) -> Option<f64> {
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
 /// n is too small for the q-quantile to mean anything: n < 1/(1−q).
 pub fn too_few(n: usize, permille: u64) -> bool {
     (n as u64) * (1000 - permille) < 1000
@@ -194,12 +260,16 @@ pub struct SloReport {
     pub pass: bool,
 }
 
-/// Views of our numbers in other tools' definitions, labelled as such.
+/// Views of our numbers in other tools' definitions, labelled as such: each field computes what
+/// the tool it is named after computes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Compat {
-    /// GuideLLM "ITL": per request (last − first)/(N − 1), averaged weighted by output tokens N. ms.
+    /// GuideLLM "ITL" mean: per request (last − first)/(N − 1), averaged with weight N − 1 (its
+    /// `inter_token_latency_ms` summary weights each request by `output_tokens - 1`). ms.
     pub guidellm_itl_ms: f64,
-    /// vLLM "TPOT": per request (token[N] − token[1])/(N − 1), mean/median/p99 over requests (= our tpot). ms.
+    /// vLLM "TPOT": per request (token[N] − token[1])/(N − 1) (= ember's tpot), over requests
+    /// with N ≥ 2 as vLLM's benchmark summarises it: `np.mean`, `np.median`,
+    /// `np.percentile(.., 99)` (linear interpolation, not nearest rank). ms.
     pub vllm_tpot_mean_ms: f64,
     pub vllm_tpot_median_ms: f64,
     pub vllm_tpot_p99_ms: f64,
@@ -306,19 +376,24 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         }
     }
 
-    let tpot = Dist::of(ok.iter().filter_map(|r| tpot_ms(r)).collect());
+    // In request order: numpy sums in the order it is given.
+    let tpots: Vec<f64> = ok.iter().filter_map(|r| tpot_ms(r)).collect();
+    let tpot = Dist::of(tpots.clone());
+    let mut tpots_sorted = tpots.clone();
+    tpots_sorted.sort_by(|a, b| a.total_cmp(b));
     let itl = Dist::of(ok.iter().flat_map(|r| gaps_ns(r)).map(ms).collect());
     let (gw_num, gw_den) = ok
         .iter()
         .filter_map(|r| {
-            tpot_ms(r).map(|t| (t * r.output_tokens() as f64, r.output_tokens() as f64))
+            let gaps = r.output_tokens().saturating_sub(1) as f64;
+            tpot_ms(r).map(|t| (t * gaps, gaps))
         })
         .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     let compat = Compat {
         guidellm_itl_ms: if gw_den > 0.0 { gw_num / gw_den } else { 0.0 },
-        vllm_tpot_mean_ms: tpot.mean,
-        vllm_tpot_median_ms: tpot.p50,
-        vllm_tpot_p99_ms: tpot.p99,
+        vllm_tpot_mean_ms: numpy_mean(&tpots).unwrap_or(0.0),
+        vllm_tpot_median_ms: numpy_median(&tpots_sorted).unwrap_or(0.0),
+        vllm_tpot_p99_ms: numpy_percentile(&tpots_sorted, 99.0).unwrap_or(0.0),
     };
 
     let mut s = Summary {
@@ -474,6 +549,82 @@ mod tests {
         assert!(too_few(99, 990) && !too_few(100, 990));
         assert!(too_few(999, 999) && !too_few(1000, 999));
         assert!(too_few(19, 950) && !too_few(20, 950));
+    }
+
+    /// Expected values printed by numpy 2.4.6 (python3 venv, `pip install numpy`) with
+    /// `repr(float(np.mean(a)))`, `np.median(a)` and `np.percentile(a, q)` for
+    /// `a = np.array(v, dtype=np.float64)` and the samples below; equality is exact because the
+    /// same float operations are done in the same order.
+    #[test]
+    fn numpy_mean_median_and_percentile_match_numpy() {
+        // v[i] = (i·7919 mod 1000)/7 + 0.1·i, the same float operations in Python and here;
+        // n = 13 takes numpy's unrolled sum, n = 300 its recursive split.
+        let sample = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| ((i * 7919) % 1000) as f64 / 7.0 + 0.1 * i as f64)
+                .collect()
+        };
+        let (v13, v300) = (sample(13), sample(300));
+        type Case<'a> = (&'a [f64], f64, f64, [f64; 5]);
+        // (samples, np.mean, np.median, np.percentile at 50, 90, 95, 99, 99.9)
+        let cases: [Case; 6] = [
+            (
+                &v13,
+                63.03956043956044, // a plain left-to-right sum would give ...045
+                62.55714285714286,
+                [
+                    62.55714285714286,
+                    117.62,
+                    124.50285714285712,
+                    130.00914285714282,
+                    131.24805714285714,
+                ],
+            ),
+            (
+                &v300,
+                86.45,
+                86.33571428571429,
+                [
+                    86.33571428571429,
+                    143.63,
+                    152.9507142857143,
+                    164.42499999999998,
+                    169.45127142857152,
+                ],
+            ),
+            (
+                &[12.5, 3.25, 7.0, 19.75, 4.5, 8.125, 30.0],
+                12.160714285714286,
+                8.125,
+                [
+                    8.125,
+                    23.85,
+                    26.924999999999994,
+                    29.384999999999994,
+                    29.93850000000001,
+                ],
+            ),
+            (
+                &[0.1, 0.7, 0.2, 0.3, 1.1, 0.45],
+                0.4750000000000001,
+                0.375,
+                [0.375, 0.9, 1.0, 1.08, 1.0980000000000005],
+            ),
+            (&[4.0, 6.0], 5.0, 5.0, [5.0, 5.8, 5.9, 5.98, 5.998]),
+            (&[2.5], 2.5, 2.5, [2.5; 5]),
+        ];
+        for (v, mean, median, pcts) in cases {
+            let mut sorted = v.to_vec();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            assert_eq!(numpy_mean(v), Some(mean), "{v:?}");
+            assert_eq!(numpy_median(&sorted), Some(median), "{v:?}");
+            for (q, want) in [50.0, 90.0, 95.0, 99.0, 99.9].into_iter().zip(pcts) {
+                assert_eq!(numpy_percentile(&sorted, q), Some(want), "{v:?} q={q}");
+            }
+        }
+        assert_eq!(numpy_percentile(&[], 99.0), None);
+        assert_eq!(numpy_mean(&[]), None);
+        assert_eq!(numpy_median(&[]), None);
     }
 
     #[test]
