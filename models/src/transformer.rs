@@ -101,6 +101,40 @@ pub struct Transformer {
     pub(crate) output: QWeight, // (n_vocab, n_embd), possibly the embedding itself
     pub(crate) layers: Vec<Layer>,
     pub(crate) weight_bytes: u64,
+    /// Test-only: see [`DecoderFault`].
+    pub(crate) fault: Option<DecoderFault>,
+}
+
+/// The environment variable of the test-only decoder fault hook ([`DecoderFault`]).
+pub const DECODER_FAULT_ENV: &str = "EMBER_TEST_DECODER_FAULT";
+
+/// Test-only fault injection, never for real use: `EMBER_TEST_DECODER_FAULT=rope|attn|ffn`,
+/// read once when a model is loaded, breaks one part of this CPU decoder so that tests can show
+/// the embedded model's golden check (`ember_runtime::embedded`) catches each kind of bug.
+/// `rope`: q and k are not rotated; `attn`: the attention scores are ignored (q is zeroed, so
+/// every position gets the same weight); `ffn`: the SwiGLU loses its SiLU (gate · up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecoderFault {
+    Rope,
+    Attention,
+    Ffn,
+}
+
+impl DecoderFault {
+    fn from_env() -> Option<DecoderFault> {
+        let v = std::env::var(DECODER_FAULT_ENV).ok()?;
+        let f = match v.as_str() {
+            "rope" => DecoderFault::Rope,
+            "attn" => DecoderFault::Attention,
+            "ffn" => DecoderFault::Ffn,
+            _ => {
+                log::warn!("{DECODER_FAULT_ENV}={v}: unknown fault (rope, attn, ffn); ignored");
+                return None;
+            }
+        };
+        log::warn!("{DECODER_FAULT_ENV}={v}: the decoder is broken on purpose (test only)");
+        Some(f)
+    }
 }
 
 struct Binder<'a> {
@@ -338,6 +372,7 @@ impl Transformer {
             output,
             layers,
             weight_bytes,
+            fault: DecoderFault::from_env(),
         })
     }
 
@@ -485,8 +520,13 @@ impl Model for Transformer {
                 let q = &mut s.q[r0 * q_dim..(r0 + len) * q_dim];
                 let k = &mut s.k[r0 * kv_dim..(r0 + len) * kv_dim];
                 let cs = &angles[r0 * half..(r0 + len) * half];
-                self.rope.apply_table(q, c.n_heads, cs);
-                self.rope.apply_table(k, c.n_kv_heads, cs);
+                if self.fault != Some(DecoderFault::Rope) {
+                    self.rope.apply_table(q, c.n_heads, cs);
+                    self.rope.apply_table(k, c.n_kv_heads, cs);
+                }
+                if self.fault == Some(DecoderFault::Attention) {
+                    q.fill(0.0);
+                }
                 // The cache holds f16 (llama.cpp's default): K is rounded after RoPE, as
                 // llama.cpp copies the rotated f32 K into its f16 cache.
                 ops::round_f16_slice(k);
@@ -524,7 +564,11 @@ impl Model for Transformer {
                 n,
                 [&mut s.gate, &mut s.up],
             );
-            ops::silu_mul(&mut s.gate, &s.up);
+            if self.fault == Some(DecoderFault::Ffn) {
+                s.gate.iter_mut().zip(&s.up).for_each(|(g, &u)| *g *= u);
+            } else {
+                ops::silu_mul(&mut s.gate, &s.up);
+            }
             self.linear(&ly.w_down, None, &s.gate, n, &mut s.proj);
             x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
         }
