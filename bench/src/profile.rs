@@ -16,6 +16,10 @@
 //! default_slo = "rag"                     # chat-interactive, rag, batch, none
 //! cost_per_hour_usd = 0.004
 //! typical_power_w = 7.0
+//!
+//! [expect]                                # optional: what `ember selftest` measures on a healthy
+//! memory_bandwidth_gbs = 8.0              # device (embedded model, the profile's threads);
+//! tg_tps = 900.0                          # below half of a figure its row fails
 //! ```
 //!
 //! The profiles shipped in `targets/` are compiled into the binary
@@ -66,6 +70,42 @@ pub struct DeviceProfile {
     pub cost_per_hour_usd: f64,
     /// Typical power draw while running inference, watts.
     pub typical_power_w: f64,
+    /// What `ember selftest` measures on a healthy device of this kind (optional).
+    #[serde(default)]
+    pub expect: Option<Expected>,
+}
+
+/// The `[expect]` table of a profile: figures `ember selftest --target NAME` measures on a
+/// healthy device of this kind, with the profile's threads. Each is optional; a self-test row
+/// whose figure is stated becomes a check that fails below half of it, one without stays a
+/// measurement. Only figures someone measured (or a conservative bound from a published
+/// measurement) belong here: the comments in the file say which.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expected {
+    /// `memory.bandwidth`: GB/s of the self-test's multi-threaded read of a 256 MiB buffer.
+    pub memory_bandwidth_gbs: Option<f64>,
+    /// `matmul.f32`: GFLOP/s, f32 weights 512×1024, 64 rows.
+    pub matmul_f32_gflops: Option<f64>,
+    /// `matmul.q4_k`: GFLOP/s, Q4_K weights 1024×1024, 1 row.
+    pub matmul_q4_k_gflops: Option<f64>,
+    /// `bench.pp`: prefill tokens/s of the embedded model (32 tokens).
+    pub pp_tps: Option<f64>,
+    /// `bench.tg`: decode tokens/s of the embedded model (16 tokens).
+    pub tg_tps: Option<f64>,
+}
+
+impl Expected {
+    /// Every stated figure, by its field name.
+    pub fn fields(&self) -> [(&'static str, Option<f64>); 5] {
+        [
+            ("memory_bandwidth_gbs", self.memory_bandwidth_gbs),
+            ("matmul_f32_gflops", self.matmul_f32_gflops),
+            ("matmul_q4_k_gflops", self.matmul_q4_k_gflops),
+            ("pp_tps", self.pp_tps),
+            ("tg_tps", self.tg_tps),
+        ]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +281,13 @@ impl DeviceProfile {
             ));
         }
         positive("typical_power_w", self.typical_power_w)?;
+        if let Some(e) = &self.expect {
+            for (field, v) in e.fields() {
+                if let Some(v) = v {
+                    positive(&format!("expect.{field}"), v)?;
+                }
+            }
+        }
         Ok(())
     }
 

@@ -1,30 +1,49 @@
 //! `ember selftest`: is this device healthy, and what can it do?
 //!
-//! Every check is one row (name, pass/fail, figure, unit, message), in this order:
+//! Every row has a name, a kind, a figure, a unit and a message, in this order. *Checks* pass or
+//! fail; *measurements* report a figure that nothing here can judge (no expected value to hold it
+//! against) and never fail: the table shows them as `meas`, the JSON as `"kind": "measurement"`
+//! with `"pass": null`, the store with `pass = 1` and a message starting `[measurement]`.
 //!
-//! * `backends`: the CPU ISAs this CPU runs and the GPU backends compiled in (none yet);
-//! * `roundtrip.<TYPE>`: quantize → dequantize every block format, NMSE within a budget;
-//! * `parity.<TYPE>.<isa>`: the quantized matmul of every type on every available ISA against
-//!   the portable kernel and against an f64 reference on the dequantized weights;
-//! * `op.rmsnorm`, `op.rope`, `op.softmax`, `op.attention`: the dense ops against naive f64 code;
-//! * `golden.*`: exact-token greedy decode of the embedded default model;
-//! * `mmap`: the weights stay file-backed pages of the mapping, not a second (anonymous) copy;
-//! * `memory.bandwidth`, `matmul.f32`, `matmul.q4_k`: what the machine does;
-//! * `bench.pp`, `bench.tg`: a short llama-bench style run of the model in use;
-//! * `roofline.decode`, `roofline.prefill`: the limits the bandwidth and FLOP/s put on the model,
-//!   next to the achieved tokens/s and the fraction reached.
+//! * `backends` (check): the CPU ISAs this CPU runs, and the GPU side: the wgpu adapters found
+//!   (or why there are none, e.g. a build without the `wgpu` feature);
+//! * `roundtrip.<TYPE>` (check): quantize → dequantize every block format, NMSE within a budget;
+//! * `parity.<TYPE>.<isa>` (check): the quantized matmul of each quantized type on every
+//!   available ISA against the portable kernel, against exact (f64) math on the values the
+//!   kernels multiply (the dequantized weights and the activations as ggml quantizes them: a
+//!   tight bound, so one block scale off by 2⁻⁸ fails it), and against f64 math on the float
+//!   activations (the end-to-end error of 8-bit activations); `parity.F32|F16|BF16` (check):
+//!   float weights run one f32 code path whatever the ISA, so one row each, same references;
+//! * `op.rmsnorm`, `op.rope`, `op.softmax`, `op.attention` (check): the dense ops against naive
+//!   f64 code;
+//! * `golden.*` (check): the embedded default model's exact greedy decode, and its logits at every
+//!   position against a golden fingerprint (`ember_runtime::embedded::GOLDEN`), which breaks if
+//!   RoPE, attention or the FFN is wrong;
+//! * `mmap` (check): the weights stay file-backed pages of the mapping, not a second copy;
+//! * `memory.bandwidth`, `matmul.f32`, `matmul.q4_k`, `bench.pp`, `bench.tg`: what the machine
+//!   does. A check when the device profile (`--target`) states what a healthy device measures
+//!   (`[expect]` in `targets/NAME.toml`; `bench.*` only for the embedded model): below half of it
+//!   fails, naming the likely causes (throttling, governor, load, threads) with what this machine
+//!   shows of them. Otherwise a measurement. `matmul.<TYPE>.m32` (the model's own weight type)
+//!   is always a measurement;
+//! * `roofline.decode`, `roofline.prefill` (measurements): the limits the bandwidth and FLOP/s
+//!   put on the model, next to the achieved tokens/s and the fraction reached;
+//! * `profile.memory` (check, with a profile): the model's weights fit its memory budget.
 //!
-//! Test-only fault injection: `EMBER_SELFTEST_FAULT=q4_k` (or `q4_k:avx2`) corrupts the output of
-//! that type's matmul on the best (or the named) ISA inside the parity check, so the check must
-//! fail; nothing outside the self-test is affected.
+//! Test-only fault injection (`EMBER_SELFTEST_FAULT`, see [`parse_fault`]) breaks one type's
+//! matmul inside the parity check, so that check must fail; nothing outside the self-test is
+//! affected. The default breaks the *input* of a kernel (one block scale of the weight bytes
+//! that ISA's kernel reads is off by 2⁻⁸ ≈ 0.4%, a subtle kernel bug); `:output` negates every
+//! third output instead.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use ember_runtime::kv::f16;
+use ember_runtime::embedded::{self, Golden};
 use ember_runtime::engine::{Engine, EngineConfig, GenerateRequest};
+use ember_runtime::kv::f16;
 use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
 use ember_runtime::quant::{self, GgmlType, Isa, QMatRef};
 use ember_runtime::sample::{Rng, SamplerConfig};
@@ -37,21 +56,11 @@ use crate::store::{RunId, SelfTestRow, Store, StoreError};
 /// The environment variable of the test-only fault injection.
 pub const FAULT_ENV: &str = "EMBER_SELFTEST_FAULT";
 
-/// Greedy decodes of the embedded model that every correct backend and ISA reproduces exactly:
-/// (name, prompt, expected token ids). The model "counts": each letter or digit is followed by
-/// the next one.
-pub const GOLDEN: [(&str, &str, &[u32]); 2] = [
-    (
-        "golden.hello",
-        "hello",
-        &[112, 113, 114, 115, 116, 117, 118, 119, 120, 121],
-    ), // "pqrstuvwxy"
-    (
-        "golden.digits",
-        "Route 66 to 7",
-        &[56, 57, 48, 49, 50, 51, 52, 53],
-    ), // "89012345"
-];
+/// The golden decodes of the embedded model (exact tokens, logits within a tolerance).
+pub const GOLDEN: [Golden; 2] = embedded::GOLDEN;
+
+/// A measured figure below this fraction of the profile's expected one fails its row.
+pub const FLOOR_FRACTION: f64 = 0.5;
 
 /// NMSE budget, portable vs SIMD kernel: identical integer block dots on identical quantized
 /// activations, only the f32 accumulation order differs (relative error ~1e-6, so NMSE ~1e-12).
@@ -59,6 +68,13 @@ pub const PARITY_ISA_NMSE: f64 = 1e-10;
 /// NMSE budget against f64 math on the dequantized weights: the activation row is quantized to
 /// 8 bits per block (relative error ≈ 0.6% of |y|), budget (2%)² as in the runtime's kernel tests.
 pub const PARITY_REF_NMSE: f64 = 4e-4;
+/// NMSE budget against exact math on what the kernels multiply: the dequantized weights times
+/// the activations quantized as ggml does (Q8_0/Q8_1/Q8_K, or rounded to f16/bf16 for float
+/// weights). Only f32 rounding of the scale products and sums separates a correct kernel from
+/// it: ≤ 9.2e-14 on every type and ISA of an AVX-512 machine (`cargo test -p ember-bench
+/// exact_reference -- --nocapture`); one block scale off by 2⁻⁸ (the injected fault) gives
+/// 3.4e-9 (Q8_0) to 2.6e-6 (Q4_K), invisible to [`PARITY_REF_NMSE`].
+pub const PARITY_EXACT_NMSE: f64 = 1e-10;
 
 /// Round-trip NMSE budgets (error power / signal power per 256-span), the squares of the
 /// runtime's relative-RMSE budgets (`runtime/src/quant/tests.rs`: ≈1.5× what the reference
@@ -81,10 +97,22 @@ pub fn roundtrip_budget(ty: GgmlType) -> f64 {
     rel_rmse * rel_rmse
 }
 
-/// One check's outcome.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// Whether a row can fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Passes or fails.
+    Check,
+    /// A figure with nothing to hold it against: reported, never failed.
+    Measurement,
+}
+
+/// One row's outcome.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Check {
     pub name: String,
+    pub kind: Kind,
+    /// Always `true` for a measurement.
     pub pass: bool,
     pub figure: Option<f64>,
     pub unit: Option<String>,
@@ -101,6 +129,7 @@ impl Check {
     ) -> Check {
         Check {
             name: name.into(),
+            kind: Kind::Check,
             pass,
             figure: figure.filter(|f| f.is_finite()),
             unit: if unit.is_empty() {
@@ -112,14 +141,64 @@ impl Check {
         }
     }
 
+    /// A measurement: reported, never failed.
+    fn measure(
+        name: impl Into<String>,
+        figure: Option<f64>,
+        unit: &str,
+        message: impl Into<String>,
+    ) -> Check {
+        Check {
+            kind: Kind::Measurement,
+            ..Check::new(name, true, figure, unit, message)
+        }
+    }
+
+    /// Whether this row fails the self-test.
+    pub fn failed(&self) -> bool {
+        self.kind == Kind::Check && !self.pass
+    }
+
+    /// `ok`, `FAIL` or `meas`, as the table shows it.
+    pub fn status(&self) -> &'static str {
+        match (self.kind, self.pass) {
+            (Kind::Measurement, _) => "meas",
+            (Kind::Check, true) => "ok",
+            (Kind::Check, false) => "FAIL",
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "kind": self.kind,
+            "status": match self.status() { "meas" => "measured", "ok" => "ok", _ => "fail" },
+            "pass": if self.kind == Kind::Check { Some(self.pass) } else { None },
+            "figure": self.figure,
+            "unit": self.unit,
+            "message": self.message,
+        })
+    }
+
+    /// The store row. `selftest_results` has no kind column (schema v1): a measurement is
+    /// stored with `pass = 1` (it cannot fail) and a message that starts `[measurement]`.
     pub fn to_row(&self) -> SelfTestRow {
         SelfTestRow {
             check_name: self.name.clone(),
             pass: self.pass,
             figure: self.figure,
             unit: self.unit.clone(),
-            message: self.message.clone(),
+            message: match self.kind {
+                Kind::Check => self.message.clone(),
+                Kind::Measurement => format!("[measurement] {}", self.message),
+            },
         }
+    }
+}
+
+impl Serialize for Check {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
     }
 }
 
@@ -156,11 +235,20 @@ pub struct Report {
 }
 
 impl Report {
+    /// Every check passed (measurements cannot fail).
     pub fn passed(&self) -> bool {
-        !self.checks.is_empty() && self.checks.iter().all(|c| c.pass)
+        self.checks.iter().any(|c| c.kind == Kind::Check) && !self.checks.iter().any(Check::failed)
     }
+    /// The failed checks.
     pub fn failed(&self) -> Vec<&Check> {
-        self.checks.iter().filter(|c| !c.pass).collect()
+        self.checks.iter().filter(|c| c.failed()).collect()
+    }
+    /// The measurements.
+    pub fn measurements(&self) -> Vec<&Check> {
+        self.checks
+            .iter()
+            .filter(|c| c.kind == Kind::Measurement)
+            .collect()
     }
 
     /// Fixed-width text table.
@@ -185,15 +273,16 @@ impl Report {
             s += &format!(
                 "{:<w$}  {:<4}  {fig:>12}  {:<8}  {}\n",
                 c.name,
-                if c.pass { "ok" } else { "FAIL" },
+                c.status(),
                 c.unit.as_deref().unwrap_or(""),
                 c.message
             );
         }
         let nfail = self.failed().len();
+        let nmeas = self.measurements().len();
         s += &format!(
-            "{} checks, {} failed, {:.1} s ({} threads{})\n",
-            self.checks.len(),
+            "{} checks, {} failed; {nmeas} measurements (meas: no expected figure to judge them by); {:.1} s ({} threads{})\n",
+            self.checks.len() - nmeas,
             nfail,
             self.elapsed_s,
             self.threads,
@@ -208,7 +297,7 @@ impl Report {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "pass": self.passed(),
-            "checks": self.checks,
+            "checks": self.checks.iter().map(Check::to_json).collect::<Vec<_>>(),
             "threads": self.threads,
             "device_profile": self.device_profile,
             "model_path": self.model_path,
@@ -237,7 +326,7 @@ impl Report {
             },
             slo_name: "none".into(),
             slo: "{}".into(),
-            summary_json: serde_json::json!({"selftest": {"pass": self.passed(), "checks": self.checks.len(), "failed": n_fail, "elapsed_s": self.elapsed_s}})
+            summary_json: serde_json::json!({"selftest": {"pass": self.passed(), "checks": self.checks.len() - self.measurements().len(), "measurements": self.measurements().len(), "failed": n_fail, "elapsed_s": self.elapsed_s}})
                 .to_string(),
             ..Default::default()
         };
@@ -262,34 +351,213 @@ pub enum SelftestError {
     Threads,
 }
 
-/// The parsed fault: a type, and the ISA whose kernel gets corrupted.
+/// How the injected fault breaks a matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultMode {
+    /// Inside the kernel: the weight bytes that ISA's kernel reads have one block scale off by
+    /// 2⁻⁸ (row 4's first block; for float weights, its first 32 values), as a kernel that
+    /// decodes a scale slightly wrong would. Only the tight references catch it.
+    Scale,
+    /// After the kernel: every third output negated (a grossly wrong kernel).
+    Output,
+}
+
+/// The parsed fault: a type, the ISA whose kernel gets it (`None` for float weights, whose one
+/// code path serves every ISA), and how.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fault {
     pub ty: GgmlType,
-    pub isa: Isa,
+    pub isa: Option<Isa>,
+    pub mode: FaultMode,
 }
 
-/// `q4_k` or `q4_k:avx2` (case-insensitive). The ISA defaults to the best one available.
+fn is_float(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// `TYPE[:ISA][:MODE]`, case-insensitive: `q4_k`, `q4_k:avx2`, `q4_k:neon:output`, `f16`.
+/// The ISA defaults to the best one available; float types take none. MODE is `scale` (the
+/// default, see [`FaultMode::Scale`]) or `output`.
 pub fn parse_fault(spec: &str) -> Result<Fault, String> {
-    let (t, i) = match spec.split_once(':') {
-        Some((t, i)) => (t, Some(i)),
-        None => (spec, None),
-    };
+    let mut parts = spec.split(':').map(str::trim);
+    let t = parts.next().unwrap_or("");
     let ty = GgmlType::SUPPORTED
         .iter()
         .copied()
-        .find(|ty| ty.name().eq_ignore_ascii_case(t.trim()))
+        .find(|ty| ty.name().eq_ignore_ascii_case(t))
         .ok_or_else(|| format!("{FAULT_ENV}='{spec}': '{t}' is not a supported block type"))?;
-    let isa = match i {
-        None => quant::best_isa(),
-        Some(i) => quant::available_isas()
-            .into_iter()
-            .find(|isa| isa.name().eq_ignore_ascii_case(i.trim()))
-            .ok_or_else(|| {
-                format!("{FAULT_ENV}='{spec}': ISA '{i}' is not available on this CPU")
-            })?,
+    let (mut isa, mut mode) = (None, None);
+    for p in parts {
+        if p.eq_ignore_ascii_case("scale") && mode.is_none() {
+            mode = Some(FaultMode::Scale);
+        } else if p.eq_ignore_ascii_case("output") && mode.is_none() {
+            mode = Some(FaultMode::Output);
+        } else if isa.is_none() && mode.is_none() {
+            if is_float(ty) {
+                return Err(format!(
+                    "{FAULT_ENV}='{spec}': {} weights run one code path on every ISA (one parity row); name no ISA",
+                    ty.name()
+                ));
+            }
+            isa = Some(
+                quant::available_isas()
+                    .into_iter()
+                    .find(|i| i.name().eq_ignore_ascii_case(p))
+                    .ok_or_else(|| {
+                        format!("{FAULT_ENV}='{spec}': ISA '{p}' is not available on this CPU")
+                    })?,
+            );
+        } else {
+            return Err(format!(
+                "{FAULT_ENV}='{spec}': '{p}' is not an ISA or a mode (scale, output) in its place"
+            ));
+        }
+    }
+    if isa.is_none() && !is_float(ty) {
+        isa = Some(quant::best_isa());
+    }
+    Ok(Fault {
+        ty,
+        isa,
+        mode: mode.unwrap_or(FaultMode::Scale),
+    })
+}
+
+/// The injected [`FaultMode::Scale`] fault: a copy of `q` (a `rows × cols` matrix of `ty`) with
+/// the scale of row 4's first block multiplied by 1 + 2⁻⁸ (f16 scales have 10 mantissa bits,
+/// so it always changes), or for float weights row 4's first 32 values.
+fn perturb_scale(ty: GgmlType, q: &[u8], cols: usize) -> Vec<u8> {
+    let mut q = q.to_vec();
+    let rb = ty.row_bytes(cols).expect("block-aligned");
+    let blk = 4 * rb;
+    let k = 1.0 + 1.0 / 256.0;
+    let f16_at = |q: &mut [u8], o: usize| {
+        let d = f16::from_le_bytes([q[o], q[o + 1]]).to_f32() * k;
+        q[o..o + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
     };
-    Ok(Fault { ty, isa })
+    match ty {
+        GgmlType::F32 => {
+            for c in q[blk..blk + 4 * 32].chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * k;
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        GgmlType::F16 => (0..32).for_each(|i| f16_at(&mut q, blk + 2 * i)),
+        GgmlType::BF16 => {
+            for c in q[blk..blk + 2 * 32].chunks_exact_mut(2) {
+                let v =
+                    bf16_round(f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) * k);
+                c.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+            }
+        }
+        // The super-block scale d sits after ql, qh and scales.
+        GgmlType::Q6_K => f16_at(&mut q, blk + 208),
+        // Every other block starts with its f16 scale d.
+        _ => f16_at(&mut q, blk),
+    }
+    q
+}
+
+/// f32 → bf16 (round to nearest even) → f32, as the runtime rounds activations for BF16 weights.
+fn bf16_round(v: f32) -> f32 {
+    let b = v.to_bits();
+    f32::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16)
+}
+
+/// What the quantized kernels multiply a weight of `ty` by: the activations `x` (m × cols)
+/// quantized as ggml does (Q8_0/Q8_1 per 32, Q8_K per 256), dequantized; for float weights,
+/// `x` rounded to the weight's precision. Also, for Q8_1 (Q4_1/Q5_1 weights), each block's
+/// `s = f16(d·Σq)` minus the exact `d·Σq`: the kernel adds `m·s` for the weight block's min m.
+fn kernel_activations(ty: GgmlType, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let mut a = vec![0f64; x.len()];
+    let mut s_err = vec![];
+    match ty {
+        GgmlType::F32 => a.iter_mut().zip(x).for_each(|(o, &v)| *o = v as f64),
+        GgmlType::F16 => a
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &v)| *o = f16::from_f32(v).to_f32() as f64),
+        GgmlType::BF16 => a
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &v)| *o = bf16_round(v) as f64),
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            // quantize_row_q8_K_ref: the signed value of largest magnitude maps to -127.
+            for (xb, ab) in x.chunks_exact(256).zip(a.chunks_exact_mut(256)) {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in xb {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                if amax == 0.0 {
+                    continue;
+                }
+                let iscale = -127.0 / max;
+                let d = 1.0 / iscale;
+                for (o, &v) in ab.iter_mut().zip(xb) {
+                    let q = (iscale * v).round_ties_even().min(127.0);
+                    *o = d as f64 * q as f64;
+                }
+            }
+        }
+        _ => {
+            // quantize_row_q8_0_ref / q8_1_ref: d = amax/127 stored as f16, q = roundf(x/d).
+            let q8_1 = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+            for (xb, ab) in x.chunks_exact(32).zip(a.chunks_exact_mut(32)) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let dh = f16::from_f32(d).to_f32() as f64;
+                let mut sum = 0i32;
+                for (o, &v) in ab.iter_mut().zip(xb) {
+                    let q = (v * id).round();
+                    sum += q as i32;
+                    *o = dh * q as f64;
+                }
+                if q8_1 {
+                    let s = f16::from_f32(d * sum as f32).to_f32() as f64;
+                    s_err.push(s - dh * sum as f64);
+                }
+            }
+        }
+    }
+    (a, s_err)
+}
+
+/// Exact (f64) `y = x · Wᵀ` on what the kernels multiply ([`kernel_activations`]), for the
+/// dequantized weights `wd` (`rows × cols`, from the clean bytes `q`).
+fn exact_matmul(
+    ty: GgmlType,
+    q: &[u8],
+    wd: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f64> {
+    let (a, s_err) = kernel_activations(ty, x);
+    let rb = ty.row_bytes(cols).expect("block-aligned");
+    let mut y = vec![0f64; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            let mut acc: f64 = (0..cols)
+                .map(|k| wd[r * cols + k] as f64 * a[i * cols + k])
+                .sum();
+            if !s_err.is_empty() {
+                // Q4_1/Q5_1: each block holds d then m (f16); the kernel's m·s term.
+                let bb = ty.block_bytes();
+                for b in 0..cols / 32 {
+                    let o = r * rb + b * bb + 2;
+                    let mw = f16::from_le_bytes([q[o], q[o + 1]]).to_f32() as f64;
+                    acc += mw * s_err[i * cols / 32 + b];
+                }
+            }
+            y[i * rows + r] = acc;
+        }
+    }
+    y
 }
 
 fn normal(rng: &mut Rng) -> f32 {
@@ -360,7 +628,11 @@ fn check_backends(profile: Option<&DeviceProfile>) -> Check {
     let mut pass = isas.contains(&Isa::Portable);
     if let Some(p) = profile {
         msg += &format!("; profile {} prefers [{}]", p.name, p.backends.join(", "));
-        let has_api = |api: &str| adapters.iter().any(|a| a.api == api && a.unusable.is_none());
+        let has_api = |api: &str| {
+            adapters
+                .iter()
+                .any(|a| a.api == api && a.unusable.is_none())
+        };
         let first = p.backends.first().map(String::as_str).unwrap_or("cpu");
         let gpu_ok = match first {
             "wgpu-vulkan" => has_api("vulkan"),
@@ -451,14 +723,10 @@ fn check_parity(threads: usize, fault: Option<Fault>, out: &mut Vec<Check>) {
         let q = quant::quantize(ty, &w).expect("block-aligned");
         let mut wd = vec![0f32; rows * cols];
         quant::dequantize(ty, &q, &mut wd).expect("dequantize");
-        let wm = QMatRef {
-            ty,
-            rows,
-            cols,
-            data: &q,
-        };
-        // m = 1 (decode) and m = 17 (tiles, and the gemm path of float weights).
-        let cases: Vec<(usize, Vec<f32>, Vec<f64>)> = [1usize, 17]
+        // m = 1 (decode) and m = 17 (tiles, and the gemm path of float weights): the activations,
+        // f64 math on them (`yr`), and exact math on what the kernels multiply (`ye`).
+        type Case = (usize, Vec<f32>, Vec<f64>, Vec<f64>);
+        let cases: Vec<Case> = [1usize, 17]
             .into_iter()
             .map(|m| {
                 let mut x = randn(&mut rng, m * cols, 1.0);
@@ -473,77 +741,109 @@ fn check_parity(threads: usize, fault: Option<Fault>, out: &mut Vec<Check>) {
                             .sum();
                     }
                 }
-                (m, x, yr)
+                let ye = exact_matmul(ty, &q, &wd, rows, cols, &x, m);
+                (m, x, yr, ye)
             })
             .collect();
-        let run = |isa: Isa, corrupt: bool| -> Vec<Vec<f64>> {
+        let perturbed = perturb_scale(ty, &q, cols);
+        let run = |isa: Isa, injected: Option<FaultMode>| -> Vec<Vec<f64>> {
+            let data: &[u8] = if injected == Some(FaultMode::Scale) {
+                &perturbed
+            } else {
+                &q
+            };
+            let wm = QMatRef {
+                ty,
+                rows,
+                cols,
+                data,
+            };
             cases
                 .iter()
-                .map(|(m, x, _)| {
+                .map(|(m, x, _, _)| {
                     let mut y = vec![f32::NAN; m * rows];
                     pool.install(|| quant::matmul_with(isa, wm, x, *m, &mut y));
-                    if corrupt {
-                        // The injected fault: a kernel that gets every third output wrong.
+                    if injected == Some(FaultMode::Output) {
+                        // A kernel that gets every third output wrong.
                         y.iter_mut().step_by(3).for_each(|v| *v = -*v + 0.25);
                     }
                     f64s(&y)
                 })
                 .collect()
         };
-        let portable = run(
-            Isa::Portable,
-            fault
-                == Some(Fault {
-                    ty,
-                    isa: Isa::Portable,
-                }),
-        );
-        for &isa in &isas {
-            let injected = fault == Some(Fault { ty, isa });
-            let got = if isa == Isa::Portable {
-                portable.clone()
-            } else {
-                run(isa, injected)
+        let worst = |got: &[Vec<f64>], want: &[&[f64]]| {
+            got.iter()
+                .zip(want)
+                .map(|(y, w)| nmse(y, w))
+                .fold(0f64, f64::max)
+        };
+        let exact: Vec<&[f64]> = cases.iter().map(|c| &c.3[..]).collect();
+        let float_ref: Vec<&[f64]> = cases.iter().map(|c| &c.2[..]).collect();
+        let injected_for =
+            |isa: Option<Isa>| fault.filter(|f| f.ty == ty && f.isa == isa).map(|f| f.mode);
+        // Float weights: one f32 code path (dots, gemm for m > 16) whatever the ISA, so one
+        // row, run on the best ISA; quantized weights: one row per ISA, and the clean
+        // portable kernel is the baseline the others must match.
+        let rows_isas: Vec<Option<Isa>> = if is_float(ty) {
+            vec![None]
+        } else {
+            isas.iter().copied().map(Some).collect()
+        };
+        let portable = (!is_float(ty)).then(|| run(Isa::Portable, None));
+        for isa in rows_isas {
+            let injected = injected_for(isa);
+            let got = match (isa, &portable) {
+                (Some(Isa::Portable), Some(p)) if injected.is_none() => p.clone(),
+                _ => run(isa.unwrap_or_else(quant::best_isa), injected),
             };
-            let vs_ref = cases
-                .iter()
-                .zip(&got)
-                .map(|((_, _, yr), y)| nmse(y, yr))
-                .fold(0f64, f64::max);
-            let vs_port = if isa == Isa::Portable {
-                None
-            } else {
-                Some(
-                    got.iter()
-                        .zip(&portable)
-                        .map(|(y, p)| nmse(y, p))
-                        .fold(0f64, f64::max),
-                )
+            let vs_exact = worst(&got, &exact);
+            let vs_ref = worst(&got, &float_ref);
+            let vs_port = match (isa, &portable) {
+                (Some(i), Some(p)) if i != Isa::Portable => {
+                    Some(worst(&got, &p.iter().map(|v| &v[..]).collect::<Vec<_>>()))
+                }
+                _ => None,
             };
-            let mut pass = vs_ref <= PARITY_REF_NMSE;
+            let mut pass = vs_exact <= PARITY_EXACT_NMSE && vs_ref <= PARITY_REF_NMSE;
             let mut msg = String::new();
             if let Some(p) = vs_port {
                 pass &= p <= PARITY_ISA_NMSE;
                 msg += &format!("NMSE vs portable {p:.2e} (budget {PARITY_ISA_NMSE:.0e}), ");
             }
             msg += &format!(
-                "vs f64 reference {vs_ref:.2e} (budget {PARITY_REF_NMSE:.0e}); {rows}x{cols}, m=1 and 17"
+                "vs exact math on the kernel's inputs {vs_exact:.2e} (budget {PARITY_EXACT_NMSE:.0e}), vs f64 on float activations {vs_ref:.2e} (budget {PARITY_REF_NMSE:.0e}); {rows}x{cols}, m=1 and 17"
             );
+            let isa_name = match isa {
+                Some(i) => i.name().to_string(),
+                None => format!("every ISA (run on {})", quant::best_isa().name()),
+            };
+            if is_float(ty) {
+                msg += &format!("; {isa_name}: float weights have no per-ISA kernels");
+            }
             if !pass {
                 msg = format!(
-                    "{} matmul on {} disagrees with the reference: {msg}",
-                    ty.name(),
-                    isa.name()
+                    "{} matmul on {isa_name} disagrees with the reference: {msg}",
+                    ty.name()
                 );
             }
-            if injected {
-                msg += &format!(" [fault injected on purpose by {FAULT_ENV}]");
+            if let Some(mode) = injected {
+                msg += &format!(
+                    " [fault injected on purpose by {FAULT_ENV}: {}]",
+                    match mode {
+                        FaultMode::Scale =>
+                            "one block scale of the weights this kernel reads is off by 2^-8",
+                        FaultMode::Output => "every third output negated",
+                    }
+                );
             }
-            let figure = vs_port.unwrap_or(vs_ref);
+            let name = match isa {
+                Some(i) => format!("parity.{}.{}", ty.name(), i.name()),
+                None => format!("parity.{}", ty.name()),
+            };
             out.push(Check::new(
-                format!("parity.{}.{}", ty.name(), isa.name()),
+                name,
                 pass,
-                Some(figure),
+                Some(vs_port.unwrap_or(vs_exact)),
                 "nmse",
                 msg,
             ));
@@ -691,56 +991,46 @@ fn check_ops(threads: usize, out: &mut Vec<Check>) {
 }
 
 fn check_golden(engine: &Engine, out: &mut Vec<Check>) {
-    for (name, prompt, want) in GOLDEN {
-        let r = engine
-            .tokenizer
-            .encode(prompt, engine.tokenizer.add_bos_default(), true)
-            .map_err(|e| e.to_string())
-            .and_then(|toks| {
-                let req = GenerateRequest {
-                    prompt_tokens: toks,
-                    max_tokens: want.len(),
-                    sampler: SamplerConfig::greedy(),
-                    stop_strings: vec![],
-                    top_logprobs: 0,
-                    echo: false,
-                    ignore_eos: true,
-                };
-                engine
-                    .generate(&req, &mut |_| {})
-                    .map_err(|e| e.to_string())
-            });
-        let want_text = engine.tokenizer.decode(want);
-        let c = match r {
+    for g in &GOLDEN {
+        let want_text = engine.tokenizer.decode(g.continuation);
+        let c = match embedded::run_golden(engine, g) {
             Err(e) => Check::new(
-                name,
+                g.name,
                 false,
                 None,
-                "tokens",
-                format!("prompt {prompt:?}: generation failed: {e}"),
+                "logit",
+                format!("prompt {:?}: running the model failed: {e}", g.prompt),
             ),
-            Ok(g) => {
-                let same = g
-                    .generated_tokens
+            Ok(r) => {
+                let same = r
+                    .generated
                     .iter()
-                    .zip(want.iter())
+                    .zip(g.continuation)
                     .take_while(|(a, b)| a == b)
                     .count();
-                let pass = g.generated_tokens == want;
-                let msg = if pass {
+                let pass = r.pass(g);
+                let tokens = if r.generated == g.continuation {
                     format!(
-                        "prompt {prompt:?} -> {:?}, ids {:?} (exact, greedy, {})",
-                        g.text,
-                        g.generated_tokens,
-                        quant::best_isa().name()
+                        "prompt {:?} -> {:?} (exact greedy tokens)",
+                        g.prompt, r.text
                     )
                 } else {
                     format!(
-                        "prompt {prompt:?}: expected {want_text:?} {want:?}, got {:?} {:?} (first {same} match)",
-                        g.text, g.generated_tokens
+                        "prompt {:?}: expected {want_text:?} {:?}, got {:?} {:?} (first {same} match)",
+                        g.prompt, g.continuation, r.text, r.generated
                     )
                 };
-                Check::new(name, pass, Some(same as f64), "tokens", msg)
+                let mut msg = format!(
+                    "{tokens}; {} ({})",
+                    r.diff.describe(),
+                    quant::best_isa().name()
+                );
+                if !pass {
+                    msg = format!(
+                        "the embedded model's decoder disagrees with its golden output: {msg}"
+                    );
+                }
+                Check::new(g.name, pass, Some(r.diff.worst as f64), "logit", msg)
             }
         };
         out.push(c);
@@ -932,6 +1222,175 @@ fn measure_matmul(threads: usize, ty: GgmlType, rows: usize, cols: usize, m: usi
     2.0 * (m * rows * cols * calls) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Which `[expect]` figure of the profile a row is judged by.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    Bandwidth,
+    MatmulF32,
+    MatmulQ4K,
+    Pp,
+    Tg,
+    /// Never judged, for this reason.
+    Never(&'static str),
+}
+
+/// Turns a measured figure into a row: a check against the profile's expected figure where it
+/// states one, else a measurement that says why it is not judged.
+struct Judge<'a> {
+    profile: Option<&'a DeviceProfile>,
+    threads: usize,
+    /// The bench figures in a profile are for the embedded model.
+    embedded_model: bool,
+}
+
+impl Judge<'_> {
+    fn row(
+        &self,
+        name: impl Into<String>,
+        value: f64,
+        unit: &str,
+        msg: String,
+        what: Expect,
+    ) -> Check {
+        let name = name.into();
+        if !(value.is_finite() && value > 0.0) {
+            return Check::new(
+                name,
+                false,
+                Some(value),
+                unit,
+                format!("the measurement is broken ({value}): {msg}"),
+            );
+        }
+        let exp = self.profile.and_then(|p| p.expect.as_ref());
+        let (field, expected) = match what {
+            Expect::Never(why) => {
+                return Check::measure(
+                    name,
+                    Some(value),
+                    unit,
+                    format!("{msg}; not judged: {why}"),
+                );
+            }
+            Expect::Bandwidth => (
+                "memory_bandwidth_gbs",
+                exp.and_then(|e| e.memory_bandwidth_gbs),
+            ),
+            Expect::MatmulF32 => ("matmul_f32_gflops", exp.and_then(|e| e.matmul_f32_gflops)),
+            Expect::MatmulQ4K => ("matmul_q4_k_gflops", exp.and_then(|e| e.matmul_q4_k_gflops)),
+            Expect::Pp => ("pp_tps", exp.and_then(|e| e.pp_tps)),
+            Expect::Tg => ("tg_tps", exp.and_then(|e| e.tg_tps)),
+        };
+        let bench_row = matches!(what, Expect::Pp | Expect::Tg);
+        let (Some(p), Some(expected)) = (self.profile, expected) else {
+            let why = match self.profile {
+                None => {
+                    "no device profile (--target) states what a healthy device measures".to_string()
+                }
+                Some(p) => format!("profile {} states no expect.{field}", p.name),
+            };
+            return Check::measure(name, Some(value), unit, format!("{msg}; not judged: {why}"));
+        };
+        if bench_row && !self.embedded_model {
+            return Check::measure(
+                name,
+                Some(value),
+                unit,
+                format!(
+                    "{msg}; not judged: profile {}'s expect.{field} is for the embedded model, not --model",
+                    p.name
+                ),
+            );
+        }
+        let floor = FLOOR_FRACTION * expected;
+        if value >= floor {
+            return Check::new(
+                name,
+                true,
+                Some(value),
+                unit,
+                format!(
+                    "{msg}; {:.0}% of the {expected} {unit} profile {} expects (floor {floor})",
+                    100.0 * value / expected,
+                    p.name
+                ),
+            );
+        }
+        Check::new(
+            name,
+            false,
+            Some(value),
+            unit,
+            format!(
+                "{value:.3} {unit} is below half of the {expected} {unit} profile {} expects: this device is not running as it should; likely causes: {}. ({msg})",
+                p.name,
+                likely_causes(p, self.threads).join("; ")
+            ),
+        )
+    }
+}
+
+/// What may slow a device down, with what this machine shows of it (Linux sysfs/procfs, read
+/// where present): thermal throttling, the CPU frequency governor, other processes, threads.
+fn likely_causes(p: &DeviceProfile, threads: usize) -> Vec<String> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let mut causes = vec![];
+    let temps: Vec<f64> = (0..16)
+        .filter_map(|i| read(&format!("/sys/class/thermal/thermal_zone{i}/temp")))
+        .filter_map(|t| t.parse::<f64>().ok())
+        .map(|m| m / 1000.0)
+        .collect();
+    let hottest = temps.iter().copied().fold(f64::NAN, f64::max);
+    causes.push(if hottest.is_finite() {
+        format!("thermal throttling (hottest thermal zone now {hottest:.0} °C; on a Raspberry Pi `vcgencmd get_throttled` says whether it throttled)")
+    } else {
+        "thermal throttling (no thermal zone readable here)".to_string()
+    });
+    let cpu = "/sys/devices/system/cpu/cpu0/cpufreq";
+    match read(&format!("{cpu}/scaling_governor")) {
+        Some(g) => {
+            let cur = read(&format!("{cpu}/scaling_cur_freq")).and_then(|v| v.parse::<f64>().ok());
+            let max = read(&format!("{cpu}/cpuinfo_max_freq")).and_then(|v| v.parse::<f64>().ok());
+            let freq = match (cur, max) {
+                (Some(c), Some(m)) => format!(", cpu0 at {:.2} of {:.2} GHz", c / 1e6, m / 1e6),
+                _ => String::new(),
+            };
+            causes.push(format!(
+                "the CPU frequency governor (now '{g}'{freq}{})",
+                if g == "performance" {
+                    ""
+                } else {
+                    "; try 'performance'"
+                }
+            ));
+        }
+        None => {
+            causes.push("a power-saving CPU frequency governor (not readable here)".to_string())
+        }
+    }
+    let cores = ember_runtime::sys::available_cores();
+    match read("/proc/loadavg").and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok()) {
+        Some(l) => causes.push(format!(
+            "another process using the CPU or memory (1-minute load average {l:.1} on {cores} cores, this self-test included)"
+        )),
+        None => causes.push("another process using the CPU or memory".to_string()),
+    }
+    if threads < p.threads {
+        causes.push(format!(
+            "fewer threads ({threads}) than the profile's {}",
+            p.threads
+        ));
+    }
+    if cfg!(debug_assertions) {
+        causes.push("a debug build (build with --release)".to_string());
+    }
+    causes
+}
+
 /// The model-independent checks (fast): backends, round-trips, kernel parity and ops.
 pub fn kernel_checks(
     threads: usize,
@@ -1010,7 +1469,12 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
     }
     emit(&mut checks, c);
 
-    // Machine figures.
+    // Machine figures: checks against the profile's [expect] figures, else measurements.
+    let judge = Judge {
+        profile,
+        threads,
+        embedded_model: opts.model.is_none(),
+    };
     let bw_bytes = opts.bandwidth_bytes.unwrap_or(256 << 20);
     let bw = measure_bandwidth(threads, bw_bytes);
     let mut msg = format!(
@@ -1044,43 +1508,37 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
     emit(
         &mut checks,
         vec![
-            Check::new(
-                "memory.bandwidth",
-                bw > 0.0 && bw.is_finite(),
-                Some(bw),
-                "GB/s",
-                msg,
-            ),
-            Check::new(
+            judge.row("memory.bandwidth", bw, "GB/s", msg, Expect::Bandwidth),
+            judge.row(
                 "matmul.f32",
-                flops > 0.0 && flops.is_finite(),
-                Some(flops / 1e9),
+                flops / 1e9,
                 "GFLOP/s",
                 format!(
                     "f32 weights 512x1024, 64 rows (prefill path, gemm), {}",
                     quant::best_isa().name()
                 ),
+                Expect::MatmulF32,
             ),
-            Check::new(
+            judge.row(
                 format!("matmul.{}.m32", dominant.name()),
-                pflops > 0.0 && pflops.is_finite(),
-                Some(pflops / 1e9),
+                pflops / 1e9,
                 "GFLOP/s",
                 format!(
                     "the model's main weight type, 512x1024, 32 rows (prefill path), {}",
                     quant::best_isa().name()
                 ),
+                Expect::Never("it depends on the model's weight type"),
             ),
-            Check::new(
+            judge.row(
                 "matmul.q4_k",
-                qflops > 0.0 && qflops.is_finite(),
-                Some(qflops / 1e9),
+                qflops / 1e9,
                 "GFLOP/s",
                 format!(
                     "Q4_K weights 1024x1024, 1 row (decode path), {}: {:.1} GB/s of weights",
                     quant::best_isa().name(),
                     qflops / 2.0 * (GgmlType::Q4_K.block_bytes() as f64 / 256.0) / 1e9
                 ),
+                Expect::MatmulQ4K,
             ),
         ],
     );
@@ -1091,23 +1549,23 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
     let pp = bench(Test::Pp, 32);
     let tg = bench(Test::Tg, 16);
     let fig = |r: &Result<crate::llamabench::BenchResult, _>| r.as_ref().map(|b| b.mean_tps).ok();
-    for (name, r) in [("bench.pp", &pp), ("bench.tg", &tg)] {
+    for (name, r, e) in [("bench.pp", &pp, Expect::Pp), ("bench.tg", &tg, Expect::Tg)] {
         c.push(match r {
-            Ok(b) => Check::new(
+            Ok(b) => judge.row(
                 name,
-                b.mean_tps > 0.0 && b.mean_tps.is_finite(),
-                Some(b.mean_tps),
+                b.mean_tps,
                 "tok/s",
                 format!(
                     "{}: {:.1} ± {:.1} tok/s over 3 reps",
                     b.test, b.mean_tps, b.sd_tps
                 ),
+                e,
             ),
             Err(e) => Check::new(name, false, None, "tok/s", format!("failed: {e}")),
         });
     }
 
-    // Rooflines of the model in use.
+    // Rooflines of the model in use: ratios of two figures above, measurements only.
     let weights = engine.model.weight_bytes() as f64;
     let n_params: f64 = engine
         .file
@@ -1132,22 +1590,21 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
                 mib(weights)
             );
         }
-        c.push(Check::new(
+        c.push(judge.row(
             "roofline.decode",
-            frac > 0.0 && frac.is_finite(),
-            Some(frac),
+            frac,
             "fraction",
             msg,
+            Expect::Never("a ratio of two measured figures"),
         ));
     }
     if let Some(achieved) = fig(&pp) {
         // Prefill does ~2 FLOP per parameter per token.
         let plimit = pflops / (2.0 * n_params);
         let frac = achieved / plimit;
-        c.push(Check::new(
+        c.push(judge.row(
             "roofline.prefill",
-            frac > 0.0 && frac.is_finite(),
-            Some(frac),
+            frac,
             "fraction",
             format!(
                 "limit {plimit:.1} tok/s = {:.2} GFLOP/s ({} m=32) / {:.2} MFLOP per token; achieved {achieved:.1} tok/s = {:.1}% of the limit{}",
@@ -1157,6 +1614,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Check)) -> Result<Report, S
                 100.0 * frac,
                 if frac > 1.0 { "; above it because 2 FLOP per parameter over-counts (the embedding is a lookup, the output head runs for the last token only) and small matrices stay in cache" } else { "" }
             ),
+            Expect::Never("a ratio of two measured figures"),
         ));
     }
     if let Some(p) = profile {
@@ -1212,26 +1670,72 @@ mod tests {
     fn fault_spec_parses() {
         let f = parse_fault("q4_k").unwrap();
         assert_eq!(f.ty, GgmlType::Q4_K);
-        assert_eq!(f.isa, quant::best_isa());
-        assert_eq!(parse_fault("Q8_0:portable").unwrap().isa, Isa::Portable);
+        assert_eq!(f.isa, Some(quant::best_isa()));
+        assert_eq!(f.mode, FaultMode::Scale);
+        let f = parse_fault("Q8_0:portable:output").unwrap();
+        assert_eq!((f.isa, f.mode), (Some(Isa::Portable), FaultMode::Output));
+        assert_eq!(
+            parse_fault("q5_1:output").unwrap().isa,
+            Some(quant::best_isa())
+        );
+        let f = parse_fault("f16").unwrap();
+        assert_eq!((f.ty, f.isa), (GgmlType::F16, None));
         assert!(
             parse_fault("q3_k")
                 .unwrap_err()
                 .contains("not a supported block type")
         );
+        assert!(
+            parse_fault("bf16:portable")
+                .unwrap_err()
+                .contains("one code path on every ISA")
+        );
+        assert!(
+            parse_fault("q4_0:scale:portable")
+                .unwrap_err()
+                .contains("in its place")
+        );
+    }
+
+    /// The exact reference is what the kernels compute, up to f32 rounding: every type on
+    /// every ISA is far inside the budget (the fault tests below need the room).
+    #[test]
+    fn exact_reference_is_tight_on_every_type_and_isa() {
+        let out = kernel_checks(2, None, None);
+        for c in out.iter().filter(|c| c.name.starts_with("parity.")) {
+            let exact: f64 = c
+                .message
+                .split("vs exact math on the kernel's inputs ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no exact figure in {}", c.message));
+            eprintln!("{}: vs exact {exact:.2e}", c.name);
+            assert!(exact <= PARITY_EXACT_NMSE / 100.0, "{c:#?}");
+        }
     }
 
     #[test]
     fn kernels_pass_and_a_fault_fails_clearly() {
         let ok = kernel_checks(2, None, None);
-        let bad: Vec<_> = ok.iter().filter(|c| !c.pass).collect();
+        let bad: Vec<_> = ok.iter().filter(|c| c.failed()).collect();
         assert!(bad.is_empty(), "{bad:#?}");
-        // Every supported type on every ISA has a parity row; every type a round trip.
+        assert!(ok.iter().all(|c| c.kind == Kind::Check));
+        // Every quantized type on every ISA has a parity row, each float type one; every type
+        // a round trip.
         let n_isa = quant::available_isas().len();
-        assert_eq!(
-            ok.iter().filter(|c| c.name.starts_with("parity.")).count(),
-            11 * n_isa
-        );
+        let parity: Vec<&str> = ok
+            .iter()
+            .filter(|c| c.name.starts_with("parity."))
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(parity.len(), 8 * n_isa + 3, "{parity:?}");
+        for t in ["F32", "F16", "BF16"] {
+            assert!(
+                parity.contains(&format!("parity.{t}").as_str()),
+                "{parity:?}"
+            );
+        }
         assert_eq!(
             ok.iter()
                 .filter(|c| c.name.starts_with("roundtrip."))
@@ -1239,15 +1743,122 @@ mod tests {
             11
         );
 
-        let fault = parse_fault("q4_k").unwrap();
-        let out = kernel_checks(2, None, Some(fault));
-        let failed: Vec<_> = out.iter().filter(|c| !c.pass).collect();
-        assert_eq!(failed.len(), 1, "{failed:#?}");
-        assert_eq!(failed[0].name, format!("parity.Q4_K.{}", fault.isa.name()));
+        // Every fault, inside or after the kernel, on every ISA: exactly its row fails.
+        let mut specs: Vec<String> = vec![];
+        for isa in quant::available_isas() {
+            for t in ["q4_k", "q4_1", "q6_k", "q8_0"] {
+                specs.push(format!("{t}:{}", isa.name()));
+            }
+            specs.push(format!("q5_0:{}:output", isa.name()));
+        }
+        specs.extend(["f16", "bf16", "f32:output"].map(String::from));
+        for spec in specs {
+            let fault = parse_fault(&spec).unwrap();
+            let out = kernel_checks(2, None, Some(fault));
+            let failed: Vec<_> = out.iter().filter(|c| c.failed()).collect();
+            assert_eq!(failed.len(), 1, "{spec}: {failed:#?}");
+            let want = match fault.isa {
+                Some(i) => format!("parity.{}.{}", fault.ty.name(), i.name()),
+                None => format!("parity.{}", fault.ty.name()),
+            };
+            assert_eq!(failed[0].name, want, "{spec}");
+            let m = &failed[0].message;
+            eprintln!("{spec}: {m}");
+            assert!(
+                m.contains("disagrees") && m.contains("fault injected on purpose"),
+                "{m}"
+            );
+            if fault.mode == FaultMode::Scale {
+                // Subtle: only the tight references see it, the float-activation one does not.
+                let r: f64 = m
+                    .split("vs f64 on float activations ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap();
+                assert!(r <= PARITY_REF_NMSE, "{spec}: {m}");
+            }
+        }
+    }
+
+    fn profile_with(expect: &str) -> DeviceProfile {
+        let arch = std::env::consts::ARCH;
+        DeviceProfile::parse(
+            &format!(
+                "name = \"t\"\ntarget_triple = \"{arch}-unknown-linux-gnu\"\nbackends = [\"cpu\"]\nthreads = 2\n\
+                 memory_budget_gib = 1.0\ndefault_slo = \"batch\"\ncost_per_hour_usd = 0.0\ntypical_power_w = 1.0\n\
+                 [expect]\n{expect}\n"
+            ),
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn figures_are_checks_only_against_a_profile() {
+        let msg = || "m".to_string();
+        // No profile: a measurement, whatever the figure.
+        let j = Judge {
+            profile: None,
+            threads: 2,
+            embedded_model: true,
+        };
+        let c = j.row("memory.bandwidth", 0.001, "GB/s", msg(), Expect::Bandwidth);
+        assert_eq!((c.kind, c.status()), (Kind::Measurement, "meas"));
         assert!(
-            failed[0].message.contains("disagrees"),
+            c.message.contains("not judged: no device profile"),
             "{}",
-            failed[0].message
+            c.message
         );
+        assert!(c.to_row().message.starts_with("[measurement] "));
+        assert_eq!(c.to_json()["pass"], serde_json::Value::Null);
+        // A broken figure fails even without a profile.
+        assert!(
+            j.row("bench.tg", f64::NAN, "tok/s", msg(), Expect::Tg)
+                .failed()
+        );
+
+        let p = profile_with("memory_bandwidth_gbs = 10.0\ntg_tps = 100.0");
+        let j = Judge {
+            profile: Some(&p),
+            threads: 1,
+            embedded_model: true,
+        };
+        let ok = j.row("memory.bandwidth", 5.0, "GB/s", msg(), Expect::Bandwidth);
+        assert_eq!((ok.kind, ok.pass), (Kind::Check, true), "{ok:?}");
+        let bad = j.row("bench.tg", 49.9, "tok/s", msg(), Expect::Tg);
+        assert!(bad.failed(), "{bad:?}");
+        for cause in [
+            "below half of the 100 tok/s profile t expects",
+            "thermal",
+            "governor",
+            "another process",
+            "fewer threads (1) than the profile's 2",
+        ] {
+            assert!(bad.message.contains(cause), "{cause}: {}", bad.message);
+        }
+        // Not stated in the profile, or not the embedded model: measurements.
+        let c = j.row("matmul.f32", 1.0, "GFLOP/s", msg(), Expect::MatmulF32);
+        assert!(
+            c.kind == Kind::Measurement && c.message.contains("states no expect.matmul_f32_gflops"),
+            "{c:?}"
+        );
+        let j = Judge {
+            embedded_model: false,
+            ..j
+        };
+        let c = j.row("bench.tg", 1.0, "tok/s", msg(), Expect::Tg);
+        assert!(
+            c.kind == Kind::Measurement && c.message.contains("not --model"),
+            "{c:?}"
+        );
+        let c = j.row(
+            "roofline.decode",
+            0.2,
+            "fraction",
+            msg(),
+            Expect::Never("a ratio"),
+        );
+        assert_eq!(c.kind, Kind::Measurement);
     }
 }

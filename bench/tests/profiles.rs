@@ -124,6 +124,59 @@ fn built_in_profiles_are_the_files() {
     assert_eq!(pi.kv_budget_gib, Some(1.0));
     let mac = DeviceProfile::resolve("apple-m").unwrap();
     assert_eq!(mac.target_triple, "aarch64-apple-darwin");
+    // The Pi 5 states the bandwidth a healthy board reads (a sourced, conservative figure);
+    // nobody has measured its tokens/s yet, so those stay unstated (measurements).
+    let e = pi
+        .expect
+        .as_ref()
+        .expect("raspberry-pi-5 has an [expect] table");
+    assert_eq!(e.memory_bandwidth_gbs, Some(8.0));
+    assert_eq!((e.tg_tps, e.pp_tps), (None, None));
+}
+
+#[test]
+fn expect_table_parses_and_is_validated() {
+    let text = format!(
+        "{}\n[expect]\nmemory_bandwidth_gbs = 8.5\ntg_tps = 400\n",
+        GOOD.replace("name = \"good\"", "name = \"expects\"")
+    );
+    let p = write(&tmp(), "expects", &text);
+    let prof = DeviceProfile::load(&p).unwrap();
+    let e = prof.expect.unwrap();
+    assert_eq!(
+        (e.memory_bandwidth_gbs, e.tg_tps, e.pp_tps),
+        (Some(8.5), Some(400.0), None)
+    );
+    // Optional as a whole.
+    assert!(
+        DeviceProfile::load(&write(&tmp(), "good", GOOD))
+            .unwrap()
+            .expect
+            .is_none()
+    );
+    for (name, line, needle) in [
+        (
+            "expneg",
+            "tg_tps = -1.0",
+            "expect.tg_tps = -1 must be a positive number",
+        ),
+        (
+            "expzero",
+            "memory_bandwidth_gbs = 0.0",
+            "expect.memory_bandwidth_gbs = 0 must be a positive number",
+        ),
+        ("exptypo", "tg_tsp = 10.0", "tg_tsp"),
+    ] {
+        let text = format!(
+            "{}\n[expect]\n{line}\n",
+            GOOD.replace("name = \"good\"", &format!("name = \"{name}\""))
+        );
+        let msg = rejected(name, &text);
+        assert!(
+            msg.contains(needle),
+            "{name}: expected {needle:?} in: {msg}"
+        );
+    }
 }
 
 #[test]
