@@ -317,7 +317,15 @@ fn embedded_model_end_to_end() {
         "embedded model, {} positions: logits NMSE wgpu vs CPU {e:.2e}",
         toks.len()
     );
-    assert!(e <= 1e-6, "logits NMSE {e:e}");
+    // Embedded model v2: its peaked attention carries the odd activation rounding that the
+    // summation order flips as a step of a few hundredths in the logits (3.5e-6 here; up to
+    // 3.6e-5 on longer prompts, like the CPU's own portable vs AVX-512 kernels). The golden
+    // fingerprint below is the sharper check.
+    assert!(e <= 1e-4, "logits NMSE {e:e}");
+    for g in &ember_runtime::embedded::GOLDEN {
+        let r = ember_runtime::embedded::run_golden(&gpu, g).unwrap();
+        assert!(r.pass(g), "{} on wgpu: {:?} {}", g.name, r.text, r.diff.describe());
+    }
     let n_vocab = cpu.model.config().n_vocab;
     for (i, (ra, rb)) in a
         .chunks_exact(n_vocab)
