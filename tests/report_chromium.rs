@@ -1,8 +1,12 @@
 //! `ember report` checked as a person sees it: the HTML is rendered by
 //! headless Chromium (Debian package `chromium`; `.ci/run` installs it with
 //! `apt-get install -y chromium`). This test FAILS, not skips, when Chromium
-//! is missing. The screenshot is left at
-//! `target/tmp/report_chromium/report.png` for a human to look at.
+//! is missing. A copy of the report with a measuring script added is laid out
+//! by Chromium at the screenshot's width: nothing may stick out of the page or
+//! out of its plot, every polyline must have at least two finite points inside
+//! its plot, and nothing may be fetched or referenced (no URL attribute, no
+//! `url()`/`@import`/`@font-face`, no resource loaded). The screenshot is left
+//! at `target/tmp/report_chromium/report.png` for a human to look at.
 //! Also the `compare`/`export` command-line contracts (exit statuses).
 
 use std::path::{Path, PathBuf};
@@ -76,6 +80,13 @@ fn run_chromium(bin: &str, args: &[String], profile: &Path) -> std::process::Out
             "--disable-gpu",
             "--hide-scrollbars",
             "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            // Nothing resolves: a page that tried to fetch something could not get it anyway.
+            "--host-resolver-rules=MAP * ~NOTFOUND",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
@@ -99,6 +110,130 @@ fn run_chromium(bin: &str, args: &[String], profile: &Path) -> std::process::Out
     }
 }
 
+/// Window width of the screenshot (the layout is also checked at 1280 px).
+const PAGE_WIDTH: u32 = 1400;
+
+/// Added to a copy of the report (the report itself holds no script): it measures the page as
+/// Chromium laid it out and appends the result as JSON in `<pre id="probe">`, which
+/// `--dump-dom` prints. `<`, `>` and `&` are written as JSON escapes so the text needs no HTML
+/// unescaping.
+const PROBE: &str = r#"<script id="probe-script">
+(() => {
+  const name = (el) => el.tagName.toLowerCase()
+    + (el.id ? '#' + el.id : '')
+    + (el.getAttribute('class') ? '.' + el.getAttribute('class').split(/\s+/).join('.') : '')
+    + (el.closest('[data-plot]') ? ' in ' + el.closest('[data-plot]').dataset.plot : '');
+  const root = document.documentElement;
+  const vw = root.clientWidth;
+  const r = {
+    viewport: vw,
+    scroll_width: root.scrollWidth,
+    body_scroll_width: document.body.scrollWidth,
+    overflow: [],
+    refs: [],
+    css: [],
+    fonts: document.fonts.size,
+    resources: performance.getEntriesByType('resource').map((e) => e.name),
+    plots: [],
+  };
+  const urlAttrs = ['src', 'href', 'srcset', 'poster', 'data', 'action', 'formaction',
+    'background', 'cite', 'longdesc', 'usemap', 'ping', 'manifest', 'codebase', 'archive'];
+  const loaders = ['LINK', 'IFRAME', 'FRAME', 'OBJECT', 'EMBED', 'IMG', 'IMAGE', 'AUDIO', 'VIDEO',
+    'SOURCE', 'TRACK', 'BASE', 'SCRIPT', 'USE', 'FEIMAGE', 'FOREIGNOBJECT'];
+  for (const el of document.querySelectorAll('*')) {
+    if (el.id === 'probe-script') continue;
+    if (loaders.includes(el.tagName.toUpperCase())) r.refs.push('element ' + name(el));
+    if (el.tagName.toUpperCase() === 'META' && el.getAttribute('http-equiv')) r.refs.push('meta http-equiv');
+    for (const a of el.attributes) {
+      const n = a.name.toLowerCase();
+      if (urlAttrs.includes(n) || n.endsWith(':href') || /url\s*\(|\/\//i.test(a.value) && n !== 'xmlns')
+        r.refs.push(name(el) + ' ' + a.name + '=' + a.value);
+    }
+  }
+  for (const sheet of document.styleSheets) {
+    if (sheet.href) r.css.push('stylesheet ' + sheet.href);
+    for (const rule of sheet.cssRules)
+      if (/url\s*\(|@import|@font-face|image-set/i.test(rule.cssText)) r.css.push(rule.cssText);
+  }
+  for (const el of document.body.querySelectorAll('*')) {
+    if (el.id === 'probe-script') continue;
+    const b = el.getBoundingClientRect();
+    if (b.width === 0 && b.height === 0) continue;
+    if (b.left < -0.5 || b.right > vw + 0.5)
+      r.overflow.push(name(el) + ' spans x ' + b.left.toFixed(1) + '..' + b.right.toFixed(1));
+  }
+  for (const svg of document.querySelectorAll('svg.plot')) {
+    const vb = svg.viewBox.baseVal;
+    const sb = svg.getBoundingClientRect();
+    const p = { id: svg.dataset.plot, polylines: [], outside: [] };
+    for (const el of svg.querySelectorAll('*')) {
+      if (el.tagName.toLowerCase() === 'title') continue;
+      const b = el.getBoundingClientRect();
+      if (b.width === 0 && b.height === 0) continue;
+      if (b.left < sb.left - 1 || b.right > sb.right + 1 || b.top < sb.top - 1 || b.bottom > sb.bottom + 1)
+        p.outside.push(name(el) + ' ' + (el.textContent || '').slice(0, 40));
+    }
+    for (const pl of svg.querySelectorAll('polyline')) {
+      const raw = (pl.getAttribute('points') || '').trim();
+      const nums = raw === '' ? [] : raw.split(/[\s,]+/).map(Number);
+      p.polylines.push({
+        numbers: nums.length,
+        parsed_points: pl.points.numberOfItems,
+        finite: nums.every(Number.isFinite),
+        inside: nums.every((v, i) => i % 2 === 0
+          ? v >= vb.x && v <= vb.x + vb.width
+          : v >= vb.y && v <= vb.y + vb.height),
+      });
+    }
+    r.plots.push(p);
+  }
+  const out = document.createElement('pre');
+  out.id = 'probe';
+  out.textContent = JSON.stringify(r).replace(/[<>&]/g,
+    (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+  document.body.appendChild(out);
+})();
+</script>"#;
+
+/// Lay out `html` (the report with [`PROBE`] added) in a Chromium window `width` px wide and
+/// return the probe's findings.
+fn probe_layout(browser: &str, d: &Path, html: &str, width: u32) -> serde_json::Value {
+    let at = html.rfind("</body>").expect("the report has a </body>");
+    let probed = d.join("report-probe.html");
+    std::fs::write(&probed, format!("{}{PROBE}{}", &html[..at], &html[at..])).unwrap();
+    let out = run_chromium(
+        browser,
+        &[
+            format!("--window-size={width},1200"),
+            "--dump-dom".into(),
+            format!("file://{}", probed.display()),
+        ],
+        &d.join(format!("profile-probe-{width}")),
+    );
+    assert!(
+        out.status.success(),
+        "chromium --dump-dom (probe) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let start = dom.find("<pre id=\"probe\">").unwrap_or_else(|| {
+        panic!(
+            "the probe script did not run; DOM tail: {}",
+            &dom[dom.len().saturating_sub(2000)..]
+        )
+    }) + "<pre id=\"probe\">".len();
+    let end = start + dom[start..].find("</pre>").unwrap();
+    serde_json::from_str(&dom[start..end]).expect("the probe's JSON")
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(bytes: &[u8]) -> (u32, u32) {
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&bytes[16..20]), be(&bytes[20..24]))
+}
+
 #[test]
 fn report_renders_in_headless_chromium_with_every_plot() {
     let browser = chromium();
@@ -119,22 +254,35 @@ fn report_renders_in_headless_chromium_with_every_plot() {
         String::from_utf8_lossy(&out.stderr)
     );
     let html = std::fs::read_to_string(&html_path).unwrap();
-    // self-contained: nothing to fetch
+    // Self-contained, in the text: nothing to fetch. The only URL allowed is the SVG namespace
+    // name, as the value of an xmlns attribute (a name, never fetched).
     for bad in [
-        "<script", "<link", "src=", "href=", "@import", "url(", "https://",
+        "<script",
+        "<link",
+        "<img",
+        "<iframe",
+        "<object",
+        "<embed",
+        "src=",
+        "href=",
+        "@import",
+        "@font-face",
+        "url(",
+        "https:",
+        "//fonts.",
     ] {
         assert!(
-            !html.contains(bad),
+            !html.to_ascii_lowercase().contains(bad),
             "the report must load nothing: found {bad:?}"
         );
     }
-    assert!(
-        html.matches("http://").all(|_| true)
-            && html
-                .replace("http://www.w3.org/2000/svg", "")
-                .find("http://")
-                .is_none()
+    let svg_ns = r#"xmlns="http://www.w3.org/2000/svg""#;
+    assert_eq!(
+        html.matches("http://").count(),
+        html.matches(svg_ns).count(),
+        "every http:// in the report is the SVG namespace of an xmlns attribute"
     );
+    assert!(html.matches(svg_ns).count() >= 19);
 
     let url = format!("file://{}", html_path.display());
     let dom = run_chromium(
@@ -178,12 +326,103 @@ fn report_renders_in_headless_chromium_with_every_plot() {
     let cdf = &cdf[..cdf.find("</svg>").unwrap()];
     assert_eq!(cdf.matches("<polyline").count(), 5);
 
+    // The page as laid out, at the screenshot's width and at a common laptop width.
+    for width in [PAGE_WIDTH, 1280] {
+        let p = probe_layout(&browser, &d, &html, width);
+        eprintln!(
+            "probe at {width} px: viewport {} px, scrollWidth {} px, {} plots",
+            p["viewport"],
+            p["scroll_width"],
+            p["plots"].as_array().map_or(0, Vec::len)
+        );
+        assert_eq!(
+            p["viewport"], width,
+            "the window width the page was laid out at"
+        );
+        let list = |k: &str| -> Vec<String> {
+            p[k].as_array()
+                .unwrap_or_else(|| panic!("probe field {k}: {p}"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        let px = |k: &str| {
+            p[k].as_u64()
+                .unwrap_or_else(|| panic!("probe field {k}: {p}"))
+        };
+        let overflow = list("overflow");
+        assert!(
+            px("scroll_width") <= px("viewport") && px("body_scroll_width") <= px("viewport"),
+            "the page scrolls sideways at {width} px: scrollWidth {}, body {}; first of {} elements past the edge: {:?}",
+            px("scroll_width"),
+            px("body_scroll_width"),
+            overflow.len(),
+            &overflow[..overflow.len().min(4)]
+        );
+        assert_eq!(
+            list("overflow"),
+            Vec::<String>::new(),
+            "elements wider than the page"
+        );
+        assert_eq!(list("refs"), Vec::<String>::new(), "references in the DOM");
+        assert_eq!(
+            list("css"),
+            Vec::<String>::new(),
+            "references in the style sheets"
+        );
+        assert_eq!(
+            list("resources"),
+            Vec::<String>::new(),
+            "resources the page loaded"
+        );
+        assert_eq!(p["fonts"], 0, "web fonts declared");
+        let plots = p["plots"].as_array().unwrap();
+        assert_eq!(plots.len(), 19);
+        let mut n_lines = 0;
+        for plot in plots {
+            let id = plot["id"].as_str().unwrap();
+            let outside: Vec<&str> = plot["outside"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert!(
+                outside.is_empty(),
+                "{id}: drawn outside the plot: {outside:?}"
+            );
+            for (k, line) in plot["polylines"].as_array().unwrap().iter().enumerate() {
+                let numbers = line["numbers"].as_u64().unwrap();
+                assert!(
+                    numbers >= 4 && numbers % 2 == 0,
+                    "{id} polyline {k}: {numbers} coordinates, want at least two points: {line}"
+                );
+                assert_eq!(
+                    line["parsed_points"].as_u64(),
+                    Some(numbers / 2),
+                    "{id} polyline {k}: Chromium parsed fewer points than written: {line}"
+                );
+                assert_eq!(
+                    line["finite"], true,
+                    "{id} polyline {k}: non-finite coordinate"
+                );
+                assert_eq!(
+                    line["inside"], true,
+                    "{id} polyline {k}: a point outside the viewBox"
+                );
+                n_lines += 1;
+            }
+        }
+        // 4 CDFs × 5 runs + 2 sweep plots with a line each.
+        assert!(n_lines >= 22, "{n_lines} polylines");
+    }
+
     let png = d.join("report.png");
     let shot = run_chromium(
         &browser,
         &[
             format!("--screenshot={}", png.display()),
-            "--window-size=1400,5200".into(),
+            format!("--window-size={PAGE_WIDTH},5200"),
             url,
         ],
         &d.join("profile-shot"),
@@ -194,7 +433,7 @@ fn report_renders_in_headless_chromium_with_every_plot() {
         String::from_utf8_lossy(&shot.stderr)
     );
     let bytes = std::fs::read(&png).expect("the screenshot was written");
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(png_size(&bytes), (PAGE_WIDTH, 5200));
     assert!(
         bytes.len() > 50_000,
         "a screenshot with plots is not tiny ({} bytes)",
