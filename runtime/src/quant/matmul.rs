@@ -291,12 +291,14 @@ fn gemm_path(w: QMatRef<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let rb = w.row_bytes();
     let nt = rayon::current_num_threads();
     let parallel = nt > 1 && rows * cols * m >= PAR_MIN_MACS;
-    let mut tile = (TILE_ELEMS / cols).clamp(16, 1024) / 16 * 16;
-    if parallel {
-        // A whole number of tiles per thread (at least two each), so no thread idles at the end.
-        let per = rows.div_ceil(tile).div_ceil(nt).max(2);
-        tile = rows.div_ceil(per * nt).div_ceil(16).max(1) * 16;
-    }
+    // The tiles depend on the shape only, never on the thread count: gemm's blocking, and so
+    // its summation order, can depend on a call's width, so a row must land in a call of the
+    // same width whatever the pool (1 and 2 threads gave different bits on aarch64 when the
+    // tile followed the thread count). About 16 tiles (of at least 16 rows) where the rows
+    // allow, so a pool of up to 16 threads shares the work, and more where a tile's dequantized
+    // rows would outgrow TILE_ELEMS (L2-sized).
+    let cache_tile = (TILE_ELEMS / cols).clamp(16, 1024) / 16 * 16;
+    let tile = cache_tile.min(rows.div_ceil(16).div_ceil(16).max(1) * 16);
     let ntiles = rows.div_ceil(tile);
     let yp = SyncPtr(y.as_mut_ptr());
     // F32 weights that are f32-aligned can be fed to gemm in place.
