@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ember_bench::store::Store;
+use ember_bench::llamabench::{self, Test};
 use ember_bench::store::testdata::{SynthSpec, synth_run};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
@@ -55,6 +56,31 @@ fn fixtures(d: &Path) -> (PathBuf, PathBuf) {
     }))
     .unwrap();
     (cpu, gpu)
+}
+
+/// Adds a llama-bench run (--pp 512 --tg 128, 3 reps) to each file: the same tests on two
+/// devices, so the report compares them.
+fn add_llama_bench_runs(cpu: &Path, gpu: &Path) {
+    let tests = [(Test::Pp, 512), (Test::Tg, 128)];
+    for (db, backend, scale) in [(cpu, "cpu", 1u64), (gpu, "wgpu", 4)] {
+        let mut store = Store::open(db).unwrap();
+        let provenance = synth_run(&SynthSpec {
+            backend: backend.into(),
+            ..Default::default()
+        })
+        .provenance;
+        let head = llamabench::run_head(provenance, "2025-06-01T12:00:00Z".into(), &tests, 512, 3);
+        let results: Vec<_> = tests
+            .iter()
+            .map(|&(kind, n)| {
+                let ms = [900u64, 1000, 1100].map(|x| x * 1_000_000 * n as u64 / 512 / scale);
+                llamabench::BenchResult::from_samples(kind, n, ms.to_vec())
+            })
+            .collect();
+        store
+            .save_llama_bench(&head, 512, &results, 150 << 20, 0)
+            .unwrap();
+    }
 }
 
 fn chromium() -> String {
@@ -239,6 +265,7 @@ fn report_renders_in_headless_chromium_with_every_plot() {
     let browser = chromium();
     let d = workdir("report_chromium");
     let (cpu, gpu) = fixtures(&d);
+    add_llama_bench_runs(&cpu, &gpu);
     let html_path = d.join("report.html");
     let out = Command::new(EMBER)
         .arg("report")
@@ -275,6 +302,11 @@ fn report_renders_in_headless_chromium_with_every_plot() {
             !html.to_ascii_lowercase().contains(bad),
             "the report must load nothing: found {bad:?}"
         );
+    }
+    // llama-bench runs get their own table, and their comparison one chart per test.
+    assert!(html.contains("<h2>llama-bench tests</h2>"), "no llama-bench section");
+    for t in ["pp512 tokens/s", "tg128 tokens/s"] {
+        assert!(html.contains(&format!("<title>{t}</title>")), "no chart of {t}");
     }
     let svg_ns = r#"xmlns="http://www.w3.org/2000/svg""#;
     assert_eq!(
@@ -319,8 +351,9 @@ fn report_renders_in_headless_chromium_with_every_plot() {
             "plot {id} missing from the rendered DOM"
         );
     }
-    // 4 CDFs + 5 ITL-over-time + 2 sweep + 5 memory + 3 device bars
-    assert_eq!(plots, 19, "number of SVG plots in the rendered DOM");
+    // 4 CDFs + 5 ITL-over-time + 2 sweep + 5 memory + 3 device bars, and the llama-bench
+    // comparison's 2 (one per test).
+    assert_eq!(plots, 21, "number of SVG plots in the rendered DOM");
     // every CDF has one line per run (5 runs)
     let cdf = &dom[dom.find("data-plot=\"cdf-ttft\"").unwrap()..];
     let cdf = &cdf[..cdf.find("</svg>").unwrap()];
@@ -377,7 +410,7 @@ fn report_renders_in_headless_chromium_with_every_plot() {
         );
         assert_eq!(p["fonts"], 0, "web fonts declared");
         let plots = p["plots"].as_array().unwrap();
-        assert_eq!(plots.len(), 19);
+        assert_eq!(plots.len(), 21);
         let mut n_lines = 0;
         for plot in plots {
             let id = plot["id"].as_str().unwrap();

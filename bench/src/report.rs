@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::compare::{CompareOptions, compare, load_label, load_x};
+use crate::compare::{CompareOptions, compare, group_defs, load_label, load_x};
+use crate::llamabench::BenchResult;
 use crate::record::MemorySample;
 use crate::store::{Figures, ReqSample, RunRow, Store, StoreError};
 
@@ -324,6 +325,8 @@ impl Default for ReportOptions {
 /// Renders the report of every run in `files` as one HTML document.
 pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, StoreError> {
     let mut runs = vec![];
+    // llama-bench runs (`ember bench --pp/--tg`): tests, not requests.
+    let mut lb_runs: Vec<(String, RunRow, Vec<BenchResult>)> = vec![];
     for f in files {
         let store = Store::open_existing(f)?;
         let file = f
@@ -331,6 +334,11 @@ pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, StoreEr
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         for row in store.runs()? {
+            let tests = store.llama_bench(row.run)?;
+            if !tests.is_empty() {
+                lb_runs.push((file.clone(), row, tests));
+                continue;
+            }
             let samples = store.samples(row.run)?;
             let memory = store.memory(row.run)?;
             let figures = Figures::compute(&samples, &memory);
@@ -352,10 +360,10 @@ h1{{font-size:22px}}h2{{font-size:18px;margin-top:32px;border-bottom:1px solid #
 table{{border-collapse:collapse;font-size:12px;margin:8px 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
 th{{background:#eee}}td:first-child,th:first-child{{text-align:left}}.plots{{display:flex;flex-wrap:wrap;gap:12px}}
 svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12px}}.bad{{color:#b00}}
-</style></head><body><h1>{}</h1><p class="note">{} run(s) from {} file(s): {}. Figures follow shared/METRICS.md: nearest-rank percentiles over measured (non-warm-up), non-failed requests; ITL pooled over every stored gap.</p>"#,
+</style></head><body><h1>{}</h1><p class="note">{} run(s) from {} file(s): {}. Figures follow ember's docs/METRICS.md: nearest-rank percentiles over measured (non-warm-up), non-failed requests; ITL pooled over every stored gap.</p>"#,
         esc(&opts.title),
         esc(&opts.title),
-        runs.len(),
+        runs.len() + lb_runs.len(),
         files.len(),
         esc(&files
             .iter()
@@ -458,7 +466,7 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
 
     // --- ITL over time
     h.push_str(r#"<h2>ITL over time</h2><p class="note">Every stored inter-token gap of the measured requests, at the time of the later token.</p><div class="plots">"#);
-    for r in runs.iter().take(opts.max_runs_detailed) {
+    for (ri, r) in runs.iter().enumerate().take(opts.max_runs_detailed) {
         let mut pts: Vec<(f64, f64)> = r
             .samples
             .iter()
@@ -475,7 +483,7 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             pts = pts.into_iter().step_by(step).collect();
         }
         h.push_str(&line_chart(
-            &format!("itl-time-{}", r.row.run.0),
+            &format!("itl-time-{ri}"),
             &format!("ITL over time: {}", r.name()),
             "time since run start (s)",
             "ITL (ms)",
@@ -567,7 +575,7 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
 
     // --- memory timeline
     h.push_str(r#"<h2>Memory timeline</h2><div class="plots">"#);
-    for r in runs.iter().take(opts.max_runs_detailed) {
+    for (ri, r) in runs.iter().enumerate().take(opts.max_runs_detailed) {
         let mib = |f: fn(&MemorySample) -> u64| {
             r.memory
                 .iter()
@@ -597,7 +605,7 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             dots: false,
         });
         h.push_str(&line_chart(
-            &format!("memory-{}", r.row.run.0),
+            &format!("memory-{ri}"),
             &format!("memory: {}", r.name()),
             "time since run start (s)",
             "MiB",
@@ -606,6 +614,30 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
         ));
     }
     h.push_str("</div>");
+
+    // --- llama-bench runs
+    if !lb_runs.is_empty() {
+        h.push_str(r#"<h2>llama-bench tests</h2><p class="note">ember bench --pp/--tg: tokens/s as mean ± sample standard deviation over the repetitions, as llama-bench reports them.</p><table><tr><th>run</th><th>device</th><th>model</th><th>threads</th><th>test</th><th>reps</th><th>tokens/s</th></tr>"#);
+        for (file, row, tests) in &lb_runs {
+            for t in tests {
+                let _ = write!(
+                    h,
+                    "<tr><td>{}#{}</td><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2} ± {:.2}</td></tr>",
+                    esc(file),
+                    row.run.0,
+                    esc(&row.device_label()),
+                    esc(&row.provenance.model_arch),
+                    esc(&row.provenance.model_sha256.chars().take(8).collect::<String>()),
+                    row.provenance.threads,
+                    esc(&t.test),
+                    t.samples_ns.len(),
+                    t.mean_tps,
+                    t.sd_tps
+                );
+            }
+        }
+        h.push_str("</table>");
+    }
 
     // --- device comparison
     h.push_str("<h2>Device comparison</h2>");
@@ -633,24 +665,23 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
                     .map(|c| (c.label(), f(&c.pooled).unwrap_or(f64::NAN)))
                     .collect()
             };
-        h.push_str(&bar_chart(
-            &format!("devices-{gi}-tps"),
-            "output tokens/s",
-            "tok/s",
-            &bars(&|c| Some(c.figures.output_tps)),
-        ));
-        h.push_str(&bar_chart(
-            &format!("devices-{gi}-ttft"),
-            "TTFT p50 (ms)",
-            "ms",
-            &bars(&|c| c.figures.dist("ttft").map(|s| s.p50 / 1e6)),
-        ));
-        h.push_str(&bar_chart(
-            &format!("devices-{gi}-itl"),
-            "ITL p50 (ms)",
-            "ms",
-            &bars(&|c| c.figures.dist("itl").map(|s| s.p50 / 1e6)),
-        ));
+        if g.columns.iter().any(|c| !c.pooled.llama_bench.is_empty()) {
+            // llama-bench tests: one chart per test's tokens/s.
+            for (di, d) in group_defs(g)
+                .iter()
+                .filter(|d| d.key.ends_with("_tps"))
+                .enumerate()
+            {
+                h.push_str(&bar_chart(
+                    &format!("devices-{gi}-{di}"),
+                    &d.label,
+                    d.unit,
+                    &bars(&|c| (d.get)(c).map(|x| x.0)),
+                ));
+            }
+        } else {
+            request_bars(&mut h, gi, &bars);
+        }
         h.push_str("</div><pre>");
         h.push_str(&esc(&crate::compare::Comparison {
             groups: vec![g.clone()],
@@ -674,6 +705,32 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
     }
     h.push_str("</body></html>\n");
     Ok(h)
+}
+
+/// The device-comparison bars of a group of request runs: output tokens/s, TTFT and ITL p50.
+fn request_bars(
+    h: &mut String,
+    gi: usize,
+    bars: &dyn Fn(&dyn Fn(&crate::compare::ColumnFigures) -> Option<f64>) -> Vec<(String, f64)>,
+) {
+    h.push_str(&bar_chart(
+        &format!("devices-{gi}-tps"),
+        "output tokens/s",
+        "tok/s",
+        &bars(&|c| Some(c.figures.output_tps)),
+    ));
+    h.push_str(&bar_chart(
+        &format!("devices-{gi}-ttft"),
+        "TTFT p50 (ms)",
+        "ms",
+        &bars(&|c| c.figures.dist("ttft").map(|s| s.p50 / 1e6)),
+    ));
+    h.push_str(&bar_chart(
+        &format!("devices-{gi}-itl"),
+        "ITL p50 (ms)",
+        "ms",
+        &bars(&|c| c.figures.dist("itl").map(|s| s.p50 / 1e6)),
+    ));
 }
 
 /// The per-sample values of a latency metric in ns (as in `store::figures`).
