@@ -1439,7 +1439,7 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     let json = a.json;
     let report = selftest::run(&opts, |c| {
         if !json {
-            eprintln!("  {} {}", if c.pass { "ok  " } else { "FAIL" }, c.name);
+            eprintln!("  {:<4} {}", c.status(), c.name);
         }
     })?;
     if !a.no_db {

@@ -163,11 +163,11 @@ fn selftest_passes_and_writes_its_rows() {
         .unwrap();
     assert_eq!(n as usize, checks.len());
     assert_eq!(n_pass, n);
-    // Measurements are stored with pass = 1 (they cannot fail) and say so in the message.
+    // Measurements are stored with pass = 1 (they cannot fail) and kind = 'measurement'.
     let n_meas: i64 = store
         .conn()
         .query_row(
-            "SELECT COUNT(*) FROM selftest_results WHERE message LIKE '[measurement] %'",
+            "SELECT COUNT(*) FROM selftest_results WHERE kind = 'measurement'",
             [],
             |r| r.get(0),
         )

@@ -3,7 +3,7 @@
 //! Every row has a name, a kind, a figure, a unit and a message, in this order. *Checks* pass or
 //! fail; *measurements* report a figure that nothing here can judge (no expected value to hold it
 //! against) and never fail: the table shows them as `meas`, the JSON as `"kind": "measurement"`
-//! with `"pass": null`, the store with `pass = 1` and a message starting `[measurement]`.
+//! with `"pass": null`, the store with `kind = 'measurement'` and `pass = 1`.
 //!
 //! * `backends` (check): the CPU ISAs this CPU runs, and the GPU side: the wgpu adapters found
 //!   (or why there are none, e.g. a build without the `wgpu` feature);
@@ -180,18 +180,15 @@ impl Check {
         })
     }
 
-    /// The store row. `selftest_results` has no kind column (schema v1): a measurement is
-    /// stored with `pass = 1` (it cannot fail) and a message that starts `[measurement]`.
+    /// The store row: a measurement has `kind = 'measurement'` and `pass = 1` (it cannot fail).
     pub fn to_row(&self) -> SelfTestRow {
         SelfTestRow {
             check_name: self.name.clone(),
             pass: self.pass,
+            measurement: self.kind == Kind::Measurement,
             figure: self.figure,
             unit: self.unit.clone(),
-            message: match self.kind {
-                Kind::Check => self.message.clone(),
-                Kind::Measurement => format!("[measurement] {}", self.message),
-            },
+            message: self.message.clone(),
         }
     }
 }
@@ -1810,7 +1807,7 @@ mod tests {
             "{}",
             c.message
         );
-        assert!(c.to_row().message.starts_with("[measurement] "));
+        assert!(c.to_row().measurement && c.to_row().pass);
         assert_eq!(c.to_json()["pass"], serde_json::Value::Null);
         // A broken figure fails even without a profile.
         assert!(

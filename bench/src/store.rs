@@ -111,7 +111,10 @@ impl Default for StoreOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SelfTestRow {
     pub check_name: String,
+    /// Always `true` for a measurement.
     pub pass: bool,
+    /// A figure with nothing to judge it by (column `kind = 'measurement'`), not a check.
+    pub measurement: bool,
     pub figure: Option<f64>,
     pub unit: Option<String>,
     pub message: String,
@@ -761,8 +764,17 @@ impl Store {
         let tx = self.conn.transaction().map_err(e)?;
         for r in rows {
             tx.execute(
-                "INSERT INTO selftest_results(run_id, check_name, pass, figure, unit, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![run.0, r.check_name, r.pass, r.figure, r.unit, r.message],
+                "INSERT INTO selftest_results(run_id, check_name, pass, figure, unit, message, kind)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    run.0,
+                    r.check_name,
+                    r.pass,
+                    r.figure,
+                    r.unit,
+                    r.message,
+                    if r.measurement { "measurement" } else { "check" }
+                ],
             )
             .map_err(e)?;
         }

@@ -27,6 +27,7 @@ fn store_round_trips_a_run_and_reports_its_schema() {
             &[SelfTestRow {
                 check_name: "kernels".into(),
                 pass: true,
+                measurement: false,
                 figure: Some(1e-3),
                 unit: Some("max_abs_err".into()),
                 message: String::new(),
@@ -113,4 +114,47 @@ fn default_path_honours_ember_db() {
         ember_bench::store::default_db_path().ends_with("ember/ember.db")
             || ember_bench::store::default_db_path().ends_with("ember.db")
     );
+}
+
+#[test]
+fn a_version_1_file_is_migrated_in_place_and_keeps_its_rows() {
+    let db = tmp("v1");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    {
+        // A store as ember wrote it before schema v2: v1's tables, one run with a self-test row.
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(include_str!("../src/store/schema_v1.sql"))
+            .unwrap();
+        c.execute_batch(
+            "INSERT INTO models(sha256, arch, quant_mix, weights_bytes) VALUES ('ab', 'llama', '{}', 1);
+             INSERT INTO workloads(hash, name, seed, params, n_requests, n_warmup)
+                 VALUES ('h', 'chat', 0, '{}', 0, 0);
+             INSERT INTO runs(run_uid, status, started_at, ember_version, git_commit, backend, adapter,
+                 driver, cpu_model, cpu_cores, threads, os, device_fingerprint, model_id, model_path,
+                 workload_id, load, slo_name, slo, token_cap)
+                 VALUES ('u1', 'finished', '2026-01-01T00:00:00Z', '0.1.0', 'abc', 'cpu', '', '', 'cpu',
+                         2, 2, 'linux', 'fp', 1, '/m.gguf', 1, '{\"mode\":\"sync\"}', 'none', '{}', 4096);
+             INSERT INTO selftest_results(run_id, check_name, pass, figure, unit, message)
+                 VALUES (1, 'backends', 1, NULL, NULL, 'ok');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let s = Store::open(&db).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    let runs = s.runs().unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].run_uid, "u1");
+    assert_eq!(runs[0].provenance.weights_load, "", "unknown for an old run");
+    assert!(s.llama_bench(runs[0].run).unwrap().is_empty());
+    let kind: String = s
+        .conn()
+        .query_row("SELECT kind FROM selftest_results", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kind, "check");
+    let _: i64 = s
+        .conn()
+        .query_row("SELECT COUNT(*) FROM v_llama_bench", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(s.integrity_check().unwrap(), "ok");
 }

@@ -24,6 +24,11 @@ CREATE TABLE llama_bench (
     PRIMARY KEY (run_id, test)
 );                                 -- rowid order = the order the tests ran
 
+-- Self-test rows are checks (pass or fail) or measurements (a figure with nothing to judge it
+-- by, stored with pass = 1: it cannot fail).
+ALTER TABLE selftest_results ADD COLUMN kind TEXT NOT NULL DEFAULT 'check'
+    CHECK (kind IN ('check', 'measurement'));
+
 -- How the weights were loaded: 'mmap' (mapped file pages) or 'read'
 -- (--no-mmap: read into anonymous memory). NULL for runs stored before v2.
 ALTER TABLE runs ADD COLUMN weights_load TEXT;
