@@ -53,7 +53,17 @@ fn main() {
             );
         }
     }
-    for d in ["src", "../src", "../runtime", "../models", "../Cargo.toml", "../Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", Path::new(&manifest).join(d).display());
+    for d in [
+        "src",
+        "../src",
+        "../runtime",
+        "../models",
+        "../Cargo.toml",
+        "../Cargo.lock",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            Path::new(&manifest).join(d).display()
+        );
     }
 }

@@ -377,7 +377,11 @@ fn open_engine(
         c.n_embd,
         c.n_vocab,
         engine.model.weight_bytes() as f64 / 1e6,
-        if no_mmap { "read into memory" } else { "mapped" },
+        if no_mmap {
+            "read into memory"
+        } else {
+            "mapped"
+        },
         engine.cfg.n_ctx,
         threads,
         ember_runtime::quant::best_isa()
@@ -414,7 +418,14 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     sampler.validate().map_err(|e| anyhow::anyhow!(e))?;
     let t_load = Instant::now();
-    let engine = open_engine(a.model.clone(), a.backend.as_deref().unwrap_or("auto"), a.threads, a.ctx, a.batch, a.no_mmap)?;
+    let engine = open_engine(
+        a.model.clone(),
+        a.backend.as_deref().unwrap_or("auto"),
+        a.threads,
+        a.ctx,
+        a.batch,
+        a.no_mmap,
+    )?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let tok = &engine.tokenizer;
     let text = if a.chat {
@@ -728,8 +739,14 @@ fn cmd_llama_bench(a: BenchArgs) -> Result<()> {
         );
         let mem = ember_runtime::sys::memory();
         let device_peak = engine.model.device_memory().map_or(0, |m| m.peak_bytes);
-        st.save_llama_bench(&head, engine.cfg.prefill_chunk, &results, mem.rss_peak_bytes, device_peak)
-            .map(|_| st.path().display().to_string())
+        st.save_llama_bench(
+            &head,
+            engine.cfg.prefill_chunk,
+            &results,
+            mem.rss_peak_bytes,
+            device_peak,
+        )
+        .map(|_| st.path().display().to_string())
     });
     let name = engine
         .file
@@ -808,7 +825,14 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     if a.requests == Some(0) {
         bail!("--requests must be at least 1");
     }
-    let engine = open_engine(a.model.clone(), a.backend.as_deref().unwrap_or("auto"), a.threads, a.ctx, a.batch, a.no_mmap)?;
+    let engine = open_engine(
+        a.model.clone(),
+        a.backend.as_deref().unwrap_or("auto"),
+        a.threads,
+        a.ctx,
+        a.batch,
+        a.no_mmap,
+    )?;
     let n_ctx = engine.cfg.n_ctx;
     let sampler = SamplerConfig {
         temperature: a.temp,
@@ -1079,7 +1103,10 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
     };
     match (&stored, &store) {
         (Some(Ok(n)), Some(st)) if *n > 1 => {
-            eprintln!("ember: {n} sweep steps saved as runs to {}", st.path().display())
+            eprintln!(
+                "ember: {n} sweep steps saved as runs to {}",
+                st.path().display()
+            )
         }
         (Some(Ok(_)), Some(st)) => eprintln!("ember: run saved to {}", st.path().display()),
         _ => {}
@@ -1117,14 +1144,13 @@ fn cmd_bench_workload(a: BenchArgs) -> Result<()> {
 }
 
 /// The results store for `bench`: none with --no-db, else --db, $EMBER_DB or the default path.
-fn open_store(
-    no_db: bool,
-    db: Option<&PathBuf>,
-) -> Result<Option<ember_bench::store::Store>> {
+fn open_store(no_db: bool, db: Option<&PathBuf>) -> Result<Option<ember_bench::store::Store>> {
     if no_db {
         return Ok(None);
     }
-    let path = db.cloned().unwrap_or_else(ember_bench::store::default_db_path);
+    let path = db
+        .cloned()
+        .unwrap_or_else(ember_bench::store::default_db_path);
     // The store's errors name the file.
     let store = ember_bench::store::Store::open(&path).context("opening the results store")?;
     Ok(Some(store))

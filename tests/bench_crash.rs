@@ -126,7 +126,10 @@ fn kill_9_mid_sweep_loses_nothing_that_finished() {
         finished >= 2,
         "the calibration and at least one rate were stored as finished runs ({finished})"
     );
-    assert!(running <= 1, "only the step that was killed is unfinished ({running})");
+    assert!(
+        running <= 1,
+        "only the step that was killed is unfinished ({running})"
+    );
     // Each stored step is a run of its own load: the calibration's sync, then rates.
     let loads: Vec<String> = c
         .prepare("SELECT load FROM runs ORDER BY run_id")

@@ -39,14 +39,24 @@ fn llama_bench_mode_writes_its_tests_to_the_store_and_compare_shows_them() {
         assert!(err.contains("run saved to"), "{err}");
     }
     // One run, one row per test with its two repetitions, as llama-bench's -o sql has them.
-    assert_eq!(count(&a, "SELECT count(*) FROM runs WHERE status = 'finished'"), 1);
+    assert_eq!(
+        count(&a, "SELECT count(*) FROM runs WHERE status = 'finished'"),
+        1
+    );
     let c = rusqlite::Connection::open(&a).unwrap();
     let mut st = c
         .prepare("SELECT test, n_prompt, n_gen, reps, avg_ts, samples_ts FROM v_llama_bench ORDER BY test")
         .unwrap();
     let rows: Vec<(String, i64, i64, i64, f64, String)> = st
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .unwrap()
         .map(Result::unwrap)
@@ -58,14 +68,24 @@ fn llama_bench_mode_writes_its_tests_to_the_store_and_compare_shows_them() {
         assert_eq!(*reps, 2, "{test}");
         let s: Vec<f64> = serde_json::from_str(samples).unwrap();
         assert_eq!(s.len(), 2, "{test}");
-        assert!((avg_ts - (s[0] + s[1]) / 2.0).abs() < 1e-6 * avg_ts, "{test}");
+        assert!(
+            (avg_ts - (s[0] + s[1]) / 2.0).abs() < 1e-6 * avg_ts,
+            "{test}"
+        );
     }
     // The workload matches across files, so compare puts them side by side, test by test.
     let out = ember().arg("compare").arg(&a).arg(&b).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("llama-bench pp8,tg4"), "{text}");
-    assert!(text.contains("pp8 tokens/s") && text.contains("tg4 tokens/s"), "{text}");
+    assert!(
+        text.contains("pp8 tokens/s") && text.contains("tg4 tokens/s"),
+        "{text}"
+    );
     assert!(!text.contains("NOT COMPARED"), "{text}");
     // ... and the regression gate checks those figures.
     let out = ember()
@@ -82,7 +102,10 @@ fn llama_bench_mode_writes_its_tests_to_the_store_and_compare_shows_them() {
         .iter()
         .map(|g| g["figure"].as_str().unwrap())
         .collect();
-    assert!(gated.contains(&"pp8 tokens/s") && gated.contains(&"tg4 tokens/s"), "{gated:?}");
+    assert!(
+        gated.contains(&"pp8 tokens/s") && gated.contains(&"tg4 tokens/s"),
+        "{gated:?}"
+    );
 }
 
 #[test]
@@ -94,7 +117,11 @@ fn no_db_writes_nothing_in_either_mode() {
         &["bench", "-n", "2", "--no-db"][..],
     ] {
         let out = ember().args(args).env("EMBER_DB", &db).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert!(!db.exists(), "--no-db created {}", db.display());
 }
@@ -109,7 +136,11 @@ fn a_request_that_cannot_be_stored_fails_the_run_and_is_counted() {
         .arg(&db)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     rusqlite::Connection::open(&db)
         .unwrap()
         .execute_batch(
@@ -154,5 +185,8 @@ fn an_unusable_store_path_is_one_clear_error() {
         1,
         "the cause once: {err}"
     );
-    assert!(err.contains("results store") && err.contains(dir.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("results store") && err.contains(dir.to_str().unwrap()),
+        "{err}"
+    );
 }

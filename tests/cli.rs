@@ -201,13 +201,26 @@ fn inspect_reports_quant_mix_and_params() {
 #[test]
 fn no_mmap_reads_the_weights_into_memory_and_decodes_the_same() {
     let out = ember()
-        .args(["-v", "run", "-p", "hello", "-n", "10", "--temp", "0", "--no-mmap"])
+        .args([
+            "-v",
+            "run",
+            "-p",
+            "hello",
+            "-n",
+            "10",
+            "--temp",
+            "0",
+            "--no-mmap",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("read into memory"), "the load says so: {err}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "pqrstuvwxy");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "pqrstuvwxy"
+    );
     // Bad files fail the same way when read instead of mapped, empty ones included.
     let dir = tmpdir("nommap");
     let good = ember_runtime::embedded::build();
@@ -234,7 +247,10 @@ fn no_mmap_reads_the_weights_into_memory_and_decodes_the_same() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("missing.gguf") && err.contains("cannot open"), "{err}");
+    assert!(
+        err.contains("missing.gguf") && err.contains("cannot open"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -303,7 +319,12 @@ fn bad_files_get_clear_errors() {
         }
         let n = (ember_runtime::embedded::N_EMBD / ember_runtime::embedded::N_HEADS / 2) as u64;
         let ones: Vec<u8> = (0..n).flat_map(|_| 1f32.to_le_bytes()).collect();
-        w.tensor("rope_freqs.weight", &[n], ember_runtime::quant::GgmlType::F32, ones);
+        w.tensor(
+            "rope_freqs.weight",
+            &[n],
+            ember_runtime::quant::GgmlType::F32,
+            ones,
+        );
         w.to_bytes()
     };
     expect_error(
@@ -337,7 +358,17 @@ fn prompt_longer_than_context_is_refused() {
 #[test]
 fn a_context_beyond_the_training_context_is_clamped_with_a_notice() {
     let out = ember()
-        .args(["run", "-c", "999999999", "-n", "4", "--temp", "0", "-p", "hello"])
+        .args([
+            "run",
+            "-c",
+            "999999999",
+            "-n",
+            "4",
+            "--temp",
+            "0",
+            "-p",
+            "hello",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -427,7 +458,17 @@ fn without_a_graphical_session_the_gpu_probe_prints_no_errors() {
         let out = ember()
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("NODEVICE_SELECT")
-            .args(["run", "-p", "hello", "-n", "2", "--temp", "0", "--backend", backend])
+            .args([
+                "run",
+                "-p",
+                "hello",
+                "-n",
+                "2",
+                "--temp",
+                "0",
+                "--backend",
+                backend,
+            ])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -445,7 +486,17 @@ fn the_backends_variable_hides_adapters_the_probe_would_find() {
     // `--backend wgpu` takes software adapters too (lavapipe in CI): hidden, it must fall back.
     let out = ember()
         .env("EMBER_WGPU_BACKENDS", "none")
-        .args(["run", "-p", "hello", "-n", "2", "--temp", "0", "--backend", "wgpu"])
+        .args([
+            "run",
+            "-p",
+            "hello",
+            "-n",
+            "2",
+            "--temp",
+            "0",
+            "--backend",
+            "wgpu",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

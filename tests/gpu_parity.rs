@@ -261,8 +261,14 @@ fn attention_with_gqa_and_cache() {
     // The host cache holds f16 (exact for these rounded values).
     let mut kb = vec![f16::ZERO; 2 * bs * kv_heads * hd];
     let mut vb = kb.clone();
-    kb[..k.len()].iter_mut().zip(&k).for_each(|(o, &x)| *o = f16::from_f32(x));
-    vb[..v.len()].iter_mut().zip(&v).for_each(|(o, &x)| *o = f16::from_f32(x));
+    kb[..k.len()]
+        .iter_mut()
+        .zip(&k)
+        .for_each(|(o, &x)| *o = f16::from_f32(x));
+    vb[..v.len()]
+        .iter_mut()
+        .zip(&v)
+        .for_each(|(o, &x)| *o = f16::from_f32(x));
     let (k0, k1) = kb.split_at(bs * kv_heads * hd);
     let (v0, v1) = vb.split_at(bs * kv_heads * hd);
     let shape = AttnShape {
@@ -324,7 +330,13 @@ fn embedded_model_end_to_end() {
     assert!(e <= 1e-4, "logits NMSE {e:e}");
     for g in &ember_runtime::embedded::GOLDEN {
         let r = ember_runtime::embedded::run_golden(&gpu, g).unwrap();
-        assert!(r.pass(g), "{} on wgpu: {:?} {}", g.name, r.text, r.diff.describe());
+        assert!(
+            r.pass(g),
+            "{} on wgpu: {:?} {}",
+            g.name,
+            r.text,
+            r.diff.describe()
+        );
     }
     let n_vocab = cpu.model.config().n_vocab;
     for (i, (ra, rb)) in a

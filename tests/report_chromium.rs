@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ember_bench::store::Store;
 use ember_bench::llamabench::{self, Test};
+use ember_bench::store::Store;
 use ember_bench::store::testdata::{SynthSpec, synth_run};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
@@ -304,9 +304,15 @@ fn report_renders_in_headless_chromium_with_every_plot() {
         );
     }
     // llama-bench runs get their own table, and their comparison one chart per test.
-    assert!(html.contains("<h2>llama-bench tests</h2>"), "no llama-bench section");
+    assert!(
+        html.contains("<h2>llama-bench tests</h2>"),
+        "no llama-bench section"
+    );
     for t in ["pp512 tokens/s", "tg128 tokens/s"] {
-        assert!(html.contains(&format!("<title>{t}</title>")), "no chart of {t}");
+        assert!(
+            html.contains(&format!("<title>{t}</title>")),
+            "no chart of {t}"
+        );
     }
     let svg_ns = r#"xmlns="http://www.w3.org/2000/svg""#;
     assert_eq!(

@@ -75,8 +75,17 @@ macro_rules! p {
 /// The figures `ember compare` shows, in order.
 pub fn figure_defs() -> Vec<FigureDef> {
     vec![
-        FigureDef::new("measured", "requests measured", "", Better::Higher, false, |f| Some((f.figures.measured as f64, false))),
-        FigureDef::new("error_rate", "error rate", "%", Better::Lower, false, |f| Some((f.figures.error_rate * 100.0, false))),
+        FigureDef::new(
+            "measured",
+            "requests measured",
+            "",
+            Better::Higher,
+            false,
+            |f| Some((f.figures.measured as f64, false)),
+        ),
+        FigureDef::new("error_rate", "error rate", "%", Better::Lower, false, |f| {
+            Some((f.figures.error_rate * 100.0, false))
+        }),
         p!("ttft_p50", "TTFT p50", "ttft", "p50", true),
         p!("ttft_p90", "TTFT p90", "ttft", "p90", false),
         p!("ttft_p99", "TTFT p99", "ttft", "p99", true),
@@ -89,26 +98,86 @@ pub fn figure_defs() -> Vec<FigureDef> {
         p!("e2e_p50", "e2e p50", "e2e", "p50", true),
         p!("e2e_p99", "e2e p99", "e2e", "p99", true),
         p!("queue_p99", "queue p99", "queue", "p99", false),
-        FigureDef::new("output_tps", "output tokens/s", "tok/s", Better::Higher, true, |f| Some((f.figures.output_tps, false))),
-        FigureDef::new("input_tps", "input tokens/s", "tok/s", Better::Higher, false, |f| Some((f.figures.input_tps, false))),
-        FigureDef::new("decode_tps", "decode tokens/s (total)", "tok/s", Better::Higher, true, |f| f.figures.decode_tps_total.map(|x| (x, false))),
-        FigureDef::new("prefill_tps", "prefill tokens/s (total)", "tok/s", Better::Higher, true, |f| f.figures.prefill_tps_total.map(|x| (x, false))),
-        FigureDef::new("rps", "requests/s", "req/s", Better::Higher, false, |f| Some((f.figures.rps, false))),
-        FigureDef::new("goodput", "goodput", "req/s", Better::Higher, true, |f| f.goodput_rps.map(|x| (x, false))),
-        FigureDef::new("attainment", "SLO attainment", "%", Better::Higher, true, |f| f.slo_attainment.map(|x| (x * 100.0, false))),
+        FigureDef::new(
+            "output_tps",
+            "output tokens/s",
+            "tok/s",
+            Better::Higher,
+            true,
+            |f| Some((f.figures.output_tps, false)),
+        ),
+        FigureDef::new(
+            "input_tps",
+            "input tokens/s",
+            "tok/s",
+            Better::Higher,
+            false,
+            |f| Some((f.figures.input_tps, false)),
+        ),
+        FigureDef::new(
+            "decode_tps",
+            "decode tokens/s (total)",
+            "tok/s",
+            Better::Higher,
+            true,
+            |f| f.figures.decode_tps_total.map(|x| (x, false)),
+        ),
+        FigureDef::new(
+            "prefill_tps",
+            "prefill tokens/s (total)",
+            "tok/s",
+            Better::Higher,
+            true,
+            |f| f.figures.prefill_tps_total.map(|x| (x, false)),
+        ),
+        FigureDef::new("rps", "requests/s", "req/s", Better::Higher, false, |f| {
+            Some((f.figures.rps, false))
+        }),
+        FigureDef::new("goodput", "goodput", "req/s", Better::Higher, true, |f| {
+            f.goodput_rps.map(|x| (x, false))
+        }),
+        FigureDef::new(
+            "attainment",
+            "SLO attainment",
+            "%",
+            Better::Higher,
+            true,
+            |f| f.slo_attainment.map(|x| (x * 100.0, false)),
+        ),
         FigureDef::new("rss_peak", "peak RSS", "MiB", Better::Lower, true, |f| {
-                f.figures
-                    .rss_peak_bytes
-                    .map(|x| (x as f64 / 1048576.0, false))
-            }),
-        FigureDef::new("device_peak", "peak device memory", "MiB", Better::Lower, false, |f| {
+            f.figures
+                .rss_peak_bytes
+                .map(|x| (x as f64 / 1048576.0, false))
+        }),
+        FigureDef::new(
+            "device_peak",
+            "peak device memory",
+            "MiB",
+            Better::Lower,
+            false,
+            |f| {
                 f.figures
                     .device_bytes_peak
                     .filter(|&x| x > 0)
                     .map(|x| (x as f64 / 1048576.0, false))
-            }),
-        FigureDef::new("prefix_hit_rate", "prefix hit rate", "%", Better::Higher, false, |f| f.figures.prefix_hit_rate.map(|x| (x * 100.0, false))),
-        FigureDef::new("usd_per_mtok", "$/Mtok (output)", "$", Better::Lower, false, |f| f.usd_per_mtok().map(|x| (x, false))),
+            },
+        ),
+        FigureDef::new(
+            "prefix_hit_rate",
+            "prefix hit rate",
+            "%",
+            Better::Higher,
+            false,
+            |f| f.figures.prefix_hit_rate.map(|x| (x * 100.0, false)),
+        ),
+        FigureDef::new(
+            "usd_per_mtok",
+            "$/Mtok (output)",
+            "$",
+            Better::Lower,
+            false,
+            |f| f.usd_per_mtok().map(|x| (x, false)),
+        ),
     ]
 }
 
@@ -917,7 +986,13 @@ mod tests {
         .unwrap();
         assert_eq!(load_label(&conc), "concurrency 8");
         assert_eq!(load_x(&conc), Some(("concurrency".to_string(), 8.0)));
-        assert_eq!(load_x(&serde_json::to_string(&LoadSpec::Sync).unwrap()), None);
-        assert_eq!(load_label(r#"{"mode":"llama-bench","reps":5}"#), "llama-bench");
+        assert_eq!(
+            load_x(&serde_json::to_string(&LoadSpec::Sync).unwrap()),
+            None
+        );
+        assert_eq!(
+            load_label(r#"{"mode":"llama-bench","reps":5}"#),
+            "llama-bench"
+        );
     }
 }

@@ -58,7 +58,13 @@ impl BenchResult {
     /// Mean and sample standard deviation of the repetitions' wall time, ns (llama-bench's
     /// avg_ns and stddev_ns).
     pub fn mean_sd_ns(&self) -> (f64, f64) {
-        mean_sd(&self.samples_ns.iter().map(|&x| x as f64).collect::<Vec<_>>())
+        mean_sd(
+            &self
+                .samples_ns
+                .iter()
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>(),
+        )
     }
 }
 
@@ -76,7 +82,13 @@ pub fn test_name(kind: Test, n: usize) -> String {
 pub fn workload_hash(tests: &[(Test, usize)], n_batch: usize) -> String {
     let names: Vec<String> = tests.iter().map(|&(k, n)| test_name(k, n)).collect();
     let mut h = Sha256::new();
-    h.update(format!("ember-llama-bench-v1;tests={};n_batch={n_batch}", names.join(",")).as_bytes());
+    h.update(
+        format!(
+            "ember-llama-bench-v1;tests={};n_batch={n_batch}",
+            names.join(",")
+        )
+        .as_bytes(),
+    );
     h.finalize()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -113,8 +125,9 @@ pub fn run_head(
             seed: TOKEN_SEED,
             hash: workload_hash(tests, n_batch),
             load: serde_json::json!({"mode": "llama-bench", "reps": reps}).to_string(),
-            params: serde_json::json!({"tests": names, "n_batch": n_batch, "token_seed": TOKEN_SEED})
-                .to_string(),
+            params:
+                serde_json::json!({"tests": names, "n_batch": n_batch, "token_seed": TOKEN_SEED})
+                    .to_string(),
             n_requests: 0,
             n_warmup: 0,
         },

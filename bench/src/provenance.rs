@@ -67,7 +67,12 @@ pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance
         model_arch: engine.model.config().arch.clone(),
         model_quant_mix: serde_json::to_string(&mix).unwrap_or_default(),
         weights_bytes: engine.model.weight_bytes(),
-        weights_load: if engine.file.is_mapped() { "mmap" } else { "read" }.into(),
+        weights_load: if engine.file.is_mapped() {
+            "mmap"
+        } else {
+            "read"
+        }
+        .into(),
     }
 }
 

@@ -627,7 +627,12 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
                     row.run.0,
                     esc(&row.device_label()),
                     esc(&row.provenance.model_arch),
-                    esc(&row.provenance.model_sha256.chars().take(8).collect::<String>()),
+                    esc(&row
+                        .provenance
+                        .model_sha256
+                        .chars()
+                        .take(8)
+                        .collect::<String>()),
                     row.provenance.threads,
                     esc(&t.test),
                     t.samples_ns.len(),

@@ -145,7 +145,10 @@ fn a_version_1_file_is_migrated_in_place_and_keeps_its_rows() {
     let runs = s.runs().unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].run_uid, "u1");
-    assert_eq!(runs[0].provenance.weights_load, "", "unknown for an old run");
+    assert_eq!(
+        runs[0].provenance.weights_load, "",
+        "unknown for an old run"
+    );
     assert!(s.llama_bench(runs[0].run).unwrap().is_empty());
     let kind: String = s
         .conn()

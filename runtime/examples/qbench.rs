@@ -144,7 +144,8 @@ fn main() {
             };
             for &isa in &isas {
                 for (nt, pool) in &pools {
-                    let t = pool.install(|| time(budget, || matmul_with(isa, pick(), &x, m, &mut y)));
+                    let t =
+                        pool.install(|| time(budget, || matmul_with(isa, pick(), &x, m, &mut y)));
                     let rate = if m == 1 {
                         format!("{:6.1} GB/s", q.len() as f64 / t / 1e9)
                     } else {

@@ -251,7 +251,11 @@ pub fn qmatmul_vec(x: Vec<f32>, m: usize, w: &QWeightHandle) -> Vec<f32> {
 /// ([`quant::matmul_many`]), on the GGUF blocks in the mapping. `ys[i]` is resized to
 /// `m × ws[i].rows()` (its capacity reused). Each result is bit-identical to [`qmatmul`] on Flex for that weight.
 pub fn qmatmul_many_host(x: &[f32], m: usize, ws: &[&QWeightHandle], ys: &mut [Vec<f32>]) {
-    assert_eq!(ws.len(), ys.len(), "qmatmul_many_host: one output per weight");
+    assert_eq!(
+        ws.len(),
+        ys.len(),
+        "qmatmul_many_host: one output per weight"
+    );
     let mats: Vec<QMatRef<'_>> = ws.iter().map(|w| w.mat()).collect();
     for (y, w) in ys.iter_mut().zip(ws) {
         // Every element is overwritten: keep the old contents rather than zero them.

@@ -597,7 +597,11 @@ fn check_regular(path: &Path) -> Result<(), GgufError> {
         }
     };
     #[cfg(not(unix))]
-    let kind = if ft.is_dir() { "a directory" } else { "not a file" };
+    let kind = if ft.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    };
     Err(GgufError::NotAFile {
         path: path.to_path_buf(),
         kind,

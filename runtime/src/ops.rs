@@ -90,7 +90,11 @@ impl Rope {
         let half = self.n_rot / 2;
         let start = out.len();
         out.resize(start + n * half, (0.0, 0.0));
-        for (t, cs) in out[start..].chunks_exact_mut(half.max(1)).enumerate().take(n) {
+        for (t, cs) in out[start..]
+            .chunks_exact_mut(half.max(1))
+            .enumerate()
+            .take(n)
+        {
             self.angles(pos0 + t, cs);
         }
     }
@@ -111,7 +115,11 @@ impl Rope {
         if half == 0 {
             return;
         }
-        assert_eq!(table.len(), x.len() / row * half, "rope: one table row per token");
+        assert_eq!(
+            table.len(),
+            x.len() / row * half,
+            "rope: one table row per token"
+        );
         for (xr, cs) in x.chunks_exact_mut(row).zip(table.chunks_exact(half)) {
             for h in xr.chunks_exact_mut(hd) {
                 match self.style {
@@ -177,7 +185,11 @@ fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
 /// gate ← silu(gate) · up, with silu(g) = g / (1 + e^−g) ([`exp_f32`]); the same bits on every
 /// ISA (the AVX2 build only widens the vectors).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len(), "silu_mul: gate and up differ in length");
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "silu_mul: gate and up differ in length"
+    );
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 support was detected at run time.
@@ -306,7 +318,10 @@ impl<'a> HeadCache<'a> {
     /// The blocks of `blocks` (`self.k` or `self.v`) the query sees, each with the position of
     /// its first row and how many of its rows count (`block_size`, fewer in the last).
     #[inline(always)]
-    fn spans(&self, blocks: &'a [&'a [f16]]) -> impl Iterator<Item = (usize, &'a [f16], usize)> + 'a {
+    fn spans(
+        &self,
+        blocks: &'a [&'a [f16]],
+    ) -> impl Iterator<Item = (usize, &'a [f16], usize)> + 'a {
         let (bs, n) = (self.block_size, self.n_ctx);
         blocks
             .iter()
@@ -411,7 +426,9 @@ fn attend_avx2(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f3
     let nv = hd / 8;
     // 8 cache values from `row` at element 8·k, widened (SAFETY: rows are `hd` elements, sliced
     // with bounds checks by `row`, and k < nv = hd / 8).
-    let ld8 = |row: &[f16], k: usize| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(8 * k) as *const __m128i)) };
+    let ld8 = |row: &[f16], k: usize| unsafe {
+        _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(8 * k) as *const __m128i))
+    };
     // SAFETY (loads and stores below): `q`/`acc` are local arrays of nv ≤ 32 vectors.
     let mut q = [_mm256_setzero_ps(); 32];
     for (k, qv) in q.iter_mut().enumerate().take(nv) {
@@ -438,7 +455,9 @@ fn attend_avx2(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f3
             for ti in t {
                 sum = _mm256_add_ps(sum, ti);
             }
-            unsafe { _mm256_storeu_ps(scores.as_mut_ptr().add(j + r), _mm256_mul_ps(sum, scale_v)) };
+            unsafe {
+                _mm256_storeu_ps(scores.as_mut_ptr().add(j + r), _mm256_mul_ps(sum, scale_v))
+            };
             r += 8;
         }
         for r in r..take {
@@ -561,7 +580,8 @@ fn attention_in(
     let scale = 1.0 / (hd as f32).sqrt();
     let n_q = q.len() / qrow;
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
+    let avx2 =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c");
     // The query is rounded to f16 like the cached keys (see `round_f16`), as llama.cpp's f16
     // K·Q product does.
     let rounded_q = |t: usize, h: usize, buf: &mut Vec<f32>| {
@@ -620,7 +640,13 @@ mod tests {
     }
 
     /// The second of two kv heads (rows of 2·hd) in blocks of `bs` positions.
-    fn second_head<'a>(kb: &'a [&'a [f16]], vb: &'a [&'a [f16]], bs: usize, hd: usize, n_ctx: usize) -> HeadCache<'a> {
+    fn second_head<'a>(
+        kb: &'a [&'a [f16]],
+        vb: &'a [&'a [f16]],
+        bs: usize,
+        hd: usize,
+        n_ctx: usize,
+    ) -> HeadCache<'a> {
         HeadCache {
             k: kb,
             v: vb,
@@ -657,7 +683,12 @@ mod tests {
             }
             x += 1.0 / 1024.0 + x.abs() * 1e-6;
         }
-        assert!(worst.0 <= 2, "exp_f32 is {} ulp off at x = {}", worst.0, worst.1);
+        assert!(
+            worst.0 <= 2,
+            "exp_f32 is {} ulp off at x = {}",
+            worst.0,
+            worst.1
+        );
         assert_eq!(exp_f32(0.0), 1.0);
         // Clamped ends: finite and tiny / huge, never NaN or infinite.
         assert!(exp_f32(-1000.0) > 0.0 && exp_f32(-1000.0) < 1e-37);
@@ -684,7 +715,10 @@ mod tests {
         assert_eq!(bits(&simd), bits(&scalar));
         for ((&g, &u), &y) in gate.iter().zip(&up).zip(&simd) {
             let want = (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32;
-            assert!((y - want).abs() <= 1e-6 * want.abs().max(1e-3), "silu({g})·{u}: {y} vs {want}");
+            assert!(
+                (y - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "silu({g})·{u}: {y} vs {want}"
+            );
         }
     }
 
@@ -699,7 +733,17 @@ mod tests {
             })
             .collect();
         // Ties, f16 subnormals, overflow to infinity, signed zero.
-        v.extend([1.0 + 1.0 / 2048.0, 1.0 + 3.0 / 2048.0, 6.0e-8, -3.0e-8, 1.0e-5, 65520.0, -70000.0, -0.0, 0.0]);
+        v.extend([
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            6.0e-8,
+            -3.0e-8,
+            1.0e-5,
+            65520.0,
+            -70000.0,
+            -0.0,
+            0.0,
+        ]);
         let want: Vec<u32> = v.iter().map(|&x| round_f16(x).to_bits()).collect();
         round_f16_slice(&mut v);
         let got: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
@@ -799,7 +843,10 @@ mod tests {
         let kb: Vec<&[f16]> = k16.chunks(bs * kvrow).collect();
         let vb: Vec<&[f16]> = v16.chunks(bs * kvrow).collect();
         let q: Vec<f32> = (0..n_q * s.n_heads * s.head_dim).map(|_| rnd()).collect();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
         pool.install(|| attention(&q, &kb, &vb, bs, pos0, s, &mut a));
         pool.install(|| attention_serial(&q, &kb, &vb, bs, pos0, s, &mut b));
@@ -810,7 +857,9 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn attend_avx2_is_bit_identical_to_attend() {
-        if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("f16c") {
+        if !std::arch::is_x86_feature_detected!("avx2")
+            || !std::arch::is_x86_feature_detected!("f16c")
+        {
             return; // nothing to compare on this CPU
         }
         let mut rnd = xorshift(7);
@@ -836,13 +885,22 @@ mod tests {
             assert_eq!(bits(&o1), bits(&o2), "hd {hd} n_ctx {n_ctx}");
             // And against a plain row-by-row evaluation of the same formula.
             let mut sc: Vec<f32> = (0..n_ctx)
-                .map(|j| dot(&q, &k[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd]) * c.scale)
+                .map(|j| {
+                    dot(
+                        &q,
+                        &k[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd],
+                    ) * c.scale
+                })
                 .collect();
             softmax(&mut sc);
             sc.iter_mut().for_each(|p| *p = round_f16(*p));
             let mut o3 = vec![0f32; hd];
             for (j, &p) in sc.iter().enumerate() {
-                axpy(&mut o3, p, &v[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd]);
+                axpy(
+                    &mut o3,
+                    p,
+                    &v[(j / bs) * bs * kvrow + (j % bs) * kvrow + hd..][..hd],
+                );
             }
             assert_eq!(bits(&o1), bits(&o3), "hd {hd} n_ctx {n_ctx} vs row by row");
         }

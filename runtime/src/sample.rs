@@ -108,7 +108,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
             m[i] = if ch[i] > m[i] { ch[i] } else { m[i] };
         }
     }
-    let mut mx = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let mut mx = m
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     for &v in logits.chunks_exact(L).remainder() {
         mx = if v > mx { v } else { mx };
     }
@@ -126,7 +128,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
         start += L;
     }
-    let i = logits[start..].iter().position(|&v| v == mx).expect("the largest value is present");
+    let i = logits[start..]
+        .iter()
+        .position(|&v| v == mx)
+        .expect("the largest value is present");
     (start + i) as u32
 }
 

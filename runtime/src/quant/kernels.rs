@@ -160,18 +160,21 @@ impl QAct {
             ActKind::Q8_0 | ActKind::Q8_1 => {
                 let block = q8_0_block_fn();
                 // Blocks b0.. of the rows: quants, scales, (Q8_1) d·Σq, Σq.
-                let run = |x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], sum32: &mut [i32]| {
-                    for (b, (xb, qb)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
-                        // SAFETY: `block` runs on this CPU (chosen by feature detection).
-                        let (db, sb, sum) =
-                            unsafe { block(xb.try_into().unwrap(), qb.try_into().unwrap()) };
-                        d[b] = db;
-                        if let Some(o) = s.get_mut(b) {
-                            *o = sb;
+                let run =
+                    |x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], sum32: &mut [i32]| {
+                        for (b, (xb, qb)) in
+                            x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate()
+                        {
+                            // SAFETY: `block` runs on this CPU (chosen by feature detection).
+                            let (db, sb, sum) =
+                                unsafe { block(xb.try_into().unwrap(), qb.try_into().unwrap()) };
+                            d[b] = db;
+                            if let Some(o) = s.get_mut(b) {
+                                *o = sb;
+                            }
+                            sum32[b] = sum;
                         }
-                        sum32[b] = sum;
-                    }
-                };
+                    };
                 let m = x.len() / cols.max(1);
                 if m >= 2 && nb >= PAR_MIN_QUANT_BLOCKS && rayon::current_num_threads() > 1 {
                     // A batch of rows: the two halves on two threads (this also has the pool's
@@ -211,7 +214,11 @@ impl QAct {
     /// Build the group layout (see [`QRow`]) from `qs`, `d`, `s` and `sum32` (32-blocks only).
     fn fill_groups(&mut self) {
         let nb = self.cols / 32;
-        let m = if nb == 0 { 0 } else { self.qs.len() / self.cols };
+        let m = if nb == 0 {
+            0
+        } else {
+            self.qs.len() / self.cols
+        };
         let (ngf, tail) = (nb / GROUP, nb % GROUP);
         let ng = ngf + tail.div_ceil(2);
         self.ng = ng;
@@ -270,8 +277,18 @@ impl QAct {
     pub fn row(&self, i: usize) -> QRow<'_> {
         let c = self.cols;
         let nb = c / self.kind.block_len();
-        let gm = if self.ng == 0 { 0 } else { self.gd.len() / (self.ng * GROUP) };
-        let grp = |v: usize| if self.ng == 0 { 0..0 } else { i * v..self.ng * gm * v };
+        let gm = if self.ng == 0 {
+            0
+        } else {
+            self.gd.len() / (self.ng * GROUP)
+        };
+        let grp = |v: usize| {
+            if self.ng == 0 {
+                0..0
+            } else {
+                i * v..self.ng * gm * v
+            }
+        };
         QRow {
             qs: &self.qs[i * c..(i + 1) * c],
             d: &self.d[i * nb..(i + 1) * nb],
@@ -397,13 +414,20 @@ pub(crate) fn quantize_block_q8_0_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32,
     let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     // SAFETY: `q` is 32 writable bytes.
     unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b) };
-    let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
     let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
     let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
     // Both f16 roundings (to nearest even, as `f16::from_f32`) in one F16C round trip.
     let pair = _mm_setr_ps(d, d * sum as f32, 0.0, 0.0);
     let back = _mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(pair));
-    (_mm_cvtss_f32(back), _mm_cvtss_f32(_mm_shuffle_ps::<1>(back, back)), sum)
+    (
+        _mm_cvtss_f32(back),
+        _mm_cvtss_f32(_mm_shuffle_ps::<1>(back, back)),
+        sum,
+    )
 }
 
 /// C `roundf` (half away from zero) to an integer, for |v| < 2^31, without a libm call (the

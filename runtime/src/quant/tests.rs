@@ -656,7 +656,15 @@ fn isa_coverage_is_everything_the_cpu_advertises() {
         if has(&["avx2", "fma", "f16c"]) {
             want.push(Isa::Avx2);
         }
-        if has(&["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"]) {
+        if has(&[
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512_vnni",
+        ]) {
             want.push(Isa::Avx512);
         }
     }
@@ -982,7 +990,9 @@ fn batched_rows_equal_rows_alone_bit_for_bit() {
                         let mut yi = vec![0f32; rows];
                         matmul_with(isa, w, &x[i * cols..(i + 1) * cols], 1, &mut yi);
                         assert!(
-                            yi.iter().zip(&y[i * rows..(i + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            yi.iter()
+                                .zip(&y[i * rows..(i + 1) * rows])
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
                             "{isa:?} {ty} {rows}x{cols}: row {i} of m={m} differs from m=1"
                         );
                     }
@@ -998,9 +1008,22 @@ fn round_half_away_matches_roundf() {
     let mut vals: Vec<f32> = rng.vec(100_000, 130.0);
     for i in -260..=260 {
         let h = i as f32 * 0.5;
-        vals.extend([h, f32::from_bits(h.to_bits() + 1), f32::from_bits(h.to_bits().wrapping_sub(1))]);
+        vals.extend([
+            h,
+            f32::from_bits(h.to_bits() + 1),
+            f32::from_bits(h.to_bits().wrapping_sub(1)),
+        ]);
     }
-    vals.extend([0.0, -0.0, 0.49999997, -0.49999997, 127.0, -127.0, 126.5, -126.5]);
+    vals.extend([
+        0.0,
+        -0.0,
+        0.49999997,
+        -0.49999997,
+        127.0,
+        -127.0,
+        126.5,
+        -126.5,
+    ]);
     for v in vals {
         assert_eq!(round_half_away(v), v.round() as i32, "{v:e}");
     }
@@ -1029,7 +1052,11 @@ fn group_layout_is_the_dword_transpose_of_each_group_then_pairs() {
                         for k in 0..8 {
                             for e in 0..4 {
                                 let want = r.qs[32 * b + 4 * k + e];
-                                assert_eq!(slot[32 * k + 4 * j + e], want, "{kind:?} row {i} block {b} k {k}");
+                                assert_eq!(
+                                    slot[32 * k + 4 * j + e],
+                                    want,
+                                    "{kind:?} row {i} block {b} k {k}"
+                                );
                             }
                         }
                         let l = lane(j);
@@ -1045,12 +1072,19 @@ fn group_layout_is_the_dword_transpose_of_each_group_then_pairs() {
                         let want = if b < nb { r.qs[32 * b + e] } else { 0 };
                         assert_eq!(slot[at], want, "{kind:?} row {i} pair block {b} e {e}");
                     }
-                    let (d, sv, sum) = if b < nb { (r.d[b], s(b), r.sum32[b]) } else { (0.0, 0.0, 0) };
+                    let (d, sv, sum) = if b < nb {
+                        (r.d[b], s(b), r.sum32[b])
+                    } else {
+                        (0.0, 0.0, 0)
+                    };
                     for j in 0..4 {
                         let l = lane(4 * h + j);
                         assert_eq!(r.gd[l], d);
                         let lead = j == 0;
-                        assert_eq!((r.gs[l], r.gsum[l]), if lead { (sv, sum) } else { (0.0, 0) });
+                        assert_eq!(
+                            (r.gs[l], r.gsum[l]),
+                            if lead { (sv, sum) } else { (0.0, 0) }
+                        );
                     }
                 }
                 assert!(slot[64..].iter().all(|&v| v == 0));
@@ -1062,7 +1096,8 @@ fn group_layout_is_the_dword_transpose_of_each_group_then_pairs() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn q8_0_block_avx2_is_bit_exact() {
-    if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("f16c") {
+    if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("f16c")
+    {
         // isa_coverage_is_everything_the_cpu_advertises makes sure this is a real absence.
         eprintln!("skipped: this CPU has no AVX2+F16C");
         return;
@@ -1083,6 +1118,10 @@ fn q8_0_block_avx2_is_bit_exact() {
         // SAFETY: AVX2 was detected above.
         let b = unsafe { super::kernels::quantize_block_q8_0_avx2(&x, &mut q2) };
         assert_eq!(q1, q2, "case {t}");
-        assert_eq!((a.0.to_bits(), a.1.to_bits(), a.2), (b.0.to_bits(), b.1.to_bits(), b.2), "case {t}");
+        assert_eq!(
+            (a.0.to_bits(), a.1.to_bits(), a.2),
+            (b.0.to_bits(), b.1.to_bits(), b.2),
+            "case {t}"
+        );
     }
 }
