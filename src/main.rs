@@ -28,6 +28,8 @@ struct Cli {
 
 #[derive(FromArgs)]
 #[argh(subcommand)]
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Run(RunArgs),
     Tokenize(TokenizeArgs),
@@ -505,10 +507,10 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         }
     });
     let generation = gen_result?;
-    if let Some(e) = io_err {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("writing to stdout");
-        }
+    if let Some(e) = io_err
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e).context("writing to stdout");
     }
     if a.json {
         serde_json::to_writer(&mut stdout, &generation)?;

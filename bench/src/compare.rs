@@ -35,8 +35,12 @@ pub struct FigureDef {
     /// Whether the regression gate checks it.
     pub gated: bool,
     /// The figure of a column, and whether it rests on too few samples.
-    pub get: Box<dyn Fn(&ColumnFigures) -> Option<(f64, bool)>>,
+    pub get: FigureFn,
 }
+
+/// How a [`FigureDef`] reads its figure from a column: the value, and whether it rests on too
+/// few samples.
+pub type FigureFn = Box<dyn Fn(&ColumnFigures) -> Option<(f64, bool)>>;
 
 impl FigureDef {
     fn new(

@@ -383,14 +383,17 @@ fn ember_rss() -> u64 {
     })
 }
 
+/// Called with each request's record as it finishes (see [`set_record_sink`]).
+pub type RecordSink = Box<dyn FnMut(&RequestRecord)>;
+
 thread_local! {
-    static RECORD_SINK: std::cell::RefCell<Option<Box<dyn FnMut(&RequestRecord)>>> = const { std::cell::RefCell::new(None) };
+    static RECORD_SINK: std::cell::RefCell<Option<RecordSink>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Called with each request's record the moment it finishes (on the driving
 /// thread), e.g. to commit it to the results store so a crash loses at most the
 /// requests in flight. `None` removes the sink.
-pub fn set_record_sink(f: Option<Box<dyn FnMut(&RequestRecord)>>) {
+pub fn set_record_sink(f: Option<RecordSink>) {
     RECORD_SINK.with(|s| *s.borrow_mut() = f);
 }
 
@@ -468,15 +471,15 @@ pub fn run(
         let now = clock.now();
         // Submit everything that is due, stamped with its intended arrival.
         if users > 0 {
-            for u in 0..users {
-                if let Some(r) = ready[u]
+            for (u, slot) in ready.iter_mut().enumerate() {
+                if let Some(r) = *slot
                     && r <= now
                     && may_send(sent, r)
                 {
                     let item = &w.items[sent % w.items.len()];
                     let id = d.submit(server, item, r, false);
                     user_of.insert(id, u);
-                    ready[u] = None;
+                    *slot = None;
                     sent += 1;
                 }
             }
@@ -591,6 +594,8 @@ impl SweepObserver for () {
 /// with a few sync requests, then bisects between passing and failing rates,
 /// starting at 0.8 μ, for at most `max_points` rates or `budget` time.
 /// Returns the sweep and the run at the best passing rate (or the last run).
+// Eight arguments: the run's seven plus the observer; a struct for them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn sweep(
     server: &mut dyn Server,
     clock: &dyn Clock,

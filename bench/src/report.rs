@@ -506,8 +506,9 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
 
     // --- sweeps
     h.push_str("<h2>Sweeps: throughput and attainment against load</h2>");
-    let mut sweeps: BTreeMap<(String, String, String, String, String), Vec<(f64, &LoadedRun)>> =
-        BTreeMap::new();
+    // (file, device fingerprint, model sha256, workload name, axis) -> the points of one sweep
+    type SweepKey = (String, String, String, String, String);
+    let mut sweeps: BTreeMap<SweepKey, Vec<(f64, &LoadedRun)>> = BTreeMap::new();
     for r in &runs {
         if let Some((axis, x)) = load_x(&r.row.workload.load) {
             let key = (
@@ -663,13 +664,6 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
             esc(&g.workload_name),
             esc(&g.workload_hash.chars().take(12).collect::<String>())
         );
-        let bars =
-            |f: &dyn Fn(&crate::compare::ColumnFigures) -> Option<f64>| -> Vec<(String, f64)> {
-                g.columns
-                    .iter()
-                    .map(|c| (c.label(), f(&c.pooled).unwrap_or(f64::NAN)))
-                    .collect()
-            };
         if g.columns.iter().any(|c| !c.pooled.llama_bench.is_empty()) {
             // llama-bench tests: one chart per test's tokens/s.
             for (di, d) in group_defs(g)
@@ -681,11 +675,11 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
                     &format!("devices-{gi}-{di}"),
                     &d.label,
                     d.unit,
-                    &bars(&|c| (d.get)(c).map(|x| x.0)),
+                    &column_bars(g, |c| (d.get)(c).map(|x| x.0)),
                 ));
             }
         } else {
-            request_bars(&mut h, gi, &bars);
+            request_bars(&mut h, gi, g);
         }
         h.push_str("</div><pre>");
         h.push_str(&esc(&crate::compare::Comparison {
@@ -712,29 +706,36 @@ svg.plot{{border:1px solid #ddd;background:#fff}}.note{{color:#666;font-size:12p
     Ok(h)
 }
 
+/// One bar per column of `g`: its figure `f` (NaN where it has none).
+fn column_bars(
+    g: &crate::compare::Group,
+    f: impl Fn(&crate::compare::ColumnFigures) -> Option<f64>,
+) -> Vec<(String, f64)> {
+    g.columns
+        .iter()
+        .map(|c| (c.label(), f(&c.pooled).unwrap_or(f64::NAN)))
+        .collect()
+}
+
 /// The device-comparison bars of a group of request runs: output tokens/s, TTFT and ITL p50.
-fn request_bars(
-    h: &mut String,
-    gi: usize,
-    bars: &dyn Fn(&dyn Fn(&crate::compare::ColumnFigures) -> Option<f64>) -> Vec<(String, f64)>,
-) {
+fn request_bars(h: &mut String, gi: usize, g: &crate::compare::Group) {
     h.push_str(&bar_chart(
         &format!("devices-{gi}-tps"),
         "output tokens/s",
         "tok/s",
-        &bars(&|c| Some(c.figures.output_tps)),
+        &column_bars(g, |c| Some(c.figures.output_tps)),
     ));
     h.push_str(&bar_chart(
         &format!("devices-{gi}-ttft"),
         "TTFT p50 (ms)",
         "ms",
-        &bars(&|c| c.figures.dist("ttft").map(|s| s.p50 / 1e6)),
+        &column_bars(g, |c| c.figures.dist("ttft").map(|s| s.p50 / 1e6)),
     ));
     h.push_str(&bar_chart(
         &format!("devices-{gi}-itl"),
         "ITL p50 (ms)",
         "ms",
-        &bars(&|c| c.figures.dist("itl").map(|s| s.p50 / 1e6)),
+        &column_bars(g, |c| c.figures.dist("itl").map(|s| s.p50 / 1e6)),
     ));
 }
 

@@ -252,7 +252,7 @@ fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<ModelConfig, ModelError> 
         .arch_u64(a, ArchKey::RopeDimensionCount)
         .map(|v| v as usize)
         .unwrap_or(head_dim);
-    if n_rot > head_dim || n_rot % 2 != 0 || head_dim == 0 {
+    if n_rot > head_dim || !n_rot.is_multiple_of(2) || head_dim == 0 {
         return Err(bad(format!("rope dims {n_rot} vs head dim {head_dim}")));
     }
     let rope_base = md

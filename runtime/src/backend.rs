@@ -165,11 +165,10 @@ fn out_shape(x: &Shape, w: &QWeightHandle) -> (usize, Shape) {
         w.cols,
         "qmatmul: x's last dimension must equal the weight's cols"
     );
-    let m = if w.cols == 0 {
-        x.num_elements()
-    } else {
-        x.num_elements() / w.cols
-    };
+    let m = x
+        .num_elements()
+        .checked_div(w.cols)
+        .unwrap_or(x.num_elements());
     let mut s = x.clone();
     s[r - 1] = w.rows;
     (m, s)

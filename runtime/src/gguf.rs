@@ -1011,7 +1011,7 @@ impl GgufWriter {
             }
             s => Self::put_scalar(out, s),
         };
-        out[type_pos..type_pos + 4].copy_from_slice(&(t as u32).to_le_bytes());
+        out[type_pos..type_pos + 4].copy_from_slice(&t.to_le_bytes());
     }
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -519,17 +519,17 @@ impl PagedKv {
         }
         // A partially kept block that was shared must not be written: give this
         // sequence a private copy before it appends again.
-        if pos % bs != 0 {
+        if !pos.is_multiple_of(bs) {
             let i = keep - 1;
             let b = self.seqs[&seq].blocks[i];
-            if self.refcount[b as usize] > 1 || self.block_key[b as usize].is_some() {
-                if let Some(nb) = self.take_block() {
-                    let n = self.layout.block_elems();
-                    let (src, dst) = (b as usize * n, nb as usize * n);
-                    self.storage.copy_within(src..src + n, dst);
-                    self.seqs.get_mut(&seq).unwrap().blocks[i] = nb;
-                    self.release_block(b);
-                }
+            if (self.refcount[b as usize] > 1 || self.block_key[b as usize].is_some())
+                && let Some(nb) = self.take_block()
+            {
+                let n = self.layout.block_elems();
+                let (src, dst) = (b as usize * n, nb as usize * n);
+                self.storage.copy_within(src..src + n, dst);
+                self.seqs.get_mut(&seq).unwrap().blocks[i] = nb;
+                self.release_block(b);
             }
         }
     }

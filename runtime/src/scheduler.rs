@@ -373,7 +373,7 @@ impl Server for Scheduler<'_> {
                 done.push((i, FinishKind::Length));
             }
         }
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             self.finish(i, reason, None, out);
         }

@@ -130,7 +130,7 @@ struct Packer {
 impl Packer {
     fn push(&mut self, code: u32) {
         let pw = (32 / self.bits) as usize;
-        if self.n % pw == 0 {
+        if self.n.is_multiple_of(pw) {
             self.codes.push(0);
         }
         *self.codes.last_mut().unwrap() |= code << ((self.n % pw) as u32 * self.bits);
@@ -148,7 +148,7 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
         codes: Vec::with_capacity(n.div_ceil(kind.per_word())),
         n: 0,
     };
-    let mut params = Vec::with_capacity(if group > 0 { 2 * n / group } else { 0 });
+    let mut params = Vec::with_capacity((2 * n).checked_div(group).unwrap_or(0));
     let bb = w.ty.block_bytes();
     let mut sp = |s: f32, o: f32| params.extend_from_slice(&[s, o]);
     for b in w.data.chunks_exact(bb) {
