@@ -1,4 +1,4 @@
-//! Every figure of `shared/METRICS.md`, as pure functions over
+//! Every figure of `docs/METRICS.md`, as pure functions over
 //! [`RequestRecord`]s. No clocks are read here.
 //!
 //! Units: latencies in milliseconds (from integer nanoseconds, so whole-ms
