@@ -5,6 +5,11 @@
 //! m > 1 (batched decode at m = 8, prefill): effective GFLOP/s (2·m·rows·cols / time), best ISA only (m ≤ 16 runs the
 //! integer dot kernels, m > 16 the ISA-independent dequantize + gemm path); m = 4..16 only for
 //! Q4_1. A `dequantize_row` line per matrix gives the single-thread dequantization rate.
+//! `iters=N`: exactly N timed calls per line instead of a time budget (repeatable instruction
+//! counts under `valgrind --tool=callgrind`).
+//! `isa=NAME` (portable, avx2, avx512, neon): only that ISA, for every m. `m=1,8`: only those m.
+//! `threads=1`: only the 1-thread pool (rayon's idle spinning makes 2-thread instruction counts
+//! vary).
 //! `cold`: every call reads a different copy of the weight (≥ 128 MiB of copies in all), so the
 //! weights come from DRAM as in a decode step that walks the whole model, not from the cache.
 
@@ -25,13 +30,18 @@ fn data(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Best (minimum) seconds per call over repeated runs within `budget`.
-fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
+/// Best (minimum) seconds per call over repeated runs within `budget`, or over exactly
+/// `fixed` runs when set (`iters=N`), so that instruction counts (callgrind) do not depend on
+/// how fast the machine happened to be.
+fn time(budget: Duration, fixed: Option<usize>, mut f: impl FnMut()) -> f64 {
     f();
     let start = Instant::now();
     let mut best = f64::INFINITY;
     let mut iters = 0;
-    while iters < 5 || (start.elapsed() < budget && iters < 100_000) {
+    while match fixed {
+        Some(n) => iters < n,
+        None => iters < 5 || (start.elapsed() < budget && iters < 100_000),
+    } {
         let t = Instant::now();
         f();
         best = best.min(t.elapsed().as_secs_f64());
@@ -43,6 +53,10 @@ fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let budget = Duration::from_millis(if quick { 60 } else { 250 });
+    let fixed: Option<usize> = std::env::args().find_map(|a| {
+        a.strip_prefix("iters=")
+            .map(|n| n.parse().expect("iters=N"))
+    });
     let shapes: &[(GgmlType, usize, usize, &str)] = &[
         (GgmlType::Q4_1, 576, 576, "attn q/o"),
         (GgmlType::Q4_1, 192, 576, "attn k/v"),
@@ -57,7 +71,24 @@ fn main() {
         (GgmlType::F16, 1536, 576, "ffn up"),
         (GgmlType::Q4_1, 32768, 2048, "big (DRAM)"),
     ];
-    let pools: Vec<(usize, rayon::ThreadPool)> = [1, 2]
+    let arg = |key: &str| std::env::args().find_map(|a| a.strip_prefix(key).map(str::to_string));
+    let isa_only = arg("isa=").map(|n| {
+        available_isas()
+            .into_iter()
+            .find(|i| i.name() == n)
+            .unwrap_or_else(|| panic!("isa={n}: not available on this CPU"))
+    });
+    let ms: Vec<usize> = arg("m=").map_or(vec![1, 4, 8, 16, 128, 512], |l| {
+        l.split(',')
+            .map(|v| v.parse().expect("m=1,8,..."))
+            .collect()
+    });
+    let threads: Vec<usize> = arg("threads=").map_or(vec![1, 2], |l| {
+        l.split(',')
+            .map(|v| v.parse().expect("threads=1,2"))
+            .collect()
+    });
+    let pools: Vec<(usize, rayon::ThreadPool)> = threads
         .into_iter()
         .map(|n| {
             (
@@ -78,7 +109,7 @@ fn main() {
     let cold = std::env::args().any(|a| a == "cold");
     let filters: Vec<String> = std::env::args()
         .skip(1)
-        .filter(|a| a != "quick" && a != "cold")
+        .filter(|a| a != "quick" && a != "cold" && !a.contains('='))
         .collect();
     for &(ty, rows, cols, what) in shapes {
         let key = format!("{}:{rows}x{cols}", ty.name());
@@ -110,7 +141,7 @@ fn main() {
         };
         {
             let mut row = vec![0f32; cols];
-            let t = time(budget, || {
+            let t = time(budget, fixed, || {
                 for r in 0..rows {
                     dequantize_row(w, r, &mut row);
                 }
@@ -125,7 +156,7 @@ fn main() {
                 (rows * cols) as f64 / t / 1e9
             );
         }
-        for m in [1usize, 4, 8, 16, 128, 512] {
+        for &m in &ms {
             // m = 8 (8 sequences decoding together) for every type and shape, the lm head
             // included; other m > 1 for Q4_1 and prefill sizes; no prefill on the big (lm head,
             // DRAM) shapes.
@@ -137,15 +168,18 @@ fn main() {
             }
             let x = data(m * cols);
             let mut y = vec![0f32; m * rows];
-            let isas = if m == 1 {
+            let isas = if let Some(i) = isa_only {
+                vec![i]
+            } else if m == 1 {
                 available_isas()
             } else {
                 vec![best_isa()]
             };
             for &isa in &isas {
                 for (nt, pool) in &pools {
-                    let t =
-                        pool.install(|| time(budget, || matmul_with(isa, pick(), &x, m, &mut y)));
+                    let t = pool.install(|| {
+                        time(budget, fixed, || matmul_with(isa, pick(), &x, m, &mut y))
+                    });
                     let rate = if m == 1 {
                         format!("{:6.1} GB/s", q.len() as f64 / t / 1e9)
                     } else {
