@@ -8,7 +8,7 @@
 //! bookkeeping time as a percentage of engine step time; then the median of those per mode and
 //! the best decode rate with recording relative to the best without it.
 
-use ember_bench::harness::{self, HarnessOptions, SystemClock};
+use ember_bench::harness::{self, HarnessOptions, Hooks, SystemClock};
 use ember_bench::load::LoadSpec;
 use ember_bench::metrics;
 use ember_bench::workload::{CORPUS, Corpus, LengthDist, SyntheticSpec};
@@ -54,7 +54,7 @@ fn main() {
                 record_tokens: record,
                 ..Default::default()
             };
-            let out = harness::run(&mut server, &SystemClock, &w, &o, &mut |_| {});
+            let out = harness::run(&mut server, &SystemClock, &w, &o, Hooks::default());
             let s = metrics::summarize(&out.records, &out.memory, None);
             println!(
                 "record_tokens={record}: harness {:.1} µs over {} steps = {:.3}% of step time; decode {:.0} tok/s; {} memory samples",

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use crate::compare::{csv, load_label, render_table};
-use crate::store::{Figures, RunRow, Store, StoreError};
+use crate::store::{Figures, RunRow, Store, StoreError, file_label, load_runs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -17,12 +17,14 @@ pub enum Format {
 impl std::str::FromStr for Format {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "csv" => Ok(Format::Csv),
-            "json" => Ok(Format::Json),
-            "md" | "markdown" => Ok(Format::Markdown),
-            _ => Err(format!("unknown format '{s}' (csv, json, md)")),
-        }
+        use Format::*;
+        let names = [
+            ("csv", Csv),
+            ("json", Json),
+            ("md", Markdown),
+            ("markdown", Markdown),
+        ];
+        pick(s, &names, "format", "csv, json, md")
     }
 }
 
@@ -37,12 +39,18 @@ pub enum What {
 impl std::str::FromStr for What {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "runs" => Ok(What::Runs),
-            "requests" => Ok(What::Requests),
-            _ => Err(format!("unknown table '{s}' (runs, requests)")),
-        }
+        let names = [("runs", What::Runs), ("requests", What::Requests)];
+        pick(s, &names, "table", "runs, requests")
     }
+}
+
+/// The value named `s`, or an error that lists the names (`hint`).
+fn pick<T: Copy>(s: &str, names: &[(&str, T)], what: &str, hint: &str) -> Result<T, String> {
+    names
+        .iter()
+        .find(|(n, _)| *n == s)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| format!("unknown {what} '{s}' ({hint})"))
 }
 
 struct Loaded {
@@ -52,23 +60,14 @@ struct Loaded {
 }
 
 fn load(files: &[PathBuf]) -> Result<Vec<Loaded>, StoreError> {
-    let mut out = vec![];
-    for f in files {
-        let store = Store::open_existing(f)?;
-        let file = f
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for row in store.runs()? {
-            let figures = Figures::compute(&store.samples(row.run)?, &store.memory(row.run)?);
-            out.push(Loaded {
-                file: file.clone(),
-                row,
-                figures,
-            });
-        }
-    }
-    Ok(out)
+    Ok(load_runs(files, |_, _| true)?
+        .into_iter()
+        .map(|r| Loaded {
+            file: file_label(&files[r.file_index]),
+            figures: r.figures(),
+            row: r.row,
+        })
+        .collect())
 }
 
 const RUN_COLUMNS: &[&str] = &[
@@ -205,52 +204,46 @@ pub fn export(files: &[PathBuf], what: What, format: Format) -> Result<String, S
             let mut rows = vec![];
             for f in files {
                 let store = Store::open_existing(f)?;
-                let file = f
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let mut st = store
-                    .conn()
-                    .prepare("SELECT * FROM v_request_latency ORDER BY run_id, req_pk")
-                    .map_err(|e| StoreError::Sqlite {
-                        path: f.clone(),
-                        err: e,
-                    })?;
-                if cols.is_empty() {
-                    cols.push("file".into());
-                    cols.extend(st.column_names().map(|s| s.to_string()));
-                }
-                let n = st.column_count();
-                let mut q = st.query([]).map_err(|e| StoreError::Sqlite {
-                    path: f.clone(),
-                    err: e,
-                })?;
-                while let Some(r) = q.next().map_err(|e| StoreError::Sqlite {
-                    path: f.clone(),
-                    err: e,
-                })? {
-                    let mut row = vec![serde_json::json!(file)];
-                    for i in 0..n {
-                        use rusqlite::types::ValueRef;
-                        row.push(
-                            match r.get_ref(i).map_err(|e| StoreError::Sqlite {
-                                path: f.clone(),
-                                err: e,
-                            })? {
-                                ValueRef::Null => serde_json::Value::Null,
-                                ValueRef::Integer(x) => serde_json::json!(x),
-                                ValueRef::Real(x) => serde_json::json!(x),
-                                ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
-                                ValueRef::Blob(_) => serde_json::Value::Null,
-                            },
-                        );
-                    }
-                    rows.push(row);
-                }
+                request_rows(&store, &file_label(f), &mut cols, &mut rows)?;
             }
             Ok(tabular(cols, rows, format))
         }
     }
+}
+
+/// Appends the rows of `v_request_latency` in `store` (and, the first time, its columns).
+fn request_rows(
+    store: &Store,
+    file: &str,
+    cols: &mut Vec<String>,
+    rows: &mut Vec<Vec<serde_json::Value>>,
+) -> Result<(), StoreError> {
+    use rusqlite::types::ValueRef;
+    let e = StoreError::sqlite(store.path());
+    let mut st = store
+        .conn()
+        .prepare("SELECT * FROM v_request_latency ORDER BY run_id, req_pk")
+        .map_err(e)?;
+    if cols.is_empty() {
+        cols.push("file".into());
+        cols.extend(st.column_names().map(|s| s.to_string()));
+    }
+    let n = st.column_count();
+    let mut q = st.query([]).map_err(e)?;
+    while let Some(r) = q.next().map_err(e)? {
+        let mut row = vec![serde_json::json!(file)];
+        for i in 0..n {
+            row.push(match r.get_ref(i).map_err(e)? {
+                ValueRef::Null => serde_json::Value::Null,
+                ValueRef::Integer(x) => serde_json::json!(x),
+                ValueRef::Real(x) => serde_json::json!(x),
+                ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
+                ValueRef::Blob(_) => serde_json::Value::Null,
+            });
+        }
+        rows.push(row);
+    }
+    Ok(())
 }
 
 fn tabular(cols: Vec<String>, rows: Vec<Vec<serde_json::Value>>, format: Format) -> String {

@@ -8,6 +8,8 @@
 //! both measured from the run's origin `t0`; the harness never stamps tokens.
 //!
 //! The clock is a trait so that tests can drive the harness on synthetic time.
+//! What a run reports while it goes (progress, each finished request's record)
+//! is passed in [`Hooks`]; the RSS probe is a field of [`HarnessOptions`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -57,6 +59,9 @@ pub struct HarnessOptions {
     pub rss_interval: Duration,
     /// Progress callback period.
     pub progress_interval: Duration,
+    /// Reads the process's RSS for the memory samples (None: the OS's figure, from /proc).
+    /// Tests give a fixed value.
+    pub rss_probe: Option<fn() -> u64>,
 }
 
 impl Default for HarnessOptions {
@@ -68,8 +73,20 @@ impl Default for HarnessOptions {
             memory_interval: Duration::from_millis(50),
             rss_interval: Duration::from_millis(100),
             progress_interval: Duration::from_millis(100),
+            rss_probe: None,
         }
     }
+}
+
+/// What a run tells its caller while it goes, besides the [`RunOutput`] it returns. Both are
+/// called on the driving thread.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Progress, at most every `progress_interval` and whenever a request finishes.
+    pub progress: Option<&'a mut dyn FnMut(&Progress)>,
+    /// Each request's record (warm-ups too) the moment it finishes, e.g. to commit it to the
+    /// results store so that a crash loses at most the requests in flight.
+    pub record: Option<&'a mut dyn FnMut(&RequestRecord)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -145,10 +162,11 @@ pub fn arrival_schedule(load: &LoadSpec, limits: &Limits, n_items: usize) -> Vec
     }
 }
 
-struct Driver<'a> {
+struct Driver<'a, 'h> {
     t0: Instant,
     o: &'a HarnessOptions,
     w: &'a Workload,
+    hooks: Hooks<'h>,
     records: Vec<RequestRecord>,
     slot: HashMap<RequestId, usize>,
     next_id: u64,
@@ -167,7 +185,32 @@ struct Driver<'a> {
     last_progress: Option<Instant>,
 }
 
-impl Driver<'_> {
+impl<'a, 'h> Driver<'a, 'h> {
+    fn new(t0: Instant, o: &'a HarnessOptions, w: &'a Workload, hooks: Hooks<'h>) -> Self {
+        Driver {
+            t0,
+            o,
+            w,
+            hooks,
+            records: vec![],
+            slot: HashMap::new(),
+            next_id: 0,
+            in_flight: 0,
+            events: Vec::with_capacity(64),
+            memory: vec![],
+            last_sample_at: None,
+            last_rss_at: None,
+            rss: 0,
+            first_evictions: None,
+            last_stats: ServerStats::default(),
+            overhead: Overhead::default(),
+            done: 0,
+            warmup_done: 0,
+            output_tokens: 0,
+            last_progress: None,
+        }
+    }
+
     fn ns(&self, t: Instant) -> Ns {
         t.saturating_duration_since(self.t0).as_nanos() as Ns
     }
@@ -265,11 +308,9 @@ impl Driver<'_> {
                         self.done += 1;
                     }
                     finished.push((id, at));
-                    RECORD_SINK.with(|s| {
-                        if let Some(f) = s.borrow_mut().as_mut() {
-                            f(r)
-                        }
-                    });
+                    if let Some(f) = self.hooks.record.as_mut() {
+                        f(r)
+                    }
                 }
             }
         }
@@ -280,7 +321,10 @@ impl Driver<'_> {
             .last_rss_at
             .is_none_or(|t| now.saturating_duration_since(t) >= self.o.rss_interval)
         {
-            self.rss = ember_rss();
+            self.rss = match self.o.rss_probe {
+                Some(f) => f(),
+                None => ember_runtime::sys::memory().rss_bytes,
+            };
             self.last_rss_at = Some(now);
         }
         let s = server.stats();
@@ -317,19 +361,16 @@ impl Driver<'_> {
         }
     }
 
-    fn progress(
-        &mut self,
-        now: Instant,
-        planned: Option<usize>,
-        force: bool,
-        cb: &mut dyn FnMut(&Progress),
-    ) {
+    fn progress(&mut self, now: Instant, planned: Option<usize>, force: bool) {
         if force
             || self
                 .last_progress
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.o.progress_interval)
         {
             self.last_progress = Some(now);
+            let Some(cb) = self.hooks.progress.as_mut() else {
+                return;
+            };
             cb(&Progress {
                 warmup_done: self.warmup_done,
                 done: self.done,
@@ -346,7 +387,6 @@ impl Driver<'_> {
         server: &mut dyn Server,
         clock: &dyn Clock,
         planned: Option<usize>,
-        cb: &mut dyn FnMut(&Progress),
     ) -> Vec<(RequestId, Instant)> {
         let t = Instant::now();
         let mut ev = std::mem::take(&mut self.events);
@@ -366,74 +406,195 @@ impl Driver<'_> {
         {
             self.sample_memory(server, now, true);
         }
-        self.progress(now, planned, !finished.is_empty(), cb);
+        self.progress(now, planned, !finished.is_empty());
         self.overhead.harness_ns += h.elapsed().as_nanos() as u64;
         finished
     }
+
+    /// Idle: sleep towards `due` in timer-sized slices, so memory is still sampled.
+    fn idle_until(
+        &mut self,
+        server: &dyn Server,
+        clock: &dyn Clock,
+        due: Instant,
+        planned: Option<usize>,
+    ) {
+        let now = clock.now();
+        clock.sleep_until(due.min(now + self.o.memory_interval));
+        let now = clock.now();
+        if self
+            .last_sample_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.o.memory_interval)
+        {
+            self.sample_memory(server, now, true);
+        }
+        self.progress(now, planned, false);
+    }
+
+    /// A server that went idle with requests outstanding dropped them.
+    fn cancel_outstanding(&mut self, clock: &dyn Clock) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let end = self.ns(clock.now());
+        for &i in self.slot.values() {
+            let r = &mut self.records[i];
+            r.finish_ns = end;
+            r.finish_reason = FinishKind::Cancelled;
+            r.error = Some("the server went idle without finishing the request".into());
+        }
+        self.slot.clear();
+        self.in_flight = 0;
+    }
+
+    fn into_output(self, schedule: Vec<Ns>) -> RunOutput {
+        let evictions = self
+            .last_stats
+            .cache_evictions
+            .saturating_sub(self.first_evictions.unwrap_or(0));
+        RunOutput {
+            records: self.records,
+            memory: self.memory,
+            schedule,
+            overhead: self.overhead,
+            cache_evictions: evictions,
+            last_stats: self.last_stats,
+        }
+    }
 }
 
-thread_local! {
-    static RSS_PROBE: std::cell::RefCell<Option<Box<dyn FnMut() -> u64>>> = const { std::cell::RefCell::new(None) };
+/// When the measured phase stops sending: after `planned` requests or at `deadline`.
+#[derive(Clone, Copy)]
+struct Budget {
+    planned: Option<usize>,
+    deadline: Option<Instant>,
 }
 
-fn ember_rss() -> u64 {
-    RSS_PROBE.with(|p| match p.borrow_mut().as_mut() {
-        Some(f) => f(),
-        None => ember_runtime::sys::memory().rss_bytes,
-    })
+impl Budget {
+    /// May the request after `sent` others go out at `at`?
+    fn allows(&self, sent: usize, at: Instant) -> bool {
+        self.planned.is_none_or(|p| sent < p) && self.deadline.is_none_or(|dl| at < dl)
+    }
 }
 
-/// Called with each request's record as it finishes (see [`set_record_sink`]).
-pub type RecordSink = Box<dyn FnMut(&RequestRecord)>;
-
-thread_local! {
-    static RECORD_SINK: std::cell::RefCell<Option<RecordSink>> = const { std::cell::RefCell::new(None) };
+/// Who sends the measured requests, and when: closed-loop users (sync is one user) that send
+/// again `think` after their last request finished, or an open loop's intended schedule.
+struct Senders<'s> {
+    /// The start of the measured phase.
+    tm: Instant,
+    budget: Budget,
+    /// Open loop: intended arrival offsets from `tm` (empty for a closed loop).
+    schedule: &'s [Ns],
+    /// Closed loop: when each user sends next (None while its request runs); empty for an
+    /// open loop.
+    ready: Vec<Option<Instant>>,
+    think: Duration,
+    user_of: HashMap<RequestId, usize>,
+    sent: usize,
 }
 
-/// Called with each request's record the moment it finishes (on the driving
-/// thread), e.g. to commit it to the results store so a crash loses at most the
-/// requests in flight. `None` removes the sink.
-pub fn set_record_sink(f: Option<RecordSink>) {
-    RECORD_SINK.with(|s| *s.borrow_mut() = f);
-}
+impl<'s> Senders<'s> {
+    fn new(
+        load: &LoadSpec,
+        limits: &Limits,
+        tm: Instant,
+        planned: Option<usize>,
+        schedule: &'s [Ns],
+    ) -> Self {
+        let (users, think) = match *load {
+            LoadSpec::Sync => (1, Duration::ZERO),
+            LoadSpec::Concurrency { users, think_ms } => {
+                (users.max(1), Duration::from_millis(think_ms))
+            }
+            LoadSpec::Rate { .. } => (0, Duration::ZERO),
+        };
+        Senders {
+            tm,
+            budget: Budget {
+                planned,
+                deadline: limits
+                    .max_duration_ms
+                    .map(|ms| tm + Duration::from_millis(ms)),
+            },
+            schedule,
+            ready: vec![Some(tm); users],
+            think,
+            user_of: HashMap::new(),
+            sent: 0,
+        }
+    }
 
-/// Replace the RSS probe on this thread (tests use a fixed value).
-pub fn set_rss_probe(f: Option<Box<dyn FnMut() -> u64>>) {
-    RSS_PROBE.with(|p| *p.borrow_mut() = f);
+    fn may_send(&self, at: Instant) -> bool {
+        self.budget.allows(self.sent, at)
+    }
+
+    /// The intended arrival of the open loop's next request, if there is one.
+    fn next_scheduled(&self) -> Option<Instant> {
+        (self.sent < self.schedule.len())
+            .then(|| self.tm + Duration::from_nanos(self.schedule[self.sent]))
+    }
+
+    /// Submit every request that is due by `now`, stamped with its intended arrival.
+    fn submit_due(&mut self, d: &mut Driver, server: &mut dyn Server, now: Instant) {
+        let w = d.w;
+        let items = &w.items;
+        if self.ready.is_empty() {
+            while let Some(due) = self.next_scheduled() {
+                if due > now || !self.may_send(due) {
+                    break;
+                }
+                d.submit(server, &items[self.sent % items.len()], due, false);
+                self.sent += 1;
+            }
+            return;
+        }
+        let budget = self.budget;
+        for (u, slot) in self.ready.iter_mut().enumerate() {
+            if let Some(r) = *slot
+                && r <= now
+                && budget.allows(self.sent, r)
+            {
+                let id = d.submit(server, &items[self.sent % items.len()], r, false);
+                self.user_of.insert(id, u);
+                *slot = None;
+                self.sent += 1;
+            }
+        }
+    }
+
+    /// A request finished at `at`: its user (if a closed loop's) sends again after thinking.
+    fn finished(&mut self, id: RequestId, at: Instant) {
+        if let Some(u) = self.user_of.remove(&id) {
+            self.ready[u] = Some(at + self.think);
+        }
+    }
+
+    /// When the next request is due (None: nothing more will be sent).
+    fn next_due(&self) -> Option<Instant> {
+        if self.ready.is_empty() {
+            return self.next_scheduled().filter(|&due| self.may_send(due));
+        }
+        self.ready
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&r| self.may_send(r))
+            .min()
+    }
 }
 
 /// Run a workload against a server: warm-up requests one at a time, then the
-/// measured requests under `o.load`.
+/// measured requests under `o.load`, telling `hooks` as it goes.
 pub fn run(
     server: &mut dyn Server,
     clock: &dyn Clock,
     w: &Workload,
     o: &HarnessOptions,
-    progress: &mut dyn FnMut(&Progress),
+    hooks: Hooks<'_>,
 ) -> RunOutput {
     assert!(!w.items.is_empty(), "a workload needs at least one request");
     let t0 = clock.now();
-    let mut d = Driver {
-        t0,
-        o,
-        w,
-        records: vec![],
-        slot: HashMap::new(),
-        next_id: 0,
-        in_flight: 0,
-        events: Vec::with_capacity(64),
-        memory: vec![],
-        last_sample_at: None,
-        last_rss_at: None,
-        rss: 0,
-        first_evictions: None,
-        last_stats: ServerStats::default(),
-        overhead: Overhead::default(),
-        done: 0,
-        warmup_done: 0,
-        output_tokens: 0,
-        last_progress: None,
-    };
+    let mut d = Driver::new(t0, o, w, hooks);
     d.sample_memory(server, t0, true);
     let planned = planned_requests(&o.load, &o.limits, w.items.len());
 
@@ -443,125 +604,32 @@ pub fn run(
         d.submit(server, item, now, true);
         d.absorb(&mut vec![]);
         while d.in_flight > 0 && server.has_work() {
-            d.step(server, clock, planned, progress);
+            d.step(server, clock, planned);
         }
     }
 
-    let tm = clock.now();
-    let deadline = o
-        .limits
-        .max_duration_ms
-        .map(|ms| tm + Duration::from_millis(ms));
     let schedule = arrival_schedule(&o.load, &o.limits, w.items.len());
-    let (users, think) = match o.load {
-        LoadSpec::Sync => (1, Duration::ZERO),
-        LoadSpec::Concurrency { users, think_ms } => {
-            (users.max(1), Duration::from_millis(think_ms))
-        }
-        LoadSpec::Rate { .. } => (0, Duration::ZERO),
-    };
-    // Closed loop: when each user sends next (None while its request runs).
-    let mut ready: Vec<Option<Instant>> = vec![Some(tm); users];
-    let mut user_of: HashMap<RequestId, usize> = HashMap::new();
-    let mut sent = 0usize;
-    let may_send = |sent: usize, at: Instant| {
-        planned.is_none_or(|p| sent < p) && deadline.is_none_or(|dl| at < dl)
-    };
+    let mut senders = Senders::new(&o.load, &o.limits, clock.now(), planned, &schedule);
     loop {
-        let now = clock.now();
-        // Submit everything that is due, stamped with its intended arrival.
-        if users > 0 {
-            for (u, slot) in ready.iter_mut().enumerate() {
-                if let Some(r) = *slot
-                    && r <= now
-                    && may_send(sent, r)
-                {
-                    let item = &w.items[sent % w.items.len()];
-                    let id = d.submit(server, item, r, false);
-                    user_of.insert(id, u);
-                    *slot = None;
-                    sent += 1;
-                }
-            }
-        } else {
-            while sent < schedule.len() {
-                let due = tm + Duration::from_nanos(schedule[sent]);
-                if due > now || !may_send(sent, due) {
-                    break;
-                }
-                let item = &w.items[sent % w.items.len()];
-                d.submit(server, item, due, false);
-                sent += 1;
-            }
-        }
+        senders.submit_due(&mut d, server, clock.now());
         d.absorb(&mut vec![]);
-
         if server.has_work() {
-            for (id, at) in d.step(server, clock, planned, progress) {
-                if let Some(u) = user_of.remove(&id) {
-                    ready[u] = Some(at + think);
-                }
+            for (id, at) in d.step(server, clock, planned) {
+                senders.finished(id, at);
             }
             continue;
         }
         // Idle: wait for the next arrival, or stop.
-        let next_due = if users > 0 {
-            ready
-                .iter()
-                .flatten()
-                .copied()
-                .filter(|&r| may_send(sent, r))
-                .min()
-        } else if sent < schedule.len() {
-            let due = tm + Duration::from_nanos(schedule[sent]);
-            may_send(sent, due).then_some(due)
-        } else {
-            None
+        let Some(due) = senders.next_due() else {
+            break;
         };
-        match next_due {
-            Some(due) => {
-                // Sleep in timer-sized slices so memory is still sampled.
-                let now = clock.now();
-                let until = due.min(now + o.memory_interval);
-                clock.sleep_until(until);
-                let now = clock.now();
-                if d.last_sample_at
-                    .is_none_or(|t| now.saturating_duration_since(t) >= o.memory_interval)
-                {
-                    d.sample_memory(server, now, true);
-                }
-                d.progress(now, planned, false, progress);
-            }
-            None => break,
-        }
+        d.idle_until(server, clock, due, planned);
     }
-    // A server that went idle with requests outstanding dropped them.
-    if d.in_flight > 0 {
-        let end = d.ns(clock.now());
-        for &i in d.slot.values() {
-            let r = &mut d.records[i];
-            r.finish_ns = end;
-            r.finish_reason = FinishKind::Cancelled;
-            r.error = Some("the server went idle without finishing the request".into());
-        }
-        d.slot.clear();
-        d.in_flight = 0;
-    }
+    d.cancel_outstanding(clock);
     let end = clock.now();
     d.sample_memory(server, end, true);
-    d.progress(end, planned, true, progress);
-    let evictions = d
-        .last_stats
-        .cache_evictions
-        .saturating_sub(d.first_evictions.unwrap_or(0));
-    RunOutput {
-        records: d.records,
-        memory: d.memory,
-        schedule,
-        overhead: d.overhead,
-        cache_evictions: evictions,
-        last_stats: d.last_stats,
-    }
+    d.progress(end, planned, true);
+    d.into_output(schedule)
 }
 
 /// Sweep settings: bounded in points and in time.
@@ -575,11 +643,13 @@ pub struct SweepConfig {
 }
 
 /// Told about each step of a [`sweep`] (the calibration's sync run first, then one run per
-/// rate) as it starts and as it ends, e.g. to store each step as a run of its own while the
-/// sweep goes on.
+/// rate) as it starts, as each of its requests finishes and as it ends, e.g. to store each
+/// step as a run of its own while the sweep goes on.
 pub trait SweepObserver {
     /// `w` and `limits` are what the step sends under `load`.
     fn step_start(&mut self, w: &Workload, load: &LoadSpec, limits: &Limits);
+    /// A request of the current step finished (the step's [`Hooks::record`]).
+    fn record(&mut self, _r: &RequestRecord) {}
     fn step_end(&mut self, out: &RunOutput);
 }
 
@@ -610,7 +680,12 @@ pub fn sweep(
     let calib_n = w.items.len().clamp(1, 4);
     let mut step = |w: &Workload, o: &HarnessOptions| {
         observer.step_start(w, &o.load, &o.limits);
-        let out = run(server, clock, w, o, progress);
+        let mut record = |r: &RequestRecord| observer.record(r);
+        let hooks = Hooks {
+            progress: Some(&mut *progress),
+            record: Some(&mut record),
+        };
+        let out = run(server, clock, w, o, hooks);
         observer.step_end(&out);
         out
     };

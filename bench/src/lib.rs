@@ -1,7 +1,17 @@
 //! ember's benchmark harness. The runtime emits events; this crate owns the
-//! clocks that turn into figures: workloads and loads driven through the engine
-//! (`harness`), the llama-bench-compatible mode, the metrics, the SQLite results
-//! store and what reads it (compare, report, export), and the self-test.
+//! clocks that turn into figures.
+//!
+//! - Running: [`session`] takes an engine and a typed plan (workload source, load mode, SLO,
+//!   server) and returns the figures, storing the run as it goes; it drives [`harness`] (one
+//!   thread feeding a `Server` under a [`load`], turning its events into records, sampling
+//!   memory; progress and each finished record go to the caller through `harness::Hooks`)
+//!   over a [`workload`], and [`live`] commits each request to the store as it finishes.
+//!   [`llamabench`] is the llama-bench-compatible pp/tg mode.
+//! - Figures: [`metrics`] (TTFT, ITL, TPOT, percentiles, goodput), [`slo`] verdicts,
+//!   [`record`] (what a run is), [`table`] (the terminal table), [`provenance`] and device
+//!   [`profile`]s.
+//! - The SQLite results [`store`] and what reads it: [`compare`], [`report`], [`export`].
+//! - [`selftest`]: is this device healthy, and what can it do.
 
 pub mod compare;
 pub mod export;
@@ -15,6 +25,7 @@ pub mod provenance;
 pub mod record;
 pub mod report;
 pub mod selftest;
+pub mod session;
 pub mod slo;
 pub mod store;
 pub mod table;

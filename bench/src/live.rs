@@ -1,23 +1,21 @@
 //! Writing benchmark runs to the results store while they run.
 //!
-//! A [`LiveRun`] stores the run's row first, then each request the moment it finishes (the
-//! harness's record sink, one transaction per request on a second connection), then the memory
-//! samples and the figures. A `kill -9` therefore loses only the requests in flight. A request
-//! that cannot be written (disk full, a locked or read-only file) is counted, and
-//! [`LiveRun::finish`] fails with [`StoreError::Lost`], naming how many, once everything else
-//! has been stored: a run that could not record what it measured must not look complete.
+//! A [`LiveRun`] stores the run's row first, then each request the moment it finishes (pass
+//! [`LiveRun::record`] as the harness's [`Hooks::record`](crate::harness::Hooks); one
+//! transaction per request on a second connection), then the memory samples and the figures.
+//! A `kill -9` therefore loses only the requests in flight. A request that cannot be written
+//! (disk full, a locked or read-only file) is counted, and [`LiveRun::finish`] fails with
+//! [`StoreError::Lost`], naming how many, once everything else has been stored: a run that
+//! could not record what it measured must not look complete.
 //!
 //! A sweep is a series of runs, one per rate it tries (the calibration's sync run first);
 //! [`SweepRecorder`] stores each as its own live run, so a sweep killed midway keeps every
 //! request of every step that finished.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-
 use crate::harness::{self, RunOutput, SweepObserver};
 use crate::load::{Limits, LoadSpec};
 use crate::metrics::{self, Summary};
-use crate::record::{RunResult, WorkloadInfo};
+use crate::record::{RequestRecord, RunResult, WorkloadInfo};
 use crate::slo::Slo;
 use crate::store::{RunId, Store, StoreError};
 use crate::workload::{self, Workload};
@@ -32,59 +30,58 @@ struct Tally {
 /// A run being written to the store as it happens.
 pub struct LiveRun {
     run: RunId,
-    tally: Rc<RefCell<Tally>>,
+    /// A second connection for the requests: each finished request is its own transaction.
+    sink: Store,
+    tally: Tally,
 }
 
 impl LiveRun {
-    /// Stores `head`'s run row (provenance, workload, SLO; its records are ignored) and installs
-    /// the harness's record sink on this thread, so each request is committed as it finishes.
+    /// Stores `head`'s run row (provenance, workload, SLO; its records are ignored) and opens
+    /// the connection that [`LiveRun::record`] commits each request on.
     pub fn begin(store: &mut Store, head: &RunResult) -> Result<LiveRun, StoreError> {
         let run = store.begin_run(head)?;
-        // A second connection for the sink: each finished request is its own transaction.
-        let mut sink = Store::open(store.path())?.with_options(store.opts.clone());
-        let tally = Rc::new(RefCell::new(Tally::default()));
-        let t = Rc::clone(&tally);
-        harness::set_record_sink(Some(Box::new(move |r| {
-            let mut t = t.borrow_mut();
-            match sink.add_request(run, r) {
-                Ok(()) => t.saved += 1,
-                Err(e) => {
-                    log::error!("results store: request {} not saved: {e}", r.request_id);
-                    t.lost += 1;
-                    t.first_error.get_or_insert_with(|| e.to_string());
-                }
-            }
-        })));
-        Ok(LiveRun { run, tally })
+        let sink = Store::open(store.path())?.with_options(store.opts.clone());
+        Ok(LiveRun {
+            run,
+            sink,
+            tally: Tally::default(),
+        })
     }
 
     pub fn id(&self) -> RunId {
         self.run
     }
 
-    /// Removes the sink, stores `result`'s memory samples and figures, and marks the run
-    /// finished. Fails with [`StoreError::Lost`] when any request could not be written.
+    /// Commits one finished request. A request that cannot be written is counted (and logged),
+    /// and [`LiveRun::finish`] reports it: the run goes on.
+    pub fn record(&mut self, r: &RequestRecord) {
+        match self.sink.add_request(self.run, r) {
+            Ok(()) => self.tally.saved += 1,
+            Err(e) => {
+                log::error!("results store: request {} not saved: {e}", r.request_id);
+                self.tally.lost += 1;
+                self.tally.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Closes the requests' connection, stores `result`'s memory samples and figures, and marks
+    /// the run finished. Fails with [`StoreError::Lost`] when any request could not be written.
     pub fn finish(self, store: &mut Store, result: &RunResult) -> Result<RunId, StoreError> {
-        harness::set_record_sink(None);
-        store.add_memory_samples(self.run, &result.memory)?;
-        store.finish_run(self.run, result)?;
-        let t = self.tally.borrow();
-        if t.lost > 0 {
+        let LiveRun { run, sink, tally } = self;
+        drop(sink);
+        store.add_memory_samples(run, &result.memory)?;
+        store.finish_run(run, result)?;
+        if tally.lost > 0 {
             return Err(StoreError::Lost {
                 path: store.path().to_path_buf(),
-                run: self.run.0,
-                lost: t.lost,
-                total: t.lost + t.saved,
-                first_error: t.first_error.clone().unwrap_or_default(),
+                run: run.0,
+                lost: tally.lost,
+                total: tally.lost + tally.saved,
+                first_error: tally.first_error.unwrap_or_default(),
             });
         }
-        Ok(self.run)
-    }
-}
-
-impl Drop for LiveRun {
-    fn drop(&mut self) {
-        harness::set_record_sink(None);
+        Ok(run)
     }
 }
 
@@ -149,6 +146,12 @@ impl<'a> SweepRecorder<'a> {
 }
 
 impl SweepObserver for SweepRecorder<'_> {
+    fn record(&mut self, r: &RequestRecord) {
+        if let Some((live, _)) = self.live.as_mut() {
+            live.record(r);
+        }
+    }
+
     fn step_start(&mut self, w: &Workload, load: &LoadSpec, limits: &Limits) {
         let schedule = harness::arrival_schedule(load, limits, w.items.len());
         let n = harness::planned_requests(load, limits, w.items.len()).unwrap_or(w.items.len());

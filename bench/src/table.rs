@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::metrics::{Dist, Summary, TagRow};
+use crate::metrics::{Dist, SloReport, Summary, TagRow};
 use crate::record::{RunResult, SweepResult};
 
 fn num(x: f64) -> String {
@@ -97,6 +97,34 @@ pub fn render(
         p.model_path, p.model_arch, p.threads, p.backend, p.adapter, p.cpu_model
     );
     let _ = writeln!(o);
+    dists(&mut o, s);
+    totals(&mut o, r, s);
+    if let Some(slo) = &s.slo {
+        slo_verdicts(&mut o, slo, s.n_measured);
+    }
+    if let Some(sw) = sweep {
+        sweep_points(&mut o, sw);
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "compatibility views (their definitions): GuideLLM ITL {} ms · vLLM TPOT mean {} / median {} / p99 {} ms",
+        num(s.compat.guidellm_itl_ms),
+        num(s.compat.vllm_tpot_mean_ms),
+        num(s.compat.vllm_tpot_median_ms),
+        num(s.compat.vllm_tpot_p99_ms)
+    );
+    if let Some(f) = overhead_fraction {
+        let _ = writeln!(o, "harness overhead: {:.3}% of engine step time", f * 100.0);
+    }
+    if !tags.is_empty() {
+        tag_rows(&mut o, tags);
+    }
+    o
+}
+
+/// The table of distributions.
+fn dists(o: &mut String, s: &Summary) {
     let _ = writeln!(
         o,
         "| {:<16} | {:>5} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
@@ -107,19 +135,23 @@ pub fn render(
         "|{:-<18}|{:->7}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|{:->10}|",
         "", ":", ":", ":", ":", ":", ":", ":", ":", ":", ":"
     );
-    row(&mut o, "ttft ms", &s.ttft_ms);
-    row(&mut o, "queue ms", &s.queue_ms);
-    row(&mut o, "ttft_engine ms", &s.ttft_engine_ms);
-    row(&mut o, "itl ms (per gap)", &s.itl_ms);
-    row(&mut o, "tpot ms", &s.tpot_ms);
-    row(&mut o, "e2e ms", &s.e2e_ms);
-    row(&mut o, "prefill tok/s", &s.prefill_tps);
-    row(&mut o, "decode tok/s", &s.decode_tps);
+    row(o, "ttft ms", &s.ttft_ms);
+    row(o, "queue ms", &s.queue_ms);
+    row(o, "ttft_engine ms", &s.ttft_engine_ms);
+    row(o, "itl ms (per gap)", &s.itl_ms);
+    row(o, "tpot ms", &s.tpot_ms);
+    row(o, "e2e ms", &s.e2e_ms);
+    row(o, "prefill tok/s", &s.prefill_tps);
+    row(o, "decode tok/s", &s.decode_tps);
     let _ = writeln!(
         o,
         "* nearest-rank percentile from too few samples (n < 1/(1-q))"
     );
     let _ = writeln!(o);
+}
+
+/// Throughput, token counts and memory.
+fn totals(o: &mut String, r: &RunResult, s: &Summary) {
     let _ = writeln!(
         o,
         "throughput  {} req/s · output {} tok/s · input {} tok/s · prefill total {} tok/s · decode total {} tok/s",
@@ -148,112 +180,105 @@ pub fn render(
         bytes(m.kv_bytes_used_peak),
         bytes(m.kv_bytes_reserved_peak),
         bytes(m.device_bytes_peak),
-        bytes(p.weights_bytes),
+        bytes(r.provenance.weights_bytes),
         m.samples
     );
-    if let Some(slo) = &s.slo {
-        let _ = writeln!(o);
-        let _ = writeln!(
-            o,
-            "SLO {} (attainment target {:.0}%): {}",
-            slo.name,
-            slo.target * 100.0,
-            if slo.pass { "PASS" } else { "FAIL" }
-        );
-        for v in &slo.verdicts {
-            let small = if slo.small_sample.contains(&v.constraint) {
-                " (* too few samples)"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                o,
-                "  {}  {:<22} measured {} ms{small}",
-                if v.pass { "PASS" } else { "FAIL" },
-                v.constraint,
-                num(v.measured)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "  {}  slo_attainment {:.1}% ({}/{}) >= {:.0}% · goodput {} req/s",
-            if slo.slo_attainment >= slo.target {
-                "PASS"
-            } else {
-                "FAIL"
-            },
-            slo.slo_attainment * 100.0,
-            slo.attaining,
-            s.n_measured,
-            slo.target * 100.0,
-            num(slo.goodput_rps)
-        );
-    }
-    if let Some(sw) = sweep {
-        let _ = writeln!(o);
-        let _ = writeln!(
-            o,
-            "sweep (Poisson arrivals; sync service rate {} req/s):",
-            num(sw.capacity_rps)
-        );
-        for pt in &sw.points {
-            let _ = writeln!(
-                o,
-                "  rate {:>8} req/s · n {:>3} · attainment {:>5.1}% · goodput {:>8} req/s · {}",
-                num(pt.rate_rps),
-                pt.n,
-                pt.slo_attainment * 100.0,
-                num(pt.goodput_rps),
-                if pt.pass { "pass" } else { "fail" }
-            );
-        }
-        match sw.max_goodput_rate {
-            Some(x) => {
-                let _ = writeln!(
-                    o,
-                    "  max_goodput_rate {} req/s (attainment >= {:.0}%)",
-                    num(x),
-                    sw.target * 100.0
-                );
-            }
-            None => {
-                let _ = writeln!(o, "  max_goodput_rate: no rate tried met the target");
-            }
-        }
-    }
+}
+
+/// The SLO's verdict per constraint, then attainment and goodput.
+fn slo_verdicts(o: &mut String, slo: &SloReport, n_measured: usize) {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "compatibility views (their definitions): GuideLLM ITL {} ms · vLLM TPOT mean {} / median {} / p99 {} ms",
-        num(s.compat.guidellm_itl_ms),
-        num(s.compat.vllm_tpot_mean_ms),
-        num(s.compat.vllm_tpot_median_ms),
-        num(s.compat.vllm_tpot_p99_ms)
+        "SLO {} (attainment target {:.0}%): {}",
+        slo.name,
+        slo.target * 100.0,
+        if slo.pass { "PASS" } else { "FAIL" }
     );
-    if let Some(f) = overhead_fraction {
-        let _ = writeln!(o, "harness overhead: {:.3}% of engine step time", f * 100.0);
+    for v in &slo.verdicts {
+        let small = if slo.small_sample.contains(&v.constraint) {
+            " (* too few samples)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "  {}  {:<22} measured {} ms{small}",
+            if v.pass { "PASS" } else { "FAIL" },
+            v.constraint,
+            num(v.measured)
+        );
     }
-    if !tags.is_empty() {
-        let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "  {}  slo_attainment {:.1}% ({}/{}) >= {:.0}% · goodput {} req/s",
+        if slo.slo_attainment >= slo.target {
+            "PASS"
+        } else {
+            "FAIL"
+        },
+        slo.slo_attainment * 100.0,
+        slo.attaining,
+        n_measured,
+        slo.target * 100.0,
+        num(slo.goodput_rps)
+    );
+}
+
+/// A rate sweep's points and its max goodput rate.
+fn sweep_points(o: &mut String, sw: &SweepResult) {
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "sweep (Poisson arrivals; sync service rate {} req/s):",
+        num(sw.capacity_rps)
+    );
+    for pt in &sw.points {
+        let _ = writeln!(
+            o,
+            "  rate {:>8} req/s · n {:>3} · attainment {:>5.1}% · goodput {:>8} req/s · {}",
+            num(pt.rate_rps),
+            pt.n,
+            pt.slo_attainment * 100.0,
+            num(pt.goodput_rps),
+            if pt.pass { "pass" } else { "fail" }
+        );
+    }
+    match sw.max_goodput_rate {
+        Some(x) => {
+            let _ = writeln!(
+                o,
+                "  max_goodput_rate {} req/s (attainment >= {:.0}%)",
+                num(x),
+                sw.target * 100.0
+            );
+        }
+        None => {
+            let _ = writeln!(o, "  max_goodput_rate: no rate tried met the target");
+        }
+    }
+}
+
+/// Per-tag counts and medians.
+fn tag_rows(o: &mut String, tags: &[TagRow]) {
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
+        "tag", "n", "failed", "ttft p50 ms", "e2e p50 ms", "out tok"
+    );
+    for t in tags {
         let _ = writeln!(
             o,
             "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
-            "tag", "n", "failed", "ttft p50 ms", "e2e p50 ms", "out tok"
+            t.tag,
+            t.n,
+            t.n_failed,
+            num(t.ttft_p50_ms),
+            num(t.e2e_p50_ms),
+            t.output_tokens
         );
-        for t in tags {
-            let _ = writeln!(
-                o,
-                "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
-                t.tag,
-                t.n,
-                t.n_failed,
-                num(t.ttft_p50_ms),
-                num(t.e2e_p50_ms),
-                t.output_tokens
-            );
-        }
     }
-    o
 }
 
 fn load_label(load_json: &str) -> String {

@@ -2,7 +2,7 @@
 //! on SmolLM2 (fails when the model was not fetched). Correctness only: the harness's cost as a
 //! ratio is measured by `cargo run --release -p ember-bench --example harness_overhead`.
 
-use ember_bench::harness::{self, HarnessOptions, SystemClock};
+use ember_bench::harness::{self, HarnessOptions, Hooks, SystemClock};
 use ember_bench::load::{Limits, LoadSpec};
 use ember_bench::metrics;
 use ember_bench::workload::{CORPUS, Corpus, LengthDist, SyntheticSpec};
@@ -53,7 +53,7 @@ fn harness_records_every_token_with_and_without_text() {
             record_tokens: record,
             ..Default::default()
         };
-        let out = harness::run(&mut server, &SystemClock, &w, &o, &mut |_| {});
+        let out = harness::run(&mut server, &SystemClock, &w, &o, Hooks::default());
         let s = metrics::summarize(&out.records, &out.memory, None);
         assert_eq!((s.n_warmup, s.n_completed, s.n_failed), (1, 6, 0));
         assert_eq!(s.output_tokens, 6 * 64);
@@ -137,7 +137,7 @@ fn smollm2_ttft_grows_with_concurrency() {
             },
             ..Default::default()
         };
-        let out = harness::run(&mut server, &SystemClock, &w, &o, &mut |_| {});
+        let out = harness::run(&mut server, &SystemClock, &w, &o, Hooks::default());
         let s = metrics::summarize(&out.records, &out.memory, None);
         assert_eq!((s.n_completed, s.output_tokens), (4, 32));
         println!(

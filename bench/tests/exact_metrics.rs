@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use ember_bench::harness::{self, Clock, HarnessOptions};
+use ember_bench::harness::{self, Clock, HarnessOptions, Hooks};
 use ember_bench::load::{Arrivals, Limits, LoadSpec};
 use ember_bench::metrics;
 use ember_bench::record::FinishKind;
@@ -161,8 +161,15 @@ fn setup() -> (FakeClock, FakeServer, Instant) {
         waiting: VecDeque::new(),
         active: None,
     };
-    harness::set_rss_probe(Some(Box::new(|| 1000)));
     (clock, server, base)
+}
+
+/// Harness options whose RSS probe reads a fixed 1000 bytes.
+fn opts() -> HarnessOptions {
+    HarnessOptions {
+        rss_probe: Some(|| 1000),
+        ..Default::default()
+    }
 }
 
 const MS: u64 = 1_000_000;
@@ -185,9 +192,9 @@ fn concurrency_two_every_metric_exact() {
             users: 2,
             think_ms: 0,
         },
-        ..Default::default()
+        ..opts()
     };
-    let out = harness::run(&mut server, &clock, &w, &o, &mut |_| {});
+    let out = harness::run(&mut server, &clock, &w, &o, Hooks::default());
 
     // Records, in ms from the run's origin (see the timeline in the module doc):
     // warm-up 0..5; measured phase starts at 5 with A and B (2 users);
@@ -411,9 +418,9 @@ fn rate_load_stamps_intended_arrivals() {
             arrivals: Arrivals::Constant,
             seed: 0,
         },
-        ..Default::default()
+        ..opts()
     };
-    let out = harness::run(&mut server, &clock, &w, &o, &mut |_| {});
+    let out = harness::run(&mut server, &clock, &w, &o, Hooks::default());
     assert_eq!(out.schedule, vec![0, MS, 2 * MS]);
     let s = metrics::summarize(&out.records, &out.memory, None);
     assert_eq!(
@@ -451,9 +458,9 @@ fn rate_load_stamps_intended_arrivals() {
             arrivals: Arrivals::Constant,
             seed: 0,
         },
-        ..Default::default()
+        ..opts()
     };
-    let out = harness::run(&mut server, &clock, &w, &o, &mut |_| {});
+    let out = harness::run(&mut server, &clock, &w, &o, Hooks::default());
     let s = metrics::summarize(&out.records, &out.memory, None);
     assert_eq!(
         out.records.iter().map(|r| r.arrival_ns).collect::<Vec<_>>(),
@@ -481,9 +488,9 @@ fn sync_think_time_and_limits() {
             max_requests: Some(3),
             max_duration_ms: None,
         },
-        ..Default::default()
+        ..opts()
     };
-    let out = harness::run(&mut server, &clock, &w, &o, &mut |_| {});
+    let out = harness::run(&mut server, &clock, &w, &o, Hooks::default());
     let s = metrics::summarize(&out.records, &out.memory, None);
     assert_eq!((s.n_warmup, s.n_measured), (2, 3));
     // warm-ups 0..5, 5..10; each measured request takes 7 ms (5 + a 2 ms gap), then 3 ms think.
@@ -507,8 +514,51 @@ fn sync_think_time_and_limits() {
             max_requests: None,
             max_duration_ms: Some(25),
         },
-        ..Default::default()
+        ..opts()
     };
-    let out = harness::run(&mut server, &clock, &w, &o, &mut |_| {});
+    let out = harness::run(&mut server, &clock, &w, &o, Hooks::default());
     assert_eq!(out.records.len(), 5); // arrivals 0, 5, 10, 15, 20
+}
+
+#[test]
+fn hooks_get_each_record_as_it_finishes_and_the_progress() {
+    // Sync: a warm-up (L=2, 1 token, 0..5 ms), then A (L=4, 3 tokens, 5..22) and B (L=6,
+    // 2 tokens, 22..41). The record hook sees each request once, complete, when it finishes:
+    // the clock (moved only by the fake server) reads its finish time at that moment.
+    let (clock, mut server, base) = setup();
+    let w = workload(vec![item(4, 3), item(6, 2)], vec![item(2, 1)]);
+    let mut seen = vec![];
+    let mut record = |r: &ember_bench::record::RequestRecord| {
+        let now = clock.now().duration_since(base).as_nanos() as u64;
+        seen.push((r.request_id, r.warmup, r.token_ns.len(), r.finish_ns, now));
+    };
+    let mut progress = vec![];
+    let mut on_progress = |p: &harness::Progress| progress.push((p.warmup_done, p.done));
+    let hooks = Hooks {
+        progress: Some(&mut on_progress),
+        record: Some(&mut record),
+    };
+    let out = harness::run(&mut server, &clock, &w, &opts(), hooks);
+    assert_eq!(
+        seen,
+        [
+            (0, true, 1, 5 * MS, 5 * MS),
+            (1, false, 3, 22 * MS, 22 * MS),
+            (2, false, 2, 41 * MS, 41 * MS)
+        ]
+    );
+    let records: Vec<_> = out
+        .records
+        .iter()
+        .map(|r| (r.request_id, r.warmup, r.token_ns.len(), r.finish_ns))
+        .collect();
+    assert_eq!(
+        records,
+        seen.iter()
+            .map(|&(id, warm, n, fin, _)| (id, warm, n, fin))
+            .collect::<Vec<_>>()
+    );
+    // Progress is told whenever a request finishes, and once more at the end.
+    assert_eq!(progress.last(), Some(&(1, 2)));
+    assert!(progress.contains(&(1, 1)), "{progress:?}");
 }

@@ -1,12 +1,12 @@
-//! The shared decoder as burn tensor code on a burn device: wgpu on a GPU (or burn-flex on the
+//! The device executor of the decoder ([`crate::decoder`]): its ops as burn tensor code on a burn device: wgpu on a GPU (or burn-flex on the
 //! CPU, which the parity tests use to check this file against the CPU fast path).
 //!
 //! * Weights: every matrix is a [`QWeightHandle`] into the mapping; [`backend::prepare`] repacks
 //!   and uploads it once at load, and the quantized matmul is the `QuantOps` backend extension.
 //!   Norm vectors and biases are small f32 tensors on the device.
 //! * KV: the same [`PagedKv`] does the bookkeeping (blocks, prefix index, refcounts, LRU); the
-//!   K and V rows live in one device pool per layer and kind (`[slots, kv_dim]`, slot =
-//!   `block · block_size + offset`), kept in `PagedKv::device_store`, grown by doubling.
+//!   K and V rows live in its device storage ([`ember_runtime::kv::DeviceKv`]: one pool per
+//!   layer and kind, slot = `block · block_size + offset`), grown by doubling.
 //! * Token embeddings are dequantized on the host from the mapping (a few rows per step) and
 //!   uploaded; logits come back as one read per forward pass.
 
@@ -16,27 +16,15 @@ use ember_runtime::backend::{self, HandleError, QWeightHandle};
 use ember_runtime::backend::{Device, Tensor, TensorData};
 use ember_runtime::gguf::GgufFile;
 use ember_runtime::kv::{KvLayout, PagedKv};
-use ember_runtime::model::{BatchItem, DeviceMemory, LogitsWanted, Model, ModelConfig, ModelError};
+use ember_runtime::model::{BatchItem, DeviceMemory, Model, ModelConfig, ModelError};
 use ember_runtime::ops::Rope;
-use ember_runtime::quant;
 use ember_runtime::tensor_ops as T;
 
-use crate::transformer::{QWeight, Transformer};
+use crate::decoder::{self, BatchPlan, DecoderOps, Layer, Norm, QWeight};
+use crate::transformer::Transformer;
 
-struct DevLayer {
-    attn_norm: Tensor<1>,
-    wq: QWeightHandle,
-    wk: QWeightHandle,
-    wv: QWeightHandle,
-    bq: Option<Tensor<1>>,
-    bk: Option<Tensor<1>>,
-    bv: Option<Tensor<1>>,
-    wo: QWeightHandle,
-    ffn_norm: Tensor<1>,
-    w_gate: QWeightHandle,
-    w_up: QWeightHandle,
-    w_down: QWeightHandle,
-}
+/// A layer on the device: matrices uploaded (handles), vectors as tensors.
+type DevLayer = Layer<QWeightHandle, Tensor<1>>;
 
 pub struct DeviceTransformer {
     file: Arc<GgufFile>,
@@ -52,14 +40,6 @@ pub struct DeviceTransformer {
     weight_bytes: u64,
     device_weight_bytes: u64,
     peak: Mutex<u64>,
-}
-
-/// Device K/V pools of one [`PagedKv`].
-struct Pools {
-    /// Slots per pool.
-    cap: usize,
-    k: Vec<Tensor<2>>,
-    v: Vec<Tensor<2>>,
 }
 
 fn vec1(v: &[f32], device: &Device) -> Tensor<1> {
@@ -85,29 +65,16 @@ impl DeviceTransformer {
                 w.start..w.start + w.len,
             )
             .and_then(|h| backend::prepare(&h, &device).map(|b| (h, b)))
-            .map_err(|e: HandleError| ModelError::BadHparams {
+            .map_err(|e: HandleError| ModelError::Device {
                 path: path.clone(),
-                what: format!("device upload: {e}"),
+                what: format!("upload: {e}"),
             })?;
             dev_bytes += h.1 as u64;
             Ok(h.0)
         };
         let mut layers = Vec::with_capacity(t.layers.len());
         for ly in &t.layers {
-            layers.push(DevLayer {
-                attn_norm: vec1(&ly.attn_norm, &device),
-                wq: handle(&ly.wq)?,
-                wk: handle(&ly.wk)?,
-                wv: handle(&ly.wv)?,
-                bq: ly.bq.as_deref().map(|b| vec1(b, &device)),
-                bk: ly.bk.as_deref().map(|b| vec1(b, &device)),
-                bv: ly.bv.as_deref().map(|b| vec1(b, &device)),
-                wo: handle(&ly.wo)?,
-                ffn_norm: vec1(&ly.ffn_norm, &device),
-                w_gate: handle(&ly.w_gate)?,
-                w_up: handle(&ly.w_up)?,
-                w_down: handle(&ly.w_down)?,
-            });
+            layers.push(ly.try_map(&mut handle, |v| vec1(v, &device))?);
         }
         let output = handle(&t.output)?;
         let m = DeviceTransformer {
@@ -154,36 +121,6 @@ impl DeviceTransformer {
     }
 }
 
-impl Pools {
-    fn ensure(&mut self, slots: usize, n_layers: usize, kv_dim: usize, device: &Device) {
-        if slots <= self.cap {
-            return;
-        }
-        let new_cap = slots.max(2 * self.cap).max(64);
-        let grow = |old: Option<Tensor<2>>| {
-            let extra = Tensor::<2>::zeros([new_cap - self.cap, kv_dim], device);
-            match old {
-                Some(o) => Tensor::cat(vec![o, extra], 0),
-                None => extra,
-            }
-        };
-        if self.k.is_empty() {
-            self.k = (0..n_layers).map(|_| grow(None)).collect();
-            self.v = (0..n_layers).map(|_| grow(None)).collect();
-        } else {
-            self.k = std::mem::take(&mut self.k)
-                .into_iter()
-                .map(|t| grow(Some(t)))
-                .collect();
-            self.v = std::mem::take(&mut self.v)
-                .into_iter()
-                .map(|t| grow(Some(t)))
-                .collect();
-        }
-        self.cap = new_cap;
-    }
-}
-
 impl Model for DeviceTransformer {
     fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -221,152 +158,153 @@ impl Model for DeviceTransformer {
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let c = &self.cfg;
-        let items = ember_runtime::model::batch_items(items, c.n_vocab, logits)?;
-        if items.is_empty() {
-            return Ok(());
-        }
-        if kv.device_store.is_none() {
-            kv.device_store = Some(Box::new(Pools {
-                cap: 0,
-                k: vec![],
-                v: vec![],
-            }));
-        }
-        for it in &items {
-            kv.reserve(it.seq, it.tokens.len())?;
-        }
-        let bs = kv.layout.block_size;
-        let kv_dim = c.kv_dim();
-        // Per item: (first row, rows, first position, slot of every position 0..end).
-        let mut segs = Vec::with_capacity(items.len());
-        let mut n = 0;
-        let mut max_slot = 0;
-        for it in &items {
-            let pos0 = kv.seq_len(it.seq);
-            let table = kv.block_table(it.seq);
-            let slots: Vec<usize> = (0..pos0 + it.tokens.len())
-                .map(|p| table[p / bs] as usize * bs + p % bs)
-                .collect();
-            max_slot = max_slot.max(slots.iter().copied().max().unwrap_or(0));
-            segs.push((n, it.tokens.len(), pos0, slots));
-            n += it.tokens.len();
-        }
-        let device = &self.device;
-        let mut pools_box = kv.device_store.take().expect("set above");
-        let pools = pools_box
-            .downcast_mut::<Pools>()
-            .expect("a PagedKv is used by one backend");
-        pools.ensure(max_slot + 1, c.n_layers, kv_dim, device);
-
-        let d = c.n_embd;
-        let mut x_host = vec![0f32; n * d];
-        let embd = quant::QMatRef {
-            ty: self.tok_embd.ty,
-            rows: self.tok_embd.rows,
-            cols: self.tok_embd.cols,
-            data: &self.file.bytes()[self.tok_embd.start..self.tok_embd.start + self.tok_embd.len],
+        let mut pass = DevicePass {
+            m: self,
+            slots: Vec::new(),
+            cos: None,
+            sin: None,
+            x: None,
+            xn: None,
+            qkv: None,
+            att: None,
         };
-        for (row, &t) in x_host
-            .chunks_exact_mut(d)
-            .zip(items.iter().flat_map(|it| it.tokens.iter()))
-        {
-            quant::dequantize_row(embd, t as usize, row);
-        }
-        let mut x = Tensor::<2>::from_data(TensorData::new(x_host, [n, d]), device);
-        let positions: Vec<usize> = segs
-            .iter()
-            .flat_map(|(_, len, pos0, _)| *pos0..*pos0 + *len)
-            .collect();
-        let (cos, sin) = T::rope_tables(&self.rope, &positions, device);
-        let q_dim = c.n_heads * c.head_dim;
+        decoder::forward(&mut pass, c.n_layers, c.n_vocab, items, kv, logits)
+    }
+}
 
-        for (l, ly) in self.layers.iter().enumerate() {
-            let xn = T::rmsnorm(x.clone(), &ly.attn_norm, c.rms_eps);
-            let q = self.linear(xn.clone(), &ly.wq, ly.bq.as_ref());
-            let k = self.linear(xn.clone(), &ly.wk, ly.bk.as_ref());
-            let v = self.linear(xn, &ly.wv, ly.bv.as_ref());
-            let q = T::rope(q, &self.rope, c.n_heads, &cos, &sin);
-            // The cache holds f16 values (llama.cpp's default), as on the CPU path.
-            let k = backend::round_f16(T::rope(k, &self.rope, c.n_kv_heads, &cos, &sin));
-            let v = backend::round_f16(v);
-            // Store the new rows, one contiguous slot run at a time.
-            let (mut kp, mut vp) = (pools.k[l].clone(), pools.v[l].clone());
-            for (r0, len, pos0, slots) in &segs {
-                let mut i = 0;
-                while i < *len {
-                    let s0 = slots[pos0 + i];
-                    let mut j = i + 1;
-                    while j < *len && slots[pos0 + j] == s0 + (j - i) {
-                        j += 1;
-                    }
-                    let rows = r0 + i..r0 + j;
-                    kp = kp.slice_assign(
-                        [s0..s0 + (j - i), 0..kv_dim],
-                        k.clone().slice([rows.clone(), 0..kv_dim]),
-                    );
-                    vp = vp.slice_assign(
-                        [s0..s0 + (j - i), 0..kv_dim],
-                        v.clone().slice([rows, 0..kv_dim]),
-                    );
-                    i = j;
-                }
-            }
-            pools.k[l] = kp.clone();
-            pools.v[l] = vp.clone();
-            let mut outs = Vec::with_capacity(segs.len());
-            for (r0, len, pos0, slots) in &segs {
-                let kh = T::gather_rows(kp.clone(), slots);
-                let vh = T::gather_rows(vp.clone(), slots);
-                let qi = q.clone().slice([*r0..r0 + len, 0..q_dim]);
-                outs.push(T::attention(
-                    qi,
-                    kh,
-                    vh,
-                    *pos0,
-                    c.n_heads,
-                    c.n_kv_heads,
-                    c.head_dim,
-                ));
-            }
-            let att = if outs.len() == 1 {
-                outs.pop().unwrap()
-            } else {
-                Tensor::cat(outs, 0)
-            };
-            x = x + self.linear(att, &ly.wo, None);
-            let xn = T::rmsnorm(x.clone(), &ly.ffn_norm, c.rms_eps);
-            let gate = self.linear(xn.clone(), &ly.w_gate, None);
-            let up = self.linear(xn, &ly.w_up, None);
-            x = x + self.linear(T::silu_mul(gate, up), &ly.w_down, None);
+/// One forward pass on the device: the pass's tensors, taken by each op and put back.
+struct DevicePass<'m> {
+    m: &'m DeviceTransformer,
+    /// Per item, the pool slot of every cache position `0..end` (slot = block · block_size +
+    /// offset).
+    slots: Vec<Vec<usize>>,
+    cos: Option<Tensor<2>>,
+    sin: Option<Tensor<2>>,
+    x: Option<Tensor<2>>,
+    xn: Option<Tensor<2>>,
+    qkv: Option<(Tensor<2>, Tensor<2>, Tensor<2>)>,
+    att: Option<Tensor<2>>,
+}
+
+/// A pass's tensor, set by the op before (the decoder's order guarantees it).
+fn take<X>(t: &mut Option<X>, what: &str) -> X {
+    t.take()
+        .unwrap_or_else(|| panic!("decoder op order: {what} is not set"))
+}
+
+impl DecoderOps for DevicePass<'_> {
+    /// The cache's values live in device pools: set them up before blocks are reserved, which
+    /// the host storage would otherwise make room for.
+    fn bind_kv(&mut self, kv: &mut PagedKv) {
+        kv.device_mut(&self.m.device);
+    }
+
+    fn begin(&mut self, plan: &BatchPlan, kv: &mut PagedKv) -> Result<(), ModelError> {
+        let m = self.m;
+        let mut max_slot = 0;
+        for (it, s) in plan.iter() {
+            let slots = kv
+                .device()
+                .slots(kv.block_table(it.seq), s.pos0 + s.len);
+            max_slot = max_slot.max(slots.iter().copied().max().unwrap_or(0));
+            self.slots.push(slots);
         }
-        kv.device_bytes = 2 * c.n_layers * pools.cap * kv_dim * 4;
-        kv.device_store = Some(pools_box);
-        for it in &items {
-            kv.commit(it.seq, it.tokens);
+        kv.device_mut(&m.device).ensure_slots(max_slot + 1);
+        let x = plan.embed(&m.file, &m.tok_embd);
+        self.x = Some(Tensor::<2>::from_data(
+            TensorData::new(x, [plan.n, m.cfg.n_embd]),
+            &m.device,
+        ));
+        let (cos, sin) = T::rope_tables(&m.rope, &plan.positions(), &m.device);
+        (self.cos, self.sin) = (Some(cos), Some(sin));
+        Ok(())
+    }
+
+    fn norm(&mut self, l: usize, which: Norm) {
+        let ly = &self.m.layers[l];
+        let w = match which {
+            Norm::Attn => &ly.attn_norm,
+            Norm::Ffn => &ly.ffn_norm,
+        };
+        let x = self.x.as_ref().expect("decoder op order: x is not set");
+        self.xn = Some(T::rmsnorm(x.clone(), w, self.m.cfg.rms_eps));
+    }
+
+    fn qkv(&mut self, l: usize) {
+        let (m, ly) = (self.m, &self.m.layers[l]);
+        let xn = take(&mut self.xn, "xn");
+        let q = m.linear(xn.clone(), &ly.wq, ly.bq.as_ref());
+        let k = m.linear(xn.clone(), &ly.wk, ly.bk.as_ref());
+        let v = m.linear(xn, &ly.wv, ly.bv.as_ref());
+        self.qkv = Some((q, k, v));
+    }
+
+    fn rope_store(&mut self, l: usize, plan: &BatchPlan, kv: &mut PagedKv) {
+        let (m, c) = (self.m, &self.m.cfg);
+        let (q, k, v) = take(&mut self.qkv, "q, k, v");
+        let (cos, sin) = (self.cos.as_ref().unwrap(), self.sin.as_ref().unwrap());
+        let q = T::rope(q, &m.rope, c.n_heads, cos, sin);
+        // The cache holds f16 values (llama.cpp's default), as on the CPU path.
+        let k = backend::round_f16(T::rope(k, &m.rope, c.n_kv_heads, cos, sin));
+        let v = backend::round_f16(v);
+        let pools = kv.device_mut(&m.device);
+        for (s, slots) in plan.segs.iter().zip(&self.slots) {
+            pools.write(l, &k, &v, s.r0, &slots[s.pos0..s.pos0 + s.len]);
         }
-        let mut rows = Vec::new();
-        for (it, (r0, len, _, _)) in items.iter().zip(&segs) {
-            match it.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => rows.push(r0 + len - 1),
-                LogitsWanted::All => rows.extend(*r0..r0 + len),
-            }
+        self.qkv = Some((q, k, v));
+    }
+
+    fn attend(&mut self, l: usize, plan: &BatchPlan, kv: &PagedKv) {
+        let c = &self.m.cfg;
+        let q_dim = c.n_heads * c.head_dim;
+        let (q, _, _) = take(&mut self.qkv, "q");
+        let pools = kv.device();
+        let mut outs = Vec::with_capacity(plan.segs.len());
+        for (s, slots) in plan.segs.iter().zip(&self.slots) {
+            let (kh, vh) = pools.gather(l, slots);
+            let qi = q.clone().slice([s.r0..s.r0 + s.len, 0..q_dim]);
+            let (heads, kv_heads) = (c.n_heads, c.n_kv_heads);
+            outs.push(T::attention(qi, kh, vh, s.pos0, heads, kv_heads, c.head_dim));
         }
+        self.att = Some(if outs.len() == 1 {
+            outs.pop().unwrap()
+        } else {
+            Tensor::cat(outs, 0)
+        });
+    }
+
+    fn attn_out(&mut self, l: usize) {
+        let att = take(&mut self.att, "att");
+        let x = take(&mut self.x, "x");
+        self.x = Some(x + self.m.linear(att, &self.m.layers[l].wo, None));
+    }
+
+    fn ffn(&mut self, l: usize) {
+        let (m, ly) = (self.m, &self.m.layers[l]);
+        let xn = take(&mut self.xn, "xn");
+        let gate = m.linear(xn.clone(), &ly.w_gate, None);
+        let up = m.linear(xn, &ly.w_up, None);
+        let x = take(&mut self.x, "x");
+        self.x = Some(x + m.linear(T::silu_mul(gate, up), &ly.w_down, None));
+    }
+
+    fn logits(&mut self, rows: &[usize], logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        let m = self.m;
         if rows.is_empty() {
-            self.note_memory();
+            m.note_memory();
             return Ok(());
         }
-        let h = T::gather_rows(x, &rows);
-        let h = T::rmsnorm(h, &self.output_norm, c.rms_eps);
-        let out = backend::qmatmul(h, &self.output);
+        let h = T::gather_rows(take(&mut self.x, "x"), rows);
+        let h = T::rmsnorm(h, &m.output_norm, m.cfg.rms_eps);
+        let out = backend::qmatmul(h, &m.output);
         *logits = out
             .into_data()
             .try_to_vec::<f32>()
-            .map_err(|e| ModelError::BadHparams {
-                path: self.file.path().display().to_string(),
-                what: format!("reading logits back from the device: {e:?}"),
+            .map_err(|e| ModelError::Device {
+                path: m.file.path().display().to_string(),
+                what: format!("reading logits back: {e:?}"),
             })?;
-        self.note_memory();
+        m.note_memory();
         Ok(())
     }
 }

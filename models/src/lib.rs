@@ -1,9 +1,17 @@
-//! ember model architectures. One file per architecture describes how its
-//! hyper-parameters and tensors are read from GGUF; the decoder itself is the
-//! shared [`transformer`] block, with the differences (biases, RoPE style, tied
-//! output head) carried as data rather than as copies of the code.
+//! ember model architectures. One file per architecture ([`llama`], [`qwen2`]) is an
+//! `ArchSpec`: the differences (biases, RoPE style, tied output head) carried as data rather
+//! than as copies of the code.
+//!
+//! - [`transformer`]: the specs, GGUF tensor names, hyper-parameters and the weights bound to
+//!   the mapping (`Transformer`, the CPU model).
+//! - `decoder`: the layer order, written once over the `DecoderOps` trait, and the batch plan
+//!   (reservation, rows, positions, commit, logits rows) every executor shares.
+//! - `host`: the CPU executor (host buffers, mmapped quantized matmuls, paged host KV).
+//! - [`device`]: the burn-device executor (`DeviceTransformer`: wgpu, or burn-flex in tests).
 
+mod decoder;
 pub mod device;
+mod host;
 pub mod llama;
 pub mod qwen2;
 pub mod transformer;

@@ -1,19 +1,25 @@
-//! The pre-norm decoder-only transformer shared by `llama` and `qwen2`:
-//! `x += attn(rmsnorm(x)); x += swiglu(rmsnorm(x))`, then the output head.
+//! The pre-norm decoder-only transformer shared by `llama` and `qwen2`, as loaded: what
+//! differs between architectures ([`ArchSpec`]), the GGUF tensor names, the hyper-parameters
+//! and binding every weight to its byte range of the mapping. The layer order is
+//! [`crate::decoder`]'s; this file's [`Model`] runs it on the CPU executor (`crate::host`).
 //!
 //! Weights are never copied: every matrix is a byte range of the mapping,
 //! read in place by the quantized kernels. Only the tiny norm vectors and
 //! biases are converted to f32 at load.
 
-use rayon::prelude::*;
 use std::sync::Arc;
 
-use ember_runtime::backend::{self, QWeightHandle};
 use ember_runtime::gguf::{ArchKey, GgufFile, TensorInfo};
 use ember_runtime::kv::PagedKv;
-use ember_runtime::model::{BatchItem, LogitsWanted, Model, ModelConfig, ModelError};
-use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
-use ember_runtime::quant::{self, GgmlType, QMatRef};
+use ember_runtime::model::{BatchItem, Model, ModelConfig, ModelError};
+use ember_runtime::ops::{Rope, RopeStyle};
+use ember_runtime::quant;
+
+use crate::decoder::{self, QWeight};
+use crate::host::HostPass;
+
+/// A layer as the CPU decoder holds it: matrices as byte ranges, vectors in f32.
+pub(crate) type Layer = decoder::Layer<QWeight, Vec<f32>>;
 
 /// What differs between architectures, as data.
 #[derive(Clone, Copy, Debug)]
@@ -65,31 +71,6 @@ impl TensorName {
             FfnDown(l) => format!("blk.{l}.ffn_down.weight"),
         }
     }
-}
-
-/// A weight matrix as a byte range of the mapping.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct QWeight {
-    pub(crate) ty: GgmlType,
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
-    pub(crate) start: usize,
-    pub(crate) len: usize,
-}
-
-pub(crate) struct Layer {
-    pub(crate) attn_norm: Vec<f32>,
-    pub(crate) wq: QWeight, // (n_heads·head_dim, n_embd)
-    pub(crate) wk: QWeight, // (n_kv_heads·head_dim, n_embd)
-    pub(crate) wv: QWeight, // (n_kv_heads·head_dim, n_embd)
-    pub(crate) bq: Option<Vec<f32>>,
-    pub(crate) bk: Option<Vec<f32>>,
-    pub(crate) bv: Option<Vec<f32>>,
-    pub(crate) wo: QWeight, // (n_embd, n_heads·head_dim)
-    pub(crate) ffn_norm: Vec<f32>,
-    pub(crate) w_gate: QWeight, // (n_ff, n_embd)
-    pub(crate) w_up: QWeight,   // (n_ff, n_embd)
-    pub(crate) w_down: QWeight, // (n_embd, n_ff)
 }
 
 pub struct Transformer {
@@ -375,79 +356,6 @@ impl Transformer {
             fault: DecoderFault::from_env(),
         })
     }
-
-    fn mat(&self, w: &QWeight) -> QMatRef<'_> {
-        QMatRef {
-            ty: w.ty,
-            rows: w.rows,
-            cols: w.cols,
-            data: &self.file.bytes()[w.start..w.start + w.len],
-        }
-    }
-
-    /// The weight as a [`QWeightHandle`] on the mapping (no copy).
-    fn handle(&self, w: &QWeight) -> QWeightHandle {
-        QWeightHandle::new(
-            self.file.clone(),
-            w.ty,
-            w.rows,
-            w.cols,
-            w.start..w.start + w.len,
-        )
-        .expect("weight ranges are checked at load")
-    }
-
-    /// y[m × rows] = x[m × cols] · Wᵀ (+ bias) for several projections of the same input
-    /// (q/k/v, gate/up) in one fused call: one activation quantization and one parallel section
-    /// on the mmapped GGUF blocks (`backend::qmatmul_many_host`, the host-buffer form of the
-    /// `QuantOps` burn extension's CPU kernel). Outputs reuse the callers' buffers: no allocation
-    /// per call once they have grown (a fresh 1.5 MiB lm-head buffer per step cost page faults).
-    fn linear_many<const N: usize>(
-        &self,
-        ws: [(&QWeight, Option<&[f32]>); N],
-        x: &[f32],
-        m: usize,
-        ys: [&mut Vec<f32>; N],
-    ) {
-        let hs: Vec<QWeightHandle> = ws.iter().map(|(w, _)| self.handle(w)).collect();
-        let hr: Vec<&QWeightHandle> = hs.iter().collect();
-        let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(N);
-        let mut ys = ys;
-        for y in ys.iter_mut() {
-            bufs.push(std::mem::take(*y));
-        }
-        backend::qmatmul_many_host(x, m, &hr, &mut bufs);
-        for ((y, buf), (w, bias)) in ys.into_iter().zip(bufs).zip(ws) {
-            *y = buf;
-            add_bias(y, w.rows, bias);
-        }
-    }
-
-    fn linear(&self, w: &QWeight, bias: Option<&[f32]>, x: &[f32], m: usize, y: &mut Vec<f32>) {
-        self.linear_many([(w, bias)], x, m, [y]);
-    }
-}
-
-/// Add `bias` (one value per output feature) to every `rows`-wide row of `y`.
-fn add_bias(y: &mut [f32], rows: usize, bias: Option<&[f32]>) {
-    if let Some(b) = bias {
-        for row in y.chunks_exact_mut(rows) {
-            row.iter_mut().zip(b).for_each(|(o, &bb)| *o += bb);
-        }
-    }
-}
-
-/// Scratch buffers for one forward pass.
-#[derive(Default)]
-struct Scratch {
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    proj: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
 }
 
 impl Model for Transformer {
@@ -466,132 +374,7 @@ impl Model for Transformer {
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let c = &self.cfg;
-        let items = ember_runtime::model::batch_items(items, c.n_vocab, logits)?;
-        if items.is_empty() {
-            return Ok(());
-        }
-        // Reserve every sequence's room before any work, so a full cache fails cleanly.
-        for it in &items {
-            kv.reserve(it.seq, it.tokens.len())?;
-        }
-        // Row ranges and start positions of each item in the stacked batch.
-        let mut segs = Vec::with_capacity(items.len());
-        let mut n = 0;
-        for it in &items {
-            segs.push((n, it.tokens.len(), kv.seq_len(it.seq)));
-            n += it.tokens.len();
-        }
-        let d = c.n_embd;
-        let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.kv_dim());
-        let bs = kv.layout.block_size;
-        let mut x = vec![0f32; n * d];
-        let embd = self.mat(&self.tok_embd);
-        let all_tokens = items.iter().flat_map(|it| it.tokens.iter());
-        for (row, &t) in x.chunks_exact_mut(d).zip(all_tokens) {
-            quant::dequantize_row(embd, t as usize, row);
-        }
-        let shape = AttnShape {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
-        // RoPE angles of every row, computed once and shared by all layers' q and k.
-        let half = self.rope.n_rot / 2;
-        let mut angles = Vec::with_capacity(n * half);
-        for &(_, len, pos0) in &segs {
-            self.rope.table(pos0, len, &mut angles);
-        }
-        let mut s = Scratch::default();
-        for (l, ly) in self.layers.iter().enumerate() {
-            s.xn.resize(n * d, 0.0);
-            ops::rmsnorm(&x, &ly.attn_norm, c.rms_eps, &mut s.xn);
-            self.linear_many(
-                [
-                    (&ly.wq, ly.bq.as_deref()),
-                    (&ly.wk, ly.bk.as_deref()),
-                    (&ly.wv, ly.bv.as_deref()),
-                ],
-                &s.xn,
-                n,
-                [&mut s.q, &mut s.k, &mut s.v],
-            );
-            s.att.resize(n * q_dim, 0.0);
-            for (it, &(r0, len, _)) in items.iter().zip(&segs) {
-                let q = &mut s.q[r0 * q_dim..(r0 + len) * q_dim];
-                let k = &mut s.k[r0 * kv_dim..(r0 + len) * kv_dim];
-                let cs = &angles[r0 * half..(r0 + len) * half];
-                if self.fault != Some(DecoderFault::Rope) {
-                    self.rope.apply_table(q, c.n_heads, cs);
-                    self.rope.apply_table(k, c.n_kv_heads, cs);
-                }
-                if self.fault == Some(DecoderFault::Attention) {
-                    q.fill(0.0);
-                }
-                // The cache holds f16 (llama.cpp's default): K is rounded after RoPE, as
-                // llama.cpp copies the rotated f32 K into its f16 cache.
-                ops::round_f16_slice(k);
-                ops::round_f16_slice(&mut s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
-                kv.write(it.seq, l, k, &s.v[r0 * kv_dim..(r0 + len) * kv_dim]);
-            }
-            // Each sequence attends over its own cache: the sequences run in parallel (a
-            // decode step has one query row per sequence, too little work to split alone).
-            let mut jobs = Vec::with_capacity(items.len());
-            let mut att_rest = &mut s.att[..];
-            for (it, &(r0, len, pos0)) in items.iter().zip(&segs) {
-                let (out, rest) = std::mem::take(&mut att_rest).split_at_mut(len * q_dim);
-                att_rest = rest;
-                let (kb, vb) = kv.layer_blocks(it.seq, l);
-                jobs.push((&s.q[r0 * q_dim..(r0 + len) * q_dim], kb, vb, pos0, out));
-            }
-            if jobs.len() > 1 {
-                // One task per sequence; no second split inside each (nested fork/join
-                // measured ~1.6% slower at 8 sequences).
-                jobs.into_par_iter().for_each(|(q, kb, vb, pos0, out)| {
-                    ops::attention_serial(q, &kb, &vb, bs, pos0, shape, out)
-                });
-            } else {
-                for (q, kb, vb, pos0, out) in jobs {
-                    ops::attention(q, &kb, &vb, bs, pos0, shape, out);
-                }
-            }
-            self.linear(&ly.wo, None, &s.att, n, &mut s.proj);
-            x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
-
-            ops::rmsnorm(&x, &ly.ffn_norm, c.rms_eps, &mut s.xn);
-            self.linear_many(
-                [(&ly.w_gate, None), (&ly.w_up, None)],
-                &s.xn,
-                n,
-                [&mut s.gate, &mut s.up],
-            );
-            if self.fault == Some(DecoderFault::Ffn) {
-                s.gate.iter_mut().zip(&s.up).for_each(|(g, &u)| *g *= u);
-            } else {
-                ops::silu_mul(&mut s.gate, &s.up);
-            }
-            self.linear(&ly.w_down, None, &s.gate, n, &mut s.proj);
-            x.iter_mut().zip(&s.proj).for_each(|(a, &b)| *a += b);
-        }
-        for it in &items {
-            kv.commit(it.seq, it.tokens);
-        }
-        // Gather the rows whose logits are wanted, in item order.
-        let mut rows = Vec::new();
-        for (it, &(r0, len, _)) in items.iter().zip(&segs) {
-            match it.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => {
-                    rows.extend_from_slice(&x[(r0 + len - 1) * d..(r0 + len) * d])
-                }
-                LogitsWanted::All => rows.extend_from_slice(&x[r0 * d..(r0 + len) * d]),
-            }
-        }
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let m = rows.len() / d;
-        ops::rmsnorm_inplace(&mut rows, &self.output_norm, c.rms_eps);
-        self.linear(&self.output, None, &rows, m, logits);
-        Ok(())
+        let mut pass = HostPass::new(self);
+        decoder::forward(&mut pass, c.n_layers, c.n_vocab, items, kv, logits)
     }
 }

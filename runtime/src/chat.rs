@@ -175,16 +175,24 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, msg))
 }
 
-/// `strftime_now(fmt)` over UTC, supporting %Y %m %d %H %M %S %y %b %B %a %A %j %p %I %e %%.
+/// The templates' `strftime_now(fmt)`.
 fn strftime_now(fmt: String) -> String {
+    strftime_now_utc(&fmt)
+}
+
+/// The current time (UTC) formatted as [`strftime_at`] does. The workspace's one civil-date
+/// routine: the results store's timestamps come from here too.
+pub fn strftime_now_utc(fmt: &str) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    strftime_at(&fmt, secs)
+    strftime_at(fmt, secs)
 }
 
-fn strftime_at(fmt: &str, secs: i64) -> String {
+/// Unix time `secs` as UTC, formatted like C's `strftime` with %Y %m %d %H %M %S %y %b %B %a
+/// %A %j %p %I %e %% (an unknown directive is copied as is).
+pub fn strftime_at(fmt: &str, secs: i64) -> String {
     const MON: [&str; 12] = [
         "January",
         "February",

@@ -1,6 +1,10 @@
 //! The engine: a loaded model, its tokenizer and a thread pool, and the
-//! generation loop. It stamps events on one monotonic clock and hands them
+//! generation call. It stamps events on one monotonic clock and hands them
 //! to the caller; it never prints and never decides what a metric means.
+//!
+//! [`Engine::generate`] is one request on a [`Scheduler::sequential`]: the same request state
+//! machine ([`crate::request`]) and batch loop as served requests, its events folded into
+//! [`Event`]s and a [`Generation`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,8 +14,12 @@ use serde::Serialize;
 use crate::gguf::GgufFile;
 use crate::kv::KvCache;
 use crate::model::{LogitsWanted, Model, ModelError};
-use crate::sample::{self, Sampler, SamplerConfig};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+pub use crate::request::{Position, TopEntry};
+use crate::request::{RequestError, RequestOptions, RequestOutput};
+use crate::sample::SamplerConfig;
+use crate::scheduler::Scheduler;
+use crate::serve::{FinishKind, RequestId, ServeEvent, ServeRequest, Server};
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -29,8 +37,37 @@ pub enum EngineError {
     },
     #[error("bad sampling parameters: {0}")]
     Sampling(String),
+    /// A request error with no variant of its own here.
+    #[error(transparent)]
+    Request(RequestError),
     #[error("cannot build the thread pool: {0}")]
     Threads(String),
+}
+
+/// `Engine::generate` words a rejected request as it always has (a served request reports
+/// [`RequestError`]'s wording).
+impl From<RequestError> for EngineError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::EmptyPrompt => EngineError::EmptyPrompt,
+            RequestError::PromptTooLong {
+                prompt,
+                max_new,
+                n_ctx,
+            } => EngineError::PromptTooLong {
+                prompt,
+                max_new,
+                n_ctx,
+            },
+            RequestError::Sampling(s) => EngineError::Sampling(s),
+            // The engine's one request is the only holder of its pass's error.
+            RequestError::Model(m) => match Arc::try_unwrap(m) {
+                Ok(m) => EngineError::Model(m),
+                Err(m) => EngineError::Request(RequestError::Model(m)),
+            },
+            e @ RequestError::KvBudget { .. } => EngineError::Request(e),
+        }
+    }
 }
 
 /// Why a generation ended.
@@ -41,6 +78,17 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached (or the context filled up).
     Length,
+}
+
+impl FinishReason {
+    /// A served request's end as a generation's (`None` for an error or a cancel).
+    fn of(kind: FinishKind) -> Option<Self> {
+        match kind {
+            FinishKind::Stop => Some(FinishReason::Stop),
+            FinishKind::Length => Some(FinishReason::Length),
+            FinishKind::Error | FinishKind::Cancelled => None,
+        }
+    }
 }
 
 /// Engine events, stamped when they happen.
@@ -84,20 +132,6 @@ pub struct GenerateRequest {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct TopEntry {
-    pub id: u32,
-    pub logit: f32,
-    pub logprob: f32,
-}
-
-/// The next-token distribution after `consumed` tokens of prompt+generated.
-#[derive(Clone, Debug, Serialize)]
-pub struct Position {
-    pub consumed: usize,
-    pub top: Vec<TopEntry>,
-}
-
-#[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     pub prompt_tokens: Vec<u32>,
     pub generated_tokens: Vec<u32>,
@@ -120,51 +154,6 @@ pub struct Engine {
     pub tokenizer: Tokenizer,
     pub cfg: EngineConfig,
     pool: rayon::ThreadPool,
-}
-
-fn positions_from(
-    logits: &[f32],
-    n_vocab: usize,
-    first_consumed: usize,
-    k: usize,
-) -> Vec<Position> {
-    logits
-        .chunks_exact(n_vocab)
-        .enumerate()
-        .map(|(i, row)| {
-            let lse = sample::logsumexp(row);
-            Position {
-                consumed: first_consumed + i,
-                top: sample::top_k(row, k)
-                    .into_iter()
-                    .map(|(id, logit)| TopEntry {
-                        id,
-                        logit,
-                        logprob: logit - lse,
-                    })
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
-/// Text that may be emitted now: everything except a tail that could still
-/// become the start of a stop string, cut at a char boundary.
-fn safe_emit_len(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stops {
-        for k in (1..s.len()).rev() {
-            if k <= text.len()
-                && text.is_char_boundary(text.len() - k)
-                && s.is_char_boundary(k)
-                && text.ends_with(&s[..k])
-            {
-                hold = hold.max(k);
-                break;
-            }
-        }
-    }
-    text.len() - hold
 }
 
 impl Engine {
@@ -209,168 +198,91 @@ impl Engine {
             .install(|| self.model.forward(tokens, kv, wanted, logits))
     }
 
-    /// Prefill in chunks of `prefill_chunk`; returns the logits wanted.
-    fn prefill(
-        &self,
-        tokens: &[u32],
-        kv: &mut KvCache,
-        all: bool,
-        logits: &mut Vec<f32>,
-    ) -> Result<(), ModelError> {
-        let chunk = self.cfg.prefill_chunk.max(1);
-        let mut out = Vec::new();
-        let n_chunks = tokens.len().div_ceil(chunk);
-        for (i, c) in tokens.chunks(chunk).enumerate() {
-            let last = i + 1 == n_chunks;
-            let wanted = if all {
-                LogitsWanted::All
-            } else if last {
-                LogitsWanted::Last
-            } else {
-                LogitsWanted::None
-            };
-            self.forward(c, kv, wanted, logits)?;
-            if all {
-                out.extend_from_slice(logits);
-            }
-        }
-        if all {
-            *logits = out;
-        }
-        Ok(())
-    }
-
-    /// Generate for one request on a fresh cache, reporting events as they happen.
+    /// Generate for one request on a fresh cache, reporting events as they happen: the
+    /// request runs on a [`Scheduler::sequential`] like any served one, and its events are
+    /// folded into this call's.
     pub fn generate(
         &self,
         req: &GenerateRequest,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Generation, EngineError> {
-        req.sampler.validate().map_err(EngineError::Sampling)?;
-        let n_prompt = req.prompt_tokens.len();
-        if n_prompt == 0 {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let n_ctx = self.cfg.n_ctx;
-        if n_prompt > n_ctx || (req.max_tokens > 0 && n_prompt + 1 > n_ctx) {
-            return Err(EngineError::PromptTooLong {
-                prompt: n_prompt,
-                max_new: req.max_tokens,
-                n_ctx,
-            });
-        }
-        let n_vocab = self.model.config().n_vocab;
-        let mut kv = self.new_cache();
-        let mut logits = Vec::new();
-        let mut positions = Vec::new();
-        on_event(Event::PrefillStart {
-            at: Instant::now(),
-            n_prompt,
-        });
-        let want_all = req.echo && req.top_logprobs > 0;
-        self.prefill(&req.prompt_tokens, &mut kv, want_all, &mut logits)?;
-        on_event(Event::PrefillEnd {
-            at: Instant::now(),
-            n_computed: n_prompt,
-        });
-        if want_all {
-            positions = positions_from(&logits, n_vocab, 1, req.top_logprobs);
-            logits.drain(..(n_prompt - 1) * n_vocab);
-        }
-
-        let mut sampler = Sampler::new(req.sampler.clone());
-        let mut history = req.prompt_tokens.clone();
-        let mut generated = Vec::new();
-        let mut decoder = StreamDecoder::new(&self.tokenizer);
-        let mut text = String::new();
-        let mut emitted = 0usize;
-        let mut finish = FinishReason::Length;
-        let max_new = req.max_tokens.min(n_ctx - n_prompt + 1);
-        while generated.len() < max_new {
-            // With echo, the distribution after the last prompt token came from prefill.
-            if req.top_logprobs > 0 && !(want_all && generated.is_empty()) {
-                positions.extend(positions_from(
-                    &logits,
-                    n_vocab,
-                    history.len(),
-                    req.top_logprobs,
-                ));
-            }
-            let id = sampler.sample(&logits, &history);
-            let at = Instant::now();
-            generated.push(id);
-            history.push(id);
-            let eog = !req.ignore_eos && self.tokenizer.is_eog(id);
-            if !eog {
-                text.push_str(&decoder.push(id));
-            }
-            // Stop strings: search only the region new text could complete.
-            let mut stopped = eog;
-            if !req.stop_strings.is_empty() {
-                let max_stop = req.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
-                let mut from = emitted.saturating_sub(max_stop);
-                while !text.is_char_boundary(from) {
-                    from -= 1;
-                }
-                if let Some(p) = req
-                    .stop_strings
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .filter_map(|s| text[from..].find(s.as_str()))
-                    .min()
-                {
-                    text.truncate(from + p);
-                    stopped = true;
-                }
-            }
-            let upto = if stopped {
-                text.len()
-            } else {
-                safe_emit_len(&text, &req.stop_strings)
-            }
-            .max(emitted);
-            on_event(Event::Token {
-                at,
-                index: generated.len() - 1,
-                id,
-                text: &text[emitted..upto],
-            });
-            emitted = upto;
-            if stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if generated.len() >= max_new || kv.len() >= n_ctx {
-                break;
-            }
-            self.forward(&[id], &mut kv, LogitsWanted::Last, &mut logits)?;
-        }
-        if finish == FinishReason::Length {
-            text.push_str(&decoder.finish());
-        }
-        on_event(Event::Finish {
-            at: Instant::now(),
-            reason: finish,
-            text: &text[emitted.min(text.len())..],
-        });
-        Ok(Generation {
+        const ID: RequestId = 0;
+        let mut server = Scheduler::sequential(self);
+        let mut out = Vec::new();
+        let serve = ServeRequest {
+            id: ID,
             prompt_tokens: req.prompt_tokens.clone(),
-            generated_tokens: generated,
-            text,
-            positions,
-            finish_reason: finish,
-        })
+            max_tokens: req.max_tokens,
+            sampler: req.sampler.clone(),
+            stop_strings: req.stop_strings.clone(),
+            ignore_eos: req.ignore_eos,
+        };
+        let opts = RequestOptions {
+            top_logprobs: req.top_logprobs,
+            echo: req.echo,
+            keep: true,
+        };
+        server.submit_with(serve, opts, &mut out);
+        let n_prompt = req.prompt_tokens.len();
+        while server.has_work() {
+            server.step(&mut out);
+            let done = server.take_finished(ID);
+            // What the last token held back until the end goes with `Finish`, not the token.
+            let tail = done.as_ref().map_or("", |s| s.tail());
+            for ev in out.drain(..) {
+                match ev {
+                    ServeEvent::PrefillStart { at, .. } => {
+                        on_event(Event::PrefillStart { at, n_prompt })
+                    }
+                    ServeEvent::PrefillEnd { at, cache, .. } => on_event(Event::PrefillEnd {
+                        at,
+                        n_computed: cache.computed_prompt_tokens,
+                    }),
+                    ServeEvent::Token {
+                        at,
+                        index,
+                        token,
+                        text,
+                        ..
+                    } => on_event(Event::Token {
+                        at,
+                        index,
+                        id: token,
+                        text: text.strip_suffix(tail).unwrap_or(&text),
+                    }),
+                    ServeEvent::Finished { at, reason, .. } => {
+                        if let Some(reason) = FinishReason::of(reason) {
+                            on_event(Event::Finish {
+                                at,
+                                reason,
+                                text: tail,
+                            })
+                        }
+                    }
+                    ServeEvent::Enqueued { .. } | ServeEvent::Scheduled { .. } => {}
+                }
+            }
+            if let Some(state) = done {
+                return generation(state.into_output());
+            }
+        }
+        unreachable!("a request kept for Engine::generate always finishes")
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    #[test]
-    fn holds_back_possible_stop_prefix() {
-        let stops = vec!["</s>".to_string()];
-        assert_eq!(safe_emit_len("hello </", &stops), 6);
-        assert_eq!(safe_emit_len("hello", &stops), 5);
-        assert_eq!(safe_emit_len("a<", &stops), 1);
-    }
+fn generation(o: RequestOutput) -> Result<Generation, EngineError> {
+    let finish_reason = match o.outcome {
+        Some(Ok(kind)) => {
+            FinishReason::of(kind).expect("a request ends in stop, length or an error")
+        }
+        Some(Err(e)) => return Err(e.into()),
+        None => unreachable!("only finished requests are taken"),
+    };
+    Ok(Generation {
+        prompt_tokens: o.prompt_tokens,
+        generated_tokens: o.generated_tokens,
+        text: o.text,
+        positions: o.positions,
+        finish_reason,
+    })
 }

@@ -1,6 +1,14 @@
 //! ember runtime: GGUF on mmap, quantized kernels, tokenizer, KV cache,
 //! sampling and the engine loop. The runtime emits timestamped events and
 //! never prints; measuring is the bench crate's job.
+//!
+//! Serving, from the outside in: [`serve`] is the interface (`Server`, `ServeRequest`,
+//! `ServeEvent`, `ServerStats`); [`scheduler`] is its one implementation (continuous batching
+//! over the paged KV cache; `Scheduler::sequential`/`SequentialServer` is the same loop with
+//! one running sequence on a cache of its own); [`request`] is one request's state machine
+//! (validation, sampling, stop strings, logprobs, its end), used for every request;
+//! [`engine`] holds the model, tokenizer and thread pool, and `Engine::generate` runs one
+//! request on a sequential scheduler.
 pub mod accel;
 #[cfg(feature = "burn")]
 pub mod backend;
@@ -12,6 +20,7 @@ pub mod kv;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod request;
 pub mod sample;
 pub mod scheduler;
 pub mod serve;

@@ -41,6 +41,9 @@ pub enum ModelError {
     Unsupported { path: String, what: String },
     #[error("token id {id} is outside the vocabulary ({n_vocab})")]
     BadToken { id: u32, n_vocab: usize },
+    /// The device failed: an upload at load, or reading results back after a forward pass.
+    #[error("{path}: device error: {what}")]
+    Device { path: String, what: String },
 }
 
 /// Hyper-parameters, all read from GGUF metadata.

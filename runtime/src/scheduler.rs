@@ -7,14 +7,21 @@
 //! hold their whole prompt and `max_tokens`, so a running sequence never runs
 //! out of blocks mid-generation; a request that could never fit is finished
 //! with a clear error instead of waiting forever.
+//!
+//! What happens to each request (validation, sampling, stop strings, its end) is its
+//! [`RequestState`]'s business; the scheduler decides what runs in which pass and owns the
+//! cache. [`Scheduler::sequential`] (the [`SequentialServer`], and `Engine::generate`) is the
+//! same loop with one running sequence on a fresh cache of its own.
 
 use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::Engine;
-use crate::kv::{KvCounters, PagedKv, SeqId};
-use crate::model::{BatchItem, LogitsWanted};
-use crate::sample::Sampler;
+use crate::kv::{KvCache, KvCounters, PagedKv, SeqId};
+use crate::model::{BatchItem, LogitsWanted, ModelError};
+use crate::request::{RequestError, RequestOptions, RequestState};
 use crate::serve::{CacheUse, FinishKind, ServeEvent, ServeRequest, Server, ServerStats};
 
 #[derive(Clone, Debug)]
@@ -55,30 +62,55 @@ pub struct BatchShape {
     pub prefill_tokens: usize,
 }
 
-struct Running {
-    req: ServeRequest,
+struct Running<'e> {
+    state: RequestState<'e>,
     seq: SeqId,
     /// Prompt tokens already in the cache (cached or computed).
     prefilled: usize,
     cache: CacheUse,
     /// Blocks this sequence may still claim (admission reservation).
     reserved_blocks: usize,
-    sampler: Sampler,
-    history: Vec<u32>,
-    n_out: usize,
-    text: String,
     prefill_started: bool,
+}
+
+impl Running<'_> {
+    fn prefilling(&self) -> bool {
+        self.prefilled < self.state.prompt().len()
+    }
+}
+
+/// One sequence's share of a pass: `n` tokens from `start` of its tokens.
+struct Chunk {
+    /// Index in `running`.
+    i: usize,
+    start: usize,
+    n: usize,
+    logits: LogitsWanted,
+    /// Whether the sequence is past its prompt (one decode row).
+    decode: bool,
 }
 
 pub struct Scheduler<'e> {
     engine: &'e Engine,
     pub cfg: SchedulerConfig,
     kv: PagedKv,
-    waiting: VecDeque<ServeRequest>,
-    running: Vec<Running>,
+    waiting: VecDeque<RequestState<'e>>,
+    running: Vec<Running<'e>>,
+    /// Finished requests submitted with `RequestOptions::keep`.
+    finished: Vec<RequestState<'e>>,
     logits: Vec<f32>,
     last_batch: BatchShape,
     forward_passes: u64,
+    /// The one-at-a-time server: a prompt's chunks run in one step, and each request gets a
+    /// fresh single-sequence cache (`Engine::new_cache`) that is dropped when it finishes.
+    sequential: bool,
+}
+
+/// A fresh single-sequence cache's pages, without its sequence.
+fn single_request_pages(engine: &Engine) -> PagedKv {
+    let KvCache { mut pages, seq } = engine.new_cache();
+    pages.free_seq(seq);
+    pages
 }
 
 impl<'e> Scheduler<'e> {
@@ -90,15 +122,37 @@ impl<'e> Scheduler<'e> {
             engine.cfg.n_ctx,
         );
         kv.prefix_caching = cfg.prefix_caching;
+        Self::with_cache(engine, cfg, kv, false)
+    }
+
+    /// One request at a time, first come first served, each on a fresh cache of its own that
+    /// holds the whole context (no prefix sharing) and is dropped when it finishes; a prompt
+    /// is prefilled in `prefill_chunk` passes within one step. The simplest correct server,
+    /// and what `Engine::generate` runs a request on.
+    pub fn sequential(engine: &'e Engine) -> Self {
+        let kv = single_request_pages(engine);
+        let cfg = SchedulerConfig {
+            kv_budget_bytes: kv.bytes_budget(),
+            block_size: kv.layout.block_size,
+            max_running: 1,
+            max_batch_tokens: engine.cfg.prefill_chunk.max(1),
+            prefix_caching: false,
+        };
+        Self::with_cache(engine, cfg, kv, true)
+    }
+
+    fn with_cache(engine: &'e Engine, cfg: SchedulerConfig, kv: PagedKv, sequential: bool) -> Self {
         Scheduler {
             engine,
             cfg,
             kv,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            finished: Vec::new(),
             logits: Vec::new(),
             last_batch: BatchShape::default(),
             forward_passes: 0,
+            sequential,
         }
     }
 
@@ -111,85 +165,112 @@ impl<'e> Scheduler<'e> {
         self.last_batch
     }
 
-    /// Forward passes run so far (one per step that had work).
+    /// Forward passes run so far (one per step that had work; the sequential server's steps
+    /// also run each prompt chunk).
     pub fn forward_passes(&self) -> u64 {
         self.forward_passes
+    }
+
+    /// [`Server::submit`] with options beyond the request (logprobs, keeping the result).
+    pub fn submit_with(
+        &mut self,
+        req: ServeRequest,
+        opts: RequestOptions,
+        out: &mut Vec<ServeEvent>,
+    ) {
+        out.push(ServeEvent::Enqueued {
+            id: req.id,
+            at: Instant::now(),
+        });
+        let state = RequestState::new(req, opts, &self.engine.tokenizer, self.engine.cfg.n_ctx);
+        self.waiting.push_back(state);
+    }
+
+    /// The finished state of request `id`, if it was submitted with `RequestOptions::keep`.
+    pub fn take_finished(&mut self, id: u64) -> Option<RequestState<'e>> {
+        let i = self.finished.iter().position(|s| s.id() == id)?;
+        Some(self.finished.swap_remove(i))
     }
 
     /// Blocks promised to running sequences but not yet allocated.
     fn outstanding_reservations(&self) -> usize {
         self.running
             .iter()
-            .map(|r| r.reserved_blocks.saturating_sub(self.kv_blocks_of(r)))
+            .map(|r| {
+                let have = self.kv.blocks_needed(self.kv.seq_len(r.seq));
+                r.reserved_blocks.saturating_sub(have)
+            })
             .sum()
     }
 
-    fn kv_blocks_of(&self, r: &Running) -> usize {
-        self.kv.blocks_needed(self.kv.seq_len(r.seq))
-    }
-
-    fn finish(
-        &mut self,
-        i: usize,
-        reason: FinishKind,
-        error: Option<String>,
-        out: &mut Vec<ServeEvent>,
-    ) {
-        let r = self.running.swap_remove(i);
-        self.kv.free_seq(r.seq);
+    /// Report a request's end (its state holds the outcome) and keep it if asked.
+    fn report_finished(&mut self, state: RequestState<'e>, out: &mut Vec<ServeEvent>) {
+        let (reason, error) = match state.outcome() {
+            Some(Ok(reason)) => (*reason, None),
+            Some(Err(e)) => (FinishKind::Error, Some(e.to_string())),
+            None => unreachable!("request {} reported before it finished", state.id()),
+        };
         out.push(ServeEvent::Finished {
-            id: r.req.id,
+            id: state.id(),
             at: Instant::now(),
             reason,
             error,
         });
+        if state.keep() {
+            self.finished.push(state);
+        }
+    }
+
+    /// Retire running sequence `i`, whose state has finished.
+    fn retire(&mut self, i: usize, out: &mut Vec<ServeEvent>) {
+        let r = self.running.swap_remove(i);
+        self.kv.free_seq(r.seq);
+        self.report_finished(r.state, out);
+    }
+
+    /// Why a request can never be admitted: the state's own checks, then the KV budget.
+    fn check(
+        &self,
+        state: &RequestState<'_>,
+        need: usize,
+        positions: usize,
+    ) -> Result<(), RequestError> {
+        state.validate()?;
+        if need > self.kv.n_blocks() {
+            return Err(RequestError::KvBudget {
+                need,
+                need_bytes: need * self.kv.layout.block_bytes(),
+                positions,
+                budget_blocks: self.kv.n_blocks(),
+                budget_bytes: self.kv.bytes_budget(),
+            });
+        }
+        Ok(())
     }
 
     /// Admit waiting requests while the budget allows (FCFS: stop at the first that does not fit).
     fn admit(&mut self, out: &mut Vec<ServeEvent>) {
         while self.running.len() < self.cfg.max_running {
-            let Some(req) = self.waiting.front() else {
+            let Some(state) = self.waiting.front() else {
                 break;
             };
-            let n_ctx = self.engine.cfg.n_ctx;
-            let total = req.prompt_tokens.len() + req.max_tokens;
-            let need = self.kv.blocks_needed(total.min(n_ctx));
-            let err = if req.prompt_tokens.is_empty() {
-                Some("empty prompt".to_string())
-            } else if req.prompt_tokens.len() >= n_ctx {
-                Some(format!(
-                    "prompt of {} tokens does not fit the context of {n_ctx}",
-                    req.prompt_tokens.len()
-                ))
-            } else if need > self.kv.n_blocks() {
-                Some(format!(
-                    "needs {need} KV blocks ({} bytes) for {total} positions, the whole budget is {} blocks ({} bytes)",
-                    need * self.kv.layout.block_bytes(),
-                    self.kv.n_blocks(),
-                    self.kv.bytes_budget()
-                ))
-            } else {
-                req.sampler.validate().err()
-            };
-            if let Some(e) = err {
-                let req = self.waiting.pop_front().unwrap();
+            let total = state.prompt().len() + state.max_tokens();
+            let need = self.kv.blocks_needed(total.min(self.engine.cfg.n_ctx));
+            if let Err(e) = self.check(state, need, total) {
+                let mut state = self.waiting.pop_front().unwrap();
                 out.push(ServeEvent::Scheduled {
-                    id: req.id,
+                    id: state.id(),
                     at: Instant::now(),
                 });
-                out.push(ServeEvent::Finished {
-                    id: req.id,
-                    at: Instant::now(),
-                    reason: FinishKind::Error,
-                    error: Some(e),
-                });
+                state.fail(e);
+                self.report_finished(state, out);
                 continue;
             }
             // Shared prefix blocks may cut the need; count it after matching.
             let seq = self.kv.new_seq();
             let hit = self
                 .kv
-                .match_prefix(seq, &req.prompt_tokens)
+                .match_prefix(seq, state.prompt())
                 .expect("fresh sequence");
             let need_new = need - hit.hit_blocks;
             if need_new + self.outstanding_reservations() > self.kv.available_blocks() {
@@ -197,40 +278,180 @@ impl<'e> Scheduler<'e> {
                 self.kv.free_seq(seq);
                 break;
             }
-            let req = self.waiting.pop_front().unwrap();
+            let state = self.waiting.pop_front().unwrap();
             let cache = CacheUse {
                 cached_prompt_tokens: hit.cached_tokens,
-                computed_prompt_tokens: req.prompt_tokens.len() - hit.cached_tokens,
+                computed_prompt_tokens: state.prompt().len() - hit.cached_tokens,
                 cache_lookups: hit.lookups,
                 cache_hit_blocks: hit.hit_blocks,
             };
             out.push(ServeEvent::Scheduled {
-                id: req.id,
+                id: state.id(),
                 at: Instant::now(),
             });
             self.running.push(Running {
-                sampler: Sampler::new(req.sampler.clone()),
-                history: req.prompt_tokens.clone(),
+                state,
+                seq,
                 prefilled: hit.cached_tokens,
                 cache,
                 reserved_blocks: need,
-                seq,
-                n_out: 0,
-                text: String::new(),
                 prefill_started: false,
-                req,
             });
+        }
+    }
+
+    /// The next pass: decode rows first (they are latency-critical), then prefill chunks, up
+    /// to `max_batch_tokens`.
+    fn plan(&self) -> Vec<Chunk> {
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut plan = vec![];
+        for (i, r) in self.running.iter().enumerate() {
+            if !r.prefilling() && r.state.n_out() > 0 && budget > 0 {
+                let start = r.state.tokens().len() - 1;
+                plan.push(Chunk {
+                    i,
+                    start,
+                    n: 1,
+                    logits: r.state.logits_wanted(start, 1),
+                    decode: true,
+                });
+                budget -= 1;
+            }
+        }
+        for (i, r) in self.running.iter().enumerate() {
+            let left = r.state.prompt().len() - r.prefilled;
+            if left > 0 && budget > 0 {
+                let n = left.min(budget);
+                plan.push(Chunk {
+                    i,
+                    start: r.prefilled,
+                    n,
+                    logits: r.state.logits_wanted(r.prefilled, n),
+                    decode: false,
+                });
+                budget -= n;
+            }
+        }
+        plan
+    }
+
+    /// Run the planned chunks as one forward pass; the logits land in `self.logits`.
+    fn forward(&mut self, plan: &[Chunk]) -> Result<(), ModelError> {
+        let items: Vec<BatchItem> = plan
+            .iter()
+            .map(|c| BatchItem {
+                seq: self.running[c.i].seq,
+                tokens: &self.running[c.i].state.tokens()[c.start..c.start + c.n],
+                logits: c.logits,
+            })
+            .collect();
+        self.last_batch = BatchShape {
+            seqs: plan.len(),
+            decode_rows: plan.iter().filter(|c| c.decode).count(),
+            prefill_tokens: plan.iter().filter(|c| !c.decode).map(|c| c.n).sum(),
+        };
+        self.forward_passes += 1;
+        let engine = self.engine;
+        engine.install(|| {
+            engine
+                .model
+                .forward_batch(&items, &mut self.kv, &mut self.logits)
+        })
+    }
+
+    /// One forward pass over the next plan, and what its logits mean for each sequence in it.
+    fn pass(&mut self, out: &mut Vec<ServeEvent>) {
+        let plan = self.plan();
+        let now = Instant::now();
+        for c in &plan {
+            let r = &mut self.running[c.i];
+            if !r.prefill_started {
+                r.prefill_started = true;
+                out.push(ServeEvent::PrefillStart {
+                    id: r.state.id(),
+                    at: now,
+                });
+            }
+        }
+        if let Err(e) = self.forward(&plan) {
+            // Never leave a half-done batch behind: fail the sequences in it.
+            let e = Arc::new(e);
+            let mut idx: Vec<usize> = plan.iter().map(|c| c.i).collect();
+            idx.sort_unstable_by(|a, b| b.cmp(a));
+            for i in idx {
+                self.running[i].state.fail(RequestError::Model(e.clone()));
+                self.retire(i, out);
+            }
+            return;
+        }
+        let mut done = self.absorb(&plan, out);
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        for i in done {
+            self.retire(i, out);
+        }
+    }
+
+    /// Hand each chunk its logits rows, in plan order: prompt progress, then a sampled token
+    /// for every sequence whose prompt is in. Returns the sequences that finished.
+    fn absorb(&mut self, plan: &[Chunk], out: &mut Vec<ServeEvent>) -> Vec<usize> {
+        let n_vocab = self.engine.model.config().n_vocab;
+        let mut row = 0;
+        let mut done = vec![];
+        for c in plan {
+            let n_rows = match c.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => c.n,
+            };
+            let rows = &self.logits[row * n_vocab..(row + n_rows) * n_vocab];
+            row += n_rows;
+            let r = &mut self.running[c.i];
+            if !c.decode {
+                r.state.on_prompt_logits(c.start, rows, n_vocab);
+                r.prefilled = c.start + c.n;
+                if r.prefilling() {
+                    continue;
+                }
+                out.push(ServeEvent::PrefillEnd {
+                    id: r.state.id(),
+                    at: Instant::now(),
+                    cache: r.cache,
+                });
+                if r.state.max_tokens() == 0 {
+                    r.state.finish(FinishKind::Length);
+                    done.push(c.i);
+                    continue;
+                }
+            }
+            let s = r.state.on_logits(&rows[rows.len() - n_vocab..]);
+            out.push(ServeEvent::Token {
+                id: r.state.id(),
+                at: s.at,
+                index: s.index,
+                token: s.token,
+                text: s.text,
+            });
+            if s.finish.is_some() {
+                done.push(c.i);
+            }
+        }
+        done
+    }
+
+    /// The sequential server drops an idle cache, as a request's own cache used to be dropped
+    /// with it: no KV memory held between requests.
+    fn release_idle_cache(&mut self) {
+        if self.sequential && self.running.is_empty() {
+            let counters = self.kv.counters;
+            self.kv = single_request_pages(self.engine);
+            self.kv.counters = counters;
         }
     }
 }
 
 impl Server for Scheduler<'_> {
     fn submit(&mut self, req: ServeRequest, out: &mut Vec<ServeEvent>) {
-        out.push(ServeEvent::Enqueued {
-            id: req.id,
-            at: Instant::now(),
-        });
-        self.waiting.push_back(req);
+        self.submit_with(req, RequestOptions::default(), out);
     }
 
     fn has_work(&self) -> bool {
@@ -257,126 +478,46 @@ impl Server for Scheduler<'_> {
         if self.running.is_empty() {
             return false;
         }
-        // Decode rows first (they are latency-critical), then prefill chunks.
-        let mut budget = self.cfg.max_batch_tokens.max(1);
-        let mut plan: Vec<(usize, usize, usize)> = vec![]; // (running index, start, len) in history
-        for (i, r) in self.running.iter().enumerate() {
-            if r.prefilled == r.req.prompt_tokens.len() && r.n_out > 0 && budget > 0 {
-                plan.push((i, r.history.len() - 1, 1));
-                budget -= 1;
-            }
+        self.pass(out);
+        while self.sequential && self.running.first().is_some_and(Running::prefilling) {
+            self.pass(out);
         }
-        for (i, r) in self.running.iter().enumerate() {
-            let left = r.req.prompt_tokens.len() - r.prefilled;
-            if left > 0 && budget > 0 {
-                let n = left.min(budget);
-                plan.push((i, r.prefilled, n));
-                budget -= n;
-            }
-        }
-        let now = Instant::now();
-        for &(i, _, _) in &plan {
-            let r = &mut self.running[i];
-            if !r.prefill_started {
-                r.prefill_started = true;
-                out.push(ServeEvent::PrefillStart {
-                    id: r.req.id,
-                    at: now,
-                });
-            }
-        }
-        let items: Vec<BatchItem> = plan
-            .iter()
-            .map(|&(i, start, n)| {
-                let r = &self.running[i];
-                let ends_prompt = r.n_out > 0 || start + n == r.req.prompt_tokens.len();
-                BatchItem {
-                    seq: r.seq,
-                    tokens: &r.history[start..start + n],
-                    logits: if ends_prompt {
-                        LogitsWanted::Last
-                    } else {
-                        LogitsWanted::None
-                    },
-                }
-            })
-            .collect();
-        self.last_batch = BatchShape {
-            seqs: plan.len(),
-            decode_rows: plan.iter().filter(|p| self.running[p.0].n_out > 0).count(),
-            prefill_tokens: plan
-                .iter()
-                .filter(|p| self.running[p.0].n_out == 0)
-                .map(|p| p.2)
-                .sum(),
-        };
-        self.forward_passes += 1;
-        let engine = self.engine;
-        let result = engine.install(|| {
-            engine
-                .model
-                .forward_batch(&items, &mut self.kv, &mut self.logits)
-        });
-        drop(items);
-        if let Err(e) = result {
-            // Never leave a half-done batch behind: fail the sequences in it.
-            let msg = e.to_string();
-            let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-            idx.sort_unstable_by(|a, b| b.cmp(a));
-            for i in idx {
-                self.finish(i, FinishKind::Error, Some(msg.clone()), out);
-            }
-            return true;
-        }
-        // Sample for every item that produced logits, in plan order.
-        let n_vocab = engine.model.config().n_vocab;
-        let mut row = 0;
-        let mut done: Vec<(usize, FinishKind)> = vec![];
-        for &(i, start, n) in &plan {
-            let r = &mut self.running[i];
-            let decoding = r.n_out > 0;
-            if !decoding {
-                r.prefilled = start + n;
-                if r.prefilled < r.req.prompt_tokens.len() {
-                    continue;
-                }
-                out.push(ServeEvent::PrefillEnd {
-                    id: r.req.id,
-                    at: Instant::now(),
-                    cache: r.cache,
-                });
-                if r.req.max_tokens == 0 {
-                    done.push((i, FinishKind::Length));
-                    row += 1;
-                    continue;
-                }
-            }
-            let logits = &self.logits[row * n_vocab..(row + 1) * n_vocab];
-            row += 1;
-            let tok = r.sampler.sample(logits, &r.history);
-            let at = Instant::now();
-            r.history.push(tok);
-            let index = r.n_out;
-            r.n_out += 1;
-            let (piece, stop) = crate::serve::absorb_token(engine, &r.req, &mut r.text, tok);
-            out.push(ServeEvent::Token {
-                id: r.req.id,
-                at,
-                index,
-                token: tok,
-                text: piece,
-            });
-            if stop {
-                done.push((i, FinishKind::Stop));
-            } else if r.n_out >= r.req.max_tokens || self.kv.seq_len(r.seq) + 1 >= engine.cfg.n_ctx
-            {
-                done.push((i, FinishKind::Length));
-            }
-        }
-        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
-        for (i, reason) in done {
-            self.finish(i, reason, None, out);
+        if self.running.is_empty() {
+            self.release_idle_cache();
         }
         true
+    }
+}
+
+/// The simplest correct server: one request at a time, first come first served; prefill is
+/// one step, each decode token one step. A [`Scheduler::sequential`] under the name the
+/// harness and `ember bench --no-batching` know.
+pub struct SequentialServer<'e>(Scheduler<'e>);
+
+impl<'e> SequentialServer<'e> {
+    pub fn new(engine: &'e Engine) -> Self {
+        SequentialServer(Scheduler::sequential(engine))
+    }
+}
+
+impl<'e> Deref for SequentialServer<'e> {
+    type Target = Scheduler<'e>;
+    fn deref(&self) -> &Scheduler<'e> {
+        &self.0
+    }
+}
+
+impl Server for SequentialServer<'_> {
+    fn submit(&mut self, req: ServeRequest, out: &mut Vec<ServeEvent>) {
+        self.0.submit(req, out)
+    }
+    fn step(&mut self, out: &mut Vec<ServeEvent>) -> bool {
+        self.0.step(out)
+    }
+    fn has_work(&self) -> bool {
+        self.0.has_work()
+    }
+    fn stats(&self) -> ServerStats {
+        self.0.stats()
     }
 }

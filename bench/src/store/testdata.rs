@@ -77,6 +77,43 @@ impl Rng {
 /// A synthetic run: a `concurrency`-slot server fed by Poisson arrivals.
 pub fn synth_run(spec: &SynthSpec) -> RunResult {
     let mut rng = Rng::new(spec.seed);
+    let records = synth_records(spec, &mut rng);
+    let memory = synth_memory(spec, &records, &mut rng);
+    let measured: Vec<&RequestRecord> = records.iter().filter(|r| !r.warmup).collect();
+    let attaining = measured
+        .iter()
+        .filter(|r| {
+            !r.failed()
+                && r.token_ns
+                    .first()
+                    .is_some_and(|&t| t - r.arrival_ns <= 500_000_000)
+        })
+        .count();
+    let win = measured.iter().map(|r| r.finish_ns).max().unwrap_or(0)
+        - measured.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
+    RunResult {
+        started_at: "2025-06-01T12:00:00Z".into(),
+        provenance: synth_provenance(spec),
+        workload: synth_workload(spec),
+        slo_name: "chat-interactive".into(),
+        slo: r#"{"ttft_p99_ms":500}"#.into(),
+        slo_verdicts: vec![SloVerdict {
+            constraint: "ttft_p99 <= 500ms".into(),
+            measured: 0.0,
+            limit: 500.0,
+            pass: true,
+        }],
+        slo_attainment: attaining as f64 / measured.len().max(1) as f64,
+        goodput_rps: attaining as f64 / (win.max(1) as f64 / 1e9),
+        records,
+        memory,
+        cache_evictions: 3,
+        summary_json: "{}".into(),
+    }
+}
+
+/// The requests: arrivals, queueing for a slot, prefill, tokens with jitter and stalls.
+fn synth_records(spec: &SynthSpec, rng: &mut Rng) -> Vec<RequestRecord> {
     let ms = 1_000_000.0f64;
     let total = spec.n_warmup + spec.n_requests;
     let mut slots = vec![0u64; spec.concurrency.max(1)];
@@ -155,6 +192,12 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
             output_text: Some(format!("output of request {i}")),
         });
     }
+    records
+}
+
+/// A memory sample every 50 ms or more (at most ~2000): RSS and KV following the active
+/// requests.
+fn synth_memory(spec: &SynthSpec, records: &[RequestRecord], rng: &mut Rng) -> Vec<MemorySample> {
     let end = records.iter().map(|r| r.finish_ns).max().unwrap_or(0);
     let mut memory = vec![];
     let mut tm = 0u64;
@@ -180,6 +223,10 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
         });
         tm += step;
     }
+    memory
+}
+
+fn synth_workload(spec: &SynthSpec) -> WorkloadInfo {
     let hash = if spec.workload_hash.is_empty() {
         format!("{:016x}", {
             let mut r = Rng::new(spec.seed ^ (spec.n_requests as u64) << 32);
@@ -201,68 +248,42 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
             spec.concurrency
         )
     };
-    let measured: Vec<&RequestRecord> = records.iter().filter(|r| !r.warmup).collect();
-    let attaining = measured
-        .iter()
-        .filter(|r| {
-            !r.failed()
-                && r.token_ns
-                    .first()
-                    .is_some_and(|&t| t - r.arrival_ns <= 500_000_000)
-        })
-        .count();
-    let win = measured.iter().map(|r| r.finish_ns).max().unwrap_or(0)
-        - measured.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
-    RunResult {
-        started_at: "2025-06-01T12:00:00Z".into(),
-        provenance: Provenance {
-            ember_version: "0.1.0".into(),
-            git_commit: "0000000".into(),
-            backend: spec.backend.clone(),
-            adapter: if spec.backend == "cpu" {
-                String::new()
-            } else {
-                "Synthetic GPU".into()
-            },
-            driver: if spec.backend == "cpu" {
-                String::new()
-            } else {
-                "synthetic 1.0".into()
-            },
-            cpu_model: "Synthetic CPU @ 3.0GHz".into(),
-            cpu_cores: 8,
-            threads: 8,
-            os: "linux".into(),
-            device_profile: spec.device_profile.clone(),
-            model_path: "/models/tiny.gguf".into(),
-            model_sha256: "ab".repeat(32),
-            model_arch: "llama".into(),
-            model_quant_mix: r#"{"Q4_K":30,"F32":10}"#.into(),
-            weights_bytes: 90 << 20,
-            weights_load: "mmap".into(),
+    WorkloadInfo {
+        name: spec.workload_name.clone(),
+        seed: spec.seed,
+        hash,
+        load,
+        params: r#"{"prompt":"uniform","output":"uniform"}"#.into(),
+        n_requests: spec.n_requests,
+        n_warmup: spec.n_warmup,
+    }
+}
+
+fn synth_provenance(spec: &SynthSpec) -> Provenance {
+    Provenance {
+        ember_version: "0.1.0".into(),
+        git_commit: "0000000".into(),
+        backend: spec.backend.clone(),
+        adapter: if spec.backend == "cpu" {
+            String::new()
+        } else {
+            "Synthetic GPU".into()
         },
-        workload: WorkloadInfo {
-            name: spec.workload_name.clone(),
-            seed: spec.seed,
-            hash,
-            load,
-            params: r#"{"prompt":"uniform","output":"uniform"}"#.into(),
-            n_requests: spec.n_requests,
-            n_warmup: spec.n_warmup,
+        driver: if spec.backend == "cpu" {
+            String::new()
+        } else {
+            "synthetic 1.0".into()
         },
-        slo_name: "chat-interactive".into(),
-        slo: r#"{"ttft_p99_ms":500}"#.into(),
-        slo_verdicts: vec![SloVerdict {
-            constraint: "ttft_p99 <= 500ms".into(),
-            measured: 0.0,
-            limit: 500.0,
-            pass: true,
-        }],
-        slo_attainment: attaining as f64 / measured.len().max(1) as f64,
-        goodput_rps: attaining as f64 / (win.max(1) as f64 / 1e9),
-        records,
-        memory,
-        cache_evictions: 3,
-        summary_json: "{}".into(),
+        cpu_model: "Synthetic CPU @ 3.0GHz".into(),
+        cpu_cores: 8,
+        threads: 8,
+        os: "linux".into(),
+        device_profile: spec.device_profile.clone(),
+        model_path: "/models/tiny.gguf".into(),
+        model_sha256: "ab".repeat(32),
+        model_arch: "llama".into(),
+        model_quant_mix: r#"{"Q4_K":30,"F32":10}"#.into(),
+        weights_bytes: 90 << 20,
+        weights_load: "mmap".into(),
     }
 }

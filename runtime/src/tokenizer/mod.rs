@@ -26,21 +26,30 @@
 //! tokens become their byte, user-defined tokens render as their text, and
 //! control / unknown / unused tokens render as nothing unless asked for
 //! (see [`Tokenizer::decode_with_special`]).
+//!
+//! Here: the vocabulary, special-token partition, encode/decode and the
+//! [`StreamDecoder`]; `bpe.rs` and `spm.rs` are the two merge loops.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
+
+use rustc_hash::{FxBuildHasher, FxHasher};
 
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
     OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, SplitDelimiterBehavior,
 };
 
 use crate::gguf::{Metadata, keys};
+
+mod bpe;
+mod spm;
+#[cfg(test)]
+mod tests;
+
+use bpe::{build_bpe, parse_byte_token};
 
 /// Errors building or running the tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -159,50 +168,9 @@ fn byte_level_tables() -> ([char; 256], Vec<i16>) {
     (fwd, inv)
 }
 
-/// Fx-style hasher (fast, non-cryptographic) for the vocab and merge tables.
-#[derive(Default, Clone, Copy)]
-struct FxHasher(u64);
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().unwrap()));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(buf) ^ ((rest.len() as u64) << 59));
-        }
-    }
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        self.add(v);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        // murmur3 fmix64: the multiply above leaves the low bits (which pick
-        // the bucket) depending on the low input bits only.
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^ (h >> 33)
-    }
-}
-
-type FxBuild = BuildHasherDefault<FxHasher>;
-
+/// The hash of the vocabulary table's probes: rustc's Fx hash (fast, not DoS-resistant, which a
+/// table built from the model file's own tokens does not need). Its `finish` rotates the
+/// well-mixed high bits down to the low bits the table's mask keeps.
 fn str_hash(s: &str) -> u64 {
     let mut h = FxHasher::default();
     h.write(s.as_bytes());
@@ -285,7 +253,7 @@ impl VocabTable {
 struct BpeModel {
     pre: PreTokenizerWrapper,
     /// (left id, right id) -> (rank, merged id or EMPTY when the result is not a token).
-    merges: HashMap<u64, (u32, u32), FxBuild>,
+    merges: HashMap<u64, (u32, u32), FxBuildHasher>,
     ignore_merges: bool,
     /// Inverse byte-level table, indexed by char code (< 512).
     byte_inv: Vec<i16>,
@@ -775,352 +743,6 @@ impl Tokenizer {
     }
 }
 
-fn parse_byte_token(text: &str) -> Option<u8> {
-    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
-    if hex.len() != 2 {
-        return None;
-    }
-    u8::from_str_radix(hex, 16).ok()
-}
-
-fn build_bpe(md: &Metadata, vocab: &VocabTable, pre: PreType) -> Result<BpeModel, TokenizerError> {
-    let merges_raw = md
-        .get_strings(keys::TOK_MERGES)
-        .ok_or(TokenizerError::MissingKey(keys::TOK_MERGES))?;
-    let mut merges: HashMap<u64, (u32, u32), FxBuild> =
-        HashMap::with_capacity_and_hasher(merges_raw.len(), FxBuild::default());
-    let mut skipped = 0usize;
-    let mut joined = String::new();
-    for (rank, m) in merges_raw.iter().enumerate() {
-        // llama.cpp splits at the first space after the first byte.
-        let Some(pos) = m
-            .as_bytes()
-            .iter()
-            .skip(1)
-            .position(|&c| c == b' ')
-            .map(|p| p + 1)
-        else {
-            skipped += 1;
-            continue;
-        };
-        let (a, b) = (&m[..pos], &m[pos + 1..]);
-        let (Some(a_id), Some(b_id)) = (vocab.get(a), vocab.get(b)) else {
-            // Could only ever apply to a symbol that is not a token itself.
-            skipped += 1;
-            continue;
-        };
-        joined.clear();
-        joined.push_str(a);
-        joined.push_str(b);
-        let new_id = vocab.get(&joined).unwrap_or(EMPTY);
-        // First (lowest-rank) occurrence wins, like llama.cpp's bpe_ranks.emplace.
-        merges
-            .entry(pair_key(a_id, b_id))
-            .or_insert((rank as u32, new_id));
-    }
-    if skipped > 0 {
-        log::warn!("tokenizer: ignored {skipped} BPE merges whose parts are not tokens");
-    }
-
-    let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
-    for re in pre.regexes() {
-        let split = Split::new(
-            SplitPattern::Regex(re.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(backend)?;
-        steps.push(split.into());
-    }
-    steps.push(ByteLevel::new(false, false, false).into());
-    let (_, byte_inv) = byte_level_tables();
-    Ok(BpeModel {
-        pre: PreTokenizerWrapper::Sequence(Sequence::new(steps)),
-        merges,
-        ignore_merges: pre == PreType::Llama3,
-        byte_inv,
-    })
-}
-
-#[inline]
-fn pair_key(a: u32, b: u32) -> u64 {
-    ((a as u64) << 32) | b as u64
-}
-
-#[derive(Clone, Copy)]
-struct BpeSym {
-    start: u32,
-    len: u32,
-    /// Token id of the symbol's text, EMPTY when it is not a token.
-    id: u32,
-    prev: i32,
-    next: i32,
-}
-
-struct BpeBigram {
-    rank: u32,
-    left: u32,
-    right: u32,
-    llen: u32,
-    rlen: u32,
-    new_id: u32,
-}
-
-impl PartialEq for BpeBigram {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for BpeBigram {}
-impl PartialOrd for BpeBigram {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for BpeBigram {
-    /// Max-heap order: lowest rank first, then the leftmost pair.
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.rank.cmp(&self.rank).then_with(|| o.left.cmp(&self.left))
-    }
-}
-
-impl BpeModel {
-    fn tokenize(
-        &self,
-        vocab: &VocabTable,
-        text: &str,
-        out: &mut Vec<u32>,
-    ) -> Result<(), TokenizerError> {
-        let mut pts = PreTokenizedString::from(text);
-        self.pre.pre_tokenize(&mut pts).map_err(backend)?;
-        let mut syms: Vec<BpeSym> = Vec::new();
-        let mut heap: BinaryHeap<BpeBigram> = BinaryHeap::new();
-        for (word, _, _) in pts.get_splits(OffsetReferential::Normalized, OffsetType::None) {
-            if word.is_empty() {
-                continue;
-            }
-            if self.ignore_merges
-                && let Some(id) = vocab.get(word)
-            {
-                out.push(id);
-                continue;
-            }
-            self.merge_word(vocab, word, &mut syms, &mut heap, out);
-        }
-        Ok(())
-    }
-
-    /// llama.cpp's `llm_tokenizer_bpe_session::tokenize` for one pre-tokenized word.
-    fn merge_word(
-        &self,
-        vocab: &VocabTable,
-        word: &str,
-        syms: &mut Vec<BpeSym>,
-        heap: &mut BinaryHeap<BpeBigram>,
-        out: &mut Vec<u32>,
-    ) {
-        syms.clear();
-        heap.clear();
-        let n_chars = word.chars().count() as i32;
-        let mut buf = [0u8; 4];
-        for (i, (start, c)) in word.char_indices().enumerate() {
-            let i = i as i32;
-            let id = vocab.get(c.encode_utf8(&mut buf)).unwrap_or(EMPTY);
-            syms.push(BpeSym {
-                start: start as u32,
-                len: c.len_utf8() as u32,
-                id,
-                prev: i - 1,
-                next: if i + 1 == n_chars { -1 } else { i + 1 },
-            });
-        }
-        let add = |syms: &[BpeSym], heap: &mut BinaryHeap<BpeBigram>, l: i32, r: i32| {
-            if l < 0 || r < 0 {
-                return;
-            }
-            let (ls, rs) = (syms[l as usize], syms[r as usize]);
-            if ls.id == EMPTY || rs.id == EMPTY {
-                return;
-            }
-            if let Some(&(rank, new_id)) = self.merges.get(&pair_key(ls.id, rs.id)) {
-                heap.push(BpeBigram {
-                    rank,
-                    left: l as u32,
-                    right: r as u32,
-                    llen: ls.len,
-                    rlen: rs.len,
-                    new_id,
-                });
-            }
-        };
-        for i in 1..syms.len() as i32 {
-            add(syms, heap, i - 1, i);
-        }
-        while let Some(bg) = heap.pop() {
-            let (l, r) = (syms[bg.left as usize], syms[bg.right as usize]);
-            if l.len == 0 || r.len == 0 || l.len != bg.llen || r.len != bg.rlen {
-                continue; // outdated
-            }
-            {
-                let ls = &mut syms[bg.left as usize];
-                ls.len += r.len;
-                ls.id = bg.new_id;
-                ls.next = r.next;
-            }
-            syms[bg.right as usize].len = 0;
-            if r.next >= 0 {
-                syms[r.next as usize].prev = bg.left as i32;
-            }
-            add(syms, heap, l.prev, bg.left as i32);
-            add(syms, heap, bg.left as i32, r.next);
-        }
-        let mut i = 0i32;
-        while i >= 0 {
-            let s = syms[i as usize];
-            if s.id != EMPTY {
-                out.push(s.id);
-            } else {
-                // Not a token: fall back to one token per (byte-level) char.
-                let t = &word[s.start as usize..(s.start + s.len) as usize];
-                for c in t.chars() {
-                    if let Some(id) = vocab.get(c.encode_utf8(&mut buf)) {
-                        out.push(id);
-                    }
-                }
-            }
-            i = s.next;
-        }
-    }
-
-    /// llama.cpp's `llama_decode_text`: byte-level chars back to bytes; chars
-    /// outside the table pass through as UTF-8.
-    fn decode_piece(&self, text: &str) -> Vec<u8> {
-        let mut v = Vec::with_capacity(text.len());
-        for c in text.chars() {
-            let cp = c as usize;
-            match self.byte_inv.get(cp) {
-                Some(&b) if b >= 0 => v.push(b as u8),
-                _ => {
-                    let mut buf = [0u8; 4];
-                    v.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                }
-            }
-        }
-        v
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SpmSym {
-    start: usize,
-    len: usize,
-    prev: isize,
-    next: isize,
-}
-
-struct SpmBigram {
-    left: usize,
-    right: usize,
-    score: f32,
-    size: usize,
-}
-
-impl PartialEq for SpmBigram {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for SpmBigram {}
-impl PartialOrd for SpmBigram {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for SpmBigram {
-    /// Max-heap order: higher score first, then the leftmost pair.
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&o.score)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| o.left.cmp(&self.left))
-    }
-}
-
-impl SpmModel {
-    /// llama.cpp's `llm_tokenizer_spm_session::tokenize` on already-escaped text.
-    fn tokenize(&self, vocab: &VocabTable, text: &str, out: &mut Vec<u32>) {
-        let mut syms: Vec<SpmSym> = Vec::with_capacity(text.len());
-        for (idx, (start, c)) in text.char_indices().enumerate() {
-            let idx = idx as isize;
-            let len = c.len_utf8();
-            let end = start + len;
-            syms.push(SpmSym {
-                start,
-                len,
-                prev: idx - 1,
-                next: if end == text.len() { -1 } else { idx + 1 },
-            });
-        }
-        if syms.is_empty() {
-            return;
-        }
-        let mut heap = BinaryHeap::new();
-        let try_add =
-            |syms: &[SpmSym], heap: &mut BinaryHeap<SpmBigram>, left: isize, right: isize| {
-                if left < 0 || right < 0 {
-                    return;
-                }
-                let (l, r) = (syms[left as usize], syms[right as usize]);
-                let s = &text[l.start..l.start + l.len + r.len];
-                if let Some(id) = vocab.get(s) {
-                    heap.push(SpmBigram {
-                        left: left as usize,
-                        right: right as usize,
-                        score: self.scores[id as usize],
-                        size: s.len(),
-                    });
-                }
-            };
-        for i in 1..syms.len() {
-            try_add(&syms, &mut heap, i as isize - 1, i as isize);
-        }
-        while let Some(bg) = heap.pop() {
-            let (l, r) = (syms[bg.left], syms[bg.right]);
-            if l.len == 0 || r.len == 0 || l.len + r.len != bg.size {
-                continue;
-            }
-            syms[bg.left].len += r.len;
-            syms[bg.right].len = 0;
-            syms[bg.left].next = r.next;
-            if r.next >= 0 {
-                syms[r.next as usize].prev = bg.left as isize;
-            }
-            let prev = syms[bg.left].prev;
-            let next = syms[bg.left].next;
-            try_add(&syms, &mut heap, prev, bg.left as isize);
-            try_add(&syms, &mut heap, bg.left as isize, next);
-        }
-        let mut i = 0isize;
-        while i != -1 {
-            let s = syms[i as usize];
-            let piece = &text[s.start..s.start + s.len];
-            match vocab.get(piece) {
-                Some(id) => out.push(id),
-                None => {
-                    // Merged symbols are always tokens, so only single chars
-                    // land here: emit their bytes.
-                    for b in piece.bytes() {
-                        if let Some(id) = self.byte_tokens[b as usize] {
-                            out.push(id);
-                        }
-                    }
-                }
-            }
-            i = s.next;
-        }
-    }
-}
-
 /// Incremental, UTF-8-safe detokenizer for streaming output: bytes of a
 /// character split across byte tokens are held back until complete.
 /// Pieces are rendered as in [`Tokenizer::decode`] (control tokens render as
@@ -1186,114 +808,3 @@ impl<'a> StreamDecoder<'a> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gguf::{Array, Value};
-
-    /// A tiny SPM vocab: pieces with scores, bytes, control tokens.
-    fn spm_md() -> Metadata {
-        let mut toks: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-        let mut types = vec![2, 3, 3];
-        let mut scores = vec![0.0f32, 0.0, 0.0];
-        for b in 0..=255u32 {
-            toks.push(format!("<0x{b:02X}>"));
-            types.push(6);
-            scores.push(0.0);
-        }
-        for (t, s) in [
-            ("▁", -1.0f32),
-            ("h", -2.0),
-            ("e", -2.0),
-            ("l", -2.0),
-            ("o", -2.0),
-            ("he", -3.0),
-            ("ll", -3.5),
-            ("▁he", -4.0),
-            ("llo", -4.5),
-            ("▁hello", -5.0),
-            ("hello", -6.0),
-        ] {
-            toks.push(t.into());
-            types.push(1);
-            scores.push(s);
-        }
-        let mut md = Metadata::default();
-        md.insert(keys::TOK_MODEL, Value::String("llama".into()));
-        md.insert(keys::TOK_TOKENS, Value::Array(Array::Strings(toks)));
-        md.insert(keys::TOK_TYPES, Value::Array(Array::I32(types)));
-        md.insert(keys::TOK_SCORES, Value::Array(Array::F32(scores)));
-        md
-    }
-
-    fn id(t: &Tokenizer, s: &str) -> u32 {
-        (0..t.vocab_size() as u32)
-            .find(|&i| t.token_text(i) == s)
-            .unwrap()
-    }
-
-    #[test]
-    fn tokenizer_spm_merges_by_score_and_byte_fallback() {
-        let t = Tokenizer::from_gguf(&spm_md()).unwrap();
-        assert_eq!(t.model_kind(), "llama");
-        assert!(t.add_bos_default());
-        assert_eq!(t.bos_id(), Some(1));
-        let ids = t.encode("hello", false, false).unwrap();
-        assert_eq!(ids, vec![id(&t, "▁hello")]);
-        // "!" is not a piece: byte fallback 0x21.
-        let ids = t.encode("hello!", true, false).unwrap();
-        assert_eq!(ids, vec![1, id(&t, "▁hello"), 3 + 0x21]);
-        assert_eq!(t.decode(&ids), "hello!");
-        // Control text is literal unless parse_special.
-        let lit = t.encode("</s>", false, false).unwrap();
-        assert!(!lit.contains(&2));
-        assert_eq!(
-            t.encode("hello</s>", false, true).unwrap(),
-            vec![id(&t, "▁hello"), 2]
-        );
-        assert!(t.is_eog(2));
-    }
-
-    #[test]
-    fn tokenizer_stream_decoder_holds_partial_utf8() {
-        let t = Tokenizer::from_gguf(&spm_md()).unwrap();
-        // "é" = C3 A9, sent as two byte tokens.
-        let mut d = StreamDecoder::new(&t);
-        assert_eq!(d.push(3 + 0xC3), "");
-        assert_eq!(d.push(3 + 0xA9), "é");
-        assert_eq!(d.push(3 + 0xF0), "");
-        assert_eq!(d.finish(), "\u{FFFD}");
-    }
-
-    #[test]
-    fn tokenizer_is_send_sync() {
-        fn check<T: Send + Sync>() {}
-        check::<Tokenizer>();
-        check::<StreamDecoder<'static>>();
-    }
-
-    #[test]
-    fn tokenizer_byte_level_table_roundtrip() {
-        let (fwd, inv) = byte_level_tables();
-        assert_eq!(fwd[b' ' as usize], 'Ġ');
-        assert_eq!(fwd[b'\n' as usize], 'Ċ');
-        for b in 0..256usize {
-            assert_eq!(inv[fwd[b] as usize], b as i16);
-        }
-    }
-
-    #[test]
-    fn tokenizer_rejects_unknown_model_and_pre() {
-        let mut md = spm_md();
-        md.insert(keys::TOK_MODEL, Value::String("bert".into()));
-        assert!(
-            matches!(Tokenizer::from_gguf(&md), Err(TokenizerError::UnsupportedModel(m)) if m == "bert")
-        );
-        let mut md = spm_md();
-        md.insert(keys::TOK_MODEL, Value::String("gpt2".into()));
-        md.insert(keys::TOK_PRE, Value::String("mystery".into()));
-        md.insert(keys::TOK_MERGES, Value::Array(Array::Strings(vec![])));
-        let e = Tokenizer::from_gguf(&md).unwrap_err();
-        assert!(e.to_string().contains("mystery"), "{e}");
-    }
-}

@@ -1,0 +1,306 @@
+//! A comparison as text (markdown-compatible tables), CSV and JSON.
+
+use std::fmt::Write as _;
+
+use super::figures::group_defs;
+use super::gate::GateCheck;
+use super::{Comparison, Group, load_label, short};
+
+impl Comparison {
+    /// The side-by-side tables as text (markdown-compatible).
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        if self.groups.is_empty() {
+            let _ = writeln!(
+                s,
+                "No workload appears in two columns: nothing to put side by side."
+            );
+        }
+        for g in &self.groups {
+            group_text(&mut s, g);
+        }
+        if self.groups.iter().any(|g| {
+            let defs = group_defs(g);
+            g.columns
+                .iter()
+                .any(|c| defs.iter().any(|d| (d.get)(&c.pooled).is_some_and(|x| x.1)))
+        }) {
+            let _ = writeln!(
+                s,
+                "\n† too few samples for this percentile to mean much (n < 1/(1−q))"
+            );
+        }
+        if !self.mismatched.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nNOT COMPARED: these workloads appear in one column only (their workload hash differs from every other run):"
+            );
+            for m in &self.mismatched {
+                let _ = writeln!(
+                    s,
+                    "  {} | {} | workload '{}' hash {} | {} run(s)",
+                    m.file,
+                    m.device,
+                    m.workload_name,
+                    short(&m.workload_hash),
+                    m.runs
+                );
+            }
+        }
+        if !self.gate.is_empty() {
+            gate_text(&mut s, &self.gate);
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+
+    /// One CSV row per (workload, column, figure).
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from(
+            "workload_hash,workload,file,device,load,baseline,runs,figure,unit,value,thin\n",
+        );
+        for g in &self.groups {
+            let defs = group_defs(g);
+            for c in &g.columns {
+                for d in &defs {
+                    if let Some((v, th)) = (d.get)(&c.pooled) {
+                        let _ = writeln!(
+                            s,
+                            "{},{},{},{},{},{},{},{},{},{},{}",
+                            csv(&g.workload_hash),
+                            csv(&g.workload_name),
+                            csv(&c.file),
+                            csv(&c.device),
+                            csv(&load_label(&c.load)),
+                            c.baseline,
+                            c.run_uids.len(),
+                            d.key,
+                            csv(d.unit),
+                            v,
+                            th
+                        );
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Machine-readable: the groups with every figure by key, plus mismatches and the gate.
+    pub fn to_json(&self) -> serde_json::Value {
+        let groups: Vec<serde_json::Value> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let defs = group_defs(g);
+                let cols: Vec<serde_json::Value> = g
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        let figs: serde_json::Map<String, serde_json::Value> = defs
+                            .iter()
+                            .filter_map(|d| {
+                                (d.get)(&c.pooled)
+                                    .map(|(v, th)| (d.key.clone(), serde_json::json!({"value": v, "unit": d.unit, "thin": th})))
+                            })
+                            .collect();
+                        serde_json::json!({
+                            "file": c.file, "device": c.device, "device_fingerprint": c.device_fingerprint,
+                            "backend": c.backend, "model_sha256": c.model_sha256, "model_arch": c.model_arch,
+                            "load": c.load, "runs": c.run_uids, "baseline": c.baseline, "figures": figs,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"workload_hash": g.workload_hash, "workload": g.workload_name, "columns": cols})
+            })
+            .collect();
+        serde_json::json!({
+            "files": self.files, "groups": groups, "mismatched": self.mismatched,
+            "gate": self.gate, "regressed": self.regressed(), "notes": self.notes,
+        })
+    }
+}
+
+/// One group's side-by-side table, then what differs across its columns.
+fn group_text(s: &mut String, g: &Group) {
+    let _ = writeln!(
+        s,
+        "\n## workload '{}' (hash {})\n",
+        g.workload_name,
+        short(&g.workload_hash)
+    );
+    let mut header = vec!["figure".to_string()];
+    for (i, c) in g.columns.iter().enumerate() {
+        let runs = if c.run_uids.len() > 1 {
+            format!(", {} runs pooled", c.run_uids.len())
+        } else {
+            String::new()
+        };
+        header.push(format!(
+            "{}{}{}{}",
+            c.label(),
+            runs,
+            if c.baseline { " (baseline)" } else { "" },
+            if i > 0 { " vs first" } else { "" }
+        ));
+    }
+    let mut rows = vec![header];
+    for d in &group_defs(g) {
+        let vals: Vec<Option<(f64, bool)>> = g.columns.iter().map(|c| (d.get)(&c.pooled)).collect();
+        if vals.iter().all(|v| v.is_none()) {
+            continue;
+        }
+        let mut row = vec![if d.unit.is_empty() {
+            d.label.to_string()
+        } else {
+            format!("{} ({})", d.label, d.unit)
+        }];
+        let first = vals[0];
+        for (i, v) in vals.iter().enumerate() {
+            row.push(match v {
+                None => "–".into(),
+                Some((x, th)) => {
+                    let mut t = fmt_num(*x);
+                    if *th {
+                        t.push('†');
+                    }
+                    if i > 0
+                        && let Some((f, _)) = first
+                        && f != 0.0
+                    {
+                        let _ = write!(t, " ({:.2}×)", x / f);
+                    }
+                    t
+                }
+            });
+        }
+        rows.push(row);
+    }
+    s.push_str(&render_table(&rows));
+    let fps: std::collections::BTreeSet<&str> = g
+        .columns
+        .iter()
+        .map(|c| c.device_fingerprint.as_str())
+        .collect();
+    let models: std::collections::BTreeSet<&str> =
+        g.columns.iter().map(|c| c.model_sha256.as_str()).collect();
+    if fps.len() > 1 {
+        let _ = writeln!(
+            s,
+            "devices differ across columns (same workload hash: a fair device comparison)"
+        );
+    }
+    if models.len() > 1 {
+        let _ = writeln!(s, "note: the model file differs across columns (sha256)");
+    }
+}
+
+/// The regression gate's table and verdict.
+fn gate_text(s: &mut String, gate: &[GateCheck]) {
+    let _ = writeln!(s, "\n## regression gate\n");
+    let mut rows = vec![vec![
+        "column".to_string(),
+        "figure".into(),
+        "baseline".into(),
+        "candidate".into(),
+        "worse by".into(),
+        "noise".into(),
+        "allowed".into(),
+        "verdict".into(),
+    ]];
+    for g in gate {
+        rows.push(vec![
+            g.column.clone(),
+            format!("{} ({})", g.figure, g.unit),
+            fmt_num(g.baseline),
+            fmt_num(g.candidate),
+            format!("{:+.1}%", g.worse_by * 100.0),
+            g.noise
+                .map(|n| format!("{:.1}%", n * 100.0))
+                .unwrap_or_else(|| "unknown".into()),
+            format!("{:.1}%", g.allowed * 100.0),
+            format!(
+                "{}{}",
+                if g.regressed { "REGRESSED" } else { "ok" },
+                if g.thin { " †" } else { "" }
+            ),
+        ]);
+    }
+    s.push_str(&render_table(&rows));
+    let n = gate.iter().filter(|g| g.regressed).count();
+    let _ = writeln!(
+        s,
+        "{}",
+        if n == 0 {
+            "gate: pass".to_string()
+        } else {
+            format!("gate: FAIL ({n} figure(s) regressed)")
+        }
+    );
+}
+
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+pub(crate) fn csv(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// A markdown table with padded columns.
+pub(crate) fn render_table(rows: &[Vec<String>]) -> String {
+    let ncol = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let w: Vec<usize> = (0..ncol)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut s = String::new();
+    for (k, r) in rows.iter().enumerate() {
+        s.push('|');
+        for (i, wi) in w.iter().enumerate() {
+            let c = r.get(i).map(|x| x.as_str()).unwrap_or("");
+            let pad = wi - c.chars().count();
+            if i == 0 {
+                let _ = write!(s, " {c}{} |", " ".repeat(pad));
+            } else {
+                let _ = write!(s, " {}{c} |", " ".repeat(pad));
+            }
+        }
+        s.push('\n');
+        if k == 0 {
+            s.push('|');
+            for (i, wi) in w.iter().enumerate() {
+                let _ = write!(
+                    s,
+                    " {}{} |",
+                    "-".repeat((*wi).max(3) - if i == 0 { 0 } else { 1 }),
+                    if i == 0 { "" } else { ":" }
+                );
+            }
+            s.push('\n');
+        }
+    }
+    s
+}

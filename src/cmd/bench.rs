@@ -1,0 +1,580 @@
+//! `ember bench`: its flags, the typed plan they make ([`BenchCommand`], where every flag is
+//! checked), and printing what the `ember_bench` session measured.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use argh::FromArgs;
+
+use ember_bench::harness::{Progress, SweepConfig};
+use ember_bench::llamabench::{BenchResult, Test};
+use ember_bench::load::{Arrivals, LoadSpec};
+use ember_bench::session::{
+    self, LlamaPlan, LlamaProgress, LoadMode, Outcome, ServerPlan, Session, WorkloadPlan,
+    WorkloadSource,
+};
+use ember_bench::slo::Slo;
+use ember_bench::workload::{LengthDist, SyntheticSpec};
+use ember_runtime::engine::Engine;
+use ember_runtime::sample::SamplerConfig;
+
+use crate::engine::{EngineOpts, OpenedModel, open_engine};
+use crate::target::Target;
+
+#[derive(FromArgs)]
+/// Benchmark what users feel: run a workload (preset, JSONL or ShareGPT) under a
+/// load (sync, --concurrency, --rate, sweep) and report TTFT, ITL, TPOT, e2e,
+/// throughput, memory and SLO verdicts (definitions: docs/METRICS.md).
+/// With no flags: the `chat` preset on the embedded model, sync.
+/// llama-bench mode: --pp/--tg/-r print pp<n>/tg<n> tokens/s as mean ± sd,
+/// e.g. ember bench -m M --pp 128,512 --tg 128 -r 5
+#[argh(subcommand, name = "bench")]
+pub struct BenchArgs {
+    /// GGUF model file (default: the embedded tiny model)
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
+    /// llama-bench mode: prompt lengths to test, comma separated (default 512)
+    #[argh(option)]
+    pp: Option<String>,
+    /// llama-bench mode: generation lengths to test, comma separated (default 128)
+    #[argh(option)]
+    tg: Option<String>,
+    /// llama-bench mode: repetitions (default 5)
+    #[argh(option, short = 'r')]
+    reps: Option<usize>,
+    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    #[argh(option)]
+    backend: Option<String>,
+    /// worker threads (default: all cores)
+    #[argh(option, short = 't')]
+    threads: Option<usize>,
+    /// prompt tokens per prefill pass (default 512, as llama-bench's -b)
+    #[argh(option, default = "512")]
+    batch: usize,
+    /// read the weights into memory (on huge pages where the kernel grants them) instead of
+    /// mapping the file: faster decode on the CPU, at the cost of a copy at load and RAM the
+    /// kernel cannot reclaim (llama.cpp's --no-mmap)
+    #[argh(switch)]
+    no_mmap: bool,
+    /// print JSON instead of a table
+    #[argh(switch)]
+    json: bool,
+    /// workload preset: chat, rag, creative, shared-prefix (default chat)
+    #[argh(option, short = 'w')]
+    workload: Option<String>,
+    /// JSONL dataset: one request per line (prompt or messages; max_tokens, expected, tags, stop, raw, repeat); 'eval' = the shipped evaluation set
+    #[argh(option)]
+    dataset: Option<String>,
+    /// import a ShareGPT JSON/JSONL file as the workload
+    #[argh(option)]
+    sharegpt: Option<PathBuf>,
+    /// synthetic input lengths: N, fixed:N, uniform:LO:HI or normal:MEAN:SD:LO:HI (overrides the preset)
+    #[argh(option)]
+    input_len: Option<String>,
+    /// synthetic output lengths, same forms as --input-len (overrides the preset)
+    #[argh(option)]
+    output_len: Option<String>,
+    /// cap every request's max tokens (datasets default to 128 when a line has none)
+    #[argh(option)]
+    max_tokens: Option<usize>,
+    /// measured requests (default: per preset, or the dataset's size)
+    #[argh(option, short = 'n')]
+    requests: Option<usize>,
+    /// stop sending new requests after this many seconds
+    #[argh(option)]
+    duration: Option<f64>,
+    /// warm-up requests, run first and excluded from figures (default 1)
+    #[argh(option, default = "1")]
+    warmup: usize,
+    /// simulated users (N), each sending its next request when its last one finished
+    #[argh(option, short = 'c')]
+    concurrency: Option<usize>,
+    /// think time of each simulated user between requests, ms (default 0)
+    #[argh(option, default = "0")]
+    think_ms: u64,
+    /// open-loop arrival rate, requests/s (intended arrival times; queueing shows in ttft)
+    #[argh(option)]
+    rate: Option<f64>,
+    /// arrivals for --rate and sweep: poisson or constant (default poisson)
+    #[argh(option, default = "String::from(\"poisson\")")]
+    arrivals: String,
+    /// find max_goodput_rate: the highest rate whose SLO attainment meets the target
+    #[argh(switch)]
+    sweep: bool,
+    /// sweep: at most this many rates (default 6)
+    #[argh(option, default = "6")]
+    sweep_points: usize,
+    /// sweep: time budget in seconds (default 120)
+    #[argh(option, default = "120.0")]
+    sweep_budget: f64,
+    /// SLO profile (chat-interactive, rag, batch, none) or a .toml file (default: by workload)
+    #[argh(option)]
+    slo: Option<String>,
+    /// extra SLO constraint, e.g. 'ttft_p99<=200ms', 'e2e<=5s' (repeatable)
+    #[argh(option)]
+    slo_max: Vec<String>,
+    /// SLO attainment target in (0, 1] (default 0.9)
+    #[argh(option)]
+    slo_target: Option<f64>,
+    /// seed for synthetic prompts and arrivals (default 0)
+    #[argh(option, default = "0")]
+    seed: u64,
+    /// sampling temperature (default 0 = greedy)
+    #[argh(option, default = "0.0")]
+    temp: f32,
+    /// keep generating past end-of-generation tokens (presets always do)
+    #[argh(switch)]
+    ignore_eos: bool,
+    /// send dataset prompts as raw text instead of through the chat template
+    #[argh(switch)]
+    raw_prompts: bool,
+    /// context size in tokens (default: min(training context, 4096))
+    #[argh(option)]
+    ctx: Option<usize>,
+    /// disable per-token recording (token text, per-step memory samples); token timestamps stay
+    #[argh(switch)]
+    no_token_recording: bool,
+    /// also print figures split by request tag
+    #[argh(switch)]
+    by_tag: bool,
+    /// write the whole run (records, memory samples, summary) as JSON to this file
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// device profile name to record in the provenance
+    #[argh(option)]
+    device_profile: Option<String>,
+    /// results store to write this run to (default: $EMBER_DB or ~/.local/share/ember/ember.db)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// do not write the run to the results store
+    #[argh(switch)]
+    no_db: bool,
+    /// serve one request at a time instead of continuous batching
+    #[argh(switch)]
+    no_batching: bool,
+    /// turn off prefix caching (shared prompt prefixes are recomputed)
+    #[argh(switch)]
+    no_prefix_cache: bool,
+    /// KV cache budget in MiB for the batching server (default 512, or the --target profile's)
+    #[argh(option)]
+    kv_budget_mib: Option<usize>,
+    /// device profile (targets/NAME.toml, built in; or a .toml path): sets threads, the memory/KV budget (caps --ctx) and the default SLO; explicit flags win
+    #[argh(option)]
+    target: Option<String>,
+}
+
+/// `ember bench`, decided: every flag checked and typed, a `--target` profile resolved (the
+/// flags win over it).
+pub struct BenchCommand {
+    engine: EngineOpts,
+    target: Option<Target>,
+    mode: Mode,
+    json: bool,
+    out: Option<PathBuf>,
+    no_db: bool,
+    db: Option<PathBuf>,
+}
+
+enum Mode {
+    /// llama-bench mode (--pp/--tg/-r).
+    Llama(LlamaPlan),
+    /// A workload under a load (boxed: the plan is large, llama-bench's small).
+    Workload(Box<WorkloadPlan>),
+}
+
+impl TryFrom<BenchArgs> for BenchCommand {
+    type Error = anyhow::Error;
+
+    fn try_from(a: BenchArgs) -> Result<BenchCommand> {
+        let target = match &a.target {
+            Some(spec) => Some(Target::resolve(
+                spec,
+                a.threads,
+                a.backend.as_deref(),
+                a.slo.as_deref(),
+                &a.slo_max,
+                a.device_profile.as_deref(),
+            )?),
+            None => None,
+        };
+        let engine = EngineOpts {
+            model: a.model.clone(),
+            backend: target
+                .as_ref()
+                .map(|t| t.backend.clone())
+                .or(a.backend.clone()),
+            threads: target.as_ref().map(|t| t.threads).or(a.threads),
+            ctx: a.ctx,
+            batch: a.batch,
+            no_mmap: a.no_mmap,
+        };
+        let device_profile = match &target {
+            Some(t) => Some(t.device_profile.clone()),
+            None => a.device_profile.clone(),
+        };
+        let mode = if a.pp.is_some() || a.tg.is_some() || a.reps.is_some() {
+            Mode::Llama(llama_plan(&a, device_profile)?)
+        } else {
+            let slo = match &target {
+                Some(t) => t.slo.clone(),
+                None => a.slo.clone(),
+            };
+            Mode::Workload(Box::new(workload_plan(&a, slo.as_deref(), device_profile)?))
+        };
+        Ok(BenchCommand {
+            engine,
+            target,
+            mode,
+            json: a.json,
+            out: a.out,
+            no_db: a.no_db,
+            db: a.db,
+        })
+    }
+}
+
+fn parse_list(flag: &str, s: &str) -> Result<Vec<usize>> {
+    if s.trim().is_empty() || s.trim() == "0" {
+        return Ok(vec![]);
+    }
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--{flag}: '{x}' is not a token count"))
+        })
+        .collect()
+}
+
+fn llama_plan(a: &BenchArgs, device_profile: Option<String>) -> Result<LlamaPlan> {
+    let pp = parse_list("pp", a.pp.as_deref().unwrap_or("512"))?;
+    let tg = parse_list("tg", a.tg.as_deref().unwrap_or("128"))?;
+    let reps = a.reps.unwrap_or(5);
+    if reps == 0 {
+        bail!("-r must be at least 1");
+    }
+    let tests: Vec<(Test, usize)> = pp
+        .iter()
+        .map(|&n| (Test::Pp, n))
+        .chain(tg.iter().map(|&n| (Test::Tg, n)))
+        .collect();
+    let plan = LlamaPlan {
+        tests,
+        reps,
+        device_profile,
+    };
+    if plan.longest() == 0 {
+        bail!("nothing to run: give --pp and/or --tg");
+    }
+    Ok(plan)
+}
+
+/// The workload plan of the flags; `slo` is --slo or the --target profile's default.
+fn workload_plan(
+    a: &BenchArgs,
+    slo: Option<&str>,
+    device_profile: Option<String>,
+) -> Result<WorkloadPlan> {
+    let modes = [a.concurrency.is_some(), a.rate.is_some(), a.sweep]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if modes > 1 {
+        bail!("give at most one of --concurrency, --rate and --sweep");
+    }
+    if a.dataset.is_some() as u8 + a.sharegpt.is_some() as u8 + a.workload.is_some() as u8 > 1 {
+        bail!("give at most one of --workload, --dataset and --sharegpt");
+    }
+    let load = load_mode(a)?;
+    if a.requests == Some(0) {
+        bail!("--requests must be at least 1");
+    }
+    let sampler = SamplerConfig {
+        temperature: a.temp,
+        seed: a.seed,
+        ..SamplerConfig::default()
+    };
+    sampler
+        .validate()
+        .map_err(|e| anyhow::anyhow!("bad sampling parameters: {e}"))?;
+    let source = workload_source(a)?;
+    let slo = Slo::resolve(slo, &source.name(), &a.slo_max, a.slo_target)?;
+    Ok(WorkloadPlan {
+        source,
+        load,
+        requests: a.requests,
+        duration_ms: a.duration.map(|d| (d * 1000.0) as u64),
+        warmup: a.warmup,
+        max_tokens: a.max_tokens,
+        chat_template: !a.raw_prompts,
+        seed: a.seed,
+        sampler,
+        ignore_eos: a.ignore_eos,
+        record_tokens: !a.no_token_recording,
+        slo,
+        server: ServerPlan {
+            batching: !a.no_batching,
+            prefix_caching: !a.no_prefix_cache,
+            kv_budget_bytes: a.kv_budget_mib.map(|m| m << 20).unwrap_or(512 << 20),
+        },
+        device_profile,
+        by_tag: a.by_tag,
+    })
+}
+
+/// One run under a load (sync, --concurrency, --rate; --think-ms alone is one thinking
+/// user), or --sweep.
+fn load_mode(a: &BenchArgs) -> Result<LoadMode> {
+    let arrivals = match a.arrivals.as_str() {
+        "poisson" => Arrivals::Poisson,
+        "constant" => Arrivals::Constant,
+        other => bail!("--arrivals: '{other}' is neither poisson nor constant"),
+    };
+    if let Some(r) = a.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    if a.concurrency == Some(0) {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.sweep {
+        return Ok(LoadMode::Sweep(SweepConfig {
+            requests_per_point: a.requests.unwrap_or(16).max(4),
+            max_points: a.sweep_points.max(1),
+            budget: Duration::from_secs_f64(a.sweep_budget.max(1.0)),
+            arrivals,
+            seed: a.seed,
+        }));
+    }
+    Ok(LoadMode::Run(match (a.concurrency, a.rate) {
+        (Some(c), _) => LoadSpec::Concurrency {
+            users: c,
+            think_ms: a.think_ms,
+        },
+        (_, Some(r)) => LoadSpec::Rate {
+            rps: r,
+            arrivals,
+            seed: a.seed,
+        },
+        _ if a.think_ms > 0 => LoadSpec::Concurrency {
+            users: 1,
+            think_ms: a.think_ms,
+        },
+        _ => LoadSpec::Sync,
+    }))
+}
+
+/// --dataset, --sharegpt, or a preset (default chat) with --input-len/--output-len/--max-tokens.
+fn workload_source(a: &BenchArgs) -> Result<WorkloadSource> {
+    if let Some(d) = &a.dataset {
+        return Ok(WorkloadSource::Dataset(d.clone()));
+    }
+    if let Some(p) = &a.sharegpt {
+        return Ok(WorkloadSource::ShareGpt(p.clone()));
+    }
+    let name = a.workload.clone().unwrap_or_else(|| "chat".into());
+    let mut spec = SyntheticSpec::preset(&name)?;
+    if let Some(x) = &a.input_len {
+        spec.input = LengthDist::parse(x)?;
+    }
+    if let Some(x) = &a.output_len {
+        spec.output = LengthDist::parse(x)?;
+    }
+    if let Some(m) = a.max_tokens {
+        spec.output = spec.output.capped(m);
+    }
+    Ok(WorkloadSource::Synthetic(spec))
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let cmd = BenchCommand::try_from(a)?;
+    match &cmd.mode {
+        Mode::Llama(plan) => cmd.llama_bench(plan),
+        Mode::Workload(plan) => cmd.workload(plan),
+    }
+}
+
+fn progress_bar(len: usize, template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+impl BenchCommand {
+    /// The engine, with context `ctx` when given (else the flags'). With --target the model is
+    /// opened first, to size the context to the profile's KV budget, and the engine is built
+    /// over it; the applied profile comes back for the JSON output.
+    fn open(&self, ctx: Option<usize>) -> Result<(Engine, Option<serde_json::Value>)> {
+        let mut opts = self.engine.clone();
+        let (opened, applied) = match &self.target {
+            Some(t) => {
+                if let Some(note) = t.arch_note() {
+                    eprintln!("{note}");
+                }
+                let m = OpenedModel::open(opts.model.clone(), opts.no_mmap)?;
+                let applied = t.size(&*m.model, opts.ctx)?;
+                opts.ctx = Some(applied.ctx);
+                (Some(m), Some(applied.json))
+            }
+            None => (None, None),
+        };
+        if ctx.is_some() {
+            opts.ctx = ctx;
+        }
+        Ok((open_engine(&opts, opened)?, applied))
+    }
+
+    fn llama_bench(&self, plan: &LlamaPlan) -> Result<()> {
+        let longest = plan.longest();
+        let (engine, target) = self.open(Some(longest.max(16)))?;
+        let c = engine.model.config();
+        if longest > c.n_ctx_train {
+            bail!(
+                "--pp/--tg of {longest} tokens exceeds the model's training context of {}",
+                c.n_ctx_train
+            );
+        }
+        let mut store = super::open_store(self.no_db, self.db.as_ref())?;
+        let bar = progress_bar(
+            plan.tests.len() * plan.reps,
+            "{spinner} bench [{bar:30}] {pos}/{len} {msg}",
+        );
+        let outcome = session::llama_bench(&engine, plan, store.as_mut(), &mut |p| match p {
+            LlamaProgress::Test(name) => bar.set_message(name.to_string()),
+            LlamaProgress::Rep => bar.inc(1),
+        })?;
+        bar.finish_and_clear();
+        print_llama_bench(&engine, &outcome.results, self.json, target)?;
+        match outcome.stored {
+            Some(Ok(path)) => {
+                eprintln!("ember: run saved to {}", path.display());
+                Ok(())
+            }
+            Some(Err(e)) => Err(e).context("the results store did not get the run"),
+            None => Ok(()),
+        }
+    }
+
+    /// A workload run (or sweep): the session runs and stores it, this prints it.
+    fn workload(&self, plan: &WorkloadPlan) -> Result<()> {
+        let (engine, target) = self.open(None)?;
+        let session = Session::new(&engine, plan)?;
+        for note in session.notes() {
+            eprintln!("ember bench: {note}");
+        }
+        let bar = progress_bar(
+            session.planned_requests().unwrap_or(0),
+            "{spinner} bench {msg} [{bar:30}] {pos}/{len} requests, {elapsed}",
+        );
+        bar.set_message(session.label());
+        let mut on_progress = |p: &Progress| {
+            if let Some(n) = p.planned {
+                bar.set_length(n as u64);
+            }
+            bar.set_position(p.done as u64);
+        };
+        // The results store: the run row first, then each request as it finishes (a sweep
+        // stores each of its steps so, as a run of its own).
+        let mut store = super::open_store(self.no_db, self.db.as_ref())?;
+        let outcome = session.run(store.as_mut(), &mut on_progress)?;
+        bar.finish_and_clear();
+        match (&outcome.stored, &store) {
+            (Some(Ok(n)), Some(st)) if *n > 1 => {
+                eprintln!(
+                    "ember: {n} sweep steps saved as runs to {}",
+                    st.path().display()
+                )
+            }
+            (Some(Ok(_)), Some(st)) => eprintln!("ember: run saved to {}", st.path().display()),
+            _ => {}
+        }
+        self.print_workload(plan, &outcome, target)?;
+        // Figures first, then the verdict on storing them: a run that could not record what it
+        // measured exits non-zero.
+        match outcome.stored {
+            Some(Err(e)) => Err(e).context("the results store did not get the whole run"),
+            _ => Ok(()),
+        }
+    }
+
+    /// --out, then the JSON or the table.
+    fn print_workload(
+        &self,
+        plan: &WorkloadPlan,
+        o: &Outcome,
+        target: Option<serde_json::Value>,
+    ) -> Result<()> {
+        if let Some(path) = &self.out {
+            let j = serde_json::json!({"run": o.result, "sweep": o.sweep, "overhead": o.overhead});
+            std::fs::write(path, serde_json::to_vec_pretty(&j)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if self.json {
+            let j = serde_json::json!({
+                "workload": o.result.workload, "provenance": o.result.provenance, "slo": plan.slo,
+                "summary": o.summary, "sweep": o.sweep, "by_tag": o.tags, "overhead": o.overhead,
+                "notes": o.notes, "target": target,
+            });
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            print!(
+                "{}",
+                ember_bench::table::render(
+                    &o.result,
+                    &o.summary,
+                    o.sweep.as_ref(),
+                    &o.tags,
+                    Some(o.overhead.fraction())
+                )
+            );
+        }
+        Ok(())
+    }
+}
+
+/// llama-bench's table (or JSON): one row per test, tokens/s as mean ± sd.
+fn print_llama_bench(
+    engine: &Engine,
+    results: &[BenchResult],
+    json: bool,
+    target: Option<serde_json::Value>,
+) -> Result<()> {
+    let name = engine
+        .file
+        .metadata
+        .get_str("general.name")
+        .unwrap_or("?")
+        .to_string();
+    let size_mib = engine.model.weight_bytes() as f64 / (1 << 20) as f64;
+    let threads = engine.cfg.threads;
+    if json {
+        let out = serde_json::json!({
+            "model": name, "model_path": engine.file.path(), "weights_bytes": engine.model.weight_bytes(),
+            "threads": threads, "backend": engine.model.backend(), "adapter": engine.model.adapter().map(|a| a.0),
+            "isa": format!("{:?}", ember_runtime::quant::best_isa()),
+            "target": target,
+            "results": results, "rss_peak_bytes": ember_runtime::sys::memory().rss_peak_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("| model | size | backend | threads | test | t/s |");
+        println!("| --- | ---: | --- | ---: | ---: | ---: |");
+        for r in results {
+            let be = match engine.model.adapter() {
+                Some((a, _)) => format!("wgpu ({a})"),
+                None => format!("CPU ({:?})", ember_runtime::quant::best_isa()),
+            };
+            println!(
+                "| {name} | {size_mib:.2} MiB | {be} | {threads} | {} | {:.2} ± {:.2} |",
+                r.test, r.mean_tps, r.sd_tps
+            );
+        }
+    }
+    Ok(())
+}

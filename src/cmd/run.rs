@@ -1,0 +1,279 @@
+//! `ember run`: generate text, streamed to stdout, with a summary on stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use argh::FromArgs;
+
+use ember_runtime::chat::{ChatMessage, ChatTemplate};
+use ember_runtime::engine::{Engine, Event, GenerateRequest, Generation};
+use ember_runtime::sample::SamplerConfig;
+
+use crate::engine::{EngineOpts, open_engine};
+
+#[derive(FromArgs)]
+/// Generate text: streams the completion to stdout and a summary (prompt
+/// tokens, TTFT, prefill and decode speed, memory) to stderr.
+#[argh(subcommand, name = "run")]
+pub struct RunArgs {
+    /// GGUF model file (default: the embedded tiny model)
+    #[argh(option, short = 'm')]
+    model: Option<PathBuf>,
+    /// the prompt text
+    #[argh(option, short = 'p')]
+    prompt: Option<String>,
+    /// read the prompt from this file ('-' for stdin)
+    #[argh(option, short = 'f')]
+    file: Option<PathBuf>,
+    /// wrap the prompt as a user message in the model's chat template
+    #[argh(switch)]
+    chat: bool,
+    /// system message for --chat
+    #[argh(option)]
+    system: Option<String>,
+    /// maximum new tokens (default 128)
+    #[argh(option, short = 'n', default = "128")]
+    n_predict: usize,
+    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    #[argh(option)]
+    backend: Option<String>,
+    /// worker threads (default: all cores)
+    #[argh(option, short = 't')]
+    threads: Option<usize>,
+    /// context size in tokens (default: min(training context, 4096))
+    #[argh(option, short = 'c')]
+    ctx: Option<usize>,
+    /// sampling temperature; 0 = greedy (default 0.8)
+    #[argh(option, default = "0.8")]
+    temp: f32,
+    /// top-k, 0 = off (default 40)
+    #[argh(option, default = "40")]
+    top_k: usize,
+    /// top-p nucleus, 1 = off (default 0.95)
+    #[argh(option, default = "0.95")]
+    top_p: f32,
+    /// min-p, 0 = off (default 0.05)
+    #[argh(option, default = "0.05")]
+    min_p: f32,
+    /// repetition penalty, 1 = off (default 1.0)
+    #[argh(option, default = "1.0")]
+    repeat_penalty: f32,
+    /// tokens the repetition penalty looks back over (default 64)
+    #[argh(option, default = "64")]
+    repeat_last_n: usize,
+    /// RNG seed (default 0)
+    #[argh(option, default = "0")]
+    seed: u64,
+    /// stop when this string is generated (repeatable)
+    #[argh(option)]
+    stop: Vec<String>,
+    /// do not add BOS even if the model asks for it
+    #[argh(switch)]
+    no_bos: bool,
+    /// keep generating past end-of-generation tokens
+    #[argh(switch)]
+    ignore_eos: bool,
+    /// print one JSON object (tokens, text, per-position top logits) instead of streaming
+    #[argh(switch)]
+    json: bool,
+    /// with --json: how many top logits per position (default 8)
+    #[argh(option, default = "8")]
+    top_logprobs: usize,
+    /// with --json: include every prompt position too
+    #[argh(switch)]
+    echo: bool,
+    /// prompt tokens per prefill pass (default 512)
+    #[argh(option, default = "512")]
+    batch: usize,
+    /// read the weights into memory (on huge pages where the kernel grants them) instead of
+    /// mapping the file: faster decode on the CPU, at the cost of a copy at load and RAM the
+    /// kernel cannot reclaim (llama.cpp's --no-mmap)
+    #[argh(switch)]
+    no_mmap: bool,
+}
+
+fn read_prompt(a: &RunArgs) -> Result<String> {
+    match (&a.prompt, &a.file) {
+        (Some(_), Some(_)) => bail!("give either -p/--prompt or -f/--file, not both"),
+        (Some(p), None) => Ok(p.clone()),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading the prompt from stdin")?;
+            Ok(s)
+        }
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the prompt from {}", f.display())),
+        (None, None) => bail!("no prompt: give -p TEXT or -f FILE"),
+    }
+}
+
+/// The prompt as the model sees it: as given, or (--chat) rendered as a user message, after
+/// an optional system message, by the model's chat template.
+fn render_prompt(engine: &Engine, a: &RunArgs, prompt: String) -> Result<String> {
+    if !a.chat {
+        return Ok(prompt);
+    }
+    let mut msgs = vec![];
+    if let Some(s) = &a.system {
+        msgs.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    msgs.push(ChatMessage {
+        role: "user".into(),
+        content: prompt,
+    });
+    if engine
+        .file
+        .metadata
+        .get_str(ember_runtime::gguf::keys::CHAT_TEMPLATE)
+        .is_none()
+    {
+        log::warn!("model has no chat template; using ChatML");
+    }
+    let tpl = ChatTemplate::from_metadata_or_chatml(&engine.file.metadata)
+        .context("the model's chat template does not parse")?;
+    tpl.render(&msgs, true)
+        .context("rendering the chat template")
+}
+
+/// When the engine's events happened, for the summary.
+#[derive(Default)]
+struct Times {
+    start: Option<Instant>,
+    prefill_end: Option<Instant>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    n_gen: usize,
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let prompt = read_prompt(&a)?;
+    let sampler = SamplerConfig {
+        temperature: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        repeat_last_n: a.repeat_last_n,
+        seed: a.seed,
+    };
+    sampler.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let t_load = Instant::now();
+    let opts = EngineOpts {
+        model: a.model.clone(),
+        backend: a.backend.clone(),
+        threads: a.threads,
+        ctx: a.ctx,
+        batch: a.batch,
+        no_mmap: a.no_mmap,
+    };
+    let engine = open_engine(&opts, None)?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    let tok = &engine.tokenizer;
+    let text = render_prompt(&engine, &a, prompt)?;
+    // A chat template already writes BOS where the model wants it.
+    let add_bos = !a.no_bos && !a.chat && tok.add_bos_default();
+    let prompt_tokens = tok
+        .encode(&text, add_bos, true)
+        .context("tokenizing the prompt")?;
+    let n_ctx = engine.cfg.n_ctx;
+    if prompt_tokens.len() >= n_ctx {
+        bail!(
+            "the prompt is {} tokens, longer than the context of {n_ctx} tokens (use a shorter prompt or a larger --ctx, up to the model's {})",
+            prompt_tokens.len(),
+            engine.model.config().n_ctx_train
+        );
+    }
+    let req = GenerateRequest {
+        prompt_tokens,
+        max_tokens: a.n_predict,
+        sampler,
+        stop_strings: a.stop.clone(),
+        top_logprobs: if a.json { a.top_logprobs } else { 0 },
+        echo: a.echo,
+        ignore_eos: a.ignore_eos,
+    };
+    let (generation, times) = generate(&engine, &req, a.json)?;
+    print_summary(&engine, &generation, &times, load_ms);
+    Ok(())
+}
+
+/// Generate, streaming the text to stdout (or, with `json`, printing the generation as JSON at
+/// the end); a closed stdout ends nothing but the streaming.
+fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Generation, Times)> {
+    let mut stdout = std::io::stdout().lock();
+    let mut t = Times::default();
+    let mut io_err: Option<std::io::Error> = None;
+    let mut write = |text: &str| {
+        if !json && io_err.is_none() {
+            io_err = stdout
+                .write_all(text.as_bytes())
+                .and_then(|_| stdout.flush())
+                .err();
+        }
+    };
+    let gen_result = engine.generate(req, &mut |ev| match ev {
+        Event::PrefillStart { at, .. } => t.start = Some(at),
+        Event::PrefillEnd { at, .. } => t.prefill_end = Some(at),
+        Event::Token { at, text, .. } => {
+            t.n_gen += 1;
+            t.first.get_or_insert(at);
+            t.last = Some(at);
+            write(text);
+        }
+        Event::Finish { text, .. } => write(text),
+    });
+    let generation = gen_result?;
+    if let Some(e) = io_err
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e).context("writing to stdout");
+    }
+    if json {
+        serde_json::to_writer(&mut stdout, &generation)?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(stdout).ok();
+    }
+    Ok((generation, t))
+}
+
+/// The one-line summary on stderr: tokens, finish reason, load, TTFT, prefill and decode
+/// speed, peak RSS and device memory.
+fn print_summary(engine: &Engine, generation: &Generation, t: &Times, load_ms: f64) {
+    let ms = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64() * 1e3,
+        _ => f64::NAN,
+    };
+    let n_prompt = generation.prompt_tokens.len();
+    let n_gen = t.n_gen;
+    let prefill_ms = ms(t.start, t.prefill_end);
+    let ttft_ms = ms(t.start, t.first);
+    let decode_ms = ms(t.first, t.last);
+    let mem = ember_runtime::sys::memory();
+    let dev = match engine.model.device_memory() {
+        Some(m) => format!(
+            " | device: weights {:.0} MiB, peak {:.0} MiB",
+            m.weights_bytes as f64 / (1 << 20) as f64,
+            m.peak_bytes as f64 / (1 << 20) as f64
+        ),
+        None => String::new(),
+    };
+    eprintln!(
+        "\nember: {} | {n_prompt} prompt tokens, {n_gen} generated ({:?}) | load {load_ms:.0} ms | TTFT {ttft_ms:.1} ms | prefill {:.1} tok/s | decode {} | RSS peak {:.0} MiB{dev}",
+        engine.model.backend(),
+        generation.finish_reason,
+        n_prompt as f64 / (prefill_ms / 1e3),
+        if n_gen >= 2 {
+            format!("{:.1} tok/s", (n_gen - 1) as f64 / (decode_ms / 1e3))
+        } else {
+            "n/a (<2 tokens)".into()
+        },
+        mem.rss_peak_bytes as f64 / (1 << 20) as f64,
+    );
+}
