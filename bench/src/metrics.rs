@@ -362,39 +362,11 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         .map(|r| r.cache.cached_prompt_tokens as u64)
         .sum();
 
-    let (mut pf_tok, mut pf_ns) = (0u64, 0u64);
-    let (mut dc_tok, mut dc_ns) = (0u64, 0u64);
-    for r in &ok {
-        if let (Some(s), Some(e)) = (r.prefill_start_ns, r.prefill_end_ns) {
-            pf_tok += r.cache.computed_prompt_tokens as u64;
-            pf_ns += e.saturating_sub(s);
-        }
-        let n = r.token_ns.len();
-        if n >= 2 {
-            dc_tok += (n - 1) as u64;
-            dc_ns += r.token_ns[n - 1] - r.token_ns[0];
-        }
-    }
-
-    // In request order: numpy sums in the order it is given.
+    let (prefill_tps_total, decode_tps_total) = phase_totals(&ok);
     let tpots: Vec<f64> = ok.iter().filter_map(|r| tpot_ms(r)).collect();
-    let tpot = Dist::of(tpots.clone());
-    let mut tpots_sorted = tpots.clone();
-    tpots_sorted.sort_by(|a, b| a.total_cmp(b));
+    let compat = compat_figures(&ok, &tpots);
+    let tpot = Dist::of(tpots);
     let itl = Dist::of(ok.iter().flat_map(|r| gaps_ns(r)).map(ms).collect());
-    let (gw_num, gw_den) = ok
-        .iter()
-        .filter_map(|r| {
-            let gaps = r.output_tokens().saturating_sub(1) as f64;
-            tpot_ms(r).map(|t| (t * gaps, gaps))
-        })
-        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let compat = Compat {
-        guidellm_itl_ms: if gw_den > 0.0 { gw_num / gw_den } else { 0.0 },
-        vllm_tpot_mean_ms: numpy_mean(&tpots).unwrap_or(0.0),
-        vllm_tpot_median_ms: numpy_median(&tpots_sorted).unwrap_or(0.0),
-        vllm_tpot_p99_ms: numpy_percentile(&tpots_sorted, 99.0).unwrap_or(0.0),
-    };
 
     let mut s = Summary {
         n_total: records.len(),
@@ -415,17 +387,9 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         tpot_ms: tpot,
         e2e_ms: Dist::of(ok.iter().map(|r| ms(e2e_ns(r))).collect()),
         prefill_tps: Dist::of(ok.iter().filter_map(|r| prefill_tps(r)).collect()),
-        prefill_tps_total: if pf_ns > 0 {
-            pf_tok as f64 * NS_PER_S / pf_ns as f64
-        } else {
-            0.0
-        },
+        prefill_tps_total,
         decode_tps: Dist::of(ok.iter().filter_map(|r| decode_tps(r)).collect()),
-        decode_tps_total: if dc_ns > 0 {
-            dc_tok as f64 * NS_PER_S / dc_ns as f64
-        } else {
-            0.0
-        },
+        decode_tps_total,
         prompt_tokens,
         output_tokens,
         rps: per_s(ok.len() as f64),
@@ -448,50 +412,113 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
     };
     if let Some(slo) = slo {
         let attaining = measured.iter().filter(|r| attains(r, slo)).count();
-        let attainment = if measured.is_empty() {
-            0.0
-        } else {
-            attaining as f64 / measured.len() as f64
-        };
-        let mut small = vec![];
-        let verdicts: Vec<SloVerdict> = slo
-            .constraints
-            .iter()
-            .map(|c| {
-                let d = match c.metric {
-                    SloMetric::Ttft => &s.ttft_ms,
-                    SloMetric::Itl => &s.itl_ms,
-                    SloMetric::Tpot => &s.tpot_ms,
-                    SloMetric::E2e => &s.e2e_ms,
-                    SloMetric::Queue => &s.queue_ms,
-                    SloMetric::TtftEngine => &s.ttft_engine_ms,
-                };
-                if d.is_small(c.stat) {
-                    small.push(c.to_string());
-                }
-                let measured = d.stat(c.stat);
-                // An empty distribution (e.g. no request with 2 tokens for itl) cannot pass.
-                SloVerdict {
-                    constraint: c.to_string(),
-                    measured,
-                    limit: c.limit_ms,
-                    pass: d.n > 0 && measured <= c.limit_ms,
-                }
-            })
-            .collect();
-        let pass = verdicts.iter().all(|v| v.pass) && attainment >= slo.target;
-        s.slo = Some(SloReport {
-            name: slo.name.clone(),
-            target: slo.target,
-            verdicts,
-            small_sample: small,
+        s.slo = Some(slo_report(
+            &s,
+            slo,
             attaining,
-            slo_attainment: attainment,
-            goodput_rps: per_s(attaining as f64),
-            pass,
-        });
+            measured.len(),
+            per_s(attaining as f64),
+        ));
     }
     s
+}
+
+/// The SLO's verdicts on a summary's distributions, and its goodput.
+fn slo_report(
+    s: &Summary,
+    slo: &Slo,
+    attaining: usize,
+    n_measured: usize,
+    goodput_rps: f64,
+) -> SloReport {
+    let attainment = if n_measured == 0 {
+        0.0
+    } else {
+        attaining as f64 / n_measured as f64
+    };
+    let mut small = vec![];
+    let verdicts: Vec<SloVerdict> = slo
+        .constraints
+        .iter()
+        .map(|c| {
+            let d = match c.metric {
+                SloMetric::Ttft => &s.ttft_ms,
+                SloMetric::Itl => &s.itl_ms,
+                SloMetric::Tpot => &s.tpot_ms,
+                SloMetric::E2e => &s.e2e_ms,
+                SloMetric::Queue => &s.queue_ms,
+                SloMetric::TtftEngine => &s.ttft_engine_ms,
+            };
+            if d.is_small(c.stat) {
+                small.push(c.to_string());
+            }
+            let measured = d.stat(c.stat);
+            // An empty distribution (e.g. no request with 2 tokens for itl) cannot pass.
+            SloVerdict {
+                constraint: c.to_string(),
+                measured,
+                limit: c.limit_ms,
+                pass: d.n > 0 && measured <= c.limit_ms,
+            }
+        })
+        .collect();
+    let pass = verdicts.iter().all(|v| v.pass) && attainment >= slo.target;
+    SloReport {
+        name: slo.name.clone(),
+        target: slo.target,
+        verdicts,
+        small_sample: small,
+        attaining,
+        slo_attainment: attainment,
+        goodput_rps,
+        pass,
+    }
+}
+
+/// Whole-run prefill and decode throughput (tokens/s): Σ tokens over Σ phase time of the
+/// completed requests.
+fn phase_totals(ok: &[&RequestRecord]) -> (f64, f64) {
+    let (mut pf_tok, mut pf_ns) = (0u64, 0u64);
+    let (mut dc_tok, mut dc_ns) = (0u64, 0u64);
+    for r in ok {
+        if let (Some(s), Some(e)) = (r.prefill_start_ns, r.prefill_end_ns) {
+            pf_tok += r.cache.computed_prompt_tokens as u64;
+            pf_ns += e.saturating_sub(s);
+        }
+        let n = r.token_ns.len();
+        if n >= 2 {
+            dc_tok += (n - 1) as u64;
+            dc_ns += r.token_ns[n - 1] - r.token_ns[0];
+        }
+    }
+    let rate = |tok: u64, ns: u64| {
+        if ns > 0 {
+            tok as f64 * NS_PER_S / ns as f64
+        } else {
+            0.0
+        }
+    };
+    (rate(pf_tok, pf_ns), rate(dc_tok, dc_ns))
+}
+
+/// Other harnesses' figures computed their way: GuideLLM's gap-weighted ITL, vLLM's numpy TPOT
+/// statistics (`tpots` in request order: numpy sums in the order it is given).
+fn compat_figures(ok: &[&RequestRecord], tpots: &[f64]) -> Compat {
+    let mut tpots_sorted = tpots.to_vec();
+    tpots_sorted.sort_by(|a, b| a.total_cmp(b));
+    let (gw_num, gw_den) = ok
+        .iter()
+        .filter_map(|r| {
+            let gaps = r.output_tokens().saturating_sub(1) as f64;
+            tpot_ms(r).map(|t| (t * gaps, gaps))
+        })
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    Compat {
+        guidellm_itl_ms: if gw_den > 0.0 { gw_num / gw_den } else { 0.0 },
+        vllm_tpot_mean_ms: numpy_mean(tpots).unwrap_or(0.0),
+        vllm_tpot_median_ms: numpy_median(&tpots_sorted).unwrap_or(0.0),
+        vllm_tpot_p99_ms: numpy_percentile(&tpots_sorted, 99.0).unwrap_or(0.0),
+    }
 }
 
 /// A few figures per tag (requests carry tags; a request with several tags counts in each).

@@ -90,9 +90,8 @@ impl Server for FakeServer {
             });
             c.advance_ms(1);
             self.active = Some(Active { req, n_out: 0 });
-        } else {
-            let l = self.active.as_ref().unwrap().req.prompt_tokens.len() as u64;
-            c.advance_ms(l);
+        } else if let Some(a) = &self.active {
+            c.advance_ms(a.req.prompt_tokens.len() as u64);
         }
         let a = self.active.as_mut().unwrap();
         out.push(ServeEvent::Token {

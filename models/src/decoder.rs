@@ -54,6 +54,14 @@ pub(crate) struct Layer<M, V> {
 }
 
 impl<M, V> Layer<M, V> {
+    /// The weight of the layer's `which` norm.
+    pub(crate) fn norm(&self, which: Norm) -> &V {
+        match which {
+            Norm::Attn => &self.attn_norm,
+            Norm::Ffn => &self.ffn_norm,
+        }
+    }
+
     /// The same layer with each matrix through `fm` and each vector through `fv`.
     pub(crate) fn try_map<M2, V2, E>(
         &self,
@@ -122,7 +130,10 @@ impl<'b, 'a> BatchPlan<'b, 'a> {
 
     /// The cache position of every row.
     pub(crate) fn positions(&self) -> Vec<usize> {
-        self.segs.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect()
+        self.segs
+            .iter()
+            .flat_map(|s| s.pos0..s.pos0 + s.len)
+            .collect()
     }
 
     /// Every row's token embedding, dequantized from the mapping (`n × n_embd`).

@@ -203,9 +203,7 @@ impl DecoderOps for DevicePass<'_> {
         let m = self.m;
         let mut max_slot = 0;
         for (it, s) in plan.iter() {
-            let slots = kv
-                .device()
-                .slots(kv.block_table(it.seq), s.pos0 + s.len);
+            let slots = kv.device().slots(kv.block_table(it.seq), s.pos0 + s.len);
             max_slot = max_slot.max(slots.iter().copied().max().unwrap_or(0));
             self.slots.push(slots);
         }
@@ -221,11 +219,7 @@ impl DecoderOps for DevicePass<'_> {
     }
 
     fn norm(&mut self, l: usize, which: Norm) {
-        let ly = &self.m.layers[l];
-        let w = match which {
-            Norm::Attn => &ly.attn_norm,
-            Norm::Ffn => &ly.ffn_norm,
-        };
+        let w = self.m.layers[l].norm(which);
         let x = self.x.as_ref().expect("decoder op order: x is not set");
         self.xn = Some(T::rmsnorm(x.clone(), w, self.m.cfg.rms_eps));
     }
@@ -264,7 +258,9 @@ impl DecoderOps for DevicePass<'_> {
             let (kh, vh) = pools.gather(l, slots);
             let qi = q.clone().slice([s.r0..s.r0 + s.len, 0..q_dim]);
             let (heads, kv_heads) = (c.n_heads, c.n_kv_heads);
-            outs.push(T::attention(qi, kh, vh, s.pos0, heads, kv_heads, c.head_dim));
+            outs.push(T::attention(
+                qi, kh, vh, s.pos0, heads, kv_heads, c.head_dim,
+            ));
         }
         self.att = Some(if outs.len() == 1 {
             outs.pop().unwrap()

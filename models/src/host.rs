@@ -122,11 +122,7 @@ impl DecoderOps for HostPass<'_> {
     }
 
     fn norm(&mut self, l: usize, which: Norm) {
-        let ly = &self.m.layers[l];
-        let w = match which {
-            Norm::Attn => &ly.attn_norm,
-            Norm::Ffn => &ly.ffn_norm,
-        };
+        let w = self.m.layers[l].norm(which);
         self.xn.resize(self.x.len(), 0.0);
         ops::rmsnorm(&self.x, w, self.m.cfg.rms_eps, &mut self.xn);
     }

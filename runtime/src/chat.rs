@@ -411,162 +411,179 @@ fn py_strip(s: &str, chars: Option<&str>, left: bool, right: bool) -> String {
 
 /// Python methods on strings and dicts that HF templates use.
 fn py_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
-    let unknown = || {
+    let found = if let Some(s) = value.as_str() {
+        py_str_method(s, method, args)?
+    } else if value.kind() == ValueKind::Map {
+        py_map_method(value, method, args)?
+    } else {
+        None
+    };
+    found.ok_or_else(|| {
         Error::new(
             ErrorKind::UnknownMethod,
             format!("no method `{method}` on {}", value.kind()),
         )
-    };
-    if let Some(s) = value.as_str() {
-        let chars = arg_str(args, 0);
-        return Ok(match method {
-            "strip" => Value::from(py_strip(s, chars, true, true)),
-            "lstrip" => Value::from(py_strip(s, chars, true, false)),
-            "rstrip" => Value::from(py_strip(s, chars, false, true)),
-            "upper" => Value::from(s.to_uppercase()),
-            "lower" => Value::from(s.to_lowercase()),
-            "title" => Value::from(title_case(s)),
-            "capitalize" => {
-                let mut c = s.chars();
-                Value::from(match c.next() {
-                    Some(f) => f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase(),
-                    None => String::new(),
-                })
-            }
-            "startswith" | "endswith" => {
-                let test = |p: &str| {
-                    if method == "startswith" {
-                        s.starts_with(p)
-                    } else {
-                        s.ends_with(p)
-                    }
-                };
-                match args.first() {
-                    Some(a) if a.kind() == ValueKind::Seq => {
-                        Value::from(a.try_iter()?.any(|p| p.as_str().is_some_and(test)))
-                    }
-                    Some(a) => Value::from(a.as_str().is_some_and(test)),
-                    None => return Err(Error::new(ErrorKind::MissingArgument, method.to_string())),
-                }
-            }
-            "split" | "rsplit" => {
-                let maxsplit = args
-                    .get(1)
-                    .and_then(|v| i64::try_from(v.clone()).ok())
-                    .unwrap_or(-1);
-                let parts: Vec<String> = match chars {
-                    Some(sep) if !sep.is_empty() => {
-                        if maxsplit < 0 {
-                            s.split(sep).map(str::to_string).collect()
-                        } else if method == "split" {
-                            s.splitn(maxsplit as usize + 1, sep)
-                                .map(str::to_string)
-                                .collect()
-                        } else {
-                            let mut v: Vec<String> = s
-                                .rsplitn(maxsplit as usize + 1, sep)
-                                .map(str::to_string)
-                                .collect();
-                            v.reverse();
-                            v
-                        }
-                    }
-                    _ => s.split_whitespace().map(str::to_string).collect(),
-                };
-                Value::from(parts)
-            }
-            "replace" => {
-                let (Some(a), Some(b)) = (arg_str(args, 0), arg_str(args, 1)) else {
-                    return Err(Error::new(ErrorKind::MissingArgument, "replace(old, new)"));
-                };
-                match args.get(2).and_then(|v| i64::try_from(v.clone()).ok()) {
-                    Some(n) if n >= 0 => Value::from(s.replacen(a, b, n as usize)),
-                    _ => Value::from(s.replace(a, b)),
-                }
-            }
-            "find" => Value::from(
-                chars
-                    .and_then(|p| s.find(p))
-                    .map(|i| s[..i].chars().count() as i64)
-                    .unwrap_or(-1),
-            ),
-            "count" => Value::from(
-                chars
-                    .map(|p| {
-                        if p.is_empty() {
-                            0
-                        } else {
-                            s.matches(p).count()
-                        }
-                    })
-                    .unwrap_or(0),
-            ),
-            "join" => {
-                let items: Vec<String> = match args.first() {
-                    Some(a) => a
-                        .try_iter()?
-                        .map(|v| {
-                            v.as_str()
-                                .map(str::to_string)
-                                .unwrap_or_else(|| v.to_string())
-                        })
-                        .collect(),
-                    None => vec![],
-                };
-                Value::from(items.join(s))
-            }
-            "isdigit" => Value::from(!s.is_empty() && s.chars().all(|c| c.is_ascii_digit())),
-            "isspace" => Value::from(!s.is_empty() && s.chars().all(char::is_whitespace)),
-            "format" => {
-                // Positional `{}` placeholders only.
-                let mut out = String::new();
-                let mut i = 0;
-                let mut rest = s;
-                while let Some(p) = rest.find("{}") {
-                    out.push_str(&rest[..p]);
-                    if let Some(a) = args.get(i) {
-                        out.push_str(&a.to_string());
-                    }
-                    i += 1;
-                    rest = &rest[p + 2..];
-                }
-                out.push_str(rest);
-                Value::from(out)
-            }
-            _ => return Err(unknown()),
-        });
-    }
-    if value.kind() == ValueKind::Map {
-        return match method {
-            "items" => {
-                let mut v = Vec::new();
-                for k in value.try_iter()? {
-                    let item = value.get_item(&k)?;
-                    v.push(Value::from(vec![k, item]));
-                }
-                Ok(Value::from(v))
-            }
-            "keys" => Ok(Value::from(value.try_iter()?.collect::<Vec<_>>())),
-            "values" => {
-                let mut v = Vec::new();
-                for k in value.try_iter()? {
-                    v.push(value.get_item(&k)?);
-                }
-                Ok(Value::from(v))
-            }
-            "get" => {
-                let key = args.first().cloned().unwrap_or(Value::UNDEFINED);
-                let got = value.get_item(&key)?;
-                if got.is_undefined() {
-                    Ok(args.get(1).cloned().unwrap_or(Value::from(())))
+    })
+}
+
+/// A Python `str` method; `None` when `method` is not one.
+fn py_str_method(s: &str, method: &str, args: &[Value]) -> Result<Option<Value>, Error> {
+    let chars = arg_str(args, 0);
+    Ok(Some(match method {
+        "strip" => Value::from(py_strip(s, chars, true, true)),
+        "lstrip" => Value::from(py_strip(s, chars, true, false)),
+        "rstrip" => Value::from(py_strip(s, chars, false, true)),
+        "upper" => Value::from(s.to_uppercase()),
+        "lower" => Value::from(s.to_lowercase()),
+        "title" => Value::from(title_case(s)),
+        "capitalize" => {
+            let mut c = s.chars();
+            Value::from(match c.next() {
+                Some(f) => f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase(),
+                None => String::new(),
+            })
+        }
+        "startswith" | "endswith" => {
+            let test = |p: &str| {
+                if method == "startswith" {
+                    s.starts_with(p)
                 } else {
-                    Ok(got)
+                    s.ends_with(p)
                 }
+            };
+            match args.first() {
+                Some(a) if a.kind() == ValueKind::Seq => {
+                    Value::from(a.try_iter()?.any(|p| p.as_str().is_some_and(test)))
+                }
+                Some(a) => Value::from(a.as_str().is_some_and(test)),
+                None => return Err(Error::new(ErrorKind::MissingArgument, method.to_string())),
             }
-            _ => Err(unknown()),
-        };
+        }
+        "split" | "rsplit" => py_split(s, method, chars, args),
+        "replace" => {
+            let (Some(a), Some(b)) = (arg_str(args, 0), arg_str(args, 1)) else {
+                return Err(Error::new(ErrorKind::MissingArgument, "replace(old, new)"));
+            };
+            match args.get(2).and_then(|v| i64::try_from(v.clone()).ok()) {
+                Some(n) if n >= 0 => Value::from(s.replacen(a, b, n as usize)),
+                _ => Value::from(s.replace(a, b)),
+            }
+        }
+        "find" => Value::from(
+            chars
+                .and_then(|p| s.find(p))
+                .map(|i| s[..i].chars().count() as i64)
+                .unwrap_or(-1),
+        ),
+        "count" => Value::from(
+            chars
+                .map(|p| {
+                    if p.is_empty() {
+                        0
+                    } else {
+                        s.matches(p).count()
+                    }
+                })
+                .unwrap_or(0),
+        ),
+        "join" => {
+            let items: Vec<String> = match args.first() {
+                Some(a) => a
+                    .try_iter()?
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .collect(),
+                None => vec![],
+            };
+            Value::from(items.join(s))
+        }
+        "isdigit" => Value::from(!s.is_empty() && s.chars().all(|c| c.is_ascii_digit())),
+        "isspace" => Value::from(!s.is_empty() && s.chars().all(char::is_whitespace)),
+        "format" => py_format(s, args),
+        _ => return Ok(None),
+    }))
+}
+
+/// `str.split` / `str.rsplit` with an optional separator and `maxsplit`.
+fn py_split(s: &str, method: &str, chars: Option<&str>, args: &[Value]) -> Value {
+    let maxsplit = args
+        .get(1)
+        .and_then(|v| i64::try_from(v.clone()).ok())
+        .unwrap_or(-1);
+    let parts: Vec<String> = match chars {
+        Some(sep) if !sep.is_empty() => {
+            if maxsplit < 0 {
+                s.split(sep).map(str::to_string).collect()
+            } else if method == "split" {
+                s.splitn(maxsplit as usize + 1, sep)
+                    .map(str::to_string)
+                    .collect()
+            } else {
+                let mut v: Vec<String> = s
+                    .rsplitn(maxsplit as usize + 1, sep)
+                    .map(str::to_string)
+                    .collect();
+                v.reverse();
+                v
+            }
+        }
+        _ => s.split_whitespace().map(str::to_string).collect(),
+    };
+    Value::from(parts)
+}
+
+/// `str.format` with positional `{}` placeholders only.
+fn py_format(s: &str, args: &[Value]) -> Value {
+    // Positional `{}` placeholders only.
+    let mut out = String::new();
+    let mut i = 0;
+    let mut rest = s;
+    while let Some(p) = rest.find("{}") {
+        out.push_str(&rest[..p]);
+        if let Some(a) = args.get(i) {
+            out.push_str(&a.to_string());
+        }
+        i += 1;
+        rest = &rest[p + 2..];
     }
-    Err(unknown())
+    out.push_str(rest);
+    Value::from(out)
+}
+
+/// A Python `dict` method; `None` when `method` is not one.
+fn py_map_method(value: &Value, method: &str, args: &[Value]) -> Result<Option<Value>, Error> {
+    let v: Result<Value, Error> = match method {
+        "items" => {
+            let mut v = Vec::new();
+            for k in value.try_iter()? {
+                let item = value.get_item(&k)?;
+                v.push(Value::from(vec![k, item]));
+            }
+            Ok(Value::from(v))
+        }
+        "keys" => Ok(Value::from(value.try_iter()?.collect::<Vec<_>>())),
+        "values" => {
+            let mut v = Vec::new();
+            for k in value.try_iter()? {
+                v.push(value.get_item(&k)?);
+            }
+            Ok(Value::from(v))
+        }
+        "get" => {
+            let key = args.first().cloned().unwrap_or(Value::UNDEFINED);
+            let got = value.get_item(&key)?;
+            if got.is_undefined() {
+                Ok(args.get(1).cloned().unwrap_or(Value::from(())))
+            } else {
+                Ok(got)
+            }
+        }
+        _ => return Ok(None),
+    };
+    v.map(Some)
 }
 
 fn title_case(s: &str) -> String {
