@@ -509,4 +509,3 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<GgufFile, GgufError> {
         Ok(())
     })
 }
-

@@ -14,7 +14,11 @@ pub(super) fn parse_byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-pub(super) fn build_bpe(md: &Metadata, vocab: &VocabTable, pre: PreType) -> Result<BpeModel, TokenizerError> {
+pub(super) fn build_bpe(
+    md: &Metadata,
+    vocab: &VocabTable,
+    pre: PreType,
+) -> Result<BpeModel, TokenizerError> {
     let merges_raw = md
         .get_strings(keys::TOK_MERGES)
         .ok_or(TokenizerError::MissingKey(keys::TOK_MERGES))?;

@@ -807,4 +807,3 @@ impl<'a> StreamDecoder<'a> {
         out
     }
 }
-
