@@ -469,32 +469,31 @@ impl GgufFile {
         &self.mmap
     }
     pub fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
-        match self.metadata.get(key) {
-            None => Err(GgufError::MissingKey {
-                path: self.path.clone(),
-                key: key.to_string(),
-            }),
-            Some(v) => v.as_u64().ok_or_else(|| GgufError::WrongType {
-                path: self.path.clone(),
-                key: key.to_string(),
-                found: v.type_name(),
-                expected: "unsigned integer",
-            }),
-        }
+        self.require(key, "unsigned integer", Value::as_u64)
     }
     pub fn require_str(&self, key: &str) -> Result<&str, GgufError> {
-        match self.metadata.get(key) {
-            None => Err(GgufError::MissingKey {
+        self.require(key, "string", Value::as_str)
+    }
+    /// Metadata `key` through `get`: missing, or of another type than `expected`, is an error.
+    fn require<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &'static str,
+        get: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<T, GgufError> {
+        let v = self
+            .metadata
+            .get(key)
+            .ok_or_else(|| GgufError::MissingKey {
                 path: self.path.clone(),
                 key: key.to_string(),
-            }),
-            Some(v) => v.as_str().ok_or_else(|| GgufError::WrongType {
-                path: self.path.clone(),
-                key: key.to_string(),
-                found: v.type_name(),
-                expected: "string",
-            }),
-        }
+            })?;
+        get(v).ok_or_else(|| GgufError::WrongType {
+            path: self.path.clone(),
+            key: key.to_string(),
+            found: v.type_name(),
+            expected,
+        })
     }
     /// Advise the kernel about the access pattern of the whole mapping.
     pub fn advise_willneed(&self) {
