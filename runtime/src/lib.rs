@@ -18,6 +18,7 @@ pub mod engine;
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod opcheck;
 pub mod ops;
 pub mod quant;
 pub mod request;
