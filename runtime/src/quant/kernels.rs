@@ -16,6 +16,7 @@
 //! that decode weights to unsigned bytes can apply the Q4_0/Q5_0 offset in the integer domain.
 
 use super::GgmlType;
+use super::blocks::{self, BlockFormat, Format};
 use super::reference::{rd_f16, scale_min_k4};
 use half::f16;
 
@@ -28,16 +29,8 @@ pub(crate) enum ActKind {
     Q8_K,
 }
 
+/// (The activation format of each weight format is [`BlockFormat::act`].)
 impl ActKind {
-    pub fn for_weight(ty: GgmlType) -> ActKind {
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActKind::Q8_0,
-            GgmlType::Q4_1 | GgmlType::Q5_1 => ActKind::Q8_1,
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActKind::Q8_K,
-            _ => unreachable!("no quantized activation format for {ty}"),
-        }
-    }
-
     pub fn block_len(self) -> usize {
         if self == ActKind::Q8_K { 256 } else { 32 }
     }
@@ -520,15 +513,19 @@ pub(crate) const MAX_R: usize = 8;
 /// Signature of a row-dot kernel.
 pub(crate) type DotFn = unsafe fn(&[u8], &QRow<'_>) -> f32;
 
-/// Wrap a row-dot kernel into a tile kernel for any R, C (loops over the pairs).
-#[inline(always)]
-pub(crate) unsafe fn tile_by_rows(
-    dot: DotFn,
-    w: &[u8],
-    rb: usize,
-    xr: &[QRow<'_>],
-    out: &mut [f32],
-) {
+/// A family of row-dot kernels (R = 1 tiles): the portable ones here and NEON's.
+pub(crate) trait RowDots {
+    /// The row dot for format `F`. The caller of the returned function must ensure the
+    /// family's CPU features.
+    fn dot<F: Format>() -> DotFn;
+}
+
+/// A row-dot kernel as a tile kernel for any R, C (loops over the pairs).
+///
+/// # Safety
+/// The CPU must support `D`'s features.
+unsafe fn row_tile<D: RowDots, F: Format>(w: &[u8], rb: usize, xr: &[QRow<'_>], out: &mut [f32]) {
+    let dot = D::dot::<F>();
     let c = xr.len();
     for (r, wr) in w.chunks_exact(rb).enumerate() {
         for (j, x) in xr.iter().enumerate() {
@@ -538,34 +535,17 @@ pub(crate) unsafe fn tile_by_rows(
     }
 }
 
-macro_rules! portable_tile {
-    ($name:ident, $dot:ident) => {
-        unsafe fn $name(w: &[u8], rb: usize, xr: &[QRow<'_>], out: &mut [f32]) {
-            // SAFETY: portable kernels have no requirements.
-            unsafe { tile_by_rows($dot, w, rb, xr, out) }
-        }
-    };
-}
-portable_tile!(tile_q4_0, dot_q4_0);
-portable_tile!(tile_q4_1, dot_q4_1);
-portable_tile!(tile_q5_0, dot_q5_0);
-portable_tile!(tile_q5_1, dot_q5_1);
-portable_tile!(tile_q8_0, dot_q8_0);
-portable_tile!(tile_q4_k, dot_q4_k);
-portable_tile!(tile_q5_k, dot_q5_k);
-portable_tile!(tile_q6_k, dot_q6_k);
-
-/// The portable kernels for `ty` (quantized types only).
-pub(crate) fn portable_tiles(ty: GgmlType) -> Tiles {
+/// The tiles of the row-dot family `D` for `ty` (quantized types only).
+pub(crate) fn row_tiles<D: RowDots>(ty: GgmlType) -> Tiles {
     let f: TileFn = match ty {
-        GgmlType::Q4_0 => tile_q4_0,
-        GgmlType::Q4_1 => tile_q4_1,
-        GgmlType::Q5_0 => tile_q5_0,
-        GgmlType::Q5_1 => tile_q5_1,
-        GgmlType::Q8_0 => tile_q8_0,
-        GgmlType::Q4_K => tile_q4_k,
-        GgmlType::Q5_K => tile_q5_k,
-        GgmlType::Q6_K => tile_q6_k,
+        GgmlType::Q4_0 => row_tile::<D, blocks::Q4_0>,
+        GgmlType::Q4_1 => row_tile::<D, blocks::Q4_1>,
+        GgmlType::Q5_0 => row_tile::<D, blocks::Q5_0>,
+        GgmlType::Q5_1 => row_tile::<D, blocks::Q5_1>,
+        GgmlType::Q8_0 => row_tile::<D, blocks::Q8_0>,
+        GgmlType::Q4_K => row_tile::<D, blocks::Q4_K>,
+        GgmlType::Q5_K => row_tile::<D, blocks::Q5_K>,
+        GgmlType::Q6_K => row_tile::<D, blocks::Q6_K>,
         _ => unreachable!("no quantized dot kernel for {ty}"),
     };
     Tiles {
@@ -574,6 +554,27 @@ pub(crate) fn portable_tiles(ty: GgmlType) -> Tiles {
         big: [f; MAX_C],
         one: [f; MAX_C],
     }
+}
+
+/// The portable row dots (no requirements).
+pub(crate) enum Portable {}
+
+impl RowDots for Portable {
+    #[inline(always)]
+    fn dot<F: Format>() -> DotFn {
+        match F::F.ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => dot_q4q5::<F>,
+            GgmlType::Q8_0 => dot_q8_0,
+            GgmlType::Q4_K | GgmlType::Q5_K => dot_q45_k::<F>,
+            GgmlType::Q6_K => dot_q6_k,
+            ty => unreachable!("no quantized dot kernel for {ty}"),
+        }
+    }
+}
+
+/// The portable kernels for `ty` (quantized types only).
+pub(crate) fn portable_tiles(ty: GgmlType) -> Tiles {
+    row_tiles::<Portable>(ty)
 }
 
 /// 4-bit (and optional 5th bit) quants of a 32-block as unsigned values: element j and j+16.
@@ -601,75 +602,51 @@ fn idot(q: &[i32; 32], off: i32, x: &[i8]) -> i32 {
     s
 }
 
-/// Q4_0/Q5_0 (× Q8_0): Σ_b f16(d_w)·d_x·Σ(q − off)·x.
+/// Q4_0/Q5_0 (× Q8_0): Σ_b f16(d_w)·d_x·Σ(q − zero)·x.
 /// Q4_1/Q5_1 (× Q8_1): Σ_b f16(d_w)·d_x·Σ q·x + f16(m_w)·s_x.
-fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
-    let bb = 18 + if Q5 { 4 } else { 0 } + if MIN { 2 } else { 0 };
-    let qh_off = if MIN { 4 } else { 2 };
-    let qs_off = qh_off + if Q5 { 4 } else { 0 };
-    let off = if MIN {
-        0
-    } else if Q5 {
-        16
-    } else {
-        8
-    };
+fn dot_q4q5<F: Format>(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = F::F;
+    let (q5, min) = (f.qh.is_some(), f.m.is_some());
     let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(bb).enumerate() {
-        let qh = Q5.then(|| {
-            u32::from_le_bytes([
-                blk[qh_off],
-                blk[qh_off + 1],
-                blk[qh_off + 2],
-                blk[qh_off + 3],
-            ])
+    for (b, blk) in w.chunks_exact(f.bytes).enumerate() {
+        let qh = q5.then(|| {
+            let o = f.qh_off();
+            u32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]])
         });
-        let q = unpack_q4q5(&blk[qs_off..qs_off + 16], qh);
-        let i = idot(&q, off, &x.qs[32 * b..32 * b + 32]);
-        acc += rd_f16(blk, 0) * x.d[b] * i as f32;
-        if MIN {
-            acc += rd_f16(blk, 2) * x.s[b];
+        let q = unpack_q4q5(&blk[f.qs..f.qs + 16], qh);
+        let i = idot(&q, f.zero, &x.qs[32 * b..32 * b + 32]);
+        acc += rd_f16(blk, f.d) * x.d[b] * i as f32;
+        if min {
+            acc += rd_f16(blk, f.m_off()) * x.s[b];
         }
     }
     acc
 }
 
-fn dot_q4_0(w: &[u8], x: &QRow<'_>) -> f32 {
-    dot_q4q5::<false, false>(w, x)
-}
-fn dot_q4_1(w: &[u8], x: &QRow<'_>) -> f32 {
-    dot_q4q5::<false, true>(w, x)
-}
-fn dot_q5_0(w: &[u8], x: &QRow<'_>) -> f32 {
-    dot_q4q5::<true, false>(w, x)
-}
-fn dot_q5_1(w: &[u8], x: &QRow<'_>) -> f32 {
-    dot_q4q5::<true, true>(w, x)
-}
-
 fn dot_q8_0(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q8_0;
     let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(34).enumerate() {
+    for (b, blk) in w.chunks_exact(f.bytes).enumerate() {
         let xq = &x.qs[32 * b..32 * b + 32];
         let mut i = 0i32;
         for j in 0..32 {
-            i += (blk[2 + j] as i8) as i32 * xq[j] as i32;
+            i += (blk[f.qs + j] as i8) as i32 * xq[j] as i32;
         }
-        acc += rd_f16(blk, 0) * x.d[b] * i as f32;
+        acc += rd_f16(blk, f.d) * x.d[b] * i as f32;
     }
     acc
 }
 
 /// Q4_K/Q5_K (× Q8_K): per super-block, `d = d_x·f16(d_w)`, `dmin = d_x·f16(dmin_w)`,
 /// `d·Σ_j sc_j·Σ(q·x) − dmin·Σ_j m_j·(bsum[2j] + bsum[2j+1])`.
-fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
-    let bb = if Q5 { 176 } else { 144 };
-    let qs_off = if Q5 { 48 } else { 16 };
+fn dot_q45_k<F: Format>(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = F::F;
+    let q5 = f.qh.is_some();
     let mut acc = 0f32;
-    for (i, blk) in w.chunks_exact(bb).enumerate() {
-        let scales = &blk[4..16];
-        let qh = &blk[16..48];
-        let qs = &blk[qs_off..qs_off + 128];
+    for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+        let scales = &blk[f.scales_off()..f.scales_off() + 12];
+        let qh = &blk[f.qh_off()..f.qh_off() + 32];
+        let qs = &blk[f.qs..f.qs + 128];
         let (mut isum, mut msum) = (0i32, 0i32);
         for s in 0..8 {
             let (sc, mn) = scale_min_k4(s, scales);
@@ -678,7 +655,7 @@ fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
             let mut sub = 0i32;
             for l in 0..32 {
                 let mut q = (qs[32 * c + l] >> shift) & 0x0F;
-                if Q5 {
+                if q5 {
                     q |= ((qh[l] >> s) & 1) << 4;
                 }
                 sub += q as i32 * xq[l] as i32;
@@ -686,45 +663,40 @@ fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
             isum += sc as i32 * sub;
             msum += mn as i32 * (x.bs16[16 * i + 2 * s] as i32 + x.bs16[16 * i + 2 * s + 1] as i32);
         }
-        let d = x.d[i] * rd_f16(blk, 0);
-        let dmin = x.d[i] * rd_f16(blk, 2);
+        let d = x.d[i] * rd_f16(blk, f.d);
+        let dmin = x.d[i] * rd_f16(blk, f.m_off());
         acc += d * isum as f32 - dmin * msum as f32;
     }
     acc
 }
 
-fn dot_q4_k(w: &[u8], x: &QRow<'_>) -> f32 {
-    dot_q45_k::<false>(w, x)
-}
-fn dot_q5_k(w: &[u8], x: &QRow<'_>) -> f32 {
-    dot_q45_k::<true>(w, x)
-}
-
 /// The 6-bit quant (0..63) of element `e` (0..256) of a Q6_K block.
 #[inline]
 pub(crate) fn q6_k_quant(blk: &[u8], e: usize) -> i32 {
+    let f = BlockFormat::Q6_K;
     let (h, r) = (e / 128, e % 128);
     let (g, l) = (r / 32, r % 32);
-    let ql = blk[64 * h + l + if g % 2 == 1 { 32 } else { 0 }];
+    let ql = blk[f.qs + 64 * h + l + if g % 2 == 1 { 32 } else { 0 }];
     let lo = if g < 2 { ql & 0x0F } else { ql >> 4 };
-    let hi = (blk[128 + 32 * h + l] >> (2 * g)) & 3;
+    let hi = (blk[f.qh_off() + 32 * h + l] >> (2 * g)) & 3;
     (lo | (hi << 4)) as i32
 }
 
 /// Q6_K (× Q8_K): `d_x·f16(d_w)·Σ_{16 sub-blocks} sc_j·Σ((q − 32)·x)`.
 fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q6_K;
     let mut acc = 0f32;
-    for (i, blk) in w.chunks_exact(210).enumerate() {
+    for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
         let mut isum = 0i32;
         for j in 0..16 {
-            let sc = blk[192 + j] as i8 as i32;
+            let sc = blk[f.scales_off() + j] as i8 as i32;
             let mut sub = 0i32;
             for e in 16 * j..16 * j + 16 {
-                sub += (q6_k_quant(blk, e) - 32) * x.qs[256 * i + e] as i32;
+                sub += (q6_k_quant(blk, e) - f.zero) * x.qs[256 * i + e] as i32;
             }
             isum += sc * sub;
         }
-        acc += x.d[i] * rd_f16(blk, 208) * isum as f32;
+        acc += x.d[i] * rd_f16(blk, f.d) * isum as f32;
     }
     acc
 }

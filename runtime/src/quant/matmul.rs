@@ -3,7 +3,8 @@
 //! dots on activations rounded to the weight's precision (F16/BF16), via `gemm` for large m.
 //! Output rows are split across the current rayon pool.
 
-use super::kernels::{ActKind, MAX_C, MAX_R, QAct, QRow, Tiles, portable_tiles, round_activations};
+use super::blocks::BlockFormat;
+use super::kernels::{MAX_C, MAX_R, QAct, QRow, Tiles, portable_tiles, round_activations};
 use super::reference::dequantize_block;
 use super::{GgmlType, Isa, QMatRef};
 use rayon::prelude::*;
@@ -197,7 +198,7 @@ fn matmul_many_with(isa: Isa, ws: &[QMatRef<'_>], x: &[f32], m: usize, ys: &mut 
         }
         assert_eq!(x.len(), m * w.cols, "matmul: x must be m × cols");
         assert_eq!(y.len(), m * w.rows, "matmul: y must be m × rows");
-        let kind = ActKind::for_weight(w.ty);
+        let kind = BlockFormat::expect(w.ty).act;
         let act = match acts.iter().position(|a| a.kind == kind) {
             Some(i) => i,
             None => {

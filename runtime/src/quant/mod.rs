@@ -9,13 +9,21 @@
 //!   rounded to the weight's precision, through the `gemm` crate on dequantized weight tiles when
 //!   `m` is large.
 //!
+//! Where things live: `blocks` describes each quantized block format once (sizes, field offsets,
+//! zero point, activation format); `reference` holds the scalar dequantizers/quantizers;
+//! `kernels` the activation quantizers and portable row dots; `x86` / `neon` the SIMD tile
+//! kernels; `matmul` the dispatch, tiling and threading; [`repack`] the device layout.
+//!
 //! ISA paths: portable scalar (everywhere), AVX2+FMA, AVX-512 (VNNI dot products, 256-bit),
 //! NEON (aarch64). [`best_isa`] picks one at runtime; [`matmul_with`] forces one.
 
 // Block kernels index several parallel arrays per element; explicit index loops read clearest.
 #![allow(clippy::needless_range_loop)]
 
+mod blocks;
 mod kernels;
+
+use blocks::BlockFormat;
 mod matmul;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -203,8 +211,9 @@ impl GgmlType {
         }
     }
 
-    /// Elements per block.
-    pub fn block_len(self) -> usize {
+    /// Elements per block (the computed quantized formats agree with their [`blocks`]
+    /// descriptors: a compile-time check there).
+    pub const fn block_len(self) -> usize {
         use GgmlType::*;
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
@@ -213,7 +222,7 @@ impl GgmlType {
         }
     }
 
-    /// Bytes per block.
+    /// Bytes per block (the computed quantized formats: from their [`blocks`] layouts).
     pub fn block_bytes(self) -> usize {
         use GgmlType::*;
         match self {
@@ -225,17 +234,17 @@ impl GgmlType {
             I32 => 4,
             I64 => 8,
             F64 => 8,
-            Q4_0 => 2 + 16,
-            Q4_1 => 2 + 2 + 16,
-            Q5_0 => 2 + 4 + 16,
-            Q5_1 => 2 + 2 + 4 + 16,
-            Q8_0 => 2 + 32,
             Q8_1 => 2 + 2 + 32,
+            Q4_0 => BlockFormat::Q4_0.bytes,
+            Q4_1 => BlockFormat::Q4_1.bytes,
+            Q5_0 => BlockFormat::Q5_0.bytes,
+            Q5_1 => BlockFormat::Q5_1.bytes,
+            Q8_0 => BlockFormat::Q8_0.bytes,
+            Q4_K => BlockFormat::Q4_K.bytes,
+            Q5_K => BlockFormat::Q5_K.bytes,
+            Q6_K => BlockFormat::Q6_K.bytes,
             Q2_K => 16 + 64 + 2 + 2,
             Q3_K => 32 + 64 + 12 + 2,
-            Q4_K => 2 + 2 + 12 + 128,
-            Q5_K => 2 + 2 + 12 + 32 + 128,
-            Q6_K => 128 + 64 + 16 + 2,
             Q8_K => 4 + 256 + 32,
             IQ2_XXS => 2 + 64,
             IQ2_XS => 2 + 64 + 8,

@@ -5,7 +5,8 @@
 //! `d_x·f16(d)·Σ_j sc_j·Σq·x − d_x·f16(dmin)·Σ_j m_j·bsum_j` with exact integer inner sums.
 
 use super::GgmlType;
-use super::kernels::{MAX_C, QRow, Tiles, tile_by_rows};
+use super::blocks::{BlockFormat, Format};
+use super::kernels::{DotFn, QRow, RowDots, Tiles, row_tiles};
 use super::reference::scale_min_k4;
 use std::arch::aarch64::*;
 
@@ -49,17 +50,10 @@ unsafe fn bit4_16(qh: u32, base: u32) -> uint8x16_t {
     unsafe { vld1q_u8(t.as_ptr()) }
 }
 
-unsafe fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
-    let bb = 18 + if Q5 { 4 } else { 0 } + if MIN { 2 } else { 0 };
-    let qh_off = if MIN { 4 } else { 2 };
-    let qs_off = qh_off + if Q5 { 4 } else { 0 };
-    let off: i8 = if MIN {
-        0
-    } else if Q5 {
-        16
-    } else {
-        8
-    };
+unsafe fn dot_q4q5<F: Format>(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = F::F;
+    let (q5, min, bb) = (f.qh.is_some(), f.m.is_some(), f.bytes);
+    let off = f.zero as i8;
     let nb = x.d.len();
     assert!(w.len() == nb * bb && x.qs.len() == nb * 32);
     let mut acc = 0f32;
@@ -68,16 +62,12 @@ unsafe fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f
         let m4 = vdupq_n_u8(0x0F);
         let offv = vdupq_n_s8(off);
         for (b, blk) in w.chunks_exact(bb).enumerate() {
-            let q = ld16(blk.as_ptr().add(qs_off));
+            let q = ld16(blk.as_ptr().add(f.qs));
             let mut lo = vandq_u8(q, m4);
             let mut hi = vshrq_n_u8::<4>(q);
-            if Q5 {
-                let qh = u32::from_le_bytes([
-                    blk[qh_off],
-                    blk[qh_off + 1],
-                    blk[qh_off + 2],
-                    blk[qh_off + 3],
-                ]);
+            if q5 {
+                let o = f.qh_off();
+                let qh = u32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
                 lo = vorrq_u8(lo, bit4_16(qh, 0));
                 hi = vorrq_u8(hi, bit4_16(qh, 16));
             }
@@ -89,55 +79,39 @@ unsafe fn dot_q4q5<const Q5: bool, const MIN: bool>(w: &[u8], x: &QRow<'_>) -> f
                 ldx(x, 32 * b + 16),
             );
             let i = vaddvq_s32(p);
-            acc += f16(blk, 0) * x.d[b] * i as f32;
-            if MIN {
-                acc += f16(blk, 2) * x.s[b];
+            acc += f16(blk, f.d) * x.d[b] * i as f32;
+            if min {
+                acc += f16(blk, f.m_off()) * x.s[b];
             }
         }
     }
     acc
 }
 
-unsafe fn dot_q4_0(w: &[u8], x: &QRow<'_>) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe { dot_q4q5::<false, false>(w, x) }
-}
-unsafe fn dot_q4_1(w: &[u8], x: &QRow<'_>) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe { dot_q4q5::<false, true>(w, x) }
-}
-unsafe fn dot_q5_0(w: &[u8], x: &QRow<'_>) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe { dot_q4q5::<true, false>(w, x) }
-}
-unsafe fn dot_q5_1(w: &[u8], x: &QRow<'_>) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe { dot_q4q5::<true, true>(w, x) }
-}
-
 unsafe fn dot_q8_0(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q8_0;
     let nb = x.d.len();
-    assert!(w.len() == nb * 34 && x.qs.len() == nb * 32);
+    assert!(w.len() == nb * f.bytes && x.qs.len() == nb * 32);
     let mut acc = 0f32;
     // SAFETY: loads are inside block b of `w` / activation block b.
     unsafe {
-        for (b, blk) in w.chunks_exact(34).enumerate() {
-            let q0 = vreinterpretq_s8_u8(ld16(blk.as_ptr().add(2)));
-            let q1 = vreinterpretq_s8_u8(ld16(blk.as_ptr().add(18)));
+        for (b, blk) in w.chunks_exact(f.bytes).enumerate() {
+            let q0 = vreinterpretq_s8_u8(ld16(blk.as_ptr().add(f.qs)));
+            let q1 = vreinterpretq_s8_u8(ld16(blk.as_ptr().add(f.qs + 16)));
             let p = dot16(
                 dot16(vdupq_n_s32(0), q0, ldx(x, 32 * b)),
                 q1,
                 ldx(x, 32 * b + 16),
             );
-            acc += f16(blk, 0) * x.d[b] * vaddvq_s32(p) as f32;
+            acc += f16(blk, f.d) * x.d[b] * vaddvq_s32(p) as f32;
         }
     }
     acc
 }
 
-unsafe fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
-    let bb = if Q5 { 176 } else { 144 };
-    let qs_off = if Q5 { 48 } else { 16 };
+unsafe fn dot_q45_k<F: Format>(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = F::F;
+    let (q5, bb, qs_off, sc_off) = (f.qh.is_some(), f.bytes, f.qs, f.scales_off());
     let nsb = x.d.len();
     assert!(w.len() == nsb * bb && x.qs.len() == nsb * 256 && x.bs16.len() == nsb * 16);
     let mut acc = 0f32;
@@ -149,8 +123,8 @@ unsafe fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
             let mut isum = 0i32;
             let mut msum = 0i32;
             for c in 0..4 {
-                let (sc1, m1) = scale_min_k4(2 * c, &blk[4..16]);
-                let (sc2, m2) = scale_min_k4(2 * c + 1, &blk[4..16]);
+                let (sc1, m1) = scale_min_k4(2 * c, &blk[sc_off..sc_off + 12]);
+                let (sc2, m2) = scale_min_k4(2 * c + 1, &blk[sc_off..sc_off + 12]);
                 let mut p1 = vdupq_n_s32(0);
                 let mut p2 = vdupq_n_s32(0);
                 for half in 0..2 {
@@ -158,8 +132,8 @@ unsafe fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
                     let q = ld16(blk.as_ptr().add(qs_off + 32 * c + 16 * half));
                     let mut lo = vandq_u8(q, m4);
                     let mut hi = vshrq_n_u8::<4>(q);
-                    if Q5 {
-                        let qh = ld16(blk.as_ptr().add(16 + 16 * half));
+                    if q5 {
+                        let qh = ld16(blk.as_ptr().add(f.qh_off() + 16 * half));
                         let b1 = vdupq_n_u8(1 << (2 * c));
                         let b2 = vdupq_n_u8(2 << (2 * c));
                         lo = vorrq_u8(lo, vandq_u8(vtstq_u8(qh, b1), x10));
@@ -174,41 +148,34 @@ unsafe fn dot_q45_k<const Q5: bool>(w: &[u8], x: &QRow<'_>) -> f32 {
                 msum += m1 as i32 * (bs[0] as i32 + bs[1] as i32)
                     + m2 as i32 * (bs[2] as i32 + bs[3] as i32);
             }
-            let d = x.d[i] * f16(blk, 0);
-            let dmin = x.d[i] * f16(blk, 2);
+            let d = x.d[i] * f16(blk, f.d);
+            let dmin = x.d[i] * f16(blk, f.m_off());
             acc += d * isum as f32 - dmin * msum as f32;
         }
     }
     acc
 }
 
-unsafe fn dot_q4_k(w: &[u8], x: &QRow<'_>) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe { dot_q45_k::<false>(w, x) }
-}
-unsafe fn dot_q5_k(w: &[u8], x: &QRow<'_>) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe { dot_q45_k::<true>(w, x) }
-}
-
 unsafe fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q6_K;
+    let (ql_off, qh_off, sc_off) = (f.qs, f.qh_off(), f.scales_off());
     let nsb = x.d.len();
-    assert!(w.len() == nsb * 210 && x.qs.len() == nsb * 256);
+    assert!(w.len() == nsb * f.bytes && x.qs.len() == nsb * 256);
     let mut acc = 0f32;
     // SAFETY: loads are inside super-block i of `w` / its activation quants.
     unsafe {
         let m4 = vdupq_n_u8(0x0F);
         let m3 = vdupq_n_u8(0x03);
-        let off = vdupq_n_s8(32);
-        for (i, blk) in w.chunks_exact(210).enumerate() {
+        let off = vdupq_n_s8(f.zero as i8);
+        for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
             let p = blk.as_ptr();
             let mut isum = 0i32;
             for h in 0..2 {
                 // 16-element piece k (0/1) of each of the 4 groups: one scale each.
                 for k in 0..2 {
-                    let ql0 = ld16(p.add(64 * h + 16 * k));
-                    let ql1 = ld16(p.add(64 * h + 32 + 16 * k));
-                    let qh = ld16(p.add(128 + 32 * h + 16 * k));
+                    let ql0 = ld16(p.add(ql_off + 64 * h + 16 * k));
+                    let ql1 = ld16(p.add(ql_off + 64 * h + 32 + 16 * k));
+                    let qh = ld16(p.add(qh_off + 32 * h + 16 * k));
                     let q = [
                         vorrq_u8(vandq_u8(ql0, m4), vshlq_n_u8::<4>(vandq_u8(qh, m3))),
                         vorrq_u8(
@@ -228,51 +195,34 @@ unsafe fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
                             qs,
                             ldx(x, 256 * i + 128 * h + 32 * g + 16 * k),
                         );
-                        let sc = blk[192 + 8 * h + 2 * g + k] as i8 as i32;
+                        let sc = blk[sc_off + 8 * h + 2 * g + k] as i8 as i32;
                         isum += sc * vaddvq_s32(s);
                     }
                 }
             }
-            acc += x.d[i] * f16(blk, 208) * isum as f32;
+            acc += x.d[i] * f16(blk, f.d) * isum as f32;
         }
     }
     acc
 }
 
-macro_rules! neon_tile {
-    ($name:ident, $dot:ident) => {
-        unsafe fn $name(w: &[u8], rb: usize, xr: &[QRow<'_>], out: &mut [f32]) {
-            // SAFETY: NEON is baseline on aarch64.
-            unsafe { tile_by_rows($dot, w, rb, xr, out) }
+/// The NEON row dots (NEON is baseline on aarch64).
+enum Neon {}
+
+impl RowDots for Neon {
+    #[inline(always)]
+    fn dot<F: Format>() -> DotFn {
+        match F::F.ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => dot_q4q5::<F>,
+            GgmlType::Q8_0 => dot_q8_0,
+            GgmlType::Q4_K | GgmlType::Q5_K => dot_q45_k::<F>,
+            GgmlType::Q6_K => dot_q6_k,
+            ty => unreachable!("no q8 dot kernel for {ty}"),
         }
-    };
+    }
 }
-neon_tile!(tile_q4_0, dot_q4_0);
-neon_tile!(tile_q4_1, dot_q4_1);
-neon_tile!(tile_q5_0, dot_q5_0);
-neon_tile!(tile_q5_1, dot_q5_1);
-neon_tile!(tile_q8_0, dot_q8_0);
-neon_tile!(tile_q4_k, dot_q4_k);
-neon_tile!(tile_q5_k, dot_q5_k);
-neon_tile!(tile_q6_k, dot_q6_k);
 
 /// The NEON kernels for `ty` (row by row: R = 1).
 pub(crate) fn tiles(ty: GgmlType) -> Tiles {
-    let f: super::kernels::TileFn = match ty {
-        GgmlType::Q4_0 => tile_q4_0,
-        GgmlType::Q4_1 => tile_q4_1,
-        GgmlType::Q5_0 => tile_q5_0,
-        GgmlType::Q5_1 => tile_q5_1,
-        GgmlType::Q8_0 => tile_q8_0,
-        GgmlType::Q4_K => tile_q4_k,
-        GgmlType::Q5_K => tile_q5_k,
-        GgmlType::Q6_K => tile_q6_k,
-        _ => unreachable!("no q8 dot kernel for {ty}"),
-    };
-    Tiles {
-        rmax: 1,
-        cmax: 4,
-        big: [f; MAX_C],
-        one: [f; MAX_C],
-    }
+    row_tiles::<Neon>(ty)
 }

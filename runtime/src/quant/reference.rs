@@ -1,25 +1,20 @@
 //! Scalar reference dequantizers and quantizers for the ggml block layouts.
 //!
-//! Layouts (all little-endian, `d`/`m`/`dmin` are f16 unless noted):
-//! * Q4_0 (32 el, 18 B): `d`, `qs[16]`; el j = low nibble of qs[j], el j+16 = high nibble; x = d·(q−8).
-//! * Q4_1 (32 el, 20 B): `d`, `m`, `qs[16]` as Q4_0; x = d·q + m.
-//! * Q5_0 (32 el, 22 B): `d`, `qh: u32`, `qs[16]`; bit j of qh is bit 4 of el j; x = d·(q−16).
-//! * Q5_1 (32 el, 24 B): `d`, `m`, `qh: u32`, `qs[16]`; x = d·q + m.
-//! * Q8_0 (32 el, 34 B): `d`, `qs: [i8; 32]`; x = d·q.
-//! * Q4_K (256 el, 144 B): `d`, `dmin`, `scales[12]` (8 × 6-bit scale + 8 × 6-bit min), `qs[128]`;
-//!   64-element chunk c uses qs[32c..32c+32]: low nibbles are sub-block 2c, high nibbles 2c+1;
-//!   x = d·sc·q − dmin·m.
-//! * Q5_K (256 el, 176 B): `d`, `dmin`, `scales[12]`, `qh[32]`, `qs[128]`; as Q4_K plus bit 4 of
-//!   element l of sub-block s is bit s of qh[l].
-//! * Q6_K (256 el, 210 B): `ql[128]`, `qh[64]`, `scales: [i8; 16]`, `d`; 16 sub-blocks of 16;
-//!   x = d·sc·(q−32), see [`deq_q6_k`] for the bit positions.
+//! The block layouts are described in `blocks.rs` ([`BlockFormat`]); every offset here is read
+//! from there.
 
+use super::blocks::BlockFormat;
 use super::{GgmlType, QuantError};
 use half::{bf16, f16};
 
 #[inline]
 pub(crate) fn rd_f16(b: &[u8], off: usize) -> f32 {
     f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
+}
+
+#[inline]
+fn rd_u32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
 #[inline]
@@ -90,39 +85,43 @@ pub(crate) fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
         GgmlType::F16 => y[0] = rd_f16(b, 0),
         GgmlType::BF16 => y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         GgmlType::Q4_0 => {
-            let d = rd_f16(b, 0);
+            let f = BlockFormat::Q4_0;
+            let d = rd_f16(b, f.d);
             for j in 0..16 {
-                let q = b[2 + j];
-                y[j] = d * ((q & 0x0F) as i32 - 8) as f32;
-                y[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
+                let q = b[f.qs + j];
+                y[j] = d * ((q & 0x0F) as i32 - f.zero) as f32;
+                y[j + 16] = d * ((q >> 4) as i32 - f.zero) as f32;
             }
         }
         GgmlType::Q4_1 => {
-            let d = rd_f16(b, 0);
-            let m = rd_f16(b, 2);
+            let f = BlockFormat::Q4_1;
+            let d = rd_f16(b, f.d);
+            let m = rd_f16(b, f.m_off());
             for j in 0..16 {
-                let q = b[4 + j];
+                let q = b[f.qs + j];
                 y[j] = d * (q & 0x0F) as f32 + m;
                 y[j + 16] = d * (q >> 4) as f32 + m;
             }
         }
         GgmlType::Q5_0 => {
-            let d = rd_f16(b, 0);
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let f = BlockFormat::Q5_0;
+            let d = rd_f16(b, f.d);
+            let qh = rd_u32(b, f.qh_off());
             for j in 0..16 {
-                let q = b[6 + j];
+                let q = b[f.qs + j];
                 let lo = (q & 0x0F) as u32 | (((qh >> j) & 1) << 4);
                 let hi = (q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
-                y[j] = d * (lo as i32 - 16) as f32;
-                y[j + 16] = d * (hi as i32 - 16) as f32;
+                y[j] = d * (lo as i32 - f.zero) as f32;
+                y[j + 16] = d * (hi as i32 - f.zero) as f32;
             }
         }
         GgmlType::Q5_1 => {
-            let d = rd_f16(b, 0);
-            let m = rd_f16(b, 2);
-            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            let f = BlockFormat::Q5_1;
+            let d = rd_f16(b, f.d);
+            let m = rd_f16(b, f.m_off());
+            let qh = rd_u32(b, f.qh_off());
             for j in 0..16 {
-                let q = b[8 + j];
+                let q = b[f.qs + j];
                 let lo = (q & 0x0F) as u32 | (((qh >> j) & 1) << 4);
                 let hi = (q >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
                 y[j] = d * lo as f32 + m;
@@ -130,16 +129,18 @@ pub(crate) fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q8_0 => {
-            let d = rd_f16(b, 0);
+            let f = BlockFormat::Q8_0;
+            let d = rd_f16(b, f.d);
             for j in 0..32 {
-                y[j] = d * (b[2 + j] as i8) as f32;
+                y[j] = d * (b[f.qs + j] as i8) as f32;
             }
         }
         GgmlType::Q4_K => {
-            let d = rd_f16(b, 0);
-            let dmin = rd_f16(b, 2);
-            let scales = &b[4..16];
-            let qs = &b[16..144];
+            let f = BlockFormat::Q4_K;
+            let d = rd_f16(b, f.d);
+            let dmin = rd_f16(b, f.m_off());
+            let scales = &b[f.scales_off()..f.scales_off() + 12];
+            let qs = &b[f.qs..f.qs + 128];
             for c in 0..4 {
                 let (sc1, m1) = scale_min_k4(2 * c, scales);
                 let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
@@ -151,11 +152,12 @@ pub(crate) fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q5_K => {
-            let d = rd_f16(b, 0);
-            let dmin = rd_f16(b, 2);
-            let scales = &b[4..16];
-            let qh = &b[16..48];
-            let qs = &b[48..176];
+            let f = BlockFormat::Q5_K;
+            let d = rd_f16(b, f.d);
+            let dmin = rd_f16(b, f.m_off());
+            let scales = &b[f.scales_off()..f.scales_off() + 12];
+            let qh = &b[f.qh_off()..f.qh_off() + 32];
+            let qs = &b[f.qs..f.qs + 128];
             for c in 0..4 {
                 let (sc1, m1) = scale_min_k4(2 * c, scales);
                 let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
@@ -182,25 +184,44 @@ pub(crate) fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
 ///   el l + 64 = ql[l]    >> 4  | ((qh[l] >> 4) & 3) << 4, scale sc[l/16 + 4]
 ///   el l + 96 = ql[l+32] >> 4  | ((qh[l] >> 6) & 3) << 4, scale sc[l/16 + 6]
 /// and x = d · sc · (q − 32).
+#[inline(always)]
 fn deq_q6_k(b: &[u8], y: &mut [f32]) {
-    let d = rd_f16(b, 208);
+    let d = rd_f16(b, BlockFormat::Q6_K.d);
     for h in 0..2 {
-        let ql = &b[64 * h..64 * h + 64];
-        let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-        let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+        let (ql, qh, sc) = q6_k_half(b, h);
         let yh = &mut y[128 * h..128 * h + 128];
         for l in 0..32 {
             let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            let [q1, q2, q3, q4] = q6_k_quad(ql, qh, l).map(|q| q as i32 - 32);
             yh[l] = d * (sc[is] as i8) as f32 * q1 as f32;
             yh[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
             yh[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
             yh[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
         }
     }
+}
+
+/// Half h (0/1) of the Q6_K block `b`: its `ql` (64 bytes), `qh` (32) and scales (8).
+#[inline(always)]
+pub(crate) fn q6_k_half(b: &[u8], h: usize) -> (&[u8], &[u8], &[u8]) {
+    let f = BlockFormat::Q6_K;
+    (
+        &b[f.qs + 64 * h..f.qs + 64 * h + 64],
+        &b[f.qh_off() + 32 * h..f.qh_off() + 32 * h + 32],
+        &b[f.scales_off() + 8 * h..f.scales_off() + 8 * h + 8],
+    )
+}
+
+/// The unsigned 6-bit quants of elements l, l + 32, l + 64, l + 96 (l < 32) of a Q6_K half
+/// ([`q6_k_half`]).
+#[inline(always)]
+pub(crate) fn q6_k_quad(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
+    [
+        (ql[l] & 0x0F) | ((qh[l] & 3) << 4),
+        (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4),
+        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+        (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+    ]
 }
 
 /// Reference quantizer (round-to-nearest per block; no importance weighting).
@@ -268,20 +289,9 @@ fn quantize_block(ty: GgmlType, x: &[f32], b: &mut [u8]) {
             for j in 0..32 {
                 q[j] = ((x[j] * id + off).round() as i32).clamp(0, nlev) as u8;
             }
-            wr_f16(b, 0, d);
-            let qs_off = if ty == GgmlType::Q4_0 {
-                2
-            } else {
-                let mut qh = 0u32;
-                for (j, &v) in q.iter().enumerate() {
-                    qh |= ((v as u32 >> 4) & 1) << j;
-                }
-                b[2..6].copy_from_slice(&qh.to_le_bytes());
-                6
-            };
-            for j in 0..16 {
-                b[qs_off + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
-            }
+            let f = BlockFormat::expect(ty);
+            wr_f16(b, f.d, d);
+            pack_q4q5(f, &q, b);
         }
         GgmlType::Q4_1 | GgmlType::Q5_1 => {
             let nlev = if ty == GgmlType::Q4_1 { 15 } else { 31 };
@@ -293,34 +303,39 @@ fn quantize_block(ty: GgmlType, x: &[f32], b: &mut [u8]) {
             for j in 0..32 {
                 q[j] = (((x[j] - m) * id).round() as i32).clamp(0, nlev) as u8;
             }
-            wr_f16(b, 0, d);
-            wr_f16(b, 2, m);
-            let qs_off = if ty == GgmlType::Q4_1 {
-                4
-            } else {
-                let mut qh = 0u32;
-                for (j, &v) in q.iter().enumerate() {
-                    qh |= ((v as u32 >> 4) & 1) << j;
-                }
-                b[4..8].copy_from_slice(&qh.to_le_bytes());
-                8
-            };
-            for j in 0..16 {
-                b[qs_off + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
-            }
+            let f = BlockFormat::expect(ty);
+            wr_f16(b, f.d, d);
+            wr_f16(b, f.m_off(), m);
+            pack_q4q5(f, &q, b);
         }
         GgmlType::Q8_0 => {
             let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = f16::from_f32(amax / 127.0).to_f32();
             let id = inv(d);
-            wr_f16(b, 0, d);
+            let f = BlockFormat::Q8_0;
+            wr_f16(b, f.d, d);
             for j in 0..32 {
-                b[2 + j] = ((x[j] * id).round() as i32).clamp(-128, 127) as i8 as u8;
+                b[f.qs + j] = ((x[j] * id).round() as i32).clamp(-128, 127) as i8 as u8;
             }
         }
         GgmlType::Q4_K | GgmlType::Q5_K => quantize_q45_k(ty, x, b),
         GgmlType::Q6_K => quantize_q6_k(x, b),
         _ => unreachable!("quantize_block: unsupported {ty}"),
+    }
+}
+
+/// Store the 32 unsigned quants `q` of a Q4_0/Q4_1/Q5_0/Q5_1 block: low nibbles in `qs`
+/// (element j and j + 16 share byte j), bit 4 of element j in bit j of `qh` (Q5 only).
+fn pack_q4q5(f: &BlockFormat, q: &[u8; 32], b: &mut [u8]) {
+    if let Some(o) = f.qh {
+        let mut qh = 0u32;
+        for (j, &v) in q.iter().enumerate() {
+            qh |= ((v as u32 >> 4) & 1) << j;
+        }
+        b[o..o + 4].copy_from_slice(&qh.to_le_bytes());
+    }
+    for j in 0..16 {
+        b[f.qs + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
     }
 }
 
@@ -356,24 +371,22 @@ fn quantize_q45_k(ty: GgmlType, x: &[f32], b: &mut [u8]) {
             q[32 * s + l] = (((v + dm) * id).round() as i32).clamp(0, nlev) as u8;
         }
     }
-    wr_f16(b, 0, d);
-    wr_f16(b, 2, dmin);
-    b[4..16].copy_from_slice(&pack_scale_min_k4(&sc, &mn));
-    let qs_off = if ty == GgmlType::Q4_K {
-        16
-    } else {
-        let qh = &mut b[16..48];
+    let f = BlockFormat::expect(ty);
+    wr_f16(b, f.d, d);
+    wr_f16(b, f.m_off(), dmin);
+    b[f.scales_off()..f.scales_off() + 12].copy_from_slice(&pack_scale_min_k4(&sc, &mn));
+    if let Some(o) = f.qh {
+        let qh = &mut b[o..o + 32];
         qh.fill(0);
         for s in 0..8 {
             for l in 0..32 {
                 qh[l] |= ((q[32 * s + l] >> 4) & 1) << s;
             }
         }
-        48
-    };
+    }
     for c in 0..4 {
         for l in 0..32 {
-            b[qs_off + 32 * c + l] = (q[64 * c + l] & 0x0F) | ((q[64 * c + 32 + l] & 0x0F) << 4);
+            b[f.qs + 32 * c + l] = (q[64 * c + l] & 0x0F) | ((q[64 * c + 32 + l] & 0x0F) << 4);
         }
     }
 }
@@ -397,19 +410,19 @@ fn quantize_q6_k(x: &[f32], b: &mut [u8]) {
             q[16 * s + l] = ((x[16 * s + l] * id).round() as i32 + 32).clamp(0, 63) as u8;
         }
     }
-    b[..208].fill(0);
+    let f = BlockFormat::Q6_K;
+    let (ql, qh) = (f.qs, f.qh_off());
     for h in 0..2 {
         let qh_ = &q[128 * h..128 * h + 128];
         for l in 0..32 {
             let (q1, q2, q3, q4) = (qh_[l], qh_[l + 32], qh_[l + 64], qh_[l + 96]);
-            b[64 * h + l] = (q1 & 0x0F) | ((q3 & 0x0F) << 4);
-            b[64 * h + l + 32] = (q2 & 0x0F) | ((q4 & 0x0F) << 4);
-            b[128 + 32 * h + l] =
-                (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            b[ql + 64 * h + l] = (q1 & 0x0F) | ((q3 & 0x0F) << 4);
+            b[ql + 64 * h + l + 32] = (q2 & 0x0F) | ((q4 & 0x0F) << 4);
+            b[qh + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
         }
     }
     for s in 0..16 {
-        b[192 + s] = sc[s] as u8;
+        b[f.scales_off() + s] = sc[s] as u8;
     }
-    wr_f16(b, 208, d);
+    wr_f16(b, f.d, d);
 }

@@ -33,7 +33,8 @@
 
 use half::{bf16, f16};
 
-use super::reference::{rd_f16, scale_min_k4};
+use super::blocks::BlockFormat;
+use super::reference::{q6_k_half, q6_k_quad, rd_f16, scale_min_k4};
 use super::{GgmlType, QMatRef, QuantError};
 
 /// How codes are stored.
@@ -156,25 +157,21 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
             GgmlType::F32 => p.push(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             GgmlType::F16 | GgmlType::BF16 => p.push(u16::from_le_bytes([b[0], b[1]]) as u32),
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let d = rd_f16(b, 0);
-                let (off, qs) = if w.ty == GgmlType::Q4_0 {
-                    (-8.0 * d, &b[2..18])
-                } else {
-                    (rd_f16(b, 2), &b[4..20])
-                };
+                let f = BlockFormat::expect(w.ty);
+                let d = rd_f16(b, f.d);
+                let off = f.m.map_or(-f.zero as f32 * d, |o| rd_f16(b, o));
+                let qs = &b[f.qs..f.qs + 16];
                 sp(d, off);
                 qs.iter().for_each(|&q| p.push((q & 0x0F) as u32));
                 qs.iter().for_each(|&q| p.push((q >> 4) as u32));
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                let d = rd_f16(b, 0);
-                let (off, h) = if w.ty == GgmlType::Q5_0 {
-                    (-16.0 * d, 2)
-                } else {
-                    (rd_f16(b, 2), 4)
-                };
+                let f = BlockFormat::expect(w.ty);
+                let d = rd_f16(b, f.d);
+                let off = f.m.map_or(-f.zero as f32 * d, |o| rd_f16(b, o));
+                let h = f.qh_off();
                 let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
-                let qs = &b[h + 4..h + 20];
+                let qs = &b[f.qs..f.qs + 16];
                 sp(d, off);
                 for (j, &q) in qs.iter().enumerate() {
                     p.push((q & 0x0F) as u32 | (((qh >> j) & 1) << 4));
@@ -184,21 +181,20 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
                 }
             }
             GgmlType::Q8_0 => {
-                let d = rd_f16(b, 0);
+                let f = BlockFormat::Q8_0;
+                let d = rd_f16(b, f.d);
                 sp(d, -128.0 * d);
-                b[2..34]
+                b[f.qs..f.qs + 32]
                     .iter()
                     .for_each(|&q| p.push((q as i8 as i32 + 128) as u32));
             }
             GgmlType::Q4_K | GgmlType::Q5_K => {
-                let d = rd_f16(b, 0);
-                let dmin = rd_f16(b, 2);
-                let scales = &b[4..16];
-                let (qh, qs) = if w.ty == GgmlType::Q5_K {
-                    (Some(&b[16..48]), &b[48..176])
-                } else {
-                    (None, &b[16..144])
-                };
+                let f = BlockFormat::expect(w.ty);
+                let d = rd_f16(b, f.d);
+                let dmin = rd_f16(b, f.m_off());
+                let scales = &b[f.scales_off()..f.scales_off() + 12];
+                let qh = f.qh.map(|o| &b[o..o + 32]);
+                let qs = &b[f.qs..f.qs + 128];
                 for c in 0..4 {
                     for half in 0..2 {
                         let (sc, m) = scale_min_k4(2 * c + half, scales);
@@ -213,19 +209,16 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
                 }
             }
             GgmlType::Q6_K => {
-                let d = rd_f16(b, 208);
+                let d = rd_f16(b, BlockFormat::Q6_K.d);
                 // Element order within a 128-half: l, l+32, l+64, l+96 come from one (ql, qh)
                 // pair, so decode the half into 128 codes first, then emit in order.
                 for h in 0..2 {
-                    let ql = &b[64 * h..64 * h + 64];
-                    let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-                    let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+                    let (ql, qh, sc) = q6_k_half(b, h);
                     let mut q = [0u32; 128];
                     for l in 0..32 {
-                        q[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as u32;
-                        q[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as u32;
-                        q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as u32;
-                        q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as u32;
+                        for (k, c) in q6_k_quad(ql, qh, l).into_iter().enumerate() {
+                            q[l + 32 * k] = c as u32;
+                        }
                     }
                     for g in 0..8 {
                         let s = d * (sc[g] as i8) as f32;
