@@ -80,7 +80,7 @@ trait Simd {
 }
 
 /// AVX2: `vpmaddubsw` + `vpmaddwd`.
-pub(crate) enum Avx2 {}
+enum Avx2 {}
 
 impl Simd for Avx2 {
     const VNNI: bool = false;
@@ -105,7 +105,7 @@ impl Simd for Avx2 {
 }
 
 /// AVX-512 VNNI on 256-bit vectors: `vpdpbusd` / `vpdpwssd`.
-pub(crate) enum Avx512 {}
+enum Avx512 {}
 
 impl Simd for Avx512 {
     const VNNI: bool = true;
@@ -215,28 +215,18 @@ unsafe fn f16x8(p: *const u8, stride: usize) -> __m256 {
     // guarantees F16C.
     unsafe {
         let h = |j: usize| (p.add(j * stride) as *const i16).read_unaligned();
-        _mm256_cvtph_ps(_mm_setr_epi16(
-            h(0),
-            h(1),
-            h(2),
-            h(3),
-            h(4),
-            h(5),
-            h(6),
-            h(7),
-        ))
+        let (a, b, c, d) = (h(0), h(1), h(2), h(3));
+        _mm256_cvtph_ps(_mm_setr_epi16(a, b, c, d, h(4), h(5), h(6), h(7)))
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// 32-element formats: groups of 8 blocks (`tile_g8`)
+// ---- 32-element formats: groups of 8 blocks (`tile_g8`) ------------------------------------
 
 /// The checked geometry of one `tile_g8` call, and the tile's activation buffers: row 0's
 /// group-major `gq`/`gd`/`gs`/`gsum` (row c's group g sits at group index g·gm + c).
 struct G8<'a> {
-    /// Blocks per weight row.
+    /// Blocks per weight row, in `ngf` whole groups then `npair` pair slots.
     nb: usize,
-    /// Whole groups per row, then pair slots for the remaining blocks.
     ngf: usize,
     npair: usize,
     gm: usize,
@@ -580,8 +570,7 @@ unsafe fn tile_g8<I: Simd, F: Format, const R: usize, const C: usize>(
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// K-quants: super-blocks of 256
+// ---- K-quants: super-blocks of 256 ---------------------------------------------------------
 
 /// Check a K-quant tile's shapes; returns the super-blocks per row.
 fn check_k<const R: usize, const C: usize>(
@@ -807,8 +796,7 @@ unsafe fn tile_q6k<I: Simd, const R: usize, const C: usize>(
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The two paths: `#[target_feature]` wrappers around the generic bodies, and their tables
+// ---- The two paths: `#[target_feature]` wrappers around the generic bodies, their tables ---
 
 /// `v` padded to [`MAX_C`] entries by repeating its last (entries past `cmax` are never called).
 fn pad_tiles(v: &[TileFn]) -> [TileFn; MAX_C] {
