@@ -10,7 +10,7 @@ use super::report::Check;
 use crate::profile::DeviceProfile;
 
 /// Round-trip NMSE budgets (error power / signal power per 256-span), the squares of the
-/// runtime's relative-RMSE budgets (`runtime/src/quant/tests.rs`: ≈1.5× what the reference
+/// runtime's relative-RMSE budgets (`runtime/src/quant/tests/round_trip.rs`: ≈1.5× what the reference
 /// quantizer measures on normal data; b-bit blocks give ≈ range/(2^b−1)/√12).
 pub fn roundtrip_budget(ty: GgmlType) -> f64 {
     let rel_rmse: f64 = match ty {
