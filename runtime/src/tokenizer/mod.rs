@@ -50,6 +50,7 @@ mod spm;
 mod tests;
 
 use bpe::{build_bpe, parse_byte_token};
+use spm::build_spm;
 
 /// Errors building or running the tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -395,30 +396,7 @@ impl Tokenizer {
         let add_bos_default;
         let kind = if is_spm {
             add_bos_default = true;
-            let scores = match md.get_f32s(keys::TOK_SCORES) {
-                Some(s) if s.len() == n => s.to_vec(),
-                Some(_) => {
-                    return Err(TokenizerError::Invalid(format!(
-                        "{} length != token count",
-                        keys::TOK_SCORES
-                    )));
-                }
-                None => return Err(TokenizerError::MissingKey(keys::TOK_SCORES)),
-            };
-            let mut byte_tokens = [None; 256];
-            for (b, slot) in byte_tokens.iter_mut().enumerate() {
-                let hex = format!("<0x{b:02X}>");
-                *slot = vocab.get(&hex).or_else(|| {
-                    std::str::from_utf8(&[b as u8])
-                        .ok()
-                        .and_then(|s| vocab.get(s))
-                });
-            }
-            Kind::Spm(Box::new(SpmModel {
-                scores,
-                byte_tokens,
-                add_space_prefix: md.get_bool(keys::TOK_ADD_SPACE_PREFIX).unwrap_or(true),
-            }))
+            Kind::Spm(Box::new(build_spm(md, &vocab, n)?))
         } else {
             let pre = PreType::from_name(&pre_name)
                 .ok_or_else(|| TokenizerError::UnsupportedPre(pre_name.clone()))?;
@@ -446,26 +424,7 @@ impl Tokenizer {
             )
         };
         let mut eot = id_key(keys::TOK_EOT);
-
-        // End-of-generation set, as llama.cpp builds it.
-        let mut eog = HashSet::new();
-        for (i, t) in tokens.iter().enumerate() {
-            let id = i as u32;
-            let s = t.as_str();
-            if !(s.starts_with('<') || s.starts_with('_')) {
-                continue;
-            }
-            if eot.is_none() && EOT_TEXTS.contains(&s) {
-                eot = Some(id);
-            }
-            if EOG_TEXTS.contains(&s) || FIM_EOG_TEXTS.contains(&s) {
-                eog.insert(id);
-                if types[i] != TokenType::Control {
-                    // llama.cpp forces these to control tokens.
-                    types[i] = TokenType::Control;
-                }
-            }
-        }
+        let mut eog = end_of_generation(tokens, &mut types, &mut eot);
         eog.extend(eos);
         eog.extend(eot);
         if let Some(eom) = md
@@ -474,21 +433,7 @@ impl Tokenizer {
         {
             eog.insert(eom as u32);
         }
-
-        let mut specials: Vec<u32> = (0..n as u32)
-            .filter(|&i| {
-                matches!(
-                    types[i as usize],
-                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
-                ) && !tokens[i as usize].is_empty()
-            })
-            .collect();
-        specials.sort_by(|&a, &b| {
-            tokens[b as usize]
-                .len()
-                .cmp(&tokens[a as usize].len())
-                .then(a.cmp(&b))
-        });
+        let specials = special_tokens(tokens, &types);
 
         let add_bos = md.get_bool(keys::TOK_ADD_BOS).unwrap_or(add_bos_default);
         let add_eos = md.get_bool(keys::TOK_ADD_EOS).unwrap_or(false);
@@ -741,6 +686,51 @@ impl Tokenizer {
     pub fn pre_kind(&self) -> &str {
         &self.pre_name
     }
+}
+
+/// The end-of-generation tokens found by their text, as llama.cpp builds the set (it forces
+/// them to control tokens); the first end-of-turn text found fills `eot` when the file has none.
+fn end_of_generation(
+    tokens: &[String],
+    types: &mut [TokenType],
+    eot: &mut Option<u32>,
+) -> HashSet<u32> {
+    let mut eog = HashSet::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let id = i as u32;
+        let s = t.as_str();
+        if !(s.starts_with('<') || s.starts_with('_')) {
+            continue;
+        }
+        if eot.is_none() && EOT_TEXTS.contains(&s) {
+            *eot = Some(id);
+        }
+        if EOG_TEXTS.contains(&s) || FIM_EOG_TEXTS.contains(&s) {
+            eog.insert(id);
+            types[i] = TokenType::Control;
+        }
+    }
+    eog
+}
+
+/// The tokens split out of text before tokenization (control, user-defined, unknown), longest
+/// text first, as llama.cpp's `tokenizer_st_partition` tries them.
+fn special_tokens(tokens: &[String], types: &[TokenType]) -> Vec<u32> {
+    let mut specials: Vec<u32> = (0..tokens.len() as u32)
+        .filter(|&i| {
+            matches!(
+                types[i as usize],
+                TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+            ) && !tokens[i as usize].is_empty()
+        })
+        .collect();
+    specials.sort_by(|&a, &b| {
+        tokens[b as usize]
+            .len()
+            .cmp(&tokens[a as usize].len())
+            .then(a.cmp(&b))
+    });
+    specials
 }
 
 /// Incremental, UTF-8-safe detokenizer for streaming output: bytes of a

@@ -3,6 +3,38 @@
 
 use super::*;
 
+/// The SPM model from GGUF metadata: scores, the `<0xXX>` byte tokens, `add_space_prefix`.
+pub(super) fn build_spm(
+    md: &Metadata,
+    vocab: &VocabTable,
+    n: usize,
+) -> Result<SpmModel, TokenizerError> {
+    let scores = match md.get_f32s(keys::TOK_SCORES) {
+        Some(s) if s.len() == n => s.to_vec(),
+        Some(_) => {
+            return Err(TokenizerError::Invalid(format!(
+                "{} length != token count",
+                keys::TOK_SCORES
+            )));
+        }
+        None => return Err(TokenizerError::MissingKey(keys::TOK_SCORES)),
+    };
+    let mut byte_tokens = [None; 256];
+    for (b, slot) in byte_tokens.iter_mut().enumerate() {
+        let hex = format!("<0x{b:02X}>");
+        *slot = vocab.get(&hex).or_else(|| {
+            std::str::from_utf8(&[b as u8])
+                .ok()
+                .and_then(|s| vocab.get(s))
+        });
+    }
+    Ok(SpmModel {
+        scores,
+        byte_tokens,
+        add_space_prefix: md.get_bool(keys::TOK_ADD_SPACE_PREFIX).unwrap_or(true),
+    })
+}
+
 #[derive(Clone, Copy)]
 struct SpmSym {
     start: usize,
