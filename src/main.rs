@@ -7,6 +7,7 @@ use argh::FromArgs;
 
 mod cmd;
 mod engine;
+mod serve;
 mod target;
 
 #[derive(FromArgs)]
@@ -35,6 +36,7 @@ enum Command {
     Report(cmd::report::ReportArgs),
     Export(cmd::export::ExportArgs),
     Selftest(cmd::selftest::SelftestArgs),
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Report(a) => cmd::report::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Selftest(a) => cmd::selftest::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -161,6 +161,9 @@ pub struct RequestState<'t> {
     /// Bytes of `text` handed out by [`Sampled::text`] before the request's end.
     emitted: usize,
     positions: Vec<Position>,
+    /// With `top_logprobs`: the log-probability of each sampled token (it need not be among
+    /// the top entries when sampling at a temperature).
+    sampled_logprobs: Vec<f32>,
     outcome: Option<Result<FinishKind, RequestError>>,
 }
 
@@ -186,6 +189,7 @@ impl<'t> RequestState<'t> {
             text: String::new(),
             emitted: 0,
             positions: Vec::new(),
+            sampled_logprobs: Vec::new(),
             outcome: None,
         }
     }
@@ -235,6 +239,14 @@ impl<'t> RequestState<'t> {
     pub fn tail(&self) -> &str {
         &self.text[self.emitted.min(self.text.len())..]
     }
+    /// The positions recorded so far (with `top_logprobs`).
+    pub fn positions(&self) -> &[Position] {
+        &self.positions
+    }
+    /// The log-probability of each sampled token (with `top_logprobs`; empty without).
+    pub fn sampled_logprobs(&self) -> &[f32] {
+        &self.sampled_logprobs
+    }
     pub fn outcome(&self) -> Option<&Result<FinishKind, RequestError>> {
         self.outcome.as_ref()
     }
@@ -280,6 +292,10 @@ impl<'t> RequestState<'t> {
         }
         let token = self.sampler.sample(logits, &self.tokens);
         let at = Instant::now();
+        if k > 0 {
+            self.sampled_logprobs
+                .push(logits[token as usize] - sample::logsumexp(logits));
+        }
         let index = self.n_out();
         self.tokens.push(token);
         let stopped = self.absorb_text(token);
@@ -500,6 +516,21 @@ mod tests {
         let mut s = state(&t, b"a", 1, &[], 4);
         s.req.sampler.temperature = -1.0;
         assert!(matches!(s.validate(), Err(RequestError::Sampling(_))));
+    }
+
+    #[test]
+    fn the_sampled_tokens_logprob_is_recorded_with_top_logprobs() {
+        let t = tokenizer();
+        let mut s = state(&t, b"a", 2, &[], 64);
+        run(&mut s, &bytes("bc"));
+        assert!(s.sampled_logprobs().is_empty());
+        let mut s = state(&t, b"a", 2, &[], 64);
+        s.opts.top_logprobs = 1;
+        run(&mut s, &bytes("bc"));
+        let want = 1.0 - sample::logsumexp(&pick(b'b' as u32));
+        assert_eq!(s.sampled_logprobs().len(), 2);
+        assert!((s.sampled_logprobs()[0] - want).abs() < 1e-6);
+        assert_eq!(s.positions()[0].top[0].id, b'b' as u32);
     }
 
     #[test]

@@ -22,7 +22,9 @@ use crate::engine::Engine;
 use crate::kv::{KvCache, KvCounters, PagedKv, SeqId};
 use crate::model::{BatchItem, LogitsWanted, ModelError};
 use crate::request::{RequestError, RequestOptions, RequestState};
-use crate::serve::{CacheUse, FinishKind, ServeEvent, ServeRequest, Server, ServerStats};
+use crate::serve::{
+    CacheUse, FinishKind, RequestId, ServeEvent, ServeRequest, Server, ServerStats,
+};
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -184,6 +186,33 @@ impl<'e> Scheduler<'e> {
         });
         let state = RequestState::new(req, opts, &self.engine.tokenizer, self.engine.cfg.n_ctx);
         self.waiting.push_back(state);
+    }
+
+    /// Cancel request `id` (its client went away): a waiting request leaves the queue, a
+    /// running one leaves the batch and its KV blocks go back at once (a cached prefix stays
+    /// cached, unreferenced). Emits `Finished` with [`FinishKind::Cancelled`]. Returns false
+    /// when the request is neither waiting nor running (it has finished already).
+    pub fn cancel(&mut self, id: RequestId, out: &mut Vec<ServeEvent>) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.id() == id) {
+            let mut state = self.waiting.remove(i).expect("index from position");
+            state.finish(FinishKind::Cancelled);
+            self.report_finished(state, out);
+            return true;
+        }
+        let Some(i) = self.running.iter().position(|r| r.state.id() == id) else {
+            return false;
+        };
+        self.running[i].state.finish(FinishKind::Cancelled);
+        self.retire(i, out);
+        if self.running.is_empty() {
+            self.release_idle_cache();
+        }
+        true
+    }
+
+    /// KV blocks referenced by a sequence now, and the whole budget in blocks.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.kv.used_blocks(), self.kv.n_blocks())
     }
 
     /// The finished state of request `id`, if it was submitted with `RequestOptions::keep`.
