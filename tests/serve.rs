@@ -693,7 +693,24 @@ fn a_client_that_disconnects_mid_stream_is_cancelled_and_its_kv_freed() {
     });
     assert_eq!(m.get("ember_requests_total{model_name=\"SmolLM2-135M-Instruct.Q4_1\",finish_reason=\"cancelled\""), 1.0);
     assert!(m.get("ember_generation_tokens_total") < 1500.0);
-    // Still serving, and the cancelled request is in the store as such.
+    // A client that gives up on a whole (non-streamed) answer is cancelled too.
+    let body = json!({"prompt": PROMPT, "max_tokens": 1500, "ignore_eos": true}).to_string();
+    let mut c = TcpStream::connect(s.addr()).unwrap();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_metrics(&s, Duration::from_secs(60), |m| {
+        m.get("ember_requests_running") == 1.0 && m.get("ember_generation_tokens_total") > 0.0
+    });
+    drop(c);
+    let m = wait_metrics(&s, Duration::from_secs(60), |m| {
+        m.get("ember_requests_running") == 0.0 && m.get("ember_kv_blocks_used") == 0.0
+    });
+    assert_eq!(m.get("ember_requests_total{model_name=\"SmolLM2-135M-Instruct.Q4_1\",finish_reason=\"cancelled\""), 2.0);
+    // Still serving, and the cancelled requests are in the store as such.
     let (st, _) = s.post(
         "/v1/completions",
         &json!({"prompt": PROMPT, "max_tokens": 2}),
@@ -702,9 +719,12 @@ fn a_client_that_disconnects_mid_stream_is_cancelled_and_its_kv_freed() {
     let (status, log) = s.terminate();
     assert!(status.success(), "{log}");
     let rows = store_rows(&db);
-    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
     assert_eq!(rows[0].0, "cancelled");
     assert_eq!(rows[0].1, r#"["chat"]"#);
+    assert_eq!(rows[1].0, "cancelled");
+    assert_eq!(rows[1].1, r#"["completions"]"#);
+    assert_eq!(rows[2].0, "length");
 }
 
 #[test]
