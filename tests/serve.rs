@@ -350,6 +350,18 @@ fn chat_whole_and_streamed_agree_and_stream_ends_with_usage_then_done() {
         r["choices"][0]["finish_reason"]
     );
 
+    // Streamed logprobs: one entry per token, the same as the whole answer's.
+    let mut lbody = body.clone();
+    lbody["stream"] = json!(true);
+    let events = Sse::open(&s, "/v1/chat/completions", &lbody).all();
+    let streamed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, lp);
+
     // Completions stream too; without include_usage there is no usage chunk.
     let events = Sse::open(
         &s,
@@ -511,8 +523,8 @@ fn bad_input_gets_the_right_status_and_an_openai_error() {
     assert_error(st, &r, 400, Some("messages"), None);
     let (st, r) = chat(json!({"stream": "yes"}));
     assert_error(st, &r, 400, Some("stream"), None);
-    let (st, r) = chat(json!({"stream": true, "logprobs": true}));
-    assert_error(st, &r, 400, Some("logprobs"), None);
+    let (st, r) = chat(json!({"logprobs": true, "top_logprobs": 50}));
+    assert_error(st, &r, 400, Some("top_logprobs"), None);
     let (st, r) = chat(json!({"messages": []}));
     assert_error(st, &r, 400, Some("messages"), None);
     let (st, r) = s.post("/v1/completions", &json!({"prompt": [1, 2, 99999999]}));

@@ -215,6 +215,16 @@ impl<'e> Scheduler<'e> {
         (self.kv.used_blocks(), self.kv.n_blocks())
     }
 
+    /// Request `id`'s state while it runs, or once finished if it was submitted with
+    /// `RequestOptions::keep` and not taken yet (a server reads each token's logprobs here).
+    pub fn request(&self, id: RequestId) -> Option<&RequestState<'e>> {
+        self.running
+            .iter()
+            .map(|r| &r.state)
+            .chain(&self.finished)
+            .find(|s| s.id() == id)
+    }
+
     /// The finished state of request `id`, if it was submitted with `RequestOptions::keep`.
     pub fn take_finished(&mut self, id: u64) -> Option<RequestState<'e>> {
         let i = self.finished.iter().position(|s| s.id() == id)?;

@@ -581,12 +581,6 @@ fn parse_chat(app: &App, f: &Fields) -> ApiResult<Gen> {
     if lp {
         g.logprobs = Some(top.unwrap_or(0) as usize);
     }
-    if g.stream && g.logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs with stream: true are not supported yet: ask without streaming",
-        ));
-    }
     max_tokens(app, f, &mut g, "messages", 1, None)?;
     Ok(g)
 }
@@ -669,12 +663,6 @@ fn parse_completions(app: &App, f: &Fields) -> ApiResult<Gen> {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
     // OpenAI's legacy default.
-    if g.stream && g.logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs with stream: true are not supported yet: ask without streaming",
-        ));
-    }
     max_tokens(app, f, &mut g, "prompt", 0, Some(16))?;
     Ok(g)
 }
@@ -840,6 +828,37 @@ enum Api {
     Completions,
 }
 
+/// A streamed token's `logprobs`: chat's `{"content": [one entry]}`, completions' lists of one.
+fn stream_logprobs(
+    app: &App,
+    api: Api,
+    lp: &super::worker::TokenLogprobs,
+    k: usize,
+    offset: usize,
+) -> Value {
+    let tok = &app.engine.tokenizer;
+    let (token, bytes) = openai::token_piece(tok, lp.token);
+    let top = lp.top.iter().take(k);
+    match api {
+        Api::Chat => {
+            let top: Vec<Value> = top
+                .map(|e| {
+                    let (t, b) = openai::token_piece(tok, e.id);
+                    json!({"token": t, "logprob": e.logprob, "bytes": b})
+                })
+                .collect();
+            json!({"content": [{"token": token, "logprob": lp.logprob, "bytes": bytes, "top_logprobs": top}]})
+        }
+        Api::Completions => {
+            let mut m = serde_json::Map::new();
+            for e in top {
+                m.insert(openai::token_piece(tok, e.id).0, json!(e.logprob));
+            }
+            json!({"tokens": [token], "token_logprobs": [lp.logprob], "top_logprobs": [m], "text_offset": [offset]})
+        }
+    }
+}
+
 /// One SSE event.
 fn sse(v: &Value) -> String {
     format!("data: {v}\n\n")
@@ -894,6 +913,10 @@ fn stream_response(
         Api::Completions => None,
     };
     struct St<C> {
+        app: Arc<App>,
+        top_k: Option<usize>,
+        /// Completions' text_offset of the next token.
+        offset: usize,
         rx: mpsc::UnboundedReceiver<Update>,
         _permit: Permit,
         chunk: C,
@@ -901,6 +924,9 @@ fn stream_response(
         done: bool,
     }
     let st = St {
+        app: app.clone(),
+        top_k: g.logprobs,
+        offset: if g.echo { g.prompt_text.len() } else { 0 },
         rx,
         _permit: permit,
         chunk,
@@ -916,13 +942,23 @@ fn stream_response(
         }
         loop {
             match st.rx.recv().await {
-                Some(Update::Token(t)) if t.is_empty() => continue,
-                Some(Update::Token(t)) => {
+                // Without logprobs a token that made no text visible sends nothing; with them
+                // every token gets its chunk.
+                Some(Update::Token(t, None)) if t.is_empty() => continue,
+                Some(Update::Token(t, lp)) => {
                     let v = match api {
                         Api::Chat => json!({"content": t}),
                         Api::Completions => json!(t),
                     };
-                    let s = sse(&(st.chunk)(v, Value::Null, include_usage));
+                    let mut c = (st.chunk)(v, Value::Null, include_usage);
+                    if let (Some(lp), Some(k)) = (lp, st.top_k) {
+                        c["choices"][0]["logprobs"] =
+                            stream_logprobs(&st.app, api, &lp, k, st.offset);
+                        st.offset += openai::token_piece(&st.app.engine.tokenizer, lp.token)
+                            .0
+                            .len();
+                    }
+                    let s = sse(&c);
                     return Some((Ok(Bytes::from(s)), st));
                 }
                 Some(Update::Done(d)) => {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use ember_bench::record::{MemorySample, RequestRecord};
 use ember_runtime::engine::Engine;
-use ember_runtime::request::RequestOptions;
+use ember_runtime::request::{RequestOptions, TopEntry};
 use ember_runtime::scheduler::{Scheduler, SchedulerConfig};
 use ember_runtime::serve::{CacheUse, FinishKind, RequestId, ServeEvent, ServeRequest, Server};
 
@@ -44,8 +44,9 @@ pub struct Submit {
 
 /// What a request's handler hears from the engine.
 pub enum Update {
-    /// Text that became visible with a token (may be empty).
-    Token(String),
+    /// Text that became visible with a token (may be empty), and the token's logprobs when the
+    /// request asked for them.
+    Token(String, Option<Box<TokenLogprobs>>),
     Done(Box<Done>),
 }
 
@@ -58,6 +59,13 @@ pub struct Done {
     pub cached_tokens: usize,
     /// With `top_logprobs` in the request options.
     pub logprobs: Option<LogprobData>,
+}
+
+/// One sampled token's logprob and its position's top entries (streamed logprobs).
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub top: Vec<TopEntry>,
 }
 
 struct Track {
@@ -240,7 +248,13 @@ impl<'e> Worker<'e> {
                     Metrics::add(&m.prefix_cache_queries, t.record.prompt_tokens as u64);
                     Metrics::add(&m.prefix_cache_hits, cache.cached_prompt_tokens as u64);
                 }
-                ServeEvent::Token { at, text, .. } => {
+                ServeEvent::Token {
+                    at,
+                    text,
+                    index,
+                    token,
+                    ..
+                } => {
                     t.record.token_ns.push(at_ns);
                     let m = &self.metrics;
                     match t.last_token {
@@ -250,7 +264,21 @@ impl<'e> Worker<'e> {
                     t.last_token = Some(*at);
                     Metrics::add(&m.generation_tokens, 1);
                     // A send fails only when the client is gone: cancelled before the next step.
-                    let _ = t.tx.send(Update::Token(text.clone()));
+                    let lp = t.logprobs.then(|| {
+                        let st = self.sched.request(id);
+                        let consumed = t.record.prompt_tokens + index;
+                        Box::new(TokenLogprobs {
+                            token: *token,
+                            logprob: st.and_then(|s| s.sampled_logprobs().get(*index).copied()),
+                            top: st
+                                .and_then(|s| {
+                                    s.positions().iter().rev().find(|p| p.consumed == consumed)
+                                })
+                                .map(|p| p.top.clone())
+                                .unwrap_or_default(),
+                        })
+                    });
+                    let _ = t.tx.send(Update::Token(text.clone(), lp));
                 }
                 ServeEvent::Finished {
                     at, reason, error, ..
