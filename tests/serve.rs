@@ -604,6 +604,18 @@ fn bad_input_gets_the_right_status_and_an_openai_error() {
     let text = slow.join().unwrap();
     assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
     assert!(text.contains("\"timeout\""), "{text}");
+    // Headers that never end: the connection is closed after --body-timeout (hyper's header
+    // read timeout), not held.
+    let mut c = TcpStream::connect(s.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let r = c.read_to_end(&mut out);
+    assert!(
+        r.is_ok() || out.starts_with(b"HTTP/1.1 408"),
+        "the connection was held: {r:?}"
+    );
     // Still serving.
     assert_eq!(s.get("/health").0, 200);
 }

@@ -69,7 +69,7 @@ pub struct ServeArgs {
     /// largest request body in KiB; larger gets 413 (default 4096)
     #[argh(option, default = "4096")]
     max_body_kib: usize,
-    /// seconds a client has to send its whole request body; slower gets 408 (default 30)
+    /// seconds a client has to send its request headers (slower: the connection is closed), and again its body (slower: 408) (default 30)
     #[argh(option, default = "30.0")]
     body_timeout: f64,
     /// read the weights into memory instead of mapping the file (as on run and bench)

@@ -159,10 +159,8 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
                 });
             }
         };
-        axum::serve(listener, http::router(app.clone()))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")
+        accept_loop(listener, http::router(app.clone()), cfg.body_timeout, shutdown).await;
+        anyhow::Ok(())
     });
     let _ = cmd_tx.send(Command::Shutdown);
     drop(cmd_tx);
@@ -189,6 +187,54 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
         );
     }
     served
+}
+
+/// Accept connections until `shutdown`, then drain: stop accepting, let each connection
+/// finish the request it is in (idle ones close), return when all have. Each connection is
+/// HTTP/1 (hyper) with a header read timeout: axum's own `serve` sets none, so a client
+/// trickling its headers would hold a connection, and the drain, forever.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use futures_util::future::{Either, select};
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accept = std::pin::pin!(listener.accept());
+        match select(accept, shutdown.as_mut()).await {
+            Either::Left((Ok((stream, _)), _)) => {
+                // Each SSE chunk goes out when written, not when Nagle's algorithm decides.
+                let _ = stream.set_nodelay(true);
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                let conn = b.serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(router.clone()),
+                );
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        log::debug!("connection: {e}");
+                    }
+                });
+            }
+            Either::Left((Err(e), _)) => {
+                // Out of file descriptors and the like: say so, breathe, go on.
+                log::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Either::Right(((), _)) => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Ctrl-C or SIGTERM, listened for from the moment this is made.
