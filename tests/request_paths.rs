@@ -235,3 +235,58 @@ fn rejected_requests_keep_their_wording_on_each_path() {
         Some("prompt of 256 tokens does not fit the context of 256")
     );
 }
+
+/// `Scheduler::cancel` (a client that went away): a running request leaves the batch and its
+/// KV blocks go back at once, a waiting one leaves the queue, each reported `Cancelled`; a
+/// finished or unknown one is not cancelled; the other request runs on to its own end.
+#[test]
+fn a_cancelled_request_frees_its_blocks_and_the_others_run_on() {
+    let e = engine(4);
+    let long = generate_request(&e, "abcdefgh", 20, &[]);
+    let cfg = SchedulerConfig {
+        max_running: 2,
+        prefix_caching: false,
+        ..SchedulerConfig::default()
+    };
+    let mut s = Scheduler::new(&e, cfg);
+    let mut out = vec![];
+    for id in 0..3 {
+        s.submit(serve_request(id, &long), &mut out);
+    }
+    s.step(&mut out);
+    s.step(&mut out);
+    let (used_before, _) = s.kv_blocks();
+    assert!(used_before > 0);
+    // Request 0 runs, request 2 waits (two running at most).
+    out.clear();
+    assert!(s.cancel(0, &mut out));
+    assert!(s.cancel(2, &mut out));
+    let ends: Vec<(u64, FinishKind)> = out
+        .iter()
+        .filter_map(|ev| match ev {
+            ServeEvent::Finished { id, reason, .. } => Some((*id, *reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, [(0, FinishKind::Cancelled), (2, FinishKind::Cancelled)]);
+    let (used_after, _) = s.kv_blocks();
+    assert!(used_after < used_before, "{used_after} of {used_before} blocks still held");
+    assert!(!s.cancel(0, &mut out), "already gone");
+    assert!(!s.cancel(99, &mut out), "never submitted");
+    // Request 1 decodes on to its length, then nothing is held.
+    out.clear();
+    while s.has_work() {
+        s.step(&mut out);
+    }
+    let tokens = out
+        .iter()
+        .filter(|ev| matches!(ev, ServeEvent::Token { id: 1, .. }))
+        .count();
+    let end = out.iter().find_map(|ev| match ev {
+        ServeEvent::Finished { id: 1, reason, .. } => Some(*reason),
+        _ => None,
+    });
+    assert_eq!(end, Some(FinishKind::Length));
+    assert!(tokens > 0 && tokens <= 20);
+    assert_eq!(s.kv_blocks().0, 0);
+}
