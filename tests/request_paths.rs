@@ -268,9 +268,15 @@ fn a_cancelled_request_frees_its_blocks_and_the_others_run_on() {
             _ => None,
         })
         .collect();
-    assert_eq!(ends, [(0, FinishKind::Cancelled), (2, FinishKind::Cancelled)]);
+    assert_eq!(
+        ends,
+        [(0, FinishKind::Cancelled), (2, FinishKind::Cancelled)]
+    );
     let (used_after, _) = s.kv_blocks();
-    assert!(used_after < used_before, "{used_after} of {used_before} blocks still held");
+    assert!(
+        used_after < used_before,
+        "{used_after} of {used_before} blocks still held"
+    );
     assert!(!s.cancel(0, &mut out), "already gone");
     assert!(!s.cancel(99, &mut out), "never submitted");
     // Request 1 decodes on to its length, then nothing is held.
