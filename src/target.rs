@@ -4,7 +4,10 @@
 use anyhow::{Result, bail};
 
 use ember_bench::profile::DeviceProfile;
+use ember_runtime::engine::Engine;
 use ember_runtime::model::Model;
+
+use crate::engine::{EngineOpts, OpenedModel, open_engine};
 
 /// A device profile applied to `ember bench`. Explicit flags win: each setting here is the
 /// flag's value when it was given, else the profile's.
@@ -58,6 +61,41 @@ impl Target {
             device_profile: device_profile.map_or_else(|| p.name.clone(), str::to_string),
             profile: p,
         })
+    }
+
+    /// `opts` with this profile's backend and threads where the flags left them open.
+    pub fn engine_opts(target: Option<&Target>, mut opts: EngineOpts) -> EngineOpts {
+        if let Some(t) = target {
+            opts.backend = Some(t.backend.clone());
+            opts.threads = Some(t.threads);
+        }
+        opts
+    }
+
+    /// The engine for `opts`. With a target the model is opened first, to size the context to
+    /// the profile's KV budget, and the engine is built over it (the model loads once); what was
+    /// applied comes back. `ctx`, when given, then replaces the sized context.
+    pub fn open_engine(
+        target: Option<&Target>,
+        mut opts: EngineOpts,
+        ctx: Option<usize>,
+    ) -> Result<(Engine, Option<Applied>)> {
+        let (opened, applied) = match target {
+            Some(t) => {
+                if let Some(note) = t.arch_note() {
+                    eprintln!("{note}");
+                }
+                let m = OpenedModel::open(opts.model.clone(), opts.no_mmap)?;
+                let applied = t.size(&*m.model, opts.ctx)?;
+                opts.ctx = Some(applied.ctx);
+                (Some(m), Some(applied))
+            }
+            None => (None, None),
+        };
+        if ctx.is_some() {
+            opts.ctx = ctx;
+        }
+        Ok((open_engine(&opts, opened)?, applied))
     }
 
     /// Said on stderr when the profile is for another architecture than this binary's.

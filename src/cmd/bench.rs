@@ -19,7 +19,7 @@ use ember_bench::workload::{LengthDist, SyntheticSpec};
 use ember_runtime::engine::Engine;
 use ember_runtime::sample::SamplerConfig;
 
-use crate::engine::{EngineOpts, OpenedModel, open_engine};
+use crate::engine::EngineOpts;
 use crate::target::Target;
 
 #[derive(FromArgs)]
@@ -198,17 +198,17 @@ impl TryFrom<BenchArgs> for BenchCommand {
             )?),
             None => None,
         };
-        let engine = EngineOpts {
-            model: a.model.clone(),
-            backend: target
-                .as_ref()
-                .map(|t| t.backend.clone())
-                .or(a.backend.clone()),
-            threads: target.as_ref().map(|t| t.threads).or(a.threads),
-            ctx: a.ctx,
-            batch: a.batch,
-            no_mmap: a.no_mmap,
-        };
+        let engine = Target::engine_opts(
+            target.as_ref(),
+            EngineOpts {
+                model: a.model.clone(),
+                backend: a.backend.clone(),
+                threads: a.threads,
+                ctx: a.ctx,
+                batch: a.batch,
+                no_mmap: a.no_mmap,
+            },
+        );
         let device_profile = match &target {
             Some(t) => Some(t.device_profile.clone()),
             None => a.device_profile.clone(),
@@ -411,23 +411,9 @@ impl BenchCommand {
     /// opened first, to size the context to the profile's KV budget, and the engine is built
     /// over it; the applied profile comes back for the JSON output.
     fn open(&self, ctx: Option<usize>) -> Result<(Engine, Option<serde_json::Value>)> {
-        let mut opts = self.engine.clone();
-        let (opened, applied) = match &self.target {
-            Some(t) => {
-                if let Some(note) = t.arch_note() {
-                    eprintln!("{note}");
-                }
-                let m = OpenedModel::open(opts.model.clone(), opts.no_mmap)?;
-                let applied = t.size(&*m.model, opts.ctx)?;
-                opts.ctx = Some(applied.ctx);
-                (Some(m), Some(applied.json))
-            }
-            None => (None, None),
-        };
-        if ctx.is_some() {
-            opts.ctx = ctx;
-        }
-        Ok((open_engine(&opts, opened)?, applied))
+        let (engine, applied) =
+            Target::open_engine(self.target.as_ref(), self.engine.clone(), ctx)?;
+        Ok((engine, applied.map(|a| a.json)))
     }
 
     fn llama_bench(&self, plan: &LlamaPlan) -> Result<()> {

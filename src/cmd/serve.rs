@@ -10,7 +10,7 @@ use argh::FromArgs;
 use ember_bench::record::{RunResult, WorkloadInfo};
 use ember_runtime::scheduler::SchedulerConfig;
 
-use crate::engine::{EngineOpts, OpenedModel, open_engine};
+use crate::engine::EngineOpts;
 use crate::serve::{Recording, ServeConfig};
 use crate::target::Target;
 
@@ -104,36 +104,24 @@ pub fn run(a: ServeArgs) -> Result<()> {
         )?),
         None => None,
     };
-    let mut opts = EngineOpts {
-        model: a.model.clone(),
-        backend: target
-            .as_ref()
-            .map(|t| t.backend.clone())
-            .or(a.backend.clone()),
-        threads: target.as_ref().map(|t| t.threads).or(a.threads),
-        ctx: a.ctx,
-        batch: a.batch,
-        no_mmap: a.no_mmap,
-    };
+    let opts = Target::engine_opts(
+        target.as_ref(),
+        EngineOpts {
+            model: a.model.clone(),
+            backend: a.backend.clone(),
+            threads: a.threads,
+            ctx: a.ctx,
+            batch: a.batch,
+            no_mmap: a.no_mmap,
+        },
+    );
     // With --target the model is opened first, to size the context and the KV budget to the
     // profile's memory (as bench does).
-    let mut kv_budget = a.kv_budget_mib.map(|m| m << 20);
-    let opened = match &target {
-        Some(t) => {
-            if let Some(note) = t.arch_note() {
-                eprintln!("{note}");
-            }
-            let m = OpenedModel::open(opts.model.clone(), opts.no_mmap)?;
-            let applied = t.size(&*m.model, opts.ctx)?;
-            opts.ctx = Some(applied.ctx);
-            if kv_budget.is_none() {
-                kv_budget = applied.json["kv_budget_bytes"].as_u64().map(|b| b as usize);
-            }
-            Some(m)
-        }
-        None => None,
-    };
-    let engine = open_engine(&opts, opened)?;
+    let (engine, applied) = Target::open_engine(target.as_ref(), opts, None)?;
+    let kv_budget = a
+        .kv_budget_mib
+        .map(|m| m << 20)
+        .or_else(|| applied.and_then(|ap| ap.json["kv_budget_bytes"].as_u64().map(|b| b as usize)));
     let path = engine.file.path().to_path_buf();
     let model_id = a.model_name.clone().unwrap_or_else(|| {
         let name = path
