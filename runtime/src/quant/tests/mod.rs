@@ -60,17 +60,8 @@ fn make_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, V
     (q, deq)
 }
 
-fn reference_matmul(wd: &[f32], rows: usize, cols: usize, x: &[f32], m: usize) -> Vec<f64> {
-    let mut y = vec![0f64; m * rows];
-    for i in 0..m {
-        for r in 0..rows {
-            y[i * rows + r] = (0..cols)
-                .map(|k| wd[r * cols + k] as f64 * x[i * cols + k] as f64)
-                .sum();
-        }
-    }
-    y
-}
+/// The f64 reference matmul of the op-check table.
+use crate::opcheck::matmul_f64 as reference_matmul;
 
 fn norms(v: &[f32], n: usize) -> Vec<f64> {
     v.chunks(n)
