@@ -761,49 +761,52 @@ async fn start(
 }
 
 async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    respond(chat_inner(app, headers, body).await)
+    respond(generate(app, headers, body, Api::Chat).await)
 }
 
-async fn chat_inner(app: Arc<App>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
-    let (g, permit, id, mut rx) = start(&app, &headers, body, parse_chat, "chat").await?;
-    let rid = format!("chatcmpl-{id}");
+async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    respond(generate(app, headers, body, Api::Completions).await)
+}
+
+/// A chat or completions request: streamed as it goes, or answered whole once it finishes.
+async fn generate(app: Arc<App>, headers: HeaderMap, body: Body, api: Api) -> ApiResult<Response> {
+    let (parse, tag, prefix): (fn(&App, &Fields) -> ApiResult<Gen>, _, _) = match api {
+        Api::Chat => (parse_chat, "chat", "chatcmpl"),
+        Api::Completions => (parse_completions, "completions", "cmpl"),
+    };
+    let (g, permit, id, mut rx) = start(&app, &headers, body, parse, tag).await?;
+    let rid = format!("{prefix}-{id}");
     if g.stream {
-        return Ok(stream_response(app, g, permit, rid, rx, Api::Chat));
+        return Ok(stream_response(app, g, permit, rid, rx, api));
     }
     let d = finish(&mut rx).await?;
     drop(permit);
     if d.reason == FinishKind::Error {
         return Err(engine_error(&d));
     }
+    Ok(ok_json(match api {
+        Api::Chat => chat_body(&app, &g, &d, &rid),
+        Api::Completions => completions_body(&app, &g, &d, &rid),
+    }))
+}
+
+/// A whole `chat.completion`.
+fn chat_body(app: &App, g: &Gen, d: &Done, rid: &str) -> Value {
     let tok = &app.engine.tokenizer;
     let logprobs = match (&d.logprobs, g.logprobs) {
         (Some(l), Some(k)) => l.chat(tok, d.prompt_tokens, &d.generated, k),
         _ => Value::Null,
     };
-    Ok(ok_json(json!({
+    json!({
         "id": rid, "object": "chat.completion", "created": created(), "model": app.model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": d.text},
                      "logprobs": logprobs, "finish_reason": finish_reason(d.reason)}],
         "usage": usage(d.prompt_tokens, d.generated.len(), d.cached_tokens),
-    })))
+    })
 }
 
-async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    respond(completions_inner(app, headers, body).await)
-}
-
-async fn completions_inner(app: Arc<App>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
-    let (g, permit, id, mut rx) =
-        start(&app, &headers, body, parse_completions, "completions").await?;
-    let rid = format!("cmpl-{id}");
-    if g.stream {
-        return Ok(stream_response(app, g, permit, rid, rx, Api::Completions));
-    }
-    let d = finish(&mut rx).await?;
-    drop(permit);
-    if d.reason == FinishKind::Error {
-        return Err(engine_error(&d));
-    }
+/// A whole `text_completion` (with the prompt in front when echoed).
+fn completions_body(app: &App, g: &Gen, d: &Done, rid: &str) -> Value {
     let tok = &app.engine.tokenizer;
     let logprobs = match (&d.logprobs, g.logprobs) {
         (Some(l), Some(k)) => l.completions(tok, &g.prompt, g.echo, &d.generated, k),
@@ -814,12 +817,12 @@ async fn completions_inner(app: Arc<App>, headers: HeaderMap, body: Body) -> Api
     } else {
         d.text.clone()
     };
-    Ok(ok_json(json!({
+    json!({
         "id": rid, "object": "text_completion", "created": created(), "model": app.model_id,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                      "finish_reason": finish_reason(d.reason)}],
         "usage": usage(d.prompt_tokens, d.generated.len(), d.cached_tokens),
-    })))
+    })
 }
 
 #[derive(Clone, Copy)]
