@@ -153,6 +153,8 @@ fn the_sequential_server_prefills_in_one_step_and_holds_no_kv_between_requests()
             ServeEvent::Token { .. } => "token",
             ServeEvent::Enqueued { .. } => "enqueued",
             ServeEvent::Finished { .. } => "finished",
+            ServeEvent::Chunk { .. } => "chunk",
+            ServeEvent::Usage { .. } => "usage",
         })
         .collect();
     assert_eq!(

@@ -242,6 +242,7 @@ impl<'a, 'h> Driver<'a, 'h> {
             error: None,
             cache: CacheUse::default(),
             output_text: self.o.record_tokens.then(String::new),
+            counted: Default::default(),
         });
         self.in_flight += 1;
         let req = ServeRequest {
@@ -289,6 +290,31 @@ impl<'a, 'h> Driver<'a, 'h> {
                     }
                     self.output_tokens += 1;
                     self.overhead.tokens += 1;
+                }
+                ServeEvent::Chunk { at, text, .. } => {
+                    r.token_ns.push(ns(at));
+                    if let Some(t) = r.output_text.as_mut() {
+                        t.push_str(&text);
+                    }
+                    self.output_tokens += 1;
+                    self.overhead.tokens += 1;
+                }
+                ServeEvent::Usage {
+                    prompt_tokens,
+                    output_tokens,
+                    cached_prompt_tokens,
+                    local_output_tokens,
+                    ..
+                } => {
+                    r.counted.prompt_tokens = prompt_tokens;
+                    r.counted.output_tokens = output_tokens;
+                    r.counted.local_output_tokens = local_output_tokens;
+                    if let Some(c) = cached_prompt_tokens {
+                        r.cache.cached_prompt_tokens = c;
+                    }
+                    // Progress counted a token per chunk: correct it to the count.
+                    self.output_tokens = (self.output_tokens + r.output_tokens() as u64)
+                        .saturating_sub(r.token_ns.len() as u64);
                 }
                 ServeEvent::Finished {
                     id,
@@ -604,6 +630,7 @@ pub fn run(
         d.submit(server, item, now, true);
         d.absorb(&mut vec![]);
         while d.in_flight > 0 && server.has_work() {
+            server.wait(None);
             d.step(server, clock, planned);
         }
     }
@@ -614,6 +641,7 @@ pub fn run(
         senders.submit_due(&mut d, server, clock.now());
         d.absorb(&mut vec![]);
         if server.has_work() {
+            server.wait(senders.next_due());
             for (id, at) in d.step(server, clock, planned) {
                 senders.finished(id, at);
             }

@@ -6,7 +6,8 @@
 //!   thread feeding a `Server` under a [`load`], turning its events into records, sampling
 //!   memory; progress and each finished record go to the caller through `harness::Hooks`)
 //!   over a [`workload`], and [`live`] commits each request to the store as it finishes.
-//!   [`llamabench`] is the llama-bench-compatible pp/tg mode.
+//!   [`llamabench`] is the llama-bench-compatible pp/tg mode; [`remote`] is the harness's
+//!   server over HTTP (`ember bench --url`: any OpenAI-compatible endpoint).
 //! - Figures: [`metrics`] (TTFT, ITL, TPOT, percentiles, goodput), [`slo`] verdicts,
 //!   [`record`] (what a run is), [`table`] (the terminal table), [`provenance`] and device
 //!   [`profile`]s.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod profile;
 pub mod provenance;
 pub mod record;
+pub mod remote;
 pub mod report;
 pub mod selftest;
 pub mod session;

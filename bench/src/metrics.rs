@@ -205,10 +205,11 @@ pub fn e2e_ns(r: &RequestRecord) -> Ns {
 pub fn gaps_ns(r: &RequestRecord) -> impl Iterator<Item = Ns> + '_ {
     r.token_ns.windows(2).map(|w| w[1].saturating_sub(w[0]))
 }
-/// (token[N] − token[1]) / (N − 1) in ms, N ≥ 2.
+/// (token[N] − token[1]) / (N − 1) in ms, N ≥ 2 output tokens. Over HTTP, the first and last
+/// stamps are chunks' (at least two needed) and N is the counted output tokens.
 pub fn tpot_ms(r: &RequestRecord) -> Option<f64> {
-    let n = r.token_ns.len();
-    (n >= 2).then(|| ms(r.token_ns[n - 1] - r.token_ns[0]) / (n - 1) as f64)
+    let (n, s) = (r.output_tokens(), r.token_ns.len());
+    (n >= 2 && s >= 2).then(|| ms(r.token_ns[s - 1] - r.token_ns[0]) / (n - 1) as f64)
 }
 /// Computed prompt tokens / prefill time, tokens/s.
 pub fn prefill_tps(r: &RequestRecord) -> Option<f64> {
@@ -218,11 +219,11 @@ pub fn prefill_tps(r: &RequestRecord) -> Option<f64> {
 }
 /// (N − 1) / (token[N] − token[1]), tokens/s.
 pub fn decode_tps(r: &RequestRecord) -> Option<f64> {
-    let n = r.token_ns.len();
-    if n < 2 {
+    let (n, s) = (r.output_tokens(), r.token_ns.len());
+    if n < 2 || s < 2 {
         return None;
     }
-    let d = r.token_ns[n - 1] - r.token_ns[0];
+    let d = r.token_ns[s - 1] - r.token_ns[0];
     (d > 0).then(|| (n - 1) as f64 * NS_PER_S / d as f64)
 }
 
@@ -310,8 +311,15 @@ pub struct Summary {
     pub ttft_ms: Dist,
     pub queue_ms: Dist,
     pub ttft_engine_ms: Dist,
-    /// Pooled over every gap of every request (token-weighted).
+    /// Pooled over every gap of every request (token-weighted); per chunk when `itl_per_chunk`.
     pub itl_ms: Dist,
+    /// Over HTTP some chunk carried several tokens: `itl_ms` (and ttft's end) are then per
+    /// received chunk, not per token (nothing is spread over a chunk's tokens).
+    #[serde(default)]
+    pub itl_per_chunk: bool,
+    /// Stamps taken: tokens in-process, received chunks over HTTP.
+    #[serde(default)]
+    pub chunks: u64,
     pub tpot_ms: Dist,
     pub e2e_ms: Dist,
     pub prefill_tps: Dist,
@@ -355,7 +363,7 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         }
     };
 
-    let prompt_tokens: u64 = measured.iter().map(|r| r.prompt_tokens as u64).sum();
+    let prompt_tokens: u64 = measured.iter().map(|r| r.input_tokens() as u64).sum();
     let output_tokens: u64 = measured.iter().map(|r| r.output_tokens() as u64).sum();
     let cached: u64 = measured
         .iter()
@@ -384,6 +392,8 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
                 .collect(),
         ),
         itl_ms: itl,
+        itl_per_chunk: measured.iter().any(|r| r.chunked()),
+        chunks: measured.iter().map(|r| r.chunks() as u64).sum(),
         tpot_ms: tpot,
         e2e_ms: Dist::of(ok.iter().map(|r| ms(e2e_ns(r))).collect()),
         prefill_tps: Dist::of(ok.iter().filter_map(|r| prefill_tps(r)).collect()),
@@ -485,10 +495,10 @@ fn phase_totals(ok: &[&RequestRecord]) -> (f64, f64) {
             pf_tok += r.cache.computed_prompt_tokens as u64;
             pf_ns += e.saturating_sub(s);
         }
-        let n = r.token_ns.len();
-        if n >= 2 {
+        let (n, s) = (r.output_tokens(), r.token_ns.len());
+        if n >= 2 && s >= 2 {
             dc_tok += (n - 1) as u64;
-            dc_ns += r.token_ns[n - 1] - r.token_ns[0];
+            dc_ns += r.token_ns[s - 1] - r.token_ns[0];
         }
     }
     let rate = |tok: u64, ns: u64| {

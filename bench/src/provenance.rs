@@ -73,6 +73,63 @@ pub fn for_engine(engine: &Engine, device_profile: Option<String>) -> Provenance
             "read"
         }
         .into(),
+        transport: "in-process".into(),
+        ..Default::default()
+    }
+}
+
+/// Provenance for a run against a remote server (`ember bench --url`): the client's machine,
+/// the endpoint and what it says it is; the model file's identity only when the GGUF given is
+/// the one the server runs.
+pub fn for_remote(r: &crate::session::Remote, device_profile: Option<String>) -> Provenance {
+    let e = &r.endpoint;
+    let (path, sha, arch) = if r.same_model {
+        let p = r.file.path();
+        let arch = r
+            .file
+            .metadata
+            .get_str("general.architecture")
+            .unwrap_or_default()
+            .to_string();
+        (
+            p.display().to_string(),
+            sha256_file(p).unwrap_or_default(),
+            arch,
+        )
+    } else {
+        (String::new(), String::new(), String::new())
+    };
+    let version = [e.server_header.as_str(), e.owned_by.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" · ");
+    Provenance {
+        ember_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: git_commit().to_string(),
+        backend: "http".into(),
+        adapter: e.base.clone(),
+        driver: format!("openai {}", e.api.name()),
+        cpu_model: ember_runtime::sys::cpu_model(),
+        cpu_cores: ember_runtime::sys::available_cores(),
+        threads: 0,
+        os: os(),
+        device_profile,
+        model_path: if path.is_empty() {
+            e.model.clone()
+        } else {
+            path
+        },
+        model_sha256: sha,
+        model_arch: arch,
+        model_quant_mix: String::new(),
+        weights_bytes: 0,
+        weights_load: String::new(),
+        transport: "http".into(),
+        endpoint: e.base.clone(),
+        server_model: e.model.clone(),
+        server_version: version,
     }
 }
 

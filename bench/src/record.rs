@@ -26,7 +26,8 @@ pub struct RequestRecord {
     pub schedule_ns: Option<Ns>,
     pub prefill_start_ns: Option<Ns>,
     pub prefill_end_ns: Option<Ns>,
-    /// token[i] for i = 1..N, one per output token (not per text chunk).
+    /// token[i] for i = 1..N, one per output token (not per text chunk) in-process; over HTTP
+    /// one per received chunk that carried output (see [`Counted`]).
     pub token_ns: Vec<Ns>,
     pub finish_ns: Ns,
     pub finish_reason: FinishKind,
@@ -34,11 +35,45 @@ pub struct RequestRecord {
     pub cache: CacheUse,
     /// Generated text (may be dropped by the store to save space).
     pub output_text: Option<String>,
+    /// Counts from outside the engine (a remote server's `usage`, a local tokenizer); all
+    /// None in-process.
+    #[serde(default)]
+    pub counted: Counted,
+}
+
+/// Token counts of a request measured over HTTP (`ember bench --url`), where `token_ns` holds
+/// one stamp per received chunk rather than per token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counted {
+    /// The server's `usage.prompt_tokens` (its chat template included).
+    pub prompt_tokens: Option<usize>,
+    /// The server's `usage.completion_tokens`.
+    pub output_tokens: Option<usize>,
+    /// The output text tokenized by the client (`--tokenizer` / `-m`).
+    pub local_output_tokens: Option<usize>,
 }
 
 impl RequestRecord {
+    /// Output tokens: the server's count, else the client's, else one per stamp (in-process,
+    /// where every stamp is a token).
     pub fn output_tokens(&self) -> usize {
+        self.counted
+            .output_tokens
+            .or(self.counted.local_output_tokens)
+            .unwrap_or(self.token_ns.len())
+    }
+    /// Prompt tokens: the server's count when it reported one (over HTTP, with the chat API's
+    /// template), else the workload's.
+    pub fn input_tokens(&self) -> usize {
+        self.counted.prompt_tokens.unwrap_or(self.prompt_tokens)
+    }
+    /// Stamps in `token_ns`: tokens in-process, received chunks over HTTP.
+    pub fn chunks(&self) -> usize {
         self.token_ns.len()
+    }
+    /// Some chunk carried more than one token (ITL is then per chunk).
+    pub fn chunked(&self) -> bool {
+        self.output_tokens() != self.token_ns.len()
     }
     pub fn failed(&self) -> bool {
         matches!(
@@ -81,6 +116,18 @@ pub struct Provenance {
     /// (runs stored before schema v2).
     #[serde(default)]
     pub weights_load: String,
+    /// How the requests reached the engine: "in-process" or "http" (empty: stored before v3,
+    /// in-process).
+    #[serde(default)]
+    pub transport: String,
+    /// `ember bench --url`: the endpoint (no credentials), the model id it served, and what
+    /// it says it is (its `Server` header and the model's `owned_by`). Empty in-process.
+    #[serde(default)]
+    pub endpoint: String,
+    #[serde(default)]
+    pub server_model: String,
+    #[serde(default)]
+    pub server_version: String,
 }
 
 /// The workload a run executed: enough to reproduce it and to decide whether

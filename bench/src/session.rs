@@ -10,13 +10,16 @@
 //! opens the engine and the store, and prints what comes back.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ember_runtime::chat::{ChatError, ChatTemplate};
 use ember_runtime::engine::Engine;
+use ember_runtime::gguf::GgufFile;
 use ember_runtime::model::ModelError;
 use ember_runtime::sample::SamplerConfig;
 use ember_runtime::scheduler::{Scheduler, SchedulerConfig};
 use ember_runtime::serve::{SequentialServer, Server};
+use ember_runtime::tokenizer::Tokenizer;
 
 use crate::harness::{
     self, HarnessOptions, Hooks, Overhead, Progress, RunOutput, SweepConfig, SweepObserver,
@@ -27,6 +30,7 @@ use crate::llamabench::{self, BenchResult, Test};
 use crate::load::{Limits, LoadSpec};
 use crate::metrics::{self, Summary, TagRow};
 use crate::record::{RequestRecord, RunResult, SweepResult, WorkloadInfo};
+use crate::remote::{Endpoint, HttpServer};
 use crate::slo::Slo;
 use crate::store::{self, Store, StoreError};
 use crate::workload::{self, Corpus, DatasetOptions, SyntheticSpec, Workload, WorkloadError};
@@ -145,9 +149,51 @@ pub struct Outcome {
     pub stored: Option<Result<usize, StoreError>>,
 }
 
+/// What a session measures: an engine in this process, or a server over HTTP.
+#[derive(Clone, Copy)]
+pub enum Subject<'e> {
+    Engine(&'e Engine),
+    Remote(&'e Remote),
+}
+
+/// `ember bench --url`: the endpoint, and the GGUF whose tokenizer (and chat template) builds
+/// the workload exactly as in-process, so that the workload hash is the same.
+pub struct Remote {
+    pub endpoint: Endpoint,
+    pub file: Arc<GgufFile>,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The GGUF is the model the server runs (given with `-m`): its sha256 and arch go in the
+    /// provenance and the client counts output tokens with its tokenizer. Else (the embedded
+    /// model) it only writes the prompts, and the server's `usage` is the only count.
+    pub same_model: bool,
+    /// The context the workload is cut to (the server's own is unknown).
+    pub n_ctx: usize,
+}
+
+impl Subject<'_> {
+    fn tokenizer(&self) -> &Tokenizer {
+        match self {
+            Subject::Engine(e) => &e.tokenizer,
+            Subject::Remote(r) => &r.tokenizer,
+        }
+    }
+    fn file(&self) -> &GgufFile {
+        match self {
+            Subject::Engine(e) => &e.file,
+            Subject::Remote(r) => &r.file,
+        }
+    }
+    fn n_ctx(&self) -> usize {
+        match self {
+            Subject::Engine(e) => e.cfg.n_ctx,
+            Subject::Remote(r) => r.n_ctx,
+        }
+    }
+}
+
 /// A workload built for an engine, ready to run.
 pub struct Session<'e> {
-    engine: &'e Engine,
+    subject: Subject<'e>,
     plan: &'e WorkloadPlan,
     workload: Workload,
     limits: Limits,
@@ -157,9 +203,19 @@ impl<'e> Session<'e> {
     /// Builds the plan's workload for `engine`: reads and tokenizes a dataset, or cuts
     /// synthetic prompts to fit the engine's context.
     pub fn new(engine: &'e Engine, plan: &'e WorkloadPlan) -> Result<Self, SessionError> {
+        Session::with_subject(Subject::Engine(engine), plan)
+    }
+
+    /// The same for a remote server (`ember bench --url`): the workload is built with the
+    /// GGUF's tokenizer, the requests go over HTTP.
+    pub fn remote(remote: &'e Remote, plan: &'e WorkloadPlan) -> Result<Self, SessionError> {
+        Session::with_subject(Subject::Remote(remote), plan)
+    }
+
+    fn with_subject(subject: Subject<'e>, plan: &'e WorkloadPlan) -> Result<Self, SessionError> {
         let workload = match &plan.source {
-            WorkloadSource::Synthetic(spec) => synthetic(engine, plan, spec),
-            _ => dataset(engine, plan)?,
+            WorkloadSource::Synthetic(spec) => synthetic(subject, plan, spec),
+            _ => dataset(subject, plan)?,
         };
         let limits = Limits {
             max_requests: if plan.duration_ms.is_some() && plan.requests.is_none() {
@@ -170,7 +226,7 @@ impl<'e> Session<'e> {
             max_duration_ms: plan.duration_ms,
         };
         Ok(Session {
-            engine,
+            subject,
             plan,
             workload,
             limits,
@@ -213,7 +269,7 @@ impl<'e> Session<'e> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, SessionError> {
         let head = self.head()?;
-        let mut server = make_server(self.engine, &self.plan.server);
+        let mut server = make_server(self.subject, &self.plan.server);
         let opts = HarnessOptions {
             load: self.base_load(),
             limits: self.limits,
@@ -298,11 +354,14 @@ impl<'e> Session<'e> {
     /// The run's row before it runs: provenance, workload name, seed and parameters, SLO.
     fn head(&self) -> Result<RunResult, SessionError> {
         let (w, plan) = (&self.workload, self.plan);
-        let provenance = crate::provenance::for_engine(self.engine, plan.device_profile.clone());
+        let provenance = match self.subject {
+            Subject::Engine(e) => crate::provenance::for_engine(e, plan.device_profile.clone()),
+            Subject::Remote(r) => crate::provenance::for_remote(r, plan.device_profile.clone()),
+        };
         let params = serde_json::json!({
             "workload": w.params, "limits": self.limits, "sampler": format!("{:?}", w.sampler),
             "ignore_eos": w.ignore_eos, "record_tokens": plan.record_tokens,
-            "n_ctx": self.engine.cfg.n_ctx,
+            "n_ctx": self.subject.n_ctx(),
         });
         Ok(RunResult {
             started_at: store::now_rfc3339(),
@@ -365,7 +424,17 @@ impl<'e> Session<'e> {
     }
 }
 
-fn make_server<'e>(engine: &'e Engine, s: &ServerPlan) -> Box<dyn Server + 'e> {
+fn make_server<'e>(subject: Subject<'e>, s: &ServerPlan) -> Box<dyn Server + 'e> {
+    let engine = match subject {
+        Subject::Engine(e) => e,
+        Subject::Remote(r) => {
+            return Box::new(HttpServer::new(
+                r.endpoint.clone(),
+                r.tokenizer.clone(),
+                r.same_model,
+            ));
+        }
+    };
     if s.batching {
         Box::new(Scheduler::new(
             engine,
@@ -380,12 +449,12 @@ fn make_server<'e>(engine: &'e Engine, s: &ServerPlan) -> Box<dyn Server + 'e> {
     }
 }
 
-fn synthetic(engine: &Engine, plan: &WorkloadPlan, spec: &SyntheticSpec) -> Workload {
-    let corpus = Corpus::new(&engine.tokenizer, workload::CORPUS);
+fn synthetic(subject: Subject, plan: &WorkloadPlan, spec: &SyntheticSpec) -> Workload {
+    let corpus = Corpus::new(subject.tokenizer(), workload::CORPUS);
     let n = plan.requests.unwrap_or_else(|| spec.default_requests());
     spec.build(
         &corpus,
-        engine.cfg.n_ctx,
+        subject.n_ctx(),
         n,
         plan.warmup,
         plan.seed,
@@ -396,7 +465,7 @@ fn synthetic(engine: &Engine, plan: &WorkloadPlan, spec: &SyntheticSpec) -> Work
 /// A dataset or ShareGPT workload: its entries tokenized (through the chat template unless
 /// the plan says raw), cycled to the requests asked for; warm-ups repeat the first entry that
 /// fits the context.
-fn dataset(engine: &Engine, plan: &WorkloadPlan) -> Result<Workload, SessionError> {
+fn dataset(subject: Subject, plan: &WorkloadPlan) -> Result<Workload, SessionError> {
     let name = plan.source.name();
     let (entries, sharegpt) = match &plan.source {
         WorkloadSource::Dataset(d) if d == "eval" => (
@@ -422,7 +491,7 @@ fn dataset(engine: &Engine, plan: &WorkloadPlan) -> Result<Workload, SessionErro
     };
     let tpl = if plan.chat_template {
         Some(
-            ChatTemplate::from_metadata_or_chatml(&engine.file.metadata)
+            ChatTemplate::from_metadata_or_chatml(&subject.file().metadata)
                 .map_err(SessionError::ChatTemplate)?,
         )
     } else {
@@ -434,9 +503,9 @@ fn dataset(engine: &Engine, plan: &WorkloadPlan) -> Result<Workload, SessionErro
         max_tokens_cap: plan.max_tokens,
         size_from_expected: sharegpt,
     };
-    let items = workload::build_dataset_items(&entries, &engine.tokenizer, &opts)?;
+    let items = workload::build_dataset_items(&entries, subject.tokenizer(), &opts)?;
     let n = plan.requests.unwrap_or(items.len());
-    let n_ctx = engine.cfg.n_ctx;
+    let n_ctx = subject.n_ctx();
     let warmup = items
         .iter()
         .filter(|i| !i.prompt_tokens.is_empty() && i.prompt_tokens.len() < n_ctx)

@@ -138,7 +138,12 @@ fn dists(o: &mut String, s: &Summary) {
     row(o, "ttft ms", &s.ttft_ms);
     row(o, "queue ms", &s.queue_ms);
     row(o, "ttft_engine ms", &s.ttft_engine_ms);
-    row(o, "itl ms (per gap)", &s.itl_ms);
+    let itl = if s.itl_per_chunk {
+        "itl ms (per chunk)"
+    } else {
+        "itl ms (per gap)"
+    };
+    row(o, itl, &s.itl_ms);
     row(o, "tpot ms", &s.tpot_ms);
     row(o, "e2e ms", &s.e2e_ms);
     row(o, "prefill tok/s", &s.prefill_tps);
@@ -173,6 +178,22 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
         r.cache_evictions
     );
     let m = &s.memory;
+    if r.provenance.transport == "http" {
+        // The server's memory is not visible from here; only chunks and counts are.
+        let _ = writeln!(
+            o,
+            "transport   http · {} chunks for {} output tokens{} · this client's rss peak {}",
+            s.chunks,
+            s.output_tokens,
+            if s.itl_per_chunk {
+                " (several tokens per chunk: itl is per chunk)"
+            } else {
+                ""
+            },
+            bytes(m.rss_peak_bytes)
+        );
+        return;
+    }
     let _ = writeln!(
         o,
         "memory      rss peak {} · kv used peak {} (reserved peak {}) · device peak {} · weights {} · {} samples",

@@ -259,7 +259,11 @@ impl Engine {
                             })
                         }
                     }
-                    ServeEvent::Enqueued { .. } | ServeEvent::Scheduled { .. } => {}
+                    // Scheduler events the caller does not see, and the remote-only ones.
+                    ServeEvent::Enqueued { .. }
+                    | ServeEvent::Scheduled { .. }
+                    | ServeEvent::Chunk { .. }
+                    | ServeEvent::Usage { .. } => {}
                 }
             }
             if let Some(state) = done {

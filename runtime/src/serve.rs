@@ -1,5 +1,6 @@
 //! Serving many requests: the interface between the engine and anything that
-//! drives it (the benchmark harness today; an HTTP server later).
+//! drives it (the benchmark harness, `ember serve`); `ember bench --url` implements it over
+//! HTTP for remote servers.
 //!
 //! A [`Server`] takes requests with [`Server::submit`] and makes progress with
 //! [`Server::step`], emitting [`ServeEvent`]s stamped on the monotonic clock at
@@ -94,6 +95,24 @@ pub enum ServeEvent {
         reason: FinishKind,
         error: Option<String>,
     },
+    /// A remote server's reply chunk that carried output text (`ember bench --url`): it may
+    /// hold several tokens, so it is not a [`ServeEvent::Token`]. In-process servers never emit it.
+    Chunk {
+        id: RequestId,
+        at: Instant,
+        text: String,
+    },
+    /// Token counts from outside the engine, just before [`ServeEvent::Finished`]: a remote
+    /// server's reported `usage`, and the client's own count of the output text with a local
+    /// tokenizer. In-process servers never emit it (their `Token` events are the count).
+    Usage {
+        id: RequestId,
+        at: Instant,
+        prompt_tokens: Option<usize>,
+        output_tokens: Option<usize>,
+        cached_prompt_tokens: Option<usize>,
+        local_output_tokens: Option<usize>,
+    },
 }
 
 impl ServeEvent {
@@ -104,7 +123,9 @@ impl ServeEvent {
             | ServeEvent::PrefillStart { id, .. }
             | ServeEvent::PrefillEnd { id, .. }
             | ServeEvent::Token { id, .. }
-            | ServeEvent::Finished { id, .. } => *id,
+            | ServeEvent::Finished { id, .. }
+            | ServeEvent::Chunk { id, .. }
+            | ServeEvent::Usage { id, .. } => *id,
         }
     }
     pub fn at(&self) -> Instant {
@@ -114,7 +135,9 @@ impl ServeEvent {
             | ServeEvent::PrefillStart { at, .. }
             | ServeEvent::PrefillEnd { at, .. }
             | ServeEvent::Token { at, .. }
-            | ServeEvent::Finished { at, .. } => *at,
+            | ServeEvent::Finished { at, .. }
+            | ServeEvent::Chunk { at, .. }
+            | ServeEvent::Usage { at, .. } => *at,
         }
     }
 }
@@ -148,4 +171,9 @@ pub trait Server {
     fn step(&mut self, out: &mut Vec<ServeEvent>) -> bool;
     fn has_work(&self) -> bool;
     fn stats(&self) -> ServerStats;
+    /// Block until [`Server::step`] may have something to record, or until `until` (the
+    /// caller's next deadline, e.g. a request due), whichever comes first. An in-process engine
+    /// makes its progress inside `step`, so the default returns at once; a remote server waits
+    /// for the network here instead of being polled.
+    fn wait(&mut self, _until: Option<Instant>) {}
 }

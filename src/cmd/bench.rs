@@ -2,6 +2,7 @@
 //! checked), and printing what the `ember_bench` session measured.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -10,14 +11,17 @@ use argh::FromArgs;
 use ember_bench::harness::{Progress, SweepConfig};
 use ember_bench::llamabench::{BenchResult, Test};
 use ember_bench::load::{Arrivals, LoadSpec};
+use ember_bench::remote::{Api, Endpoint};
 use ember_bench::session::{
-    self, LlamaPlan, LlamaProgress, LoadMode, Outcome, ServerPlan, Session, WorkloadPlan,
+    self, LlamaPlan, LlamaProgress, LoadMode, Outcome, Remote, ServerPlan, Session, WorkloadPlan,
     WorkloadSource,
 };
 use ember_bench::slo::Slo;
 use ember_bench::workload::{LengthDist, SyntheticSpec};
 use ember_runtime::engine::Engine;
+use ember_runtime::gguf::GgufFile;
 use ember_runtime::sample::SamplerConfig;
+use ember_runtime::tokenizer::Tokenizer;
 
 use crate::engine::EngineOpts;
 use crate::target::Target;
@@ -29,8 +33,29 @@ use crate::target::Target;
 /// With no flags: the `chat` preset on the embedded model, sync.
 /// llama-bench mode: --pp/--tg/-r print pp<n>/tg<n> tokens/s as mean ± sd,
 /// e.g. ember bench -m M --pp 128,512 --tg 128 -r 5
+/// Any OpenAI-compatible server (vLLM, SGLang, TGI, llama-server, Ollama, ember serve):
+/// ember bench --url http://127.0.0.1:8080/v1 -m M -c 8 (-m: the GGUF it serves)
 #[argh(subcommand, name = "bench")]
 pub struct BenchArgs {
+    /// measure an OpenAI-compatible server at this base URL (…/v1) instead of an engine in this
+    /// process; -m names the GGUF it serves (its tokenizer writes the same prompts as
+    /// in-process and counts output tokens; without -m the embedded model writes text prompts
+    /// and only the server's usage counts)
+    #[argh(option)]
+    url: Option<String>,
+    /// with --url: the API to call, completions (prompts as token ids when -m is given, else text)
+    /// or chat (the prompt text as one user message) (default completions)
+    #[argh(option, default = "String::from(\"completions\")")]
+    api: String,
+    /// with --url: the model id to send (default: the first one the server's /models lists)
+    #[argh(option)]
+    served_model_name: Option<String>,
+    /// with --url: API key, sent as a Bearer token (default: $OPENAI_API_KEY if set)
+    #[argh(option)]
+    api_key: Option<String>,
+    /// with --url: seconds to wait for any byte of a reply before the request fails (default 600)
+    #[argh(option, default = "600.0")]
+    request_timeout: f64,
     /// GGUF model file (default: the embedded tiny model)
     #[argh(option, short = 'm')]
     model: Option<PathBuf>,
@@ -168,12 +193,23 @@ pub struct BenchArgs {
 /// flags win over it).
 pub struct BenchCommand {
     engine: EngineOpts,
+    /// --url: the server to measure instead of an engine.
+    remote: Option<RemoteOpts>,
     target: Option<Target>,
     mode: Mode,
     json: bool,
     out: Option<PathBuf>,
     no_db: bool,
     db: Option<PathBuf>,
+}
+
+/// `--url` and its flags, checked.
+struct RemoteOpts {
+    url: String,
+    api: Api,
+    model: Option<String>,
+    api_key: Option<String>,
+    timeout: Duration,
 }
 
 enum Mode {
@@ -213,6 +249,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
             Some(t) => Some(t.device_profile.clone()),
             None => a.device_profile.clone(),
         };
+        let remote = remote_opts(&a)?;
         let mode = if a.pp.is_some() || a.tg.is_some() || a.reps.is_some() {
             Mode::Llama(llama_plan(&a, device_profile)?)
         } else {
@@ -224,6 +261,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
         };
         Ok(BenchCommand {
             engine,
+            remote,
             target,
             mode,
             json: a.json,
@@ -232,6 +270,54 @@ impl TryFrom<BenchArgs> for BenchCommand {
             db: a.db,
         })
     }
+}
+
+/// `--url` and the flags that go with it; the engine's own flags make no sense with it.
+fn remote_opts(a: &BenchArgs) -> Result<Option<RemoteOpts>> {
+    let Some(url) = a.url.clone() else {
+        for (set, flag) in [
+            (a.served_model_name.is_some(), "--served-model-name"),
+            (a.api_key.is_some(), "--api-key"),
+            (a.api != "completions", "--api"),
+        ] {
+            if set {
+                bail!("{flag} goes with --url");
+            }
+        }
+        return Ok(None);
+    };
+    let engine_flags = [
+        (
+            a.pp.is_some() || a.tg.is_some() || a.reps.is_some(),
+            "--pp/--tg/-r",
+        ),
+        (a.backend.is_some(), "--backend"),
+        (a.threads.is_some(), "--threads"),
+        (a.no_mmap, "--no-mmap"),
+        (a.no_batching, "--no-batching"),
+        (a.no_prefix_cache, "--no-prefix-cache"),
+        (a.kv_budget_mib.is_some(), "--kv-budget-mib"),
+        (a.target.is_some(), "--target"),
+    ];
+    for (set, flag) in engine_flags {
+        if set {
+            bail!("{flag} does not apply with --url: the server runs the model its own way");
+        }
+    }
+    if !(a.request_timeout > 0.0 && a.request_timeout.is_finite()) {
+        bail!("--request-timeout must be a positive number of seconds");
+    }
+    Ok(Some(RemoteOpts {
+        url,
+        api: Api::parse(&a.api).map_err(anyhow::Error::msg)?,
+        model: a.served_model_name.clone(),
+        api_key: a.api_key.clone().or_else(|| {
+            std::env::var("OPENAI_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        }),
+        timeout: Duration::from_secs_f64(a.request_timeout),
+    }))
 }
 
 fn parse_list(flag: &str, s: &str) -> Result<Vec<usize>> {
@@ -447,10 +533,63 @@ impl BenchCommand {
         }
     }
 
+    /// The server to measure (`--url`): its endpoint checked and asked for its model, the GGUF
+    /// opened for its tokenizer only (no weights are read).
+    fn remote(&self, r: &RemoteOpts) -> Result<Remote> {
+        let same_model = self.engine.model.is_some();
+        let path = crate::engine::model_path(self.engine.model.clone())?;
+        let file =
+            Arc::new(GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?);
+        let tokenizer = Arc::new(
+            Tokenizer::from_gguf(&file.metadata)
+                .with_context(|| format!("the tokenizer of {}", path.display()))?,
+        );
+        let train_ctx = file
+            .metadata
+            .get_str("general.architecture")
+            .and_then(|a| file.metadata.get_u64(&format!("{a}.context_length")))
+            .map_or(4096, |n| n as usize);
+        let endpoint = Endpoint::connect(
+            &r.url,
+            r.api,
+            r.model.clone(),
+            r.api_key.clone(),
+            same_model,
+            r.timeout,
+        )?;
+        eprintln!(
+            "ember bench: {} · model '{}'{} · {} API",
+            endpoint.base,
+            endpoint.model,
+            match endpoint.server_header.as_str() {
+                "" => String::new(),
+                h => format!(" · server {h}"),
+            },
+            endpoint.api.name()
+        );
+        Ok(Remote {
+            endpoint,
+            file,
+            tokenizer,
+            same_model,
+            n_ctx: self.engine.ctx.unwrap_or(train_ctx.min(4096)),
+        })
+    }
+
     /// A workload run (or sweep): the session runs and stores it, this prints it.
     fn workload(&self, plan: &WorkloadPlan) -> Result<()> {
-        let (engine, target) = self.open(None)?;
-        let session = Session::new(&engine, plan)?;
+        let (engine, remote, target);
+        let session = match &self.remote {
+            Some(r) => {
+                remote = self.remote(r)?;
+                target = None;
+                Session::remote(&remote, plan)?
+            }
+            None => {
+                (engine, target) = self.open(None)?;
+                Session::new(&engine, plan)?
+            }
+        };
         for note in session.notes() {
             eprintln!("ember bench: {note}");
         }
@@ -481,6 +620,23 @@ impl BenchCommand {
             _ => {}
         }
         self.print_workload(plan, &outcome, target)?;
+        let failed: Vec<&str> = outcome
+            .result
+            .records
+            .iter()
+            .filter(|r| !r.warmup && r.failed())
+            .filter_map(|r| r.error.as_deref())
+            .collect();
+        if let Some(first) = failed.first() {
+            eprintln!(
+                "ember bench: {} requests failed; the first: {first}",
+                failed.len()
+            );
+        }
+        if self.remote.is_some() && !failed.is_empty() && failed.len() == outcome.summary.n_measured
+        {
+            bail!("every request to the server failed");
+        }
         // Figures first, then the verdict on storing them: a run that could not record what it
         // measured exits non-zero.
         match outcome.stored {
@@ -516,7 +672,8 @@ impl BenchCommand {
                     &o.summary,
                     o.sweep.as_ref(),
                     &o.tags,
-                    Some(o.overhead.fraction())
+                    // Over HTTP `step` only drains a channel: there is no engine time to weigh.
+                    self.remote.is_none().then(|| o.overhead.fraction())
                 )
             );
         }

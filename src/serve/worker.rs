@@ -171,6 +171,7 @@ impl<'e> Worker<'e> {
                     prefill_start_ns: None,
                     prefill_end_ns: None,
                     token_ns: vec![],
+                    counted: Default::default(),
                     finish_ns: 0,
                     finish_reason: FinishKind::Error,
                     error: None,
@@ -280,6 +281,8 @@ impl<'e> Worker<'e> {
                     });
                     let _ = t.tx.send(Update::Token(text.clone(), lp));
                 }
+                // Only a remote server (`ember bench --url`) emits these.
+                ServeEvent::Chunk { .. } | ServeEvent::Usage { .. } => {}
                 ServeEvent::Finished {
                     at, reason, error, ..
                 } => {

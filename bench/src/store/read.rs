@@ -9,7 +9,7 @@ use rusqlite::{Params, Row};
 use super::{Figures, ReqSample, RunId, RunRow, Store, StoreError, parse_finish};
 use crate::llamabench::{BenchResult, Test};
 use crate::record::{
-    CacheUse, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict, WorkloadInfo,
+    CacheUse, Counted, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict, WorkloadInfo,
 };
 
 /// A run with what compare, report and export draw from it.
@@ -111,7 +111,8 @@ impl Store {
                     r.driver, r.cpu_model, r.cpu_cores, r.threads, r.os, r.device_profile, r.model_path,
                     m.sha256, m.arch, m.quant_mix, m.weights_bytes, r.device_fingerprint, r.cost_per_hour,
                     w.name, w.seed, w.hash, r.load, w.params, w.n_requests, w.n_warmup,
-                    r.slo_name, r.slo_attainment, r.goodput_rps, r.cache_evictions, r.weights_load
+                    r.slo_name, r.slo_attainment, r.goodput_rps, r.cache_evictions, r.weights_load,
+                    r.transport, r.endpoint, r.server_model, r.server_version
              FROM runs r JOIN models m USING (model_id) JOIN workloads w USING (workload_id)
              ORDER BY r.run_id",
             [],
@@ -138,6 +139,10 @@ impl Store {
                         model_quant_mix: r.get(17)?,
                         weights_bytes: u64_at(r, 18)?,
                         weights_load: r.get::<_, Option<String>>(32)?.unwrap_or_default(),
+                        transport: r.get::<_, Option<String>>(33)?.unwrap_or_default(),
+                        endpoint: r.get::<_, Option<String>>(34)?.unwrap_or_default(),
+                        server_model: r.get::<_, Option<String>>(35)?.unwrap_or_default(),
+                        server_version: r.get::<_, Option<String>>(36)?.unwrap_or_default(),
                     },
                     device_fingerprint: r.get(19)?,
                     cost_per_hour: r.get(20)?,
@@ -277,7 +282,8 @@ impl Store {
         let recs: Vec<RequestRecord> = self.rows(
             "SELECT req_pk, request_id, warmup, tags, prompt_tokens, arrival_ns, enqueue_ns, schedule_ns,
                     prefill_start_ns, prefill_end_ns, finish_ns, finish_reason, error, cached_prompt_tokens,
-                    computed_prompt_tokens, cache_lookups, cache_hit_blocks, output_text
+                    computed_prompt_tokens, cache_lookups, cache_hit_blocks, output_text,
+                    server_prompt_tokens, server_output_tokens, local_output_tokens
              FROM requests WHERE run_id = ?1 ORDER BY req_pk",
             [run.0],
             |r| {
@@ -302,6 +308,11 @@ impl Store {
                         cache_hit_blocks: u64_at(r, 16)? as usize,
                     },
                     output_text: r.get(17)?,
+                    counted: Counted {
+                        prompt_tokens: opt_u64(r, 18)?.map(|n| n as usize),
+                        output_tokens: opt_u64(r, 19)?.map(|n| n as usize),
+                        local_output_tokens: opt_u64(r, 20)?.map(|n| n as usize),
+                    },
                 })
             },
         )?;

@@ -4,11 +4,15 @@
 use super::{Store, StoreError};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations, in order: `MIGRATIONS[k]` takes a database from version k to k+1. Released
 /// migrations are never edited: a change is a new file.
-const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schema_v2.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema_v1.sql"),
+    include_str!("schema_v2.sql"),
+    include_str!("schema_v3.sql"),
+];
 
 impl Store {
     pub(super) fn configure(&mut self) -> Result<(), StoreError> {

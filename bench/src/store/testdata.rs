@@ -190,6 +190,7 @@ fn synth_records(spec: &SynthSpec, rng: &mut Rng) -> Vec<RequestRecord> {
                 cache_hit_blocks: cached / 16,
             },
             output_text: Some(format!("output of request {i}")),
+            counted: Default::default(),
         });
     }
     records
@@ -285,5 +286,7 @@ fn synth_provenance(spec: &SynthSpec) -> Provenance {
         model_quant_mix: r#"{"Q4_K":30,"F32":10}"#.into(),
         weights_bytes: 90 << 20,
         weights_load: "mmap".into(),
+        transport: "in-process".into(),
+        ..Default::default()
     }
 }

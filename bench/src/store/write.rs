@@ -64,8 +64,10 @@ impl Store {
         tx.execute(
             "INSERT INTO runs(run_uid, status, started_at, ember_version, git_commit, backend, adapter, driver,
                  cpu_model, cpu_cores, threads, os, device_profile, device_fingerprint, model_id, model_path,
-                 workload_id, load, slo_name, slo, token_cap, weights_load)
-             VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                 workload_id, load, slo_name, slo, token_cap, weights_load, transport, endpoint, server_model,
+                 server_version)
+             VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
+                 ?22, ?23, ?24, ?25)",
             params![
                 uid,
                 started,
@@ -88,6 +90,10 @@ impl Store {
                 run.slo,
                 self.opts.token_cap as i64,
                 Some(p.weights_load.as_str()).filter(|s| !s.is_empty()),
+                Some(p.transport.as_str()).filter(|s| !s.is_empty()),
+                Some(p.endpoint.as_str()).filter(|s| !s.is_empty()),
+                Some(p.server_model.as_str()).filter(|s| !s.is_empty()),
+                Some(p.server_version.as_str()).filter(|s| !s.is_empty()),
             ],
         )
         .map_err(e)?;
@@ -129,15 +135,17 @@ impl Store {
             "INSERT INTO requests(run_id, request_id, warmup, tags, prompt_tokens, output_tokens, arrival_ns,
                  enqueue_ns, schedule_ns, prefill_start_ns, prefill_end_ns, first_token_ns, last_token_ns,
                  finish_ns, finish_reason, error, cached_prompt_tokens, computed_prompt_tokens, cache_lookups,
-                 cache_hit_blocks, tokens_stored, max_itl_ns, output_text)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+                 cache_hit_blocks, tokens_stored, max_itl_ns, output_text, chunks, server_prompt_tokens,
+                 server_output_tokens, local_output_tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23,
+                 ?24, ?25, ?26, ?27)",
             params![
                 run.0,
                 r.request_id as i64,
                 r.warmup,
                 tags,
                 r.prompt_tokens as i64,
-                r.token_ns.len() as i64,
+                r.output_tokens() as i64,
                 r.arrival_ns as i64,
                 r.enqueue_ns as i64,
                 r.schedule_ns.map(|x| x as i64),
@@ -155,6 +163,10 @@ impl Store {
                 n_store as i64,
                 max_itl.map(|x| x as i64),
                 text,
+                r.chunks() as i64,
+                r.counted.prompt_tokens.map(|x| x as i64),
+                r.counted.output_tokens.map(|x| x as i64),
+                r.counted.local_output_tokens.map(|x| x as i64),
             ],
         )
         .map_err(e)?;
