@@ -826,3 +826,101 @@ fn openai_python_client() {
     );
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// `ember bench` with `args`, then the run it wrote with `--out`.
+fn bench_run(args: &[&str], out: &Path) -> Value {
+    let o = common::ember()
+        .arg("bench")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env("EMBER_WGPU_BACKENDS", "none")
+        .output()
+        .expect("run ember bench");
+    assert!(
+        o.status.success(),
+        "ember bench {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    v["run"].clone()
+}
+
+/// `ember bench --url` against `ember serve` measures what in-process `ember bench` measures:
+/// the same workload (hash) and, greedy and one request at a time, the same text per request;
+/// the run is stored as an HTTP run with the server's token counts.
+#[test]
+fn bench_url_against_ember_serve_runs_the_in_process_workload() {
+    let s = Server::start(&["--no-db"]);
+    let model = common::real_model(common::SMOLLM2);
+    let model = model.to_str().unwrap();
+    let db = temp_db("bench-url");
+    let dir = db.parent().unwrap().to_path_buf();
+    let base = format!("{}/v1", s.base);
+    let same = [
+        "-m",
+        model,
+        "-n",
+        "4",
+        "--max-tokens",
+        "12",
+        "--warmup",
+        "1",
+    ];
+    let http = bench_run(
+        &[
+            &["--url", base.as_str(), "--db", db.to_str().unwrap()][..],
+            &same[..],
+        ]
+        .concat(),
+        &dir.join("http.json"),
+    );
+    let local = bench_run(
+        &[&["--backend", "cpu", "--no-db"][..], &same[..]].concat(),
+        &dir.join("local.json"),
+    );
+    assert_eq!(http["workload"]["hash"], local["workload"]["hash"]);
+    let p = &http["provenance"];
+    assert_eq!(p["transport"], "http");
+    assert_eq!(p["endpoint"], base.as_str());
+    assert!(
+        p["server_version"].as_str().unwrap().contains("ember"),
+        "{p}"
+    );
+    assert_eq!(local["provenance"]["transport"], "in-process");
+    let (hr, lr) = (
+        http["records"].as_array().unwrap(),
+        local["records"].as_array().unwrap(),
+    );
+    assert_eq!(hr.len(), 5);
+    assert_eq!(hr.len(), lr.len());
+    for (h, l) in hr.iter().zip(lr) {
+        assert_eq!(h["request_id"], l["request_id"]);
+        assert_eq!(h["finish_reason"], l["finish_reason"], "{h}");
+        assert_eq!(h["output_text"], l["output_text"]);
+        let stamps = h["token_ns"].as_array().unwrap().len();
+        assert_eq!(stamps, l["token_ns"].as_array().unwrap().len());
+        // ember serve streams a token per chunk, and says so in its usage.
+        assert_eq!(h["counted"]["output_tokens"], stamps);
+        assert_eq!(h["counted"]["local_output_tokens"], stamps);
+        assert_eq!(h["counted"]["prompt_tokens"], l["prompt_tokens"]);
+    }
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let (transport, endpoint): (String, String) = c
+        .query_row("SELECT transport, endpoint FROM runs", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        (transport.as_str(), endpoint.as_str()),
+        ("http", base.as_str())
+    );
+    let (n, counted): (i64, i64) = c
+        .query_row(
+            "SELECT count(*), sum(server_output_tokens = output_tokens AND chunks = output_tokens) FROM requests",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((n, counted), (5, 5));
+}
