@@ -127,6 +127,15 @@ impl<'e> Scheduler<'e> {
         Self::with_cache(engine, cfg, kv, false)
     }
 
+    /// Claim the whole KV budget's host memory now ([`PagedKv::preallocate`]), on the CPU
+    /// backend (a device decoder keeps its cache in device memory). Returns the bytes held.
+    pub fn preallocate_kv(&mut self) -> usize {
+        if self.engine.model.backend() == "cpu" {
+            self.kv.preallocate();
+        }
+        self.kv.bytes_reserved()
+    }
+
     /// One request at a time, first come first served, each on a fresh cache of its own that
     /// holds the whole context (no prefix sharing) and is dropped when it finishes; a prompt
     /// is prefilled in `prefill_chunk` passes within one step. The simplest correct server,

@@ -60,7 +60,7 @@ pub struct ServeArgs {
     /// most requests accepted and not finished; more get 429 with Retry-After (default 256)
     #[argh(option, default = "256")]
     max_queue: usize,
-    /// KV cache budget in MiB (default 512, or the --target profile's); the prefix cache keeps finished requests' blocks until the budget is full, so memory grows to the weights plus this and stays there
+    /// KV cache budget in MiB (default 512, or the --target profile's); on the CPU it is allocated at start, so the server's memory is the weights plus this from the first request on and does not grow (the prefix cache keeps finished requests' blocks inside it)
     #[argh(option)]
     kv_budget_mib: Option<usize>,
     /// turn off prefix caching (shared prompt prefixes are recomputed)

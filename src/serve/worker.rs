@@ -100,8 +100,15 @@ impl<'e> Worker<'e> {
         origin: Instant,
         records: Option<std::sync::mpsc::Sender<RequestRecord>>,
     ) -> Self {
+        let mut sched = Scheduler::new(engine, cfg);
+        // The server's memory is claimed at start and does not grow under load.
+        let held = sched.preallocate_kv();
+        eprintln!(
+            "ember serve: KV cache {} MiB held for the budget (--kv-budget-mib)",
+            held >> 20
+        );
         Worker {
-            sched: Scheduler::new(engine, cfg),
+            sched,
             tracks: HashMap::new(),
             metrics,
             origin,

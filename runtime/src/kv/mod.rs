@@ -185,6 +185,19 @@ impl PagedKv {
         self.store.bytes_reserved()
     }
 
+    /// Claim host storage for every block of the budget now (written, so the pages are
+    /// resident), instead of growing it as blocks are first used: a long-running server's
+    /// memory then stays where it started (`ember serve`), as llama.cpp's context is
+    /// allocated whole. Nothing to do for a device storage, or once some storage exists.
+    pub fn preallocate(&mut self) {
+        if let KvStore::Host(h) = &mut self.store
+            && h.bytes_reserved() == 0
+        {
+            let last = (self.blocks.n_blocks() - 1) as BlockId;
+            h.alloc(&self.blocks.layout, last);
+        }
+    }
+
     /// Make room for `n` more positions of `seq`, allocating blocks. On failure
     /// nothing changes.
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<(), KvError> {

@@ -266,3 +266,31 @@ fn a_cache_with_host_values_refuses_device_pools() {
     fill(&mut kv, a, &[1, 2]);
     kv.device_mut(&crate::backend::cpu());
 }
+
+/// `preallocate` claims the whole budget's storage at once; serving then never grows it, and the
+/// values written land where reads find them.
+#[test]
+fn preallocated_storage_holds_the_budget_and_never_grows() {
+    let mut kv = PagedKv::new(layout(), 8, 64);
+    assert_eq!(kv.bytes_reserved(), 0, "storage grows lazily by default");
+    kv.preallocate();
+    let full = kv.bytes_reserved();
+    assert!(
+        full >= kv.bytes_budget() && full > 0,
+        "{full} < {}",
+        kv.bytes_budget()
+    );
+    let mut seqs = vec![];
+    for i in 0..4u32 {
+        let s = kv.new_seq();
+        let toks: Vec<u32> = (100 * i..100 * i + 7).collect();
+        fill(&mut kv, s, &toks);
+        seqs.push(s);
+        assert_eq!(kv.bytes_reserved(), full);
+    }
+    let (k, _) = kv.layer_blocks(seqs[3], 1);
+    assert_eq!(k[0][0].to_f32(), 300.0);
+    assert_eq!(k[0][1].to_f32(), 1.0);
+    kv.preallocate();
+    assert_eq!(kv.bytes_reserved(), full, "a second call changes nothing");
+}
