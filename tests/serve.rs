@@ -888,6 +888,9 @@ fn bench_url_against_ember_serve_runs_the_in_process_workload() {
         "{p}"
     );
     assert_eq!(local["provenance"]["transport"], "in-process");
+    // The client's RSS says nothing about the server: no memory samples over HTTP.
+    assert!(http["memory"].as_array().unwrap().is_empty());
+    assert!(!local["memory"].as_array().unwrap().is_empty());
     let (hr, lr) = (
         http["records"].as_array().unwrap(),
         local["records"].as_array().unwrap(),

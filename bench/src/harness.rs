@@ -62,6 +62,9 @@ pub struct HarnessOptions {
     /// Reads the process's RSS for the memory samples (None: the OS's figure, from /proc).
     /// Tests give a fixed value.
     pub rss_probe: Option<fn() -> u64>,
+    /// Take memory samples at all. Off for a remote server (`ember bench --url`): this
+    /// process's RSS is the client's, not the server's, and its stats are empty.
+    pub sample_memory: bool,
 }
 
 impl Default for HarnessOptions {
@@ -74,6 +77,7 @@ impl Default for HarnessOptions {
             rss_interval: Duration::from_millis(100),
             progress_interval: Duration::from_millis(100),
             rss_probe: None,
+            sample_memory: true,
         }
     }
 }
@@ -343,6 +347,9 @@ impl<'a, 'h> Driver<'a, 'h> {
     }
 
     fn sample_memory(&mut self, server: &dyn Server, now: Instant, force: bool) {
+        if !self.o.sample_memory {
+            return;
+        }
         if self
             .last_rss_at
             .is_none_or(|t| now.saturating_duration_since(t) >= self.o.rss_interval)

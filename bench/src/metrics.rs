@@ -363,7 +363,7 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         }
     };
 
-    let prompt_tokens: u64 = measured.iter().map(|r| r.input_tokens() as u64).sum();
+    let prompt_tokens: u64 = measured.iter().map(|r| r.prompt_tokens as u64).sum();
     let output_tokens: u64 = measured.iter().map(|r| r.output_tokens() as u64).sum();
     let cached: u64 = measured
         .iter()

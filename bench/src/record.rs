@@ -62,11 +62,6 @@ impl RequestRecord {
             .or(self.counted.local_output_tokens)
             .unwrap_or(self.token_ns.len())
     }
-    /// Prompt tokens: the server's count when it reported one (over HTTP, with the chat API's
-    /// template), else the workload's.
-    pub fn input_tokens(&self) -> usize {
-        self.counted.prompt_tokens.unwrap_or(self.prompt_tokens)
-    }
     /// Stamps in `token_ns`: tokens in-process, received chunks over HTTP.
     pub fn chunks(&self) -> usize {
         self.token_ns.len()

@@ -274,6 +274,7 @@ impl<'e> Session<'e> {
             load: self.base_load(),
             limits: self.limits,
             record_tokens: self.plan.record_tokens,
+            sample_memory: matches!(self.subject, Subject::Engine(_)),
             ..Default::default()
         };
         let (out, sweep, stored) = match &self.plan.load {

@@ -182,7 +182,7 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
         // The server's memory is not visible from here; only chunks and counts are.
         let _ = writeln!(
             o,
-            "transport   http · {} chunks for {} output tokens{} · this client's rss peak {}",
+            "transport   http · {} chunks for {} output tokens{} · server memory not visible",
             s.chunks,
             s.output_tokens,
             if s.itl_per_chunk {
@@ -190,7 +190,6 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
             } else {
                 ""
             },
-            bytes(m.rss_peak_bytes)
         );
         return;
     }
