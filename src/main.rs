@@ -37,6 +37,7 @@ enum Command {
     Export(cmd::export::ExportArgs),
     Selftest(cmd::selftest::SelftestArgs),
     Serve(cmd::serve::ServeArgs),
+    Synth(cmd::synth::SynthArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
         Command::Export(a) => cmd::export::run(a),
         Command::Selftest(a) => cmd::selftest::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Synth(a) => cmd::synth::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

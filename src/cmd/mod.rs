@@ -13,6 +13,7 @@ pub mod report;
 pub mod run;
 pub mod selftest;
 pub mod serve;
+pub mod synth;
 pub mod tokenize;
 
 /// The store files a reading command works on: the positionals and --db (folders expand to
