@@ -3,12 +3,16 @@
 //! One kernel, `qmm`, computes `y[m × rows] = x[m × cols] · Wᵀ` for every repacked layout
 //! ([`CodeKind`] is a compile-time parameter, so each layout gets its own specialised shader):
 //!
-//! * one cube (workgroup) of [`UNITS`] units per output row `r` and per tile of [`TILE`] input
-//!   rows; cubes are laid out on a 2-D grid so that vocabularies over 65,535 rows fit;
-//! * each unit walks the row's code words with a stride of [`UNITS`] words, decodes the 8, 4 or 2
+//! * a cube (workgroup) of [`UNITS`] units covers 64 / `lanes` output rows and a tile of
+//!   [`TILE`] input rows (one at m = 1: decode does not compute its row four times); `lanes`, a
+//!   power of two from 8 to 64, is about a quarter of the row's code words, so short rows get
+//!   several rows per cube and fewer reduction rounds; cubes are laid out on a 2-D grid so that
+//!   vocabularies over 65,535 rows fit;
+//! * each unit walks its row's code words with a stride of `lanes` words, decodes the 8, 4 or 2
 //!   codes of a word with one `(scale, offset)` fetch (a word never straddles a group), and
-//!   accumulates [`TILE`] dot products;
-//! * a shared-memory tree reduction finishes the sums.
+//!   accumulates the tile's dot products;
+//! * a shared-memory tree reduction finishes the sums. The single-row tile does exactly what the
+//!   first row of the four-row tile does, so a sequence's logits do not depend on the batch.
 //!
 //! Decode (m = 1) reads every weight byte once, which is what bounds decode on any device.
 
@@ -328,10 +332,20 @@ fn qmm_kernel(
     #[comptime] affine: bool,
     #[comptime] q81: bool,
     #[comptime] act_block: u32,
+    #[comptime] tile4: bool,
+    #[comptime] lanes: u32,
 ) {
+    // `tile4`: a cube computes 4 activation rows (m > 1); else 1 (decode at m = 1 would compute
+    // the same row 4 times). The single-row code is the first row's of the 4-row code, so the
+    // result is the same either way.
     // No early return: the barriers below must be reached by every unit (WGSL uniformity), so a
     // cube past the last row computes row `rows - 1` again and does not write it.
-    let r_cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    // `lanes` units share a row (a power of two, 8..=64, by the row's length); the cube's
+    // 64 units cover 64 / lanes rows.
+    let lane = UNIT_POS % lanes;
+    let slot = UNIT_POS / lanes;
+    let rows_per_cube = comptime![UNITS / lanes];
+    let r_cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * rows_per_cube + slot;
     let r = (r_cube).min(rows - 1);
     let t0 = CUBE_POS_Z * 4;
     // Rows past m read the last valid row and are never written.
@@ -346,7 +360,7 @@ fn qmm_kernel(
     let mut a1 = 0.0f32;
     let mut a2 = 0.0f32;
     let mut a3 = 0.0f32;
-    let mut wi = UNIT_POS;
+    let mut wi = lane;
     while wi < words {
         let word = codes[row_word + wi as usize];
         let c0 = (wi * per_word) as usize;
@@ -366,45 +380,57 @@ fn qmm_kernel(
             for k in 0..per_word {
                 let w = code_of(word, k, kind) - zpf;
                 let c = c0 + k as usize;
-                let (q0, q1, q2, q3) = (xq[x0 + c], xq[x1 + c], xq[x2 + c], xq[x3 + c]);
+                let q0 = xq[x0 + c];
                 i0 += w * q0;
-                i1 += w * q1;
-                i2 += w * q2;
-                i3 += w * q3;
                 if comptime![affine && !q81] {
                     s0 += q0;
-                    s1 += q1;
-                    s2 += q2;
-                    s3 += q3;
+                }
+                if comptime![tile4] {
+                    let (q1, q2, q3) = (xq[x1 + c], xq[x2 + c], xq[x3 + c]);
+                    i1 += w * q1;
+                    i2 += w * q2;
+                    i3 += w * q3;
+                    if comptime![affine && !q81] {
+                        s1 += q1;
+                        s2 += q2;
+                        s3 += q3;
+                    }
                 }
             }
             let ab = act_block as usize;
-            let (d0, d1, d2, d3) = (
-                dx[(x0 + c0) / ab],
-                dx[(x1 + c0) / ab],
-                dx[(x2 + c0) / ab],
-                dx[(x3 + c0) / ab],
-            );
+            let d0 = dx[(x0 + c0) / ab];
             a0 += scale * d0 * i0;
-            a1 += scale * d1 * i1;
-            a2 += scale * d2 * i2;
-            a3 += scale * d3 * i3;
+            let mut d1 = 0.0f32;
+            let mut d2 = 0.0f32;
+            let mut d3 = 0.0f32;
+            if comptime![tile4] {
+                d1 = dx[(x1 + c0) / ab];
+                d2 = dx[(x2 + c0) / ab];
+                d3 = dx[(x3 + c0) / ab];
+                a1 += scale * d1 * i1;
+                a2 += scale * d2 * i2;
+                a3 += scale * d3 * i3;
+            }
             // The outer `if` is resolved when the kernel is compiled, the inner one on the
             // device: kept apart on purpose (and `%`, which CubeCL expands, not is_multiple_of).
             #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
             if comptime![affine && q81] {
                 if c0 % 32 == 0 {
                     a0 += offset * sx[(x0 + c0) / 32];
-                    a1 += offset * sx[(x1 + c0) / 32];
-                    a2 += offset * sx[(x2 + c0) / 32];
-                    a3 += offset * sx[(x3 + c0) / 32];
+                    if comptime![tile4] {
+                        a1 += offset * sx[(x1 + c0) / 32];
+                        a2 += offset * sx[(x2 + c0) / 32];
+                        a3 += offset * sx[(x3 + c0) / 32];
+                    }
                 }
             }
             if comptime![affine && !q81] {
                 a0 += offset * d0 * s0;
-                a1 += offset * d1 * s1;
-                a2 += offset * d2 * s2;
-                a3 += offset * d3 * s3;
+                if comptime![tile4] {
+                    a1 += offset * d1 * s1;
+                    a2 += offset * d2 * s2;
+                    a3 += offset * d3 * s3;
+                }
             }
         } else {
             #[unroll]
@@ -412,12 +438,14 @@ fn qmm_kernel(
                 let w = decode(word, k, 1.0f32, 0.0f32, kind);
                 let c = c0 + k as usize;
                 a0 += w * xq[x0 + c];
-                a1 += w * xq[x1 + c];
-                a2 += w * xq[x2 + c];
-                a3 += w * xq[x3 + c];
+                if comptime![tile4] {
+                    a1 += w * xq[x1 + c];
+                    a2 += w * xq[x2 + c];
+                    a3 += w * xq[x3 + c];
+                }
             }
         }
-        wi += 64;
+        wi += lanes;
     }
     let mut sm = Shared::<[f32]>::new_slice(256usize);
     let u = UNIT_POS as usize;
@@ -426,21 +454,40 @@ fn qmm_kernel(
     sm[128 + u] = a2;
     sm[192 + u] = a3;
     sync_cube();
+    // Six halvings cover 64 lanes; with fewer, the first rounds (stride ≥ lanes) only keep
+    // the barriers uniform.
     let mut stride = 32usize;
+    let half = (lanes / 2) as usize;
     #[unroll]
     for _ in 0..6 {
-        if u < stride {
+        if (lane as usize) < stride && stride <= half {
             sm[u] += sm[u + stride];
-            sm[64 + u] += sm[64 + u + stride];
-            sm[128 + u] += sm[128 + u + stride];
-            sm[192 + u] += sm[192 + u + stride];
+            if comptime![tile4] {
+                sm[64 + u] += sm[64 + u + stride];
+                sm[128 + u] += sm[128 + u + stride];
+                sm[192 + u] += sm[192 + u + stride];
+            }
         }
         sync_cube();
         stride /= 2;
     }
-    if u < 4 && t0 + UNIT_POS < m && r_cube < rows {
-        y[((t0 + UNIT_POS) * rows + r) as usize] = sm[64 * u];
+    let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
+    if lane < tile && t0 + lane < m && r_cube < rows {
+        y[((t0 + lane) * rows + r) as usize] = sm[(64 * lane + slot * lanes) as usize];
     }
+}
+
+/// Units that share one output row of `words` code words: about a quarter as many as there
+/// are words (each unit then decodes ~4 words before the tree reduction), a power of two
+/// between 8 and [`UNITS`]. Fewer units per row mean more rows per cube and fewer reduction
+/// rounds: short rows (576 columns) were reduction-bound with 64 units on one row.
+fn lanes_for(words: usize) -> u32 {
+    let want = (words / 4).clamp(8, UNITS as usize);
+    1 << (usize::BITS - 1 - want.leading_zeros())
+}
+
+fn kind_per_word(k: CodeKind) -> usize {
+    k.per_word()
 }
 
 fn launch_1d(n: usize) -> (CubeCount, CubeDim) {
@@ -574,9 +621,13 @@ pub(crate) fn qmatmul(
     let out = client.empty(m.max(1) * w.rows * 4);
     if m > 0 && w.rows > 0 {
         let rows = w.rows as u32;
-        let gx = rows.min(GRID_X);
-        let gy = rows.div_ceil(GRID_X);
-        let gz = (m as u32).div_ceil(TILE);
+        let lanes = lanes_for(w.cols / kind_per_word(b.kind));
+        let cubes = rows.div_ceil(UNITS / lanes);
+        let gx = cubes.min(GRID_X);
+        let gy = cubes.div_ceil(GRID_X);
+        // A tile of one row for decode (m = 1), else of TILE rows.
+        let tile4 = m > 1;
+        let gz = if tile4 { (m as u32).div_ceil(TILE) } else { 1 };
         let kind = b.kind;
         unsafe {
             qmm_kernel::launch(
@@ -599,6 +650,8 @@ pub(crate) fn qmatmul(
                 affine,
                 q81,
                 act_block as u32,
+                tile4,
+                lanes,
             );
         }
     }
