@@ -144,6 +144,8 @@ pub trait QuantOps: Backend {
     /// Every element rounded to the nearest f16 value (kept in f32): the precision of
     /// llama.cpp's f16 KV cache, for backends without f16 storage.
     fn round_f16(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// RMSNorm of every row of `x` (`[.., cols]`) times `w` (`[cols]`), as [`crate::ops::rmsnorm`].
+    fn rmsnorm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "wgpu")]
@@ -154,6 +156,9 @@ impl QuantOps for burn::backend::Cube {
     }
     fn round_f16(x: FloatTensor<Self>) -> FloatTensor<Self> {
         cube::round_f16(x)
+    }
+    fn rmsnorm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        cube::rmsnorm(x, w, eps)
     }
 }
 
@@ -206,6 +211,23 @@ impl QuantOps for Flex {
             .collect();
         FlexTensor::from_data(TensorData::new(v, shape))
     }
+    fn rmsnorm(x: FlexTensor, w: FlexTensor, eps: f32) -> FlexTensor {
+        let shape = x.shape();
+        let (x, w) = (x.to_contiguous(), w.to_contiguous());
+        let xs = x
+            .as_slice::<f32>()
+            .expect("rmsnorm: x must be an f32 tensor");
+        let ws = w
+            .as_slice::<f32>()
+            .expect("rmsnorm: w must be an f32 tensor");
+        assert!(
+            !ws.is_empty() && xs.len() % ws.len() == 0,
+            "rmsnorm: x's rows must match w"
+        );
+        let mut y = vec![0f32; xs.len()];
+        crate::ops::rmsnorm(xs, ws, eps, &mut y);
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
 }
 
 /// The GPU arm: weights repacked losslessly at upload ([`crate::quant::repack`]) and multiplied
@@ -227,6 +249,15 @@ pub fn prepare(w: &QWeightHandle, device: &Device) -> Result<usize, HandleError>
 /// Model-facing op: `x[.., cols] · Wᵀ -> [.., rows]` on whatever backend `x` lives on.
 pub fn qmatmul<const D: usize>(x: Tensor<D>, w: &QWeightHandle) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as QuantOps>::qmatmul(x.into_dispatch(), w))
+}
+
+/// [`QuantOps::rmsnorm`] on whatever backend `x` lives on: one kernel on the GPU.
+pub fn rmsnorm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f32) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as QuantOps>::rmsnorm(
+        x.into_dispatch(),
+        w.clone().into_dispatch(),
+        eps,
+    ))
 }
 
 /// [`QuantOps::round_f16`] on whatever backend `x` lives on.

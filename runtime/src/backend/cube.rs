@@ -532,6 +532,80 @@ pub(crate) fn round_f16(x: CubeTensor) -> CubeTensor {
     )
 }
 
+/// RMSNorm of each row of `x` (`rows × cols`) times `w`: one cube per row sums the squares
+/// (a shared-memory reduction), then writes the scaled row. One launch where the tensor code
+/// (square, mean, add, sqrt, reciprocal, two products) took several.
+#[cube(launch)]
+fn rmsnorm_kernel(x: &[f32], w: &[f32], y: &mut [f32], rows: u32, cols: u32, eps: f32) {
+    // No early return before the barriers (uniformity): a cube past the last row redoes
+    // row `rows - 1` and writes nothing.
+    let r_cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let r = r_cube.min(rows - 1);
+    let base = (r * cols) as usize;
+    let u = UNIT_POS as usize;
+    let mut acc = 0.0f32;
+    let mut c = UNIT_POS;
+    while c < cols {
+        let v = x[base + c as usize];
+        acc += v * v;
+        c += UNITS;
+    }
+    let mut sm = Shared::<[f32]>::new_slice(64usize);
+    sm[u] = acc;
+    sync_cube();
+    let mut stride = 32usize;
+    #[unroll]
+    for _ in 0..6 {
+        if u < stride {
+            sm[u] += sm[u + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let inv = 1.0f32 / f32::sqrt(sm[0] / f32::cast_from(cols) + eps);
+    if r_cube < rows {
+        let mut c2 = UNIT_POS;
+        while c2 < cols {
+            let i = base + c2 as usize;
+            y[i] = x[i] * inv * w[c2 as usize];
+            c2 += UNITS;
+        }
+    }
+}
+
+/// [`super::QuantOps::rmsnorm`] on the device.
+pub(crate) fn rmsnorm(x: CubeTensor, w: CubeTensor, eps: f32) -> CubeTensor {
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    assert!(
+        x.dtype == DType::F32 && w.dtype == DType::F32,
+        "rmsnorm: f32 on the device"
+    );
+    let shape = x.meta.shape().clone();
+    let n = shape.num_elements();
+    let cols = w.meta.shape().num_elements();
+    assert!(cols > 0 && n % cols == 0, "rmsnorm: x's rows must match w");
+    let rows = n / cols;
+    let client = x.client.clone();
+    let out = client.empty(n.max(1) * 4);
+    if rows > 0 {
+        let rows = rows as u32;
+        unsafe {
+            rmsnorm_kernel::launch(
+                &client,
+                CubeCount::Static(rows.min(GRID_X), rows.div_ceil(GRID_X), 1),
+                CubeDim::new_1d(UNITS),
+                BufferArg::from_raw_parts(x.handle.clone(), n),
+                BufferArg::from_raw_parts(w.handle.clone(), cols),
+                BufferArg::from_raw_parts(out.clone(), n),
+                rows,
+                cols as u32,
+                eps,
+            );
+        }
+    }
+    CubeTensor::new_contiguous(client, x.device.clone(), shape, out, DType::F32)
+}
+
 /// Activations rounded for `ty` on the device: `(q, dx, sx)` buffers (see
 /// `quantize_act_kernel`); `None` for f32 weights (used as they are).
 struct ActBufs {
