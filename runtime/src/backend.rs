@@ -146,6 +146,50 @@ pub trait QuantOps: Backend {
     fn round_f16(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// RMSNorm of every row of `x` (`[.., cols]`) times `w` (`[cols]`), as [`crate::ops::rmsnorm`].
     fn rmsnorm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+    /// RoPE of `x` (`[n, heads·head_dim]`) with angle tables `cos`, `sin` (`[n, n_rot/2]`), in
+    /// one pass; see [`RopeShape`].
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        shape: RopeShape,
+    ) -> FloatTensor<Self>;
+}
+
+/// How [`QuantOps::rope`] reads a row: `heads` heads of `head_dim`, the first `n_rot` dims of
+/// each rotated in pairs, adjacent (2i, 2i+1) or halves (i, i + n_rot/2) when `neox`.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    pub neox: bool,
+}
+
+impl RopeShape {
+    /// Output element `i` of row-major `[n, heads·head_dim]` as the two inputs it rotates
+    /// (flat indices into `x`), the angle-table index, and whether it is the pair's first
+    /// output (`a·c − b·s`) or second (`a·s + b·c`); `None` past `n_rot` (copied as is).
+    #[inline]
+    pub fn pair(&self, i: usize) -> Option<(usize, usize, usize, bool)> {
+        let (hd, half) = (self.head_dim, self.n_rot / 2);
+        let d = i % hd;
+        if d >= 2 * half {
+            return None;
+        }
+        let (base, row) = (i - d, i / (self.heads * hd));
+        let (j, first) = if self.neox {
+            (d % half, d < half)
+        } else {
+            (d / 2, d.is_multiple_of(2))
+        };
+        let (a, b) = if self.neox {
+            (base + j, base + j + half)
+        } else {
+            (base + 2 * j, base + 2 * j + 1)
+        };
+        Some((a, b, row * half + j, first))
+    }
 }
 
 #[cfg(feature = "wgpu")]
@@ -159,6 +203,14 @@ impl QuantOps for burn::backend::Cube {
     }
     fn rmsnorm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         cube::rmsnorm(x, w, eps)
+    }
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        shape: RopeShape,
+    ) -> FloatTensor<Self> {
+        cube::rope(x, cos, sin, shape)
     }
 }
 
@@ -221,11 +273,25 @@ impl QuantOps for Flex {
             .as_slice::<f32>()
             .expect("rmsnorm: w must be an f32 tensor");
         assert!(
-            !ws.is_empty() && xs.len() % ws.len() == 0,
+            !ws.is_empty() && xs.len().is_multiple_of(ws.len()),
             "rmsnorm: x's rows must match w"
         );
         let mut y = vec![0f32; xs.len()];
         crate::ops::rmsnorm(xs, ws, eps, &mut y);
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
+    fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, r: RopeShape) -> FlexTensor {
+        let shape = x.shape();
+        let (x, cos, sin) = (x.to_contiguous(), cos.to_contiguous(), sin.to_contiguous());
+        let f32s = |t: &FlexTensor| t.as_slice::<f32>().expect("rope: f32 tensors").to_vec();
+        let (xs, c, s) = (f32s(&x), f32s(&cos), f32s(&sin));
+        let y: Vec<f32> = (0..xs.len())
+            .map(|i| match r.pair(i) {
+                None => xs[i],
+                Some((a, b, t, true)) => xs[a] * c[t] - xs[b] * s[t],
+                Some((a, b, t, false)) => xs[a] * s[t] + xs[b] * c[t],
+            })
+            .collect();
         FlexTensor::from_data(TensorData::new(y, shape))
     }
 }
@@ -257,6 +323,16 @@ pub fn rmsnorm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f32) -> Tensor<
         x.into_dispatch(),
         w.clone().into_dispatch(),
         eps,
+    ))
+}
+
+/// [`QuantOps::rope`] on whatever backend `x` lives on: one kernel on the GPU.
+pub fn rope(x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>, shape: RopeShape) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as QuantOps>::rope(
+        x.into_dispatch(),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
+        shape,
     ))
 }
 

@@ -44,7 +44,8 @@ pub fn rope_tables(rope: &Rope, positions: &[usize], device: &Device) -> (Tensor
     )
 }
 
-/// Rotate `x` (`[n, heads·head_dim]`) with tables from [`rope_tables`].
+/// Rotate `x` (`[n, heads·head_dim]`) with tables from [`rope_tables`]: one kernel on the GPU
+/// ([`crate::backend::rope`]).
 pub fn rope(
     x: Tensor<2>,
     rope: &Rope,
@@ -52,39 +53,13 @@ pub fn rope(
     cos: &Tensor<2>,
     sin: &Tensor<2>,
 ) -> Tensor<2> {
-    let [n, _] = x.dims();
-    let hd = rope.head_dim;
-    let half = rope.n_rot / 2;
-    let x = x.reshape([n, n_heads, hd]);
-    let c = cos.clone().reshape([n, 1, half]);
-    let s = sin.clone().reshape([n, 1, half]);
-    let rest = (rope.n_rot < hd).then(|| x.clone().slice([0..n, 0..n_heads, rope.n_rot..hd]));
-    let rotated = match rope.style {
-        RopeStyle::Neox => {
-            let a = x.clone().slice([0..n, 0..n_heads, 0..half]);
-            let b = x.slice([0..n, 0..n_heads, half..2 * half]);
-            let ra = a.clone() * c.clone() - b.clone() * s.clone();
-            let rb = a * s + b * c;
-            Tensor::cat(vec![ra, rb], 2)
-        }
-        RopeStyle::Normal => {
-            let pairs = x
-                .slice([0..n, 0..n_heads, 0..2 * half])
-                .reshape([n, n_heads, half, 2]);
-            let a = pairs.clone().slice([0..n, 0..n_heads, 0..half, 0..1]);
-            let b = pairs.slice([0..n, 0..n_heads, 0..half, 1..2]);
-            let c4 = c.unsqueeze_dim::<4>(3);
-            let s4 = s.unsqueeze_dim::<4>(3);
-            let ra = a.clone() * c4.clone() - b.clone() * s4.clone();
-            let rb = a * s4 + b * c4;
-            Tensor::cat(vec![ra, rb], 3).reshape([n, n_heads, 2 * half])
-        }
+    let shape = crate::backend::RopeShape {
+        heads: n_heads,
+        head_dim: rope.head_dim,
+        n_rot: rope.n_rot,
+        neox: rope.style == RopeStyle::Neox,
     };
-    let out = match rest {
-        Some(r) => Tensor::cat(vec![rotated, r], 2),
-        None => rotated,
-    };
-    out.reshape([n, n_heads * hd])
+    crate::backend::rope(x, cos, sin, shape)
 }
 
 /// Causal attention of `q` (`[n_q, n_heads·head_dim]`, query t at position `pos0 + t`) against

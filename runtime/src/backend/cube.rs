@@ -583,7 +583,10 @@ pub(crate) fn rmsnorm(x: CubeTensor, w: CubeTensor, eps: f32) -> CubeTensor {
     let shape = x.meta.shape().clone();
     let n = shape.num_elements();
     let cols = w.meta.shape().num_elements();
-    assert!(cols > 0 && n % cols == 0, "rmsnorm: x's rows must match w");
+    assert!(
+        cols > 0 && n.is_multiple_of(cols),
+        "rmsnorm: x's rows must match w"
+    );
     let rows = n / cols;
     let client = x.client.clone();
     let out = client.empty(n.max(1) * 4);
@@ -600,6 +603,96 @@ pub(crate) fn rmsnorm(x: CubeTensor, w: CubeTensor, eps: f32) -> CubeTensor {
                 rows,
                 cols as u32,
                 eps,
+            );
+        }
+    }
+    CubeTensor::new_contiguous(client, x.device.clone(), shape, out, DType::F32)
+}
+
+/// RoPE in one pass, a unit per output element (see [`super::RopeShape::pair`], which this
+/// mirrors): the pair's first output is `a·c − b·s`, the second `a·s + b·c`, dims past `n_rot`
+/// are copied.
+#[cube(launch)]
+fn rope_kernel(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    y: &mut [f32],
+    total: u32,
+    heads: u32,
+    head_dim: u32,
+    n_rot: u32,
+    #[comptime] neox: bool,
+) {
+    let i = ABSOLUTE_POS as u32;
+    if i < total {
+        let half = n_rot / 2;
+        let d = i % head_dim;
+        if d >= 2 * half {
+            y[i as usize] = x[i as usize];
+        } else {
+            let base = i - d;
+            let row = i / (heads * head_dim);
+            let mut j = d / 2;
+            // `%`, which CubeCL expands; is_multiple_of is not a device function.
+            #[allow(clippy::manual_is_multiple_of)]
+            let mut first = d % 2 == 0;
+            let mut a = base + 2 * j;
+            let mut b = a + 1;
+            if comptime![neox] {
+                j = d % half;
+                first = d < half;
+                a = base + j;
+                b = a + half;
+            }
+            let t = (row * half + j) as usize;
+            let (xa, xb) = (x[a as usize], x[b as usize]);
+            if first {
+                y[i as usize] = xa * cos[t] - xb * sin[t];
+            } else {
+                y[i as usize] = xa * sin[t] + xb * cos[t];
+            }
+        }
+    }
+}
+
+/// [`super::QuantOps::rope`] on the device.
+pub(crate) fn rope(
+    x: CubeTensor,
+    cos: CubeTensor,
+    sin: CubeTensor,
+    r: super::RopeShape,
+) -> CubeTensor {
+    let (x, cos, sin) = (
+        into_contiguous(x),
+        into_contiguous(cos),
+        into_contiguous(sin),
+    );
+    let shape = x.meta.shape().clone();
+    let n = shape.num_elements();
+    let n_tab = cos.meta.shape().num_elements();
+    assert!(
+        r.head_dim > 0 && n.is_multiple_of(r.heads * r.head_dim),
+        "rope: x must be [n, heads·head_dim]"
+    );
+    let client = x.client.clone();
+    let out = client.empty(n.max(1) * 4);
+    if n > 0 {
+        let (count, dim) = launch_1d(n);
+        unsafe {
+            rope_kernel::launch(
+                &client,
+                count,
+                dim,
+                BufferArg::from_raw_parts(x.handle.clone(), n),
+                BufferArg::from_raw_parts(cos.handle.clone(), n_tab.max(1)),
+                BufferArg::from_raw_parts(sin.handle.clone(), n_tab.max(1)),
+                BufferArg::from_raw_parts(out.clone(), n),
+                n as u32,
+                r.heads as u32,
+                r.head_dim as u32,
+                r.n_rot as u32,
+                r.neox,
             );
         }
     }
