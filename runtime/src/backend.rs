@@ -154,6 +154,8 @@ pub trait QuantOps: Backend {
         sin: FloatTensor<Self>,
         shape: RopeShape,
     ) -> FloatTensor<Self>;
+    /// `silu(gate) · up`, elementwise, as [`crate::ops::silu_mul`] computes it.
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// How [`QuantOps::rope`] reads a row: `heads` heads of `head_dim`, the first `n_rot` dims of
@@ -211,6 +213,9 @@ impl QuantOps for burn::backend::Cube {
         shape: RopeShape,
     ) -> FloatTensor<Self> {
         cube::rope(x, cos, sin, shape)
+    }
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        cube::silu_mul(gate, up)
     }
 }
 
@@ -294,6 +299,16 @@ impl QuantOps for Flex {
             .collect();
         FlexTensor::from_data(TensorData::new(y, shape))
     }
+    fn silu_mul(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        let shape = gate.shape();
+        let (g, u) = (gate.to_contiguous(), up.to_contiguous());
+        let g = g.as_slice::<f32>().expect("silu_mul: f32 tensors");
+        let u = u.as_slice::<f32>().expect("silu_mul: f32 tensors");
+        assert_eq!(g.len(), u.len(), "silu_mul: gate and up differ in size");
+        let mut y = g.to_vec();
+        crate::ops::silu_mul(&mut y, u);
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
 }
 
 /// The GPU arm: weights repacked losslessly at upload ([`crate::quant::repack`]) and multiplied
@@ -333,6 +348,14 @@ pub fn rope(x: Tensor<2>, cos: &Tensor<2>, sin: &Tensor<2>, shape: RopeShape) ->
         cos.clone().into_dispatch(),
         sin.clone().into_dispatch(),
         shape,
+    ))
+}
+
+/// [`QuantOps::silu_mul`] on whatever backend the tensors live on: one kernel on the GPU.
+pub fn silu_mul(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as QuantOps>::silu_mul(
+        gate.into_dispatch(),
+        up.into_dispatch(),
     ))
 }
 

@@ -14,9 +14,9 @@ pub fn rmsnorm(x: Tensor<2>, w: &Tensor<1>, eps: f32) -> Tensor<2> {
     crate::backend::rmsnorm(x, w, eps)
 }
 
-/// `silu(gate) · up`.
+/// `silu(gate) · up`: one kernel on the GPU ([`crate::backend::silu_mul`]).
 pub fn silu_mul(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
-    activation::silu(gate) * up
+    crate::backend::silu_mul(gate, up)
 }
 
 /// Softmax over the last dimension.

@@ -699,6 +699,45 @@ pub(crate) fn rope(
     CubeTensor::new_contiguous(client, x.device.clone(), shape, out, DType::F32)
 }
 
+/// `silu(gate) · up` = `gate / (1 + e^−gate) · up`, a unit per element.
+#[cube(launch)]
+fn silu_mul_kernel(g: &[f32], u: &[f32], y: &mut [f32], n: u32) {
+    let i = ABSOLUTE_POS;
+    if i < n as usize {
+        let v = g[i];
+        y[i] = v / (1.0f32 + f32::exp(-v)) * u[i];
+    }
+}
+
+/// [`super::QuantOps::silu_mul`] on the device.
+pub(crate) fn silu_mul(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+    let (g, u) = (into_contiguous(gate), into_contiguous(up));
+    let shape = g.meta.shape().clone();
+    let n = shape.num_elements();
+    assert_eq!(
+        n,
+        u.meta.shape().num_elements(),
+        "silu_mul: gate and up differ in size"
+    );
+    let client = g.client.clone();
+    let out = client.empty(n.max(1) * 4);
+    if n > 0 {
+        let (count, dim) = launch_1d(n);
+        unsafe {
+            silu_mul_kernel::launch(
+                &client,
+                count,
+                dim,
+                BufferArg::from_raw_parts(g.handle.clone(), n),
+                BufferArg::from_raw_parts(u.handle.clone(), n),
+                BufferArg::from_raw_parts(out.clone(), n),
+                n as u32,
+            );
+        }
+    }
+    CubeTensor::new_contiguous(client, g.device.clone(), shape, out, DType::F32)
+}
+
 /// Activations rounded for `ty` on the device: `(q, dx, sx)` buffers (see
 /// `quantize_act_kernel`); `None` for f32 weights (used as they are).
 struct ActBufs {
