@@ -85,6 +85,8 @@ const SMOLLM2_CPU_LONG: Bounds = Bounds {
 /// another order; worst seen on lavapipe 0.779 (top-8) and 0.778 (logsumexp), both at
 /// "The capital of France is" position 17.
 const SMOLLM2_WGPU: Bounds = SMOLLM2_CPU;
+/// Qwen through the GPU decoder: the CPU's bounds.
+const QWEN25_WGPU: Bounds = QWEN25_CPU;
 /// Qwen2.5-Coder-0.5B Q4_K_M on the CPU, `dev` prompts. Measured worst: top-8 |Δlogit| 0.287
 /// (haiku, position 3), |Δlogsumexp| 0.229; 0.5 catches a regression to the old 1.0 bound.
 const QWEN25_CPU: Bounds = Bounds {
@@ -410,6 +412,20 @@ fn smollm2_q4_1_matches_llama_cpp_on_wgpu() {
     }
     let e = open(common::SMOLLM2, &p);
     check_fixture(&e, common::SMOLLM2, SMOLLM2_DEV, SMOLLM2_WGPU, false);
+}
+
+/// Qwen2 (biases, NEOX RoPE, an untied head, Q4_K/Q6_K weights) through the GPU decoder, with
+/// the CPU's acceptance.
+#[cfg(feature = "wgpu")]
+#[test]
+fn qwen25_q4_k_m_matches_llama_cpp_on_wgpu() {
+    use ember_runtime::accel::{BackendChoice, Placement, choose};
+    let p = choose(BackendChoice::Wgpu);
+    if let Placement::Cpu { reason } = &p {
+        panic!("no usable wgpu adapter ({reason}); on Debian/Ubuntu install mesa-vulkan-drivers");
+    }
+    let e = open(common::QWEN25, &p);
+    check_fixture(&e, common::QWEN25, QWEN25_DEV, QWEN25_WGPU, false);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -34,16 +34,25 @@ pub const TILE: u32 = 4;
 /// Cubes per grid row (under the 65,535 limit of every API).
 const GRID_X: u32 = 32_768;
 
-/// A weight in device memory.
+/// A weight in device memory: its rows in one or more parts, each within the adapter's largest
+/// buffer (a 151,936-row vocabulary at Q8_0 is 136 MB; many adapters bind at most 128 MiB).
 pub(crate) struct DevWeight {
     device: CubeDevice,
+    parts: Vec<Part>,
+    kind: CodeKind,
+    group: usize,
+    bytes: usize,
+}
+
+/// Rows `row0..row0 + rows` of a weight, as their own code and parameter buffers.
+#[derive(Clone)]
+struct Part {
     codes: cubecl::server::Handle,
     params: cubecl::server::Handle,
     n_codes: usize,
     n_params: usize,
-    kind: CodeKind,
-    group: usize,
-    bytes: usize,
+    row0: usize,
+    rows: usize,
 }
 
 impl std::fmt::Debug for DevWeight {
@@ -67,10 +76,7 @@ fn kind_id(k: CodeKind) -> u32 {
 }
 
 struct Bound {
-    codes: cubecl::server::Handle,
-    params: cubecl::server::Handle,
-    n_codes: usize,
-    n_params: usize,
+    parts: Vec<Part>,
     kind: CodeKind,
     group: usize,
 }
@@ -81,10 +87,7 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
         && d.device == *device
     {
         let b = Bound {
-            codes: d.codes.clone(),
-            params: d.params.clone(),
-            n_codes: d.n_codes,
-            n_params: d.n_params,
+            parts: d.parts.clone(),
             kind: d.kind,
             group: d.group,
         };
@@ -102,7 +105,14 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
     }
     let client = device.client();
     let limit = client.properties().memory.max_page_size as usize;
-    if 4 * r.codes.len() > limit {
+    // Split by rows into parts that fit one buffer. A row's words, and its parameter groups
+    // when a group never straddles rows, are contiguous, so a part is a plain slice of both.
+    let rows = w.rows.max(1);
+    let words = r.codes.len() / rows;
+    let per_row_params = r.params.len() / rows;
+    let splittable = r.params.is_empty() || (r.group > 0 && w.cols.is_multiple_of(r.group));
+    let rows_per_part = (limit / (4 * words.max(1))).min(rows);
+    if rows_per_part == 0 || (rows_per_part < rows && !splittable) {
         return Err(HandleError::Device(format!(
             "{} × {} {} weight needs a {}-byte buffer; the adapter allows {limit}",
             w.rows,
@@ -111,30 +121,37 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
             4 * r.codes.len()
         )));
     }
-    let codes = client.create_from_slice(u32::as_bytes(&r.codes));
-    // A zero-length binding is not allowed; raw float layouts get one unused word.
-    let params_v = if r.params.is_empty() {
-        vec![0f32]
-    } else {
-        r.params.clone()
-    };
-    let params = client.create_from_slice(f32::as_bytes(&params_v));
+    let mut parts = vec![];
+    for row0 in (0..rows).step_by(rows_per_part) {
+        let n = rows_per_part.min(rows - row0);
+        let codes = &r.codes[row0 * words..(row0 + n) * words];
+        // A zero-length binding is not allowed; raw float layouts get one unused word.
+        let params_v: Vec<f32> = if r.params.is_empty() {
+            vec![0f32]
+        } else if rows_per_part == rows {
+            r.params.clone()
+        } else {
+            r.params[row0 * per_row_params..(row0 + n) * per_row_params].to_vec()
+        };
+        parts.push(Part {
+            codes: client.create_from_slice(u32::as_bytes(codes)),
+            params: client.create_from_slice(f32::as_bytes(&params_v)),
+            n_codes: codes.len(),
+            n_params: params_v.len(),
+            row0,
+            rows: n,
+        });
+    }
     let bytes = r.bytes();
     let d = DevWeight {
         device: device.clone(),
-        codes: codes.clone(),
-        params: params.clone(),
-        n_codes: r.codes.len(),
-        n_params: params_v.len(),
+        parts: parts.clone(),
         kind: r.kind,
         group: r.group,
         bytes,
     };
     let b = Bound {
-        codes,
-        params,
-        n_codes: d.n_codes,
-        n_params: d.n_params,
+        parts,
         kind: d.kind,
         group: d.group,
     };
@@ -325,6 +342,8 @@ fn qmm_kernel(
     m: u32,
     rows: u32,
     cols: u32,
+    row0: u32,
+    out_rows: u32,
     #[comptime] kind: u32,
     #[comptime] per_word: u32,
     #[comptime] group: u32,
@@ -473,7 +492,8 @@ fn qmm_kernel(
     }
     let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
     if lane < tile && t0 + lane < m && r_cube < rows {
-        y[((t0 + lane) * rows + r) as usize] = sm[(64 * lane + slot * lanes) as usize];
+        // `r` is the row within this part of the weight; `row0 + r` within the whole output.
+        y[((t0 + lane) * out_rows + row0 + r) as usize] = sm[(64 * lane + slot * lanes) as usize];
     }
 }
 
@@ -826,39 +846,41 @@ pub(crate) fn qmatmul(
     });
     let out = client.empty(m.max(1) * w.rows * 4);
     if m > 0 && w.rows > 0 {
-        let rows = w.rows as u32;
         let lanes = lanes_for(w.cols / kind_per_word(b.kind));
-        let cubes = rows.div_ceil(UNITS / lanes);
-        let gx = cubes.min(GRID_X);
-        let gy = cubes.div_ceil(GRID_X);
         // A tile of one row for decode (m = 1), else of TILE rows.
         let tile4 = m > 1;
         let gz = if tile4 { (m as u32).div_ceil(TILE) } else { 1 };
         let kind = b.kind;
-        unsafe {
-            qmm_kernel::launch(
-                &client,
-                CubeCount::Static(gx, gy, gz),
-                CubeDim::new_1d(UNITS),
-                BufferArg::from_raw_parts(b.codes, b.n_codes),
-                BufferArg::from_raw_parts(b.params, b.n_params),
-                BufferArg::from_raw_parts(act.q, n),
-                BufferArg::from_raw_parts(act.dx, act.n_dx),
-                BufferArg::from_raw_parts(act.sx, act.n_sx),
-                BufferArg::from_raw_parts(out.clone(), m * w.rows),
-                m as u32,
-                rows,
-                w.cols as u32,
-                kind_id(kind),
-                kind.per_word() as u32,
-                b.group.max(1) as u32,
-                zp,
-                affine,
-                q81,
-                act_block as u32,
-                tile4,
-                lanes,
-            );
+        for p in &b.parts {
+            let rows = p.rows as u32;
+            let cubes = rows.div_ceil(UNITS / lanes);
+            unsafe {
+                qmm_kernel::launch(
+                    &client,
+                    CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), gz),
+                    CubeDim::new_1d(UNITS),
+                    BufferArg::from_raw_parts(p.codes.clone(), p.n_codes),
+                    BufferArg::from_raw_parts(p.params.clone(), p.n_params),
+                    BufferArg::from_raw_parts(act.q.clone(), n),
+                    BufferArg::from_raw_parts(act.dx.clone(), act.n_dx),
+                    BufferArg::from_raw_parts(act.sx.clone(), act.n_sx),
+                    BufferArg::from_raw_parts(out.clone(), m * w.rows),
+                    m as u32,
+                    rows,
+                    w.cols as u32,
+                    p.row0 as u32,
+                    w.rows as u32,
+                    kind_id(kind),
+                    kind.per_word() as u32,
+                    b.group.max(1) as u32,
+                    zp,
+                    affine,
+                    q81,
+                    act_block as u32,
+                    tile4,
+                    lanes,
+                );
+            }
         }
     }
     CubeTensor::new_contiguous(client, device, out_shape, out, DType::F32)
