@@ -311,6 +311,50 @@ impl QuantOps for Flex {
     }
 }
 
+/// Kernel launches issued while `f` runs, by kernel name (empty without the `wgpu` feature, or
+/// when `f` ran on the CPU). Process-wide: launches from other threads in that window count
+/// too, so measure with nothing else on the GPU.
+pub fn count_launches<R>(f: impl FnOnce() -> R) -> (R, Launches) {
+    #[cfg(feature = "wgpu")]
+    {
+        use burn_cubecl::cubecl::logging::{LaunchObservation, LaunchObserver};
+
+        #[derive(Default)]
+        struct Counter(std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>);
+        impl LaunchObserver for Counter {
+            fn launched(&self, kernel: &'static str) {
+                *self
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(kernel)
+                    .or_default() += 1;
+            }
+        }
+        let counter = Arc::new(Counter::default());
+        let watching = LaunchObservation::new(counter.clone());
+        let r = f();
+        drop(watching);
+        let by_kernel = counter.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (r, Launches { by_kernel })
+    }
+    #[cfg(not(feature = "wgpu"))]
+    (f(), Launches::default())
+}
+
+/// What [`count_launches`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct Launches {
+    /// Launches per kernel name (as the kernel names itself).
+    pub by_kernel: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl Launches {
+    pub fn total(&self) -> usize {
+        self.by_kernel.values().sum()
+    }
+}
+
 /// The GPU arm: weights repacked losslessly at upload ([`crate::quant::repack`]) and multiplied
 /// by one CubeCL kernel that decodes codes in registers. Nothing is widened to f32 weights.
 #[cfg(feature = "wgpu")]
