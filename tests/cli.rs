@@ -548,6 +548,30 @@ fn backend_wgpu_runs_the_embedded_model_on_a_gpu_adapter() {
     );
 }
 
+/// `ember -v run` on wgpu reports the kernel launches it issued, per forward pass.
+#[cfg(feature = "wgpu")]
+#[test]
+fn verbose_run_on_wgpu_counts_kernel_launches() {
+    let out = ember()
+        .args(["-v", "run", "-p", "hello", "-n", "3", "--backend", "wgpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("kernel launches over 3 forward passes"))
+        .unwrap_or_else(|| panic!("no launch count: {err}"));
+    let total: usize = line
+        .split("wgpu: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(total > 3, "{line}");
+    assert!(line.contains("QmmKernel"), "{line}");
+}
+
 #[test]
 fn unknown_backend_is_a_usage_error() {
     let out = ember()

@@ -217,7 +217,7 @@ fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Gener
                 .err();
         }
     };
-    let gen_result = engine.generate(req, &mut |ev| match ev {
+    let mut on_event = |ev: Event<'_>| match ev {
         Event::PrefillStart { at, .. } => t.start = Some(at),
         Event::PrefillEnd { at, .. } => t.prefill_end = Some(at),
         Event::Token { at, text, .. } => {
@@ -227,7 +227,19 @@ fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Gener
             write(text);
         }
         Event::Finish { text, .. } => write(text),
-    });
+    };
+    // `-v` on a GPU: count the kernel launches (the observer costs nothing when off).
+    let count = log::log_enabled!(log::Level::Debug) && engine.model.backend() == "wgpu";
+    let gen_result = if count {
+        let (r, launches) =
+            ember_runtime::backend::count_launches(|| engine.generate(req, &mut on_event));
+        // One pass for the prompt (and the first token), one per token after it.
+        let passes = t.n_gen.max(1);
+        log::debug!("{}", launches_summary(&launches, passes));
+        r
+    } else {
+        engine.generate(req, &mut on_event)
+    };
     let generation = gen_result?;
     if let Some(e) = io_err
         && e.kind() != std::io::ErrorKind::BrokenPipe
@@ -241,6 +253,26 @@ fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Gener
         writeln!(stdout).ok();
     }
     Ok((generation, t))
+}
+
+/// `-v` on wgpu: the kernel launches of the whole generation, the busiest kernels first.
+fn launches_summary(l: &ember_runtime::backend::Launches, passes: usize) -> String {
+    let mut top: Vec<_> = l.by_kernel.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1));
+    let names: Vec<String> = top
+        .iter()
+        .take(6)
+        .map(|(k, n)| {
+            let k = k.trim_end_matches('>');
+            format!("{n} {}", k.rsplit(['<', ':']).next().unwrap_or(k))
+        })
+        .collect();
+    format!(
+        "wgpu: {} kernel launches over {passes} forward passes, {:.0} per pass (busiest: {})",
+        l.total(),
+        l.total() as f64 / passes as f64,
+        names.join(", ")
+    )
 }
 
 /// The one-line summary on stderr: tokens, finish reason, load, TTFT, prefill and decode
