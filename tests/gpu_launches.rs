@@ -6,7 +6,6 @@
 
 mod common;
 
-use ember_runtime::accel::{BackendChoice, Placement, choose};
 use ember_runtime::backend::count_launches;
 use ember_runtime::engine::EngineConfig;
 use ember_runtime::model::LogitsWanted;
@@ -20,10 +19,7 @@ const MAX_PER_LAYER: f64 = 48.0;
 
 #[test]
 fn launches_per_decode_step_on_smollm2() {
-    let p = choose(BackendChoice::Wgpu);
-    if let Placement::Cpu { reason } = &p {
-        panic!("no usable wgpu adapter ({reason}); on Debian/Ubuntu install mesa-vulkan-drivers");
-    }
+    let p = common::wgpu_placement();
     let path = common::real_model(common::SMOLLM2);
     let e = ember_models::open_on(&path, &p, |_| EngineConfig {
         threads: 2,

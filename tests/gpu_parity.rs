@@ -9,22 +9,19 @@
 
 mod common;
 
-use ember_runtime::accel::{BackendChoice, Placement, choose};
+use ember_runtime::accel::Placement;
 use ember_runtime::backend::Device;
 use ember_runtime::engine::EngineConfig;
 use ember_runtime::model::LogitsWanted;
 use ember_runtime::opcheck::{self, OpCase};
 
 fn gpu() -> Device {
-    match choose(BackendChoice::Wgpu) {
+    match common::wgpu_placement() {
         Placement::Gpu { device, adapter } => {
             eprintln!("parity on {adapter}");
             device
         }
-        Placement::Cpu { reason } => panic!(
-            "no usable wgpu adapter ({reason}). The GPU tests need one: on Debian/Ubuntu \
-             `apt-get install mesa-vulkan-drivers` provides lavapipe (software Vulkan)."
-        ),
+        Placement::Cpu { .. } => unreachable!("wgpu_placement fails without an adapter"),
     }
 }
 
@@ -122,10 +119,7 @@ fn embedded_model_end_to_end() {
         prefill_chunk: 64,
     };
     let cpu = ember_models::open(&path, cfg).unwrap();
-    let placement = match choose(BackendChoice::Wgpu) {
-        p @ Placement::Gpu { .. } => p,
-        Placement::Cpu { reason } => panic!("no usable wgpu adapter: {reason}"),
-    };
+    let placement = common::wgpu_placement();
     let gpu = ember_models::open_on(&path, &placement, cfg).unwrap();
     assert_eq!(gpu.model.backend(), "wgpu");
     let toks = cpu

@@ -25,11 +25,7 @@ fn engine() -> Engine {
 /// The same model on the GPU decoder (any wgpu adapter; lavapipe in CI). Fails without one.
 #[cfg(feature = "wgpu")]
 fn gpu_engine() -> Engine {
-    use ember_runtime::accel::{BackendChoice, Placement, choose};
-    let p = choose(BackendChoice::Wgpu);
-    if let Placement::Cpu { reason } = &p {
-        panic!("no usable wgpu adapter ({reason}); on Debian/Ubuntu install mesa-vulkan-drivers");
-    }
+    let p = common::wgpu_placement();
     let path = common::real_model(common::SMOLLM2);
     ember_models::open_on(&path, &p, |_| EngineConfig {
         threads: 2,

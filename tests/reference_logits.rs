@@ -405,11 +405,7 @@ fn long_prompts_qwen25_q4_k_m_match_llama_cpp() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn smollm2_q4_1_matches_llama_cpp_on_wgpu() {
-    use ember_runtime::accel::{BackendChoice, Placement, choose};
-    let p = choose(BackendChoice::Wgpu);
-    if let Placement::Cpu { reason } = &p {
-        panic!("no usable wgpu adapter ({reason}); on Debian/Ubuntu install mesa-vulkan-drivers");
-    }
+    let p = common::wgpu_placement();
     let e = open(common::SMOLLM2, &p);
     check_fixture(&e, common::SMOLLM2, SMOLLM2_DEV, SMOLLM2_WGPU, false);
 }
@@ -419,11 +415,7 @@ fn smollm2_q4_1_matches_llama_cpp_on_wgpu() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn qwen25_q4_k_m_matches_llama_cpp_on_wgpu() {
-    use ember_runtime::accel::{BackendChoice, Placement, choose};
-    let p = choose(BackendChoice::Wgpu);
-    if let Placement::Cpu { reason } = &p {
-        panic!("no usable wgpu adapter ({reason}); on Debian/Ubuntu install mesa-vulkan-drivers");
-    }
+    let p = common::wgpu_placement();
     let e = open(common::QWEN25, &p);
     check_fixture(&e, common::QWEN25, QWEN25_DEV, QWEN25_WGPU, false);
 }

@@ -287,15 +287,8 @@ impl<'a, 'h> Driver<'a, 'h> {
                     r.cache.cache_lookups += cache.cache_lookups;
                     r.cache.cache_hit_blocks += cache.cache_hit_blocks;
                 }
-                ServeEvent::Token { at, text, .. } => {
-                    r.token_ns.push(ns(at));
-                    if let Some(t) = r.output_text.as_mut() {
-                        t.push_str(&text);
-                    }
-                    self.output_tokens += 1;
-                    self.overhead.tokens += 1;
-                }
-                ServeEvent::Chunk { at, text, .. } => {
+                // A remote server's chunk is stamped like a token; `Usage` corrects the count.
+                ServeEvent::Token { at, text, .. } | ServeEvent::Chunk { at, text, .. } => {
                     r.token_ns.push(ns(at));
                     if let Some(t) = r.output_text.as_mut() {
                         t.push_str(&text);

@@ -548,6 +548,24 @@ mod tests {
         format!("http://{addr}/v1")
     }
 
+    /// The fake server's endpoint: completions with token-id prompts.
+    fn connect(base: &str) -> Endpoint {
+        Endpoint::connect(
+            base,
+            Api::Completions,
+            None,
+            None,
+            true,
+            super::Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
+    fn run(server: &mut HttpServer, w: &Workload) -> crate::harness::RunOutput {
+        let o = HarnessOptions::default();
+        harness::run(server, &SystemClock, w, &o, Hooks::default())
+    }
+
     fn tokenizer() -> Arc<Tokenizer> {
         let dir = std::env::temp_dir().join(format!("ember-remote-test-{}", std::process::id()));
         let (path, _) = ember_runtime::embedded::ensure_in(&dir).unwrap();
@@ -599,15 +617,7 @@ mod tests {
             )
             .to_string()
         });
-        let ep = Endpoint::connect(
-            &base,
-            Api::Completions,
-            None,
-            None,
-            true,
-            super::Duration::from_secs(10),
-        )
-        .unwrap();
+        let ep = connect(&base);
         assert_eq!(
             (
                 ep.model.as_str(),
@@ -618,13 +628,7 @@ mod tests {
         );
         let mut server = HttpServer::new(ep, tokenizer(), false);
         let w = workload(2);
-        let out = harness::run(
-            &mut server,
-            &SystemClock,
-            &w,
-            &HarnessOptions::default(),
-            Hooks::default(),
-        );
+        let out = run(&mut server, &w);
         assert_eq!(out.records.len(), 2);
         for r in &out.records {
             assert_eq!(r.finish_reason, FinishKind::Length, "{:?}", r.error);
@@ -655,25 +659,11 @@ mod tests {
                     .into()
             }
         });
-        let ep = Endpoint::connect(
-            &base,
-            Api::Completions,
-            None,
-            None,
-            true,
-            super::Duration::from_secs(10),
-        )
-        .unwrap();
+        let ep = connect(&base);
         let mut server = HttpServer::new(ep, tokenizer(), false);
         let mut w = workload(2);
         w.items[1].max_tokens = 9;
-        let out = harness::run(
-            &mut server,
-            &SystemClock,
-            &w,
-            &HarnessOptions::default(),
-            Hooks::default(),
-        );
+        let out = run(&mut server, &w);
         let errors: Vec<_> = out
             .records
             .iter()

@@ -288,7 +288,9 @@ impl QuantOps for Flex {
     fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, r: RopeShape) -> FlexTensor {
         let shape = x.shape();
         let (x, cos, sin) = (x.to_contiguous(), cos.to_contiguous(), sin.to_contiguous());
-        let f32s = |t: &FlexTensor| t.as_slice::<f32>().expect("rope: f32 tensors").to_vec();
+        fn f32s(t: &FlexTensor) -> &[f32] {
+            t.as_slice::<f32>().expect("rope: f32 tensors")
+        }
         let (xs, c, s) = (f32s(&x), f32s(&cos), f32s(&sin));
         let y: Vec<f32> = (0..xs.len())
             .map(|i| match r.pair(i) {

@@ -17,6 +17,20 @@ pub fn models_dir() -> PathBuf {
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN25: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
+/// The wgpu placement (any adapter, lavapipe in CI); fails the test (never skips) without one.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_placement() -> ember_runtime::accel::Placement {
+    use ember_runtime::accel::{BackendChoice, Placement, choose};
+    let p = choose(BackendChoice::Wgpu);
+    if let Placement::Cpu { reason } = &p {
+        panic!(
+            "no usable wgpu adapter ({reason}). The GPU tests need one: on Debian/Ubuntu \
+             `apt-get install mesa-vulkan-drivers` provides lavapipe (software Vulkan)."
+        );
+    }
+    p
+}
+
 /// A real model file; fails the test (never skips) if it was not fetched.
 pub fn real_model(name: &str) -> PathBuf {
     let p = models_dir().join(name);

@@ -506,10 +506,6 @@ fn lanes_for(words: usize) -> u32 {
     1 << (usize::BITS - 1 - want.leading_zeros())
 }
 
-fn kind_per_word(k: CodeKind) -> usize {
-    k.per_word()
-}
-
 fn launch_1d(n: usize) -> (CubeCount, CubeDim) {
     let units = 64u32;
     let cubes = (n as u32).div_ceil(units).max(1);
@@ -846,7 +842,7 @@ pub(crate) fn qmatmul(
     });
     let out = client.empty(m.max(1) * w.rows * 4);
     if m > 0 && w.rows > 0 {
-        let lanes = lanes_for(w.cols / kind_per_word(b.kind));
+        let lanes = lanes_for(w.cols / b.kind.per_word());
         // A tile of one row for decode (m = 1), else of TILE rows.
         let tile4 = m > 1;
         let gz = if tile4 { (m as u32).div_ceil(TILE) } else { 1 };
