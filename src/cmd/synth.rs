@@ -41,7 +41,11 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let bytes = w.to_bytes();
     // Write beside the target, then rename: an interrupted run leaves no half file at OUT.
     let tmp = a.out.with_extension("gguf.partial");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    if let Err(e) = std::fs::write(&tmp, &bytes) {
+        // A full disk leaves no half-written partial file behind either.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
     std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
         "ember synth: wrote {} ({:.1} MiB, {} tensors like {}, seed {})",
