@@ -1,17 +1,22 @@
-//! The device executor of the decoder ([`crate::decoder`]): its ops as burn tensor code on a burn device: wgpu on a GPU (or burn-flex on the
-//! CPU, which the parity tests use to check this file against the CPU fast path).
+//! The device executor of the decoder ([`crate::decoder`]) on a wgpu device, through the fused
+//! kernels of [`ember_runtime::backend::gpu`]: ten launches per layer for a decode step.
 //!
-//! * Weights: every matrix is a [`QWeightHandle`] into the mapping; [`backend::prepare`] repacks
-//!   and uploads it once at load, and the quantized matmul is the `QuantOps` backend extension.
-//!   Norm vectors and biases are small f32 tensors on the device.
+//! * Weights: every matrix is a [`QWeightHandle`] into the mapping, uploaded once at load
+//!   ([`backend::prepare`]: repacked losslessly). Weights that read the same input are one
+//!   [`Projection`] (q|k|v with their biases, gate|up), so each is one matmul launch.
+//! * Each norm is fused into the activation rounding of the matmul after it, SiLU·mul into the
+//!   rounding before Wdown, the residual adds into Wo and Wdown.
 //! * KV: the same [`PagedKv`] does the bookkeeping (blocks, prefix index, refcounts, LRU); the
 //!   K and V rows live in its device storage ([`ember_runtime::kv::DeviceKv`]: one pool per
-//!   layer and kind, slot = `block · block_size + offset`), grown by doubling.
+//!   layer and kind, slot = `block · block_size + offset`, grown by doubling). RoPE writes k and
+//!   v into the pools in place, and attention reads them through the block tables on the
+//!   device: no gather, no copy.
 //! * Token embeddings are dequantized on the host from the mapping (a few rows per step) and
 //!   uploaded; logits come back as one read per forward pass.
 
 use std::sync::{Arc, Mutex};
 
+use ember_runtime::backend::gpu::{self, HeadShape, Input, PassTables, Projection};
 use ember_runtime::backend::{self, HandleError, QWeightHandle};
 use ember_runtime::backend::{Device, Tensor, TensorData};
 use ember_runtime::gguf::GgufFile;
@@ -23,8 +28,17 @@ use ember_runtime::tensor_ops as T;
 use crate::decoder::{self, BatchPlan, DecoderOps, Layer, Norm, QWeight};
 use crate::transformer::Transformer;
 
-/// A layer on the device: matrices uploaded (handles), vectors as tensors.
-type DevLayer = Layer<QWeightHandle, Tensor<1>>;
+/// A layer on the device: its norm weights, and its matrices as projections.
+struct DevLayer {
+    attn_norm: Tensor<1>,
+    ffn_norm: Tensor<1>,
+    /// q|k|v, with the biases (Qwen2) if any.
+    qkv: Projection,
+    wo: Projection,
+    /// gate|up.
+    gate_up: Projection,
+    down: Projection,
+}
 
 pub struct DeviceTransformer {
     file: Arc<GgufFile>,
@@ -35,8 +49,9 @@ pub struct DeviceTransformer {
     adapter: Option<(String, String)>,
     tok_embd: QWeight,
     output_norm: Tensor<1>,
-    output: QWeightHandle,
+    output: Projection,
     layers: Vec<DevLayer>,
+    heads: HeadShape,
     weight_bytes: u64,
     device_weight_bytes: u64,
     peak: Mutex<u64>,
@@ -73,14 +88,40 @@ impl DeviceTransformer {
             Ok(h.0)
         };
         let mut layers = Vec::with_capacity(t.layers.len());
+        let up_err = |e: HandleError| ModelError::Device {
+            path: path.clone(),
+            what: format!("upload: {e}"),
+        };
         for ly in &t.layers {
-            layers.push(ly.try_map(&mut handle, |v| vec1(v, &device))?);
+            let h: Layer<QWeightHandle, Tensor<1>> =
+                ly.try_map(&mut handle, |v| vec1(v, &device))?;
+            let proj = |ws: &[&QWeightHandle], bias: Option<&[f32]>| {
+                Projection::new(ws, bias, &device).map_err(up_err)
+            };
+            layers.push(DevLayer {
+                qkv: proj(&[&h.wq, &h.wk, &h.wv], qkv_bias(ly).as_deref())?,
+                wo: proj(&[&h.wo], None)?,
+                gate_up: proj(&[&h.w_gate, &h.w_up], None)?,
+                down: proj(&[&h.w_down], None)?,
+                attn_norm: h.attn_norm,
+                ffn_norm: h.ffn_norm,
+            });
         }
         let output = handle(&t.output)?;
+        let output = Projection::new(&[&output], None, &device).map_err(up_err)?;
+        let c = &t.cfg;
+        let heads = HeadShape {
+            heads: c.n_heads,
+            kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            n_rot: t.rope.n_rot,
+            neox: t.rope.style == ember_runtime::ops::RopeStyle::Neox,
+        };
         let m = DeviceTransformer {
             output_norm: vec1(&t.output_norm, &device),
             output,
             layers,
+            heads,
             tok_embd: t.tok_embd,
             rope: t.rope,
             cfg: t.cfg,
@@ -111,14 +152,26 @@ impl DeviceTransformer {
             peak_bytes: *p,
         })
     }
+}
 
-    fn linear(&self, x: Tensor<2>, w: &QWeightHandle, b: Option<&Tensor<1>>) -> Tensor<2> {
-        let y = backend::qmatmul(x, w);
-        match b {
-            Some(b) => y + b.clone().unsqueeze_dim::<2>(0),
-            None => y,
+/// q|k|v's biases as one vector over the projection's columns (zeros for a weight without
+/// one); `None` when no weight has one.
+fn qkv_bias(ly: &crate::transformer::Layer) -> Option<Vec<f32>> {
+    if ly.bq.is_none() && ly.bk.is_none() && ly.bv.is_none() {
+        return None;
+    }
+    let mut b = Vec::with_capacity(ly.wq.rows + ly.wk.rows + ly.wv.rows);
+    for (bias, rows) in [
+        (&ly.bq, ly.wq.rows),
+        (&ly.bk, ly.wk.rows),
+        (&ly.bv, ly.wv.rows),
+    ] {
+        match bias {
+            Some(v) => b.extend_from_slice(v),
+            None => b.resize(b.len() + rows, 0.0),
         }
     }
+    Some(b)
 }
 
 impl Model for DeviceTransformer {
@@ -160,11 +213,11 @@ impl Model for DeviceTransformer {
         let c = &self.cfg;
         let mut pass = DevicePass {
             m: self,
-            slots: Vec::new(),
+            tables: None,
             cos: None,
             sin: None,
             x: None,
-            xn: None,
+            norm: None,
             qkv: None,
             att: None,
         };
@@ -175,14 +228,15 @@ impl Model for DeviceTransformer {
 /// One forward pass on the device: the pass's tensors, taken by each op and put back.
 struct DevicePass<'m> {
     m: &'m DeviceTransformer,
-    /// Per item, the pool slot of every cache position `0..end` (slot = block · block_size +
-    /// offset).
-    slots: Vec<Vec<usize>>,
+    /// The block tables and each row's slot, on the device.
+    tables: Option<PassTables>,
     cos: Option<Tensor<2>>,
     sin: Option<Tensor<2>>,
     x: Option<Tensor<2>>,
-    xn: Option<Tensor<2>>,
-    qkv: Option<(Tensor<2>, Tensor<2>, Tensor<2>)>,
+    /// The norm the next projection applies (fused into its activation rounding).
+    norm: Option<Norm>,
+    /// q|k|v (before `rope_store`), then q (after).
+    qkv: Option<Tensor<2>>,
     att: Option<Tensor<2>>,
 }
 
@@ -190,6 +244,21 @@ struct DevicePass<'m> {
 fn take<X>(t: &mut Option<X>, what: &str) -> X {
     t.take()
         .unwrap_or_else(|| panic!("decoder op order: {what} is not set"))
+}
+
+impl DevicePass<'_> {
+    fn x(&self) -> &Tensor<2> {
+        self.x.as_ref().expect("decoder op order: x is not set")
+    }
+    /// The pending norm of layer `l`, applied to x, as a projection input.
+    fn normed(&mut self, l: usize) -> Input<'_> {
+        let m = self.m;
+        let w = match take(&mut self.norm, "norm") {
+            Norm::Attn => &m.layers[l].attn_norm,
+            Norm::Ffn => &m.layers[l].ffn_norm,
+        };
+        Input::Norm(self.x(), w, m.cfg.rms_eps)
+    }
 }
 
 impl DecoderOps for DevicePass<'_> {
@@ -201,13 +270,26 @@ impl DecoderOps for DevicePass<'_> {
 
     fn begin(&mut self, plan: &BatchPlan, kv: &mut PagedKv) -> Result<(), ModelError> {
         let m = self.m;
-        let mut max_slot = 0;
+        let bs = kv.device().block_size();
+        let (mut tables, mut rows) = (Vec::new(), Vec::with_capacity(plan.n));
+        let mut max_block = 0;
         for (it, s) in plan.iter() {
-            let slots = kv.device().slots(kv.block_table(it.seq), s.pos0 + s.len);
-            max_slot = max_slot.max(slots.iter().copied().max().unwrap_or(0));
-            self.slots.push(slots);
+            let end = s.pos0 + s.len;
+            let table = &kv.block_table(it.seq)[..end.div_ceil(bs)];
+            max_block = max_block.max(table.iter().copied().max().unwrap_or(0) as usize);
+            let off = tables.len() as u32;
+            tables.extend_from_slice(table);
+            for p in s.pos0..end {
+                let slot = table[p / bs] as usize * bs + p % bs;
+                rows.push((off, (p + 1) as u32, slot as u32));
+            }
         }
-        kv.device_mut(&m.device).ensure_slots(max_slot + 1);
+        kv.device_mut(&m.device).ensure_slots((max_block + 1) * bs);
+        let dev_err = |e: HandleError| ModelError::Device {
+            path: m.file.path().display().to_string(),
+            what: e.to_string(),
+        };
+        self.tables = Some(PassTables::new(&m.device, &tables, &rows, bs).map_err(dev_err)?);
         let x = plan.embed(&m.file, &m.tok_embd);
         self.x = Some(Tensor::<2>::from_data(
             TensorData::new(x, [plan.n, m.cfg.n_embd]),
@@ -218,70 +300,46 @@ impl DecoderOps for DevicePass<'_> {
         Ok(())
     }
 
-    fn norm(&mut self, l: usize, which: Norm) {
-        let w = self.m.layers[l].norm(which);
-        let x = self.x.as_ref().expect("decoder op order: x is not set");
-        self.xn = Some(T::rmsnorm(x.clone(), w, self.m.cfg.rms_eps));
+    /// Recorded only: the norm is fused into the next projection's activation rounding.
+    fn norm(&mut self, _l: usize, which: Norm) {
+        self.norm = Some(which);
     }
 
     fn qkv(&mut self, l: usize) {
-        let (m, ly) = (self.m, &self.m.layers[l]);
-        let xn = take(&mut self.xn, "xn");
-        let q = m.linear(xn.clone(), &ly.wq, ly.bq.as_ref());
-        let k = m.linear(xn.clone(), &ly.wk, ly.bk.as_ref());
-        let v = m.linear(xn, &ly.wv, ly.bv.as_ref());
-        self.qkv = Some((q, k, v));
+        let m = self.m;
+        let input = self.normed(l);
+        let qkv = gpu::project(&m.layers[l].qkv, input, None);
+        self.qkv = Some(qkv);
     }
 
-    fn rope_store(&mut self, l: usize, plan: &BatchPlan, kv: &mut PagedKv) {
-        let (m, c) = (self.m, &self.m.cfg);
-        let (q, k, v) = take(&mut self.qkv, "q, k, v");
+    fn rope_store(&mut self, l: usize, _plan: &BatchPlan, kv: &mut PagedKv) {
+        let qkv = take(&mut self.qkv, "q, k, v");
         let (cos, sin) = (self.cos.as_ref().unwrap(), self.sin.as_ref().unwrap());
-        let q = T::rope(q, &m.rope, c.n_heads, cos, sin);
-        // The cache holds f16 values (llama.cpp's default), as on the CPU path.
-        let k = backend::round_f16(T::rope(k, &m.rope, c.n_kv_heads, cos, sin));
-        let v = backend::round_f16(v);
-        let pools = kv.device_mut(&m.device);
-        for (s, slots) in plan.segs.iter().zip(&self.slots) {
-            pools.write(l, &k, &v, s.r0, &slots[s.pos0..s.pos0 + s.len]);
-        }
-        self.qkv = Some((q, k, v));
+        let tables = self.tables.as_ref().expect("decoder op order: begin");
+        let (kp, vp) = kv.device().pools(l);
+        let q = gpu::rope_store(&qkv, cos, sin, tables, kp, vp, self.m.heads);
+        self.qkv = Some(q);
     }
 
-    fn attend(&mut self, l: usize, plan: &BatchPlan, kv: &PagedKv) {
-        let c = &self.m.cfg;
-        let q_dim = c.n_heads * c.head_dim;
-        let (q, _, _) = take(&mut self.qkv, "q");
-        let pools = kv.device();
-        let mut outs = Vec::with_capacity(plan.segs.len());
-        for (s, slots) in plan.segs.iter().zip(&self.slots) {
-            let (kh, vh) = pools.gather(l, slots);
-            let qi = q.clone().slice([s.r0..s.r0 + s.len, 0..q_dim]);
-            let (heads, kv_heads) = (c.n_heads, c.n_kv_heads);
-            outs.push(T::attention(
-                qi, kh, vh, s.pos0, heads, kv_heads, c.head_dim,
-            ));
-        }
-        self.att = Some(if outs.len() == 1 {
-            outs.pop().unwrap()
-        } else {
-            Tensor::cat(outs, 0)
-        });
+    fn attend(&mut self, l: usize, _plan: &BatchPlan, kv: &PagedKv) {
+        let q = take(&mut self.qkv, "q");
+        let tables = self.tables.as_ref().expect("decoder op order: begin");
+        let (kp, vp) = kv.device().pools(l);
+        self.att = Some(gpu::attention(&q, kp, vp, tables, self.m.heads));
     }
 
     fn attn_out(&mut self, l: usize) {
         let att = take(&mut self.att, "att");
-        let x = take(&mut self.x, "x");
-        self.x = Some(x + self.m.linear(att, &self.m.layers[l].wo, None));
+        let x = gpu::project(&self.m.layers[l].wo, Input::Plain(&att), Some(self.x()));
+        self.x = Some(x);
     }
 
     fn ffn(&mut self, l: usize) {
-        let (m, ly) = (self.m, &self.m.layers[l]);
-        let xn = take(&mut self.xn, "xn");
-        let gate = m.linear(xn.clone(), &ly.w_gate, None);
-        let up = m.linear(xn, &ly.w_up, None);
-        let x = take(&mut self.x, "x");
-        self.x = Some(x + m.linear(T::silu_mul(gate, up), &ly.w_down, None));
+        let m = self.m;
+        let input = self.normed(l);
+        let gu = gpu::project(&m.layers[l].gate_up, input, None);
+        let x = gpu::project(&m.layers[l].down, Input::SiluMul(&gu), Some(self.x()));
+        self.x = Some(x);
     }
 
     fn logits(&mut self, rows: &[usize], logits: &mut Vec<f32>) -> Result<(), ModelError> {
@@ -290,9 +348,15 @@ impl DecoderOps for DevicePass<'_> {
             m.note_memory();
             return Ok(());
         }
-        let h = T::gather_rows(take(&mut self.x, "x"), rows);
-        let h = T::rmsnorm(h, &m.output_norm, m.cfg.rms_eps);
-        let out = backend::qmatmul(h, &m.output);
+        let x = take(&mut self.x, "x");
+        // Every row wanted (a single decode step, or all logits): no gather.
+        let h = if rows.len() == x.dims()[0] && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            x
+        } else {
+            T::gather_rows(x, rows)
+        };
+        let input = Input::Norm(&h, &m.output_norm, m.cfg.rms_eps);
+        let out = gpu::project(&m.output, input, None);
         *logits = out
             .into_data()
             .try_to_vec::<f32>()

@@ -10,6 +10,7 @@
 //! - [`device`]: the burn-device executor (`DeviceTransformer`: wgpu, or burn-flex in tests).
 
 mod decoder;
+#[cfg(feature = "wgpu")]
 pub mod device;
 mod host;
 pub mod llama;

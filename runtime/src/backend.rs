@@ -362,6 +362,10 @@ impl Launches {
 #[cfg(feature = "wgpu")]
 pub(crate) mod cube;
 
+/// The decoder's fused kernels on a wgpu device (what the device executor runs).
+#[cfg(feature = "wgpu")]
+pub mod gpu;
+
 /// Copy `w` to `device` ahead of use, in the device's layout, and return the device bytes it
 /// takes (0 on the CPU, where weights stay in the mapping). Idempotent.
 pub fn prepare(w: &QWeightHandle, device: &Device) -> Result<usize, HandleError> {

@@ -24,6 +24,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeDevice, kernel::into_contiguous};
 
 use super::{HandleError, QWeightHandle};
+
+pub(crate) mod paged;
 use crate::quant::GgmlType;
 use crate::quant::repack::{CodeKind, repack};
 
@@ -51,7 +53,6 @@ struct Part {
     params: cubecl::server::Handle,
     n_codes: usize,
     n_params: usize,
-    row0: usize,
     rows: usize,
 }
 
@@ -138,7 +139,6 @@ fn bind(w: &QWeightHandle, device: &CubeDevice) -> Result<(Bound, usize, bool), 
             params: client.create_from_slice(f32::as_bytes(&params_v)),
             n_codes: codes.len(),
             n_params: params_v.len(),
-            row0,
             rows: n,
         });
     }
@@ -221,76 +221,151 @@ fn round_away(v: f32) -> f32 {
     select(v < 0.0f32, -r, r)
 }
 
-/// The activation rounding ember's CPU kernels (and llama.cpp) apply before their integer dots.
-/// For quantized weights (`act` 0: Q8_0/Q8_1 blocks of 32 with an f16 scale; `act` 1: Q8_K
-/// blocks of 256 with an f32 scale) it writes the integer quants `q` (as f32, exactly), the
-/// block scales `dx` and, for Q8_1, `sx = f16(d·Σq)`. For float weights it writes each value
-/// rounded to f16 (`act` 2) or bf16 (3) in `q`. One unit per block.
+/// Where the activations an [`act_kernel`] rounds come from.
+pub(crate) mod src {
+    /// The rows of `x` as they are.
+    pub const PLAIN: u32 = 0;
+    /// The rows of `x` RMS-normalised, times `w` (as [`super::rmsnorm_kernel`] computes them).
+    pub const NORM: u32 = 1;
+    /// `silu(gate) · up` of a `[m, 2·cols]` gate|up output (as [`super::silu_mul_kernel`]).
+    pub const SILU: u32 = 2;
+}
+
+/// Element `c` of row `row` of the activation source `src` (see [`src`]).
+#[allow(unused_assignments)]
+#[cube]
+fn src_value(
+    x: &[f32],
+    w: &[f32],
+    row: usize,
+    c: usize,
+    cols: usize,
+    inv: f32,
+    #[comptime] src: u32,
+) -> f32 {
+    let mut v = 0.0f32;
+    if comptime![src == 0] {
+        v = x[row * cols + c];
+    } else if comptime![src == 1] {
+        v = x[row * cols + c] * inv * w[c];
+    } else {
+        let g = x[row * 2 * cols + c];
+        v = g / (1.0f32 + f32::exp(-g)) * x[row * 2 * cols + cols + c];
+    }
+    v
+}
+
+/// The activation rounding ember's CPU kernels (and llama.cpp) apply before their integer dots,
+/// of the rows of a source (see [`src`]: a plain tensor, an RMSNorm fused in, or SiLU·mul fused
+/// in), one cube per row. For quantized weights (`act` 0: Q8_0/Q8_1 blocks of 32 with an f16
+/// scale; `act` 1: Q8_K blocks of 256 with an f32 scale) it writes the integer quants `q` (as
+/// f32, exactly), the block scales `dx` and, for `act` 0, `sx = f16(d·Σq)` (Q8_1's sum term).
+/// For float weights it writes each value rounded to f16 (`act` 2) or bf16 (3), or as it is
+/// (4), in `q`. A unit rounds whole blocks.
 #[allow(unused_assignments)]
 #[cube(launch)]
-fn quantize_act_kernel(
+fn act_kernel(
     x: &[f32],
+    w: &[f32],
     q: &mut [f32],
     dx: &mut [f32],
     sx: &mut [f32],
-    n_blocks: u32,
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    #[comptime] src: u32,
     #[comptime] act: u32,
     #[comptime] block: u32,
-    #[comptime] q81: bool,
 ) {
-    let b = ABSOLUTE_POS;
-    if b < n_blocks as usize {
-        let base = b * block as usize;
-        if comptime![act == 0] {
-            let mut amax = 0.0f32;
-            for j in 0..block as usize {
-                amax = amax.max(x[base + j].abs());
+    // No early return before the barriers (uniformity): a cube past the last row redoes
+    // row `rows - 1` and writes nothing.
+    let r_cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let row = r_cube.min(rows - 1) as usize;
+    let ncols = cols as usize;
+    let mut inv = 1.0f32;
+    if comptime![src == 1] {
+        let u = UNIT_POS as usize;
+        let mut acc = 0.0f32;
+        let mut c = UNIT_POS;
+        while c < cols {
+            let v = x[row * ncols + c as usize];
+            acc += v * v;
+            c += UNITS;
+        }
+        let mut sm = Shared::<[f32]>::new_slice(64usize);
+        sm[u] = acc;
+        sync_cube();
+        let mut stride = 32usize;
+        #[unroll]
+        for _ in 0..6 {
+            if u < stride {
+                sm[u] += sm[u + stride];
             }
-            let d = amax / 127.0f32;
-            let mut id = 0.0f32;
-            if d != 0.0f32 {
-                id = 1.0f32 / d;
-            }
-            let mut sum = 0.0f32;
-            for j in 0..block as usize {
-                let v = round_away(x[base + j] * id);
-                sum += v;
-                q[base + j] = v;
-            }
-            dx[b] = round_f16_value(d);
-            if comptime![q81] {
-                sx[b] = round_f16_value(d * sum);
-            }
-        } else if comptime![act == 1] {
-            let mut amax = 0.0f32;
-            let mut max = 0.0f32;
-            for j in 0..block as usize {
-                let v = x[base + j];
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
-            if amax == 0.0f32 {
+            sync_cube();
+            stride /= 2;
+        }
+        inv = 1.0f32 / f32::sqrt(sm[0] / f32::cast_from(cols) + eps);
+    }
+    if r_cube < rows {
+        let nb = cols / block;
+        let mut b = UNIT_POS;
+        while b < nb {
+            let c0 = (b * block) as usize;
+            let base = row * ncols + c0;
+            let ob = row * nb as usize + b as usize;
+            if comptime![act == 0] {
+                let mut amax = 0.0f32;
                 for j in 0..block as usize {
-                    q[base + j] = 0.0f32;
+                    amax = amax.max(src_value(x, w, row, c0 + j, ncols, inv, src).abs());
                 }
-                dx[b] = 0.0f32;
+                let d = amax / 127.0f32;
+                let mut id = 0.0f32;
+                if d != 0.0f32 {
+                    id = 1.0f32 / d;
+                }
+                let mut sum = 0.0f32;
+                for j in 0..block as usize {
+                    let v = round_away(src_value(x, w, row, c0 + j, ncols, inv, src) * id);
+                    sum += v;
+                    q[base + j] = v;
+                }
+                dx[ob] = round_f16_value(d);
+                sx[ob] = round_f16_value(d * sum);
+            } else if comptime![act == 1] {
+                let mut amax = 0.0f32;
+                let mut max = 0.0f32;
+                for j in 0..block as usize {
+                    let v = src_value(x, w, row, c0 + j, ncols, inv, src);
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                if amax == 0.0f32 {
+                    for j in 0..block as usize {
+                        q[base + j] = 0.0f32;
+                    }
+                    dx[ob] = 0.0f32;
+                } else {
+                    let iscale = -127.0f32 / max;
+                    for j in 0..block as usize {
+                        // ggml's nearest_int: ties to even (WGSL round), clamped at 127.
+                        let v = src_value(x, w, row, c0 + j, ncols, inv, src);
+                        q[base + j] = (iscale * v).round().min(127.0f32);
+                    }
+                    dx[ob] = 1.0f32 / iscale;
+                }
+            } else if comptime![act == 2] {
+                q[base] = round_f16_value(src_value(x, w, row, c0, ncols, inv, src));
+            } else if comptime![act == 3] {
+                // bf16: round to nearest even on the top 16 bits.
+                let bits = u32::reinterpret(src_value(x, w, row, c0, ncols, inv, src));
+                let lsb = (bits >> 16) & 1;
+                q[base] = f32::reinterpret((bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32);
             } else {
-                let iscale = -127.0f32 / max;
-                for j in 0..block as usize {
-                    // ggml's nearest_int: ties to even (WGSL round), clamped at 127.
-                    q[base + j] = (iscale * x[base + j]).round().min(127.0f32);
-                }
-                dx[b] = 1.0f32 / iscale;
+                q[base] = src_value(x, w, row, c0, ncols, inv, src);
             }
-        } else if comptime![act == 2] {
-            q[b] = round_f16_value(x[b]);
-        } else {
-            // bf16: round to nearest even on the top 16 bits.
-            let bits = u32::reinterpret(x[b]);
-            let lsb = (bits >> 16) & 1;
-            q[b] = f32::reinterpret((bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32);
+            b += UNITS;
         }
     }
 }
@@ -330,48 +405,41 @@ fn decode(word: u32, k: u32, scale: f32, offset: f32, #[comptime] kind: u32) -> 
 /// elements is exact in f32 (|terms| ≤ 255·127), then scaled by `scale · dx` as the CPU kernels
 /// scale their integer block sums; affine types add their min term from `sx` (Q8_1, once per
 /// 32-block) or from `offset · dx · Σq` (Q8_K). Float mode multiplies decoded weights by the
-/// rounded activations.
-#[cube(launch)]
-fn qmm_kernel(
+/// rounded activations. Row `r` of one weight (decoded as `spec` says, see [`seg_spec`]) against
+/// up to four activation rows starting at flat offsets `x0..x3`: this unit's partial sums go to
+/// `sm[u]`, `sm[64 + u]`, `sm[128 + u]`, `sm[192 + u]`.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn row_dot(
     codes: &[u32],
     params: &[f32],
     xq: &[f32],
     dx: &[f32],
     sx: &[f32],
-    y: &mut [f32],
-    m: u32,
-    rows: u32,
+    sm: &mut Shared<[f32]>,
+    r: u32,
+    lane: u32,
+    x0: usize,
+    x1: usize,
+    x2: usize,
+    x3: usize,
     cols: u32,
-    row0: u32,
-    out_rows: u32,
-    #[comptime] kind: u32,
-    #[comptime] per_word: u32,
-    #[comptime] group: u32,
-    #[comptime] zp: u32,
-    #[comptime] affine: bool,
-    #[comptime] q81: bool,
+    #[comptime] spec: u32,
     #[comptime] act_block: u32,
     #[comptime] tile4: bool,
     #[comptime] lanes: u32,
 ) {
-    // `tile4`: a cube computes 4 activation rows (m > 1); else 1 (decode at m = 1 would compute
-    // the same row 4 times). The single-row code is the first row's of the 4-row code, so the
-    // result is the same either way.
-    // No early return: the barriers below must be reached by every unit (WGSL uniformity), so a
-    // cube past the last row computes row `rows - 1` again and does not write it.
-    // `lanes` units share a row (a power of two, 8..=64, by the row's length); the cube's
-    // 64 units cover 64 / lanes rows.
-    let lane = UNIT_POS % lanes;
-    let slot = UNIT_POS / lanes;
-    let rows_per_cube = comptime![UNITS / lanes];
-    let r_cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * rows_per_cube + slot;
-    let r = (r_cube).min(rows - 1);
-    let t0 = CUBE_POS_Z * 4;
-    // Rows past m read the last valid row and are never written.
-    let x0 = ((t0).min(m - 1) * cols) as usize;
-    let x1 = ((t0 + 1).min(m - 1) * cols) as usize;
-    let x2 = ((t0 + 2).min(m - 1) * cols) as usize;
-    let x3 = ((t0 + 3).min(m - 1) * cols) as usize;
+    let kind = comptime![spec & 0xF];
+    let zp = comptime![(spec >> 4) & 0xFF];
+    let affine = comptime![(spec >> 12) & 1 == 1];
+    let q81 = comptime![(spec >> 13) & 1 == 1];
+    let group = comptime![spec >> 16];
+    let per_word = comptime![match kind {
+        0 => 8u32,
+        1 => 4u32,
+        2 | 3 => 2u32,
+        _ => 1u32,
+    }];
     let words = cols / per_word;
     let row_word = r as usize * words as usize;
     let zpf = f32::cast_from(zp);
@@ -466,12 +534,159 @@ fn qmm_kernel(
         }
         wi += lanes;
     }
-    let mut sm = Shared::<[f32]>::new_slice(256usize);
     let u = UNIT_POS as usize;
     sm[u] = a0;
     sm[64 + u] = a1;
     sm[128 + u] = a2;
     sm[192 + u] = a3;
+}
+
+/// The compile-time half of a weight segment for [`qmm_kernel`], packed in one `u32`: code kind
+/// (bits 0–3), zero point (4–11), affine (12), Q8_1 sum term (13), group size (16–31).
+fn seg_spec(kind: CodeKind, group: usize, zp: u32, affine: bool, q81: bool) -> u32 {
+    kind_id(kind)
+        | (zp << 4)
+        | ((affine as u32) << 12)
+        | ((q81 as u32) << 13)
+        | ((group as u32) << 16)
+}
+
+/// `y[m × out_rows]`, columns `col0..col0 + rows`: the rows of up to three weight segments
+/// (consecutive in the output; `nseg` of them, `rows0` and `rows1` rows in the first two) times
+/// the rounded activations (see [`act_kernel`]), plus a bias (`has_bias`, indexed by output
+/// column) and a residual (`has_res`, the same shape as `y`), in one launch. A projection whose
+/// weights read the same activations (q/k/v, gate/up) and a weight split in parts (a large
+/// vocabulary) are one launch.
+///
+/// A cube of [`UNITS`] units covers 64 / `lanes` output rows and a tile of one activation row
+/// (`tile4` false: decode would compute the same row four times) or four; the single-row code is
+/// the first row's of the four-row code, so a sequence's result does not depend on the batch.
+/// No early return: the barriers must be reached by every unit (WGSL uniformity), so a cube past
+/// the last row computes row `rows - 1` again and does not write it.
+#[allow(clippy::too_many_arguments, clippy::collapsible_else_if)]
+#[cube(launch)]
+fn qmm_kernel(
+    codes0: &[u32],
+    params0: &[f32],
+    codes1: &[u32],
+    params1: &[f32],
+    codes2: &[u32],
+    params2: &[f32],
+    xq: &[f32],
+    dx: &[f32],
+    sx: &[f32],
+    bias: &[f32],
+    res: &[f32],
+    y: &mut [f32],
+    m: u32,
+    cols: u32,
+    rows0: u32,
+    rows1: u32,
+    rows: u32,
+    col0: u32,
+    out_rows: u32,
+    #[comptime] spec0: u32,
+    #[comptime] spec1: u32,
+    #[comptime] spec2: u32,
+    #[comptime] nseg: u32,
+    #[comptime] act_block: u32,
+    #[comptime] tile4: bool,
+    #[comptime] lanes: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_res: bool,
+) {
+    // `lanes` units share a row (a power of two, 8..=64, by the row's length).
+    let lane = UNIT_POS % lanes;
+    let slot = UNIT_POS / lanes;
+    let rows_per_cube = comptime![UNITS / lanes];
+    let r_cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * rows_per_cube + slot;
+    let r = r_cube.min(rows - 1);
+    let t0 = CUBE_POS_Z * 4;
+    // Rows past m read the last valid row and are never written.
+    let x0 = ((t0).min(m - 1) * cols) as usize;
+    let x1 = ((t0 + 1).min(m - 1) * cols) as usize;
+    let x2 = ((t0 + 2).min(m - 1) * cols) as usize;
+    let x3 = ((t0 + 3).min(m - 1) * cols) as usize;
+    let mut sm = Shared::<[f32]>::new_slice(256usize);
+    // Which segment the row is in: the comptime tests drop the code of absent segments.
+    if comptime![nseg == 1] {
+        row_dot(
+            codes0, params0, xq, dx, sx, &mut sm, r, lane, x0, x1, x2, x3, cols, spec0, act_block,
+            tile4, lanes,
+        );
+    } else {
+        if r < rows0 {
+            row_dot(
+                codes0, params0, xq, dx, sx, &mut sm, r, lane, x0, x1, x2, x3, cols, spec0,
+                act_block, tile4, lanes,
+            );
+        } else {
+            if comptime![nseg == 2] {
+                row_dot(
+                    codes1,
+                    params1,
+                    xq,
+                    dx,
+                    sx,
+                    &mut sm,
+                    r - rows0,
+                    lane,
+                    x0,
+                    x1,
+                    x2,
+                    x3,
+                    cols,
+                    spec1,
+                    act_block,
+                    tile4,
+                    lanes,
+                );
+            } else {
+                if r < rows0 + rows1 {
+                    row_dot(
+                        codes1,
+                        params1,
+                        xq,
+                        dx,
+                        sx,
+                        &mut sm,
+                        r - rows0,
+                        lane,
+                        x0,
+                        x1,
+                        x2,
+                        x3,
+                        cols,
+                        spec1,
+                        act_block,
+                        tile4,
+                        lanes,
+                    );
+                } else {
+                    row_dot(
+                        codes2,
+                        params2,
+                        xq,
+                        dx,
+                        sx,
+                        &mut sm,
+                        r - rows0 - rows1,
+                        lane,
+                        x0,
+                        x1,
+                        x2,
+                        x3,
+                        cols,
+                        spec2,
+                        act_block,
+                        tile4,
+                        lanes,
+                    );
+                }
+            }
+        }
+    }
+    let u = UNIT_POS as usize;
     sync_cube();
     // Six halvings cover 64 lanes; with fewer, the first rounds (stride ≥ lanes) only keep
     // the barriers uniform.
@@ -492,8 +707,15 @@ fn qmm_kernel(
     }
     let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
     if lane < tile && t0 + lane < m && r_cube < rows {
-        // `r` is the row within this part of the weight; `row0 + r` within the whole output.
-        y[((t0 + lane) * out_rows + row0 + r) as usize] = sm[(64 * lane + slot * lanes) as usize];
+        let o = ((t0 + lane) * out_rows + col0 + r_cube) as usize;
+        let mut v = sm[(64 * lane + slot * lanes) as usize];
+        if comptime![has_bias] {
+            v += bias[(col0 + r_cube) as usize];
+        }
+        if comptime![has_res] {
+            v += res[o];
+        }
+        y[o] = v;
     }
 }
 
@@ -754,16 +976,6 @@ pub(crate) fn silu_mul(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
     CubeTensor::new_contiguous(client, g.device.clone(), shape, out, DType::F32)
 }
 
-/// Activations rounded for `ty` on the device: `(q, dx, sx)` buffers (see
-/// `quantize_act_kernel`); `None` for f32 weights (used as they are).
-struct ActBufs {
-    q: cubecl::server::Handle,
-    dx: cubecl::server::Handle,
-    n_dx: usize,
-    sx: cubecl::server::Handle,
-    n_sx: usize,
-}
-
 /// How the CPU kernels treat `ty`: (act kind, act block, zero point, affine, Q8_1).
 fn act_scheme(ty: GgmlType) -> (u32, usize, u32, bool, bool) {
     match ty {
@@ -780,40 +992,247 @@ fn act_scheme(ty: GgmlType) -> (u32, usize, u32, bool, bool) {
     }
 }
 
-fn quantize_act(x: &CubeTensor, ty: GgmlType, n: usize) -> Option<ActBufs> {
-    let (act, block, _, _, q81) = act_scheme(ty);
-    if act == 4 {
-        return None;
-    }
-    let client = &x.client;
-    let n_blocks = n / block;
-    let quant = act <= 1;
-    let n_dx = if quant { n_blocks.max(1) } else { 1 };
-    let n_sx = if q81 { n_blocks.max(1) } else { 1 };
-    let bufs = ActBufs {
+/// Activations rounded on the device for one scheme (see [`act_kernel`]).
+pub(crate) struct Acts {
+    q: cubecl::server::Handle,
+    dx: cubecl::server::Handle,
+    sx: cubecl::server::Handle,
+    n: usize,
+    n_blocks: usize,
+}
+
+/// Round the `rows × cols` activations of source `src` (read from `x`, and `w` for a norm) for
+/// scheme `(act, block)`: one launch.
+#[allow(clippy::too_many_arguments)]
+fn round_acts(
+    client: &cubecl::client::Client,
+    x: &CubeTensor,
+    w: Option<&CubeTensor>,
+    eps: f32,
+    src: u32,
+    rows: usize,
+    cols: usize,
+    (act, block): (u32, usize),
+) -> Acts {
+    let n = rows * cols;
+    let n_blocks = if act <= 1 { n / block } else { 1 };
+    let a = Acts {
         q: client.empty(n.max(1) * 4),
-        dx: client.empty(n_dx * 4),
-        n_dx,
-        sx: client.empty(n_sx * 4),
-        n_sx,
+        dx: client.empty(n_blocks.max(1) * 4),
+        sx: client.empty(n_blocks.max(1) * 4),
+        n,
+        n_blocks: n_blocks.max(1),
     };
-    let (count, dim) = launch_1d(n_blocks);
+    if rows == 0 {
+        return a;
+    }
+    let x_len = x.meta.shape().num_elements();
+    let (wh, w_len) = match w {
+        Some(w) => (w.handle.clone(), w.meta.shape().num_elements()),
+        None => (x.handle.clone(), x_len),
+    };
+    let r = rows as u32;
     unsafe {
-        quantize_act_kernel::launch(
+        act_kernel::launch(
             client,
-            count,
-            dim,
-            BufferArg::from_raw_parts(x.handle.clone(), n),
-            BufferArg::from_raw_parts(bufs.q.clone(), n),
-            BufferArg::from_raw_parts(bufs.dx.clone(), n_dx),
-            BufferArg::from_raw_parts(bufs.sx.clone(), n_sx),
-            n_blocks as u32,
+            CubeCount::Static(r.min(GRID_X), r.div_ceil(GRID_X), 1),
+            CubeDim::new_1d(UNITS),
+            BufferArg::from_raw_parts(x.handle.clone(), x_len),
+            BufferArg::from_raw_parts(wh, w_len),
+            BufferArg::from_raw_parts(a.q.clone(), a.n.max(1)),
+            BufferArg::from_raw_parts(a.dx.clone(), a.n_blocks),
+            BufferArg::from_raw_parts(a.sx.clone(), a.n_blocks),
+            r,
+            cols as u32,
+            eps,
+            src,
             act,
-            block as u32,
-            q81,
+            if act <= 1 { block as u32 } else { 1 },
         );
     }
-    Some(bufs)
+    a
+}
+
+/// One weight part as a [`qmm_kernel`] segment.
+#[derive(Clone)]
+struct Seg {
+    part: Part,
+    spec: u32,
+}
+
+/// One [`qmm_kernel`] launch: up to three segments, consecutive output columns from `col0`.
+struct Launch {
+    segs: Vec<Seg>,
+    col0: usize,
+    rows: usize,
+    lanes: u32,
+}
+
+/// Weights that read the same rounded activations.
+struct Group {
+    scheme: (u32, usize),
+    launches: Vec<Launch>,
+}
+
+/// One or more weights with the same input (`cols`), side by side in one output of
+/// `rows` columns (the sum of theirs): q|k|v, gate|up, or one weight. Weights whose
+/// activation rounding agrees share one rounding launch and one matmul launch per three
+/// segments; the rest get their own. A bias over all output columns is optional.
+pub(crate) struct Projection {
+    groups: Vec<Group>,
+    rows: usize,
+    cols: usize,
+    bias: Option<(cubecl::server::Handle, usize)>,
+}
+
+impl Projection {
+    pub(crate) fn new(
+        ws: &[&QWeightHandle],
+        bias: Option<&[f32]>,
+        device: &CubeDevice,
+    ) -> Result<Projection, HandleError> {
+        let cols = ws.first().map_or(0, |w| w.cols);
+        let mut groups: Vec<Group> = vec![];
+        let mut col = 0;
+        for w in ws {
+            assert_eq!(w.cols, cols, "Projection: weights with different inputs");
+            let (b, _, _) = bind(w, device)?;
+            let (act, block, zp, affine, q81) = act_scheme(w.ty);
+            let spec = seg_spec(b.kind, b.group.max(1), zp, affine, q81);
+            let lanes = lanes_for(cols / b.kind.per_word());
+            let start_group = groups.last().is_none_or(|g| g.scheme != (act, block));
+            if start_group {
+                groups.push(Group {
+                    scheme: (act, block),
+                    launches: vec![],
+                });
+            }
+            let g = groups.last_mut().expect("pushed above");
+            for p in b.parts {
+                let fits = g
+                    .launches
+                    .last()
+                    .is_some_and(|l| l.segs.len() < 3 && l.lanes == lanes);
+                if !fits || start_group && g.launches.is_empty() {
+                    g.launches.push(Launch {
+                        segs: vec![],
+                        col0: col,
+                        rows: 0,
+                        lanes,
+                    });
+                }
+                let l = g.launches.last_mut().expect("pushed above");
+                col += p.rows;
+                l.rows += p.rows;
+                l.segs.push(Seg { part: p, spec });
+            }
+        }
+        let bias = bias.map(|b| {
+            assert_eq!(b.len(), col, "Projection: a bias per output column");
+            (device.client().create_from_slice(f32::as_bytes(b)), b.len())
+        });
+        Ok(Projection {
+            groups,
+            rows: col,
+            cols,
+            bias,
+        })
+    }
+
+    /// Output columns.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Kernel launches per call.
+    pub(crate) fn launches(&self) -> usize {
+        self.groups.iter().map(|g| 1 + g.launches.len()).sum()
+    }
+}
+
+/// `out[m × p.rows] = act(x) · Wᵀ (+ bias) (+ res)` where the activations come from `x` through
+/// source `src` (see [`src`]: `w` and `eps` for a norm); `m` rows; the result has `shape`
+/// (`[m, p.rows]` or any shape of as many elements).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn project(
+    p: &Projection,
+    x: &CubeTensor,
+    w: Option<&CubeTensor>,
+    eps: f32,
+    src: u32,
+    m: usize,
+    res: Option<&CubeTensor>,
+    shape: burn::tensor::Shape,
+) -> CubeTensor {
+    let client = x.client.clone();
+    let out = client.empty(m.max(1) * p.rows.max(1) * 4);
+    let n_out = m * p.rows;
+    if m > 0 && p.rows > 0 {
+        let dummy = || client.empty(4);
+        let (bias, n_bias) = p.bias.clone().unwrap_or_else(|| (dummy(), 1));
+        let (res_h, n_res) = match res {
+            Some(r) => {
+                assert_eq!(
+                    r.meta.shape().num_elements(),
+                    n_out,
+                    "project: residual shape"
+                );
+                (r.handle.clone(), n_out)
+            }
+            None => (dummy(), 1),
+        };
+        let tile4 = m > 1;
+        let gz = if tile4 { (m as u32).div_ceil(TILE) } else { 1 };
+        for g in &p.groups {
+            let a = round_acts(&client, x, w, eps, src, m, p.cols, g.scheme);
+            for l in &g.launches {
+                let seg = |i: usize| l.segs.get(i).unwrap_or(&l.segs[0]);
+                let rows0 = l.segs[0].part.rows as u32;
+                let rows1 = l.segs.get(1).map_or(0, |s| s.part.rows as u32);
+                let cubes = (l.rows as u32).div_ceil(UNITS / l.lanes);
+                // SAFETY: every handle was allocated with at least `n` four-byte elements.
+                let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
+                    BufferArg::from_raw_parts(h.clone(), n.max(1))
+                };
+                let (s0, s1, s2) = (seg(0), seg(1), seg(2));
+                qmm_kernel::launch(
+                    &client,
+                    CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), gz),
+                    CubeDim::new_1d(UNITS),
+                    arg(&s0.part.codes, s0.part.n_codes),
+                    arg(&s0.part.params, s0.part.n_params),
+                    arg(&s1.part.codes, s1.part.n_codes),
+                    arg(&s1.part.params, s1.part.n_params),
+                    arg(&s2.part.codes, s2.part.n_codes),
+                    arg(&s2.part.params, s2.part.n_params),
+                    arg(&a.q, a.n),
+                    arg(&a.dx, a.n_blocks),
+                    arg(&a.sx, a.n_blocks),
+                    arg(&bias, n_bias),
+                    arg(&res_h, n_res),
+                    arg(&out, n_out),
+                    m as u32,
+                    p.cols as u32,
+                    rows0,
+                    rows1,
+                    l.rows as u32,
+                    l.col0 as u32,
+                    p.rows as u32,
+                    s0.spec,
+                    s1.spec,
+                    s2.spec,
+                    l.segs.len() as u32,
+                    g.scheme.1 as u32,
+                    tile4,
+                    l.lanes,
+                    p.bias.is_some(),
+                    res.is_some(),
+                );
+            }
+        }
+    }
+    assert_eq!(shape.num_elements(), n_out, "project: output shape");
+    CubeTensor::new_contiguous(client, x.device.clone(), shape, out, DType::F32)
 }
 
 /// `y = x · Wᵀ` on the device `x` lives on. The activations are first rounded as the CPU
@@ -827,59 +1246,10 @@ pub(crate) fn qmatmul(
     out_shape: burn::tensor::Shape,
 ) -> CubeTensor {
     let device = x.device.clone();
-    let (b, _, _) = bind(w, &device).unwrap_or_else(|e| panic!("qmatmul: {e}"));
+    let p = Projection::new(&[w], None, &device).unwrap_or_else(|e| panic!("qmatmul: {e}"));
     let x = into_contiguous(x);
     assert_eq!(x.dtype, DType::F32, "qmatmul: x must be f32 on the device");
-    let client = x.client.clone();
-    let n = m * w.cols;
-    let (_, act_block, zp, affine, q81) = act_scheme(w.ty);
-    let act = quantize_act(&x, w.ty, n).unwrap_or_else(|| ActBufs {
-        q: x.handle.clone(),
-        dx: client.empty(4),
-        n_dx: 1,
-        sx: client.empty(4),
-        n_sx: 1,
-    });
-    let out = client.empty(m.max(1) * w.rows * 4);
-    if m > 0 && w.rows > 0 {
-        let lanes = lanes_for(w.cols / b.kind.per_word());
-        // A tile of one row for decode (m = 1), else of TILE rows.
-        let tile4 = m > 1;
-        let gz = if tile4 { (m as u32).div_ceil(TILE) } else { 1 };
-        let kind = b.kind;
-        for p in &b.parts {
-            let rows = p.rows as u32;
-            let cubes = rows.div_ceil(UNITS / lanes);
-            unsafe {
-                qmm_kernel::launch(
-                    &client,
-                    CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), gz),
-                    CubeDim::new_1d(UNITS),
-                    BufferArg::from_raw_parts(p.codes.clone(), p.n_codes),
-                    BufferArg::from_raw_parts(p.params.clone(), p.n_params),
-                    BufferArg::from_raw_parts(act.q.clone(), n),
-                    BufferArg::from_raw_parts(act.dx.clone(), act.n_dx),
-                    BufferArg::from_raw_parts(act.sx.clone(), act.n_sx),
-                    BufferArg::from_raw_parts(out.clone(), m * w.rows),
-                    m as u32,
-                    rows,
-                    w.cols as u32,
-                    p.row0 as u32,
-                    w.rows as u32,
-                    kind_id(kind),
-                    kind.per_word() as u32,
-                    b.group.max(1) as u32,
-                    zp,
-                    affine,
-                    q81,
-                    act_block as u32,
-                    tile4,
-                    lanes,
-                );
-            }
-        }
-    }
-    CubeTensor::new_contiguous(client, device, out_shape, out, DType::F32)
+    project(&p, &x, None, 0.0, src::PLAIN, m, None, out_shape)
 }
 
 /// The `CubeDevice` behind a burn device, if it is one.

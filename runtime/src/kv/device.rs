@@ -102,6 +102,17 @@ impl DeviceKv {
         self.v[layer] = vp;
     }
 
+    /// `layer`'s K and V pools (`[slots, kv_dim]`, contiguous), for kernels that read the
+    /// cache in place or write rows into it.
+    pub fn pools(&self, layer: usize) -> (&Tensor<2>, &Tensor<2>) {
+        (&self.k[layer], &self.v[layer])
+    }
+
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.layout.block_size
+    }
+
     /// `layer`'s K and V rows at `slots` (`[slots.len(), kv_dim]` each).
     pub fn gather(&self, layer: usize, slots: &[usize]) -> (Tensor<2>, Tensor<2>) {
         (
