@@ -185,3 +185,230 @@ fn embedded_model_end_to_end() {
         "{mem:?}"
     );
 }
+
+// ------------------------------------------------------------ the fused decoder ops
+
+mod fused {
+    use std::sync::Arc;
+
+    use ember_runtime::backend::gpu::{self, HeadShape, Input, PassTables, Projection};
+    use ember_runtime::backend::{Device, QWeightHandle, Tensor, TensorData};
+    use ember_runtime::gguf::{GgufFile, GgufWriter, parse_bytes};
+    use ember_runtime::opcheck::{nmse_f32, randn};
+    use ember_runtime::ops::{self, AttnShape, Rope, RopeStyle};
+    use ember_runtime::quant::{self, GgmlType};
+    use ember_runtime::sample::Rng;
+
+    fn up(v: &[f32], shape: [usize; 2], d: &Device) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v.to_vec(), shape), d)
+    }
+    fn read(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Weights of `types`, each `rows[i] × cols`, in one in-memory GGUF.
+    fn weights(types: &[GgmlType], rows: &[usize], cols: usize) -> Vec<QWeightHandle> {
+        let mut rng = Rng::new(17);
+        let mut w = GgufWriter::new();
+        for (i, (&ty, &r)) in types.iter().zip(rows).enumerate() {
+            let f = randn(&mut rng, r * cols, 0.5);
+            w.tensor(
+                format!("w{i}"),
+                &[cols as u64, r as u64],
+                ty,
+                quant::quantize(ty, &f).unwrap(),
+            );
+        }
+        let file: Arc<GgufFile> = Arc::new(parse_bytes(&w.to_bytes()).unwrap());
+        (0..types.len())
+            .map(|i| {
+                QWeightHandle::from_tensor(&file, file.require_tensor(&format!("w{i}")).unwrap())
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// The CPU path: each weight's matmul of `x` (`m × cols`), side by side.
+    fn host_project(ws: &[QWeightHandle], x: &[f32], m: usize) -> Vec<f32> {
+        let total: usize = ws.iter().map(|w| w.rows()).sum();
+        let mut y = vec![0f32; m * total];
+        let mut col = 0;
+        for w in ws {
+            let mut yi = vec![0f32; m * w.rows()];
+            quant::matmul(w.mat(), x, m, &mut yi);
+            for t in 0..m {
+                y[t * total + col..t * total + col + w.rows()]
+                    .copy_from_slice(&yi[t * w.rows()..(t + 1) * w.rows()]);
+            }
+            col += w.rows();
+        }
+        y
+    }
+
+    /// One projection over weights of three activation schemes (Q8_0-style blocks twice, a
+    /// K-quant, an f16 matrix): RMSNorm fused in, a bias and a residual fused out; and
+    /// SiLU·mul fused in. Against the CPU path's separate ops, at m = 1 and 5.
+    #[test]
+    fn projection_with_fused_norm_silu_bias_and_residual() {
+        let d = super::gpu();
+        let cols = 512;
+        let types = [
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::F16,
+        ];
+        let rows = [64, 32, 48, 16];
+        let ws = weights(&types, &rows, cols);
+        let refs: Vec<&QWeightHandle> = ws.iter().collect();
+        let total: usize = rows.iter().sum();
+        let mut rng = Rng::new(5);
+        let bias = randn(&mut rng, total, 1.0);
+        let p = Projection::new(&refs, Some(&bias), &d).unwrap();
+        assert_eq!(p.rows(), total);
+        // Three schemes (Q5_0 and Q8_0 share one rounding): a rounding and a matmul each.
+        assert_eq!(p.launches(), 6);
+        let norm_w = randn(&mut rng, cols, 1.0);
+        let nw = Tensor::<1>::from_data(TensorData::new(norm_w.clone(), [cols]), &d);
+        for m in [1usize, 5] {
+            let x = randn(&mut rng, m * cols, 2.0);
+            let res = randn(&mut rng, m * total, 1.0);
+            let mut xn = vec![0f32; x.len()];
+            ops::rmsnorm(&x, &norm_w, 1e-5, &mut xn);
+            let mut want = host_project(&ws, &xn, m);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = res[i] + (*v + bias[i % total]);
+            }
+            let xt = up(&x, [m, cols], &d);
+            let rt = up(&res, [m, total], &d);
+            let got = read(gpu::project(&p, Input::Norm(&xt, &nw, 1e-5), Some(&rt)));
+            let e = nmse_f32(&got, &want);
+            eprintln!("norm → 4 weights + bias + residual, m={m}: NMSE {e:.2e}");
+            assert!(e < 1e-9, "m={m}: NMSE {e:e}");
+
+            // SiLU·mul of a [m, 2·cols] gate|up, into the same weights (no bias term here:
+            // a projection without one).
+            let p2 = Projection::new(&refs, None, &d).unwrap();
+            let gu = randn(&mut rng, m * 2 * cols, 2.0);
+            let mut h = vec![0f32; m * cols];
+            for t in 0..m {
+                let (g, u) = gu[t * 2 * cols..(t + 1) * 2 * cols].split_at(cols);
+                let mut g = g.to_vec();
+                ops::silu_mul(&mut g, u);
+                h[t * cols..(t + 1) * cols].copy_from_slice(&g);
+            }
+            let want = host_project(&ws, &h, m);
+            let got = read(gpu::project(
+                &p2,
+                Input::SiluMul(&up(&gu, [m, 2 * cols], &d)),
+                None,
+            ));
+            let e = nmse_f32(&got, &want);
+            eprintln!("silu·mul → 4 weights, m={m}: NMSE {e:.2e}");
+            assert!(e < 1e-9, "m={m}: NMSE {e:e}");
+        }
+    }
+
+    /// RoPE + the K/V write into scattered blocks, then paged attention over them, against the
+    /// CPU: the host's RoPE and f16 rounding for q, k and v, and `ops::attention` over the same
+    /// blocks (9 query heads over 3 kv heads, both RoPE styles, a block table out of order).
+    #[test]
+    fn rope_store_and_paged_attention_over_scattered_blocks() {
+        let d = super::gpu();
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let (heads, kv_heads, hd, bs) = (9usize, 3usize, 64usize, 4usize);
+            let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
+            let table: Vec<u32> = vec![5, 2, 7, 0];
+            let (past, new) = (9usize, 4usize); // positions 0..13 over 4 blocks of 4
+            let n_slots = 8 * bs;
+            let rope = Rope::new(style, hd, hd, 10000.0);
+            let shape = HeadShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                n_rot: hd,
+                neox: style == RopeStyle::Neox,
+            };
+            let mut rng = Rng::new(23);
+            let slot = |p: usize| table[p / bs] as usize * bs + p % bs;
+            // The past: K/V rows as the cache holds them (rotated k, f16 precision).
+            let mut kpool = vec![0f32; n_slots * kv_dim];
+            let mut vpool = vec![0f32; n_slots * kv_dim];
+            let mut k_all = randn(&mut rng, (past + new) * kv_dim, 1.0);
+            let v_all = randn(&mut rng, (past + new) * kv_dim, 1.0);
+            for p in 0..past {
+                let mut k = k_all[p * kv_dim..(p + 1) * kv_dim].to_vec();
+                rope.apply(&mut k, kv_heads, p);
+                for c in 0..kv_dim {
+                    kpool[slot(p) * kv_dim + c] = ops::round_f16(k[c]);
+                    vpool[slot(p) * kv_dim + c] = ops::round_f16(v_all[p * kv_dim + c]);
+                }
+            }
+            // The new rows' q|k|v, through rope_store.
+            let q = randn(&mut rng, new * q_dim, 1.0);
+            let mut qkv = Vec::with_capacity(new * (q_dim + 2 * kv_dim));
+            for t in 0..new {
+                let p = past + t;
+                qkv.extend_from_slice(&q[t * q_dim..(t + 1) * q_dim]);
+                qkv.extend_from_slice(&k_all[p * kv_dim..(p + 1) * kv_dim]);
+                qkv.extend_from_slice(&v_all[p * kv_dim..(p + 1) * kv_dim]);
+            }
+            let mut cs = Vec::new();
+            rope.table(past, new, &mut cs);
+            let cos: Vec<f32> = cs.iter().map(|v| v.0).collect();
+            let sin: Vec<f32> = cs.iter().map(|v| v.1).collect();
+            let rows: Vec<(u32, u32, u32)> = (0..new)
+                .map(|t| (0, (past + t + 1) as u32, slot(past + t) as u32))
+                .collect();
+            let pt = PassTables::new(&d, &table, &rows, bs).unwrap();
+            let kp = up(&kpool, [n_slots, kv_dim], &d);
+            let vp = up(&vpool, [n_slots, kv_dim], &d);
+            let half = hd / 2;
+            let qr = gpu::rope_store(
+                &up(&qkv, [new, q_dim + 2 * kv_dim], &d),
+                &up(&cos, [new, half], &d),
+                &up(&sin, [new, half], &d),
+                &pt,
+                &kp,
+                &vp,
+                shape,
+            );
+            let att = read(gpu::attention(&qr, &kp, &vp, &pt, shape));
+            // The host: the same rotations and roundings, bit for bit.
+            let mut q_want = q.clone();
+            rope.apply(&mut q_want, heads, past);
+            let q_want: Vec<f32> = q_want.into_iter().map(ops::round_f16).collect();
+            assert_eq!(read(qr.clone()), q_want, "{style:?}: rotated q");
+            for t in 0..new {
+                let p = past + t;
+                rope.apply(&mut k_all[p * kv_dim..(p + 1) * kv_dim], kv_heads, p);
+                for c in 0..kv_dim {
+                    kpool[slot(p) * kv_dim + c] = ops::round_f16(k_all[p * kv_dim + c]);
+                    vpool[slot(p) * kv_dim + c] = ops::round_f16(v_all[p * kv_dim + c]);
+                }
+            }
+            assert_eq!(read(kp.clone()), kpool, "{style:?}: K pool");
+            assert_eq!(read(vp.clone()), vpool, "{style:?}: V pool");
+            // Attention: the CPU over the same blocks, in table order.
+            let k16: Vec<half::f16> = kpool.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let v16: Vec<half::f16> = vpool.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let blk = |pool: &[half::f16], b: u32| {
+                pool[b as usize * bs * kv_dim..(b as usize + 1) * bs * kv_dim].to_vec()
+            };
+            let kb: Vec<Vec<half::f16>> = table.iter().map(|&b| blk(&k16, b)).collect();
+            let vb: Vec<Vec<half::f16>> = table.iter().map(|&b| blk(&v16, b)).collect();
+            let kb: Vec<&[half::f16]> = kb.iter().map(|b| b.as_slice()).collect();
+            let vb: Vec<&[half::f16]> = vb.iter().map(|b| b.as_slice()).collect();
+            let mut want = vec![0f32; new * q_dim];
+            let s = AttnShape {
+                n_heads: heads,
+                n_kv_heads: kv_heads,
+                head_dim: hd,
+            };
+            ops::attention(&q_want, &kb, &vb, bs, past, s, &mut want);
+            let e = nmse_f32(&att, &want);
+            eprintln!("{style:?}: paged attention vs ops::attention NMSE {e:.2e}");
+            assert!(e < 1e-10, "{style:?}: NMSE {e:e}");
+        }
+    }
+}

@@ -63,6 +63,7 @@ impl<M, V> Layer<M, V> {
     }
 
     /// The same layer with each matrix through `fm` and each vector through `fv`.
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     pub(crate) fn try_map<M2, V2, E>(
         &self,
         mut fm: impl FnMut(&M) -> Result<M2, E>,
@@ -129,6 +130,7 @@ impl<'b, 'a> BatchPlan<'b, 'a> {
     }
 
     /// The cache position of every row.
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     pub(crate) fn positions(&self) -> Vec<usize> {
         self.segs
             .iter()
