@@ -247,9 +247,16 @@ mod fused {
 
     /// One projection over weights of three activation schemes (Q8_0-style blocks twice, a
     /// K-quant, an f16 matrix): RMSNorm fused in, a bias and a residual fused out; and
-    /// SiLU·mul fused in. Against the CPU path's separate ops, at m = 1 and 5.
+    /// SiLU·mul fused in. Against the CPU path's separate ops, at m = 1 and 5, in both layouts
+    /// (units sharing a row, as on a hardware GPU; a unit per row, as on a software adapter).
     #[test]
     fn projection_with_fused_norm_silu_bias_and_residual() {
+        for software in [false, true] {
+            projection_case(software);
+        }
+    }
+
+    fn projection_case(software: bool) {
         let d = super::gpu();
         let cols = 512;
         let types = [
@@ -264,7 +271,7 @@ mod fused {
         let total: usize = rows.iter().sum();
         let mut rng = Rng::new(5);
         let bias = randn(&mut rng, total, 1.0);
-        let p = Projection::new(&refs, Some(&bias), &d).unwrap();
+        let p = Projection::new(&refs, Some(&bias), &d, software).unwrap();
         assert_eq!(p.rows(), total);
         // Three schemes (Q5_0 and Q8_0 share one rounding): a rounding and a matmul each.
         assert_eq!(p.launches(), 6);
@@ -283,12 +290,14 @@ mod fused {
             let rt = up(&res, [m, total], &d);
             let got = read(gpu::project(&p, Input::Norm(&xt, &nw, 1e-5), Some(&rt)));
             let e = nmse_f32(&got, &want);
-            eprintln!("norm → 4 weights + bias + residual, m={m}: NMSE {e:.2e}");
+            eprintln!(
+                "norm → 4 weights + bias + residual, m={m}, software {software}: NMSE {e:.2e}"
+            );
             assert!(e < 1e-9, "m={m}: NMSE {e:e}");
 
             // SiLU·mul of a [m, 2·cols] gate|up, into the same weights (no bias term here:
             // a projection without one).
-            let p2 = Projection::new(&refs, None, &d).unwrap();
+            let p2 = Projection::new(&refs, None, &d, software).unwrap();
             let gu = randn(&mut rng, m * 2 * cols, 2.0);
             let mut h = vec![0f32; m * cols];
             for t in 0..m {
@@ -304,7 +313,7 @@ mod fused {
                 None,
             ));
             let e = nmse_f32(&got, &want);
-            eprintln!("silu·mul → 4 weights, m={m}: NMSE {e:.2e}");
+            eprintln!("silu·mul → 4 weights, m={m}, software {software}: NMSE {e:.2e}");
             assert!(e < 1e-9, "m={m}: NMSE {e:e}");
         }
     }

@@ -63,11 +63,13 @@ fn vec1(v: &[f32], device: &Device) -> Tensor<1> {
 
 impl DeviceTransformer {
     /// Move a loaded model's weights to `device` (`backend` names it for records).
+    /// `software`: the adapter runs shaders on the CPU (lavapipe); see [`Projection::new`].
     pub fn new(
         t: Transformer,
         device: Device,
         backend: &'static str,
         adapter: Option<(String, String)>,
+        software: bool,
     ) -> Result<Self, ModelError> {
         let path = t.file.path().display().to_string();
         let mut dev_bytes = 0u64;
@@ -96,7 +98,7 @@ impl DeviceTransformer {
             let h: Layer<QWeightHandle, Tensor<1>> =
                 ly.try_map(&mut handle, |v| vec1(v, &device))?;
             let proj = |ws: &[&QWeightHandle], bias: Option<&[f32]>| {
-                Projection::new(ws, bias, &device).map_err(up_err)
+                Projection::new(ws, bias, &device, software).map_err(up_err)
             };
             layers.push(DevLayer {
                 qkv: proj(&[&h.wq, &h.wk, &h.wv], qkv_bias(ly).as_deref())?,
@@ -108,7 +110,7 @@ impl DeviceTransformer {
             });
         }
         let output = handle(&t.output)?;
-        let output = Projection::new(&[&output], None, &device).map_err(up_err)?;
+        let output = Projection::new(&[&output], None, &device, software).map_err(up_err)?;
         let c = &t.cfg;
         let heads = HeadShape {
             heads: c.n_heads,

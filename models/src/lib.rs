@@ -65,6 +65,7 @@ pub fn load_on(
                 device.clone(),
                 "wgpu",
                 a,
+                adapter.kind == "software",
             )?))
         }
     }

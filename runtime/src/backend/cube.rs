@@ -687,41 +687,59 @@ fn qmm_kernel(
         }
     }
     let u = UNIT_POS as usize;
-    sync_cube();
-    // Six halvings cover 64 lanes; with fewer, the first rounds (stride ≥ lanes) only keep
-    // the barriers uniform.
-    let mut stride = 32usize;
-    let half = (lanes / 2) as usize;
-    #[unroll]
-    for _ in 0..6 {
-        if (lane as usize) < stride && stride <= half {
-            sm[u] += sm[u + stride];
-            if comptime![tile4] {
-                sm[64 + u] += sm[64 + u + stride];
-                sm[128 + u] += sm[128 + u + stride];
-                sm[192 + u] += sm[192 + u + stride];
+    let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
+    if comptime![lanes == 1] {
+        // A unit per output row: its sums are whole, no reduction and no barrier.
+        #[unroll]
+        for k in 0..tile {
+            if t0 + k < m && r_cube < rows {
+                let o = ((t0 + k) * out_rows + col0 + r_cube) as usize;
+                let mut v = sm[(64 * k) as usize + u];
+                if comptime![has_bias] {
+                    v += bias[(col0 + r_cube) as usize];
+                }
+                if comptime![has_res] {
+                    v += res[o];
+                }
+                y[o] = v;
             }
         }
+    } else {
         sync_cube();
-        stride /= 2;
-    }
-    let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
-    if lane < tile && t0 + lane < m && r_cube < rows {
-        let o = ((t0 + lane) * out_rows + col0 + r_cube) as usize;
-        let mut v = sm[(64 * lane + slot * lanes) as usize];
-        if comptime![has_bias] {
-            v += bias[(col0 + r_cube) as usize];
+        // Six halvings cover 64 lanes; with fewer, the first rounds (stride ≥ lanes) only
+        // keep the barriers uniform.
+        let mut stride = 32usize;
+        let half = (lanes / 2) as usize;
+        #[unroll]
+        for _ in 0..6 {
+            if (lane as usize) < stride && stride <= half {
+                sm[u] += sm[u + stride];
+                if comptime![tile4] {
+                    sm[64 + u] += sm[64 + u + stride];
+                    sm[128 + u] += sm[128 + u + stride];
+                    sm[192 + u] += sm[192 + u + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
         }
-        if comptime![has_res] {
-            v += res[o];
+        if lane < tile && t0 + lane < m && r_cube < rows {
+            let o = ((t0 + lane) * out_rows + col0 + r_cube) as usize;
+            let mut v = sm[(64 * lane + slot * lanes) as usize];
+            if comptime![has_bias] {
+                v += bias[(col0 + r_cube) as usize];
+            }
+            if comptime![has_res] {
+                v += res[o];
+            }
+            y[o] = v;
         }
-        y[o] = v;
     }
 }
 
-/// Units that share one output row of `words` code words: about a quarter as many as there
-/// are words (each unit then decodes ~4 words before the tree reduction), a power of two
-/// between 8 and [`UNITS`]. Fewer units per row mean more rows per cube and fewer reduction
+/// Units that share one output row of `words` code words on a hardware GPU: about a quarter as
+/// many as there are words (each unit then decodes ~4 words before the tree reduction), a power
+/// of two between 8 and [`UNITS`] (1, a unit per row, is [`Projection::new`]'s `unit_rows`). Fewer units per row mean more rows per cube and fewer reduction
 /// rounds: short rows (576 columns) were reduction-bound with 64 units on one row.
 fn lanes_for(words: usize) -> u32 {
     let want = (words / 4).clamp(8, UNITS as usize);
@@ -1086,10 +1104,14 @@ pub(crate) struct Projection {
 }
 
 impl Projection {
+    /// `unit_rows`: one unit per output row (no reduction, no barrier; what a software
+    /// adapter such as lavapipe, which runs a cube's units in SIMD chunks on a CPU core, does
+    /// best), instead of [`lanes_for`]'s units per row (coalesced reads on a hardware GPU).
     pub(crate) fn new(
         ws: &[&QWeightHandle],
         bias: Option<&[f32]>,
         device: &CubeDevice,
+        unit_rows: bool,
     ) -> Result<Projection, HandleError> {
         let cols = ws.first().map_or(0, |w| w.cols);
         let mut groups: Vec<Group> = vec![];
@@ -1099,7 +1121,11 @@ impl Projection {
             let (b, _, _) = bind(w, device)?;
             let (act, block, zp, affine, q81) = act_scheme(w.ty);
             let spec = seg_spec(b.kind, b.group.max(1), zp, affine, q81);
-            let lanes = lanes_for(cols / b.kind.per_word());
+            let lanes = if unit_rows {
+                1
+            } else {
+                lanes_for(cols / b.kind.per_word())
+            };
             let start_group = groups.last().is_none_or(|g| g.scheme != (act, block));
             if start_group {
                 groups.push(Group {
@@ -1246,7 +1272,7 @@ pub(crate) fn qmatmul(
     out_shape: burn::tensor::Shape,
 ) -> CubeTensor {
     let device = x.device.clone();
-    let p = Projection::new(&[w], None, &device).unwrap_or_else(|e| panic!("qmatmul: {e}"));
+    let p = Projection::new(&[w], None, &device, false).unwrap_or_else(|e| panic!("qmatmul: {e}"));
     let x = into_contiguous(x);
     assert_eq!(x.dtype, DType::F32, "qmatmul: x must be f32 on the device");
     project(&p, &x, None, 0.0, src::PLAIN, m, None, out_shape)
