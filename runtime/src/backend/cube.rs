@@ -263,7 +263,7 @@ fn src_value(
 /// For float weights it writes each value rounded to f16 (`act` 2) or bf16 (3), or as it is
 /// (4), in `q`. A unit rounds whole blocks.
 #[allow(unused_assignments)]
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn act_kernel(
     x: &[f32],
     w: &[f32],
@@ -564,7 +564,7 @@ fn seg_spec(kind: CodeKind, group: usize, zp: u32, affine: bool, q81: bool) -> u
 /// No early return: the barriers must be reached by every unit (WGSL uniformity), so a cube past
 /// the last row computes row `rows - 1` again and does not write it.
 #[allow(clippy::too_many_arguments, clippy::collapsible_else_if)]
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn qmm_kernel(
     codes0: &[u32],
     params0: &[f32],
@@ -1045,13 +1045,25 @@ fn round_acts(
         return a;
     }
     let x_len = x.meta.shape().num_elements();
+    let width = if src == src::SILU { 2 * cols } else { cols };
+    assert_eq!(
+        x_len,
+        rows * width,
+        "activations: x must be [rows, {width}]"
+    );
     let (wh, w_len) = match w {
         Some(w) => (w.handle.clone(), w.meta.shape().num_elements()),
         None => (x.handle.clone(), x_len),
     };
+    assert!(
+        src != src::NORM || w_len == cols,
+        "activations: a norm weight per column"
+    );
     let r = rows as u32;
     unsafe {
-        act_kernel::launch(
+        // SAFETY: unchecked indexing: rows < `rows` of `cols` (twice that for SiLU·mul, whose
+        // input is gate|up), blocks within the row; `w` covers `cols` for a norm.
+        act_kernel::launch_unchecked(
             client,
             CubeCount::Static(r.min(GRID_X), r.div_ceil(GRID_X), 1),
             CubeDim::new_1d(UNITS),
@@ -1221,39 +1233,45 @@ pub(crate) fn project(
                     BufferArg::from_raw_parts(h.clone(), n.max(1))
                 };
                 let (s0, s1, s2) = (seg(0), seg(1), seg(2));
-                qmm_kernel::launch(
-                    &client,
-                    CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), gz),
-                    CubeDim::new_1d(UNITS),
-                    arg(&s0.part.codes, s0.part.n_codes),
-                    arg(&s0.part.params, s0.part.n_params),
-                    arg(&s1.part.codes, s1.part.n_codes),
-                    arg(&s1.part.params, s1.part.n_params),
-                    arg(&s2.part.codes, s2.part.n_codes),
-                    arg(&s2.part.params, s2.part.n_params),
-                    arg(&a.q, a.n),
-                    arg(&a.dx, a.n_blocks),
-                    arg(&a.sx, a.n_blocks),
-                    arg(&bias, n_bias),
-                    arg(&res_h, n_res),
-                    arg(&out, n_out),
-                    m as u32,
-                    p.cols as u32,
-                    rows0,
-                    rows1,
-                    l.rows as u32,
-                    l.col0 as u32,
-                    p.rows as u32,
-                    s0.spec,
-                    s1.spec,
-                    s2.spec,
-                    l.segs.len() as u32,
-                    g.scheme.1 as u32,
-                    tile4,
-                    l.lanes,
-                    p.bias.is_some(),
-                    res.is_some(),
-                );
+                // SAFETY: unchecked indexing. Codes and parameters: a segment's row `r` < its
+                // rows reads its own words and groups; activations: rows < m of `cols`; the
+                // output: `m × out_rows`, columns `col0 + r` < `out_rows`; bias and residual
+                // (when present) cover the output.
+                unsafe {
+                    qmm_kernel::launch_unchecked(
+                        &client,
+                        CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), gz),
+                        CubeDim::new_1d(UNITS),
+                        arg(&s0.part.codes, s0.part.n_codes),
+                        arg(&s0.part.params, s0.part.n_params),
+                        arg(&s1.part.codes, s1.part.n_codes),
+                        arg(&s1.part.params, s1.part.n_params),
+                        arg(&s2.part.codes, s2.part.n_codes),
+                        arg(&s2.part.params, s2.part.n_params),
+                        arg(&a.q, a.n),
+                        arg(&a.dx, a.n_blocks),
+                        arg(&a.sx, a.n_blocks),
+                        arg(&bias, n_bias),
+                        arg(&res_h, n_res),
+                        arg(&out, n_out),
+                        m as u32,
+                        p.cols as u32,
+                        rows0,
+                        rows1,
+                        l.rows as u32,
+                        l.col0 as u32,
+                        p.rows as u32,
+                        s0.spec,
+                        s1.spec,
+                        s2.spec,
+                        l.segs.len() as u32,
+                        g.scheme.1 as u32,
+                        tile4,
+                        l.lanes,
+                        p.bias.is_some(),
+                        res.is_some(),
+                    )
+                };
             }
         }
     }

@@ -159,7 +159,7 @@ pub fn rope_store(
         &to_cube(qkv),
         &to_cube(cos),
         &to_cube(sin),
-        &pt.0.slots,
+        &pt.0,
         &pool(k_pool),
         &pool(v_pool),
         s,

@@ -22,7 +22,7 @@ pub(crate) const MAX_HEAD_DIM: usize = 4 * UNITS as usize;
 /// (`cos`, `sin`: `[rows, n_rot/2]`), as [`crate::backend::RopeShape::pair`]; q goes to `q_out`
 /// at f16 precision; k and v, at f16 precision, to `kpool`/`vpool` row `slots[row]`.
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn rope_store_kernel(
     qkv: &[f32],
     cos: &[f32],
@@ -124,11 +124,12 @@ pub(crate) fn rope_store(
     qkv: &CubeTensor,
     cos: &CubeTensor,
     sin: &CubeTensor,
-    slots: &cubecl::server::Handle,
+    pt: &PassTables,
     kpool: &CubeTensor,
     vpool: &CubeTensor,
     s: HeadShape,
 ) -> CubeTensor {
+    let (slots, pt_slots) = (&pt.slots, pt.slots_needed());
     let (q_dim, kv_dim) = (s.q_dim(), s.kv_dim());
     let width = q_dim + 2 * kv_dim;
     let n = qkv.meta.shape().num_elements();
@@ -143,24 +144,32 @@ pub(crate) fn rope_store(
         let units = 64u32;
         let cubes = (n as u32).div_ceil(units);
         let pool_len = |p: &CubeTensor| p.meta.shape().num_elements();
-        rope_store_kernel::launch(
-            &client,
-            CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), 1),
-            CubeDim::new_1d(units),
-            arg(&qkv.handle, n),
-            arg(&cos.handle, cos.meta.shape().num_elements()),
-            arg(&sin.handle, sin.meta.shape().num_elements()),
-            arg(slots, rows),
-            arg(&q, rows * q_dim),
-            arg(&kpool.handle, pool_len(kpool)),
-            arg(&vpool.handle, pool_len(vpool)),
-            n as u32,
-            q_dim as u32,
-            kv_dim as u32,
-            s.head_dim as u32,
-            s.n_rot as u32,
-            s.neox,
+        assert!(
+            pool_len(kpool) >= pt_slots * kv_dim && pool_len(vpool) >= pt_slots * kv_dim,
+            "rope_store: the pools are smaller than the block tables"
         );
+        // SAFETY: unchecked indexing: every index is in bounds by construction (a unit per
+        // element of qkv; angle rows per row; slots below `pt_slots`, asserted above).
+        unsafe {
+            rope_store_kernel::launch_unchecked(
+                &client,
+                CubeCount::Static(cubes.min(GRID_X), cubes.div_ceil(GRID_X), 1),
+                CubeDim::new_1d(units),
+                arg(&qkv.handle, n),
+                arg(&cos.handle, cos.meta.shape().num_elements()),
+                arg(&sin.handle, sin.meta.shape().num_elements()),
+                arg(slots, rows),
+                arg(&q, rows * q_dim),
+                arg(&kpool.handle, pool_len(kpool)),
+                arg(&vpool.handle, pool_len(vpool)),
+                n as u32,
+                q_dim as u32,
+                kv_dim as u32,
+                s.head_dim as u32,
+                s.n_rot as u32,
+                s.neox,
+            )
+        };
     }
     CubeTensor::new_contiguous(
         client,
@@ -179,7 +188,7 @@ pub(crate) fn rope_store(
 /// position by position in order. Row `t` attends positions `0..n_ctx` of its sequence
 /// (`rowinfo[2t + 1]`), position `j` at slot `table[rowinfo[2t] + j / block]·block + j % block`.
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn attention_kernel(
     q: &[f32],
     kpool: &[f32],
@@ -316,6 +325,8 @@ pub(crate) struct PassTables {
     pub(crate) rows: usize,
     pub(crate) max_ctx: usize,
     pub(crate) block: usize,
+    /// Pool slots the tables reach: (largest block id + 1) · block.
+    slots_needed: usize,
 }
 
 impl PassTables {
@@ -331,6 +342,23 @@ impl PassTables {
             info.extend([r.0, r.1]);
         }
         let slots: Vec<u32> = rows.iter().map(|r| r.2).collect();
+        // The kernels index without bounds checks: every row's table range and slot must lie
+        // within what is uploaded.
+        let slots_needed = tables
+            .iter()
+            .map(|&b| (b as usize + 1) * block)
+            .max()
+            .unwrap_or(0);
+        for &(off, n, slot) in rows {
+            assert!(
+                off as usize + (n as usize).div_ceil(block) <= tables.len(),
+                "PassTables: a row's context runs past its block table"
+            );
+            assert!(
+                (slot as usize) < slots_needed,
+                "PassTables: a row's slot lies outside its blocks"
+            );
+        }
         let up = |v: &[u32]| {
             if v.is_empty() {
                 client.create_from_slice(u32::as_bytes(&[0u32]))
@@ -346,7 +374,13 @@ impl PassTables {
             rows: rows.len(),
             max_ctx: rows.iter().map(|r| r.1 as usize).max().unwrap_or(0),
             block,
+            slots_needed,
         }
+    }
+
+    /// Pool slots the tables reach.
+    pub(crate) fn slots_needed(&self) -> usize {
+        self.slots_needed
     }
 }
 
@@ -376,25 +410,35 @@ pub(crate) fn attention(
         let n_scores = rows * s.heads * pt.max_ctx;
         let scores = client.empty(n_scores.max(1) * 4);
         let pool_len = |p: &CubeTensor| p.meta.shape().num_elements();
-        attention_kernel::launch(
-            &client,
-            CubeCount::Static(s.heads as u32, rows as u32, 1),
-            CubeDim::new_1d(UNITS),
-            arg(&q.handle, rows * q_dim),
-            arg(&kpool.handle, pool_len(kpool)),
-            arg(&vpool.handle, pool_len(vpool)),
-            arg(&pt.table, pt.n_table),
-            arg(&pt.rowinfo, 2 * rows),
-            arg(&scores, n_scores),
-            arg(&out, rows * q_dim),
-            s.heads as u32,
-            (s.heads / s.kv_heads) as u32,
-            s.head_dim as u32,
-            kv_dim as u32,
-            pt.block as u32,
-            pt.max_ctx as u32,
-            1.0 / (s.head_dim as f32).sqrt(),
+        assert!(
+            pool_len(kpool) >= pt.slots_needed() * kv_dim
+                && pool_len(vpool) >= pt.slots_needed() * kv_dim,
+            "attention: the pools are smaller than the block tables"
         );
+        // SAFETY: unchecked indexing: q and out are `rows × q_dim`; a row reads table entries
+        // `off..off + ceil(n_ctx / block)` (checked by `PassTables::new`), slots below
+        // `slots_needed` (asserted above), and scores below `rows · heads · max_ctx`.
+        unsafe {
+            attention_kernel::launch_unchecked(
+                &client,
+                CubeCount::Static(s.heads as u32, rows as u32, 1),
+                CubeDim::new_1d(UNITS),
+                arg(&q.handle, rows * q_dim),
+                arg(&kpool.handle, pool_len(kpool)),
+                arg(&vpool.handle, pool_len(vpool)),
+                arg(&pt.table, pt.n_table),
+                arg(&pt.rowinfo, 2 * rows),
+                arg(&scores, n_scores),
+                arg(&out, rows * q_dim),
+                s.heads as u32,
+                (s.heads / s.kv_heads) as u32,
+                s.head_dim as u32,
+                kv_dim as u32,
+                pt.block as u32,
+                pt.max_ctx as u32,
+                1.0 / (s.head_dim as f32).sqrt(),
+            )
+        };
     }
     CubeTensor::new_contiguous(
         client,
