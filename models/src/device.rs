@@ -8,7 +8,8 @@
 //!   rounding before Wdown, the residual adds into Wo and Wdown.
 //! * KV: the same [`PagedKv`] does the bookkeeping (blocks, prefix index, refcounts, LRU); the
 //!   K and V rows live in its device storage ([`ember_runtime::kv::DeviceKv`]: one pool per
-//!   layer and kind, slot = `block · block_size + offset`, grown by doubling). RoPE writes k and
+//!   layer and kind, slot = `block · block_size + offset`, allocated whole from the KV budget
+//!   when the cache first meets the device). RoPE writes k and
 //!   v into the pools in place, and attention reads them through the block tables on the
 //!   device: no gather, no copy.
 //! * Token embeddings are dequantized on the host from the mapping (a few rows per step) and

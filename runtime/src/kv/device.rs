@@ -1,6 +1,8 @@
 //! K/V values on a burn device, for the device decoder: one pool per layer and kind
 //! (`[slots, kv_dim]`, slot = `block · block_size + row`), f32 at f16 precision (lavapipe has no
-//! f16 storage). The pools grow by doubling before a forward pass that needs more slots.
+//! f16 storage). [`super::PagedKv::device_mut`] allocates them whole, for every block of the
+//! budget; [`DeviceKv::ensure_slots`] grows them by doubling only for a caller that made them
+//! smaller.
 
 use crate::backend::{Device, Tensor};
 use crate::tensor_ops::gather_rows;
@@ -36,13 +38,18 @@ impl DeviceKv {
             .collect()
     }
 
-    /// Grow every pool to at least `slots` slots (doubling, at least 64).
+    /// Grow every pool to at least `slots` slots (exactly, the first time; doubling after).
     pub fn ensure_slots(&mut self, slots: usize) {
         if slots <= self.cap {
             return;
         }
         let (kv_dim, device) = (self.layout.kv_dim, &self.device);
-        let new_cap = slots.max(2 * self.cap).max(64);
+        // The first allocation is exact (the whole budget); growth doubles.
+        let new_cap = if self.cap == 0 {
+            slots
+        } else {
+            slots.max(2 * self.cap)
+        };
         let extra = new_cap - self.cap;
         let grow = |old: Option<Tensor<2>>| {
             let extra = Tensor::<2>::zeros([extra, kv_dim], device);

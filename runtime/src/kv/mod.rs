@@ -242,13 +242,18 @@ impl PagedKv {
             .layer_blocks(&self.blocks.layout, self.blocks.block_table(seq), layer)
     }
 
-    /// The device pools, made on `device` on first use; the cache must not hold host values
-    /// (room the host storage made for blocks reserved so far is dropped).
+    /// The device pools, made on `device` on first use, whole: every block of the budget
+    /// (`n_blocks`) gets its slots at once, so the pools never grow (and never copy) while
+    /// sequences run. The cache must not hold host values (room the host storage made for
+    /// blocks reserved so far is dropped).
     #[cfg(feature = "burn")]
     pub fn device_mut(&mut self, device: &crate::backend::Device) -> &mut DeviceKv {
         if let KvStore::Host(h) = &self.store {
             assert!(h.is_empty(), "a PagedKv is used by one backend");
-            self.store = KvStore::Device(DeviceKv::new(device.clone(), self.blocks.layout));
+            let layout = self.blocks.layout;
+            let mut d = DeviceKv::new(device.clone(), layout);
+            d.ensure_slots(self.blocks.n_blocks() * layout.block_size);
+            self.store = KvStore::Device(d);
         }
         match &mut self.store {
             KvStore::Device(d) => d,

@@ -254,7 +254,12 @@ fn truncating_into_a_shared_block_copies_it_on_the_device() {
     fill_dev(&mut kv, b, &[7, 7], &dev);
     assert_eq!(key(&kv, a, 2), 3.0, "a's block untouched");
     assert_eq!(key(&kv, b, 2), 7.0);
-    assert!(kv.bytes_reserved() >= 2 * 2 * 64 * 3 * 4, "the pools count");
+    // K and V, 2 layers, 8 blocks of 4 slots, 3 values of 4 bytes: the whole budget.
+    assert_eq!(
+        kv.bytes_reserved(),
+        2 * 2 * 8 * 4 * 3 * 4,
+        "the pools count"
+    );
 }
 
 #[cfg(feature = "burn")]
@@ -293,4 +298,23 @@ fn preallocated_storage_holds_the_budget_and_never_grows() {
     assert_eq!(k[0][1].to_f32(), 1.0);
     kv.preallocate();
     assert_eq!(kv.bytes_reserved(), full, "a second call changes nothing");
+}
+
+/// Device pools are made whole from the budget when the cache first meets the device: every
+/// block's slots at once, and no growth (no copy of the cache) as sequences fill it.
+#[cfg(feature = "burn")]
+#[test]
+fn device_pools_take_the_whole_budget_at_once() {
+    let l = layout();
+    let mut kv = PagedKv::new(l, 8, 64);
+    kv.device_mut(&crate::backend::cpu());
+    let whole = 2 * l.n_layers * 8 * l.block_size * l.kv_dim * 4;
+    assert_eq!(kv.bytes_reserved(), whole);
+    let a = kv.new_seq();
+    kv.reserve(a, 8 * l.block_size).unwrap();
+    let table = kv.block_table(a).to_vec();
+    let slots = kv.device().slots(&table, 8 * l.block_size);
+    kv.device_mut(&crate::backend::cpu())
+        .ensure_slots(slots.iter().max().unwrap() + 1);
+    assert_eq!(kv.bytes_reserved(), whole, "no growth");
 }
