@@ -103,6 +103,10 @@ fn place(backend: &str) -> Result<Placement> {
     let p = choose(choice);
     match (&p, choice) {
         (Placement::Cpu { .. }, BackendChoice::Cpu) => log::info!("{}", p.describe()),
+        // CUDA is asked for by name on machines that have it: no silent fallback.
+        (Placement::Cpu { reason }, BackendChoice::Cuda) => {
+            anyhow::bail!("--backend cuda: {reason}")
+        }
         (Placement::Cpu { reason }, _) => {
             eprintln!("ember: --backend {choice}: falling back to the CPU: {reason}")
         }

@@ -46,6 +46,9 @@ impl Target {
                 Some("wgpu-vulkan") => "vulkan",
                 Some("wgpu-metal") => "metal",
                 Some("wgpu-dx12") => "wgpu",
+                // `auto` tries CUDA first and falls back (to Vulkan, then the CPU), where
+                // `cuda` by name would be an error on a binary without it.
+                Some("cuda") => "auto",
                 _ => "cpu",
             }
             .to_string()

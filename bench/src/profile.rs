@@ -6,7 +6,7 @@
 //! name = "raspberry-pi-5"                 # must equal the file's stem
 //! description = "Raspberry Pi 5, 8 GB"
 //! target_triple = "aarch64-unknown-linux-gnu"
-//! backends = ["cpu", "wgpu-vulkan"]       # preferred first: cpu, wgpu-vulkan, wgpu-metal, wgpu-dx12
+//! backends = ["cpu", "wgpu-vulkan"]       # preferred first: cpu, wgpu-vulkan, wgpu-metal, wgpu-dx12, cuda
 //! threads = 4
 //! cpu_cores = 4                           # optional: threads may not exceed it
 //! memory_budget_gib = 6.0                 # weights + KV + activations
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::slo::Slo;
 
 /// Backends a profile may name, in the runtime's vocabulary.
-pub const KNOWN_BACKENDS: [&str; 4] = ["cpu", "wgpu-vulkan", "wgpu-metal", "wgpu-dx12"];
+pub const KNOWN_BACKENDS: [&str; 5] = ["cpu", "wgpu-vulkan", "wgpu-metal", "wgpu-dx12", "cuda"];
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -206,7 +206,7 @@ impl DeviceProfile {
         }
         if self.backends.is_empty() {
             return bad(
-                "backends is empty: name at least one of cpu, wgpu-vulkan, wgpu-metal, wgpu-dx12"
+                "backends is empty: name at least one of cpu, wgpu-vulkan, wgpu-metal, wgpu-dx12, cuda"
                     .into(),
             );
         }

@@ -63,7 +63,7 @@ pub fn load_on(
             Ok(Box::new(device::DeviceTransformer::new(
                 load_transformer(file)?,
                 device.clone(),
-                "wgpu",
+                placement.backend(),
                 a,
                 adapter.kind == "software",
             )?))

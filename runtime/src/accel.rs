@@ -1,8 +1,12 @@
-//! Where a model runs: `--backend auto|cpu|wgpu|vulkan|metal`.
+//! Where a model runs: `--backend auto|cpu|wgpu|vulkan|metal|cuda`.
 //!
 //! * `cpu`: ember's own SIMD kernels on the mapped file.
-//! * `auto`: the best **hardware** GPU adapter wgpu finds (discrete, then integrated, then
-//!   virtual); otherwise the CPU, saying why.
+//! * `auto`: an NVIDIA GPU through CUDA when this ember has the `cuda` feature and the machine
+//!   has the driver; else the best **hardware** GPU adapter wgpu finds (discrete, then
+//!   integrated, then virtual); otherwise the CPU, saying why at each step.
+//! * `cuda`: the same CubeCL kernels through burn's CUDA runtime (the driver and NVRTC are
+//!   loaded at run time; nothing of the toolkit at build time). Where it cannot start (no
+//!   `cuda` feature, no driver, no NVRTC) it is an error, not a fallback.
 //! * `wgpu`: the best adapter of any kind, software ones included (lavapipe, llvmpipe), which is
 //!   how CI checks the GPU path on a machine without a GPU.
 //! * `vulkan`, `metal`: as `wgpu`, limited to adapters of that API.
@@ -38,10 +42,11 @@ pub enum BackendChoice {
     Wgpu,
     Vulkan,
     Metal,
+    Cuda,
 }
 
 impl BackendChoice {
-    pub const NAMES: [&'static str; 5] = ["auto", "cpu", "wgpu", "vulkan", "metal"];
+    pub const NAMES: [&'static str; 6] = ["auto", "cpu", "wgpu", "vulkan", "metal", "cuda"];
 }
 
 impl FromStr for BackendChoice {
@@ -53,6 +58,7 @@ impl FromStr for BackendChoice {
             "wgpu" | "gpu" => BackendChoice::Wgpu,
             "vulkan" => BackendChoice::Vulkan,
             "metal" => BackendChoice::Metal,
+            "cuda" => BackendChoice::Cuda,
             _ => {
                 return Err(format!(
                     "unknown backend '{s}' (expected one of: {})",
@@ -112,10 +118,12 @@ pub enum Placement {
 }
 
 impl Placement {
-    /// "cpu" or "wgpu", as stored with benchmark runs.
+    /// "cpu", "wgpu" or "cuda", as stored with benchmark runs.
     pub fn backend(&self) -> &'static str {
         match self {
             Placement::Cpu { .. } => "cpu",
+            #[cfg(feature = "wgpu")]
+            Placement::Gpu { adapter, .. } if adapter.api == CUDA_API => "cuda",
             #[cfg(feature = "wgpu")]
             Placement::Gpu { .. } => "wgpu",
         }
@@ -125,10 +133,18 @@ impl Placement {
         match self {
             Placement::Cpu { reason } => format!("backend: cpu ({reason})"),
             #[cfg(feature = "wgpu")]
-            Placement::Gpu { adapter, .. } => format!("backend: wgpu on {adapter}"),
+            Placement::Gpu { adapter, .. } => {
+                format!("backend: {} on {adapter}", self.backend())
+            }
         }
     }
 }
+
+/// The `api` of a CUDA placement's [`Adapter`].
+pub const CUDA_API: &str = "cuda";
+
+/// Whether this binary has the CUDA runtime (the `cuda` feature) compiled in.
+pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
 
 /// Quiets the GPU probe on a machine without a graphical session.
 ///
@@ -294,6 +310,29 @@ pub fn choose(choice: BackendChoice) -> Placement {
             reason: "--backend cpu".into(),
         };
     }
+    if choice == BackendChoice::Cuda {
+        #[cfg(feature = "cuda")]
+        return match cuda::choose() {
+            Ok(p) => p,
+            Err(reason) => Placement::Cpu { reason },
+        };
+        #[cfg(not(feature = "cuda"))]
+        return Placement::Cpu {
+            reason: "this ember was built without the cuda feature (cargo build --release \
+                     --features cuda)"
+                .into(),
+        };
+    }
+    // `auto`: CUDA first where the driver's device nodes are there.
+    #[cfg(feature = "cuda")]
+    let cuda_skipped = if choice == BackendChoice::Auto && cuda::device_node() {
+        match cuda::choose() {
+            Ok(p) => return p,
+            Err(why) => Some(why),
+        }
+    } else {
+        None
+    };
     #[cfg(not(feature = "wgpu"))]
     {
         Placement::Cpu {
@@ -302,7 +341,52 @@ pub fn choose(choice: BackendChoice) -> Placement {
     }
     #[cfg(feature = "wgpu")]
     {
-        gpu::choose(choice)
+        let p = gpu::choose(choice);
+        #[cfg(feature = "cuda")]
+        if let (Placement::Cpu { reason }, Some(why)) = (&p, cuda_skipped) {
+            return Placement::Cpu {
+                reason: format!("{reason}; CUDA: {why}"),
+            };
+        }
+        p
+    }
+}
+
+/// The CUDA placement: device 0 through burn's CUDA runtime, brought up and smoke-tested
+/// (which loads the driver and compiles a kernel with NVRTC) with any panic caught.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    /// Whether the NVIDIA driver's device nodes exist (Linux; elsewhere assume they may).
+    pub(super) fn device_node() -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            std::path::Path::new("/dev/nvidiactl").exists()
+        }
+        #[cfg(not(target_os = "linux"))]
+        true
+    }
+
+    pub(super) fn choose() -> Result<Placement, String> {
+        if !device_node() {
+            return Err("no NVIDIA driver device node (/dev/nvidiactl)".into());
+        }
+        let r = gpu::quietly(|| {
+            let device = burn::tensor::Device::cuda(0);
+            gpu::smoke_test(&device).map(|()| device)
+        });
+        let device = r.map_err(|why| format!("CUDA device 0 failed to start: {why}"))?;
+        Ok(Placement::Gpu {
+            device,
+            adapter: Adapter {
+                name: "CUDA device 0".into(),
+                kind: "discrete",
+                api: CUDA_API.into(),
+                driver: String::new(),
+                unusable: None,
+            },
+        })
     }
 }
 
@@ -396,10 +480,28 @@ mod gpu {
         }
     }
 
-    /// Bring the device up and run one op, catching a panic from the driver stack.
-    fn smoke_test(device: &Device) -> Result<(), String> {
+    /// `f` with panics caught and not printed (a driver stack that cannot start panics), as
+    /// an error message.
+    pub(super) fn quietly<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        std::panic::set_hook(hook);
+        match r {
+            Ok(r) => r,
+            Err(p) => Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into())),
+        }
+    }
+
+    /// Bring the device up and run one op, catching (and not printing) a panic from the
+    /// driver stack.
+    pub(super) fn smoke_test(device: &Device) -> Result<(), String> {
         let d = device.clone();
-        let r = std::panic::catch_unwind(move || {
+        quietly(move || {
             let t = Tensor::<1>::from_data(TensorData::new(vec![1f32, 2.0, 3.0, 4.0], [4]), &d);
             let v = (t * 2.0)
                 .into_data()
@@ -410,15 +512,7 @@ mod gpu {
             } else {
                 Err(format!("wrong result {v:?}"))
             }
-        });
-        match r {
-            Ok(r) => r,
-            Err(p) => Err(p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into())),
-        }
+        })
     }
 }
 
@@ -431,8 +525,26 @@ mod tests {
         for n in BackendChoice::NAMES {
             assert_eq!(n.parse::<BackendChoice>().unwrap().to_string(), n);
         }
-        let e = "cuda".parse::<BackendChoice>().unwrap_err();
-        assert!(e.contains("auto, cpu, wgpu, vulkan, metal"), "{e}");
+        let e = "rocm".parse::<BackendChoice>().unwrap_err();
+        assert!(e.contains("auto, cpu, wgpu, vulkan, metal, cuda"), "{e}");
+    }
+
+    /// `--backend cuda` where it cannot run (no `cuda` feature, or no NVIDIA driver, as on the
+    /// machines CI runs on) is a CPU placement with the reason, which the CLI turns into an
+    /// error; it never panics.
+    #[test]
+    fn cuda_without_a_driver_says_why() {
+        match choose(BackendChoice::Cuda) {
+            Placement::Cpu { reason } => assert!(
+                reason.contains("cuda feature")
+                    || reason.contains("NVIDIA driver")
+                    || reason.contains("failed to start"),
+                "{reason}"
+            ),
+            // Only where the driver is there (a GPU machine), and then it is CUDA.
+            #[cfg(feature = "wgpu")]
+            p => assert!(CUDA_COMPILED && p.backend() == "cuda", "{}", p.describe()),
+        }
     }
 
     #[cfg(feature = "wgpu")]

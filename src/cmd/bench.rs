@@ -68,7 +68,7 @@ pub struct BenchArgs {
     /// llama-bench mode: repetitions (default 5)
     #[argh(option, short = 'r')]
     reps: Option<usize>,
-    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    /// where to run: auto (CUDA if built in and the driver is there, else a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal, cuda (an error where it cannot start) (default auto)
     #[argh(option)]
     backend: Option<String>,
     /// worker threads (default: all cores)

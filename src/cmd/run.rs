@@ -36,7 +36,7 @@ pub struct RunArgs {
     /// maximum new tokens (default 128)
     #[argh(option, short = 'n', default = "128")]
     n_predict: usize,
-    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    /// where to run: auto (CUDA if built in and the driver is there, else a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal, cuda (an error where it cannot start) (default auto)
     #[argh(option)]
     backend: Option<String>,
     /// worker threads (default: all cores)
@@ -229,7 +229,8 @@ fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Gener
         Event::Finish { text, .. } => write(text),
     };
     // `-v` on a GPU: count the kernel launches (the observer costs nothing when off).
-    let count = log::log_enabled!(log::Level::Debug) && engine.model.backend() == "wgpu";
+    let count =
+        log::log_enabled!(log::Level::Debug) && matches!(engine.model.backend(), "wgpu" | "cuda");
     let gen_result = if count {
         let (r, launches) =
             ember_runtime::backend::count_launches(|| engine.generate(req, &mut on_event));

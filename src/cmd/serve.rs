@@ -42,7 +42,7 @@ pub struct ServeArgs {
     /// the model id clients use in "model" and /v1/models lists (default: the file name without .gguf)
     #[argh(option)]
     model_name: Option<String>,
-    /// where to run: auto (a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal (default auto)
+    /// where to run: auto (CUDA if built in and the driver is there, else a hardware GPU if wgpu finds one, else the CPU), cpu, wgpu (any adapter, software ones too), vulkan, metal, cuda (an error where it cannot start) (default auto)
     #[argh(option)]
     backend: Option<String>,
     /// worker threads (default: all cores)

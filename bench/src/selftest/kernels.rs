@@ -68,6 +68,10 @@ pub(super) fn check_backends(profile: Option<&DeviceProfile>) -> Check {
             "wgpu-vulkan" => has_api("vulkan"),
             "wgpu-metal" => has_api("metal"),
             "wgpu-dx12" => has_api("dx12"),
+            "cuda" => matches!(
+                ember_runtime::accel::choose(ember_runtime::accel::BackendChoice::Cuda).backend(),
+                "cuda"
+            ),
             _ => false,
         };
         if first == "cpu" || gpu_ok {
