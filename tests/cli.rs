@@ -575,14 +575,76 @@ fn verbose_run_on_wgpu_counts_kernel_launches() {
 #[test]
 fn unknown_backend_is_a_usage_error() {
     let out = ember()
-        .args(["run", "-p", "hello", "--backend", "cuda"])
+        .args(["run", "-p", "hello", "--backend", "rocm"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("unknown backend 'cuda'") && err.contains("auto, cpu, wgpu, vulkan, metal"),
+        err.contains("unknown backend 'rocm'")
+            && err.contains("auto, cpu, wgpu, vulkan, metal, cuda"),
         "{err}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// `--backend cuda` where CUDA cannot start (this binary has no `cuda` feature, or the machine
+/// no NVIDIA driver, as on CI) is an error with the reason: exit 1, nothing generated, no
+/// fallback to another device.
+#[test]
+fn cuda_by_name_without_cuda_is_an_error() {
+    let out = ember()
+        .args(["run", "-p", "hello", "-n", "2", "--backend", "cuda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if std::path::Path::new("/dev/nvidiactl").exists() && ember_runtime::accel::CUDA_COMPILED {
+        // A machine where CUDA can start: then it runs there.
+        assert!(
+            out.status.success() && err.contains("backend: cuda"),
+            "{err}"
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--backend cuda:"), "{err}");
+    assert!(
+        err.contains("cuda feature") || err.contains("NVIDIA driver"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+/// llama-bench mode on wgpu adds kernel launches per token (counted on the untimed warm-up);
+/// on the CPU there is no such figure.
+#[cfg(feature = "wgpu")]
+#[test]
+fn bench_on_wgpu_reports_launches_per_token() {
+    for (backend, want) in [("wgpu", true), ("cpu", false)] {
+        let out = ember()
+            .args([
+                "bench",
+                "--backend",
+                backend,
+                "--pp",
+                "8",
+                "--tg",
+                "4",
+                "-r",
+                "1",
+            ])
+            .args(["--json", "--no-db"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for r in j["results"].as_array().unwrap() {
+            let l = r.get("launches_per_token").and_then(|v| v.as_f64());
+            assert_eq!(l.is_some(), want, "{backend}: {r}");
+            if let Some(l) = l {
+                assert!(l >= 1.0, "{backend}: {r}");
+            }
+        }
+    }
 }

@@ -32,6 +32,10 @@ pub struct BenchResult {
     pub samples_tps: Vec<f64>,
     pub mean_tps: f64,
     pub sd_tps: f64,
+    /// Kernel launches per token on a GPU backend (`backend::count_launches`, counted on the
+    /// untimed warm-up run so the timed ones pay nothing); absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launches_per_token: Option<f64>,
 }
 
 impl BenchResult {
@@ -52,6 +56,7 @@ impl BenchResult {
             samples_tps,
             mean_tps,
             sd_tps,
+            launches_per_token: None,
         }
     }
 
@@ -183,13 +188,19 @@ pub fn run_test(
         }
         Ok(t.elapsed().as_nanos() as u64)
     };
-    once()?;
+    let gpu = engine.model.backend() != "cpu";
+    let (warm, launches) = ember_runtime::backend::count_launches(&mut once);
+    warm?;
     let mut samples = Vec::with_capacity(reps);
     for _ in 0..reps {
         samples.push(once()?);
         progress();
     }
-    Ok(BenchResult::from_samples(kind, n, samples))
+    let mut r = BenchResult::from_samples(kind, n, samples);
+    if gpu {
+        r.launches_per_token = Some(launches.total() as f64 / n.max(1) as f64);
+    }
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -706,15 +706,26 @@ fn print_llama_bench(
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("| model | size | backend | threads | test | t/s |");
-        println!("| --- | ---: | --- | ---: | ---: | ---: |");
+        // On a GPU, a column of kernel launches per token (what bounds a small model there).
+        let gpu = results.iter().any(|r| r.launches_per_token.is_some());
+        let (lh, ls) = if gpu {
+            (" launches/token |", " ---: |")
+        } else {
+            ("", "")
+        };
+        println!("| model | size | backend | threads | test | t/s |{lh}");
+        println!("| --- | ---: | --- | ---: | ---: | ---: |{ls}");
         for r in results {
             let be = match engine.model.adapter() {
-                Some((a, _)) => format!("wgpu ({a})"),
+                Some((a, _)) => format!("{} ({a})", engine.model.backend()),
                 None => format!("CPU ({:?})", ember_runtime::quant::best_isa()),
             };
+            let l = r
+                .launches_per_token
+                .map(|l| format!(" {l:.1} |"))
+                .unwrap_or_default();
             println!(
-                "| {name} | {size_mib:.2} MiB | {be} | {threads} | {} | {:.2} ± {:.2} |",
+                "| {name} | {size_mib:.2} MiB | {be} | {threads} | {} | {:.2} ± {:.2} |{l}",
                 r.test, r.mean_tps, r.sd_tps
             );
         }
