@@ -648,3 +648,23 @@ fn bench_on_wgpu_reports_launches_per_token() {
         }
     }
 }
+
+/// A KV budget the device cannot hold (pools over the adapter's largest buffer) fails the
+/// request with what to do, instead of a panic when the allocation fails on the device.
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_kv_budget_too_large_for_the_device_is_an_error_not_a_panic() {
+    let out = ember()
+        .args(["bench", "--backend", "wgpu", "-w", "chat", "-n", "1"])
+        .args(["--max-tokens", "2", "--kv-budget-mib", "60000", "--no-db"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("over the adapter's largest buffer") && err.contains("--kv-budget-mib"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+}

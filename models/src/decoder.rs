@@ -178,7 +178,10 @@ pub(crate) enum Norm {
 pub(crate) trait DecoderOps {
     /// Before any block is reserved: a device executor attaches its KV storage here, so that
     /// the reservation makes room in it and not in host memory.
-    fn bind_kv(&mut self, _kv: &mut PagedKv) {}
+    /// Fails when the storage cannot be made (a budget the device cannot hold).
+    fn bind_kv(&mut self, _kv: &mut PagedKv) -> Result<(), ModelError> {
+        Ok(())
+    }
     /// `x` = the token embeddings of `plan`'s rows, plus whatever the pass shares between
     /// layers (RoPE angles, cache slots).
     fn begin(&mut self, plan: &BatchPlan, kv: &mut PagedKv) -> Result<(), ModelError>;
@@ -213,7 +216,7 @@ pub(crate) fn forward<O: DecoderOps>(
     if items.is_empty() {
         return Ok(());
     }
-    ops.bind_kv(kv);
+    ops.bind_kv(kv)?;
     let plan = BatchPlan::reserve(items, kv)?;
     ops.begin(&plan, kv)?;
     for l in 0..n_layers {

@@ -266,9 +266,31 @@ impl DevicePass<'_> {
 
 impl DecoderOps for DevicePass<'_> {
     /// The cache's values live in device pools: set them up before blocks are reserved, which
-    /// the host storage would otherwise make room for.
-    fn bind_kv(&mut self, kv: &mut PagedKv) {
-        kv.device_mut(&self.m.device);
+    /// the host storage would otherwise make room for. The pools take the whole KV budget at
+    /// once: a budget whose per-layer pool exceeds the adapter's largest buffer is refused
+    /// here, with what to do, before anything is allocated.
+    fn bind_kv(&mut self, kv: &mut PagedKv) -> Result<(), ModelError> {
+        let m = self.m;
+        if let Some(max) = gpu::max_buffer_bytes(&m.device) {
+            let l = kv.layout;
+            let pool = (kv.n_blocks() * l.block_size * l.kv_dim * l.elem_bytes) as u64;
+            if pool > max {
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                return Err(ModelError::Device {
+                    path: m.file.path().display().to_string(),
+                    what: format!(
+                        "a KV budget of {:.0} MiB needs {:.0} MiB per layer and kind on the \
+                         device, over the adapter's largest buffer ({:.0} MiB): lower the KV \
+                         budget (--kv-budget-mib) or the context (--ctx)",
+                        mib(2 * l.n_layers as u64 * pool),
+                        mib(pool),
+                        mib(max)
+                    ),
+                });
+            }
+        }
+        kv.device_mut(&m.device);
+        Ok(())
     }
 
     fn begin(&mut self, plan: &BatchPlan, kv: &mut PagedKv) -> Result<(), ModelError> {
@@ -360,8 +382,14 @@ impl DecoderOps for DevicePass<'_> {
         };
         let input = Input::Norm(&h, &m.output_norm, m.cfg.rms_eps);
         let out = gpu::project(&m.output, input, None);
+        // A device that ran out of memory or was lost fails here: an error for the request,
+        // not a panic.
         *logits = out
-            .into_data()
+            .try_into_data()
+            .map_err(|e| ModelError::Device {
+                path: m.file.path().display().to_string(),
+                what: format!("the device failed: {e:?}"),
+            })?
             .try_to_vec::<f32>()
             .map_err(|e| ModelError::Device {
                 path: m.file.path().display().to_string(),

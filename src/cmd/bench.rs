@@ -633,9 +633,11 @@ impl BenchCommand {
                 failed.len()
             );
         }
-        if self.remote.is_some() && !failed.is_empty() && failed.len() == outcome.summary.n_measured
-        {
-            bail!("every request to the server failed");
+        if !failed.is_empty() && failed.len() == outcome.summary.n_measured {
+            match self.remote {
+                Some(_) => bail!("every request to the server failed"),
+                None => bail!("every request failed"),
+            }
         }
         // Figures first, then the verdict on storing them: a run that could not record what it
         // measured exits non-zero.

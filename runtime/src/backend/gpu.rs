@@ -120,6 +120,12 @@ pub fn project(p: &Projection, input: Input<'_>, residual: Option<&Tensor<2>>) -
 
 pub use paged::HeadShape;
 
+/// The largest buffer `device` can bind (what one KV pool or weight part may take), if it is a
+/// wgpu device.
+pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
+    cube::cube_device(device).map(|d| d.client().properties().memory.max_page_size)
+}
+
 /// One forward pass's view of the paged cache on the device: the block tables, and per row its
 /// table, context length and the slot its new K/V row goes to. Uploaded once per pass.
 pub struct PassTables(paged::PassTables);
