@@ -236,8 +236,8 @@ fn contradictions_are_clear() {
         (
             "badbackend",
             "backends = [\"cpu\"]",
-            "backends = [\"cuda\"]",
-            "unknown backend 'cuda'",
+            "backends = [\"rocm\"]",
+            "unknown backend 'rocm'",
         ),
         (
             "metal",
