@@ -887,29 +887,47 @@ fn rope_kernel(
         if d >= 2 * half {
             y[i as usize] = x[i as usize];
         } else {
-            let base = i - d;
             let row = i / (heads * head_dim);
-            let mut j = d / 2;
-            // `%`, which CubeCL expands; is_multiple_of is not a device function.
-            #[allow(clippy::manual_is_multiple_of)]
-            let mut first = d % 2 == 0;
-            let mut a = base + 2 * j;
-            let mut b = a + 1;
-            if comptime![neox] {
-                j = d % half;
-                first = d < half;
-                a = base + j;
-                b = a + half;
-            }
-            let t = (row * half + j) as usize;
-            let (xa, xb) = (x[a as usize], x[b as usize]);
-            if first {
-                y[i as usize] = xa * cos[t] - xb * sin[t];
-            } else {
-                y[i as usize] = xa * sin[t] + xb * cos[t];
-            }
+            y[i as usize] = rotated(x, cos, sin, i - d, d, row, half, neox);
         }
     }
+}
+
+/// RoPE's output for dim `d` (< 2·`half`) of the head that starts at `base` in `x`, with angle
+/// row `row` of `cos`/`sin` (`[rows, half]`): the pair's first output is `a·c − b·s`, the
+/// second `a·s + b·c`; pairs are adjacent dims, or halves when `neox` (see
+/// [`super::RopeShape::pair`]).
+#[allow(clippy::too_many_arguments)]
+#[cube]
+pub(crate) fn rotated(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    base: u32,
+    d: u32,
+    row: u32,
+    half: u32,
+    #[comptime] neox: bool,
+) -> f32 {
+    let mut j = d / 2;
+    // `%`, which CubeCL expands; is_multiple_of is not a device function.
+    #[allow(clippy::manual_is_multiple_of)]
+    let mut first = d % 2 == 0;
+    let mut a = base + 2 * j;
+    let mut b = a + 1;
+    if comptime![neox] {
+        j = d % half;
+        first = d < half;
+        a = base + j;
+        b = a + half;
+    }
+    let t = (row * half + j) as usize;
+    let (xa, xb) = (x[a as usize], x[b as usize]);
+    let mut v = xa * sin[t] + xb * cos[t];
+    if first {
+        v = xa * cos[t] - xb * sin[t];
+    }
+    v
 }
 
 /// [`super::QuantOps::rope`] on the device.

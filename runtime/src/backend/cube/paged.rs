@@ -12,7 +12,7 @@ use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::{GRID_X, UNITS, round_f16_value};
+use super::{GRID_X, UNITS, rotated, round_f16_value};
 
 /// Largest head size [`attention`] takes (four dims per unit).
 pub(crate) const MAX_HEAD_DIM: usize = 4 * UNITS as usize;
@@ -57,26 +57,7 @@ fn rope_store_kernel(
             let d = cc % head_dim;
             let mut v = qkv[(sec + cc) as usize];
             if d < 2 * half {
-                let base = sec + cc - d;
-                let mut j = d / 2;
-                // `%`, which CubeCL expands; is_multiple_of is not a device function.
-                #[allow(clippy::manual_is_multiple_of)]
-                let mut first = d % 2 == 0;
-                let mut a = base + 2 * j;
-                let mut b = a + 1;
-                if comptime![neox] {
-                    j = d % half;
-                    first = d < half;
-                    a = base + j;
-                    b = a + half;
-                }
-                let tab = (t * half + j) as usize;
-                let (xa, xb) = (qkv[a as usize], qkv[b as usize]);
-                if first {
-                    v = xa * cos[tab] - xb * sin[tab];
-                } else {
-                    v = xa * sin[tab] + xb * cos[tab];
-                }
+                v = rotated(qkv, cos, sin, sec + cc - d, d, t, half, neox);
             }
             if c < q_dim {
                 q_out[(t * q_dim + c) as usize] = round_f16_value(v);
