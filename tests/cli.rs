@@ -668,3 +668,21 @@ fn a_kv_budget_too_large_for_the_device_is_an_error_not_a_panic() {
     );
     assert_eq!(out.status.code(), Some(1), "{err}");
 }
+
+/// `ember serve` on a GPU claims the KV budget's device pools at start: a budget the device
+/// cannot hold stops it before it listens (exit 1, with what to lower).
+#[cfg(feature = "wgpu")]
+#[test]
+fn serve_refuses_a_kv_budget_the_device_cannot_hold_before_listening() {
+    let out = ember()
+        .args(["serve", "--backend", "wgpu", "--port", "18093", "--no-db"])
+        .args(["--kv-budget-mib", "60000"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("over the adapter's largest buffer"), "{err}");
+    assert!(!err.contains("listening"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -207,6 +207,32 @@ impl Model for DeviceTransformer {
         self.adapter.clone()
     }
 
+    /// The pools take the whole KV budget at once; a budget whose per-layer pool exceeds the
+    /// adapter's largest buffer is refused here, with what to do, before anything is
+    /// allocated.
+    fn bind_kv(&self, kv: &mut PagedKv) -> Result<(), ModelError> {
+        if let Some(max) = gpu::max_buffer_bytes(&self.device) {
+            let l = kv.layout;
+            let pool = (kv.n_blocks() * l.block_size * l.kv_dim * l.elem_bytes) as u64;
+            if pool > max {
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                return Err(ModelError::Device {
+                    path: self.file.path().display().to_string(),
+                    what: format!(
+                        "a KV budget of {:.0} MiB needs {:.0} MiB per layer and kind on the \
+                         device, over the adapter's largest buffer ({:.0} MiB): lower the KV \
+                         budget (--kv-budget-mib) or the context (--ctx)",
+                        mib(2 * l.n_layers as u64 * pool),
+                        mib(pool),
+                        mib(max)
+                    ),
+                });
+            }
+        }
+        kv.device_mut(&self.device);
+        Ok(())
+    }
+
     fn forward_batch(
         &self,
         items: &[BatchItem<'_>],
@@ -266,31 +292,9 @@ impl DevicePass<'_> {
 
 impl DecoderOps for DevicePass<'_> {
     /// The cache's values live in device pools: set them up before blocks are reserved, which
-    /// the host storage would otherwise make room for. The pools take the whole KV budget at
-    /// once: a budget whose per-layer pool exceeds the adapter's largest buffer is refused
-    /// here, with what to do, before anything is allocated.
+    /// the host storage would otherwise make room for ([`Model::bind_kv`]).
     fn bind_kv(&mut self, kv: &mut PagedKv) -> Result<(), ModelError> {
-        let m = self.m;
-        if let Some(max) = gpu::max_buffer_bytes(&m.device) {
-            let l = kv.layout;
-            let pool = (kv.n_blocks() * l.block_size * l.kv_dim * l.elem_bytes) as u64;
-            if pool > max {
-                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-                return Err(ModelError::Device {
-                    path: m.file.path().display().to_string(),
-                    what: format!(
-                        "a KV budget of {:.0} MiB needs {:.0} MiB per layer and kind on the \
-                         device, over the adapter's largest buffer ({:.0} MiB): lower the KV \
-                         budget (--kv-budget-mib) or the context (--ctx)",
-                        mib(2 * l.n_layers as u64 * pool),
-                        mib(pool),
-                        mib(max)
-                    ),
-                });
-            }
-        }
-        kv.device_mut(&m.device);
-        Ok(())
+        self.m.bind_kv(kv)
     }
 
     fn begin(&mut self, plan: &BatchPlan, kv: &mut PagedKv) -> Result<(), ModelError> {

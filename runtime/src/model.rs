@@ -146,6 +146,12 @@ pub trait Model: Send + Sync {
         let c = self.config();
         KvLayout::new(c.n_layers, c.kv_dim(), block_size)
     }
+    /// Attach `kv`'s storage to the device this model runs on now, rather than at the first
+    /// forward pass: a device decoder allocates its pools whole from the budget, and refuses a
+    /// budget the device cannot hold. Nothing to do on the CPU.
+    fn bind_kv(&self, _kv: &mut crate::kv::PagedKv) -> Result<(), ModelError> {
+        Ok(())
+    }
     /// A fresh single-sequence cache able to hold `n_ctx` positions.
     fn new_cache(&self, n_ctx: usize) -> KvCache {
         let c = self.config();

@@ -127,13 +127,16 @@ impl<'e> Scheduler<'e> {
         Self::with_cache(engine, cfg, kv, false)
     }
 
-    /// Claim the whole KV budget's host memory now ([`PagedKv::preallocate`]), on the CPU
-    /// backend (a device decoder keeps its cache in device memory). Returns the bytes held.
-    pub fn preallocate_kv(&mut self) -> usize {
+    /// Claim the whole KV budget's memory now: host memory on the CPU backend
+    /// ([`PagedKv::preallocate`]), the device pools on a GPU ([`Model::bind_kv`], which fails
+    /// for a budget the device cannot hold). Returns the bytes held.
+    pub fn preallocate_kv(&mut self) -> Result<usize, ModelError> {
         if self.engine.model.backend() == "cpu" {
             self.kv.preallocate();
+        } else {
+            self.engine.model.bind_kv(&mut self.kv)?;
         }
-        self.kv.bytes_reserved()
+        Ok(self.kv.bytes_reserved())
     }
 
     /// One request at a time, first come first served, each on a fresh cache of its own that

@@ -87,12 +87,28 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
         .blocks_for_budget(cfg.scheduler.kv_budget_bytes)
         .max(1);
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The engine thread claims the KV budget first and says whether it could, before we listen.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let worker = {
         let (metrics, sched) = (metrics.clone(), cfg.scheduler.clone());
         std::thread::Builder::new()
             .name("ember-engine".into())
-            .spawn(move || Worker::new(engine, sched, metrics, origin, rec_tx).run(cmd_rx))?
+            .spawn(
+                move || match Worker::new(engine, sched, metrics, origin, rec_tx) {
+                    Ok(w) => {
+                        let _ = ready_tx.send(Ok(()));
+                        w.run(cmd_rx)
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        Vec::new()
+                    }
+                },
+            )?
     };
+    if let Ok(Err(e)) = ready_rx.recv() {
+        anyhow::bail!("the KV cache: {e}");
+    }
 
     let template =
         ChatTemplate::from_metadata_or_chatml(&engine.file.metadata).map_err(|e| e.to_string());

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use ember_bench::record::{MemorySample, RequestRecord};
 use ember_runtime::engine::Engine;
+use ember_runtime::model::ModelError;
 use ember_runtime::request::{RequestOptions, TopEntry};
 use ember_runtime::scheduler::{Scheduler, SchedulerConfig};
 use ember_runtime::serve::{CacheUse, FinishKind, RequestId, ServeEvent, ServeRequest, Server};
@@ -99,15 +100,16 @@ impl<'e> Worker<'e> {
         metrics: Arc<Metrics>,
         origin: Instant,
         records: Option<std::sync::mpsc::Sender<RequestRecord>>,
-    ) -> Self {
+    ) -> Result<Self, ModelError> {
         let mut sched = Scheduler::new(engine, cfg);
-        // The server's memory is claimed at start and does not grow under load.
-        let held = sched.preallocate_kv();
+        // The server's memory is claimed at start (host memory, or the device's pools) and
+        // does not grow under load; a budget the device cannot hold stops the server here.
+        let held = sched.preallocate_kv()?;
         eprintln!(
             "ember serve: KV cache {} MiB held for the budget (--kv-budget-mib)",
             held >> 20
         );
-        Worker {
+        Ok(Worker {
             sched,
             tracks: HashMap::new(),
             metrics,
@@ -116,7 +118,7 @@ impl<'e> Worker<'e> {
             events: Vec::new(),
             memory: Vec::new(),
             last_sample: None,
-        }
+        })
     }
 
     /// Serve until [`Command::Shutdown`] (or every sender is gone) and nothing is in flight.
