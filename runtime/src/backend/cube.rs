@@ -428,6 +428,7 @@ fn row_dot(
     #[comptime] act_block: u32,
     #[comptime] tile4: bool,
     #[comptime] lanes: u32,
+    #[comptime] rows4: bool,
 ) {
     let kind = comptime![spec & 0xF];
     let zp = comptime![(spec >> 4) & 0xFF];
@@ -443,102 +444,165 @@ fn row_dot(
     let words = cols / per_word;
     let row_word = r as usize * words as usize;
     let zpf = f32::cast_from(zp);
-    let mut a0 = 0.0f32;
-    let mut a1 = 0.0f32;
-    let mut a2 = 0.0f32;
-    let mut a3 = 0.0f32;
-    let mut wi = lane;
-    while wi < words {
-        let word = codes[row_word + wi as usize];
-        let c0 = (wi * per_word) as usize;
-        if comptime![kind <= 1] {
-            let g = (r as usize * cols as usize + c0) / group as usize;
-            let scale = params[2 * g];
-            let offset = params[2 * g + 1];
+    if comptime![rows4] {
+        // Rows r..r + 4 against one activation row: each activation value is loaded once for
+        // the four rows. Per row, the arithmetic is the single-row code's, in the same order.
+        let wrow = words as usize;
+        let gstride = cols as usize / group as usize;
+        let mut a0 = 0.0f32;
+        let mut a1 = 0.0f32;
+        let mut a2 = 0.0f32;
+        let mut a3 = 0.0f32;
+        let mut wi = 0u32;
+        while wi < words {
+            let c0 = (wi * per_word) as usize;
+            let w0 = codes[row_word + wi as usize];
+            let w1 = codes[row_word + wrow + wi as usize];
+            let w2 = codes[row_word + 2 * wrow + wi as usize];
+            let w3 = codes[row_word + 3 * wrow + wi as usize];
+            let g0 = (r as usize * cols as usize + c0) / group as usize;
             let mut i0 = 0.0f32;
             let mut i1 = 0.0f32;
             let mut i2 = 0.0f32;
             let mut i3 = 0.0f32;
-            let mut s0 = 0.0f32;
-            let mut s1 = 0.0f32;
-            let mut s2 = 0.0f32;
-            let mut s3 = 0.0f32;
+            let mut s = 0.0f32;
             #[unroll]
             for k in 0..per_word {
-                let w = code_of(word, k, kind) - zpf;
-                let c = c0 + k as usize;
-                let q0 = xq[x0 + c];
-                i0 += w * q0;
+                let q = xq[x0 + c0 + k as usize];
+                i0 += (code_of(w0, k, kind) - zpf) * q;
+                i1 += (code_of(w1, k, kind) - zpf) * q;
+                i2 += (code_of(w2, k, kind) - zpf) * q;
+                i3 += (code_of(w3, k, kind) - zpf) * q;
                 if comptime![affine && !q81] {
-                    s0 += q0;
-                }
-                if comptime![tile4] {
-                    let (q1, q2, q3) = (xq[x1 + c], xq[x2 + c], xq[x3 + c]);
-                    i1 += w * q1;
-                    i2 += w * q2;
-                    i3 += w * q3;
-                    if comptime![affine && !q81] {
-                        s1 += q1;
-                        s2 += q2;
-                        s3 += q3;
-                    }
+                    s += q;
                 }
             }
-            let ab = act_block as usize;
-            let d0 = dx[(x0 + c0) / ab];
-            a0 += scale * d0 * i0;
-            let mut d1 = 0.0f32;
-            let mut d2 = 0.0f32;
-            let mut d3 = 0.0f32;
-            if comptime![tile4] {
-                d1 = dx[(x1 + c0) / ab];
-                d2 = dx[(x2 + c0) / ab];
-                d3 = dx[(x3 + c0) / ab];
-                a1 += scale * d1 * i1;
-                a2 += scale * d2 * i2;
-                a3 += scale * d3 * i3;
-            }
-            // The outer `if` is resolved when the kernel is compiled, the inner one on the
-            // device: kept apart on purpose (and `%`, which CubeCL expands, not is_multiple_of).
+            let d0 = dx[(x0 + c0) / act_block as usize];
+            a0 += params[2 * g0] * d0 * i0;
+            a1 += params[2 * (g0 + gstride)] * d0 * i1;
+            a2 += params[2 * (g0 + 2 * gstride)] * d0 * i2;
+            a3 += params[2 * (g0 + 3 * gstride)] * d0 * i3;
             #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
             if comptime![affine && q81] {
                 if c0 % 32 == 0 {
-                    a0 += offset * sx[(x0 + c0) / 32];
-                    if comptime![tile4] {
-                        a1 += offset * sx[(x1 + c0) / 32];
-                        a2 += offset * sx[(x2 + c0) / 32];
-                        a3 += offset * sx[(x3 + c0) / 32];
-                    }
+                    let sv = sx[(x0 + c0) / 32];
+                    a0 += params[2 * g0 + 1] * sv;
+                    a1 += params[2 * (g0 + gstride) + 1] * sv;
+                    a2 += params[2 * (g0 + 2 * gstride) + 1] * sv;
+                    a3 += params[2 * (g0 + 3 * gstride) + 1] * sv;
                 }
             }
             if comptime![affine && !q81] {
-                a0 += offset * d0 * s0;
-                if comptime![tile4] {
-                    a1 += offset * d1 * s1;
-                    a2 += offset * d2 * s2;
-                    a3 += offset * d3 * s3;
-                }
+                a0 += params[2 * g0 + 1] * d0 * s;
+                a1 += params[2 * (g0 + gstride) + 1] * d0 * s;
+                a2 += params[2 * (g0 + 2 * gstride) + 1] * d0 * s;
+                a3 += params[2 * (g0 + 3 * gstride) + 1] * d0 * s;
             }
-        } else {
-            #[unroll]
-            for k in 0..per_word {
-                let w = decode(word, k, 1.0f32, 0.0f32, kind);
-                let c = c0 + k as usize;
-                a0 += w * xq[x0 + c];
-                if comptime![tile4] {
-                    a1 += w * xq[x1 + c];
-                    a2 += w * xq[x2 + c];
-                    a3 += w * xq[x3 + c];
-                }
-            }
+            wi += 1;
         }
-        wi += lanes;
+        let u = UNIT_POS as usize;
+        sm[u] = a0;
+        sm[64 + u] = a1;
+        sm[128 + u] = a2;
+        sm[192 + u] = a3;
+    } else {
+        let mut a0 = 0.0f32;
+        let mut a1 = 0.0f32;
+        let mut a2 = 0.0f32;
+        let mut a3 = 0.0f32;
+        let mut wi = lane;
+        while wi < words {
+            let word = codes[row_word + wi as usize];
+            let c0 = (wi * per_word) as usize;
+            if comptime![kind <= 1] {
+                let g = (r as usize * cols as usize + c0) / group as usize;
+                let scale = params[2 * g];
+                let offset = params[2 * g + 1];
+                let mut i0 = 0.0f32;
+                let mut i1 = 0.0f32;
+                let mut i2 = 0.0f32;
+                let mut i3 = 0.0f32;
+                let mut s0 = 0.0f32;
+                let mut s1 = 0.0f32;
+                let mut s2 = 0.0f32;
+                let mut s3 = 0.0f32;
+                #[unroll]
+                for k in 0..per_word {
+                    let w = code_of(word, k, kind) - zpf;
+                    let c = c0 + k as usize;
+                    let q0 = xq[x0 + c];
+                    i0 += w * q0;
+                    if comptime![affine && !q81] {
+                        s0 += q0;
+                    }
+                    if comptime![tile4] {
+                        let (q1, q2, q3) = (xq[x1 + c], xq[x2 + c], xq[x3 + c]);
+                        i1 += w * q1;
+                        i2 += w * q2;
+                        i3 += w * q3;
+                        if comptime![affine && !q81] {
+                            s1 += q1;
+                            s2 += q2;
+                            s3 += q3;
+                        }
+                    }
+                }
+                let ab = act_block as usize;
+                let d0 = dx[(x0 + c0) / ab];
+                a0 += scale * d0 * i0;
+                let mut d1 = 0.0f32;
+                let mut d2 = 0.0f32;
+                let mut d3 = 0.0f32;
+                if comptime![tile4] {
+                    d1 = dx[(x1 + c0) / ab];
+                    d2 = dx[(x2 + c0) / ab];
+                    d3 = dx[(x3 + c0) / ab];
+                    a1 += scale * d1 * i1;
+                    a2 += scale * d2 * i2;
+                    a3 += scale * d3 * i3;
+                }
+                // The outer `if` is resolved when the kernel is compiled, the inner one on the
+                // device: kept apart on purpose (and `%`, which CubeCL expands, not is_multiple_of).
+                #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
+                if comptime![affine && q81] {
+                    if c0 % 32 == 0 {
+                        a0 += offset * sx[(x0 + c0) / 32];
+                        if comptime![tile4] {
+                            a1 += offset * sx[(x1 + c0) / 32];
+                            a2 += offset * sx[(x2 + c0) / 32];
+                            a3 += offset * sx[(x3 + c0) / 32];
+                        }
+                    }
+                }
+                if comptime![affine && !q81] {
+                    a0 += offset * d0 * s0;
+                    if comptime![tile4] {
+                        a1 += offset * d1 * s1;
+                        a2 += offset * d2 * s2;
+                        a3 += offset * d3 * s3;
+                    }
+                }
+            } else {
+                #[unroll]
+                for k in 0..per_word {
+                    let w = decode(word, k, 1.0f32, 0.0f32, kind);
+                    let c = c0 + k as usize;
+                    a0 += w * xq[x0 + c];
+                    if comptime![tile4] {
+                        a1 += w * xq[x1 + c];
+                        a2 += w * xq[x2 + c];
+                        a3 += w * xq[x3 + c];
+                    }
+                }
+            }
+            wi += lanes;
+        }
+        let u = UNIT_POS as usize;
+        sm[u] = a0;
+        sm[64 + u] = a1;
+        sm[128 + u] = a2;
+        sm[192 + u] = a3;
     }
-    let u = UNIT_POS as usize;
-    sm[u] = a0;
-    sm[64 + u] = a1;
-    sm[128 + u] = a2;
-    sm[192 + u] = a3;
 }
 
 /// The compile-time half of a weight segment for [`qmm_kernel`], packed in one `u32`: code kind
@@ -592,15 +656,19 @@ fn qmm_kernel(
     #[comptime] act_block: u32,
     #[comptime] tile4: bool,
     #[comptime] lanes: u32,
+    #[comptime] rows4: bool,
     #[comptime] has_bias: bool,
     #[comptime] has_res: bool,
 ) {
     // `lanes` units share a row (a power of two, 8..=64, by the row's length).
     let lane = UNIT_POS % lanes;
     let slot = UNIT_POS / lanes;
-    let rows_per_cube = comptime![UNITS / lanes];
-    let r_cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * rows_per_cube + slot;
-    let r = r_cube.min(rows - 1);
+    // `rows4` (a unit per row, decode): each unit computes four consecutive rows, sharing
+    // each activation load among them; every segment's rows are a multiple of four.
+    let rows_per_cube = comptime![if rows4 { 4 * UNITS } else { UNITS / lanes }];
+    let unit_row = comptime![if rows4 { 4u32 } else { 1u32 }];
+    let r_cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * rows_per_cube + slot * unit_row;
+    let r = r_cube.min(rows - unit_row);
     let t0 = CUBE_POS_Z * 4;
     // Rows past m read the last valid row and are never written.
     let x0 = ((t0).min(m - 1) * cols) as usize;
@@ -612,13 +680,13 @@ fn qmm_kernel(
     if comptime![nseg == 1] {
         row_dot(
             codes0, params0, xq, dx, sx, &mut sm, r, lane, x0, x1, x2, x3, cols, spec0, act_block,
-            tile4, lanes,
+            tile4, lanes, rows4,
         );
     } else {
         if r < rows0 {
             row_dot(
                 codes0, params0, xq, dx, sx, &mut sm, r, lane, x0, x1, x2, x3, cols, spec0,
-                act_block, tile4, lanes,
+                act_block, tile4, lanes, rows4,
             );
         } else {
             if comptime![nseg == 2] {
@@ -640,6 +708,7 @@ fn qmm_kernel(
                     act_block,
                     tile4,
                     lanes,
+                    rows4,
                 );
             } else {
                 if r < rows0 + rows1 {
@@ -661,6 +730,7 @@ fn qmm_kernel(
                         act_block,
                         tile4,
                         lanes,
+                        rows4,
                     );
                 } else {
                     row_dot(
@@ -681,6 +751,7 @@ fn qmm_kernel(
                         act_block,
                         tile4,
                         lanes,
+                        rows4,
                     );
                 }
             }
@@ -688,7 +759,23 @@ fn qmm_kernel(
     }
     let u = UNIT_POS as usize;
     let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
-    if comptime![lanes == 1] {
+    if comptime![rows4] {
+        // Four rows of one activation row (m = 1), each whole: no reduction, no barrier.
+        #[unroll]
+        for k in 0..4u32 {
+            if r_cube + k < rows {
+                let o = (t0 * out_rows + col0 + r_cube + k) as usize;
+                let mut v = sm[(64 * k) as usize + u];
+                if comptime![has_bias] {
+                    v += bias[(col0 + r_cube + k) as usize];
+                }
+                if comptime![has_res] {
+                    v += res[o];
+                }
+                y[o] = v;
+            }
+        }
+    } else if comptime![lanes == 1] {
         // A unit per output row: its sums are whole, no reduction and no barrier.
         #[unroll]
         for k in 0..tile {
@@ -1114,6 +1201,9 @@ struct Launch {
     col0: usize,
     rows: usize,
     lanes: u32,
+    /// A unit per row (`lanes` 1), every segment quantized (4- or 8-bit codes) with a
+    /// multiple of four rows: decode may give each unit four rows ([`qmm_kernel`]'s `rows4`).
+    rows4: bool,
 }
 
 /// Weights that read the same rounded activations.
@@ -1175,11 +1265,14 @@ impl Projection {
                         col0: col,
                         rows: 0,
                         lanes,
+                        rows4: lanes == 1,
                     });
                 }
                 let l = g.launches.last_mut().expect("pushed above");
                 col += p.rows;
                 l.rows += p.rows;
+                l.rows4 &=
+                    p.rows.is_multiple_of(4) && matches!(b.kind, CodeKind::U4 | CodeKind::U8);
                 l.segs.push(Seg { part: p, spec });
             }
         }
@@ -1245,7 +1338,9 @@ pub(crate) fn project(
                 let seg = |i: usize| l.segs.get(i).unwrap_or(&l.segs[0]);
                 let rows0 = l.segs[0].part.rows as u32;
                 let rows1 = l.segs.get(1).map_or(0, |s| s.part.rows as u32);
-                let cubes = (l.rows as u32).div_ceil(UNITS / l.lanes);
+                let rows4 = l.rows4 && !tile4;
+                let per_cube = if rows4 { 4 * UNITS } else { UNITS / l.lanes };
+                let cubes = (l.rows as u32).div_ceil(per_cube);
                 // SAFETY: every handle was allocated with at least `n` four-byte elements.
                 let arg = |h: &cubecl::server::Handle, n: usize| unsafe {
                     BufferArg::from_raw_parts(h.clone(), n.max(1))
@@ -1286,6 +1381,7 @@ pub(crate) fn project(
                         g.scheme.1 as u32,
                         tile4,
                         l.lanes,
+                        rows4,
                         p.bias.is_some(),
                         res.is_some(),
                     )
