@@ -22,17 +22,23 @@ use burn_cubecl::tensor::CubeTensor;
 use super::cube::{self, paged};
 use super::{Device, HandleError, QWeightHandle, Tensor};
 
-fn to_cube<const D: usize>(t: &Tensor<D>) -> CubeTensor {
+/// The tensor's own CubeCL tensor (its buffer, not a copy).
+fn cube_of<const D: usize>(t: &Tensor<D>) -> CubeTensor {
     match t.clone().into_dispatch().kind {
-        DispatchTensorKind::Cube(BackendTensor::Float(c)) => into_contiguous(c),
+        DispatchTensorKind::Cube(BackendTensor::Float(c)) => c,
         _ => panic!("a fused GPU op got a tensor that is not a float tensor on a wgpu device"),
     }
 }
 
-/// A pool tensor's buffer, to be written in place: it must be contiguous (the pools are made
-/// by `zeros` and `cat`), or the writes would land in a copy.
+/// An input, made contiguous if it is a view.
+fn to_cube<const D: usize>(t: &Tensor<D>) -> CubeTensor {
+    into_contiguous(cube_of(t))
+}
+
+/// A pool tensor's buffer, to be written in place: it must be contiguous as it is (the pools
+/// are made by `zeros` and `cat`), since a contiguous copy would take the writes instead.
 fn pool(t: &Tensor<2>) -> CubeTensor {
-    let c = to_cube(t);
+    let c = cube_of(t);
     assert!(
         c.is_contiguous(),
         "a KV pool must be contiguous to be written in place"
