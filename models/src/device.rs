@@ -300,12 +300,11 @@ impl DecoderOps for DevicePass<'_> {
     fn begin(&mut self, plan: &BatchPlan, kv: &mut PagedKv) -> Result<(), ModelError> {
         let m = self.m;
         let bs = kv.device().block_size();
+        // The pools already hold every block of the budget (`bind_kv`).
         let (mut tables, mut rows) = (Vec::new(), Vec::with_capacity(plan.n));
-        let mut max_block = 0;
         for (it, s) in plan.iter() {
             let end = s.pos0 + s.len;
             let table = &kv.block_table(it.seq)[..end.div_ceil(bs)];
-            max_block = max_block.max(table.iter().copied().max().unwrap_or(0) as usize);
             let off = tables.len() as u32;
             tables.extend_from_slice(table);
             for p in s.pos0..end {
@@ -313,7 +312,6 @@ impl DecoderOps for DevicePass<'_> {
                 rows.push((off, (p + 1) as u32, slot as u32));
             }
         }
-        kv.device_mut(&m.device).ensure_slots((max_block + 1) * bs);
         let dev_err = |e: HandleError| ModelError::Device {
             path: m.file.path().display().to_string(),
             what: e.to_string(),
