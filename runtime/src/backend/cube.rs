@@ -627,7 +627,7 @@ fn seg_spec(kind: CodeKind, group: usize, zp: u32, affine: bool, q81: bool) -> u
 /// the first row's of the four-row code, so a sequence's result does not depend on the batch.
 /// No early return: the barriers must be reached by every unit (WGSL uniformity), so a cube past
 /// the last row computes row `rows - 1` again and does not write it.
-#[allow(clippy::too_many_arguments, clippy::collapsible_else_if)]
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 #[cube(launch_unchecked)]
 fn qmm_kernel(
     codes0: &[u32],
@@ -676,85 +676,42 @@ fn qmm_kernel(
     let x2 = ((t0 + 2).min(m - 1) * cols) as usize;
     let x3 = ((t0 + 3).min(m - 1) * cols) as usize;
     let mut sm = Shared::<[f32]>::new_slice(256usize);
-    // Which segment the row is in: the comptime tests drop the code of absent segments.
-    if comptime![nseg == 1] {
+    // Which segment the row is in, and its row there; the comptime tests drop the code of
+    // absent segments.
+    let mut seg = 0u32;
+    let mut rl = r;
+    if comptime![nseg > 1] {
+        if r >= rows0 {
+            seg = 1;
+            rl = r - rows0;
+        }
+    }
+    if comptime![nseg > 2] {
+        if r >= rows0 + rows1 {
+            seg = 2;
+            rl = r - rows0 - rows1;
+        }
+    }
+    if seg == 0 {
         row_dot(
-            codes0, params0, xq, dx, sx, &mut sm, r, lane, x0, x1, x2, x3, cols, spec0, act_block,
+            codes0, params0, xq, dx, sx, &mut sm, rl, lane, x0, x1, x2, x3, cols, spec0, act_block,
             tile4, lanes, rows4,
         );
-    } else {
-        if r < rows0 {
+    }
+    if comptime![nseg > 1] {
+        if seg == 1 {
             row_dot(
-                codes0, params0, xq, dx, sx, &mut sm, r, lane, x0, x1, x2, x3, cols, spec0,
+                codes1, params1, xq, dx, sx, &mut sm, rl, lane, x0, x1, x2, x3, cols, spec1,
                 act_block, tile4, lanes, rows4,
             );
-        } else {
-            if comptime![nseg == 2] {
-                row_dot(
-                    codes1,
-                    params1,
-                    xq,
-                    dx,
-                    sx,
-                    &mut sm,
-                    r - rows0,
-                    lane,
-                    x0,
-                    x1,
-                    x2,
-                    x3,
-                    cols,
-                    spec1,
-                    act_block,
-                    tile4,
-                    lanes,
-                    rows4,
-                );
-            } else {
-                if r < rows0 + rows1 {
-                    row_dot(
-                        codes1,
-                        params1,
-                        xq,
-                        dx,
-                        sx,
-                        &mut sm,
-                        r - rows0,
-                        lane,
-                        x0,
-                        x1,
-                        x2,
-                        x3,
-                        cols,
-                        spec1,
-                        act_block,
-                        tile4,
-                        lanes,
-                        rows4,
-                    );
-                } else {
-                    row_dot(
-                        codes2,
-                        params2,
-                        xq,
-                        dx,
-                        sx,
-                        &mut sm,
-                        r - rows0 - rows1,
-                        lane,
-                        x0,
-                        x1,
-                        x2,
-                        x3,
-                        cols,
-                        spec2,
-                        act_block,
-                        tile4,
-                        lanes,
-                        rows4,
-                    );
-                }
-            }
+        }
+    }
+    if comptime![nseg > 2] {
+        if seg == 2 {
+            row_dot(
+                codes2, params2, xq, dx, sx, &mut sm, rl, lane, x0, x1, x2, x3, cols, spec2,
+                act_block, tile4, lanes, rows4,
+            );
         }
     }
     let u = UNIT_POS as usize;
