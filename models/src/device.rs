@@ -73,6 +73,10 @@ impl DeviceTransformer {
         software: bool,
     ) -> Result<Self, ModelError> {
         let path = t.file.path().display().to_string();
+        let up_err = |e: HandleError| ModelError::Device {
+            path: path.clone(),
+            what: format!("upload: {e}"),
+        };
         let mut dev_bytes = 0u64;
         let mut handle = |w: &QWeight| -> Result<QWeightHandle, ModelError> {
             let h = QWeightHandle::new(
@@ -83,21 +87,15 @@ impl DeviceTransformer {
                 w.start..w.start + w.len,
             )
             .and_then(|h| backend::prepare(&h, &device).map(|b| (h, b)))
-            .map_err(|e: HandleError| ModelError::Device {
-                path: path.clone(),
-                what: format!("upload: {e}"),
-            })?;
+            .map_err(up_err)?;
             dev_bytes += h.1 as u64;
             Ok(h.0)
         };
         let mut layers = Vec::with_capacity(t.layers.len());
-        let up_err = |e: HandleError| ModelError::Device {
-            path: path.clone(),
-            what: format!("upload: {e}"),
-        };
         for ly in &t.layers {
-            let h: Layer<QWeightHandle, Tensor<1>> =
-                ly.try_map(&mut handle, |v| vec1(v, &device))?;
+            // The matrices uploaded; the vectors are the norms' (uploaded below) and the biases
+            // (part of the q|k|v projection).
+            let h: Layer<QWeightHandle, ()> = ly.try_map(&mut handle, |_| ())?;
             let proj = |ws: &[&QWeightHandle], bias: Option<&[f32]>| {
                 Projection::new(ws, bias, &device, software).map_err(up_err)
             };
@@ -106,8 +104,8 @@ impl DeviceTransformer {
                 wo: proj(&[&h.wo], None)?,
                 gate_up: proj(&[&h.w_gate, &h.w_up], None)?,
                 down: proj(&[&h.w_down], None)?,
-                attn_norm: h.attn_norm,
-                ffn_norm: h.ffn_norm,
+                attn_norm: vec1(&ly.attn_norm, &device),
+                ffn_norm: vec1(&ly.ffn_norm, &device),
             });
         }
         let output = handle(&t.output)?;
