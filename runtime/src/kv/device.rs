@@ -5,7 +5,6 @@
 //! smaller.
 
 use crate::backend::{Device, Tensor};
-use crate::tensor_ops::gather_rows;
 
 use super::{BlockCopy, BlockId, KvLayout, KvStorage};
 
@@ -30,7 +29,10 @@ impl DeviceKv {
         }
     }
 
-    /// The slot of every position `0..end` of a sequence whose block table is `table`.
+    /// The slot of every position `0..end` of a sequence whose block table is `table`. (The
+    /// device decoder computes slots as it uploads the block tables; this and [`Self::write`] /
+    /// [`Self::gather`] let the tests reach the pools on burn-flex.)
+    #[cfg(test)]
     pub fn slots(&self, table: &[BlockId], end: usize) -> Vec<usize> {
         let bs = self.layout.block_size;
         (0..end)
@@ -77,6 +79,7 @@ impl DeviceKv {
 
     /// Store rows `row0..row0 + slots.len()` of `k` and `v` (`[rows, kv_dim]`) in `layer`'s
     /// pools at `slots`, one contiguous run of slots at a time.
+    #[cfg(test)]
     pub fn write(
         &mut self,
         layer: usize,
@@ -121,7 +124,9 @@ impl DeviceKv {
     }
 
     /// `layer`'s K and V rows at `slots` (`[slots.len(), kv_dim]` each).
+    #[cfg(test)]
     pub fn gather(&self, layer: usize, slots: &[usize]) -> (Tensor<2>, Tensor<2>) {
+        use crate::tensor_ops::gather_rows;
         (
             gather_rows(self.k[layer].clone(), slots),
             gather_rows(self.v[layer].clone(), slots),
