@@ -1178,6 +1178,9 @@ pub(crate) struct Projection {
     rows: usize,
     cols: usize,
     bias: Option<(cubecl::server::Handle, usize)>,
+    /// One unused word, bound where a launch has no bias or no residual (a binding may not
+    /// be empty), made once rather than per call.
+    unused: cubecl::server::Handle,
 }
 
 impl Projection {
@@ -1242,6 +1245,7 @@ impl Projection {
             rows: col,
             cols,
             bias,
+            unused: device.client().empty(4),
         })
     }
 
@@ -1274,8 +1278,7 @@ pub(crate) fn project(
     let out = client.empty(m.max(1) * p.rows.max(1) * 4);
     let n_out = m * p.rows;
     if m > 0 && p.rows > 0 {
-        let dummy = || client.empty(4);
-        let (bias, n_bias) = p.bias.clone().unwrap_or_else(|| (dummy(), 1));
+        let (bias, n_bias) = p.bias.clone().unwrap_or_else(|| (p.unused.clone(), 1));
         let (res_h, n_res) = match res {
             Some(r) => {
                 assert_eq!(
@@ -1285,7 +1288,7 @@ pub(crate) fn project(
                 );
                 (r.handle.clone(), n_out)
             }
-            None => (dummy(), 1),
+            None => (p.unused.clone(), 1),
         };
         let tile4 = m > 1;
         let gz = if tile4 { (m as u32).div_ceil(TILE) } else { 1 };
