@@ -318,6 +318,39 @@ mod fused {
         }
     }
 
+    /// Every quantized type alone in a projection, in both layouts, at m = 1 (a software
+    /// adapter's decode gives each unit four rows) and m = 5 (four-row tiles and a remainder),
+    /// against the CPU path: each type's group walk, zero point and affine term.
+    #[test]
+    fn projection_of_each_quantized_type_in_both_layouts() {
+        let d = super::gpu();
+        let cols = 512;
+        let mut rng = Rng::new(9);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let ws = weights(&[ty], &[36], cols);
+            for software in [false, true] {
+                let p = Projection::new(&[&ws[0]], None, &d, software).unwrap();
+                for m in [1usize, 5, 37] {
+                    let x = randn(&mut rng, m * cols, 2.0);
+                    let want = host_project(&ws, &x, m);
+                    let got = read(gpu::project(&p, Input::Plain(&up(&x, [m, cols], &d)), None));
+                    let e = nmse_f32(&got, &want);
+                    eprintln!("{ty}, m={m}, software {software}: NMSE {e:.2e}");
+                    assert!(e < 1e-9, "{ty}, m={m}, software {software}: NMSE {e:e}");
+                }
+            }
+        }
+    }
+
     /// RoPE + the K/V write into scattered blocks, then paged attention over them, against the
     /// CPU: the host's RoPE and f16 rounding for q, k and v, and `ops::attention` over the same
     /// blocks (9 query heads over 3 kv heads, both RoPE styles, a block table out of order).

@@ -56,6 +56,8 @@ pub struct DeviceTransformer {
     weight_bytes: u64,
     device_weight_bytes: u64,
     peak: Mutex<u64>,
+    /// The adapter runs shaders on this machine's CPU (lavapipe).
+    software: bool,
 }
 
 fn vec1(v: &[f32], device: &Device) -> Tensor<1> {
@@ -133,6 +135,7 @@ impl DeviceTransformer {
             backend,
             adapter,
             peak: Mutex::new(0),
+            software,
         };
         m.note_memory();
         Ok(m)
@@ -237,6 +240,11 @@ impl Model for DeviceTransformer {
         kv: &mut PagedKv,
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
+        if self.software {
+            // The thread that launches the kernels gives its core to the adapter's threads
+            // (see `gpu::yield_host_thread`).
+            gpu::yield_host_thread();
+        }
         let c = &self.cfg;
         let mut pass = DevicePass {
             m: self,

@@ -8,9 +8,9 @@
 //!   power of two from 8 to 64, is about a quarter of the row's code words, so short rows get
 //!   several rows per cube and fewer reduction rounds; cubes are laid out on a 2-D grid so that
 //!   vocabularies over 65,535 rows fit;
-//! * each unit walks its row's code words with a stride of `lanes` words, decodes the 8, 4 or 2
-//!   codes of a word with one `(scale, offset)` fetch (a word never straddles a group), and
-//!   accumulates the tile's dot products;
+//! * each unit walks its row's code words with a stride of `lanes` words (a unit per row walks
+//!   it a weight group at a time, with one `(scale, offset)` fetch per group), decodes the 8, 4
+//!   or 2 codes of a word, and accumulates the tile's dot products;
 //! * a shared-memory tree reduction finishes the sums. The single-row tile does exactly what the
 //!   first row of the four-row tile does, so a sequence's logits do not depend on the batch.
 //!
@@ -370,15 +370,17 @@ fn act_kernel(
     }
 }
 
-/// Code `k` of a packed word, as an exact f32 integer.
+/// Code `k` of a packed word, as an exact f32 integer. Converted as a signed integer (the same
+/// value below 256): x86 before AVX-512 has no unsigned-to-float instruction, so an unsigned
+/// conversion costs a software adapter several instructions per code there.
 #[allow(unused_assignments)]
 #[cube]
 fn code_of(word: u32, k: u32, #[comptime] kind: u32) -> f32 {
     let mut c = 0.0f32;
     if comptime![kind == 0] {
-        c = f32::cast_from((word >> (4 * k)) & 0xF);
+        c = f32::cast_from(i32::cast_from((word >> (4 * k)) & 0xF));
     } else {
-        c = f32::cast_from((word >> (8 * k)) & 0xFF);
+        c = f32::cast_from(i32::cast_from((word >> (8 * k)) & 0xFF));
     }
     c
 }
@@ -401,13 +403,23 @@ fn decode(word: u32, k: u32, scale: f32, offset: f32, #[comptime] kind: u32) -> 
     v
 }
 
-/// Integer mode (quantized weights): per code word, `Σ (code − zp) · q` over its 8 or 4
-/// elements is exact in f32 (|terms| ≤ 255·127), then scaled by `scale · dx` as the CPU kernels
-/// scale their integer block sums; affine types add their min term from `sx` (Q8_1, once per
-/// 32-block) or from `offset · dx · Σq` (Q8_K). Float mode multiplies decoded weights by the
-/// rounded activations. Row `r` of one weight (decoded as `spec` says, see [`seg_spec`]) against
-/// up to four activation rows starting at flat offsets `x0..x3`: this unit's partial sums go to
-/// `sm[u]`, `sm[64 + u]`, `sm[128 + u]`, `sm[192 + u]`.
+/// Integer mode (quantized weights, 4- or 8-bit codes): per code word, `Σ (code − zp) · q` over
+/// its 8 or 4 elements is exact in f32 (|terms| ≤ 255·127), then scaled by `scale · dx` as the
+/// CPU kernels scale their integer block sums; affine types add their min term from `sx` (Q8_1,
+/// once per 32-block) or from `offset · dx · Σq` (Q8_K). Float mode (f16, bf16, f32 weights)
+/// multiplies decoded weights by the rounded activations.
+///
+/// With `lanes` units on a row (a hardware GPU), unit `lane` takes words `lane, lane + lanes,
+/// …`: neighbouring units read neighbouring words. With a unit per row (`lanes` 1, a software
+/// adapter), the unit walks its row a weight group at a time and fetches each group's
+/// `(scale, offset)` once rather than once per word (a gather per fetch on a CPU's SIMD lanes);
+/// the float operations, and so the sums, are the same as a word at a time.
+///
+/// Row `r` of one weight (decoded as `spec` says, see [`seg_spec`]) against up to four
+/// activation rows starting at flat offsets `x0..x3`; with `rows4`, rows `r..r + 4` against
+/// `x0` (each activation value is loaded once for the four rows; per row the arithmetic is the
+/// single-row code's, in the same order). This unit's partial sums go to `sm[u]`, `sm[64 + u]`,
+/// `sm[128 + u]`, `sm[192 + u]`.
 #[allow(clippy::too_many_arguments)]
 #[cube]
 fn row_dot(
@@ -444,80 +456,92 @@ fn row_dot(
     let words = cols / per_word;
     let row_word = r as usize * words as usize;
     let zpf = f32::cast_from(zp);
-    if comptime![rows4] {
-        // Rows r..r + 4 against one activation row: each activation value is loaded once for
-        // the four rows. Per row, the arithmetic is the single-row code's, in the same order.
+    let ab = act_block as usize;
+    let mut a0 = 0.0f32;
+    let mut a1 = 0.0f32;
+    let mut a2 = 0.0f32;
+    let mut a3 = 0.0f32;
+    if comptime![kind <= 1 && rows4] {
+        // Rows r..r + 4 against one activation row, a group at a time.
+        let wpg = comptime![group / per_word];
+        let n_groups = cols / group;
         let wrow = words as usize;
-        let gstride = cols as usize / group as usize;
-        let mut a0 = 0.0f32;
-        let mut a1 = 0.0f32;
-        let mut a2 = 0.0f32;
-        let mut a3 = 0.0f32;
-        let mut wi = 0u32;
-        while wi < words {
-            let c0 = (wi * per_word) as usize;
-            let w0 = codes[row_word + wi as usize];
-            let w1 = codes[row_word + wrow + wi as usize];
-            let w2 = codes[row_word + 2 * wrow + wi as usize];
-            let w3 = codes[row_word + 3 * wrow + wi as usize];
-            let g0 = (r as usize * cols as usize + c0) / group as usize;
-            let mut i0 = 0.0f32;
-            let mut i1 = 0.0f32;
-            let mut i2 = 0.0f32;
-            let mut i3 = 0.0f32;
-            let mut s = 0.0f32;
+        let grow = n_groups as usize;
+        let mut gi = 0u32;
+        while gi < n_groups {
+            let g0 = r as usize * grow + gi as usize;
+            let (sc0, sc1) = (params[2 * g0], params[2 * (g0 + grow)]);
+            let (sc2, sc3) = (params[2 * (g0 + 2 * grow)], params[2 * (g0 + 3 * grow)]);
+            let (of0, of1) = (params[2 * g0 + 1], params[2 * (g0 + grow) + 1]);
+            let (of2, of3) = (
+                params[2 * (g0 + 2 * grow) + 1],
+                params[2 * (g0 + 3 * grow) + 1],
+            );
             #[unroll]
-            for k in 0..per_word {
-                let q = xq[x0 + c0 + k as usize];
-                i0 += (code_of(w0, k, kind) - zpf) * q;
-                i1 += (code_of(w1, k, kind) - zpf) * q;
-                i2 += (code_of(w2, k, kind) - zpf) * q;
-                i3 += (code_of(w3, k, kind) - zpf) * q;
+            for j in 0..wpg {
+                let wi = row_word + (gi * wpg + j) as usize;
+                let (w0, w1) = (codes[wi], codes[wi + wrow]);
+                let (w2, w3) = (codes[wi + 2 * wrow], codes[wi + 3 * wrow]);
+                let c0 = ((gi * wpg + j) * per_word) as usize;
+                let mut i0 = 0.0f32;
+                let mut i1 = 0.0f32;
+                let mut i2 = 0.0f32;
+                let mut i3 = 0.0f32;
+                let mut s = 0.0f32;
+                #[unroll]
+                for k in 0..per_word {
+                    let q = xq[x0 + c0 + k as usize];
+                    i0 += (code_of(w0, k, kind) - zpf) * q;
+                    i1 += (code_of(w1, k, kind) - zpf) * q;
+                    i2 += (code_of(w2, k, kind) - zpf) * q;
+                    i3 += (code_of(w3, k, kind) - zpf) * q;
+                    if comptime![affine && !q81] {
+                        s += q;
+                    }
+                }
+                let d0 = dx[(x0 + c0) / ab];
+                a0 += sc0 * d0 * i0;
+                a1 += sc1 * d0 * i1;
+                a2 += sc2 * d0 * i2;
+                a3 += sc3 * d0 * i3;
+                // The outer `if` is resolved when the kernel is compiled, the inner one on the
+                // device: kept apart on purpose (and `%`, which CubeCL expands, not
+                // is_multiple_of).
+                #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
+                if comptime![affine && q81] {
+                    if c0 % 32 == 0 {
+                        let sv = sx[(x0 + c0) / 32];
+                        a0 += of0 * sv;
+                        a1 += of1 * sv;
+                        a2 += of2 * sv;
+                        a3 += of3 * sv;
+                    }
+                }
                 if comptime![affine && !q81] {
-                    s += q;
+                    a0 += of0 * d0 * s;
+                    a1 += of1 * d0 * s;
+                    a2 += of2 * d0 * s;
+                    a3 += of3 * d0 * s;
                 }
             }
-            let d0 = dx[(x0 + c0) / act_block as usize];
-            a0 += params[2 * g0] * d0 * i0;
-            a1 += params[2 * (g0 + gstride)] * d0 * i1;
-            a2 += params[2 * (g0 + 2 * gstride)] * d0 * i2;
-            a3 += params[2 * (g0 + 3 * gstride)] * d0 * i3;
-            #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
-            if comptime![affine && q81] {
-                if c0 % 32 == 0 {
-                    let sv = sx[(x0 + c0) / 32];
-                    a0 += params[2 * g0 + 1] * sv;
-                    a1 += params[2 * (g0 + gstride) + 1] * sv;
-                    a2 += params[2 * (g0 + 2 * gstride) + 1] * sv;
-                    a3 += params[2 * (g0 + 3 * gstride) + 1] * sv;
-                }
-            }
-            if comptime![affine && !q81] {
-                a0 += params[2 * g0 + 1] * d0 * s;
-                a1 += params[2 * (g0 + gstride) + 1] * d0 * s;
-                a2 += params[2 * (g0 + 2 * gstride) + 1] * d0 * s;
-                a3 += params[2 * (g0 + 3 * gstride) + 1] * d0 * s;
-            }
-            wi += 1;
+            gi += 1;
         }
-        let u = UNIT_POS as usize;
-        sm[u] = a0;
-        sm[64 + u] = a1;
-        sm[128 + u] = a2;
-        sm[192 + u] = a3;
-    } else {
-        let mut a0 = 0.0f32;
-        let mut a1 = 0.0f32;
-        let mut a2 = 0.0f32;
-        let mut a3 = 0.0f32;
-        let mut wi = lane;
-        while wi < words {
-            let word = codes[row_word + wi as usize];
-            let c0 = (wi * per_word) as usize;
-            if comptime![kind <= 1] {
-                let g = (r as usize * cols as usize + c0) / group as usize;
-                let scale = params[2 * g];
-                let offset = params[2 * g + 1];
+    } else if comptime![kind <= 1] {
+        // One row against one or four activation rows: a group at a time with a unit per
+        // row, else word `lane + k · lanes` (one word per group in the loop below).
+        let wpg = comptime![if lanes == 1 { group / per_word } else { 1u32 }];
+        let n_groups = comptime![if lanes == 1 { group } else { per_word }];
+        let n_groups = cols / n_groups;
+        let mut gi = lane;
+        while gi < n_groups {
+            let g = (r as usize * cols as usize + (gi * wpg * per_word) as usize) / group as usize;
+            let scale = params[2 * g];
+            let offset = params[2 * g + 1];
+            #[unroll]
+            for j in 0..wpg {
+                let wi = gi * wpg + j;
+                let word = codes[row_word + wi as usize];
+                let c0 = (wi * per_word) as usize;
                 let mut i0 = 0.0f32;
                 let mut i1 = 0.0f32;
                 let mut i2 = 0.0f32;
@@ -547,7 +571,6 @@ fn row_dot(
                         }
                     }
                 }
-                let ab = act_block as usize;
                 let d0 = dx[(x0 + c0) / ab];
                 a0 += scale * d0 * i0;
                 let mut d1 = 0.0f32;
@@ -561,8 +584,6 @@ fn row_dot(
                     a2 += scale * d2 * i2;
                     a3 += scale * d3 * i3;
                 }
-                // The outer `if` is resolved when the kernel is compiled, the inner one on the
-                // device: kept apart on purpose (and `%`, which CubeCL expands, not is_multiple_of).
                 #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
                 if comptime![affine && q81] {
                     if c0 % 32 == 0 {
@@ -582,27 +603,33 @@ fn row_dot(
                         a3 += offset * d3 * s3;
                     }
                 }
-            } else {
-                #[unroll]
-                for k in 0..per_word {
-                    let w = decode(word, k, 1.0f32, 0.0f32, kind);
-                    let c = c0 + k as usize;
-                    a0 += w * xq[x0 + c];
-                    if comptime![tile4] {
-                        a1 += w * xq[x1 + c];
-                        a2 += w * xq[x2 + c];
-                        a3 += w * xq[x3 + c];
-                    }
+            }
+            gi += lanes;
+        }
+    } else {
+        let mut wi = lane;
+        while wi < words {
+            let word = codes[row_word + wi as usize];
+            let c0 = (wi * per_word) as usize;
+            #[unroll]
+            for k in 0..per_word {
+                let w = decode(word, k, 1.0f32, 0.0f32, kind);
+                let c = c0 + k as usize;
+                a0 += w * xq[x0 + c];
+                if comptime![tile4] {
+                    a1 += w * xq[x1 + c];
+                    a2 += w * xq[x2 + c];
+                    a3 += w * xq[x3 + c];
                 }
             }
             wi += lanes;
         }
-        let u = UNIT_POS as usize;
-        sm[u] = a0;
-        sm[64 + u] = a1;
-        sm[128 + u] = a2;
-        sm[192 + u] = a3;
     }
+    let u = UNIT_POS as usize;
+    sm[u] = a0;
+    sm[64 + u] = a1;
+    sm[128 + u] = a2;
+    sm[192 + u] = a3;
 }
 
 /// The compile-time half of a weight segment for [`qmm_kernel`], packed in one `u32`: code kind
@@ -781,12 +808,13 @@ fn qmm_kernel(
     }
 }
 
-/// Units that share one output row of `words` code words on a hardware GPU: about a quarter as
-/// many as there are words (each unit then decodes ~4 words before the tree reduction), a power
-/// of two between 8 and [`UNITS`] (1, a unit per row, is [`Projection::new`]'s `unit_rows`). Fewer units per row mean more rows per cube and fewer reduction
-/// rounds: short rows (576 columns) were reduction-bound with 64 units on one row.
-fn lanes_for(words: usize) -> u32 {
-    let want = (words / 4).clamp(8, UNITS as usize);
+/// Units that share one output row of `items` code-word quads on a hardware GPU: about one
+/// quad per unit (each unit then decodes ~4 words before the tree reduction), a power of two
+/// between 8 and [`UNITS`] (1, a unit per row, is [`Projection::new`]'s
+/// `unit_rows`). Fewer units per row mean more rows per cube and fewer reduction rounds: short
+/// rows (576 columns) were reduction-bound with 64 units on one row.
+fn lanes_for(items: usize) -> u32 {
+    let want = items.clamp(8, UNITS as usize);
     1 << (usize::BITS - 1 - want.leading_zeros())
 }
 
@@ -1201,10 +1229,23 @@ impl Projection {
             let (b, _, _) = bind(w, device)?;
             let (act, block, zp, affine, q81) = act_scheme(w.ty);
             let spec = seg_spec(b.kind, b.group.max(1), zp, affine, q81);
+            let integer = matches!(b.kind, CodeKind::U4 | CodeKind::U8);
+            if integer {
+                // row_dot's integer mode walks a row a group at a time: whole groups in a
+                // row, whole words in a group.
+                assert!(
+                    b.group > 0
+                        && cols.is_multiple_of(b.group)
+                        && b.group.is_multiple_of(b.kind.per_word()),
+                    "Projection: group of {} for {} columns",
+                    b.group,
+                    cols
+                );
+            }
             let lanes = if unit_rows {
                 1
             } else {
-                lanes_for(cols / b.kind.per_word())
+                lanes_for(cols / b.kind.per_word() / 4)
             };
             let start_group = groups.last().is_none_or(|g| g.scheme != (act, block));
             if start_group {
@@ -1231,8 +1272,7 @@ impl Projection {
                 let l = g.launches.last_mut().expect("pushed above");
                 col += p.rows;
                 l.rows += p.rows;
-                l.rows4 &=
-                    p.rows.is_multiple_of(4) && matches!(b.kind, CodeKind::U4 | CodeKind::U8);
+                l.rows4 &= p.rows.is_multiple_of(4) && integer;
                 l.segs.push(Seg { part: p, spec });
             }
         }
