@@ -258,16 +258,19 @@ fn src_value(
 /// The activation rounding ember's CPU kernels (and llama.cpp) apply before their integer dots,
 /// of the rows of a source (see [`src`]: a plain tensor, an RMSNorm fused in, or SiLU·mul fused
 /// in), one cube per row. For quantized weights (`act` 0: Q8_0/Q8_1 blocks of 32 with an f16
-/// scale; `act` 1: Q8_K blocks of 256 with an f32 scale) it writes the integer quants `q` (as
-/// f32, exactly), the block scales `dx` and, for `act` 0, `sx = f16(d·Σq)` (Q8_1's sum term).
-/// For float weights it writes each value rounded to f16 (`act` 2) or bf16 (3), or as it is
-/// (4), in `q`. A unit rounds whole blocks.
+/// scale; `act` 1: Q8_K blocks of 256 with an f32 scale) it writes the integer quants `q`, four
+/// to a word (element `4i + k` is byte `k` of word `i`, two's complement), the block scales
+/// `dx` and, for `act` 0, `sx = f16(d·Σq)` (Q8_1's sum term). For float weights it writes each
+/// value rounded to f16 (`act` 2) or bf16 (3), or as it is (4), as f32 bits in `q`. A unit
+/// rounds whole blocks. Packing the quants quarters the loads the matmul issues for them: a
+/// software adapter such as Mesa 22's lavapipe runs every storage-buffer load as a loop over
+/// its SIMD lanes.
 #[allow(unused_assignments)]
 #[cube(launch_unchecked)]
 fn act_kernel(
     x: &[f32],
     w: &[f32],
-    q: &mut [f32],
+    q: &mut [u32],
     dx: &mut [f32],
     sx: &mut [f32],
     rows: u32,
@@ -324,10 +327,19 @@ fn act_kernel(
                     id = 1.0f32 / d;
                 }
                 let mut sum = 0.0f32;
-                for j in 0..block as usize {
-                    let v = round_away(src_value(x, w, row, c0 + j, ncols, inv, src) * id);
-                    sum += v;
-                    q[base + j] = v;
+                let mut j = 0usize;
+                while j < block as usize {
+                    let mut word = 0u32;
+                    #[unroll]
+                    for k in 0..4u32 {
+                        let v = round_away(
+                            src_value(x, w, row, c0 + j + k as usize, ncols, inv, src) * id,
+                        );
+                        sum += v;
+                        word |= (u32::cast_from(i32::cast_from(v)) & 0xFF) << (8 * k);
+                    }
+                    q[(base + j) / 4] = word;
+                    j += 4;
                 }
                 dx[ob] = round_f16_value(d);
                 sx[ob] = round_f16_value(d * sum);
@@ -342,28 +354,39 @@ fn act_kernel(
                     }
                 }
                 if amax == 0.0f32 {
-                    for j in 0..block as usize {
-                        q[base + j] = 0.0f32;
+                    let mut j = 0usize;
+                    while j < block as usize {
+                        q[(base + j) / 4] = 0u32;
+                        j += 4;
                     }
                     dx[ob] = 0.0f32;
                 } else {
                     let iscale = -127.0f32 / max;
-                    for j in 0..block as usize {
-                        // ggml's nearest_int: ties to even (WGSL round), clamped at 127.
-                        let v = src_value(x, w, row, c0 + j, ncols, inv, src);
-                        q[base + j] = (iscale * v).round().min(127.0f32);
+                    let mut j = 0usize;
+                    while j < block as usize {
+                        let mut word = 0u32;
+                        #[unroll]
+                        for k in 0..4u32 {
+                            // ggml's nearest_int: ties to even (WGSL round), clamped at 127.
+                            let v = src_value(x, w, row, c0 + j + k as usize, ncols, inv, src);
+                            let qv = (iscale * v).round().min(127.0f32);
+                            word |= (u32::cast_from(i32::cast_from(qv)) & 0xFF) << (8 * k);
+                        }
+                        q[(base + j) / 4] = word;
+                        j += 4;
                     }
                     dx[ob] = 1.0f32 / iscale;
                 }
             } else if comptime![act == 2] {
-                q[base] = round_f16_value(src_value(x, w, row, c0, ncols, inv, src));
+                q[base] =
+                    u32::reinterpret(round_f16_value(src_value(x, w, row, c0, ncols, inv, src)));
             } else if comptime![act == 3] {
                 // bf16: round to nearest even on the top 16 bits.
                 let bits = u32::reinterpret(src_value(x, w, row, c0, ncols, inv, src));
                 let lsb = (bits >> 16) & 1;
-                q[base] = f32::reinterpret((bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32);
+                q[base] = (bits + 0x7FFFu32 + lsb) & 0xFFFF_0000u32;
             } else {
-                q[base] = src_value(x, w, row, c0, ncols, inv, src);
+                q[base] = u32::reinterpret(src_value(x, w, row, c0, ncols, inv, src));
             }
             b += UNITS;
         }
@@ -403,6 +426,27 @@ fn decode(word: u32, k: u32, scale: f32, offset: f32, #[comptime] kind: u32) -> 
     v
 }
 
+/// The second packed activation word of a code word's elements from flat element `e` (a
+/// multiple of 4) when it has eight (4-bit codes), else 0 (not loaded).
+#[allow(unused_assignments)]
+#[cube]
+fn act_hi(xq: &[u32], e: usize, #[comptime] per_word: u32) -> u32 {
+    let mut w = 0u32;
+    if comptime![per_word == 8] {
+        w = xq[e / 4 + 1];
+    }
+    w
+}
+
+/// Element `k` (0..8) of two packed activation words (see [`act_kernel`]), as an exact f32
+/// integer: its byte moved to the top, then shifted down arithmetically.
+#[cube]
+fn act_of(w0: u32, w1: u32, #[comptime] k: u32) -> f32 {
+    let w = if comptime![k < 4] { w0 } else { w1 };
+    let b = comptime![k % 4];
+    f32::cast_from(i32::cast_from(w << (24 - 8 * b)) >> 24i32)
+}
+
 /// Integer mode (quantized weights, 4- or 8-bit codes): per code word, `Σ (code − zp) · q` over
 /// its 8 or 4 elements is exact in f32 (|terms| ≤ 255·127), then scaled by `scale · dx` as the
 /// CPU kernels scale their integer block sums; affine types add their min term from `sx` (Q8_1,
@@ -425,7 +469,7 @@ fn decode(word: u32, k: u32, scale: f32, offset: f32, #[comptime] kind: u32) -> 
 fn row_dot(
     codes: &[u32],
     params: &[f32],
-    xq: &[f32],
+    xq: &[u32],
     dx: &[f32],
     sx: &[f32],
     sm: &mut Shared<[f32]>,
@@ -488,9 +532,11 @@ fn row_dot(
                 let mut i2 = 0.0f32;
                 let mut i3 = 0.0f32;
                 let mut s = 0.0f32;
+                let qw0 = xq[(x0 + c0) / 4];
+                let qw1 = act_hi(xq, x0 + c0, per_word);
                 #[unroll]
                 for k in 0..per_word {
-                    let q = xq[x0 + c0 + k as usize];
+                    let q = act_of(qw0, qw1, k);
                     i0 += (code_of(w0, k, kind) - zpf) * q;
                     i1 += (code_of(w1, k, kind) - zpf) * q;
                     i2 += (code_of(w2, k, kind) - zpf) * q;
@@ -550,17 +596,34 @@ fn row_dot(
                 let mut s1 = 0.0f32;
                 let mut s2 = 0.0f32;
                 let mut s3 = 0.0f32;
+                let p0a = xq[(x0 + c0) / 4];
+                let p0b = act_hi(xq, x0 + c0, per_word);
+                let mut p1a = 0u32;
+                let mut p1b = 0u32;
+                let mut p2a = 0u32;
+                let mut p2b = 0u32;
+                let mut p3a = 0u32;
+                let mut p3b = 0u32;
+                if comptime![tile4] {
+                    p1a = xq[(x1 + c0) / 4];
+                    p1b = act_hi(xq, x1 + c0, per_word);
+                    p2a = xq[(x2 + c0) / 4];
+                    p2b = act_hi(xq, x2 + c0, per_word);
+                    p3a = xq[(x3 + c0) / 4];
+                    p3b = act_hi(xq, x3 + c0, per_word);
+                }
                 #[unroll]
                 for k in 0..per_word {
                     let w = code_of(word, k, kind) - zpf;
-                    let c = c0 + k as usize;
-                    let q0 = xq[x0 + c];
+                    let q0 = act_of(p0a, p0b, k);
                     i0 += w * q0;
                     if comptime![affine && !q81] {
                         s0 += q0;
                     }
                     if comptime![tile4] {
-                        let (q1, q2, q3) = (xq[x1 + c], xq[x2 + c], xq[x3 + c]);
+                        let q1 = act_of(p1a, p1b, k);
+                        let q2 = act_of(p2a, p2b, k);
+                        let q3 = act_of(p3a, p3b, k);
                         i1 += w * q1;
                         i2 += w * q2;
                         i3 += w * q3;
@@ -615,11 +678,11 @@ fn row_dot(
             for k in 0..per_word {
                 let w = decode(word, k, 1.0f32, 0.0f32, kind);
                 let c = c0 + k as usize;
-                a0 += w * xq[x0 + c];
+                a0 += w * f32::reinterpret(xq[x0 + c]);
                 if comptime![tile4] {
-                    a1 += w * xq[x1 + c];
-                    a2 += w * xq[x2 + c];
-                    a3 += w * xq[x3 + c];
+                    a1 += w * f32::reinterpret(xq[x1 + c]);
+                    a2 += w * f32::reinterpret(xq[x2 + c]);
+                    a3 += w * f32::reinterpret(xq[x3 + c]);
                 }
             }
             wi += lanes;
@@ -663,7 +726,7 @@ fn qmm_kernel(
     params1: &[f32],
     codes2: &[u32],
     params2: &[f32],
-    xq: &[f32],
+    xq: &[u32],
     dx: &[f32],
     sx: &[f32],
     bias: &[f32],
@@ -1124,11 +1187,13 @@ fn round_acts(
 ) -> Acts {
     let n = rows * cols;
     let n_blocks = if act <= 1 { n / block } else { 1 };
+    // Integer quants four to a word; float activations one per word.
+    let n_words = if act <= 1 { n / 4 } else { n };
     let a = Acts {
-        q: client.empty(n.max(1) * 4),
+        q: client.empty(n_words.max(1) * 4),
         dx: client.empty(n_blocks.max(1) * 4),
         sx: client.empty(n_blocks.max(1) * 4),
-        n,
+        n: n_words,
         n_blocks: n_blocks.max(1),
     };
     if rows == 0 {
