@@ -506,11 +506,29 @@ fn row_dot(
     let mut a2 = 0.0f32;
     let mut a3 = 0.0f32;
     if comptime![kind <= 1 && rows4] {
-        // Rows r..r + 4 against one activation row, a group at a time.
+        // Rows r..r + 4 against one activation row (decode) or four (`tile4`), a group at a
+        // time: the four rows' code words are loaded once for the four activation rows, and
+        // each activation word once for the four rows. `aTK`: activation row T, weight row K.
         let wpg = comptime![group / per_word];
         let n_groups = cols / group;
         let wrow = words as usize;
         let grow = n_groups as usize;
+        let mut a00 = 0.0f32;
+        let mut a01 = 0.0f32;
+        let mut a02 = 0.0f32;
+        let mut a03 = 0.0f32;
+        let mut a10 = 0.0f32;
+        let mut a11 = 0.0f32;
+        let mut a12 = 0.0f32;
+        let mut a13 = 0.0f32;
+        let mut a20 = 0.0f32;
+        let mut a21 = 0.0f32;
+        let mut a22 = 0.0f32;
+        let mut a23 = 0.0f32;
+        let mut a30 = 0.0f32;
+        let mut a31 = 0.0f32;
+        let mut a32 = 0.0f32;
+        let mut a33 = 0.0f32;
         let mut gi = 0u32;
         while gi < n_groups {
             let g0 = r as usize * grow + gi as usize;
@@ -521,56 +539,196 @@ fn row_dot(
                 params[2 * (g0 + 2 * grow) + 1],
                 params[2 * (g0 + 3 * grow) + 1],
             );
+            // A group lies in one activation block: one scale per activation row.
+            let cg = (gi * group) as usize;
+            let e0 = dx[(x0 + cg) / ab];
+            let mut e1 = 0.0f32;
+            let mut e2 = 0.0f32;
+            let mut e3 = 0.0f32;
+            if comptime![tile4] {
+                e1 = dx[(x1 + cg) / ab];
+                e2 = dx[(x2 + cg) / ab];
+                e3 = dx[(x3 + cg) / ab];
+            }
             #[unroll]
             for j in 0..wpg {
                 let wi = row_word + (gi * wpg + j) as usize;
                 let (w0, w1) = (codes[wi], codes[wi + wrow]);
                 let (w2, w3) = (codes[wi + 2 * wrow], codes[wi + 3 * wrow]);
                 let c0 = ((gi * wpg + j) * per_word) as usize;
-                let mut i0 = 0.0f32;
-                let mut i1 = 0.0f32;
-                let mut i2 = 0.0f32;
-                let mut i3 = 0.0f32;
-                let mut s = 0.0f32;
-                let qw0 = xq[(x0 + c0) / 4];
-                let qw1 = act_hi(xq, x0 + c0, per_word);
+                let qa0 = xq[(x0 + c0) / 4];
+                let qb0 = act_hi(xq, x0 + c0, per_word);
+                let mut qa1 = 0u32;
+                let mut qb1 = 0u32;
+                let mut qa2 = 0u32;
+                let mut qb2 = 0u32;
+                let mut qa3 = 0u32;
+                let mut qb3 = 0u32;
+                if comptime![tile4] {
+                    qa1 = xq[(x1 + c0) / 4];
+                    qb1 = act_hi(xq, x1 + c0, per_word);
+                    qa2 = xq[(x2 + c0) / 4];
+                    qb2 = act_hi(xq, x2 + c0, per_word);
+                    qa3 = xq[(x3 + c0) / 4];
+                    qb3 = act_hi(xq, x3 + c0, per_word);
+                }
+                let mut i00 = 0.0f32;
+                let mut i01 = 0.0f32;
+                let mut i02 = 0.0f32;
+                let mut i03 = 0.0f32;
+                let mut i10 = 0.0f32;
+                let mut i11 = 0.0f32;
+                let mut i12 = 0.0f32;
+                let mut i13 = 0.0f32;
+                let mut i20 = 0.0f32;
+                let mut i21 = 0.0f32;
+                let mut i22 = 0.0f32;
+                let mut i23 = 0.0f32;
+                let mut i30 = 0.0f32;
+                let mut i31 = 0.0f32;
+                let mut i32 = 0.0f32;
+                let mut i33 = 0.0f32;
+                let mut s0 = 0.0f32;
+                let mut s1 = 0.0f32;
+                let mut s2 = 0.0f32;
+                let mut s3 = 0.0f32;
                 #[unroll]
                 for k in 0..per_word {
-                    let q = act_of(qw0, qw1, k);
-                    i0 += (code_of(w0, k, kind) - zpf) * q;
-                    i1 += (code_of(w1, k, kind) - zpf) * q;
-                    i2 += (code_of(w2, k, kind) - zpf) * q;
-                    i3 += (code_of(w3, k, kind) - zpf) * q;
+                    let v0 = code_of(w0, k, kind) - zpf;
+                    let v1 = code_of(w1, k, kind) - zpf;
+                    let v2 = code_of(w2, k, kind) - zpf;
+                    let v3 = code_of(w3, k, kind) - zpf;
+                    let q0 = act_of(qa0, qb0, k);
+                    i00 += v0 * q0;
+                    i01 += v1 * q0;
+                    i02 += v2 * q0;
+                    i03 += v3 * q0;
                     if comptime![affine && !q81] {
-                        s += q;
+                        s0 += q0;
+                    }
+                    if comptime![tile4] {
+                        let q1 = act_of(qa1, qb1, k);
+                        i10 += v0 * q1;
+                        i11 += v1 * q1;
+                        i12 += v2 * q1;
+                        i13 += v3 * q1;
+                        if comptime![affine && !q81] {
+                            s1 += q1;
+                        }
+                        let q2 = act_of(qa2, qb2, k);
+                        i20 += v0 * q2;
+                        i21 += v1 * q2;
+                        i22 += v2 * q2;
+                        i23 += v3 * q2;
+                        if comptime![affine && !q81] {
+                            s2 += q2;
+                        }
+                        let q3 = act_of(qa3, qb3, k);
+                        i30 += v0 * q3;
+                        i31 += v1 * q3;
+                        i32 += v2 * q3;
+                        i33 += v3 * q3;
+                        if comptime![affine && !q81] {
+                            s3 += q3;
+                        }
                     }
                 }
-                let d0 = dx[(x0 + c0) / ab];
-                a0 += sc0 * d0 * i0;
-                a1 += sc1 * d0 * i1;
-                a2 += sc2 * d0 * i2;
-                a3 += sc3 * d0 * i3;
+                a00 += sc0 * e0 * i00;
+                a01 += sc1 * e0 * i01;
+                a02 += sc2 * e0 * i02;
+                a03 += sc3 * e0 * i03;
+                if comptime![tile4] {
+                    a10 += sc0 * e1 * i10;
+                    a11 += sc1 * e1 * i11;
+                    a12 += sc2 * e1 * i12;
+                    a13 += sc3 * e1 * i13;
+                    a20 += sc0 * e2 * i20;
+                    a21 += sc1 * e2 * i21;
+                    a22 += sc2 * e2 * i22;
+                    a23 += sc3 * e2 * i23;
+                    a30 += sc0 * e3 * i30;
+                    a31 += sc1 * e3 * i31;
+                    a32 += sc2 * e3 * i32;
+                    a33 += sc3 * e3 * i33;
+                }
                 // The outer `if` is resolved when the kernel is compiled, the inner one on the
                 // device: kept apart on purpose (and `%`, which CubeCL expands, not
                 // is_multiple_of).
                 #[allow(clippy::collapsible_if, clippy::manual_is_multiple_of)]
                 if comptime![affine && q81] {
                     if c0 % 32 == 0 {
-                        let sv = sx[(x0 + c0) / 32];
-                        a0 += of0 * sv;
-                        a1 += of1 * sv;
-                        a2 += of2 * sv;
-                        a3 += of3 * sv;
+                        let sv0 = sx[(x0 + c0) / 32];
+                        a00 += of0 * sv0;
+                        a01 += of1 * sv0;
+                        a02 += of2 * sv0;
+                        a03 += of3 * sv0;
+                    }
+                    if comptime![tile4] {
+                        if c0 % 32 == 0 {
+                            let sv1 = sx[(x1 + c0) / 32];
+                            a10 += of0 * sv1;
+                            a11 += of1 * sv1;
+                            a12 += of2 * sv1;
+                            a13 += of3 * sv1;
+                        }
+                        if c0 % 32 == 0 {
+                            let sv2 = sx[(x2 + c0) / 32];
+                            a20 += of0 * sv2;
+                            a21 += of1 * sv2;
+                            a22 += of2 * sv2;
+                            a23 += of3 * sv2;
+                        }
+                        if c0 % 32 == 0 {
+                            let sv3 = sx[(x3 + c0) / 32];
+                            a30 += of0 * sv3;
+                            a31 += of1 * sv3;
+                            a32 += of2 * sv3;
+                            a33 += of3 * sv3;
+                        }
                     }
                 }
                 if comptime![affine && !q81] {
-                    a0 += of0 * d0 * s;
-                    a1 += of1 * d0 * s;
-                    a2 += of2 * d0 * s;
-                    a3 += of3 * d0 * s;
+                    a00 += of0 * e0 * s0;
+                    a01 += of1 * e0 * s0;
+                    a02 += of2 * e0 * s0;
+                    a03 += of3 * e0 * s0;
+                    if comptime![tile4] {
+                        a10 += of0 * e1 * s1;
+                        a11 += of1 * e1 * s1;
+                        a12 += of2 * e1 * s1;
+                        a13 += of3 * e1 * s1;
+                        a20 += of0 * e2 * s2;
+                        a21 += of1 * e2 * s2;
+                        a22 += of2 * e2 * s2;
+                        a23 += of3 * e2 * s2;
+                        a30 += of0 * e3 * s3;
+                        a31 += of1 * e3 * s3;
+                        a32 += of2 * e3 * s3;
+                        a33 += of3 * e3 * s3;
+                    }
                 }
             }
             gi += 1;
+        }
+        // Slot 64·(4T + K) + unit (the layout [`qmm_kernel`] reads back).
+        let u = UNIT_POS as usize;
+        sm[u] = a00;
+        sm[64 + u] = a01;
+        sm[128 + u] = a02;
+        sm[192 + u] = a03;
+        if comptime![tile4] {
+            sm[256 + u] = a10;
+            sm[320 + u] = a11;
+            sm[384 + u] = a12;
+            sm[448 + u] = a13;
+            sm[512 + u] = a20;
+            sm[576 + u] = a21;
+            sm[640 + u] = a22;
+            sm[704 + u] = a23;
+            sm[768 + u] = a30;
+            sm[832 + u] = a31;
+            sm[896 + u] = a32;
+            sm[960 + u] = a33;
         }
     } else if comptime![kind <= 1] {
         // One row against one or four activation rows: a group at a time with a unit per
@@ -688,11 +846,13 @@ fn row_dot(
             wi += lanes;
         }
     }
-    let u = UNIT_POS as usize;
-    sm[u] = a0;
-    sm[64 + u] = a1;
-    sm[128 + u] = a2;
-    sm[192 + u] = a3;
+    if comptime![!(kind <= 1 && rows4)] {
+        let u = UNIT_POS as usize;
+        sm[u] = a0;
+        sm[64 + u] = a1;
+        sm[128 + u] = a2;
+        sm[192 + u] = a3;
+    }
 }
 
 /// The compile-time half of a weight segment for [`qmm_kernel`], packed in one `u32`: code kind
@@ -753,7 +913,7 @@ fn qmm_kernel(
     // `lanes` units share a row (a power of two, 8..=64, by the row's length).
     let lane = UNIT_POS % lanes;
     let slot = UNIT_POS / lanes;
-    // `rows4` (a unit per row, decode): each unit computes four consecutive rows, sharing
+    // `rows4` (a unit per row): each unit computes four consecutive rows, sharing
     // each activation load among them; every segment's rows are a multiple of four.
     let rows_per_cube = comptime![if rows4 { 4 * UNITS } else { UNITS / lanes }];
     let unit_row = comptime![if rows4 { 4u32 } else { 1u32 }];
@@ -765,7 +925,9 @@ fn qmm_kernel(
     let x1 = ((t0 + 1).min(m - 1) * cols) as usize;
     let x2 = ((t0 + 2).min(m - 1) * cols) as usize;
     let x3 = ((t0 + 3).min(m - 1) * cols) as usize;
-    let mut sm = Shared::<[f32]>::new_slice(256usize);
+    // Four partial sums per unit; sixteen for four rows by four activation rows.
+    let mut sm =
+        Shared::<[f32]>::new_slice(comptime![if rows4 && tile4 { 1024usize } else { 256usize }]);
     // Which segment the row is in, and its row there; the comptime tests drop the code of
     // absent segments.
     let mut seg = 0u32;
@@ -807,19 +969,22 @@ fn qmm_kernel(
     let u = UNIT_POS as usize;
     let tile = comptime![if tile4 { 4u32 } else { 1u32 }];
     if comptime![rows4] {
-        // Four rows of one activation row (m = 1), each whole: no reduction, no barrier.
+        // Four rows of each activation row of the tile, each whole: no reduction, no barrier.
         #[unroll]
-        for k in 0..4u32 {
-            if r_cube + k < rows {
-                let o = (t0 * out_rows + col0 + r_cube + k) as usize;
-                let mut v = sm[(64 * k) as usize + u];
-                if comptime![has_bias] {
-                    v += bias[(col0 + r_cube + k) as usize];
+        for t in 0..tile {
+            #[unroll]
+            for k in 0..4u32 {
+                if t0 + t < m && r_cube + k < rows {
+                    let o = ((t0 + t) * out_rows + col0 + r_cube + k) as usize;
+                    let mut v = sm[(64 * (4 * t + k)) as usize + u];
+                    if comptime![has_bias] {
+                        v += bias[(col0 + r_cube + k) as usize];
+                    }
+                    if comptime![has_res] {
+                        v += res[o];
+                    }
+                    y[o] = v;
                 }
-                if comptime![has_res] {
-                    v += res[o];
-                }
-                y[o] = v;
             }
         }
     } else if comptime![lanes == 1] {
@@ -1252,7 +1417,7 @@ struct Launch {
     rows: usize,
     lanes: u32,
     /// A unit per row (`lanes` 1), every segment quantized (4- or 8-bit codes) with a
-    /// multiple of four rows: decode may give each unit four rows ([`qmm_kernel`]'s `rows4`).
+    /// multiple of four rows: each unit then takes four rows ([`qmm_kernel`]'s `rows4`).
     rows4: bool,
 }
 
@@ -1403,7 +1568,7 @@ pub(crate) fn project(
                 let seg = |i: usize| l.segs.get(i).unwrap_or(&l.segs[0]);
                 let rows0 = l.segs[0].part.rows as u32;
                 let rows1 = l.segs.get(1).map_or(0, |s| s.part.rows as u32);
-                let rows4 = l.rows4 && !tile4;
+                let rows4 = l.rows4;
                 let per_cube = if rows4 { 4 * UNITS } else { UNITS / l.lanes };
                 let cubes = (l.rows as u32).div_ceil(per_cube);
                 // SAFETY: every handle was allocated with at least `n` four-byte elements.
