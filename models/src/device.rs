@@ -240,11 +240,6 @@ impl Model for DeviceTransformer {
         kv: &mut PagedKv,
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        if self.software {
-            // The thread that launches the kernels gives its core to the adapter's threads
-            // (see `gpu::yield_host_thread`).
-            gpu::yield_host_thread();
-        }
         let c = &self.cfg;
         let mut pass = DevicePass {
             m: self,
@@ -364,6 +359,10 @@ impl DecoderOps for DevicePass<'_> {
     fn attn_out(&mut self, l: usize) {
         let att = take(&mut self.att, "att");
         let x = gpu::project(&self.m.layers[l].wo, Input::Plain(&att), Some(self.x()));
+        if self.m.software {
+            // Sleep while the adapter's threads work, rather than spin (see `gpu::hand_over`).
+            gpu::hand_over(&x);
+        }
         self.x = Some(x);
     }
 
@@ -372,6 +371,9 @@ impl DecoderOps for DevicePass<'_> {
         let input = self.normed(l);
         let gu = gpu::project(&m.layers[l].gate_up, input, None);
         let x = gpu::project(&m.layers[l].down, Input::SiluMul(&gu), Some(self.x()));
+        if m.software {
+            gpu::hand_over(&x);
+        }
         self.x = Some(x);
     }
 
