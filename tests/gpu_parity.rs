@@ -326,16 +326,11 @@ mod fused {
         let d = super::gpu();
         let cols = 512;
         let mut rng = Rng::new(9);
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        let quantized = GgmlType::SUPPORTED
+            .into_iter()
+            .filter(|t| t.block_len() > 1);
+        assert_eq!(quantized.clone().count(), 8);
+        for ty in quantized {
             let ws = weights(&[ty], &[36], cols);
             for software in [false, true] {
                 let p = Projection::new(&[&ws[0]], None, &d, software).unwrap();

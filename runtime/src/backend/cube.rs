@@ -662,23 +662,17 @@ fn row_dot(
                         a01 += of1 * sv0;
                         a02 += of2 * sv0;
                         a03 += of3 * sv0;
-                    }
-                    if comptime![tile4] {
-                        if c0 % 32 == 0 {
+                        if comptime![tile4] {
                             let sv1 = sx[(x1 + c0) / 32];
                             a10 += of0 * sv1;
                             a11 += of1 * sv1;
                             a12 += of2 * sv1;
                             a13 += of3 * sv1;
-                        }
-                        if c0 % 32 == 0 {
                             let sv2 = sx[(x2 + c0) / 32];
                             a20 += of0 * sv2;
                             a21 += of1 * sv2;
                             a22 += of2 * sv2;
                             a23 += of3 * sv2;
-                        }
-                        if c0 % 32 == 0 {
                             let sv3 = sx[(x3 + c0) / 32];
                             a30 += of0 * sv3;
                             a31 += of1 * sv3;
@@ -734,8 +728,7 @@ fn row_dot(
         // One row against one or four activation rows: a group at a time with a unit per
         // row, else word `lane + k · lanes` (one word per group in the loop below).
         let wpg = comptime![if lanes == 1 { group / per_word } else { 1u32 }];
-        let n_groups = comptime![if lanes == 1 { group } else { per_word }];
-        let n_groups = cols / n_groups;
+        let n_groups = cols / comptime![wpg * per_word];
         let mut gi = lane;
         while gi < n_groups {
             let g = (r as usize * cols as usize + (gi * wpg * per_word) as usize) / group as usize;
