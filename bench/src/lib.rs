@@ -12,9 +12,11 @@
 //!   [`record`] (what a run is), [`table`] (the terminal table), [`provenance`] and device
 //!   [`profile`]s.
 //! - The SQLite results [`store`] and what reads it: [`compare`], [`report`], [`export`].
+//! - [`eval`]: quality from logits (perplexity, KL divergence against a base model).
 //! - [`selftest`]: is this device healthy, and what can it do.
 
 pub mod compare;
+pub mod eval;
 pub mod export;
 pub mod harness;
 pub mod live;

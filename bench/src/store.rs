@@ -25,6 +25,7 @@
 //! or all at once with [`Store::save_run`].
 
 pub mod figures;
+mod quality;
 mod read;
 mod schema;
 pub mod testdata;
@@ -37,6 +38,7 @@ use rusqlite::Connection;
 use crate::record::{FinishKind, Provenance, WorkloadInfo};
 
 pub use figures::{Figures, ReqSample, Stats};
+pub use quality::{QualityRun, QualityToken};
 pub use read::{RunData, load_runs};
 pub use schema::SCHEMA_VERSION;
 

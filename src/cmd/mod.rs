@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 
 pub mod bench;
 pub mod compare;
+pub mod eval;
 pub mod export;
 pub mod inspect;
 pub mod report;
