@@ -98,8 +98,8 @@ pub struct KldArgs {
     /// write the base's distributions to this file (a GGUF base only)
     #[argh(option)]
     save_base: Option<PathBuf>,
-    /// base tokens kept per position, the rest summed as one bin (default 256)
-    #[argh(option, default = "256")]
+    /// base tokens kept per position, the rest summed as one bin; 0 = all (default 4096)
+    #[argh(option, default = "4096")]
     top_k: usize,
     /// tokens per chunk (default 512; a saved base keeps its own)
     #[argh(option, short = 'c', default = "512")]
@@ -145,9 +145,10 @@ fn read_text(path: &Path) -> Result<(String, String)> {
     }
     let s = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the text {}", path.display()))?;
-    let name = path
-        .file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into());
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    );
     Ok((s, name))
 }
 
@@ -203,12 +204,7 @@ fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn store_quality(
-    no_db: bool,
-    db: Option<&PathBuf>,
-    engine: &Engine,
-    q: &QualityRun,
-) -> Result<()> {
+fn store_quality(no_db: bool, db: Option<&PathBuf>, engine: &Engine, q: &QualityRun) -> Result<()> {
     let Some(mut store) = super::open_store(no_db, db)? else {
         return Ok(());
     };
@@ -333,7 +329,10 @@ fn run_kld(a: KldArgs) -> Result<()> {
         (base, sha256_hex(text.as_bytes()), text_name.clone())
     } else {
         if a.save_base.is_some() {
-            bail!("--save-base needs a GGUF --base: {} is a saved base already", a.base.display());
+            bail!(
+                "--save-base needs a GGUF --base: {} is a saved base already",
+                a.base.display()
+            );
         }
         let base = BaseLogits::load(&a.base)?;
         eprintln!(
@@ -354,7 +353,14 @@ fn run_kld(a: KldArgs) -> Result<()> {
         }
     };
     let ctx = base.header.ctx;
-    let engine = open(Some(a.model.clone()), &a.backend, a.threads, ctx, a.batch, false)?;
+    let engine = open(
+        Some(a.model.clone()),
+        &a.backend,
+        a.threads,
+        ctx,
+        a.batch,
+        false,
+    )?;
     base.check_model(
         engine.model.config().n_vocab,
         &vocab_sha256(&engine.tokenizer),
@@ -508,7 +514,7 @@ fn print_kld(r: &Kld) {
     );
     println!();
     println!(
-        "{} tokens scored in {} chunks of {} against {} (top {} of its distribution per token)",
-        r.tokens_scored, r.chunks, r.ctx, r.base_model, r.top_k
+        "{} tokens scored in {} chunks of {} against {} (its top {} tokens per position; mean mass outside them {:.2e})",
+        r.tokens_scored, r.chunks, r.ctx, r.base_model, r.top_k, r.base_rest_mass
     );
 }

@@ -90,7 +90,7 @@ impl Chunks {
     /// Rebuild from a saved base file's tokens.
     pub fn from_saved(tokens: Vec<u32>, ctx: usize, bos: Option<u32>) -> Result<Chunks, EvalError> {
         let n = tokens.len();
-        if ctx < 4 || n == 0 || n % ctx != 0 {
+        if ctx < 4 || n == 0 || !n.is_multiple_of(ctx) {
             return Err(EvalError::Base(format!(
                 "the base file's {n} tokens are not whole chunks of {ctx}"
             )));
@@ -262,7 +262,10 @@ mod tests {
     #[test]
     fn a_text_shorter_than_a_chunk_is_an_error() {
         let e = Chunks::new((0..7).collect(), 8, None, None).unwrap_err();
-        assert!(matches!(e, EvalError::TooShort { tokens: 7, ctx: 8 }), "{e}");
+        assert!(
+            matches!(e, EvalError::TooShort { tokens: 7, ctx: 8 }),
+            "{e}"
+        );
         assert!(e.to_string().contains("7 tokens"));
         assert!(matches!(
             Chunks::new((0..64).collect(), 3, None, None),

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use crate::quant::GgmlType;
 
 mod read;
+pub mod requant;
 pub mod synth;
 #[cfg(test)]
 mod tests;

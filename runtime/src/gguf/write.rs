@@ -3,7 +3,8 @@
 use super::*;
 
 /// A GGUF writer. Builds the whole file in memory: it is used for the embedded
-/// default model (a few MB) and for test files, never for real checkpoints.
+/// default model (a few MB), test files and requantized test models (the whole file is
+/// built in memory: hundreds of MB for a 0.5B model).
 #[derive(Default)]
 pub struct GgufWriter {
     kvs: Vec<(String, Value)>,
