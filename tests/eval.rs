@@ -347,6 +347,25 @@ fn a_model_against_itself_has_zero_divergence_and_results_are_recomputable_from_
             assert_eq!((kld, kld_sql, same_sql), (None, None, None));
         }
     }
+    // And `ember compare --json` shows both.
+    let out = common::ember()
+        .args(["compare", d, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cmp: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = cmp["quality"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["kld", "ppl"]);
+    assert_eq!(cmp["quality"][1]["ppl"], p["ppl"]);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::load::LoadSpec;
-use crate::store::{RunData, RunRow, StoreError, file_label, load_runs};
+use crate::store::{QualityRun, RunData, RunRow, Store, StoreError, file_label, load_runs};
 
 pub use figures::{Better, ColumnFigures, FigureDef, FigureFn, figure_defs, group_defs};
 pub use gate::GateCheck;
@@ -136,6 +136,17 @@ pub struct Comparison {
     pub mismatched: Vec<Mismatched>,
     pub gate: Vec<GateCheck>,
     pub notes: Vec<String>,
+    /// Quality evaluations (`ember eval`) of every file, oldest first; joined to the latency
+    /// columns by the model's sha256.
+    pub quality: Vec<QualityEntry>,
+}
+
+/// One stored quality evaluation and the file it came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct QualityEntry {
+    pub file: String,
+    #[serde(flatten)]
+    pub run: QualityRun,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -219,12 +230,22 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
             }
         }
     }
+    let mut quality = vec![];
+    for (path, label) in all_files.iter().zip(&labels) {
+        for run in Store::open_existing(path)?.quality_runs()? {
+            quality.push(QualityEntry {
+                file: label.clone(),
+                run,
+            });
+        }
+    }
     Ok(Comparison {
         files: labels,
         groups,
         mismatched,
         gate,
         notes,
+        quality,
     })
 }
 

@@ -442,6 +442,7 @@ fn group_view((gi, g): (usize, &Group)) -> GroupView {
             gate: vec![],
             notes: vec![],
             files: vec![],
+            quality: vec![],
         }
         .to_text(),
     }

@@ -215,3 +215,53 @@ fn export_csv_json_and_llama_bench_markdown() {
     assert!(req.lines().next().unwrap().contains("ttft_ms"));
     assert_eq!(req.lines().count(), 1 + 2 * 41);
 }
+
+#[test]
+fn quality_evaluations_join_the_latency_columns_of_the_same_model() {
+    use ember_bench::store::{QualityRun, QualityToken};
+    let d = dir("quality");
+    let (cpu, gpu) = (d.join("cpu.db"), d.join("wgpu.db"));
+    write(&cpu, &[chat(1, "cpu", 20.0)]);
+    write(&gpu, &[chat(1, "wgpu", 8.0)]);
+    let prov = synth_run(&chat(1, "cpu", 20.0)).provenance;
+    let nll = [2.0, 3.0, 4.0];
+    let q = QualityRun {
+        kind: "ppl".into(),
+        text_sha256: "t".repeat(64),
+        text_name: "corpus.txt".into(),
+        ctx: 128,
+        chunks: 1,
+        tokens_scored: 3,
+        settings: serde_json::json!({"batch": 512}),
+        ppl: 3f64.exp(),
+        ppl_stderr: 0.5,
+        summary: serde_json::json!({}),
+        tokens: nll
+            .iter()
+            .map(|&nll| QualityToken {
+                nll,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    Store::open(&cpu).unwrap().save_quality(&prov, &q).unwrap();
+    let cmp = compare(&[cpu.clone(), gpu.clone()], &CompareOptions::default()).unwrap();
+    assert_eq!(cmp.quality.len(), 1);
+    assert_eq!(cmp.quality[0].file, "cpu.db");
+    assert_eq!(cmp.quality[0].run.model_sha256, prov.model_sha256);
+    assert!((cmp.quality[0].run.ppl - 3f64.exp()).abs() < 1e-12);
+    let j = cmp.to_json();
+    assert_eq!(j["quality"][0]["kind"], "ppl");
+    // Both latency columns ran the same model file: each carries its perplexity.
+    for c in j["groups"][0]["columns"].as_array().unwrap() {
+        assert_eq!(c["quality"][0]["ppl"].as_f64(), Some(3f64.exp()), "{c}");
+        assert_eq!(c["quality"][0]["text"], "corpus.txt");
+    }
+    let text = cmp.to_text();
+    assert!(text.contains("## quality (ember eval)"), "{text}");
+    assert!(
+        text.contains("| ppl | corpus.txt | 128 | 3 | 20.0855 ± 0.5000 |"),
+        "{text}"
+    );
+}

@@ -91,7 +91,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     };
     let cmp = compare(&files, &opts)?;
     let n_files = cmp.files.len();
-    if cmp.groups.is_empty() && n_files >= 2 {
+    if cmp.groups.is_empty() && cmp.quality.is_empty() && n_files >= 2 {
         eprint!("{}", cmp.to_text());
         bail!(
             "no workload hash is shared by the {n_files} files: refusing to compare different workloads"

@@ -47,6 +47,7 @@ impl Comparison {
                 );
             }
         }
+        self.quality_text(&mut s);
         if !self.gate.is_empty() {
             gate_text(&mut s, &self.gate);
         }
@@ -110,6 +111,7 @@ impl Comparison {
                             "file": c.file, "device": c.device, "device_fingerprint": c.device_fingerprint,
                             "backend": c.backend, "model_sha256": c.model_sha256, "model_arch": c.model_arch,
                             "load": c.load, "runs": c.run_uids, "baseline": c.baseline, "figures": figs,
+                            "quality": self.quality_of(&c.model_sha256),
                         })
                     })
                     .collect();
@@ -119,7 +121,61 @@ impl Comparison {
         serde_json::json!({
             "files": self.files, "groups": groups, "mismatched": self.mismatched,
             "gate": self.gate, "regressed": self.regressed(), "notes": self.notes,
+            "quality": self.quality,
         })
+    }
+
+    /// The headline quality figures of every evaluation of the model with this sha256, for
+    /// a latency column (the whole rows are under "quality" at the top level).
+    fn quality_of(&self, model_sha256: &str) -> Vec<serde_json::Value> {
+        self.quality
+            .iter()
+            .filter(|q| q.run.model_sha256 == model_sha256)
+            .map(|q| {
+                let r = &q.run;
+                serde_json::json!({
+                    "run_uid": r.run_uid, "kind": r.kind, "text": r.text_name, "text_sha256": r.text_sha256,
+                    "ctx": r.ctx, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "kld_mean": r.kld_mean,
+                    "same_top": r.same_top, "base_sha256": r.base_sha256,
+                })
+            })
+            .collect()
+    }
+
+    /// The quality evaluations as a table.
+    fn quality_text(&self, s: &mut String) {
+        if self.quality.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "\n## quality (ember eval)\n");
+        let _ = writeln!(
+            s,
+            "| file | model | eval | text | ctx | tokens | PPL | mean KLD | same top p | base |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        for q in &self.quality {
+            let r = &q.run;
+            let model = std::path::Path::new(&r.model_path)
+                .file_name()
+                .map_or(r.model_path.clone(), |n| n.to_string_lossy().into());
+            let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("–".into(), f);
+            let _ = writeln!(
+                s,
+                "| {} | {} ({}) | {} | {} | {} | {} | {:.4} ± {:.4} | {} | {} | {} |",
+                q.file,
+                model,
+                short(&r.model_sha256),
+                r.kind,
+                r.text_name,
+                r.ctx,
+                r.tokens_scored,
+                r.ppl,
+                r.ppl_stderr,
+                opt(r.kld_mean, &|v| format!("{v:.6}")),
+                opt(r.same_top, &|v| format!("{:.2}%", 100.0 * v)),
+                r.base_path.as_deref().unwrap_or("–"),
+            );
+        }
     }
 }
 
