@@ -391,3 +391,94 @@ fn bad_input_is_a_clear_error() {
     assert_eq!(code, 1);
     assert!(err.contains("--ctx 2 is too small"), "{err}");
 }
+
+#[test]
+fn bench_score_judges_each_kind_and_stores_accuracy() {
+    // The embedded model counts (greedy "abc" → "defg…"), so every verdict is known.
+    let ds = tmp("scored.jsonl");
+    std::fs::write(
+        &ds,
+        [
+            r#"{"prompt": "abc", "max_tokens": 4, "expected": "defg", "score": "exact", "tags": ["t1"]}"#,
+            r#"{"prompt": "abc", "max_tokens": 4, "expected": "xyz", "tags": ["t1"]}"#,
+            r#"{"prompt": "abc", "max_tokens": 6, "expected": "^def.*i$", "score": "regex", "tags": ["t1"]}"#,
+            r#"{"prompt": "abc", "max_tokens": 1, "expected": "d", "score": "choice", "options": ["q", "d"], "tags": ["t2"]}"#,
+            r#"{"prompt": "mno", "max_tokens": 2, "expected": "z", "score": "choice", "options": ["p", "z"], "tags": ["t2"]}"#,
+            r#"{"prompt": "abc", "max_tokens": 4, "tags": ["t2"]}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let db = tmp("scored.db");
+    let _ = std::fs::remove_file(&db);
+    let (d, dsp) = (db.to_str().unwrap(), ds.to_str().unwrap());
+    let out = common::ember()
+        .args([
+            "bench",
+            "--dataset",
+            dsp,
+            "--raw-prompts",
+            "--score",
+            "--by-tag",
+            "--temp",
+            "0",
+            "--warmup",
+            "0",
+            "--db",
+            d,
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("accuracy    3/5 = 60.0% (95% CI 23.1–88.2%)"),
+        "{stdout}"
+    );
+    let t1 = stdout.lines().find(|l| l.starts_with("| t1 ")).unwrap();
+    assert!(t1.contains("2/3 = 66.7%"), "{t1}");
+    let t2 = stdout.lines().find(|l| l.starts_with("| t2 ")).unwrap();
+    assert!(t2.contains("1/2 = 50.0%"), "{t2}");
+    // Per request in SQLite, in workload order; the unscored one is NULL.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let correct: Vec<Option<i64>> = conn
+        .prepare("SELECT correct FROM requests WHERE warmup = 0 ORDER BY request_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(correct, [Some(1), Some(0), Some(1), Some(1), Some(0), None]);
+    let acc: f64 = conn
+        .query_row(
+            "SELECT value FROM run_metrics WHERE metric = 'accuracy' AND stat = 'value'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!((acc - 0.6).abs() < 1e-12);
+
+    // Bad scoring fields are refused before anything runs, naming the line.
+    std::fs::write(
+        &ds,
+        r#"{"prompt": "abc", "expected": "d", "score": "fuzzy"}"#,
+    )
+    .unwrap();
+    let out = common::ember()
+        .args(["bench", "--dataset", dsp, "--score", "--no-db"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(":1: unknown \"score\" kind 'fuzzy'"), "{err}");
+    let out = common::ember()
+        .args(["bench", "-w", "chat", "--score", "--no-db"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("--score needs --dataset"), "{err}");
+}

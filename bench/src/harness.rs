@@ -53,6 +53,8 @@ pub struct HarnessOptions {
     /// sample at every engine step. Off: memory on the timer only, no text.
     /// Token timestamps are always kept (they are the measurement).
     pub record_tokens: bool,
+    /// Keep each request's output text even without `record_tokens` (`--score` judges it).
+    pub keep_text: bool,
     /// Memory timer (samples are also taken at every step when `record_tokens`).
     pub memory_interval: Duration,
     /// How often RSS is re-read from /proc at most (reading it costs tens of µs).
@@ -73,6 +75,7 @@ impl Default for HarnessOptions {
             load: LoadSpec::Sync,
             limits: Limits::default(),
             record_tokens: true,
+            keep_text: false,
             memory_interval: Duration::from_millis(50),
             rss_interval: Duration::from_millis(100),
             progress_interval: Duration::from_millis(100),
@@ -173,6 +176,8 @@ struct Driver<'a, 'h> {
     hooks: Hooks<'h>,
     records: Vec<RequestRecord>,
     slot: HashMap<RequestId, usize>,
+    /// How each scored request in flight is judged when it finishes.
+    scores: HashMap<RequestId, crate::score::Score>,
     next_id: u64,
     in_flight: usize,
     events: Vec<ServeEvent>,
@@ -198,6 +203,7 @@ impl<'a, 'h> Driver<'a, 'h> {
             hooks,
             records: vec![],
             slot: HashMap::new(),
+            scores: HashMap::new(),
             next_id: 0,
             in_flight: 0,
             events: Vec::with_capacity(64),
@@ -245,9 +251,13 @@ impl<'a, 'h> Driver<'a, 'h> {
             finish_reason: FinishKind::Cancelled,
             error: None,
             cache: CacheUse::default(),
-            output_text: self.o.record_tokens.then(String::new),
+            output_text: (self.o.record_tokens || self.o.keep_text).then(String::new),
             counted: Default::default(),
+            correct: None,
         });
+        if let Some(s) = &item.score {
+            self.scores.insert(id, s.clone());
+        }
         self.in_flight += 1;
         let req = ServeRequest {
             id,
@@ -322,6 +332,12 @@ impl<'a, 'h> Driver<'a, 'h> {
                     r.finish_ns = ns(at);
                     r.finish_reason = reason;
                     r.error = error;
+                    // A failed request has no answer to judge: it counts in the error rate.
+                    if let Some(s) = self.scores.remove(&id)
+                        && !r.failed()
+                    {
+                        r.correct = Some(s.judge(r.output_text.as_deref().unwrap_or("")));
+                    }
                     let warm = r.warmup;
                     self.slot.remove(&id);
                     self.in_flight -= 1;

@@ -28,6 +28,7 @@ pub mod provenance;
 pub mod record;
 pub mod remote;
 pub mod report;
+pub mod score;
 pub mod selftest;
 pub mod session;
 pub mod slo;

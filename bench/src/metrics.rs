@@ -340,6 +340,9 @@ pub struct Summary {
     pub slo: Option<SloReport>,
     pub compat: Compat,
     pub memory: MemorySummary,
+    /// `--score`: accuracy over the measured requests that were scored.
+    #[serde(default)]
+    pub accuracy: Option<crate::score::Accuracy>,
 }
 
 /// Summarise the measured requests (warm-ups dropped here).
@@ -417,6 +420,7 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
             0.0
         },
         slo: None,
+        accuracy: crate::score::Accuracy::over(measured.iter().map(|r| &r.correct)),
         compat,
         memory: memory_summary(memory),
     };
@@ -540,6 +544,8 @@ pub struct TagRow {
     pub ttft_p50_ms: f64,
     pub e2e_p50_ms: f64,
     pub output_tokens: u64,
+    /// `--score`: accuracy of this tag's scored requests.
+    pub accuracy: Option<crate::score::Accuracy>,
 }
 
 pub fn by_tag(records: &[RequestRecord]) -> Vec<TagRow> {
@@ -560,6 +566,7 @@ pub fn by_tag(records: &[RequestRecord]) -> Vec<TagRow> {
                 ttft_p50_ms: Dist::of(ok.iter().filter_map(|r| ttft_ns(r)).map(ms).collect()).p50,
                 e2e_p50_ms: Dist::of(ok.iter().map(|r| ms(e2e_ns(r))).collect()).p50,
                 output_tokens: rs.iter().map(|r| r.output_tokens() as u64).sum(),
+                accuracy: crate::score::Accuracy::over(rs.iter().map(|r| &r.correct)),
             }
         })
         .collect()

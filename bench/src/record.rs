@@ -39,6 +39,9 @@ pub struct RequestRecord {
     /// None in-process.
     #[serde(default)]
     pub counted: Counted,
+    /// `--score`: whether the answer was right (None: not scored, or the request failed).
+    #[serde(default)]
+    pub correct: Option<bool>,
 }
 
 /// Token counts of a request measured over HTTP (`ember bench --url`), where `token_ns` holds

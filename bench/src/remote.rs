@@ -580,6 +580,7 @@ mod tests {
             stop: vec![],
             tags: vec![],
             expected: None,
+            score: None,
         };
         Workload {
             name: "t".into(),

@@ -59,6 +59,10 @@ pub enum SessionError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(
+        "--score: {0} entries are scored \"choice\", which ranks the options by the model's log-probabilities; that needs the model in-process, not --url"
+    )]
+    ChoiceOverHttp(usize),
 }
 
 /// What the simulated users send.
@@ -130,6 +134,8 @@ pub struct WorkloadPlan {
     pub device_profile: Option<String>,
     /// Also compute figures per request tag.
     pub by_tag: bool,
+    /// Score the answers of dataset entries that have `expected` (`--score`).
+    pub score: bool,
 }
 
 /// What a session measured, for printing.
@@ -274,6 +280,7 @@ impl<'e> Session<'e> {
             load: self.base_load(),
             limits: self.limits,
             record_tokens: self.plan.record_tokens,
+            keep_text: self.plan.score,
             sample_memory: matches!(self.subject, Subject::Engine(_)),
             ..Default::default()
         };
@@ -503,8 +510,10 @@ fn dataset(subject: Subject, plan: &WorkloadPlan) -> Result<Workload, SessionErr
         default_max_tokens: plan.max_tokens.unwrap_or(128),
         max_tokens_cap: plan.max_tokens,
         size_from_expected: sharegpt,
+        score: plan.score,
     };
-    let items = workload::build_dataset_items(&entries, subject.tokenizer(), &opts)?;
+    let mut items = workload::build_dataset_items(&entries, subject.tokenizer(), &opts)?;
+    decide_choices(subject, &mut items)?;
     let n = plan.requests.unwrap_or(items.len());
     let n_ctx = subject.n_ctx();
     let warmup = items
@@ -525,6 +534,35 @@ fn dataset(subject: Subject, plan: &WorkloadPlan) -> Result<Workload, SessionErr
         notes: vec![],
         params: serde_json::json!({"source": name, "template": plan.chat_template, "max_tokens_cap": plan.max_tokens}),
     })
+}
+
+/// `choice` entries: rank each one's options by the model's log-probabilities now, before the
+/// run (they do not depend on what it generates).
+fn decide_choices(subject: Subject, items: &mut [workload::WorkItem]) -> Result<(), SessionError> {
+    use crate::score::ScoreKind;
+    let choices = items
+        .iter()
+        .filter(|i| {
+            i.score
+                .as_ref()
+                .is_some_and(|s| s.kind == ScoreKind::Choice)
+        })
+        .count();
+    if choices == 0 {
+        return Ok(());
+    }
+    let engine = match subject {
+        Subject::Engine(e) => e,
+        Subject::Remote(_) => return Err(SessionError::ChoiceOverHttp(choices)),
+    };
+    for it in items.iter_mut() {
+        if let Some(s) = it.score.as_mut().filter(|s| s.kind == ScoreKind::Choice) {
+            let prompt = it.prompt_tokens.clone();
+            s.chosen =
+                Some(engine.install(|| crate::score::choose(engine, &prompt, &s.option_tokens))?);
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- llama-bench mode

@@ -177,6 +177,9 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
         s.prefix_hit_rate * 100.0,
         r.cache_evictions
     );
+    if let Some(a) = &s.accuracy {
+        let _ = writeln!(o, "accuracy    {} (--score)", a.text());
+    }
     let m = &s.memory;
     if r.provenance.transport == "http" {
         // The server's memory is not visible from here; only chunks and counts are.
@@ -281,14 +284,19 @@ fn sweep_points(o: &mut String, sw: &SweepResult) {
 
 /// Per-tag counts and medians.
 fn tag_rows(o: &mut String, tags: &[TagRow]) {
+    let scored = tags.iter().any(|t| t.accuracy.is_some());
     let _ = writeln!(o);
-    let _ = writeln!(
+    let _ = write!(
         o,
         "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
         "tag", "n", "failed", "ttft p50 ms", "e2e p50 ms", "out tok"
     );
+    if scored {
+        let _ = write!(o, " {:<34} |", "accuracy (95% CI)");
+    }
+    let _ = writeln!(o);
     for t in tags {
-        let _ = writeln!(
+        let _ = write!(
             o,
             "| {:<16} | {:>4} | {:>6} | {:>12} | {:>10} | {:>8} |",
             t.tag,
@@ -298,6 +306,11 @@ fn tag_rows(o: &mut String, tags: &[TagRow]) {
             num(t.e2e_p50_ms),
             t.output_tokens
         );
+        if scored {
+            let acc = t.accuracy.map_or("–".into(), |a| a.text());
+            let _ = write!(o, " {acc:<34} |");
+        }
+        let _ = writeln!(o);
     }
 }
 

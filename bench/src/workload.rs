@@ -139,6 +139,9 @@ pub struct WorkItem {
     pub stop: Vec<String>,
     pub tags: Vec<String>,
     pub expected: Option<String>,
+    /// How the answer is scored (`--score`; None: not scored).
+    #[serde(default)]
+    pub score: Option<crate::score::Score>,
 }
 
 #[derive(Clone, Debug)]
@@ -189,6 +192,12 @@ pub struct DatasetEntry {
     /// An id of the line's own choosing (kept in the tags as `id:...`).
     #[serde(default)]
     pub id: Option<String>,
+    /// How `--score` judges the answer: exact, contains (the default), regex or choice.
+    #[serde(default)]
+    pub score: Option<String>,
+    /// `score: choice`: the candidate answers (`expected` is the right one).
+    #[serde(default)]
+    pub options: Option<Vec<String>>,
 }
 
 /// Parse a JSONL dataset. Blank lines and lines starting with `//` are skipped;
@@ -217,6 +226,12 @@ pub fn parse_jsonl(text: &str, source_name: &str) -> Result<Vec<DatasetEntry>, W
         if e.repeat == Some(0) {
             return Err(err("\"repeat\" must be at least 1".into()));
         }
+        crate::score::validate(
+            e.score.as_deref(),
+            e.expected.as_deref(),
+            e.options.as_deref(),
+        )
+        .map_err(err)?;
         out.push(e);
     }
     if out.is_empty() {
@@ -316,8 +331,11 @@ pub struct DatasetOptions<'a> {
     pub default_max_tokens: usize,
     /// Cap on every entry's max_tokens.
     pub max_tokens_cap: Option<usize>,
-    /// Size a missing `max_tokens` from the length of `expected` (ShareGPT).
+    /// Size a missing `max_tokens` from the length of `expected` (ShareGPT, whose `expected` is
+    /// a reference reply, never scored).
     pub size_from_expected: bool,
+    /// Attach how each entry with `expected` is scored (`--score`).
+    pub score: bool,
 }
 
 pub fn build_dataset_items(
@@ -382,12 +400,40 @@ pub fn build_dataset_items(
             if let Some(id) = &e.id {
                 tags.push(format!("id:{id}"));
             }
+            let kind = crate::score::validate(
+                e.score.as_deref(),
+                e.expected.as_deref(),
+                e.options.as_deref(),
+            )
+            .map_err(terr)?;
+            let score = match (kind, &e.expected) {
+                (Some(kind), Some(expected)) if o.score && !o.size_from_expected => {
+                    let options = e.options.clone().unwrap_or_default();
+                    // Each option as it would follow the prompt (no BOS, special text as text).
+                    let option_tokens = options
+                        .iter()
+                        .map(|x| tok.encode(x, false, false).map_err(|x| terr(x.to_string())))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if option_tokens.iter().any(|t| t.is_empty()) {
+                        return Err(terr("an option tokenizes to nothing".into()));
+                    }
+                    Some(crate::score::Score {
+                        kind,
+                        expected: expected.clone(),
+                        options,
+                        option_tokens,
+                        chosen: None,
+                    })
+                }
+                _ => None,
+            };
             Ok(WorkItem {
                 prompt_tokens,
                 max_tokens,
                 stop: e.stop.clone(),
                 tags,
                 expected: e.expected.clone(),
+                score,
             })
         })
         .collect()
@@ -544,6 +590,7 @@ impl SyntheticSpec {
                 stop: vec![],
                 tags: vec![self.name.clone()],
                 expected: None,
+                score: None,
             }
         };
         let items: Vec<WorkItem> = (0..n).map(|_| make(&mut rng)).collect();

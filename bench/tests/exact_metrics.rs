@@ -136,6 +136,7 @@ fn item(prompt_len: usize, max_tokens: usize) -> WorkItem {
         stop: vec![],
         tags: vec![format!("L{prompt_len}")],
         expected: None,
+        score: None,
     }
 }
 

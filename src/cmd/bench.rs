@@ -163,6 +163,9 @@ pub struct BenchArgs {
     /// also print figures split by request tag
     #[argh(switch)]
     by_tag: bool,
+    /// score the answers of dataset entries that have "expected" (exact, contains, regex or choice) and show accuracy with its 95% CI
+    #[argh(switch)]
+    score: bool,
     /// write the whole run (records, memory samples, summary) as JSON to this file
     #[argh(option)]
     out: Option<PathBuf>,
@@ -406,6 +409,7 @@ fn workload_plan(
         },
         device_profile,
         by_tag: a.by_tag,
+        score: a.score,
     })
 }
 
@@ -454,6 +458,11 @@ fn load_mode(a: &BenchArgs) -> Result<LoadMode> {
 
 /// --dataset, --sharegpt, or a preset (default chat) with --input-len/--output-len/--max-tokens.
 fn workload_source(a: &BenchArgs) -> Result<WorkloadSource> {
+    if a.score && a.dataset.is_none() {
+        bail!(
+            "--score needs --dataset (entries with \"expected\" answers, e.g. --dataset eval); synthetic prompts and ShareGPT replies have nothing to score"
+        );
+    }
     if let Some(d) = &a.dataset {
         return Ok(WorkloadSource::Dataset(d.clone()));
     }

@@ -181,6 +181,7 @@ impl<'e> Worker<'e> {
                     prefill_end_ns: None,
                     token_ns: vec![],
                     counted: Default::default(),
+                    correct: None,
                     finish_ns: 0,
                     finish_reason: FinishKind::Error,
                     error: None,

@@ -166,6 +166,14 @@ pub fn figure_defs() -> Vec<FigureDef> {
             |f| f.figures.prefix_hit_rate.map(|x| (x * 100.0, false)),
         ),
         FigureDef::new(
+            "accuracy",
+            "accuracy (--score)",
+            "%",
+            Better::Higher,
+            false,
+            |f| f.figures.accuracy.map(|a| (a.accuracy * 100.0, false)),
+        ),
+        FigureDef::new(
             "usd_per_mtok",
             "$/Mtok (output)",
             "$",

@@ -24,6 +24,8 @@ pub struct ReqSample {
     pub last_token_ns: Option<u64>,
     pub finish_ns: u64,
     pub max_itl_ns: Option<u64>,
+    /// `--score`: the answer was right (None: not scored).
+    pub correct: Option<bool>,
     /// Stored token timestamps (at most the run's token cap).
     pub token_ns: Vec<u64>,
 }
@@ -143,6 +145,8 @@ pub struct Figures {
     pub rss_peak_bytes: Option<u64>,
     pub device_bytes_peak: Option<u64>,
     pub kv_bytes_peak: Option<u64>,
+    /// `--score`: accuracy over the measured requests that were scored.
+    pub accuracy: Option<crate::score::Accuracy>,
     /// metric name -> distribution
     pub dists: std::collections::BTreeMap<String, Stats>,
 }
@@ -162,6 +166,7 @@ impl Figures {
         let (mut cached, mut pf_tok, mut pf_ns, mut dec_tok, mut dec_ns) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut completed = 0usize;
+        let (mut scored, mut correct) = (0usize, 0usize);
         for (samples, memory) in runs {
             let measured: Vec<&ReqSample> = samples.iter().filter(|s| !s.warmup).collect();
             f.warmup += samples.len() - measured.len();
@@ -176,6 +181,10 @@ impl Figures {
                 f.prompt_tokens += s.prompt_tokens;
                 f.output_tokens += s.output_tokens;
                 cached += s.cached_prompt_tokens;
+                if let Some(c) = s.correct {
+                    scored += 1;
+                    correct += c as usize;
+                }
                 if s.failed {
                     f.failed += 1;
                     continue;
@@ -242,6 +251,7 @@ impl Figures {
         f.prefix_hit_rate = (f.prompt_tokens > 0).then(|| cached as f64 / f.prompt_tokens as f64);
         f.prefill_tps_total = (pf_ns > 0).then(|| pf_tok as f64 * 1e9 / pf_ns as f64);
         f.decode_tps_total = (dec_ns > 0).then(|| dec_tok as f64 * 1e9 / dec_ns as f64);
+        f.accuracy = crate::score::Accuracy::of(correct, scored);
         for (k, v) in d {
             if let Some(s) = Stats::of(v) {
                 f.dists.insert(k.to_string(), s);
@@ -277,6 +287,12 @@ impl Figures {
             self.device_bytes_peak.map(|x| x as f64),
         );
         sys("kv_bytes_peak", self.kv_bytes_peak.map(|x| x as f64));
+        if let Some(a) = &self.accuracy {
+            sys("scored", Some(a.n as f64));
+            sys("accuracy", Some(a.accuracy));
+            sys("accuracy_ci95_low", Some(a.ci95_low));
+            sys("accuracy_ci95_high", Some(a.ci95_high));
+        }
         for (m, s) in &self.dists {
             for stat in [
                 "n", "mean", "min", "max", "sd", "p50", "p90", "p95", "p99", "p99.9",

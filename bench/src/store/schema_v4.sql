@@ -50,3 +50,8 @@ CREATE TABLE quality_tokens (
     same_top   INTEGER CHECK (same_top IN (0, 1)),
     PRIMARY KEY (quality_id, i)
 ) WITHOUT ROWID;
+
+-- `ember bench --score`: whether each scored request's answer was right (NULL:
+-- not scored, or the request failed). Accuracy = avg(correct) over the
+-- measured requests where it is not NULL.
+ALTER TABLE requests ADD COLUMN correct INTEGER CHECK (correct IN (0, 1));
