@@ -67,6 +67,8 @@ pub struct HarnessOptions {
     /// Take memory samples at all. Off for a remote server (`ember bench --url`): this
     /// process's RSS is the client's, not the server's, and its stats are empty.
     pub sample_memory: bool,
+    /// Read this power source with the timer's memory samples.
+    pub power: Option<crate::power::PowerSource>,
 }
 
 impl Default for HarnessOptions {
@@ -81,6 +83,7 @@ impl Default for HarnessOptions {
             progress_interval: Duration::from_millis(100),
             rss_probe: None,
             sample_memory: true,
+            power: None,
         }
     }
 }
@@ -136,6 +139,9 @@ pub struct RunOutput {
     pub overhead: Overhead,
     /// Evictions during this run (run-scoped, not lifetime).
     pub cache_evictions: u64,
+    /// The power source read, and why it stopped being read (if it did).
+    pub power_source: Option<String>,
+    pub power_error: Option<String>,
     /// Server stats at the end (weights bytes etc.).
     pub last_stats: ServerStats,
 }
@@ -176,6 +182,8 @@ struct Driver<'a, 'h> {
     hooks: Hooks<'h>,
     records: Vec<RequestRecord>,
     slot: HashMap<RequestId, usize>,
+    meter: Option<crate::power::Meter>,
+    power_error: Option<String>,
     /// How each scored request in flight is judged when it finishes.
     scores: HashMap<RequestId, crate::score::Score>,
     next_id: u64,
@@ -203,6 +211,8 @@ impl<'a, 'h> Driver<'a, 'h> {
             hooks,
             records: vec![],
             slot: HashMap::new(),
+            meter: o.power.clone().map(crate::power::Meter::new),
+            power_error: None,
             scores: HashMap::new(),
             next_id: 0,
             in_flight: 0,
@@ -378,6 +388,7 @@ impl<'a, 'h> Driver<'a, 'h> {
             device_bytes: s.device_bytes,
             kv_bytes_used: s.kv_bytes_used,
             kv_bytes_reserved: s.kv_bytes_reserved,
+            power_w: None,
         };
         let timer = self
             .last_sample_at
@@ -396,6 +407,24 @@ impl<'a, 'h> Driver<'a, 'h> {
             )
         });
         if force || timer || changed {
+            let mut m = m;
+            // Power on the timer only: a PMIC is read through a subprocess.
+            if (timer || force)
+                && let Some(meter) = self.meter.as_mut()
+            {
+                match meter.read(now) {
+                    Ok(w) => m.power_w = w,
+                    Err(e) => {
+                        if self.power_error.is_none() {
+                            self.power_error = Some(format!(
+                                "{} at {:.2} s: {e}",
+                                meter.source.name,
+                                m.t_ns as f64 / 1e9
+                            ));
+                        }
+                    }
+                }
+            }
             self.memory.push(m);
             if timer || force {
                 self.last_sample_at = Some(now);
@@ -501,6 +530,8 @@ impl<'a, 'h> Driver<'a, 'h> {
             overhead: self.overhead,
             cache_evictions: evictions,
             last_stats: self.last_stats,
+            power_source: self.meter.as_ref().map(|m| m.source.name.clone()),
+            power_error: self.power_error,
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod live;
 pub mod llamabench;
 pub mod load;
 pub mod metrics;
+pub mod power;
 pub mod profile;
 pub mod provenance;
 pub mod record;

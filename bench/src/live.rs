@@ -88,7 +88,37 @@ impl LiveRun {
 /// The stored result of one harness run: `head`'s provenance, workload and SLO with the
 /// figures of `out` (SLO verdicts, attainment, goodput, summary). Also returns the summary.
 pub fn run_result(head: &RunResult, out: &RunOutput, slo: &Slo) -> (RunResult, Summary) {
-    let summary = metrics::summarize(&out.records, &out.memory, Some(slo));
+    let mut summary = metrics::summarize(&out.records, &out.memory, Some(slo));
+    if let Some(source) = &out.power_source {
+        let measured: Vec<&crate::record::RequestRecord> =
+            out.records.iter().filter(|r| !r.warmup).collect();
+        let from = measured.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
+        let to = measured.iter().map(|r| r.finish_ns).max().unwrap_or(0);
+        match (
+            &out.power_error,
+            crate::power::measured_energy(&out.memory, from, to),
+        ) {
+            (Some(e), _) => {
+                summary.energy_gap = Some(format!(
+                    "the power sensor failed mid-run ({e}); no energy reported for this run"
+                ))
+            }
+            (None, Some(j)) => {
+                summary.energy = Some(crate::power::Energy::new(
+                    "measured",
+                    source,
+                    j,
+                    summary.window_s,
+                    summary.output_tokens,
+                ))
+            }
+            (None, None) => {
+                summary.energy_gap = Some(format!(
+                    "{source}: its readings do not span the measured window; no energy reported"
+                ))
+            }
+        }
+    }
     let rep = summary.slo.clone().unwrap_or_default();
     let mut workload = head.workload.clone();
     workload.n_requests = summary.n_measured;
@@ -105,6 +135,8 @@ pub fn run_result(head: &RunResult, out: &RunOutput, slo: &Slo) -> (RunResult, S
         records: out.records.clone(),
         memory: out.memory.clone(),
         cache_evictions: out.cache_evictions,
+        power_source: out.power_source.clone(),
+        power_error: out.power_error.clone(),
         summary_json: serde_json::to_string(&summary).unwrap_or_default(),
     };
     (result, summary)

@@ -343,6 +343,12 @@ pub struct Summary {
     /// `--score`: accuracy over the measured requests that were scored.
     #[serde(default)]
     pub accuracy: Option<crate::score::Accuracy>,
+    /// Energy of the measured window (a sensor's, or a labelled estimate).
+    #[serde(default)]
+    pub energy: Option<crate::power::Energy>,
+    /// Why a power sensor was found but no energy is reported (it failed mid-run).
+    #[serde(default)]
+    pub energy_gap: Option<String>,
 }
 
 /// Summarise the measured requests (warm-ups dropped here).
@@ -421,6 +427,8 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         },
         slo: None,
         accuracy: crate::score::Accuracy::over(measured.iter().map(|r| &r.correct)),
+        energy: None,
+        energy_gap: None,
         compat,
         memory: memory_summary(memory),
     };

@@ -89,6 +89,10 @@ pub struct MemorySample {
     pub device_bytes: u64,
     pub kv_bytes_used: u64,
     pub kv_bytes_reserved: u64,
+    /// Watts from the power sensor (mean since its previous reading), on timer samples when
+    /// one was found ([`crate::power`]); None otherwise.
+    #[serde(default)]
+    pub power_w: Option<f64>,
 }
 
 /// Where and on what a run happened (METRICS.md, Provenance).
@@ -171,6 +175,11 @@ pub struct RunResult {
     pub records: Vec<RequestRecord>,
     pub memory: Vec<MemorySample>,
     pub cache_evictions: u64,
+    /// The power sensor read during the run, and why it stopped being read (if it did).
+    #[serde(default)]
+    pub power_source: Option<String>,
+    #[serde(default)]
+    pub power_error: Option<String>,
     /// Summary figures (percentiles etc.) as computed by `metrics`, as JSON text,
     /// so the store can keep them verbatim next to the raw timestamps.
     pub summary_json: String,

@@ -136,6 +136,8 @@ pub struct WorkloadPlan {
     pub by_tag: bool,
     /// Score the answers of dataset entries that have `expected` (`--score`).
     pub score: bool,
+    /// The power sensor to read during an in-process run ([`crate::power::discover`]).
+    pub power: Option<crate::power::PowerSource>,
 }
 
 /// What a session measured, for printing.
@@ -282,6 +284,11 @@ impl<'e> Session<'e> {
             record_tokens: self.plan.record_tokens,
             keep_text: self.plan.score,
             sample_memory: matches!(self.subject, Subject::Engine(_)),
+            // This machine's power is the client's over --url, not the server's.
+            power: match self.subject {
+                Subject::Engine(_) => self.plan.power.clone(),
+                Subject::Remote(_) => None,
+            },
             ..Default::default()
         };
         let (out, sweep, stored) = match &self.plan.load {

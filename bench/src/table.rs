@@ -180,6 +180,19 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
     if let Some(a) = &s.accuracy {
         let _ = writeln!(o, "accuracy    {} (--score)", a.text());
     }
+    match (&s.energy, &s.energy_gap) {
+        (Some(e), None) => {
+            let _ = writeln!(o, "energy      {}", e.text());
+        }
+        (Some(e), Some(gap)) => {
+            let _ = writeln!(o, "energy      not measured: {gap}");
+            let _ = writeln!(o, "            {}", e.text());
+        }
+        (None, Some(gap)) => {
+            let _ = writeln!(o, "energy      not measured: {gap}");
+        }
+        (None, None) => {}
+    }
     let m = &s.memory;
     if r.provenance.transport == "http" {
         // The server's memory is not visible from here; only chunks and counts are.

@@ -204,6 +204,8 @@ pub struct BenchCommand {
     out: Option<PathBuf>,
     no_db: bool,
     db: Option<PathBuf>,
+    /// Power sensors present but not used or not readable (`ember_bench::power::discover`).
+    power_notes: Vec<String>,
 }
 
 /// `--url` and its flags, checked.
@@ -253,6 +255,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
             None => a.device_profile.clone(),
         };
         let remote = remote_opts(&a)?;
+        let mut power_notes = vec![];
         let mode = if a.pp.is_some() || a.tg.is_some() || a.reps.is_some() {
             Mode::Llama(llama_plan(&a, device_profile)?)
         } else {
@@ -260,7 +263,13 @@ impl TryFrom<BenchArgs> for BenchCommand {
                 Some(t) => t.slo.clone(),
                 None => a.slo.clone(),
             };
-            Mode::Workload(Box::new(workload_plan(&a, slo.as_deref(), device_profile)?))
+            let mut plan = workload_plan(&a, slo.as_deref(), device_profile)?;
+            if remote.is_none() {
+                let found = ember_bench::power::discover(&ember_bench::power::sysfs_root());
+                plan.power = found.source;
+                power_notes = found.notes;
+            }
+            Mode::Workload(Box::new(plan))
         };
         Ok(BenchCommand {
             engine,
@@ -271,6 +280,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
             out: a.out,
             no_db: a.no_db,
             db: a.db,
+            power_notes,
         })
     }
 }
@@ -410,6 +420,7 @@ fn workload_plan(
         device_profile,
         by_tag: a.by_tag,
         score: a.score,
+        power: None,
     })
 }
 
@@ -616,8 +627,9 @@ impl BenchCommand {
         // The results store: the run row first, then each request as it finishes (a sweep
         // stores each of its steps so, as a run of its own).
         let mut store = super::open_store(self.no_db, self.db.as_ref())?;
-        let outcome = session.run(store.as_mut(), &mut on_progress)?;
+        let mut outcome = session.run(store.as_mut(), &mut on_progress)?;
         bar.finish_and_clear();
+        self.energy_fallback(&mut outcome.summary);
         match (&outcome.stored, &store) {
             (Some(Ok(n)), Some(st)) if *n > 1 => {
                 eprintln!(
@@ -653,6 +665,34 @@ impl BenchCommand {
         match outcome.stored {
             Some(Err(e)) => Err(e).context("the results store did not get the whole run"),
             _ => Ok(()),
+        }
+    }
+
+    /// Where no sensor measured the run: say why, and with a --target profile give its
+    /// estimate, labelled as one (shown, never stored as a measurement).
+    fn energy_fallback(&self, s: &mut ember_bench::metrics::Summary) {
+        if s.energy.is_some() || s.energy_gap.is_some() {
+            return;
+        }
+        if self.remote.is_some() {
+            s.energy_gap = Some("the server's power is not visible from this client".into());
+            return;
+        }
+        let mut why = "no power sensor found (RAPL, hwmon, INA3221, Pi 5 PMIC)".to_string();
+        for n in &self.power_notes {
+            why.push_str("; ");
+            why.push_str(n);
+        }
+        s.energy_gap = Some(why);
+        if let Some(t) = &self.target {
+            let w = t.profile.typical_power_w;
+            s.energy = Some(ember_bench::power::Energy::new(
+                "estimate",
+                &format!("profile {}: typical {w} W × the window", t.device_profile),
+                w * s.window_s,
+                s.window_s,
+                s.output_tokens,
+            ));
         }
     }
 

@@ -375,6 +375,7 @@ impl<'e> Worker<'e> {
             device_bytes: st.device_bytes,
             kv_bytes_used: st.kv_bytes_used,
             kv_bytes_reserved: st.kv_bytes_reserved,
+            power_w: None,
         });
     }
 }

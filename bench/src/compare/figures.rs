@@ -166,6 +166,17 @@ pub fn figure_defs() -> Vec<FigureDef> {
             |f| f.figures.prefix_hit_rate.map(|x| (x * 100.0, false)),
         ),
         FigureDef::new(
+            "j_per_token",
+            "energy per output token (measured)",
+            "J",
+            Better::Lower,
+            false,
+            |f| {
+                let j = f.figures.energy_j?;
+                (f.figures.output_tokens > 0).then(|| (j / f.figures.output_tokens as f64, false))
+            },
+        ),
+        FigureDef::new(
             "accuracy",
             "accuracy (--score)",
             "%",

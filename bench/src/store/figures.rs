@@ -147,6 +147,8 @@ pub struct Figures {
     pub kv_bytes_peak: Option<u64>,
     /// `--score`: accuracy over the measured requests that were scored.
     pub accuracy: Option<crate::score::Accuracy>,
+    /// Measured energy of the measured windows (every run's, or none), joules.
+    pub energy_j: Option<f64>,
     /// metric name -> distribution
     pub dists: std::collections::BTreeMap<String, Stats>,
 }
@@ -167,6 +169,7 @@ impl Figures {
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let mut completed = 0usize;
         let (mut scored, mut correct) = (0usize, 0usize);
+        let mut energy = Some(0.0);
         for (samples, memory) in runs {
             let measured: Vec<&ReqSample> = samples.iter().filter(|s| !s.warmup).collect();
             f.warmup += samples.len() - measured.len();
@@ -175,6 +178,11 @@ impl Figures {
                 measured.iter().map(|s| s.finish_ns).max(),
             ) {
                 f.window_ns += b.saturating_sub(a);
+                energy = energy
+                    .zip(crate::power::measured_energy(memory, a, b))
+                    .map(|(x, y)| x + y);
+            } else {
+                energy = None;
             }
             for s in &measured {
                 f.measured += 1;
@@ -252,6 +260,7 @@ impl Figures {
         f.prefill_tps_total = (pf_ns > 0).then(|| pf_tok as f64 * 1e9 / pf_ns as f64);
         f.decode_tps_total = (dec_ns > 0).then(|| dec_tok as f64 * 1e9 / dec_ns as f64);
         f.accuracy = crate::score::Accuracy::of(correct, scored);
+        f.energy_j = energy.filter(|_| !runs.is_empty());
         for (k, v) in d {
             if let Some(s) = Stats::of(v) {
                 f.dists.insert(k.to_string(), s);
@@ -287,6 +296,13 @@ impl Figures {
             self.device_bytes_peak.map(|x| x as f64),
         );
         sys("kv_bytes_peak", self.kv_bytes_peak.map(|x| x as f64));
+        if let Some(j) = self.energy_j {
+            sys("energy_j", Some(j));
+            sys(
+                "j_per_output_token",
+                (self.output_tokens > 0).then(|| j / self.output_tokens as f64),
+            );
+        }
         if let Some(a) = &self.accuracy {
             sys("scored", Some(a.n as f64));
             sys("accuracy", Some(a.accuracy));

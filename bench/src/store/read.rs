@@ -218,7 +218,7 @@ impl Store {
     /// A run's memory timeline, by time.
     pub fn memory(&self, run: RunId) -> Result<Vec<MemorySample>, StoreError> {
         self.rows(
-            "SELECT t_ns, rss_bytes, device_bytes, kv_bytes_used, kv_bytes_reserved FROM memory_samples
+            "SELECT t_ns, rss_bytes, device_bytes, kv_bytes_used, kv_bytes_reserved, power_w FROM memory_samples
              WHERE run_id = ?1 ORDER BY t_ns",
             [run.0],
             |r| {
@@ -228,6 +228,7 @@ impl Store {
                     device_bytes: u64_at(r, 2)?,
                     kv_bytes_used: u64_at(r, 3)?,
                     kv_bytes_reserved: u64_at(r, 4)?,
+                    power_w: r.get(5)?,
                 })
             },
         )
@@ -272,12 +273,17 @@ impl Store {
                 path: self.path.clone(),
                 run: run.0,
             })?;
-        let (slo, summary_json): (String, Option<String>) = self
+        let (slo, summary_json, power_source, power_error): (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = self
             .conn
             .query_row(
-                "SELECT slo, summary_json FROM runs WHERE run_id = ?1",
+                "SELECT slo, summary_json, power_source, power_error FROM runs WHERE run_id = ?1",
                 [run.0],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .map_err(|e| self.err(e))?;
         let recs: Vec<RequestRecord> = self.rows(
@@ -328,6 +334,8 @@ impl Store {
             })
             .collect();
         Ok(RunResult {
+            power_source,
+            power_error,
             started_at: row.started_at,
             provenance: row.provenance,
             workload: row.workload,

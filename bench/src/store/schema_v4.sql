@@ -55,3 +55,12 @@ CREATE TABLE quality_tokens (
 -- not scored, or the request failed). Accuracy = avg(correct) over the
 -- measured requests where it is not NULL.
 ALTER TABLE requests ADD COLUMN correct INTEGER CHECK (correct IN (0, 1));
+
+-- Measured power (bench/src/power.rs): watts from the power sensor on the
+-- timer's memory samples (mean since its previous reading; NULL where it was
+-- not read), and which sensor it was. Energy over a window is the sum of
+-- watts × the time since the previous reading; `power_error` says why a
+-- sensor stopped being read mid-run (then no energy is reported for it).
+ALTER TABLE memory_samples ADD COLUMN power_w REAL;
+ALTER TABLE runs ADD COLUMN power_source TEXT;
+ALTER TABLE runs ADD COLUMN power_error TEXT;

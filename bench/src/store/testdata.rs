@@ -108,6 +108,8 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
         records,
         memory,
         cache_evictions: 3,
+        power_source: None,
+        power_error: None,
         summary_json: "{}".into(),
     }
 }
@@ -222,6 +224,7 @@ fn synth_memory(spec: &SynthSpec, records: &[RequestRecord], rng: &mut Rng) -> V
             },
             kv_bytes_used: kv,
             kv_bytes_reserved: 64 << 20,
+            power_w: None,
         });
         tm += step;
     }

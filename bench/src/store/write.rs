@@ -195,8 +195,8 @@ impl Store {
         {
             let mut st = tx
                 .prepare_cached(
-                    "INSERT INTO memory_samples(run_id, t_ns, rss_bytes, device_bytes, kv_bytes_used, kv_bytes_reserved)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO memory_samples(run_id, t_ns, rss_bytes, device_bytes, kv_bytes_used, kv_bytes_reserved, power_w)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(e)?;
             for m in samples {
@@ -206,7 +206,8 @@ impl Store {
                     m.rss_bytes as i64,
                     m.device_bytes as i64,
                     m.kv_bytes_used as i64,
-                    m.kv_bytes_reserved as i64
+                    m.kv_bytes_reserved as i64,
+                    m.power_w
                 ])
                 .map_err(e)?;
             }
@@ -227,7 +228,8 @@ impl Store {
         let n = tx
             .execute(
                 "UPDATE runs SET status = 'finished', finished_at = ?2, slo_name = ?3, slo = ?4, slo_attainment = ?5,
-                     goodput_rps = ?6, cache_evictions = ?7, summary_json = ?8 WHERE run_id = ?1",
+                     goodput_rps = ?6, cache_evictions = ?7, summary_json = ?8, power_source = ?9, power_error = ?10
+                 WHERE run_id = ?1",
                 params![
                     run.0,
                     now_rfc3339(),
@@ -236,7 +238,9 @@ impl Store {
                     result.slo_attainment,
                     result.goodput_rps,
                     result.cache_evictions as i64,
-                    result.summary_json
+                    result.summary_json,
+                    result.power_source,
+                    result.power_error
                 ],
             )
             .map_err(e)?;
@@ -347,6 +351,7 @@ impl Store {
                 device_bytes: device_peak_bytes,
                 kv_bytes_used: 0,
                 kv_bytes_reserved: 0,
+                power_w: None,
             }],
         )?;
         let mut done = head.clone();
