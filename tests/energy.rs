@@ -170,3 +170,73 @@ fn without_a_sensor_a_profile_gives_a_labelled_estimate() {
         "{joules}"
     );
 }
+
+#[test]
+fn cost_per_million_tokens_at_throughput_and_at_the_slo() {
+    let empty = tmp("cost-sysfs");
+    std::fs::create_dir_all(&empty).unwrap();
+    let none = PathBuf::from("/nonexistent/vcgencmd");
+    let db = tmp("cost.db");
+    let _ = std::fs::remove_file(&db);
+    // An SLO every request meets: goodput is the whole throughput.
+    let j = bench(
+        &empty,
+        &none,
+        &[
+            "--cost-per-hour",
+            "3.6",
+            "--slo-max",
+            "ttft_p99<=60000ms",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+    );
+    let s = &j["summary"];
+    let c = &s["cost"];
+    let tps = s["output_tps"].as_f64().unwrap();
+    let per_mtok = c["usd_per_mtok"].as_f64().unwrap();
+    // $3.6/h over tps tokens/s: 3.6 / (tps · 3600) · 1e6 = 1000 / tps.
+    assert!((per_mtok - 1000.0 / tps).abs() < 1e-9 * per_mtok, "{c}");
+    assert!((c["usd_per_mtok_at_slo"].as_f64().unwrap() - per_mtok).abs() < 1e-9 * per_mtok);
+    let window = s["window_s"].as_f64().unwrap();
+    assert!((c["run_usd"].as_f64().unwrap() - 3.6 * window / 3600.0).abs() < 1e-12);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let stored: f64 = conn
+        .query_row("SELECT cost_per_hour FROM runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, 3.6);
+
+    // An SLO nothing meets: no token is delivered at the SLO, so no price for one.
+    let j = bench(
+        &empty,
+        &none,
+        &[
+            "--cost-per-mtok",
+            "2",
+            "--slo-max",
+            "ttft_p99<=0.001ms",
+            "--no-db",
+        ],
+    );
+    let c = &j["summary"]["cost"];
+    assert_eq!(c["usd_per_mtok"].as_f64(), Some(2.0));
+    assert!(c["usd_per_mtok_at_slo"].is_null(), "{c}");
+    let out_tok = j["summary"]["output_tokens"].as_f64().unwrap();
+    assert!((c["run_usd"].as_f64().unwrap() - 2.0 * out_tok / 1e6).abs() < 1e-15);
+
+    let out = common::ember()
+        .args([
+            "bench",
+            "-n",
+            "2",
+            "--no-db",
+            "--cost-per-hour",
+            "1",
+            "--cost-per-mtok",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not both"));
+}

@@ -123,6 +123,13 @@ pub fn run_result(head: &RunResult, out: &RunOutput, slo: &Slo) -> (RunResult, S
     let mut workload = head.workload.clone();
     workload.n_requests = summary.n_measured;
     workload.n_warmup = summary.n_warmup;
+    summary.cost = head
+        .price
+        .as_ref()
+        .map(|p| match (p.usd_per_mtok, p.usd_per_hour) {
+            (Some(m), _) => metrics::Cost::per_mtok(m, &summary),
+            (None, h) => metrics::Cost::per_hour(&p.source, h.unwrap_or(0.0), &summary),
+        });
     let result = RunResult {
         started_at: head.started_at.clone(),
         provenance: head.provenance.clone(),
@@ -137,6 +144,7 @@ pub fn run_result(head: &RunResult, out: &RunOutput, slo: &Slo) -> (RunResult, S
         cache_evictions: out.cache_evictions,
         power_source: out.power_source.clone(),
         power_error: out.power_error.clone(),
+        price: head.price.clone(),
         summary_json: serde_json::to_string(&summary).unwrap_or_default(),
     };
     (result, summary)

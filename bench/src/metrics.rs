@@ -257,6 +257,10 @@ pub struct SloReport {
     pub slo_attainment: f64,
     /// Attaining requests per second of the window.
     pub goodput_rps: f64,
+    /// Output tokens of the attaining requests per second of the window (what $/Mtok at the
+    /// SLO divides by).
+    #[serde(default)]
+    pub goodput_output_tps: f64,
     /// Every constraint passes and attainment ≥ target.
     pub pass: bool,
 }
@@ -349,6 +353,75 @@ pub struct Summary {
     /// Why a power sensor was found but no energy is reported (it failed mid-run).
     #[serde(default)]
     pub energy_gap: Option<String>,
+    /// Dollars per million output tokens, when a cost is known (`--cost-per-hour`, a
+    /// `--target` profile, or `--cost-per-mtok` for an API).
+    #[serde(default)]
+    pub cost: Option<Cost>,
+}
+
+/// What a run's output tokens cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Where the price comes from: "--cost-per-hour", "profile NAME", "--cost-per-mtok".
+    pub source: String,
+    /// The device's (or cloud instance's) price per hour.
+    pub usd_per_hour: Option<f64>,
+    /// $/Mtok at the measured output throughput (every request's tokens).
+    pub usd_per_mtok: Option<f64>,
+    /// $/Mtok at goodput: only the SLO-attaining requests' tokens count as delivered.
+    pub usd_per_mtok_at_slo: Option<f64>,
+    /// What this run cost: the window at the hourly price, or its output tokens at the API's.
+    pub run_usd: Option<f64>,
+}
+
+impl Cost {
+    /// From an hourly price: the device is paid for the whole window whatever it delivers.
+    pub fn per_hour(source: &str, usd_per_hour: f64, s: &Summary) -> Cost {
+        let per_mtok = |tps: f64| (tps > 0.0).then(|| usd_per_hour / (tps * 3600.0) * 1e6);
+        Cost {
+            source: source.into(),
+            usd_per_hour: Some(usd_per_hour),
+            usd_per_mtok: per_mtok(s.output_tps),
+            usd_per_mtok_at_slo: s.slo.as_ref().and_then(|r| per_mtok(r.goodput_output_tps)),
+            run_usd: Some(usd_per_hour * s.window_s / 3600.0),
+        }
+    }
+
+    /// From an API's price per million output tokens: delivered-at-SLO tokens cost more per
+    /// useful token when some requests miss the SLO.
+    pub fn per_mtok(usd_per_mtok: f64, s: &Summary) -> Cost {
+        let at_slo = s.slo.as_ref().and_then(|r| {
+            (r.goodput_output_tps > 0.0).then(|| usd_per_mtok * s.output_tps / r.goodput_output_tps)
+        });
+        Cost {
+            source: "--cost-per-mtok".into(),
+            usd_per_hour: None,
+            usd_per_mtok: Some(usd_per_mtok),
+            usd_per_mtok_at_slo: at_slo,
+            run_usd: Some(usd_per_mtok * s.output_tokens as f64 / 1e6),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let money = |v: Option<f64>| {
+            v.map_or("–".to_string(), |x| match x {
+                x if x == 0.0 || x >= 1.0 => format!("${x:.2}"),
+                x if x >= 0.01 => format!("${x:.4}"),
+                x => format!("${x:.3e}"),
+            })
+        };
+        let mut t = match self.usd_per_hour {
+            Some(h) => format!("${h}/h ({})", self.source),
+            None => format!("{} ({})", money(self.usd_per_mtok), self.source),
+        };
+        t.push_str(&format!(
+            " · {}/Mtok output · {}/Mtok at the SLO (goodput) · this run {}",
+            money(self.usd_per_mtok),
+            money(self.usd_per_mtok_at_slo),
+            money(self.run_usd)
+        ));
+        t
+    }
 }
 
 /// Summarise the measured requests (warm-ups dropped here).
@@ -429,18 +502,22 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         accuracy: crate::score::Accuracy::over(measured.iter().map(|r| &r.correct)),
         energy: None,
         energy_gap: None,
+        cost: None,
         compat,
         memory: memory_summary(memory),
     };
     if let Some(slo) = slo {
-        let attaining = measured.iter().filter(|r| attains(r, slo)).count();
-        s.slo = Some(slo_report(
+        let attaining: Vec<&&RequestRecord> = measured.iter().filter(|r| attains(r, slo)).collect();
+        let good_tokens: u64 = attaining.iter().map(|r| r.output_tokens() as u64).sum();
+        let mut rep = slo_report(
             &s,
             slo,
-            attaining,
+            attaining.len(),
             measured.len(),
-            per_s(attaining as f64),
-        ));
+            per_s(attaining.len() as f64),
+        );
+        rep.goodput_output_tps = per_s(good_tokens as f64);
+        s.slo = Some(rep);
     }
     s
 }
@@ -493,6 +570,7 @@ fn slo_report(
         attaining,
         slo_attainment: attainment,
         goodput_rps,
+        goodput_output_tps: 0.0,
         pass,
     }
 }

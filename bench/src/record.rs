@@ -180,9 +180,22 @@ pub struct RunResult {
     pub power_source: Option<String>,
     #[serde(default)]
     pub power_error: Option<String>,
+    /// The price the run's $/Mtok figures come from, when one was given.
+    #[serde(default)]
+    pub price: Option<Price>,
     /// Summary figures (percentiles etc.) as computed by `metrics`, as JSON text,
     /// so the store can keep them verbatim next to the raw timestamps.
     pub summary_json: String,
+}
+
+/// A price for the run: the device's or cloud instance's per hour, or an API's per million
+/// output tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Price {
+    /// "--cost-per-hour", "profile NAME" or "--cost-per-mtok".
+    pub source: String,
+    pub usd_per_hour: Option<f64>,
+    pub usd_per_mtok: Option<f64>,
 }
 
 /// One rate tried by a sweep.

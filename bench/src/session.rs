@@ -138,6 +138,8 @@ pub struct WorkloadPlan {
     pub score: bool,
     /// The power sensor to read during an in-process run ([`crate::power::discover`]).
     pub power: Option<crate::power::PowerSource>,
+    /// The price for $/Mtok (`--cost-per-hour`, a profile's, or `--cost-per-mtok`).
+    pub price: Option<crate::record::Price>,
 }
 
 /// What a session measured, for printing.
@@ -389,6 +391,7 @@ impl<'e> Session<'e> {
             },
             slo_name: plan.slo.name.clone(),
             slo: serde_json::to_string(&plan.slo)?,
+            price: plan.price.clone(),
             ..Default::default()
         })
     }

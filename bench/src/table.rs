@@ -180,6 +180,9 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
     if let Some(a) = &s.accuracy {
         let _ = writeln!(o, "accuracy    {} (--score)", a.text());
     }
+    if let Some(c) = &s.cost {
+        let _ = writeln!(o, "cost        {}", c.text());
+    }
     match (&s.energy, &s.energy_gap) {
         (Some(e), None) => {
             let _ = writeln!(o, "energy      {}", e.text());

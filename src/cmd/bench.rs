@@ -163,6 +163,12 @@ pub struct BenchArgs {
     /// also print figures split by request tag
     #[argh(switch)]
     by_tag: bool,
+    /// price of the device or cloud instance in USD per hour, for $/Mtok (default: the --target profile's)
+    #[argh(option)]
+    cost_per_hour: Option<f64>,
+    /// price of an API in USD per million output tokens (--url), for $/Mtok at the SLO
+    #[argh(option)]
+    cost_per_mtok: Option<f64>,
     /// score the answers of dataset entries that have "expected" (exact, contains, regex or choice) and show accuracy with its 95% CI
     #[argh(switch)]
     score: bool,
@@ -264,6 +270,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
                 None => a.slo.clone(),
             };
             let mut plan = workload_plan(&a, slo.as_deref(), device_profile)?;
+            plan.price = price(&a, target.as_ref())?;
             if remote.is_none() {
                 let found = ember_bench::power::discover(&ember_bench::power::sysfs_root());
                 plan.power = found.source;
@@ -421,6 +428,43 @@ fn workload_plan(
         by_tag: a.by_tag,
         score: a.score,
         power: None,
+        price: None,
+    })
+}
+
+/// The price for $/Mtok: --cost-per-mtok, --cost-per-hour, else the --target profile's.
+fn price(a: &BenchArgs, target: Option<&Target>) -> Result<Option<ember_bench::record::Price>> {
+    use ember_bench::record::Price;
+    let ok = |v: f64, flag: &str| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(anyhow::anyhow!(
+                "{flag} must be a price of zero or more, got {v}"
+            ))
+        }
+    };
+    Ok(match (a.cost_per_mtok, a.cost_per_hour) {
+        (Some(_), Some(_)) => bail!(
+            "give --cost-per-hour (a device or instance) or --cost-per-mtok (an API), not both"
+        ),
+        (Some(m), None) => Some(Price {
+            source: "--cost-per-mtok".into(),
+            usd_per_hour: None,
+            usd_per_mtok: Some(ok(m, "--cost-per-mtok")?),
+        }),
+        (None, Some(h)) => Some(Price {
+            source: "--cost-per-hour".into(),
+            usd_per_hour: Some(ok(h, "--cost-per-hour")?),
+            usd_per_mtok: None,
+        }),
+        (None, None) => target
+            .filter(|t| t.profile.cost_per_hour_usd > 0.0)
+            .map(|t| Price {
+                source: format!("profile {}", t.device_profile),
+                usd_per_hour: Some(t.profile.cost_per_hour_usd),
+                usd_per_mtok: None,
+            }),
     })
 }
 

@@ -336,6 +336,7 @@ impl Store {
         Ok(RunResult {
             power_source,
             power_error,
+            price: None,
             started_at: row.started_at,
             provenance: row.provenance,
             workload: row.workload,

@@ -64,3 +64,7 @@ ALTER TABLE requests ADD COLUMN correct INTEGER CHECK (correct IN (0, 1));
 ALTER TABLE memory_samples ADD COLUMN power_w REAL;
 ALTER TABLE runs ADD COLUMN power_source TEXT;
 ALTER TABLE runs ADD COLUMN power_error TEXT;
+
+-- A price per million output tokens (`ember bench --url … --cost-per-mtok`, an
+-- API's); the hourly price goes to the existing `cost_per_hour`.
+ALTER TABLE runs ADD COLUMN usd_per_mtok REAL;

@@ -110,6 +110,7 @@ pub fn synth_run(spec: &SynthSpec) -> RunResult {
         cache_evictions: 3,
         power_source: None,
         power_error: None,
+        price: None,
         summary_json: "{}".into(),
     }
 }

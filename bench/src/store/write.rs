@@ -228,7 +228,8 @@ impl Store {
         let n = tx
             .execute(
                 "UPDATE runs SET status = 'finished', finished_at = ?2, slo_name = ?3, slo = ?4, slo_attainment = ?5,
-                     goodput_rps = ?6, cache_evictions = ?7, summary_json = ?8, power_source = ?9, power_error = ?10
+                     goodput_rps = ?6, cache_evictions = ?7, summary_json = ?8, power_source = ?9, power_error = ?10,
+                     cost_per_hour = COALESCE(?11, cost_per_hour), usd_per_mtok = COALESCE(?12, usd_per_mtok)
                  WHERE run_id = ?1",
                 params![
                     run.0,
@@ -240,7 +241,9 @@ impl Store {
                     result.cache_evictions as i64,
                     result.summary_json,
                     result.power_source,
-                    result.power_error
+                    result.power_error,
+                    result.price.as_ref().and_then(|p| p.usd_per_hour),
+                    result.price.as_ref().and_then(|p| p.usd_per_mtok)
                 ],
             )
             .map_err(e)?;
