@@ -258,7 +258,16 @@ fn quality_evaluations_join_the_latency_columns_of_the_same_model() {
         assert_eq!(c["quality"][0]["ppl"].as_f64(), Some(3f64.exp()), "{c}");
         assert_eq!(c["quality"][0]["text"], "corpus.txt");
     }
+    // The triangle: each column's quality (its model's perplexity), latency and cost.
+    let tri = j["triangle"].as_array().unwrap();
+    assert_eq!(tri.len(), 2);
+    for r in tri {
+        assert_eq!(r["ppl"].as_f64(), Some(3f64.exp()), "{r}");
+        assert!(r["ttft_p99_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["kld_mean"].is_null() && r["accuracy"].is_null());
+    }
     let text = cmp.to_text();
+    assert!(text.contains("## quality · latency · cost"), "{text}");
     assert!(text.contains("## quality (ember eval)"), "{text}");
     assert!(
         text.contains("| ppl | corpus.txt | 128 | 3 | 20.0855 ± 0.5000 |"),

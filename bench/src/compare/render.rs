@@ -47,6 +47,7 @@ impl Comparison {
                 );
             }
         }
+        self.triangle_text(&mut s);
         self.quality_text(&mut s);
         if !self.gate.is_empty() {
             gate_text(&mut s, &self.gate);
@@ -122,7 +123,87 @@ impl Comparison {
             "files": self.files, "groups": groups, "mismatched": self.mismatched,
             "gate": self.gate, "regressed": self.regressed(), "notes": self.notes,
             "quality": self.quality,
+            "triangle": self.triangle(),
         })
+    }
+
+    /// Quality, latency and cost of every column, one row each (issue 18's triangle): the
+    /// accuracy of its own runs (`--score`), the newest perplexity and KLD of its model file
+    /// (`ember eval`), TTFT and ITL p99 and SLO attainment, $/Mtok and measured J/token.
+    pub fn triangle(&self) -> Vec<serde_json::Value> {
+        let mut rows = vec![];
+        for g in &self.groups {
+            for c in &g.columns {
+                let f = &c.pooled;
+                let newest = |kind: &str| {
+                    self.quality
+                        .iter()
+                        .rev()
+                        .find(|q| q.run.model_sha256 == c.model_sha256 && q.run.kind == kind)
+                        .map(|q| &q.run)
+                };
+                let p99 = |m: &str| f.figures.dist(m).map(|d| d.p99 / 1e6);
+                let ppl = newest("ppl");
+                let kld = newest("kld");
+                rows.push(serde_json::json!({
+                    "workload": g.workload_name, "file": c.file, "device": c.device,
+                    "model_sha256": c.model_sha256, "load": load_label(&c.load),
+                    "accuracy": f.figures.accuracy,
+                    "ppl": ppl.map(|q| q.ppl), "ppl_text": ppl.map(|q| &q.text_name), "ppl_ctx": ppl.map(|q| q.ctx),
+                    "kld_mean": kld.and_then(|q| q.kld_mean), "kld_base_sha256": kld.and_then(|q| q.base_sha256.clone()),
+                    "ttft_p99_ms": p99("ttft"), "itl_p99_ms": p99("itl"), "slo_attainment": f.slo_attainment,
+                    "usd_per_mtok": f.usd_per_mtok(),
+                    "j_per_token": f.figures.energy_j.filter(|_| f.figures.output_tokens > 0)
+                        .map(|j| j / f.figures.output_tokens as f64),
+                }));
+            }
+        }
+        rows
+    }
+
+    /// [`Comparison::triangle`] as a table, when any column has a quality figure.
+    fn triangle_text(&self, s: &mut String) {
+        let rows = self.triangle();
+        let has = |r: &serde_json::Value| {
+            !r["accuracy"].is_null() || !r["ppl"].is_null() || !r["kld_mean"].is_null()
+        };
+        if !rows.iter().any(has) {
+            return;
+        }
+        let _ = writeln!(s, "\n## quality · latency · cost\n");
+        let _ = writeln!(
+            s,
+            "| column | accuracy (95% CI) | PPL | mean KLD | TTFT p99 ms | ITL p99 ms | SLO attainment | $/Mtok | J/token |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        let num =
+            |v: &serde_json::Value, f: &dyn Fn(f64) -> String| v.as_f64().map_or("–".into(), f);
+        for r in &rows {
+            let acc = match r["accuracy"].as_object() {
+                Some(a) => format!(
+                    "{:.1}% ({:.1}–{:.1}%)",
+                    100.0 * a["accuracy"].as_f64().unwrap_or(0.0),
+                    100.0 * a["ci95_low"].as_f64().unwrap_or(0.0),
+                    100.0 * a["ci95_high"].as_f64().unwrap_or(0.0)
+                ),
+                None => "–".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {}: {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r["file"].as_str().unwrap_or(""),
+                r["device"].as_str().unwrap_or(""),
+                r["workload"].as_str().unwrap_or(""),
+                acc,
+                num(&r["ppl"], &|v| format!("{v:.3}")),
+                num(&r["kld_mean"], &|v| format!("{v:.5}")),
+                num(&r["ttft_p99_ms"], &|v| format!("{v:.1}")),
+                num(&r["itl_p99_ms"], &|v| format!("{v:.2}")),
+                num(&r["slo_attainment"], &|v| format!("{:.1}%", 100.0 * v)),
+                num(&r["usd_per_mtok"], &|v| format!("{v:.4}")),
+                num(&r["j_per_token"], &|v| format!("{v:.4}")),
+            );
+        }
     }
 
     /// The headline quality figures of every evaluation of the model with this sha256, for
