@@ -30,31 +30,49 @@ fn workdir(name: &str) -> PathBuf {
 /// req/s on a faster device (same workload hash as cpu's 8 req/s run).
 fn fixtures(d: &Path) -> (PathBuf, PathBuf) {
     let (cpu, gpu) = (d.join("cpu.db"), d.join("wgpu.db"));
+    // Scored answers (`--score`) and a price, so the quality · cost plots have their points:
+    // the CPU right on 2 of 3 answers at $0.5/h, the GPU on 1 of 2 at $2.5/h.
+    let scored = |mut r: ember_bench::record::RunResult, every: usize| {
+        for (i, rec) in r.records.iter_mut().enumerate() {
+            rec.correct = Some(i % every != 0);
+        }
+        r
+    };
     let mut s = Store::open(&cpu).unwrap();
     for rate in [2.0, 4.0, 8.0, 16.0] {
         let hash = format!("chat-rate-{rate}");
-        s.save_run(&synth_run(&SynthSpec {
-            rate,
-            concurrency: 4,
-            workload_hash: hash,
-            n_requests: 60,
-            ..Default::default()
-        }))
-        .unwrap();
+        let run = s
+            .save_run(&scored(
+                synth_run(&SynthSpec {
+                    rate,
+                    concurrency: 4,
+                    workload_hash: hash,
+                    n_requests: 60,
+                    ..Default::default()
+                }),
+                3,
+            ))
+            .unwrap();
+        s.set_cost_per_hour(run, 0.5).unwrap();
     }
     let mut g = Store::open(&gpu).unwrap();
-    g.save_run(&synth_run(&SynthSpec {
-        rate: 8.0,
-        concurrency: 4,
-        n_requests: 60,
-        itl_ms: 7.0,
-        prefill_ms_per_token: 0.1,
-        backend: "wgpu".into(),
-        device_profile: Some("synthetic-gpu".into()),
-        workload_hash: "chat-rate-8".into(),
-        ..Default::default()
-    }))
-    .unwrap();
+    let run = g
+        .save_run(&scored(
+            synth_run(&SynthSpec {
+                rate: 8.0,
+                concurrency: 4,
+                n_requests: 60,
+                itl_ms: 7.0,
+                prefill_ms_per_token: 0.1,
+                backend: "wgpu".into(),
+                device_profile: Some("synthetic-gpu".into()),
+                workload_hash: "chat-rate-8".into(),
+                ..Default::default()
+            }),
+            2,
+        ))
+        .unwrap();
+    g.set_cost_per_hour(run, 2.5).unwrap();
     (cpu, gpu)
 }
 
@@ -351,15 +369,25 @@ fn report_renders_in_headless_chromium_with_every_plot() {
         "devices-0-tps",
         "devices-0-ttft",
         "devices-0-itl",
+        "pareto-cost",
+        "pareto-ttft",
     ] {
         assert!(
             dom.contains(&format!("data-plot=\"{id}\"")),
             "plot {id} missing from the rendered DOM"
         );
     }
-    // 4 CDFs + 5 ITL-over-time + 2 sweep + 5 memory + 3 device bars, and the llama-bench
-    // comparison's 2 (one per test).
-    assert_eq!(plots, 21, "number of SVG plots in the rendered DOM");
+    // 4 CDFs + 5 ITL-over-time + 2 sweep + 5 memory + 3 device bars, the llama-bench
+    // comparison's 2 (one per test), and 2 quality plots (against cost and TTFT).
+    assert_eq!(plots, 23, "number of SVG plots in the rendered DOM");
+    // The quality plots: one dot per column of the compared workload, coloured by verdict.
+    for id in ["pareto-cost", "pareto-ttft"] {
+        let p = &dom[dom.find(&format!("data-plot=\"{id}\"")).unwrap()..];
+        let p = &p[..p.find("</svg>").unwrap()];
+        assert_eq!(p.matches("class=\"point ").count(), 2, "{id}: {p}");
+        assert_eq!(p.matches("slo-pass").count(), 2, "{id}");
+        assert!(p.contains("accuracy %"), "{id}: quality is the scored accuracy");
+    }
     // every CDF has one line per run (5 runs)
     let cdf = &dom[dom.find("data-plot=\"cdf-ttft\"").unwrap()..];
     let cdf = &cdf[..cdf.find("</svg>").unwrap()];
@@ -416,7 +444,7 @@ fn report_renders_in_headless_chromium_with_every_plot() {
         );
         assert_eq!(p["fonts"], 0, "web fonts declared");
         let plots = p["plots"].as_array().unwrap();
-        assert_eq!(plots.len(), 21);
+        assert_eq!(plots.len(), 23);
         let mut n_lines = 0;
         for plot in plots {
             let id = plot["id"].as_str().unwrap();

@@ -21,7 +21,7 @@ use crate::compare::{
 use crate::record::MemorySample;
 use crate::store::{Figures, ReqSample, RunData, RunRow, StoreError, file_label, load_runs};
 
-pub use svg::{Series, bar_chart, esc, line_chart};
+pub use svg::{ParetoPoint, Series, bar_chart, esc, line_chart, pareto_chart, pareto_front};
 
 const TEMPLATE: &str = include_str!("report/report.html.j2");
 
@@ -96,6 +96,9 @@ struct Page {
     llama_bench: Vec<LlamaBenchCells>,
     groups: Vec<GroupView>,
     mismatched: Vec<String>,
+    /// Quality against cost and latency (Pareto plots), and why there are none.
+    triangle_plots: Vec<Value>,
+    triangle_note: String,
 }
 
 /// One row of the runs table.
@@ -187,6 +190,14 @@ pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, ReportE
             .iter()
             .map(|m| format!("{} {} '{}'", m.file, m.device, m.workload_name))
             .collect(),
+        triangle_plots: vec![],
+        triangle_note: String::new(),
+    };
+    let (plots, note) = triangle_plots(&cmp);
+    let page = Page {
+        triangle_plots: plots.into_iter().map(plot).collect(),
+        triangle_note: note,
+        ..page
     };
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -410,6 +421,72 @@ fn llama_bench_cells(file: &str, r: &RunData) -> Vec<LlamaBenchCells> {
             tps: format!("{:.2} ± {:.2}", t.mean_tps, t.sd_tps),
         })
         .collect()
+}
+
+/// Quality against $/Mtok and against TTFT p99, one dot per comparison column: accuracy
+/// (`--score`) where any column has it, else perplexity (`ember eval ppl` of the column's
+/// model). The note says what is missing when a plot cannot be drawn.
+fn triangle_plots(cmp: &Comparison) -> (Vec<String>, String) {
+    let rows = cmp.triangle();
+    let acc = |r: &serde_json::Value| r["accuracy"]["accuracy"].as_f64().map(|a| 100.0 * a);
+    let (quality, ylabel, higher): (Box<dyn Fn(&serde_json::Value) -> Option<f64>>, &str, bool) =
+        if rows.iter().any(|r| acc(r).is_some()) {
+            (Box::new(acc), "accuracy % (higher is better)", true)
+        } else if rows.iter().any(|r| r["ppl"].is_number()) {
+            (
+                Box::new(|r: &serde_json::Value| r["ppl"].as_f64()),
+                "perplexity (lower is better)",
+                false,
+            )
+        } else {
+            return (
+                vec![],
+                "No column has a quality figure: score a dataset (ember bench --dataset … --score) or evaluate its model (ember eval ppl).".into(),
+            );
+        };
+    let points = |x: &str| -> Vec<ParetoPoint> {
+        rows.iter()
+            .filter_map(|r| {
+                Some(ParetoPoint {
+                    x: r[x].as_f64()?,
+                    y: quality(r)?,
+                    slo_pass: r["slo_pass"].as_bool(),
+                    label: format!(
+                        "{}: {}",
+                        r["file"].as_str().unwrap_or(""),
+                        r["device"]
+                            .as_str()
+                            .unwrap_or("")
+                            .chars()
+                            .take(14)
+                            .collect::<String>()
+                    ),
+                })
+            })
+            .collect()
+    };
+    let mut plots = vec![];
+    let mut missing = vec![];
+    for (id, x, title, xlabel) in [
+        ("pareto-cost", "usd_per_mtok", "quality vs cost", "$ per million output tokens"),
+        ("pareto-ttft", "ttft_p99_ms", "quality vs TTFT p99", "TTFT p99 (ms)"),
+    ] {
+        let pts = points(x);
+        if pts.is_empty() {
+            missing.push(xlabel);
+            continue;
+        }
+        plots.push(pareto_chart(id, title, xlabel, ylabel, &pts, higher));
+    }
+    let note = if missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "No plot against {}: no column with a quality figure has it (give a price: ember bench --cost-per-hour, or ember compare --cost).",
+            missing.join(", ")
+        )
+    };
+    (plots, note)
 }
 
 /// One workload of the device comparison: bars per column, then the comparison's table.

@@ -252,6 +252,8 @@ pub struct ColumnFigures {
     /// Σ attaining / Σ window.
     pub goodput_rps: Option<f64>,
     pub cost_per_hour: Option<f64>,
+    /// Every run's SLO verdicts passed (None: none stored).
+    pub slo_pass: Option<bool>,
 }
 
 impl ColumnFigures {
@@ -296,6 +298,11 @@ impl ColumnFigures {
             slo_attainment: (all_att && meas > 0.0).then(|| att / meas),
             goodput_rps: (all_att && win > 0.0).then(|| att / win),
             cost_per_hour: cost,
+            slo_pass: runs
+                .iter()
+                .map(|r| r.slo_pass)
+                .collect::<Option<Vec<bool>>>()
+                .map(|v| v.iter().all(|&p| p)),
         }
     }
 }

@@ -152,6 +152,7 @@ impl Comparison {
                     "ppl": ppl.map(|q| q.ppl), "ppl_text": ppl.map(|q| &q.text_name), "ppl_ctx": ppl.map(|q| q.ctx),
                     "kld_mean": kld.and_then(|q| q.kld_mean), "kld_base_sha256": kld.and_then(|q| q.base_sha256.clone()),
                     "ttft_p99_ms": p99("ttft"), "itl_p99_ms": p99("itl"), "slo_attainment": f.slo_attainment,
+                    "slo_pass": f.slo_pass,
                     "usd_per_mtok": f.usd_per_mtok(),
                     "j_per_token": f.figures.energy_j.filter(|_| f.figures.output_tokens > 0)
                         .map(|j| j / f.figures.output_tokens as f64),

@@ -308,3 +308,139 @@ pub(super) fn cdf(mut v: Vec<f64>, max: usize) -> Vec<(f64, f64)> {
     }
     out
 }
+
+/// One point of a Pareto plot: coordinates, SLO verdict (None: no SLO) and a label.
+pub struct ParetoPoint {
+    pub x: f64,
+    pub y: f64,
+    pub slo_pass: Option<bool>,
+    pub label: String,
+}
+
+/// The points no other point beats on both axes (x lower is better; y higher is better when
+/// `higher_y_better`, else lower), sorted by x.
+pub fn pareto_front(points: &[(f64, f64)], higher_y_better: bool) -> Vec<(f64, f64)> {
+    let better_y = |a: f64, b: f64| if higher_y_better { a >= b } else { a <= b };
+    let strictly = |a: f64, b: f64| if higher_y_better { a > b } else { a < b };
+    let mut front: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .filter(|&(x, y)| {
+            !points
+                .iter()
+                .any(|&(qx, qy)| qx <= x && better_y(qy, y) && (qx < x || strictly(qy, y)))
+        })
+        .collect();
+    front.sort_by(|a, b| a.0.total_cmp(&b.0));
+    front.dedup();
+    front
+}
+
+/// Quality against a cost (x): each column a dot coloured by its SLO verdict (green pass, red
+/// fail, grey none), labelled, and the Pareto front drawn through the undominated points.
+pub fn pareto_chart(
+    id: &str,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    points: &[ParetoPoint],
+    higher_y_better: bool,
+) -> String {
+    let (w, h) = (640.0, 360.0);
+    let mut s = svg_open(id, title, w, h);
+    let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.x, p.y)).collect();
+    let series = [Series {
+        name: String::new(),
+        points: xy.clone(),
+        dots: true,
+    }];
+    let Some(mut f) = Frame::fit(&series, false, w, h) else {
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13" fill="gray">no column has both figures</text></svg>"#,
+            w / 2.0,
+            h / 2.0
+        );
+        return s;
+    };
+    // Room around the outermost points for their dots and labels.
+    let (dx, dy) = ((f.x1 - f.x0) * 0.08, (f.y1 - f.y0) * 0.12);
+    f.x0 -= dx;
+    f.x1 += dx;
+    f.y0 -= dy;
+    f.y1 += dy;
+    axes(&mut s, &f, h, xlabel, ylabel);
+    let front = pareto_front(&xy, higher_y_better);
+    if front.len() >= 2 {
+        let d: Vec<String> = front
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", f.sx(p.0), f.sy(p.1)))
+            .collect();
+        let _ = write!(
+            s,
+            r##"<polyline class="pareto-front" fill="none" stroke="#333" stroke-width="1.5" stroke-dasharray="5,3" points="{}"/>"##,
+            d.join(" ")
+        );
+    }
+    for p in points.iter().filter(|p| p.x.is_finite() && p.y.is_finite()) {
+        let (c, verdict) = match p.slo_pass {
+            Some(true) => ("#2ca02c", "slo-pass"),
+            Some(false) => ("#d62728", "slo-fail"),
+            None => ("#7f7f7f", "slo-none"),
+        };
+        let on_front = front.contains(&(p.x, p.y));
+        let (cx, cy) = (f.sx(p.x), f.sy(p.y));
+        let short: String = p.label.chars().take(28).collect();
+        // Labels go on the side of the dot with more room.
+        let (lx, anchor) = if cx > f.ml + f.pw / 2.0 {
+            (cx - 8.0, "end")
+        } else {
+            (cx + 8.0, "start")
+        };
+        let _ = write!(
+            s,
+            r##"<circle class="point {verdict}{}" cx="{cx:.1}" cy="{cy:.1}" r="5" fill="{c}" stroke="#222" stroke-width="{}"/><text x="{lx:.1}" y="{:.1}" text-anchor="{anchor}" font-size="10">{}</text>"##,
+            if on_front { " front" } else { "" },
+            if on_front { 1.5 } else { 0.5 },
+            cy - 7.0,
+            esc(&short)
+        );
+    }
+    // Legend in the bottom margin, left of the x-axis label: the verdict colours.
+    let y = h - 8.0;
+    for (i, (c, t)) in [
+        ("#2ca02c", "SLO pass"),
+        ("#d62728", "SLO fail"),
+        ("#7f7f7f", "no SLO"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = 8.0 + i as f64 * 62.0;
+        let _ = write!(
+            s,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{c}"/><text x="{:.1}" y="{y:.1}" font-size="10">{t}</text>"#,
+            x + 4.0,
+            y - 3.5,
+            x + 11.0,
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+#[cfg(test)]
+mod pareto_tests {
+    use super::*;
+
+    #[test]
+    fn the_front_keeps_only_undominated_points() {
+        // (cost, accuracy): (1, 50) and (2, 80) trade off; (3, 60) is beaten by (2, 80).
+        let pts = [(3.0, 60.0), (1.0, 50.0), (2.0, 80.0), (2.0, 80.0)];
+        assert_eq!(pareto_front(&pts, true), vec![(1.0, 50.0), (2.0, 80.0)]);
+        // Perplexity: lower is better, so (1, 50) dominates everything but nothing beats it.
+        assert_eq!(pareto_front(&pts, false), vec![(1.0, 50.0)]);
+        assert!(pareto_front(&[(f64::NAN, 1.0)], true).is_empty());
+    }
+}

@@ -22,6 +22,8 @@ pub struct RunData {
     pub memory: Vec<MemorySample>,
     /// Its llama-bench tests; empty for a run of requests.
     pub llama_bench: Vec<BenchResult>,
+    /// Whether every SLO constraint passed (None: no verdicts stored).
+    pub slo_pass: Option<bool>,
 }
 
 impl RunData {
@@ -47,6 +49,10 @@ pub fn load_runs(
                     samples: store.samples(row.run)?,
                     memory: store.memory(row.run)?,
                     llama_bench: store.llama_bench(row.run)?,
+                    slo_pass: {
+                        let v = store.slo_verdicts(row.run)?;
+                        (!v.is_empty()).then(|| v.iter().all(|x| x.pass))
+                    },
                     row,
                 });
             }
