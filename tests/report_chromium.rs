@@ -380,13 +380,17 @@ fn report_renders_in_headless_chromium_with_every_plot() {
     // 4 CDFs + 5 ITL-over-time + 2 sweep + 5 memory + 3 device bars, the llama-bench
     // comparison's 2 (one per test), and 2 quality plots (against cost and TTFT).
     assert_eq!(plots, 23, "number of SVG plots in the rendered DOM");
-    // The quality plots: one dot per column of the compared workload, coloured by verdict.
+    // The quality plots: one dot per column (the 5 runs: each rate of the CPU sweep is a
+    // column of its own), coloured by verdict.
     for id in ["pareto-cost", "pareto-ttft"] {
         let p = &dom[dom.find(&format!("data-plot=\"{id}\"")).unwrap()..];
         let p = &p[..p.find("</svg>").unwrap()];
-        assert_eq!(p.matches("class=\"point ").count(), 2, "{id}: {p}");
-        assert_eq!(p.matches("slo-pass").count(), 2, "{id}");
-        assert!(p.contains("accuracy %"), "{id}: quality is the scored accuracy");
+        assert_eq!(p.matches("class=\"point ").count(), 5, "{id}: {p}");
+        assert_eq!(p.matches("slo-pass").count(), 5, "{id}");
+        assert!(
+            p.contains("accuracy %"),
+            "{id}: quality is the scored accuracy"
+        );
     }
     // every CDF has one line per run (5 runs)
     let cdf = &dom[dom.find("data-plot=\"cdf-ttft\"").unwrap()..];
@@ -556,23 +560,42 @@ fn compare_and_export_command_line_contracts() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&c.stdout).starts_with("workload_hash,"));
-    // refuse when nothing matches
-    let other = d.join("other.db");
-    Store::open(&other)
-        .unwrap()
-        .save_run(&synth_run(&SynthSpec {
-            workload_hash: "zzz".into(),
-            ..Default::default()
-        }))
-        .unwrap();
+    // refuse when nothing matches (and there is no quality figure to show per column)
+    let (other, other2) = (d.join("other.db"), d.join("other2.db"));
+    for (f, hash) in [(&other, "zzz"), (&other2, "yyy")] {
+        Store::open(f)
+            .unwrap()
+            .save_run(&synth_run(&SynthSpec {
+                workload_hash: hash.into(),
+                ..Default::default()
+            }))
+            .unwrap();
+    }
     let bad = Command::new(EMBER)
         .arg("compare")
-        .arg(&gpu)
+        .arg(&other2)
         .arg(&other)
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("refusing"));
+    // ...but scored runs of different workloads (two models never share one) still get the
+    // quality · latency · cost rows, one per column.
+    let tri = Command::new(EMBER)
+        .arg("compare")
+        .arg(&gpu)
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert_eq!(
+        tri.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&tri.stderr)
+    );
+    let text = String::from_utf8_lossy(&tri.stdout);
+    assert!(text.contains("## quality · latency · cost"), "{text}");
+    assert!(text.contains("| 50.0% ("), "{text}");
     // the gate: a slower candidate against the same workload exits 3
     let slow = d.join("slow.db");
     Store::open(&slow)

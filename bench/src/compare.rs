@@ -139,6 +139,11 @@ pub struct Comparison {
     /// Quality evaluations (`ember eval`) of every file, oldest first; joined to the latency
     /// columns by the model's sha256.
     pub quality: Vec<QualityEntry>,
+    /// Columns whose workload hash no other column shares (listed in `mismatched`): not side
+    /// by side, but each still a point of the quality · latency · cost view (two models never
+    /// share a hash: their tokenizers give other prompt ids).
+    #[serde(skip)]
+    pub single: Vec<Group>,
 }
 
 /// One stored quality evaluation and the file it came from.
@@ -216,7 +221,7 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
             .entry(r.row.workload.hash.clone())
             .or_insert_with(|| r.row.workload.name.clone());
     }
-    let (groups, mismatched) = group_columns(columns(runs, &labels, opts), &names);
+    let (groups, mismatched, single) = group_columns(columns(runs, &labels, opts), &names);
     let mut gate = vec![];
     if let Some(max) = opts.max_regression {
         if opts.baseline.is_none() {
@@ -246,6 +251,7 @@ pub fn compare(files: &[PathBuf], opts: &CompareOptions) -> Result<Comparison, S
         gate,
         notes,
         quality,
+        single,
     })
 }
 
@@ -313,9 +319,10 @@ fn columns(
 fn group_columns(
     by_hash: BTreeMap<String, Vec<Column>>,
     names: &BTreeMap<String, String>,
-) -> (Vec<Group>, Vec<Mismatched>) {
+) -> (Vec<Group>, Vec<Mismatched>, Vec<Group>) {
     let mut groups = vec![];
     let mut mismatched = vec![];
+    let mut single = vec![];
     for (hash, columns) in by_hash {
         let name = names.get(&hash).cloned().unwrap_or_default();
         if columns.len() >= 2 {
@@ -327,16 +334,21 @@ fn group_columns(
         } else {
             for c in columns {
                 mismatched.push(Mismatched {
-                    file: c.file,
-                    device: c.device,
+                    file: c.file.clone(),
+                    device: c.device.clone(),
                     workload_name: name.clone(),
                     workload_hash: hash.clone(),
                     runs: c.run_uids.len(),
                 });
+                single.push(Group {
+                    workload_hash: hash.clone(),
+                    workload_name: name.clone(),
+                    columns: vec![c],
+                });
             }
         }
     }
-    (groups, mismatched)
+    (groups, mismatched, single)
 }
 
 impl Comparison {

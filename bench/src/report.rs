@@ -468,8 +468,18 @@ fn triangle_plots(cmp: &Comparison) -> (Vec<String>, String) {
     let mut plots = vec![];
     let mut missing = vec![];
     for (id, x, title, xlabel) in [
-        ("pareto-cost", "usd_per_mtok", "quality vs cost", "$ per million output tokens"),
-        ("pareto-ttft", "ttft_p99_ms", "quality vs TTFT p99", "TTFT p99 (ms)"),
+        (
+            "pareto-cost",
+            "usd_per_mtok",
+            "quality vs cost",
+            "$ per million output tokens",
+        ),
+        (
+            "pareto-ttft",
+            "ttft_p99_ms",
+            "quality vs TTFT p99",
+            "TTFT p99 (ms)",
+        ),
     ] {
         let pts = points(x);
         if pts.is_empty() {
@@ -520,6 +530,7 @@ fn group_view((gi, g): (usize, &Group)) -> GroupView {
             notes: vec![],
             files: vec![],
             quality: vec![],
+            single: vec![],
         }
         .to_text(),
     }

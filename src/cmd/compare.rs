@@ -91,7 +91,11 @@ pub fn run(a: CompareArgs) -> Result<()> {
     };
     let cmp = compare(&files, &opts)?;
     let n_files = cmp.files.len();
-    if cmp.groups.is_empty() && cmp.quality.is_empty() && n_files >= 2 {
+    // Different workloads are not put side by side; quality figures (ember eval, --score) are
+    // still shown per column (two models never share a workload hash).
+    let has_quality =
+        !cmp.quality.is_empty() || cmp.triangle().iter().any(|r| !r["accuracy"].is_null());
+    if cmp.groups.is_empty() && !has_quality && n_files >= 2 {
         eprint!("{}", cmp.to_text());
         bail!(
             "no workload hash is shared by the {n_files} files: refusing to compare different workloads"

@@ -132,7 +132,7 @@ impl Comparison {
     /// (`ember eval`), TTFT and ITL p99 and SLO attainment, $/Mtok and measured J/token.
     pub fn triangle(&self) -> Vec<serde_json::Value> {
         let mut rows = vec![];
-        for g in &self.groups {
+        for g in self.groups.iter().chain(&self.single) {
             for c in &g.columns {
                 let f = &c.pooled;
                 let newest = |kind: &str| {
