@@ -429,21 +429,22 @@ fn llama_bench_cells(file: &str, r: &RunData) -> Vec<LlamaBenchCells> {
 fn triangle_plots(cmp: &Comparison) -> (Vec<String>, String) {
     let rows = cmp.triangle();
     let acc = |r: &serde_json::Value| r["accuracy"]["accuracy"].as_f64().map(|a| 100.0 * a);
-    let (quality, ylabel, higher): (Box<dyn Fn(&serde_json::Value) -> Option<f64>>, &str, bool) =
-        if rows.iter().any(|r| acc(r).is_some()) {
-            (Box::new(acc), "accuracy % (higher is better)", true)
-        } else if rows.iter().any(|r| r["ppl"].is_number()) {
-            (
-                Box::new(|r: &serde_json::Value| r["ppl"].as_f64()),
-                "perplexity (lower is better)",
-                false,
-            )
-        } else {
-            return (
+    type Quality = Box<dyn Fn(&serde_json::Value) -> Option<f64>>;
+    let (quality, ylabel, higher): (Quality, &str, bool) = if rows.iter().any(|r| acc(r).is_some())
+    {
+        (Box::new(acc), "accuracy % (higher is better)", true)
+    } else if rows.iter().any(|r| r["ppl"].is_number()) {
+        (
+            Box::new(|r: &serde_json::Value| r["ppl"].as_f64()),
+            "perplexity (lower is better)",
+            false,
+        )
+    } else {
+        return (
                 vec![],
                 "No column has a quality figure: score a dataset (ember bench --dataset … --score) or evaluate its model (ember eval ppl).".into(),
             );
-        };
+    };
     let points = |x: &str| -> Vec<ParetoPoint> {
         rows.iter()
             .filter_map(|r| {
