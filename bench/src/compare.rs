@@ -35,6 +35,8 @@ pub struct Column {
     pub backend: String,
     pub model_sha256: String,
     pub model_arch: String,
+    /// The model's file name (of the column's first run).
+    pub model: String,
     pub load: String,
     pub run_uids: Vec<String>,
     pub status: Vec<String>,
@@ -304,6 +306,12 @@ fn columns(
             backend: first.provenance.backend.clone(),
             model_sha256: sha,
             model_arch: first.provenance.model_arch.clone(),
+            model: std::path::Path::new(&first.provenance.model_path)
+                .file_name()
+                .map_or_else(
+                    || first.provenance.model_path.clone(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
             load,
             run_uids: runs.iter().map(|r| r.row.run_uid.clone()).collect(),
             status: runs.iter().map(|r| r.row.status.clone()).collect(),

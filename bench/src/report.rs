@@ -452,16 +452,7 @@ fn triangle_plots(cmp: &Comparison) -> (Vec<String>, String) {
                     x: r[x].as_f64()?,
                     y: quality(r)?,
                     slo_pass: r["slo_pass"].as_bool(),
-                    label: format!(
-                        "{}: {}",
-                        r["file"].as_str().unwrap_or(""),
-                        r["device"]
-                            .as_str()
-                            .unwrap_or("")
-                            .chars()
-                            .take(14)
-                            .collect::<String>()
-                    ),
+                    label: r["model"].as_str().unwrap_or("").to_string(),
                 })
             })
             .collect()

@@ -147,7 +147,7 @@ impl Comparison {
                 let kld = newest("kld");
                 rows.push(serde_json::json!({
                     "workload": g.workload_name, "file": c.file, "device": c.device,
-                    "model_sha256": c.model_sha256, "load": load_label(&c.load),
+                    "model": c.model, "model_sha256": c.model_sha256, "load": load_label(&c.load),
                     "accuracy": f.figures.accuracy,
                     "ppl": ppl.map(|q| q.ppl), "ppl_text": ppl.map(|q| &q.text_name), "ppl_ctx": ppl.map(|q| q.ctx),
                     "kld_mean": kld.and_then(|q| q.kld_mean), "kld_base_sha256": kld.and_then(|q| q.base_sha256.clone()),
@@ -191,8 +191,9 @@ impl Comparison {
             };
             let _ = writeln!(
                 s,
-                "| {}: {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {}: {} · {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r["file"].as_str().unwrap_or(""),
+                r["model"].as_str().unwrap_or(""),
                 r["device"].as_str().unwrap_or(""),
                 r["workload"].as_str().unwrap_or(""),
                 acc,

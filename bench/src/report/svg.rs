@@ -391,7 +391,7 @@ pub fn pareto_chart(
         };
         let on_front = front.contains(&(p.x, p.y));
         let (cx, cy) = (f.sx(p.x), f.sy(p.y));
-        let short: String = p.label.chars().take(28).collect();
+        let short: String = p.label.chars().take(40).collect();
         // Labels go on the side of the dot with more room.
         let (lx, anchor) = if cx > f.ml + f.pw / 2.0 {
             (cx - 8.0, "end")
