@@ -23,6 +23,8 @@ fn bench(root: &std::path::Path, vcgencmd: &std::path::Path, extra: &[&str]) -> 
     let out = common::ember()
         .env("EMBER_SYSFS_ROOT", root)
         .env("EMBER_VCGENCMD", vcgencmd)
+        // Deterministic on a machine with an NVIDIA driver too.
+        .env("EMBER_NVML_LIB", "/nonexistent/libnvidia-ml.so.1")
         .args(["bench", "-n", "6", "--json"])
         .args(extra)
         .output()

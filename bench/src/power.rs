@@ -1,11 +1,12 @@
 //! Measured power, where the machine exposes it: Linux powercap/RAPL energy counters, hwmon
-//! power sensors (a Jetson's INA3221 rails among them), and a Raspberry Pi 5's PMIC through
-//! `vcgencmd pmic_read_adc`. [`discover`] finds what a machine has (under a configurable
+//! power sensors (a Jetson's INA3221 rails among them), NVIDIA GPUs through NVML (loaded at
+//! run time, never required), and a Raspberry Pi 5's PMIC through `vcgencmd pmic_read_adc`. [`discover`] finds what a machine has (under a configurable
 //! sysfs root, so tests read recorded trees of real boards); a [`Meter`] turns readings into
 //! watts, sampled by the harness with its memory samples.
 //!
-//! One source is used, the most complete first: a Jetson's `VDD_IN` (the whole module), RAPL
-//! `psys` (the platform), RAPL packages (CPU sockets, summed), another hwmon power sensor
+//! One source is used, the most complete first: a Jetson's `VDD_IN` (the whole module), NVIDIA
+//! GPUs (every one NVML sees) plus the RAPL packages when there are some, RAPL `psys` (the
+//! platform), RAPL packages (CPU sockets, summed), another hwmon power sensor
 //! (e.g. a GPU's), a Pi 5's PMIC rails (summed). Others found are listed in the notes.
 //!
 //! A sensor that cannot be read any more mid-run leaves its samples without power from then
@@ -35,6 +36,18 @@ enum Probe {
     VoltCurr { volt: PathBuf, curr: PathBuf },
     /// `vcgencmd pmic_read_adc` (Raspberry Pi 5): every rail's V × I, summed.
     PiPmic { command: PathBuf },
+    /// NVIDIA GPUs through NVML: energy counters, or power.
+    Nvml(NvmlHandle),
+}
+
+/// A loaded NVML, shared by the meters that read it.
+#[derive(Clone, Debug)]
+struct NvmlHandle(std::sync::Arc<nvml::Nvml>);
+
+impl PartialEq for NvmlHandle {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// A power source: one or more sensors summed.
@@ -214,14 +227,14 @@ pub fn parse_pmic(text: &str) -> Option<f64> {
     (paired > 0).then_some(total)
 }
 
-/// Find the machine's power sensors under `root` (see the module doc for the order), asking
-/// [`vcgencmd`] for a Pi 5's PMIC when sysfs has none.
+/// Find the machine's power sensors under `root` (see the module doc for the order): NVML
+/// from [`nvml::lib_path`], a Pi 5's PMIC through [`vcgencmd`] when sysfs has nothing.
 pub fn discover(root: &Path) -> Discovery {
-    discover_with(root, &vcgencmd())
+    discover_with(root, &vcgencmd(), &nvml::lib_path())
 }
 
-/// [`discover`] with the `vcgencmd` to try.
-pub fn discover_with(root: &Path, vcgencmd: &Path) -> Discovery {
+/// [`discover`] with the `vcgencmd` and NVML library to try.
+pub fn discover_with(root: &Path, vcgencmd: &Path, nvml_lib: &Path) -> Discovery {
     let mut d = Discovery::default();
     let rapl = rapl(root, &mut d.notes);
     let hw = hwmon(root);
@@ -235,16 +248,38 @@ pub fn discover_with(root: &Path, vcgencmd: &Path) -> Discovery {
             });
         }
     }
+    let packages: Vec<&(String, Probe)> = rapl
+        .iter()
+        .filter(|(n, _)| n.starts_with("package"))
+        .collect();
+    // NVIDIA GPUs, with the CPU packages when RAPL has them: the machine's compute.
+    match nvml::Nvml::open(nvml_lib) {
+        Ok(n) => {
+            let mut name = format!("nvml {}", n.name);
+            let mut probes = vec![Probe::Nvml(NvmlHandle(std::sync::Arc::new(n)))];
+            if !packages.is_empty() {
+                name.push_str(" + rapl ");
+                name.push_str(
+                    &packages
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                );
+                probes.extend(packages.iter().map(|(_, p)| p.clone()));
+            }
+            candidates.push(PowerSource { name, probes });
+        }
+        // No library is the usual case, not worth a note; a library that fails is.
+        Err(e) if !e.contains("cannot open shared object") => d.notes.push(format!("NVML: {e}")),
+        Err(_) => {}
+    }
     if let Some((_, p)) = rapl.iter().find(|(n, _)| n == "psys") {
         candidates.push(PowerSource {
             name: "rapl psys".into(),
             probes: vec![p.clone()],
         });
     }
-    let packages: Vec<&(String, Probe)> = rapl
-        .iter()
-        .filter(|(n, _)| n.starts_with("package"))
-        .collect();
     if !packages.is_empty() {
         candidates.push(PowerSource {
             name: format!(
@@ -353,6 +388,13 @@ impl Meter {
                 Probe::VoltCurr { volt, curr } => {
                     watts += read_u64(volt)? as f64 * read_u64(curr)? as f64 / 1e6
                 }
+                Probe::Nvml(h) => match h.0.read()? {
+                    nvml::Reading::EnergyUj(uj) => {
+                        counters.push(uj);
+                        maxes.push(u64::MAX);
+                    }
+                    nvml::Reading::Watts(w) => watts += w,
+                },
                 Probe::PiPmic { command } => {
                     let out = std::process::Command::new(command)
                         .arg("pmic_read_adc")
@@ -494,5 +536,158 @@ mod tests {
         assert!((energy_j(&s, 500_000_000, 1_500_000_000).unwrap() - 15.0).abs() < 1e-9);
         // Readings that stop early (a sensor gone) do not pass for the whole window.
         assert_eq!(energy_j(&s[..2], 0, 2_000_000_000), None);
+    }
+}
+
+/// NVIDIA's management library, loaded at run time (`libnvidia-ml.so.1`, or
+/// `EMBER_NVML_LIB`): every GPU's energy counter (Volta and later) or, failing that, its
+/// power draw.
+pub mod nvml {
+    use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void};
+
+    type Device = *mut c_void;
+    type EnergyFn = unsafe extern "C" fn(Device, *mut c_ulonglong) -> c_int;
+    type PowerFn = unsafe extern "C" fn(Device, *mut c_uint) -> c_int;
+
+    /// An initialised NVML and the GPUs it sees.
+    pub struct Nvml {
+        // Kept loaded while the function pointers below are used.
+        _lib: libloading::Library,
+        devices: Vec<Device>,
+        energy: EnergyFn,
+        power: PowerFn,
+        /// Whether every GPU answers the energy counter (else power is read).
+        pub counts_energy: bool,
+        /// "NVIDIA H100 80GB HBM3" (× n).
+        pub name: String,
+    }
+
+    // SAFETY: NVML is thread-safe (its documentation); the handles are opaque pointers it
+    // owns for the life of the process.
+    unsafe impl Send for Nvml {}
+    unsafe impl Sync for Nvml {}
+
+    impl std::fmt::Debug for Nvml {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Nvml({}, {} GPUs)", self.name, self.devices.len())
+        }
+    }
+
+    /// One reading: microjoules since an arbitrary origin, or watts now.
+    pub enum Reading {
+        EnergyUj(u64),
+        Watts(f64),
+    }
+
+    /// The NVML to load: `EMBER_NVML_LIB` (tests), else the driver's `libnvidia-ml.so.1`.
+    pub fn lib_path() -> std::path::PathBuf {
+        std::env::var_os("EMBER_NVML_LIB")
+            .map(Into::into)
+            .unwrap_or_else(|| "libnvidia-ml.so.1".into())
+    }
+
+    impl Nvml {
+        /// Load and initialise the NVML at `path`; Err says why not (no library is the usual
+        /// case).
+        pub fn open(path: &std::path::Path) -> Result<Nvml, String> {
+            // SAFETY: loading NVML runs its initialisers, which have no preconditions.
+            let lib = unsafe { libloading::Library::new(path) }
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            // SAFETY: the symbols have these C signatures in every NVML since 2015 (nvml.h).
+            unsafe {
+                let init: libloading::Symbol<unsafe extern "C" fn() -> c_int> = lib
+                    .get(b"nvmlInit_v2\0")
+                    .map_err(|e| format!("nvmlInit_v2: {e}"))?;
+                let count: libloading::Symbol<unsafe extern "C" fn(*mut c_uint) -> c_int> = lib
+                    .get(b"nvmlDeviceGetCount_v2\0")
+                    .map_err(|e| format!("nvmlDeviceGetCount_v2: {e}"))?;
+                let by_index: libloading::Symbol<
+                    unsafe extern "C" fn(c_uint, *mut Device) -> c_int,
+                > = lib
+                    .get(b"nvmlDeviceGetHandleByIndex_v2\0")
+                    .map_err(|e| format!("nvmlDeviceGetHandleByIndex_v2: {e}"))?;
+                let name_fn: libloading::Symbol<
+                    unsafe extern "C" fn(Device, *mut c_char, c_uint) -> c_int,
+                > = lib
+                    .get(b"nvmlDeviceGetName\0")
+                    .map_err(|e| format!("nvmlDeviceGetName: {e}"))?;
+                let energy: EnergyFn = *lib
+                    .get::<EnergyFn>(b"nvmlDeviceGetTotalEnergyConsumption\0")
+                    .map_err(|e| format!("nvmlDeviceGetTotalEnergyConsumption: {e}"))?;
+                let power: PowerFn = *lib
+                    .get::<PowerFn>(b"nvmlDeviceGetPowerUsage\0")
+                    .map_err(|e| format!("nvmlDeviceGetPowerUsage: {e}"))?;
+                let rc = init();
+                if rc != 0 {
+                    return Err(format!("nvmlInit_v2 failed (NVML error {rc})"));
+                }
+                let mut n: c_uint = 0;
+                let rc = count(&mut n);
+                if rc != 0 || n == 0 {
+                    return Err(format!(
+                        "no GPU (nvmlDeviceGetCount_v2: error {rc}, {n} devices)"
+                    ));
+                }
+                let mut devices = vec![];
+                for i in 0..n {
+                    let mut d: Device = std::ptr::null_mut();
+                    let rc = by_index(i, &mut d);
+                    if rc != 0 {
+                        return Err(format!("nvmlDeviceGetHandleByIndex_v2({i}): error {rc}"));
+                    }
+                    devices.push(d);
+                }
+                let mut buf = [0 as c_char; 96];
+                let name = if name_fn(devices[0], buf.as_mut_ptr(), buf.len() as c_uint) == 0 {
+                    std::ffi::CStr::from_ptr(buf.as_ptr())
+                        .to_string_lossy()
+                        .into_owned()
+                } else {
+                    "NVIDIA GPU".into()
+                };
+                let counts_energy = devices.iter().all(|&d| {
+                    let mut mj: c_ulonglong = 0;
+                    energy(d, &mut mj) == 0
+                });
+                let name = if n > 1 { format!("{name} ×{n}") } else { name };
+                Ok(Nvml {
+                    _lib: lib,
+                    devices,
+                    energy,
+                    power,
+                    counts_energy,
+                    name,
+                })
+            }
+        }
+
+        /// Every GPU's energy (µJ) or power (W), summed.
+        pub fn read(&self) -> Result<Reading, String> {
+            if self.counts_energy {
+                let mut total = 0u64;
+                for &d in &self.devices {
+                    let mut mj: c_ulonglong = 0;
+                    // SAFETY: a handle NVML gave us, and a valid out-pointer.
+                    let rc = unsafe { (self.energy)(d, &mut mj) };
+                    if rc != 0 {
+                        return Err(format!("nvmlDeviceGetTotalEnergyConsumption: error {rc}"));
+                    }
+                    total += mj * 1000;
+                }
+                Ok(Reading::EnergyUj(total))
+            } else {
+                let mut w = 0.0;
+                for &d in &self.devices {
+                    let mut mw: c_uint = 0;
+                    // SAFETY: as above.
+                    let rc = unsafe { (self.power)(d, &mut mw) };
+                    if rc != 0 {
+                        return Err(format!("nvmlDeviceGetPowerUsage: error {rc}"));
+                    }
+                    w += mw as f64 / 1000.0;
+                }
+                Ok(Reading::Watts(w))
+            }
+        }
     }
 }
