@@ -207,6 +207,24 @@ fn cost_per_million_tokens_at_throughput_and_at_the_slo() {
         .query_row("SELECT cost_per_hour FROM runs", [], |r| r.get(0))
         .unwrap();
     assert_eq!(stored, 3.6);
+    // Each request's SLO verdict is stored; their tokens per second are the goodput that
+    // compare's $/Mtok at the SLO divides by (here every request met it).
+    let (n, met): (i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), SUM(slo_attained) FROM requests WHERE warmup = 0",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((n, met), (6, 6));
+    let good: f64 = conn
+        .query_row(
+            "SELECT value FROM run_metrics WHERE metric = 'goodput_output_tps'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!((good - tps).abs() < 1e-6 * tps, "{good} vs {tps}");
 
     // An SLO nothing meets: no token is delivered at the SLO, so no price for one.
     let j = bench(

@@ -69,6 +69,8 @@ pub struct HarnessOptions {
     pub sample_memory: bool,
     /// Read this power source with the timer's memory samples.
     pub power: Option<crate::power::PowerSource>,
+    /// Mark each finished request with whether it met this SLO (its goodput share).
+    pub slo: Option<Slo>,
 }
 
 impl Default for HarnessOptions {
@@ -84,6 +86,7 @@ impl Default for HarnessOptions {
             rss_probe: None,
             sample_memory: true,
             power: None,
+            slo: None,
         }
     }
 }
@@ -264,6 +267,7 @@ impl<'a, 'h> Driver<'a, 'h> {
             output_text: (self.o.record_tokens || self.o.keep_text).then(String::new),
             counted: Default::default(),
             correct: None,
+            slo_attained: None,
         });
         if let Some(s) = &item.score {
             self.scores.insert(id, s.clone());
@@ -347,6 +351,9 @@ impl<'a, 'h> Driver<'a, 'h> {
                         && !r.failed()
                     {
                         r.correct = Some(s.judge(r.output_text.as_deref().unwrap_or("")));
+                    }
+                    if let Some(slo) = &self.o.slo {
+                        r.slo_attained = Some(crate::metrics::attains(r, slo));
                     }
                     let warm = r.warmup;
                     self.slot.remove(&id);

@@ -42,6 +42,9 @@ pub struct RequestRecord {
     /// `--score`: whether the answer was right (None: not scored, or the request failed).
     #[serde(default)]
     pub correct: Option<bool>,
+    /// Whether it met the run's SLO (None: judged by no SLO).
+    #[serde(default)]
+    pub slo_attained: Option<bool>,
 }
 
 /// Token counts of a request measured over HTTP (`ember bench --url`), where `token_ns` holds

@@ -286,6 +286,7 @@ impl<'e> Session<'e> {
             record_tokens: self.plan.record_tokens,
             keep_text: self.plan.score,
             sample_memory: matches!(self.subject, Subject::Engine(_)),
+            slo: Some(self.plan.slo.clone()),
             // This machine's power is the client's over --url, not the server's.
             power: match self.subject {
                 Subject::Engine(_) => self.plan.power.clone(),

@@ -182,6 +182,7 @@ impl<'e> Worker<'e> {
                     token_ns: vec![],
                     counted: Default::default(),
                     correct: None,
+                    slo_attained: None,
                     finish_ns: 0,
                     finish_reason: FinishKind::Error,
                     error: None,

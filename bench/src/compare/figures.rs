@@ -192,6 +192,14 @@ pub fn figure_defs() -> Vec<FigureDef> {
             false,
             |f| f.usd_per_mtok().map(|x| (x, false)),
         ),
+        FigureDef::new(
+            "usd_per_mtok_at_slo",
+            "$/Mtok at the SLO (goodput)",
+            "$",
+            Better::Lower,
+            false,
+            |f| f.usd_per_mtok_at_slo().map(|x| (x, false)),
+        ),
     ]
 }
 
@@ -260,6 +268,13 @@ impl ColumnFigures {
     pub fn usd_per_mtok(&self) -> Option<f64> {
         let c = self.cost_per_hour?;
         (self.figures.output_tps > 0.0).then(|| c / (self.figures.output_tps * 3600.0) * 1e6)
+    }
+
+    /// $/Mtok counting only the tokens of requests that met their SLO (goodput).
+    pub fn usd_per_mtok_at_slo(&self) -> Option<f64> {
+        let c = self.cost_per_hour?;
+        let g = self.figures.goodput_output_tps?;
+        (g > 0.0).then(|| c / (g * 3600.0) * 1e6)
     }
 
     pub(super) fn build(runs: &[&RunData], cost: Option<f64>) -> ColumnFigures {

@@ -154,6 +154,7 @@ impl Comparison {
                     "ttft_p99_ms": p99("ttft"), "itl_p99_ms": p99("itl"), "slo_attainment": f.slo_attainment,
                     "slo_pass": f.slo_pass,
                     "usd_per_mtok": f.usd_per_mtok(),
+                    "usd_per_mtok_at_slo": f.usd_per_mtok_at_slo(),
                     "j_per_token": f.figures.energy_j.filter(|_| f.figures.output_tokens > 0)
                         .map(|j| j / f.figures.output_tokens as f64),
                 }));

@@ -26,6 +26,8 @@ pub struct ReqSample {
     pub max_itl_ns: Option<u64>,
     /// `--score`: the answer was right (None: not scored).
     pub correct: Option<bool>,
+    /// It met the run's SLO (None: judged by none).
+    pub slo_attained: Option<bool>,
     /// Stored token timestamps (at most the run's token cap).
     pub token_ns: Vec<u64>,
 }
@@ -149,6 +151,9 @@ pub struct Figures {
     pub accuracy: Option<crate::score::Accuracy>,
     /// Measured energy of the measured windows (every run's, or none), joules.
     pub energy_j: Option<f64>,
+    /// Output tokens of the requests that met their run's SLO, per second of the windows
+    /// (None when some measured request was judged by no SLO).
+    pub goodput_output_tps: Option<f64>,
     /// metric name -> distribution
     pub dists: std::collections::BTreeMap<String, Stats>,
 }
@@ -170,6 +175,7 @@ impl Figures {
         let mut completed = 0usize;
         let (mut scored, mut correct) = (0usize, 0usize);
         let mut energy = Some(0.0);
+        let mut good_tokens = Some(0u64);
         for (samples, memory) in runs {
             let measured: Vec<&ReqSample> = samples.iter().filter(|s| !s.warmup).collect();
             f.warmup += samples.len() - measured.len();
@@ -189,6 +195,11 @@ impl Figures {
                 f.prompt_tokens += s.prompt_tokens;
                 f.output_tokens += s.output_tokens;
                 cached += s.cached_prompt_tokens;
+                good_tokens = match (good_tokens, s.slo_attained) {
+                    (Some(g), Some(true)) => Some(g + s.output_tokens),
+                    (Some(g), Some(false)) => Some(g),
+                    _ => None,
+                };
                 if let Some(c) = s.correct {
                     scored += 1;
                     correct += c as usize;
@@ -261,6 +272,9 @@ impl Figures {
         f.decode_tps_total = (dec_ns > 0).then(|| dec_tok as f64 * 1e9 / dec_ns as f64);
         f.accuracy = crate::score::Accuracy::of(correct, scored);
         f.energy_j = energy.filter(|_| !runs.is_empty());
+        f.goodput_output_tps = good_tokens
+            .filter(|_| f.measured > 0 && secs > 0.0)
+            .map(|g| g as f64 / secs);
         for (k, v) in d {
             if let Some(s) = Stats::of(v) {
                 f.dists.insert(k.to_string(), s);
@@ -302,6 +316,9 @@ impl Figures {
                 "j_per_output_token",
                 (self.output_tokens > 0).then(|| j / self.output_tokens as f64),
             );
+        }
+        if let Some(g) = self.goodput_output_tps {
+            sys("goodput_output_tps", Some(g));
         }
         if let Some(a) = &self.accuracy {
             sys("scored", Some(a.n as f64));

@@ -176,7 +176,7 @@ impl Store {
         let mut out: Vec<(i64, ReqSample)> = self.rows(
             "SELECT req_pk, request_id, warmup, prompt_tokens, output_tokens, arrival_ns, schedule_ns,
                     prefill_start_ns, prefill_end_ns, first_token_ns, last_token_ns, finish_ns, finish_reason,
-                    cached_prompt_tokens, computed_prompt_tokens, max_itl_ns, correct
+                    cached_prompt_tokens, computed_prompt_tokens, max_itl_ns, correct, slo_attained
              FROM requests WHERE run_id = ?1 ORDER BY req_pk",
             [run.0],
             |r| {
@@ -199,6 +199,7 @@ impl Store {
                         computed_prompt_tokens: u64_at(r, 14)?,
                         max_itl_ns: opt_u64(r, 15)?,
                         correct: r.get(16)?,
+                        slo_attained: r.get(17)?,
                         token_ns: vec![],
                     },
                 ))
@@ -296,7 +297,7 @@ impl Store {
             "SELECT req_pk, request_id, warmup, tags, prompt_tokens, arrival_ns, enqueue_ns, schedule_ns,
                     prefill_start_ns, prefill_end_ns, finish_ns, finish_reason, error, cached_prompt_tokens,
                     computed_prompt_tokens, cache_lookups, cache_hit_blocks, output_text,
-                    server_prompt_tokens, server_output_tokens, local_output_tokens, correct
+                    server_prompt_tokens, server_output_tokens, local_output_tokens, correct, slo_attained
              FROM requests WHERE run_id = ?1 ORDER BY req_pk",
             [run.0],
             |r| {
@@ -327,6 +328,7 @@ impl Store {
                         local_output_tokens: opt_u64(r, 20)?.map(|n| n as usize),
                     },
                     correct: r.get(21)?,
+                    slo_attained: r.get(22)?,
                 })
             },
         )?;

@@ -56,6 +56,11 @@ CREATE TABLE quality_tokens (
 -- measured requests where it is not NULL.
 ALTER TABLE requests ADD COLUMN correct INTEGER CHECK (correct IN (0, 1));
 
+-- Whether the request met the run's SLO (NULL: judged by none). The output
+-- tokens of those that did, per second of the window, are the goodput that
+-- $/Mtok at the SLO divides by.
+ALTER TABLE requests ADD COLUMN slo_attained INTEGER CHECK (slo_attained IN (0, 1));
+
 -- Measured power (bench/src/power.rs): watts from the power sensor on the
 -- timer's memory samples (mean since its previous reading; NULL where it was
 -- not read), and which sensor it was. Energy over a window is the sum of

@@ -195,6 +195,7 @@ fn synth_records(spec: &SynthSpec, rng: &mut Rng) -> Vec<RequestRecord> {
             output_text: Some(format!("output of request {i}")),
             counted: Default::default(),
             correct: None,
+            slo_attained: None,
         });
     }
     records

@@ -136,9 +136,9 @@ impl Store {
                  enqueue_ns, schedule_ns, prefill_start_ns, prefill_end_ns, first_token_ns, last_token_ns,
                  finish_ns, finish_reason, error, cached_prompt_tokens, computed_prompt_tokens, cache_lookups,
                  cache_hit_blocks, tokens_stored, max_itl_ns, output_text, chunks, server_prompt_tokens,
-                 server_output_tokens, local_output_tokens, correct)
+                 server_output_tokens, local_output_tokens, correct, slo_attained)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23,
-                 ?24, ?25, ?26, ?27, ?28)",
+                 ?24, ?25, ?26, ?27, ?28, ?29)",
             params![
                 run.0,
                 r.request_id as i64,
@@ -168,6 +168,7 @@ impl Store {
                 r.counted.output_tokens.map(|x| x as i64),
                 r.counted.local_output_tokens.map(|x| x as i64),
                 r.correct,
+                r.slo_attained,
             ],
         )
         .map_err(e)?;
