@@ -120,11 +120,12 @@ fn perplexity_matches_llama_perplexity_within_one_percent() {
     }
 }
 
-/// Qwen Q4_K_M re-encoded as Q4_0 by ember's requantizer, written once per target dir.
-fn qwen_q4_0(want_sha: &str) -> PathBuf {
-    let out = tmp("qwen2.5-coder-0.5b-q4_0-ember.gguf");
+/// `base` (a real model) re-encoded as Q4_0 by ember's requantizer, written once per target
+/// dir, and checked against the sha256 llama.cpp's reference figures are for.
+fn requantized_q4_0(base: &str, want_sha: &str) -> PathBuf {
+    let out = tmp(&format!("{base}.q4_0-ember.gguf"));
     if !out.exists() || sha256(&out) != want_sha {
-        let src = ember_runtime::gguf::GgufFile::open(common::real_model(common::QWEN25)).unwrap();
+        let src = ember_runtime::gguf::GgufFile::open(common::real_model(base)).unwrap();
         let w =
             ember_runtime::gguf::requant::requantize(&src, ember_runtime::quant::GgmlType::Q4_0)
                 .unwrap();
@@ -136,6 +137,70 @@ fn qwen_q4_0(want_sha: &str) -> PathBuf {
         "ember's Q4_0 requantization changed: llama.cpp's reference figures are for the old bytes"
     );
     out
+}
+
+fn qwen_q4_0(want_sha: &str) -> PathBuf {
+    requantized_q4_0(common::QWEN25, want_sha)
+}
+
+/// ember's figures (`ember eval kld --json`) against llama-perplexity's (fixture `k`): each
+/// within 5%.
+fn assert_kld_matches(live: &Value, k: &Value) {
+    let pick = |v: &Value, path: &[&str]| {
+        path.iter()
+            .fold(v, |v, p| &v[*p])
+            .as_f64()
+            .unwrap_or_else(|| panic!("{path:?} missing in {v}"))
+    };
+    for (name, ours, theirs) in [
+        ("mean KLD", vec!["kld_mean", "value"], "kld_mean"),
+        ("same top p", vec!["same_top", "value"], "same_top"),
+        (
+            "ln(PPL(Q)/PPL(base))",
+            vec!["ln_ppl_ratio", "value"],
+            "ln_ppl_ratio",
+        ),
+        ("PPL(Q)", vec!["ppl", "value"], "ppl_q"),
+        ("PPL(base)", vec!["ppl_base", "value"], "ppl_base"),
+    ] {
+        let got = pick(live, &ours);
+        let want = k[theirs].as_f64().unwrap();
+        eprintln!(
+            "{} {name}: ember {got:.6}, llama.cpp {want:.6} ({:+.2}%)",
+            k["base"],
+            100.0 * (got / want - 1.0)
+        );
+        assert!(
+            rel(got, want) < 0.05,
+            "{name}: ember {got} vs llama.cpp {want}"
+        );
+    }
+    assert_eq!(live["tokens_scored"].as_u64(), k["tokens_scored"].as_u64());
+}
+
+#[test]
+fn smollm2_kl_divergence_matches_llama_perplexity() {
+    let k = &fixture()["kld_smollm2"];
+    let model = requantized_q4_0(common::SMOLLM2, k["model_sha256"].as_str().unwrap());
+    let base = common::real_model(common::SMOLLM2);
+    let c = corpus();
+    let ctx = k["ctx"].as_u64().unwrap().to_string();
+    let live = eval_json(&[
+        "kld",
+        "--base",
+        base.to_str().unwrap(),
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        c.to_str().unwrap(),
+        "-c",
+        &ctx,
+        "--backend",
+        "cpu",
+        "--no-db",
+        "--json",
+    ]);
+    assert_kld_matches(&live, k);
 }
 
 #[test]
@@ -165,35 +230,7 @@ fn kl_divergence_matches_llama_perplexity_and_a_saved_base_gives_the_same_figure
         "--no-db",
         "--json",
     ]);
-    let pick = |v: &Value, path: &[&str]| {
-        path.iter()
-            .fold(v, |v, p| &v[*p])
-            .as_f64()
-            .unwrap_or_else(|| panic!("{path:?} missing in {v}"))
-    };
-    for (name, ours, theirs) in [
-        ("mean KLD", vec!["kld_mean", "value"], "kld_mean"),
-        ("same top p", vec!["same_top", "value"], "same_top"),
-        (
-            "ln(PPL(Q)/PPL(base))",
-            vec!["ln_ppl_ratio", "value"],
-            "ln_ppl_ratio",
-        ),
-        ("PPL(Q)", vec!["ppl", "value"], "ppl_q"),
-        ("PPL(base)", vec!["ppl_base", "value"], "ppl_base"),
-    ] {
-        let got = pick(&live, &ours);
-        let want = k[theirs].as_f64().unwrap();
-        eprintln!(
-            "{name}: ember {got:.6}, llama.cpp {want:.6} ({:+.2}%)",
-            100.0 * (got / want - 1.0)
-        );
-        assert!(
-            rel(got, want) < 0.05,
-            "{name}: ember {got} vs llama.cpp {want}"
-        );
-    }
-    assert_eq!(live["tokens_scored"].as_u64(), k["tokens_scored"].as_u64());
+    assert_kld_matches(&live, k);
 
     // The saved base gives exactly the live figures, with or without the text.
     for with_text in [true, false] {

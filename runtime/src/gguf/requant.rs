@@ -24,15 +24,18 @@ pub enum RequantError {
     },
 }
 
-/// Whether `requantize` re-encodes tensor `name` of type `from` with rows of `cols` as `to`:
+/// Whether `requantize` re-encodes tensor `name` of type `from` with rows of `dims[0]` as `to`:
 /// matrices (2-D, quantized or 16-bit) whose rows are whole blocks of `to`, except the output
-/// projection, which llama.cpp keeps at higher precision (its Q4_0 of our Qwen file keeps
-/// `output.weight` as Q8_0). Norms, biases and other f32 tensors stay as they are.
-pub fn changes(name: &str, from: GgmlType, dims: &[u64], to: GgmlType) -> bool {
+/// projection, which llama.cpp keeps at higher precision: `output.weight`, or the token
+/// embeddings when the model ties them to the output (`tied`, no `output.weight`). Its Q4_0 of
+/// our Qwen keeps `output.weight` as Q8_0; of SmolLM2 (tied), `token_embd.weight` as Q8_0.
+/// Norms, biases and other f32 tensors stay as they are.
+pub fn changes(name: &str, from: GgmlType, dims: &[u64], to: GgmlType, tied: bool) -> bool {
+    let output = name == "output.weight" || (tied && name == "token_embd.weight");
     dims.len() >= 2
         && from != GgmlType::F32
         && from != to
-        && name != "output.weight"
+        && !output
         && (dims[0] as usize).is_multiple_of(to.block_len())
 }
 
@@ -57,13 +60,14 @@ pub fn requantize(src: &GgufFile, to: GgmlType) -> Result<GgufWriter, RequantErr
         }
     }
     w.kv("ember.requantized_to", Value::String(to.to_string()));
+    let tied = src.tensor("output.weight").is_none();
     // Tensors in parallel (each is independent; the bytes do not depend on the thread count).
     let encoded: Vec<(GgmlType, Vec<u8>)> = src
         .tensors
         .par_iter()
         .map(|t| {
             let bytes = src.tensor_bytes(t);
-            if !changes(&t.name, t.ty, &t.dims, to) {
+            if !changes(&t.name, t.ty, &t.dims, to, tied) {
                 return Ok((t.ty, bytes.to_vec()));
             }
             let err = |source| RequantError::Quantize {
@@ -88,13 +92,45 @@ mod tests {
     #[test]
     fn matrices_change_norms_biases_and_the_output_projection_stay() {
         use GgmlType::*;
-        assert!(changes("blk.0.ffn_up.weight", Q4_K, &[896, 4864], Q4_0));
-        assert!(changes("token_embd.weight", Q5_0, &[896, 151936], Q4_0));
-        assert!(!changes("output.weight", Q8_0, &[896, 151936], Q4_0));
-        assert!(!changes("blk.0.attn_norm.weight", F32, &[896], Q4_0));
-        assert!(!changes("blk.0.attn_q.bias", F32, &[896], Q4_0));
-        assert!(!changes("blk.0.ffn_up.weight", Q4_0, &[896, 4864], Q4_0));
+        assert!(changes(
+            "blk.0.ffn_up.weight",
+            Q4_K,
+            &[896, 4864],
+            Q4_0,
+            false
+        ));
+        assert!(changes(
+            "token_embd.weight",
+            Q5_0,
+            &[896, 151936],
+            Q4_0,
+            false
+        ));
+        assert!(!changes("output.weight", Q8_0, &[896, 151936], Q4_0, false));
+        // Tied embeddings are the output projection.
+        assert!(!changes(
+            "token_embd.weight",
+            Q8_0,
+            &[576, 49152],
+            Q4_0,
+            true
+        ));
+        assert!(!changes("blk.0.attn_norm.weight", F32, &[896], Q4_0, false));
+        assert!(!changes("blk.0.attn_q.bias", F32, &[896], Q4_0, false));
+        assert!(!changes(
+            "blk.0.ffn_up.weight",
+            Q4_0,
+            &[896, 4864],
+            Q4_0,
+            false
+        ));
         // 896 is not a multiple of Q4_K's 256: kept as it is.
-        assert!(!changes("blk.0.ffn_up.weight", Q5_0, &[896, 4864], Q4_K));
+        assert!(!changes(
+            "blk.0.ffn_up.weight",
+            Q5_0,
+            &[896, 4864],
+            Q4_K,
+            false
+        ));
     }
 }
