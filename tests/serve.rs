@@ -23,8 +23,14 @@ impl Server {
     /// `ember serve` on SmolLM2 with `extra` flags, on a port the OS picks; waits until it
     /// listens.
     fn start(extra: &[&str]) -> Server {
+        Server::start_env(extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the server.
+    fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let model = common::real_model(common::SMOLLM2);
         let mut cmd = common::ember();
+        cmd.envs(env.iter().copied());
         cmd.args(["serve", "--port", "0", "--backend", "cpu", "-m"])
             .arg(&model)
             .args(extra)
@@ -791,6 +797,71 @@ fn sigterm_drains_in_flight_requests_and_every_request_is_stored() {
     assert_eq!((rows[1].0.as_str(), rows[1].2, rows[1].3), ("length", 7, 7));
     assert_eq!((rows[2].0.as_str(), rows[2].2), ("length", 60));
     assert_eq!(rows[2].1, r#"["completions"]"#);
+}
+
+#[test]
+fn serve_records_the_power_it_draws() {
+    // The Jetson test tree: its module rail reads a constant 5.072 V × 1.464 A.
+    let root = common::fixture("sysfs").join("jetson-orin");
+    let db = temp_db("power");
+    let s = Server::start_env(
+        &["--db", db.to_str().unwrap()],
+        &[
+            ("EMBER_SYSFS_ROOT", root.to_str().unwrap()),
+            ("EMBER_NVML_LIB", "/nonexistent/libnvidia-ml.so.1"),
+            ("EMBER_VCGENCMD", "/nonexistent/vcgencmd"),
+        ],
+    );
+    let (st, _) = s.post(
+        "/v1/completions",
+        &json!({"prompt": PROMPT, "max_tokens": 8, "ignore_eos": true}),
+    );
+    assert_eq!(st, 200);
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (status, log) = s.terminate_after_signal();
+    assert!(status.success(), "exit {status:?}: {log}");
+    assert!(log.contains("power: reading ina3221 VDD_IN"), "{log}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (source, err): (Option<String>, Option<String>) = conn
+        .query_row("SELECT power_source, power_error FROM runs", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((source.as_deref(), err), (Some("ina3221 VDD_IN"), None));
+    let (n, w): (i64, f64) = conn
+        .query_row(
+            "SELECT COUNT(power_w), AVG(power_w) FROM memory_samples",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        n >= 2 && (w - 5.072 * 1.464).abs() < 1e-9,
+        "{n} readings, {w} W"
+    );
+    let energy: f64 = conn
+        .query_row(
+            "SELECT value FROM run_metrics WHERE metric = 'energy_j'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let window: f64 = conn
+        .query_row(
+            "SELECT (MAX(finish_ns) - MIN(arrival_ns)) / 1e9 FROM requests WHERE warmup = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let want = 5.072 * 1.464 * window;
+    assert!(
+        (energy - want).abs() < 1e-6 * want,
+        "{energy} J vs {want} J"
+    );
 }
 
 impl Server {

@@ -86,6 +86,18 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
     let kv_blocks = layout
         .blocks_for_budget(cfg.scheduler.kv_budget_bytes)
         .max(1);
+    let power = ember_bench::power::discover(&ember_bench::power::sysfs_root());
+    match &power.source {
+        Some(s) => eprintln!(
+            "ember serve: power: reading {} with each memory sample",
+            s.name
+        ),
+        None => log::info!("ember serve: no power sensor found"),
+    }
+    for n in &power.notes {
+        eprintln!("ember serve: power: {n}");
+    }
+    let power = power.source;
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
     // The engine thread claims the KV budget first and says whether it could, before we listen.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -94,14 +106,18 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
         std::thread::Builder::new()
             .name("ember-engine".into())
             .spawn(
-                move || match Worker::new(engine, sched, metrics, origin, rec_tx) {
+                move || match Worker::new(engine, sched, metrics, origin, rec_tx, power) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
                         w.run(cmd_rx)
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
-                        Vec::new()
+                        worker::Served {
+                            memory: Vec::new(),
+                            power_source: None,
+                            power_error: None,
+                        }
                     }
                 },
             )?
@@ -183,7 +199,7 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
     drop(app);
     // Open connections may still hold the app; the runtime's end drops them.
     rt.shutdown_timeout(Duration::from_secs(1));
-    let memory = worker
+    let measured = worker
         .join()
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     if let Some(h) = recorder {
@@ -191,7 +207,9 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
             .join()
             .map_err(|_| anyhow::anyhow!("the results store's thread panicked"))?;
         let result = RunResult {
-            memory,
+            memory: measured.memory,
+            power_source: measured.power_source,
+            power_error: measured.power_error,
             summary_json: serde_json::json!({"serve": {"requests": n}}).to_string(),
             ..head
         };

@@ -91,6 +91,16 @@ pub struct Worker<'e> {
     events: Vec<ServeEvent>,
     memory: Vec<MemorySample>,
     last_sample: Option<Instant>,
+    /// The power sensor read with each memory sample, and why it stopped (if it did).
+    meter: Option<ember_bench::power::Meter>,
+    power_error: Option<String>,
+}
+
+/// What the engine thread measured while serving, for the run's record.
+pub struct Served {
+    pub memory: Vec<MemorySample>,
+    pub power_source: Option<String>,
+    pub power_error: Option<String>,
 }
 
 impl<'e> Worker<'e> {
@@ -100,6 +110,7 @@ impl<'e> Worker<'e> {
         metrics: Arc<Metrics>,
         origin: Instant,
         records: Option<std::sync::mpsc::Sender<RequestRecord>>,
+        power: Option<ember_bench::power::PowerSource>,
     ) -> Result<Self, ModelError> {
         let mut sched = Scheduler::new(engine, cfg);
         // The server's memory is claimed at start (host memory, or the device's pools) and
@@ -118,12 +129,14 @@ impl<'e> Worker<'e> {
             events: Vec::new(),
             memory: Vec::new(),
             last_sample: None,
+            meter: power.map(ember_bench::power::Meter::new),
+            power_error: None,
         })
     }
 
     /// Serve until [`Command::Shutdown`] (or every sender is gone) and nothing is in flight.
-    /// Returns the memory samples taken.
-    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) -> Vec<MemorySample> {
+    /// Returns the memory (and power) samples taken.
+    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) -> Served {
         let mut shutdown = false;
         self.publish();
         loop {
@@ -154,7 +167,11 @@ impl<'e> Worker<'e> {
             }
         }
         self.sample(true);
-        self.memory
+        Served {
+            memory: self.memory,
+            power_source: self.meter.map(|m| m.source.name),
+            power_error: self.power_error,
+        }
     }
 
     /// Returns whether the command asks to shut down.
@@ -370,13 +387,28 @@ impl<'e> Worker<'e> {
         }
         self.last_sample = Some(now);
         let st = self.sched.stats();
+        let t_ns = self.ns(now);
+        let power_w = match self
+            .meter
+            .as_mut()
+            .map(|m| (m.read(now), m.source.name.clone()))
+        {
+            Some((Ok(w), _)) => w,
+            Some((Err(e), name)) => {
+                if self.power_error.is_none() {
+                    self.power_error = Some(format!("{name} at {:.2} s: {e}", t_ns as f64 / 1e9));
+                }
+                None
+            }
+            None => None,
+        };
         self.memory.push(MemorySample {
-            t_ns: self.ns(now),
+            t_ns,
             rss_bytes: ember_runtime::sys::memory().rss_bytes,
             device_bytes: st.device_bytes,
             kv_bytes_used: st.kv_bytes_used,
             kv_bytes_reserved: st.kv_bytes_reserved,
-            power_w: None,
+            power_w,
         });
     }
 }
