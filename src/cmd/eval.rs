@@ -83,10 +83,11 @@ pub struct PplArgs {
 /// same model), per scored token, with llama-perplexity --kl-divergence's
 /// statistics: mean, percentiles and max KLD, Δp, "same top p", and the two
 /// perplexities. --base is a GGUF (run here; --save-base keeps its
-/// distributions) or a file written by --save-base (no base model needed).
+/// distributions), a file written by --save-base, or one written by
+/// llama-perplexity --kl-divergence-base (no base model needed).
 #[argh(subcommand, name = "kld")]
 pub struct KldArgs {
-    /// the base: a GGUF file of the same model at higher precision, or a --save-base file
+    /// the base: a GGUF file of the same model at higher precision, a --save-base file, or a llama-perplexity --kl-divergence-base file
     #[argh(option)]
     base: PathBuf,
     /// GGUF model file to score against the base
@@ -334,7 +335,11 @@ fn run_kld(a: KldArgs) -> Result<()> {
                 a.base.display()
             );
         }
-        let base = BaseLogits::load(&a.base)?;
+        let base = if is_llama_cpp_base(&a.base)? {
+            BaseLogits::load_llama_cpp(&a.base, a.top_k)?
+        } else {
+            BaseLogits::load(&a.base)?
+        };
         eprintln!(
             "ember: saved base {} ({}): {} chunks of {} tokens, top {}",
             a.base.display(),
@@ -352,6 +357,7 @@ fn run_kld(a: KldArgs) -> Result<()> {
             None => (base.clone(), tokens_hash(), "saved base tokens".into()),
         }
     };
+    let mut base = base;
     let ctx = base.header.ctx;
     let engine = open(
         Some(a.model.clone()),
@@ -365,6 +371,12 @@ fn run_kld(a: KldArgs) -> Result<()> {
         engine.model.config().n_vocab,
         &vocab_sha256(&engine.tokenizer),
     )?;
+    if base.header.model_sha256.is_empty() {
+        // A llama.cpp base file: each chunk starts with BOS when the model adds one, as
+        // llama-perplexity runs it.
+        let tok = &engine.tokenizer;
+        base.header.bos = tok.bos_id().filter(|_| tok.add_bos_default());
+    }
     if !base_is_gguf && let Some((t, _)) = &text {
         // The model must read the tokens the base read: the same text, cut the same way.
         let mine = chunks_for(&engine, t, ctx, Some(base.header.n_chunks))?;
@@ -385,7 +397,8 @@ fn run_kld(a: KldArgs) -> Result<()> {
     let q = QualityRun {
         kind: "kld".into(),
         started_at: started,
-        base_sha256: Some(r.base_sha256.clone()),
+        // A llama.cpp base file names no model.
+        base_sha256: Some(r.base_sha256.clone()).filter(|s| !s.is_empty()),
         base_path: Some(r.base_model.clone()),
         text_sha256,
         text_name,
@@ -427,6 +440,14 @@ fn run_kld(a: KldArgs) -> Result<()> {
 fn file_name(p: &Path) -> String {
     p.file_name()
         .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+}
+
+/// A base file of `llama-perplexity --kl-divergence-base` (magic `_logits_`).
+fn is_llama_cpp_base(p: &Path) -> Result<bool> {
+    let mut magic = [0u8; 8];
+    let mut f =
+        std::fs::File::open(p).with_context(|| format!("cannot open --base {}", p.display()))?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"_logits_")
 }
 
 fn is_gguf(p: &Path) -> Result<bool> {

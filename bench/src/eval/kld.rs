@@ -222,6 +222,96 @@ impl BaseLogits {
         })
     }
 
+    /// Read a base file written by `llama-perplexity --kl-divergence-base` (magic
+    /// `_logits_`): its tokens, and per scored position every token's log-probability as 16
+    /// bits over the 16 nats below the maximum. Kept as the top `k` of each position (0: all,
+    /// as llama.cpp keeps them), like ember's own base. It names no model and no vocabulary
+    /// hash: only the vocabulary size can be checked, and the text through its tokens.
+    pub fn load_llama_cpp(path: &Path, k: usize) -> Result<BaseLogits, EvalError> {
+        let name = path.display().to_string();
+        let bad = |what: &str| EvalError::Base(format!("{name}: {what}"));
+        let bytes = std::fs::read(path).map_err(|source| EvalError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        if bytes.len() < 20 || &bytes[..8] != b"_logits_" {
+            return Err(bad("not a llama-perplexity base file (no _logits_ magic)"));
+        }
+        let i32_at = |o: usize| i32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        let (n_ctx, n_vocab, n_chunk) = (i32_at(8), i32_at(12), i32_at(16));
+        if n_ctx < 4 || n_vocab < 2 || n_chunk < 1 {
+            return Err(bad(&format!(
+                "bad header (n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk})"
+            )));
+        }
+        let (n_ctx, n_vocab, n_chunk) = (n_ctx as usize, n_vocab as usize, n_chunk as usize);
+        let first = n_ctx / 2;
+        let per_chunk = n_ctx - 1 - first;
+        let nv = 2 * n_vocab.div_ceil(2) + 4;
+        let tok_off = 20;
+        let rec_off = tok_off + 4 * n_ctx * n_chunk;
+        let want = rec_off + 2 * nv * per_chunk * n_chunk;
+        if bytes.len() != want {
+            return Err(bad(&format!(
+                "{} bytes where its header says {want}: truncated or not this format",
+                bytes.len()
+            )));
+        }
+        let tokens: Vec<u32> = (0..n_ctx * n_chunk)
+            .map(|i| i32_at(tok_off + 4 * i) as u32)
+            .collect();
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(bad(&format!("token {t} outside the vocabulary")));
+        }
+        let k = if k == 0 { n_vocab } else { k.min(n_vocab) };
+        let mut nll = Vec::with_capacity(per_chunk * n_chunk);
+        let mut top = Vec::with_capacity(per_chunk * n_chunk * k);
+        for c in 0..n_chunk {
+            for j in 0..per_chunk {
+                let o = rec_off + 2 * nv * (c * per_chunk + j);
+                let f32_at = |o: usize| f32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+                let (scale, min_lp) = (f32_at(o), f32_at(o + 4));
+                let q = |v: usize| u16::from_le_bytes([bytes[o + 8 + 2 * v], bytes[o + 9 + 2 * v]]);
+                let lp = |v: usize| scale * q(v) as f32 + min_lp;
+                let target = tokens[c * n_ctx + first + j + 1] as usize;
+                nll.push(-lp(target));
+                // Already log-probabilities. Those at the file's floor (clamped 16 nats below
+                // the maximum) or under −16 are left out, as llama-perplexity leaves them out
+                // of its sum: they fall into the one-bin rest.
+                let row: Vec<f32> = (0..n_vocab)
+                    .map(|v| {
+                        let x = lp(v);
+                        if q(v) == 0 || x <= -16.0 {
+                            f32::NEG_INFINITY
+                        } else {
+                            x
+                        }
+                    })
+                    .collect();
+                top.extend(top_k(&row, 0.0, k));
+            }
+        }
+        let file = path
+            .file_name()
+            .map_or(name.clone(), |n| n.to_string_lossy().into_owned());
+        Ok(BaseLogits {
+            header: BaseHeader {
+                model: format!("llama.cpp base file {file}"),
+                model_sha256: String::new(),
+                vocab_sha256: String::new(),
+                n_vocab,
+                ctx: n_ctx,
+                n_chunks: n_chunk,
+                top_k: k,
+                bos: None,
+                text_tokens: n_ctx * n_chunk,
+            },
+            tokens,
+            nll,
+            top,
+        })
+    }
+
     /// Refuse to score a model whose vocabulary differs from the base's: its logits index
     /// other tokens, and any figure would be wrong.
     pub fn check_model(&self, n_vocab: usize, vocab_sha256: &str) -> Result<(), EvalError> {
@@ -232,7 +322,8 @@ impl BaseLogits {
                 h.model, h.n_vocab
             )));
         }
-        if h.vocab_sha256 != vocab_sha256 {
+        // A llama.cpp base file names no vocabulary: its size is all there is to check.
+        if !h.vocab_sha256.is_empty() && h.vocab_sha256 != vocab_sha256 {
             return Err(EvalError::Base(format!(
                 "the base ({}) tokenizes differently from the model (vocabularies of the same size, different tokens): KL divergence needs the same model family",
                 h.model
@@ -263,6 +354,9 @@ fn token_kld(row: &[f32], target: u32, nll_base: f32, top: &[(u32, f32)]) -> Tok
     let lse = max as f64 + shift;
     let (mut kld, mut p_in, mut q_in) = (0.0f64, 0.0f64, 0.0f64);
     for &(id, lp) in top {
+        if lp == f32::NEG_INFINITY {
+            continue; // left out of the base (a llama.cpp file's floor): part of the rest
+        }
         let lp = lp as f64;
         let lq = row[id as usize] as f64 - lse;
         let p = lp.exp();
@@ -572,6 +666,59 @@ mod tests {
         std::fs::write(&path, b"GGUF\x03\0\0\0rest").unwrap();
         let e = BaseLogits::load(&path).unwrap_err().to_string();
         assert!(e.contains("not a base-logits file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A base file in llama-perplexity's format: ctx 4 (one scored position per chunk), a
+    /// vocabulary of 5, one chunk, log-probabilities quantized as llama.cpp does.
+    fn llama_base_bytes(lps: &[f32; 5], tokens: [i32; 4]) -> Vec<u8> {
+        let mut b = b"_logits_".to_vec();
+        for v in [4i32, 5, 1] {
+            b.extend(v.to_le_bytes());
+        }
+        for t in tokens {
+            b.extend(t.to_le_bytes());
+        }
+        let max = lps.iter().cloned().fold(f32::MIN, f32::max);
+        let min = lps.iter().cloned().fold(f32::MAX, f32::min).max(max - 16.0);
+        let scale = (max - min) / 65535.0;
+        b.extend(scale.to_le_bytes());
+        b.extend(min.to_le_bytes());
+        for &lp in lps {
+            b.extend((((lp - min) / scale).round() as u16).to_le_bytes());
+        }
+        b.extend(0u16.to_le_bytes()); // padding to an even count
+        b
+    }
+
+    #[test]
+    fn a_llama_cpp_base_file_reads_back_its_log_probabilities() {
+        let dir = std::env::temp_dir().join(format!("ember-llama-base-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("base.bin");
+        let lps = [-0.5f32, -1.5, -3.0, -2.0, -6.0];
+        // Position 2 predicts token 3 (the chunk's last).
+        std::fs::write(&path, llama_base_bytes(&lps, [1, 2, 0, 3])).unwrap();
+        let b = BaseLogits::load_llama_cpp(&path, 3).unwrap();
+        assert_eq!(
+            (b.header.ctx, b.header.n_vocab, b.header.n_chunks),
+            (4, 5, 1)
+        );
+        assert_eq!(b.tokens, vec![1, 2, 0, 3]);
+        assert!((b.nll[0] - 2.0).abs() < 1e-3, "{:?}", b.nll);
+        let ids: Vec<u32> = b.top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, vec![0, 1, 3]);
+        assert!((b.top[1].1 - -1.5).abs() < 1e-3);
+        assert!(b.check_model(5, "any vocabulary hash").is_ok());
+        assert!(b.check_model(6, "").is_err());
+        // Cut short: refused with the size it expected.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 2);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = BaseLogits::load_llama_cpp(&path, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
