@@ -424,6 +424,32 @@ fn bad_input_is_a_clear_error() {
     let (code, _, err) = eval(&["kld", "--base", s, "-m", s, "--no-db"]);
     assert_eq!(code, 1);
     assert!(err.contains("not a base-logits file"), "{err}");
+    // A base GGUF of another family is refused (before its logits are computed).
+    let c = corpus();
+    let (smol, qwen) = (
+        common::real_model(common::SMOLLM2),
+        common::real_model(common::QWEN25),
+    );
+    let (code, _, err) = eval(&[
+        "kld",
+        "--base",
+        smol.to_str().unwrap(),
+        "-m",
+        qwen.to_str().unwrap(),
+        "-f",
+        c.to_str().unwrap(),
+        "--no-db",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("49152 tokens") && err.contains("151936 tokens"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("base ["),
+        "no progress bar: nothing was computed: {err}"
+    );
+    eprintln!("refused in {:?}", started.elapsed());
     let (code, _, err) = eval(&["ppl", "-f", s, "-c", "2", "--no-db"]);
     assert_eq!(code, 1);
     assert!(err.contains("--ctx 2 is too small"), "{err}");

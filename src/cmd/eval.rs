@@ -314,6 +314,16 @@ fn run_kld(a: KldArgs) -> Result<()> {
             chunks.ctx,
             chunks.scored()
         );
+        // Refuse another model family now, before the base's logits are computed.
+        let (n_tokens, vocab) = model_vocab(&a.model)?;
+        if vocab != header.vocab_sha256 {
+            bail!(
+                "the base ({}, {} tokens) and the model ({}, {n_tokens} tokens) have different vocabularies: KL divergence needs the same model family",
+                header.model,
+                engine.tokenizer.vocab_size(),
+                file_name(&a.model)
+            );
+        }
         let bar = progress(chunks.n_chunks, "base");
         let base = BaseLogits::compute(&engine, &chunks, a.top_k, a.batch, header, &mut |_| {
             bar.inc(1)
@@ -440,6 +450,15 @@ fn run_kld(a: KldArgs) -> Result<()> {
 fn file_name(p: &Path) -> String {
     p.file_name()
         .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+}
+
+/// The vocabulary size and [`vocab_sha256`] of a model file, from its metadata alone.
+fn model_vocab(path: &Path) -> Result<(usize, String)> {
+    let file = ember_runtime::gguf::GgufFile::open(path)
+        .with_context(|| format!("cannot open the model {}", path.display()))?;
+    let tok = ember_runtime::tokenizer::Tokenizer::from_gguf(&file.metadata)
+        .with_context(|| format!("{}: cannot build the tokenizer", path.display()))?;
+    Ok((tok.vocab_size(), vocab_sha256(&tok)))
 }
 
 /// A base file of `llama-perplexity --kl-divergence-base` (magic `_logits_`).
