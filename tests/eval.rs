@@ -445,11 +445,6 @@ fn bad_input_is_a_clear_error() {
         err.contains("49152 tokens") && err.contains("151936 tokens"),
         "{err}"
     );
-    assert!(
-        !err.contains("base ["),
-        "no progress bar: nothing was computed: {err}"
-    );
-    eprintln!("refused in {:?}", started.elapsed());
     let (code, _, err) = eval(&["ppl", "-f", s, "-c", "2", "--no-db"]);
     assert_eq!(code, 1);
     assert!(err.contains("--ctx 2 is too small"), "{err}");
