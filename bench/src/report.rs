@@ -170,6 +170,7 @@ pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, ReportE
         },
     )?;
     let detailed = &runs[..runs.len().min(opts.max_runs_detailed)];
+    let (triangle_svgs, triangle_note) = triangle_plots(&cmp);
     let page = Page {
         title: opts.title.clone(),
         n_runs: runs.len() + lb_runs.len(),
@@ -190,14 +191,8 @@ pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, ReportE
             .iter()
             .map(|m| format!("{} {} '{}'", m.file, m.device, m.workload_name))
             .collect(),
-        triangle_plots: vec![],
-        triangle_note: String::new(),
-    };
-    let (plots, note) = triangle_plots(&cmp);
-    let page = Page {
-        triangle_plots: plots.into_iter().map(plot).collect(),
-        triangle_note: note,
-        ..page
+        triangle_plots: triangle_svgs.into_iter().map(plot).collect(),
+        triangle_note,
     };
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);

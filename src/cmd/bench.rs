@@ -546,16 +546,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 }
 
-fn progress_bar(len: usize, template: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(template)
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    bar
-}
-
 impl BenchCommand {
     /// The engine, with context `ctx` when given (else the flags'). With --target the model is
     /// opened first, to size the context to the profile's KV budget, and the engine is built
@@ -577,7 +567,7 @@ impl BenchCommand {
             );
         }
         let mut store = super::open_store(self.no_db, self.db.as_ref())?;
-        let bar = progress_bar(
+        let bar = super::progress_bar(
             plan.tests.len() * plan.reps,
             "{spinner} bench [{bar:30}] {pos}/{len} {msg}",
         );
@@ -657,7 +647,7 @@ impl BenchCommand {
         for note in session.notes() {
             eprintln!("ember bench: {note}");
         }
-        let bar = progress_bar(
+        let bar = super::progress_bar(
             session.planned_requests().unwrap_or(0),
             "{spinner} bench {msg} [{bar:30}] {pos}/{len} requests, {elapsed}",
         );

@@ -146,11 +146,7 @@ fn read_text(path: &Path) -> Result<(String, String)> {
     }
     let s = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the text {}", path.display()))?;
-    let name = path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into(),
-    );
-    Ok((s, name))
+    Ok((s, file_name(path)))
 }
 
 fn open(
@@ -194,15 +190,12 @@ fn chunks_for(engine: &Engine, text: &str, ctx: usize, max: Option<usize>) -> Re
 }
 
 fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(n as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
+    super::progress_bar(
+        n,
+        &format!(
             "{what} [{{bar:30}}] {{pos}}/{{len}} chunks, {{elapsed}} elapsed, ETA {{eta}} {{msg}}"
-        ))
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    bar
+        ),
+    )
 }
 
 fn store_quality(no_db: bool, db: Option<&PathBuf>, engine: &Engine, q: &QualityRun) -> Result<()> {
@@ -279,7 +272,8 @@ fn run_ppl(a: PplArgs) -> Result<()> {
 
 fn run_kld(a: KldArgs) -> Result<()> {
     let text = a.file.as_deref().map(read_text).transpose()?;
-    let base_is_gguf = is_gguf(&a.base)?;
+    let magic = base_magic(&a.base)?;
+    let base_is_gguf = magic.starts_with(b"GGUF");
     let started = now_rfc3339();
     let t0 = Instant::now();
     let (base, text_sha256, text_name) = if base_is_gguf {
@@ -345,7 +339,8 @@ fn run_kld(a: KldArgs) -> Result<()> {
                 a.base.display()
             );
         }
-        let base = if is_llama_cpp_base(&a.base)? {
+        // `_logits_`: written by llama-perplexity --kl-divergence-base.
+        let base = if magic.starts_with(b"_logits_") {
             BaseLogits::load_llama_cpp(&a.base, a.top_k)?
         } else {
             BaseLogits::load(&a.base)?
@@ -358,14 +353,14 @@ fn run_kld(a: KldArgs) -> Result<()> {
             base.header.ctx,
             base.header.top_k
         );
-        let tokens_hash = || {
-            let bytes: Vec<u8> = base.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-            sha256_hex(&bytes)
+        let (text_sha, name) = match &text {
+            Some((t, name)) => (sha256_hex(t.as_bytes()), name.clone()),
+            None => {
+                let bytes: Vec<u8> = base.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+                (sha256_hex(&bytes), "saved base tokens".into())
+            }
         };
-        match &text {
-            Some((t, name)) => (base.clone(), sha256_hex(t.as_bytes()), name.clone()),
-            None => (base.clone(), tokens_hash(), "saved base tokens".into()),
-        }
+        (base, text_sha, name)
     };
     let mut base = base;
     let ctx = base.header.ctx;
@@ -461,19 +456,15 @@ fn model_vocab(path: &Path) -> Result<(usize, String)> {
     Ok((tok.vocab_size(), vocab_sha256(&tok)))
 }
 
-/// A base file of `llama-perplexity --kl-divergence-base` (magic `_logits_`).
-fn is_llama_cpp_base(p: &Path) -> Result<bool> {
-    let mut magic = [0u8; 8];
-    let mut f =
+/// The first 8 bytes of `--base` (fewer for a shorter file), which say what kind it is.
+fn base_magic(p: &Path) -> Result<Vec<u8>> {
+    let f =
         std::fs::File::open(p).with_context(|| format!("cannot open --base {}", p.display()))?;
-    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"_logits_")
-}
-
-fn is_gguf(p: &Path) -> Result<bool> {
-    let mut magic = [0u8; 4];
-    let mut f =
-        std::fs::File::open(p).with_context(|| format!("cannot open --base {}", p.display()))?;
-    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+    let mut magic = Vec::with_capacity(8);
+    f.take(8)
+        .read_to_end(&mut magic)
+        .with_context(|| format!("cannot read --base {}", p.display()))?;
+    Ok(magic)
 }
 
 /// llama-perplexity --kl-divergence's summary, line for line where ember has the figure.

@@ -28,6 +28,18 @@ fn store_files(dbs: Vec<PathBuf>, db: Option<PathBuf>) -> Result<Vec<PathBuf>> {
     Ok(ember_bench::store::expand_db_args(&all)?)
 }
 
+/// A progress bar of `len` steps drawn by `template` (indicatif's syntax) on stderr; hidden
+/// when stderr is not a terminal.
+fn progress_bar(len: usize, template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 /// The results store for `bench`: none with --no-db, else --db, $EMBER_DB or the default path.
 fn open_store(no_db: bool, db: Option<&PathBuf>) -> Result<Option<ember_bench::store::Store>> {
     if no_db {

@@ -4,7 +4,7 @@
 use rusqlite::params;
 use serde::Serialize;
 
-use super::{Store, StoreError, device_fingerprint, fnv1a_hex, now_rfc3339};
+use super::{Store, StoreError, device_fingerprint, now_rfc3339};
 use crate::record::Provenance;
 
 /// One scored token.
@@ -56,36 +56,13 @@ impl Store {
     pub fn save_quality(&mut self, p: &Provenance, q: &QualityRun) -> Result<String, StoreError> {
         let e = StoreError::sqlite(&self.path);
         let tx = self.conn.transaction().map_err(e)?;
-        tx.execute(
-            "INSERT INTO models(sha256, arch, quant_mix, weights_bytes) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(sha256) DO NOTHING",
-            params![
-                p.model_sha256,
-                p.model_arch,
-                p.model_quant_mix,
-                p.weights_bytes as i64
-            ],
-        )
-        .map_err(e)?;
-        let model_id: i64 = tx
-            .query_row(
-                "SELECT model_id FROM models WHERE sha256 = ?1",
-                [&p.model_sha256],
-                |r| r.get(0),
-            )
-            .map_err(e)?;
+        let model_id = super::write::model_row(&tx, p).map_err(e)?;
         let started = if q.started_at.is_empty() {
             now_rfc3339()
         } else {
             q.started_at.clone()
         };
-        let uid = fnv1a_hex(&[
-            &started,
-            &std::process::id().to_string(),
-            &format!("{:?}", std::time::SystemTime::now()),
-            &q.text_sha256,
-            &p.model_sha256,
-        ]);
+        let uid = super::write::new_uid(&started, &[&q.text_sha256, &p.model_sha256]);
         tx.execute(
             "INSERT INTO quality_runs(run_uid, kind, started_at, finished_at, ember_version, git_commit, backend,
                  device_fingerprint, model_id, model_path, base_sha256, base_path, text_sha256, text_name, ctx,

@@ -7,7 +7,38 @@ use super::{
     Figures, RunId, SelfTestRow, Store, StoreError, device_fingerprint, fnv1a_hex, now_rfc3339,
 };
 use crate::llamabench::{BenchResult, Test};
-use crate::record::{MemorySample, RequestRecord, RunResult};
+use crate::record::{MemorySample, Provenance, RequestRecord, RunResult};
+
+/// The `models` row of `p`'s model file (made on first sight; shared by every run and
+/// evaluation of the same sha256).
+pub(super) fn model_row(tx: &rusqlite::Transaction, p: &Provenance) -> rusqlite::Result<i64> {
+    tx.execute(
+        "INSERT INTO models(sha256, arch, quant_mix, weights_bytes) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(sha256) DO NOTHING",
+        params![
+            p.model_sha256,
+            p.model_arch,
+            p.model_quant_mix,
+            p.weights_bytes as i64
+        ],
+    )?;
+    tx.query_row(
+        "SELECT model_id FROM models WHERE sha256 = ?1",
+        [&p.model_sha256],
+        |r| r.get(0),
+    )
+}
+
+/// A run's stable identity across files: its start, this process, the clock now, and `keys`.
+pub(super) fn new_uid(started: &str, keys: &[&str]) -> String {
+    let (pid, now) = (
+        std::process::id().to_string(),
+        format!("{:?}", std::time::SystemTime::now()),
+    );
+    let mut parts = vec![started, pid.as_str(), now.as_str()];
+    parts.extend_from_slice(keys);
+    fnv1a_hex(&parts)
+}
 
 impl Store {
     /// Starts a run: stores the model, the workload and the provenance (the
@@ -18,24 +49,7 @@ impl Store {
         let w = &run.workload;
         let e = StoreError::sqlite(&self.path);
         let tx = self.conn.transaction().map_err(e)?;
-        tx.execute(
-            "INSERT INTO models(sha256, arch, quant_mix, weights_bytes) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(sha256) DO NOTHING",
-            params![
-                p.model_sha256,
-                p.model_arch,
-                p.model_quant_mix,
-                p.weights_bytes as i64
-            ],
-        )
-        .map_err(e)?;
-        let model_id: i64 = tx
-            .query_row(
-                "SELECT model_id FROM models WHERE sha256 = ?1",
-                [&p.model_sha256],
-                |r| r.get(0),
-            )
-            .map_err(e)?;
+        let model_id = model_row(&tx, p).map_err(e)?;
         tx.execute(
             "INSERT INTO workloads(hash, name, seed, params, n_requests, n_warmup) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(hash) DO NOTHING",
@@ -54,13 +68,7 @@ impl Store {
         } else {
             run.started_at.clone()
         };
-        let uid = fnv1a_hex(&[
-            &started,
-            &std::process::id().to_string(),
-            &format!("{:?}", std::time::SystemTime::now()),
-            &w.hash,
-            &self.path.display().to_string(),
-        ]);
+        let uid = new_uid(&started, &[&w.hash, &self.path.display().to_string()]);
         tx.execute(
             "INSERT INTO runs(run_uid, status, started_at, ember_version, git_commit, backend, adapter, driver,
                  cpu_model, cpu_cores, threads, os, device_profile, device_fingerprint, model_id, model_path,
