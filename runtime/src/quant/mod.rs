@@ -21,6 +21,7 @@
 #![allow(clippy::needless_range_loop)]
 
 mod blocks;
+pub mod ggml_quantize;
 mod kernels;
 
 use blocks::BlockFormat;
