@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::quant::GgmlType;
 
+pub mod quantize;
 mod read;
 pub mod requant;
 pub mod synth;
