@@ -39,6 +39,7 @@ enum Command {
     Selftest(cmd::selftest::SelftestArgs),
     Serve(cmd::serve::ServeArgs),
     Synth(cmd::synth::SynthArgs),
+    Quantize(cmd::quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         Command::Selftest(a) => cmd::selftest::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ pub mod compare;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod quantize;
 pub mod report;
 pub mod run;
 pub mod selftest;
