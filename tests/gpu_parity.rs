@@ -410,7 +410,7 @@ mod fused {
                 &vp,
                 shape,
             );
-            let att = read(gpu::attention(&qr, &kp, &vp, &pt, shape));
+            let att = read(gpu::attention(&qr, &kp, &vp, &pt, shape, None));
             // The host: the same rotations and roundings, bit for bit.
             let mut q_want = q.clone();
             rope.apply(&mut q_want, heads, past);
@@ -446,6 +446,19 @@ mod fused {
             let e = nmse_f32(&att, &want);
             eprintln!("{style:?}: paged attention vs ops::attention NMSE {e:.2e}");
             assert!(e < 1e-10, "{style:?}: NMSE {e:e}");
+            // A sliding window (Gemma 3's local layers): the last `w` positions only, against
+            // the CPU's windowed attention; and it must change the result.
+            let w = past / 2 + 1;
+            let att_w = read(gpu::attention(&qr, &kp, &vp, &pt, shape, Some(w)));
+            let mut want_w = vec![0f32; new * q_dim];
+            ops::attention_windowed(&q_want, &kb, &vb, bs, past, s, Some(w), &mut want_w, false);
+            let e = nmse_f32(&att_w, &want_w);
+            eprintln!("{style:?}: windowed ({w}) paged attention vs ops NMSE {e:.2e}");
+            assert!(e < 1e-10, "{style:?}: windowed NMSE {e:e}");
+            assert!(
+                nmse_f32(&att_w, &want) > 1e-6,
+                "{style:?}: the window changed nothing"
+            );
         }
     }
 }

@@ -103,6 +103,26 @@ const QWEN25_CPU_LONG: Bounds = Bounds {
     logsumexp: 0.6,
 };
 
+/// Gemma 3 270M Q4_K_M on the CPU, `dev` prompts (6–26 tokens + 24 generated). Gemma 3 270M is
+/// as sensitive to summation order as SmolLM2: llama.cpp against itself (flash attention on vs
+/// off, `refdump --fa`) differs by up to 1.488 (top-8) / 0.986 (logsumexp) on these prompts.
+/// Measured worst for ember: 1.538 / 1.361 (code, position 29), at llama.cpp's own noise. A
+/// broken part moves far more (see `GEMMA3_CPU_LONG`).
+const GEMMA3_CPU: Bounds = Bounds {
+    logit: 2.0,
+    logsumexp: 1.75,
+};
+/// Gemma 3 on the CPU, the 788-token prompt. llama.cpp against itself: 2.211 / 2.206; ember:
+/// 2.275 / 1.652 (position 653). The worst per 64 positions does not grow past the 512-position
+/// window (0.96 0.83 1.63 1.69 0.76 1.55 1.72 2.21 1.38 1.67 2.28 1.44 0.95).
+const GEMMA3_CPU_LONG: Bounds = Bounds {
+    logit: 3.0,
+    logsumexp: 2.5,
+};
+/// Gemma 3 through the GPU decoder: the CPU's bounds.
+const GEMMA3_WGPU: Bounds = GEMMA3_CPU;
+const GEMMA3_WGPU_LONG: Bounds = GEMMA3_CPU_LONG;
+
 #[derive(Deserialize)]
 struct Reference {
     model_sha256: String,
@@ -372,6 +392,11 @@ const SMOLLM2_DEV: &str = "dev-smollm2-135m-instruct-q4_1.json";
 const SMOLLM2_LONG: &str = "long-smollm2-135m-instruct-q4_1.json";
 const QWEN25_DEV: &str = "dev-qwen2.5-coder-0.5b-instruct-q4_k_m.json";
 const QWEN25_LONG: &str = "long-qwen2.5-coder-0.5b-instruct-q4_k_m.json";
+/// Gemma 3 270M: English, code and Unicode prompts (6–26 tokens).
+const GEMMA3_DEV: &str = "dev-gemma-3-270m-q4_k_m.json";
+/// Gemma 3 270M: prose then code, 788 tokens, past the 512-position sliding window of its local
+/// layers.
+const GEMMA3_LONG: &str = "long-gemma-3-270m-q4_k_m.json";
 
 #[test]
 fn smollm2_q4_1_matches_llama_cpp() {
@@ -418,6 +443,26 @@ fn qwen25_q4_k_m_matches_llama_cpp_on_wgpu() {
     let p = common::wgpu_placement();
     let e = open(common::QWEN25, &p);
     check_fixture(&e, common::QWEN25, QWEN25_DEV, QWEN25_WGPU, false);
+}
+
+/// Gemma 3 (q/k norms, post-norms, GeGLU, scaled embeddings, 5 sliding-window layers to 1
+/// global with their own RoPE base, a 262k vocabulary) on the CPU.
+#[test]
+fn gemma3_270m_q4_k_m_matches_llama_cpp() {
+    let e = open(common::GEMMA3, &cpu());
+    check_fixture(&e, common::GEMMA3, GEMMA3_DEV, GEMMA3_CPU, true);
+    check_fixture(&e, common::GEMMA3, GEMMA3_LONG, GEMMA3_CPU_LONG, true);
+}
+
+/// The same through the GPU decoder (both fixtures; the long one's 812 rows of 262k logits
+/// come back in slices).
+#[cfg(feature = "wgpu")]
+#[test]
+fn gemma3_270m_q4_k_m_matches_llama_cpp_on_wgpu() {
+    let p = common::wgpu_placement();
+    let e = open(common::GEMMA3, &p);
+    check_fixture(&e, common::GEMMA3, GEMMA3_DEV, GEMMA3_WGPU, false);
+    check_fixture(&e, common::GEMMA3, GEMMA3_LONG, GEMMA3_WGPU_LONG, false);
 }
 
 // ---------------------------------------------------------------------------------------------

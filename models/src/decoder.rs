@@ -1,5 +1,5 @@
-//! The decoder's layer order, written once: `x += attn(rmsnorm(x)); x += swiglu(rmsnorm(x))`
-//! per layer, then the output head, over a small set of decoder ops ([`DecoderOps`]) that an
+//! The decoder's layer order, written once: `x += attn(rmsnorm(x)); x += ffn(rmsnorm(x))`
+//! per layer (with Gemma's extra norms on each branch's output inside the ops), then the output head, over a small set of decoder ops ([`DecoderOps`]) that an
 //! executor implements: the CPU fast path on host buffers (`crate::host`) and the burn-tensor
 //! path on a device (`crate::device`). The batch preparation both need (validation, KV
 //! reservation, each item's rows and positions, committing tokens, which rows get logits) is
@@ -46,11 +46,18 @@ pub(crate) struct Layer<M, V> {
     pub(crate) bq: Option<V>,
     pub(crate) bk: Option<V>,
     pub(crate) bv: Option<V>,
+    /// Per-head RMSNorm weights of q and k (head_dim each), applied before RoPE.
+    pub(crate) q_norm: Option<V>,
+    pub(crate) k_norm: Option<V>,
     pub(crate) wo: M, // (n_embd, n_heads·head_dim)
+    /// RMSNorm of the attention output before its residual add.
+    pub(crate) post_attn_norm: Option<V>,
     pub(crate) ffn_norm: V,
     pub(crate) w_gate: M, // (n_ff, n_embd)
     pub(crate) w_up: M,   // (n_ff, n_embd)
     pub(crate) w_down: M, // (n_embd, n_ff)
+    /// RMSNorm of the FFN output before its residual add.
+    pub(crate) post_ffn_norm: Option<V>,
 }
 
 impl<M, V> Layer<M, V> {
@@ -77,11 +84,15 @@ impl<M, V> Layer<M, V> {
             bq: self.bq.as_ref().map(&mut fv),
             bk: self.bk.as_ref().map(&mut fv),
             bv: self.bv.as_ref().map(&mut fv),
+            q_norm: self.q_norm.as_ref().map(&mut fv),
+            k_norm: self.k_norm.as_ref().map(&mut fv),
             wo: fm(&self.wo)?,
+            post_attn_norm: self.post_attn_norm.as_ref().map(&mut fv),
             ffn_norm: fv(&self.ffn_norm),
             w_gate: fm(&self.w_gate)?,
             w_up: fm(&self.w_up)?,
             w_down: fm(&self.w_down)?,
+            post_ffn_norm: self.post_ffn_norm.as_ref().map(&mut fv),
         })
     }
 }
@@ -189,16 +200,20 @@ pub(crate) trait DecoderOps {
     fn norm(&mut self, l: usize, which: Norm);
     /// `q, k, v = xn · (Wq, Wk, Wv)ᵀ (+ biases)`.
     fn qkv(&mut self, l: usize);
-    /// Rotate q and k, round k and v to the cache's f16 precision and write them into the
-    /// cache at each item's new positions.
+    /// Normalize q and k per head where the layer has q/k norms, rotate them (with the layer's
+    /// RoPE), round k and v to the cache's f16 precision and write them into the cache at each
+    /// item's new positions.
     fn rope_store(&mut self, l: usize, plan: &BatchPlan, kv: &mut PagedKv);
-    /// `att` = each item's causal attention of its q rows over its cached k and v.
+    /// `att` = each item's causal attention of its q rows over its cached k and v (through the
+    /// layer's sliding window, if it has one).
     fn attend(&mut self, l: usize, plan: &BatchPlan, kv: &PagedKv);
-    /// `x += att · Woᵀ`.
+    /// `x += att · Woᵀ` (the product RMS-normed first where the layer has a post-attention norm).
     fn attn_out(&mut self, l: usize);
-    /// `x += (silu(xn · Wgateᵀ) ⊙ (xn · Wupᵀ)) · Wdownᵀ`.
+    /// `x += (act(xn · Wgateᵀ) ⊙ (xn · Wupᵀ)) · Wdownᵀ`, `act` the model's (SiLU, GELU), the
+    /// product RMS-normed first where the layer has a post-FFN norm.
     fn ffn(&mut self, l: usize);
-    /// The output norm and head over `rows` of `x`, into `logits` (`rows.len() × n_vocab`);
+    /// The output norm and head over `rows` of `x` (then the final soft-cap, if the model has
+    /// one), into `logits` (`rows.len() × n_vocab`);
     /// `rows` may be empty (nothing wanted), then `logits` stays empty.
     fn logits(&mut self, rows: &[usize], logits: &mut Vec<f32>) -> Result<(), ModelError>;
 }

@@ -22,7 +22,7 @@ use ember_runtime::backend::{self, HandleError, QWeightHandle};
 use ember_runtime::backend::{Device, Tensor, TensorData};
 use ember_runtime::gguf::GgufFile;
 use ember_runtime::kv::{KvLayout, PagedKv};
-use ember_runtime::model::{BatchItem, DeviceMemory, Model, ModelConfig, ModelError};
+use ember_runtime::model::{BatchItem, DeviceMemory, FfnAct, Model, ModelConfig, ModelError};
 use ember_runtime::ops::Rope;
 use ember_runtime::tensor_ops as T;
 
@@ -33,6 +33,12 @@ use crate::transformer::Transformer;
 struct DevLayer {
     attn_norm: Tensor<1>,
     ffn_norm: Tensor<1>,
+    /// Per-head q/k norms (Qwen3, Gemma 3).
+    q_norm: Option<Tensor<1>>,
+    k_norm: Option<Tensor<1>>,
+    /// Norms of the attention and FFN outputs before their residual adds (Gemma 3).
+    post_attn_norm: Option<Tensor<1>>,
+    post_ffn_norm: Option<Tensor<1>>,
     /// q|k|v, with the biases (Qwen2) if any.
     qkv: Projection,
     wo: Projection,
@@ -45,6 +51,9 @@ pub struct DeviceTransformer {
     file: Arc<GgufFile>,
     cfg: ModelConfig,
     rope: Rope,
+    /// The sliding-window layers' own RoPE (Gemma 3), if any.
+    rope_local: Option<Rope>,
+    rope_plan: crate::transformer::RopePlan,
     device: Device,
     backend: &'static str,
     adapter: Option<(String, String)>,
@@ -108,6 +117,10 @@ impl DeviceTransformer {
                 down: proj(&[&h.w_down], None)?,
                 attn_norm: vec1(&ly.attn_norm, &device),
                 ffn_norm: vec1(&ly.ffn_norm, &device),
+                q_norm: ly.q_norm.as_deref().map(|w| vec1(w, &device)),
+                k_norm: ly.k_norm.as_deref().map(|w| vec1(w, &device)),
+                post_attn_norm: ly.post_attn_norm.as_deref().map(|w| vec1(w, &device)),
+                post_ffn_norm: ly.post_ffn_norm.as_deref().map(|w| vec1(w, &device)),
             });
         }
         let output = handle(&t.output)?;
@@ -127,6 +140,8 @@ impl DeviceTransformer {
             heads,
             tok_embd: t.tok_embd,
             rope: t.rope,
+            rope_local: t.rope_local,
+            rope_plan: t.rope_plan,
             cfg: t.cfg,
             file: t.file,
             weight_bytes: t.weight_bytes,
@@ -196,6 +211,10 @@ impl Model for DeviceTransformer {
         self.weight_bytes
     }
 
+    fn set_context(&mut self, n_ctx: usize) {
+        (self.rope, self.rope_local) = self.rope_plan.build(n_ctx);
+    }
+
     fn backend(&self) -> &'static str {
         self.backend
     }
@@ -246,6 +265,7 @@ impl Model for DeviceTransformer {
             tables: None,
             cos: None,
             sin: None,
+            local: None,
             x: None,
             norm: None,
             qkv: None,
@@ -262,6 +282,8 @@ struct DevicePass<'m> {
     tables: Option<PassTables>,
     cos: Option<Tensor<2>>,
     sin: Option<Tensor<2>>,
+    /// (cos, sin) of the sliding-window layers' RoPE, where it differs.
+    local: Option<(Tensor<2>, Tensor<2>)>,
     x: Option<Tensor<2>>,
     /// The norm the next projection applies (fused into its activation rounding).
     norm: Option<Norm>,
@@ -318,13 +340,21 @@ impl DecoderOps for DevicePass<'_> {
             what: e.to_string(),
         };
         self.tables = Some(PassTables::new(&m.device, &tables, &rows, bs).map_err(dev_err)?);
-        let x = plan.embed(&m.file, &m.tok_embd);
+        let mut x = plan.embed(&m.file, &m.tok_embd);
+        if m.cfg.embd_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= m.cfg.embd_scale);
+        }
         self.x = Some(Tensor::<2>::from_data(
             TensorData::new(x, [plan.n, m.cfg.n_embd]),
             &m.device,
         ));
-        let (cos, sin) = T::rope_tables(&m.rope, &plan.positions(), &m.device);
+        let positions = plan.positions();
+        let (cos, sin) = T::rope_tables(&m.rope, &positions, &m.device);
         (self.cos, self.sin) = (Some(cos), Some(sin));
+        self.local = m
+            .rope_local
+            .as_ref()
+            .map(|r| T::rope_tables(r, &positions, &m.device));
         Ok(())
     }
 
@@ -336,13 +366,43 @@ impl DecoderOps for DevicePass<'_> {
     fn qkv(&mut self, l: usize) {
         let m = self.m;
         let input = self.normed(l);
-        let qkv = gpu::project(&m.layers[l].qkv, input, None);
+        let mut qkv = gpu::project(&m.layers[l].qkv, input, None);
+        let ly = &m.layers[l];
+        let c = &m.cfg;
+        let q_scale = c.attn_scale * (c.head_dim as f32).sqrt();
+        if ly.q_norm.is_some() || ly.k_norm.is_some() || q_scale != 1.0 {
+            // Per-head norms of q and k (and a score scale other than 1/√head_dim, folded into
+            // q as the CPU does) with tensor ops: a few launches, only for the architectures
+            // that have them.
+            let [n, _] = qkv.dims();
+            let (q_dim, kv_dim, hd) = (c.n_heads * c.head_dim, c.kv_dim(), c.head_dim);
+            let per_head = |t: Tensor<2>, heads: usize, w: &Option<Tensor<1>>| match w {
+                Some(w) => {
+                    T::rmsnorm(t.reshape([n * heads, hd]), w, c.rms_eps).reshape([n, heads * hd])
+                }
+                None => t,
+            };
+            let mut q = per_head(qkv.clone().slice([0..n, 0..q_dim]), c.n_heads, &ly.q_norm);
+            if q_scale != 1.0 {
+                q = q.mul_scalar(q_scale);
+            }
+            let k = per_head(
+                qkv.clone().slice([0..n, q_dim..q_dim + kv_dim]),
+                c.n_kv_heads,
+                &ly.k_norm,
+            );
+            let v = qkv.slice([0..n, q_dim + kv_dim..q_dim + 2 * kv_dim]);
+            qkv = Tensor::cat(vec![q, k, v], 1);
+        }
         self.qkv = Some(qkv);
     }
 
     fn rope_store(&mut self, l: usize, _plan: &BatchPlan, kv: &mut PagedKv) {
         let qkv = take(&mut self.qkv, "q, k, v");
-        let (cos, sin) = (self.cos.as_ref().unwrap(), self.sin.as_ref().unwrap());
+        let (cos, sin) = match &self.local {
+            Some((c, s)) if self.m.cfg.window(l).is_some() => (c, s),
+            _ => (self.cos.as_ref().unwrap(), self.sin.as_ref().unwrap()),
+        };
         let tables = self.tables.as_ref().expect("decoder op order: begin");
         let (kp, vp) = kv.device().pools(l);
         let q = gpu::rope_store(&qkv, cos, sin, tables, kp, vp, self.m.heads);
@@ -353,12 +413,20 @@ impl DecoderOps for DevicePass<'_> {
         let q = take(&mut self.qkv, "q");
         let tables = self.tables.as_ref().expect("decoder op order: begin");
         let (kp, vp) = kv.device().pools(l);
-        self.att = Some(gpu::attention(&q, kp, vp, tables, self.m.heads));
+        let window = self.m.cfg.window(l);
+        self.att = Some(gpu::attention(&q, kp, vp, tables, self.m.heads, window));
     }
 
     fn attn_out(&mut self, l: usize) {
         let att = take(&mut self.att, "att");
-        let x = gpu::project(&self.m.layers[l].wo, Input::Plain(&att), Some(self.x()));
+        let ly = &self.m.layers[l];
+        let x = match &ly.post_attn_norm {
+            None => gpu::project(&ly.wo, Input::Plain(&att), Some(self.x())),
+            Some(w) => {
+                let y = gpu::project(&ly.wo, Input::Plain(&att), None);
+                take(&mut self.x, "x") + T::rmsnorm(y, w, self.m.cfg.rms_eps)
+            }
+        };
         if self.m.software {
             // Sleep while the adapter's threads work, rather than spin (see `gpu::hand_over`).
             gpu::hand_over(&x);
@@ -369,8 +437,23 @@ impl DecoderOps for DevicePass<'_> {
     fn ffn(&mut self, l: usize) {
         let m = self.m;
         let input = self.normed(l);
-        let gu = gpu::project(&m.layers[l].gate_up, input, None);
-        let x = gpu::project(&m.layers[l].down, Input::SiluMul(&gu), Some(self.x()));
+        let ly = &m.layers[l];
+        let gu = gpu::project(&ly.gate_up, input, None);
+        let act;
+        let input = match m.cfg.ffn_act {
+            FfnAct::Silu => Input::SiluMul(&gu),
+            FfnAct::GeluTanh => {
+                act = gelu_tanh_mul(gu, m.cfg.n_ff);
+                Input::Plain(&act)
+            }
+        };
+        let x = match &ly.post_ffn_norm {
+            None => gpu::project(&ly.down, input, Some(self.x())),
+            Some(w) => {
+                let y = gpu::project(&ly.down, input, None);
+                take(&mut self.x, "x") + T::rmsnorm(y, w, m.cfg.rms_eps)
+            }
+        };
         if m.software {
             gpu::hand_over(&x);
         }
@@ -384,28 +467,60 @@ impl DecoderOps for DevicePass<'_> {
             return Ok(());
         }
         let x = take(&mut self.x, "x");
-        // Every row wanted (a single decode step, or all logits): no gather.
-        let h = if rows.len() == x.dims()[0] && rows.iter().enumerate().all(|(i, &r)| i == r) {
-            x
-        } else {
-            T::gather_rows(x, rows)
-        };
-        let input = Input::Norm(&h, &m.output_norm, m.cfg.rms_eps);
-        let out = gpu::project(&m.output, input, None);
-        // A device that ran out of memory or was lost fails here: an error for the request,
-        // not a panic.
-        *logits = out
-            .try_into_data()
-            .map_err(|e| ModelError::Device {
-                path: m.file.path().display().to_string(),
-                what: format!("the device failed: {e:?}"),
-            })?
-            .try_to_vec::<f32>()
-            .map_err(|e| ModelError::Device {
-                path: m.file.path().display().to_string(),
-                what: format!("reading logits back: {e:?}"),
-            })?;
+        // Logits come back in slices of at most 256 MiB (and the adapter's largest buffer): all
+        // the logits of a long prompt over a 262k vocabulary (Gemma 3) would otherwise ask for
+        // one buffer of ~1 GiB, which lavapipe and small GPUs refuse.
+        let limit = gpu::max_buffer_bytes(&m.device)
+            .unwrap_or(u64::MAX)
+            .min(256 << 20) as usize;
+        let per = (limit / (4 * m.cfg.n_vocab)).max(1);
+        let whole = rows.len() == x.dims()[0] && rows.iter().enumerate().all(|(i, &r)| i == r);
+        logits.clear();
+        logits.reserve(rows.len() * m.cfg.n_vocab);
+        for part in rows.chunks(per) {
+            // Every row wanted in one slice (a single decode step, or all logits): no gather.
+            let h = if whole && part.len() == rows.len() {
+                x.clone()
+            } else {
+                T::gather_rows(x.clone(), part)
+            };
+            let input = Input::Norm(&h, &m.output_norm, m.cfg.rms_eps);
+            let mut out = gpu::project(&m.output, input, None);
+            if let Some(cap) = m.cfg.final_logit_softcap {
+                out = out.div_scalar(cap).tanh().mul_scalar(cap);
+            }
+            // A device that ran out of memory or was lost fails here: an error for the
+            // request, not a panic.
+            let part = out
+                .try_into_data()
+                .map_err(|e| ModelError::Device {
+                    path: m.file.path().display().to_string(),
+                    what: format!("the device failed: {e:?}"),
+                })?
+                .try_to_vec::<f32>()
+                .map_err(|e| ModelError::Device {
+                    path: m.file.path().display().to_string(),
+                    what: format!("reading logits back: {e:?}"),
+                })?;
+            logits.extend_from_slice(&part);
+        }
         m.note_memory();
         Ok(())
     }
+}
+
+/// `gelu(gate) · up` of a `[rows, 2·ff]` gate|up output with GELU's tanh approximation, in
+/// tensor ops (the CPU's formula, `ember_runtime::ops::gelu_tanh`, without the f16 table
+/// rounding llama.cpp's CPU backend applies; the difference is within the GPU's own).
+fn gelu_tanh_mul(gu: Tensor<2>, ff: usize) -> Tensor<2> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let [n, _] = gu.dims();
+    let g = gu.clone().slice([0..n, 0..ff]);
+    let u = gu.slice([0..n, ff..2 * ff]);
+    let inner = g
+        .clone()
+        .mul(g.clone().powi_scalar(2).mul_scalar(COEF_A).add_scalar(1.0))
+        .mul_scalar(SQRT_2_OVER_PI);
+    g.mul(inner.tanh().add_scalar(1.0)).mul_scalar(0.5).mul(u)
 }

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use ember_runtime::backend::{self, QWeightHandle};
 use ember_runtime::kv::PagedKv;
-use ember_runtime::model::ModelError;
+use ember_runtime::model::{FfnAct, ModelError};
 use ember_runtime::ops::{self, AttnShape};
 
 use crate::decoder::{BatchPlan, DecoderOps, Norm, QWeight};
@@ -81,6 +81,8 @@ pub(crate) struct HostPass<'m> {
     up: Vec<f32>,
     /// RoPE (cos, sin) of every row, computed once and shared by all layers' q and k.
     angles: Vec<(f32, f32)>,
+    /// The same for the sliding-window layers' own RoPE (Gemma 3), if the model has one.
+    angles_local: Vec<(f32, f32)>,
 }
 
 impl<'m> HostPass<'m> {
@@ -98,10 +100,15 @@ impl<'m> HostPass<'m> {
             gate: Vec::new(),
             up: Vec::new(),
             angles: Vec::new(),
+            angles_local: Vec::new(),
         }
     }
 
-    fn add_proj(&mut self) {
+    /// `x += proj`, RMS-normed by `post` first if given (Gemma's post-norms).
+    fn add_proj(&mut self, post: Option<&[f32]>) {
+        if let Some(w) = post {
+            ops::rmsnorm_inplace(&mut self.proj, w, self.m.cfg.rms_eps);
+        }
         self.x
             .iter_mut()
             .zip(&self.proj)
@@ -113,11 +120,19 @@ impl DecoderOps for HostPass<'_> {
     fn begin(&mut self, plan: &BatchPlan, _kv: &mut PagedKv) -> Result<(), ModelError> {
         self.n = plan.n;
         self.x = plan.embed(&self.m.file, &self.m.tok_embd);
-        let rope = &self.m.rope;
-        self.angles = Vec::with_capacity(plan.n * rope.n_rot / 2);
-        for s in &plan.segs {
-            rope.table(s.pos0, s.len, &mut self.angles);
+        let scale = self.m.cfg.embd_scale;
+        if scale != 1.0 {
+            self.x.iter_mut().for_each(|v| *v *= scale);
         }
+        let table = |rope: &ember_runtime::ops::Rope| {
+            let mut t = Vec::with_capacity(plan.n * rope.n_rot / 2);
+            for s in &plan.segs {
+                rope.table(s.pos0, s.len, &mut t);
+            }
+            t
+        };
+        self.angles = table(&self.m.rope);
+        self.angles_local = self.m.rope_local.as_ref().map(table).unwrap_or_default();
         Ok(())
     }
 
@@ -144,15 +159,34 @@ impl DecoderOps for HostPass<'_> {
     fn rope_store(&mut self, l: usize, plan: &BatchPlan, kv: &mut PagedKv) {
         let (m, c) = (self.m, &self.m.cfg);
         let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.kv_dim());
-        let half = m.rope.n_rot / 2;
+        let ly = &m.layers[l];
+        let rope = m.rope_of(l);
+        let angles = if std::ptr::eq(rope, &m.rope) {
+            &self.angles
+        } else {
+            &self.angles_local
+        };
+        let half = rope.n_rot / 2;
+        // Per-head q/k norms (each head's head_dim values normed with the same weight).
+        if let Some(w) = &ly.q_norm {
+            ops::rmsnorm_inplace(&mut self.q[..self.n * q_dim], w, c.rms_eps);
+        }
+        if let Some(w) = &ly.k_norm {
+            ops::rmsnorm_inplace(&mut self.k[..self.n * kv_dim], w, c.rms_eps);
+        }
+        // A score scale other than 1/√head_dim is folded into q (attention applies 1/√hd).
+        let q_scale = c.attn_scale * (c.head_dim as f32).sqrt();
         for (it, s) in plan.iter() {
             let (r0, len) = (s.r0, s.len);
             let q = &mut self.q[r0 * q_dim..(r0 + len) * q_dim];
             let k = &mut self.k[r0 * kv_dim..(r0 + len) * kv_dim];
-            let cs = &self.angles[r0 * half..(r0 + len) * half];
+            let cs = &angles[r0 * half..(r0 + len) * half];
             if m.fault != Some(DecoderFault::Rope) {
-                m.rope.apply_table(q, c.n_heads, cs);
-                m.rope.apply_table(k, c.n_kv_heads, cs);
+                rope.apply_table(q, c.n_heads, cs);
+                rope.apply_table(k, c.n_kv_heads, cs);
+            }
+            if q_scale != 1.0 {
+                q.iter_mut().for_each(|v| *v *= q_scale);
             }
             if m.fault == Some(DecoderFault::Attention) {
                 q.fill(0.0);
@@ -170,6 +204,7 @@ impl DecoderOps for HostPass<'_> {
         let c = &self.m.cfg;
         let q_dim = c.n_heads * c.head_dim;
         let bs = kv.layout.block_size;
+        let window = c.window(l);
         let shape = AttnShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -191,11 +226,11 @@ impl DecoderOps for HostPass<'_> {
             // One task per sequence; no second split inside each (nested fork/join measured
             // ~1.6% slower at 8 sequences).
             jobs.into_par_iter().for_each(|(q, kb, vb, pos0, out)| {
-                ops::attention_serial(q, &kb, &vb, bs, pos0, shape, out)
+                ops::attention_windowed(q, &kb, &vb, bs, pos0, shape, window, out, false)
             });
         } else {
             for (q, kb, vb, pos0, out) in jobs {
-                ops::attention(q, &kb, &vb, bs, pos0, shape, out);
+                ops::attention_windowed(q, &kb, &vb, bs, pos0, shape, window, out, true);
             }
         }
     }
@@ -203,7 +238,7 @@ impl DecoderOps for HostPass<'_> {
     fn attn_out(&mut self, l: usize) {
         let m = self.m;
         m.linear(&m.layers[l].wo, None, &self.att, self.n, &mut self.proj);
-        self.add_proj();
+        self.add_proj(m.layers[l].post_attn_norm.as_deref());
     }
 
     fn ffn(&mut self, l: usize) {
@@ -221,10 +256,13 @@ impl DecoderOps for HostPass<'_> {
                 .zip(&self.up)
                 .for_each(|(g, &u)| *g *= u);
         } else {
-            ops::silu_mul(&mut self.gate, &self.up);
+            match m.cfg.ffn_act {
+                FfnAct::Silu => ops::silu_mul(&mut self.gate, &self.up),
+                FfnAct::GeluTanh => ops::gelu_tanh_mul(&mut self.gate, &self.up),
+            }
         }
         m.linear(&ly.w_down, None, &self.gate, self.n, &mut self.proj);
-        self.add_proj();
+        self.add_proj(ly.post_ffn_norm.as_deref());
     }
 
     fn logits(&mut self, rows: &[usize], logits: &mut Vec<f32>) -> Result<(), ModelError> {
@@ -239,6 +277,9 @@ impl DecoderOps for HostPass<'_> {
         }
         ops::rmsnorm_inplace(&mut h, &m.output_norm, m.cfg.rms_eps);
         m.linear(&m.output, None, &h, rows.len(), logits);
+        if let Some(cap) = m.cfg.final_logit_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
         Ok(())
     }
 }

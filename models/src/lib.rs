@@ -1,6 +1,7 @@
-//! ember model architectures. One file per architecture ([`llama`], [`qwen2`]) is an
-//! `ArchSpec`: the differences (biases, RoPE style, tied output head) carried as data rather
-//! than as copies of the code.
+//! ember model architectures. One file per architecture ([`llama`], [`qwen2`], [`qwen3`],
+//! [`phi3`], [`gemma3`]) is an `ArchSpec`: the differences (biases, q/k norms, post-norms, the
+//! FFN activation, sliding windows, RoPE style and scaling, tied output head) carried as data
+//! rather than as copies of the code.
 //!
 //! - [`transformer`]: the specs, GGUF tensor names, hyper-parameters and the weights bound to
 //!   the mapping (`Transformer`, the CPU model).
@@ -12,9 +13,12 @@
 mod decoder;
 #[cfg(feature = "wgpu")]
 pub mod device;
+pub mod gemma3;
 mod host;
 pub mod llama;
+pub mod phi3;
 pub mod qwen2;
+pub mod qwen3;
 pub mod transformer;
 
 use std::sync::Arc;
@@ -23,7 +27,13 @@ use ember_runtime::gguf::GgufFile;
 use ember_runtime::model::{Model, ModelError};
 
 /// Architectures ember can run, by `general.architecture`.
-pub const SUPPORTED: &[&str] = &[llama::ARCH, qwen2::ARCH];
+pub const SUPPORTED: &[&str] = &[
+    llama::ARCH,
+    qwen2::ARCH,
+    qwen3::ARCH,
+    phi3::ARCH,
+    gemma3::ARCH,
+];
 
 /// Bind a mapped GGUF file to its architecture's decoder.
 pub fn load_transformer(file: Arc<GgufFile>) -> Result<transformer::Transformer, ModelError> {
@@ -33,6 +43,9 @@ pub fn load_transformer(file: Arc<GgufFile>) -> Result<transformer::Transformer,
     match arch.as_str() {
         llama::ARCH => llama::load(file),
         qwen2::ARCH => qwen2::load(file),
+        qwen3::ARCH => qwen3::load(file),
+        phi3::ARCH => phi3::load(file),
+        gemma3::ARCH => gemma3::load(file),
         _ => Err(ModelError::UnknownArchitecture {
             path: file.path().display().to_string(),
             arch,

@@ -12,12 +12,7 @@ use crate::transformer::{ArchSpec, Transformer};
 
 pub const ARCH: &str = "llama";
 
-pub const SPEC: ArchSpec = ArchSpec {
-    arch: ARCH,
-    rope_style: RopeStyle::Normal,
-    qkv_bias: false,
-    default_rope_base: 10_000.0,
-};
+pub const SPEC: ArchSpec = ArchSpec::base(ARCH, RopeStyle::Normal, 10_000.0);
 
 pub fn load(file: Arc<GgufFile>) -> Result<Transformer, ModelError> {
     Transformer::load(file, &SPEC)

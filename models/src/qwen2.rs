@@ -12,10 +12,8 @@ use crate::transformer::{ArchSpec, Transformer};
 pub const ARCH: &str = "qwen2";
 
 pub const SPEC: ArchSpec = ArchSpec {
-    arch: ARCH,
-    rope_style: RopeStyle::Neox,
     qkv_bias: true,
-    default_rope_base: 1_000_000.0,
+    ..ArchSpec::base(ARCH, RopeStyle::Neox, 1_000_000.0)
 };
 
 pub fn load(file: Arc<GgufFile>) -> Result<Transformer, ModelError> {

@@ -159,10 +159,11 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         file: Arc<GgufFile>,
-        model: Box<dyn Model>,
+        mut model: Box<dyn Model>,
         tokenizer: Tokenizer,
         cfg: EngineConfig,
     ) -> Result<Self, EngineError> {
+        model.set_context(cfg.n_ctx);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads.max(1))
             .thread_name(|i| format!("ember-worker-{i}"))

@@ -63,11 +63,37 @@ pub struct ModelConfig {
     pub n_rot: usize,
     pub rms_eps: f32,
     pub tied_embeddings: bool,
+    /// The FFN's gate activation.
+    pub ffn_act: FfnAct,
+    /// Token embeddings are multiplied by this before the first layer (Gemma: √n_embd; else 1).
+    pub embd_scale: f32,
+    /// The attention's score scale (1/√head_dim but where the architecture says otherwise).
+    pub attn_scale: f32,
+    /// Sliding-window attention: the window, for the layers marked in `swa_layers`.
+    pub sliding_window: Option<usize>,
+    /// Per layer: true where the layer attends through the sliding window (empty: none does).
+    pub swa_layers: Vec<bool>,
+    /// Final logits are `cap · tanh(logits / cap)` (Gemma 2 style soft-capping), if set.
+    pub final_logit_softcap: Option<f32>,
+}
+
+/// The activation of a gated FFN: `down(act(gate(x)) ⊙ up(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnAct {
+    /// SwiGLU (Llama, Qwen, Phi-3).
+    Silu,
+    /// GeGLU with GELU's tanh approximation (Gemma).
+    GeluTanh,
 }
 
 impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+    /// The sliding window layer `l` attends through, if any.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| self.swa_layers.get(l).copied().unwrap_or(false))
     }
     /// Bytes of f32 K+V per cached position.
     pub fn kv_bytes_per_token(&self) -> usize {
@@ -141,6 +167,10 @@ pub trait Model: Send + Sync {
     }
     /// Bytes of weights this model reads (mapped, not copied).
     fn weight_bytes(&self) -> u64;
+    /// The context the engine will run with, once, before any forward pass: architectures
+    /// whose RoPE depends on it (Phi-3's LongRoPE picks its long or short factors by whether
+    /// the context exceeds the original one, as llama.cpp does) settle it here.
+    fn set_context(&mut self, _n_ctx: usize) {}
     /// Shape of this model's KV blocks.
     fn kv_layout(&self, block_size: usize) -> KvLayout {
         let c = self.config();

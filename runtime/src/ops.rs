@@ -47,6 +47,13 @@ pub struct Rope {
     /// Rotated dims (≤ head_dim).
     pub n_rot: usize,
     inv_freq: Vec<f32>,
+    /// Position scale (`1 / factor` of linear RoPE scaling; 1 without).
+    freq_scale: f32,
+    /// Per-pair frequency divisors (Llama 3.1+ `rope_freqs`, Phi-3 LongRoPE factors), one per
+    /// rotated pair; empty when none.
+    factors: Vec<f32>,
+    /// Magnitude applied to cos and sin (LongRoPE's attention factor; 1 without).
+    mscale: f32,
 }
 
 impl Rope {
@@ -65,7 +72,35 @@ impl Rope {
             head_dim,
             n_rot,
             inv_freq,
+            freq_scale: 1.0,
+            factors: Vec::new(),
+            mscale: 1.0,
         }
+    }
+
+    /// The same rotation with RoPE scaling, as ggml's `rope_ext` applies it (without YaRN
+    /// extrapolation): pair `i` at position `p` turns by `θ = freq_scale · (p · base^(−2i/n_rot)
+    /// / factors[i])`, and cos and sin are multiplied by `mscale`. `factors` is empty (none)
+    /// or holds one divisor per rotated pair.
+    ///
+    /// # Panics
+    /// If `factors` is neither empty nor `n_rot / 2` long (the loaders check lengths first).
+    pub fn scaled(mut self, freq_scale: f32, factors: Vec<f32>, mscale: f32) -> Self {
+        assert!(
+            factors.is_empty() || factors.len() == self.n_rot / 2,
+            "rope: {} frequency factors for {} rotated pairs",
+            factors.len(),
+            self.n_rot / 2
+        );
+        self.freq_scale = freq_scale;
+        self.factors = factors;
+        self.mscale = mscale;
+        self
+    }
+
+    /// True when the rotation has no scaling (`freq_scale` 1, no factors, `mscale` 1).
+    pub fn is_plain(&self) -> bool {
+        self.freq_scale == 1.0 && self.factors.is_empty() && self.mscale == 1.0
     }
 
     /// `(cos θ_i, sin θ_i)` for the `n_rot / 2` rotated pairs at position `pos`: the angles
@@ -77,8 +112,18 @@ impl Rope {
         } else {
             1.0
         };
-        for c in cs.iter_mut() {
-            *c = (theta.cos(), theta.sin());
+        if self.is_plain() {
+            for c in cs.iter_mut() {
+                *c = (theta.cos(), theta.sin());
+                theta *= scale;
+            }
+            return;
+        }
+        // ggml's order: the base angle divided by the pair's factor, then times freq_scale.
+        for (i, c) in cs.iter_mut().enumerate() {
+            let ff = self.factors.get(i).copied().unwrap_or(1.0);
+            let t = self.freq_scale * (theta / ff);
+            *c = (t.cos() * self.mscale, t.sin() * self.mscale);
             theta *= scale;
         }
     }
@@ -199,6 +244,37 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     silu_mul_body(gate, up)
 }
 
+/// gate ← gelu(gate) · up with GELU's tanh approximation (Gemma's FFN), as llama.cpp's CPU
+/// backend computes it: through a table over f16 inputs, so `x` is rounded to f16, GELU taken
+/// in f32 ([`gelu_tanh`]) and rounded to f16 again; below −10 the result is 0 and from 10 up it
+/// is `x` itself.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "gelu_tanh_mul: gate and up differ in length"
+    );
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let y = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            round_f16(gelu_tanh(round_f16(x)))
+        };
+        *g = y * u;
+    }
+}
+
+/// GELU, tanh approximation (see [`gelu_tanh_mul`]).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
 /// Numerically stable in-place softmax ([`exp_f32`], then a sum in order).
 #[inline]
 pub fn softmax(x: &mut [f32]) {
@@ -304,6 +380,8 @@ struct HeadCache<'a> {
     kvrow: usize,
     off: usize,
     hd: usize,
+    /// First position the query sees (0 but under a sliding window).
+    start: usize,
     n_ctx: usize,
     scale: f32,
 }
@@ -316,18 +394,23 @@ impl<'a> HeadCache<'a> {
     }
 
     /// The blocks of `blocks` (`self.k` or `self.v`) the query sees, each with the position of
-    /// its first row and how many of its rows count (`block_size`, fewer in the last).
+    /// its first row, the first row that counts (0 but where a sliding window starts) and how
+    /// many of its rows count (`block_size`, fewer in the last).
     #[inline(always)]
     fn spans(
         &self,
         blocks: &'a [&'a [f16]],
-    ) -> impl Iterator<Item = (usize, &'a [f16], usize)> + 'a {
-        let (bs, n) = (self.block_size, self.n_ctx);
+    ) -> impl Iterator<Item = (usize, &'a [f16], usize, usize)> + 'a {
+        let (bs, n, start) = (self.block_size, self.n_ctx, self.start);
         blocks
             .iter()
             .enumerate()
-            .map(move |(b, &blk)| (b * bs, blk, bs.min(n.saturating_sub(b * bs))))
-            .take_while(|&(_, _, take)| take > 0)
+            .skip(start / bs)
+            .map(move |(b, &blk)| {
+                let j = b * bs;
+                (j, blk, start.saturating_sub(j), bs.min(n.saturating_sub(j)))
+            })
+            .take_while(|&(_, _, _, take)| take > 0)
     }
 }
 
@@ -358,8 +441,8 @@ fn attend(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
         &mut heap
     };
     scores.resize(n_ctx, 0.0);
-    for (j, kb, take) in c.spans(c.k) {
-        let mut r = 0;
+    for (j, kb, lo, take) in c.spans(c.k) {
+        let mut r = lo;
         while r + 4 <= take {
             for i in 0..4 {
                 widen(c.row(kb, r + i), &mut rows[i * hd..(i + 1) * hd]);
@@ -378,15 +461,15 @@ fn attend(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
             scores[j + r] = dot(qh, &rows[..hd]) * scale;
         }
     }
-    softmax(scores);
-    round_f16_slice(scores);
+    softmax(&mut scores[c.start..]);
+    round_f16_slice(&mut scores[c.start..]);
     // The weighted sum of V rows, 64 output elements at a time held in registers over all
     // rows (each element still sums its rows in order, as `axpy` row by row would).
     let mut col = 0;
     while col + 64 <= hd {
         let mut acc = [0f32; 64];
-        for (j, vb, take) in c.spans(c.v) {
-            for (r, &p) in scores[j..j + take].iter().enumerate() {
+        for (j, vb, lo, take) in c.spans(c.v) {
+            for (r, &p) in scores[j..j + take].iter().enumerate().skip(lo) {
                 let v: &mut [f32; 64] = (&mut rows[..64]).try_into().unwrap();
                 widen(&c.row(vb, r)[col..col + 64], v);
                 for i in 0..64 {
@@ -400,8 +483,8 @@ fn attend(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
     if col < hd {
         let o = &mut o[col..];
         o.fill(0.0);
-        for (j, vb, take) in c.spans(c.v) {
-            for (r, &p) in scores[j..j + take].iter().enumerate() {
+        for (j, vb, lo, take) in c.spans(c.v) {
+            for (r, &p) in scores[j..j + take].iter().enumerate().skip(lo) {
                 let v = &mut rows[..hd - col];
                 widen(&c.row(vb, r)[col..], v);
                 axpy(o, p, v);
@@ -446,8 +529,8 @@ fn attend_avx2(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f3
         a
     };
     let scale_v = _mm256_set1_ps(scale);
-    for (j, kb, take) in c.spans(c.k) {
-        let mut r = 0;
+    for (j, kb, lo, take) in c.spans(c.k) {
+        let mut r = lo;
         while r + 8 <= take {
             let a: [__m256; 8] = std::array::from_fn(|i| lanes_dot(c.row(kb, r + i)));
             let t = transpose8(a);
@@ -466,12 +549,12 @@ fn attend_avx2(qh: &[f32], c: &HeadCache<'_>, scores: &mut Vec<f32>, o: &mut [f3
             scores[j + r] = l.iter().sum::<f32>() * scale;
         }
     }
-    softmax(scores);
-    round_f16_slice(scores);
+    softmax(&mut scores[c.start..]);
+    round_f16_slice(&mut scores[c.start..]);
     // o = Σ_j p_j·v_j, all of `o` in registers, rows in order (as `axpy` row by row).
     let mut acc = [_mm256_setzero_ps(); 32];
-    for (j, vb, take) in c.spans(c.v) {
-        for (r, &p) in scores[j..j + take].iter().enumerate() {
+    for (j, vb, lo, take) in c.spans(c.v) {
+        for (r, &p) in scores[j..j + take].iter().enumerate().skip(lo) {
             let row = c.row(vb, r);
             let pv = _mm256_set1_ps(p);
             for (k, a) in acc.iter_mut().enumerate().take(nv) {
@@ -544,7 +627,27 @@ pub fn attention(
     s: AttnShape,
     out: &mut [f32],
 ) {
-    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, out, true)
+    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, None, out, true)
+}
+
+/// [`attention`] (or [`attention_serial`] when `split` is false) with a sliding window: with
+/// `Some(w)`, the query at position `p` sees only positions `p − w + 1 ..= p` (llama.cpp's
+/// standard SWA mask: key `j` is hidden when `p − j ≥ w`); `None` is plain causal attention.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_windowed(
+    q: &[f32],
+    k_blocks: &[&[f16]],
+    v_blocks: &[&[f16]],
+    block_size: usize,
+    pos0: usize,
+    s: AttnShape,
+    window: Option<usize>,
+    out: &mut [f32],
+    split: bool,
+) {
+    attention_in(
+        q, k_blocks, v_blocks, block_size, pos0, s, window, out, split,
+    )
 }
 
 /// [`attention`] on the calling thread only, for callers that already run several sequences'
@@ -559,7 +662,7 @@ pub fn attention_serial(
     s: AttnShape,
     out: &mut [f32],
 ) {
-    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, out, false)
+    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, None, out, false)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -570,6 +673,7 @@ fn attention_in(
     block_size: usize,
     pos0: usize,
     s: AttnShape,
+    window: Option<usize>,
     out: &mut [f32],
     split: bool,
 ) {
@@ -596,6 +700,7 @@ fn attention_in(
         kvrow,
         off: kvh * hd,
         hd,
+        start: window.map_or(0, |w| (pos0 + t + 1).saturating_sub(w)),
         n_ctx: pos0 + t + 1,
         scale,
     };
@@ -654,6 +759,7 @@ mod tests {
             kvrow: 2 * hd,
             off: hd,
             hd,
+            start: 0,
             n_ctx,
             scale: 1.0 / (hd as f32).sqrt(),
         }
@@ -824,6 +930,112 @@ mod tests {
                     assert!((want - got).abs() < 1e-5, "t{t} h{h} d{d}: {want} vs {got}");
                 }
             }
+        }
+    }
+
+    /// A sliding window hides exactly the positions `p − j ≥ w`: the result equals a naive
+    /// softmax over the visible positions only, for windows that start inside a block, on a
+    /// block boundary, and before position 0 (nothing hidden).
+    #[test]
+    fn windowed_attention_sees_only_the_window() {
+        let s = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 16,
+        };
+        let (bs, pos0, n_q) = (4usize, 9usize, 4usize);
+        let n_ctx = pos0 + n_q;
+        let mut rnd = xorshift(11);
+        let (k16, v16) = random_cache(&mut rnd, n_ctx.div_ceil(bs) * bs * 16);
+        let kb: Vec<&[f16]> = k16.chunks(bs * 16).collect();
+        let vb: Vec<&[f16]> = v16.chunks(bs * 16).collect();
+        let q: Vec<f32> = (0..n_q * 32).map(|_| rnd() * 4.0).collect();
+        for w in [3usize, 6, 8, 64] {
+            for split in [false, true] {
+                let mut out = vec![0f32; q.len()];
+                attention_windowed(&q, &kb, &vb, bs, pos0, s, Some(w), &mut out, split);
+                for t in 0..n_q {
+                    let p = pos0 + t;
+                    let lo = (p + 1).saturating_sub(w);
+                    for h in 0..2 {
+                        let qh = &q[t * 32 + h * 16..][..16];
+                        let sc: Vec<f64> = (lo..=p)
+                            .map(|j| {
+                                (0..16)
+                                    .map(|d| {
+                                        round_f16(qh[d]) as f64 * k16[j * 16 + d].to_f32() as f64
+                                    })
+                                    .sum::<f64>()
+                                    / 4.0
+                            })
+                            .collect();
+                        let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                        for d in 0..16 {
+                            let want: f64 = sc
+                                .iter()
+                                .zip(lo..=p)
+                                .map(|(x, j)| {
+                                    round_f16(((x - m).exp() / z) as f32) as f64
+                                        * v16[j * 16 + d].to_f32() as f64
+                                })
+                                .sum();
+                            let got = out[t * 32 + h * 16 + d] as f64;
+                            assert!(
+                                (want - got).abs() < 1e-4,
+                                "w {w} t {t} h {h} d {d}: {want} vs {got}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // A window wider than the context is plain causal attention, bit for bit.
+        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+        attention_windowed(&q, &kb, &vb, bs, pos0, s, Some(1000), &mut a, false);
+        attention_serial(&q, &kb, &vb, bs, pos0, s, &mut b);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    /// Scaled RoPE turns pair i by `freq_scale · θ_i / factor_i` and scales cos and sin.
+    #[test]
+    fn scaled_rope_divides_by_the_factors() {
+        let r = Rope::new(RopeStyle::Neox, 4, 4, 100.0).scaled(0.5, vec![2.0, 4.0], 1.25);
+        let mut cs = [(0f32, 0f32); 2];
+        r.angles(3, &mut cs);
+        for (i, &(c, s)) in cs.iter().enumerate() {
+            let theta = 0.5 * (3.0 * 100f32.powf(-(i as f32) / 2.0) / [2.0, 4.0][i]);
+            assert!((c - 1.25 * theta.cos()).abs() < 1e-6, "pair {i}: cos {c}");
+            assert!((s - 1.25 * theta.sin()).abs() < 1e-6, "pair {i}: sin {s}");
+        }
+        assert!(!r.is_plain() && Rope::new(RopeStyle::Neox, 4, 4, 100.0).is_plain());
+    }
+
+    /// GELU (tanh) against its formula in f64, within the f16 rounding llama.cpp's table applies.
+    #[test]
+    fn gelu_tanh_mul_follows_the_formula() {
+        let xs: Vec<f32> = (-60..=60).map(|i| i as f32 * 0.2).collect();
+        let mut g = xs.clone();
+        gelu_tanh_mul(&mut g, &vec![2.0; xs.len()]);
+        for (&x, &y) in xs.iter().zip(&g) {
+            let x64 = x as f64;
+            let want = 2.0
+                * if x <= -10.0 {
+                    0.0
+                } else if x >= 10.0 {
+                    x64
+                } else {
+                    0.5 * x64
+                        * (1.0
+                            + ((2.0 / std::f64::consts::PI).sqrt()
+                                * x64
+                                * (1.0 + 0.044715 * x64 * x64))
+                                .tanh())
+                };
+            assert!(
+                (want - y as f64).abs() <= 2e-3 * want.abs().max(1e-3),
+                "x {x}: {y} vs {want}"
+            );
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod reference;
+
 /// Where `models/fetch.sh` puts the real models.
 pub fn models_dir() -> PathBuf {
     std::env::var_os("EMBER_MODELS")
@@ -16,6 +18,7 @@ pub fn models_dir() -> PathBuf {
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN25: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 
 /// The wgpu placement (any adapter, lavapipe in CI); fails the test (never skips) without one.
 #[cfg(feature = "wgpu")]

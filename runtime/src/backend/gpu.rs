@@ -180,13 +180,15 @@ pub fn rope_store(
 }
 
 /// Causal attention of `q` (`[rows, heads·head_dim]`, from [`rope_store`]) over each row's
-/// cached positions, read from the pools through the block tables.
+/// cached positions, read from the pools through the block tables; with `window`, each row
+/// sees only its last `window` positions (sliding-window layers).
 pub fn attention(
     q: &Tensor<2>,
     k_pool: &Tensor<2>,
     v_pool: &Tensor<2>,
     pt: &PassTables,
     s: HeadShape,
+    window: Option<usize>,
 ) -> Tensor<2> {
     from_cube(paged::attention(
         &to_cube(q),
@@ -194,6 +196,7 @@ pub fn attention(
         &pool(v_pool),
         &pt.0,
         s,
+        window,
     ))
 }
 

@@ -166,7 +166,8 @@ pub(crate) fn rope_store(
 /// `scale`), keeps them in `scores` and a running (max, Σexp) that the cube then combines. Pass
 /// 2, 64 positions at a time: each unit turns its score into `f16(exp(s − max) / Σ)` (the CPU's
 /// f16-rounded probability), and every unit adds the chunk's `p · v` to the head dims it owns,
-/// position by position in order. Row `t` attends positions `0..n_ctx` of its sequence
+/// position by position in order. Row `t` attends positions `0..n_ctx` of its sequence (or the
+/// last `window` of them, when `window` > 0)
 /// (`rowinfo[2t + 1]`), position `j` at slot `table[rowinfo[2t] + j / block]·block + j % block`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
@@ -185,6 +186,7 @@ fn attention_kernel(
     block: u32,
     max_ctx: u32,
     scale: f32,
+    window: u32,
 ) {
     let h = CUBE_POS_X;
     let t = CUBE_POS_Y;
@@ -193,6 +195,11 @@ fn attention_kernel(
     let q_dim = heads * head_dim;
     let tab = rowinfo[(2 * t) as usize];
     let n = rowinfo[(2 * t + 1) as usize];
+    // Under a sliding window (`window` > 0) the row sees positions `n − window .. n` only.
+    let mut start = 0u32;
+    if window > 0 && n > window {
+        start = n - window;
+    }
     let mut sq = Shared::<[f32]>::new_slice(256usize);
     let mut d = u;
     while d < head_dim {
@@ -207,7 +214,7 @@ fn attention_kernel(
     let mut mu = 0.0f32;
     mu -= 1.0e30f32;
     let mut zu = 0.0f32;
-    let mut j = u;
+    let mut j = start + u;
     while j < n {
         let slot = table[(tab + j / block) as usize] * block + j % block;
         let kb = (slot * kv_dim + koff) as usize;
@@ -250,9 +257,9 @@ fn attention_kernel(
     let mut a2 = 0.0f32;
     let mut a3 = 0.0f32;
     let voff = kvh * head_dim;
-    let chunks = n.div_ceil(UNITS);
+    let chunks = (n - start).div_ceil(UNITS);
     for c in 0..chunks {
-        let jj = c * UNITS + u;
+        let jj = start + c * UNITS + u;
         let mut p = 0.0f32;
         let mut slot = 0u32;
         if jj < n {
@@ -262,7 +269,7 @@ fn attention_kernel(
         sp[ui] = p;
         sslot[ui] = slot;
         sync_cube();
-        let cnt = (n - c * UNITS).min(UNITS);
+        let cnt = (n - start - c * UNITS).min(UNITS);
         for i in 0..cnt as usize {
             let pv = sp[i];
             let vb = sslot[i] * kv_dim + voff;
@@ -373,6 +380,7 @@ pub(crate) fn attention(
     vpool: &CubeTensor,
     pt: &PassTables,
     s: HeadShape,
+    window: Option<usize>,
 ) -> CubeTensor {
     assert!(
         s.head_dim <= MAX_HEAD_DIM,
@@ -418,6 +426,7 @@ pub(crate) fn attention(
                 pt.block as u32,
                 pt.max_ctx as u32,
                 1.0 / (s.head_dim as f32).sqrt(),
+                window.map_or(0, |w| w.min(u32::MAX as usize) as u32),
             )
         };
     }
