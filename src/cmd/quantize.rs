@@ -165,7 +165,7 @@ fn tensor_line(i: usize, plan: &Plan, t: &PlannedTensor) -> String {
         i + 1,
         plan.tensors.len(),
         t.name,
-        dims.join(","),
+        dims.join(", "),
         t.from.name(),
     )
 }

@@ -849,25 +849,30 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
 // IQ4_NL / IQ4_XS: quantize_row_iq4_nl_impl with ntry 7 and no importance matrix.
 
 /// ggml's `best_index_int8` over [`KVALUES_IQ4NL`]: the nearest level (the upper one on ties).
+///
+/// ggml bisects to the pair of levels around `x` (`val[mu - 1] <= x < val[mu]`) and picks one by
+/// `x - val[mu - 1] < val[mu] - x`. Here `mu` is counted instead (the levels at or below `x`),
+/// without the bisection's unpredictable branches — the same pair, the same comparison, so the
+/// same index; NaN, which no comparison holds for, ends at 15 as the bisection does.
 #[inline(always)]
 fn best_index_iq4(x: f32) -> usize {
-    let val = &KVALUES_IQ4NL;
-    if x <= val[0] as f32 {
+    const VAL: [f32; 16] = {
+        let mut v = [0f32; 16];
+        let mut i = 0;
+        while i < 16 {
+            v[i] = KVALUES_IQ4NL[i] as f32;
+            i += 1;
+        }
+        v
+    };
+    if x <= VAL[0] {
         return 0;
     }
-    if x >= val[15] as f32 {
+    if x >= VAL[15] || x.is_nan() {
         return 15;
     }
-    let (mut ml, mut mu) = (0usize, 15usize);
-    while mu - ml > 1 {
-        let mav = (ml + mu) / 2;
-        if x < val[mav] as f32 {
-            mu = mav;
-        } else {
-            ml = mav;
-        }
-    }
-    if x - (val[mu - 1] as f32) < val[mu] as f32 - x {
+    let mu = 1 + VAL[1..15].iter().map(|&v| (v <= x) as usize).sum::<usize>();
+    if x - VAL[mu - 1] < VAL[mu] - x {
         mu - 1
     } else {
         mu
@@ -1186,6 +1191,54 @@ mod tests {
         assert_eq!(cvtt(f32::INFINITY), i32::MIN);
         assert_eq!(cvtt(3e9), i32::MIN);
         assert_eq!(cvtt(-7.9), -7);
+    }
+
+    /// ggml's `best_index_int8`, transcribed: the bisection [`best_index_iq4`] replaces.
+    fn best_index_bisect(x: f32) -> usize {
+        let val = KVALUES_IQ4NL.map(|v| v as f32);
+        if x <= val[0] {
+            return 0;
+        }
+        if x >= val[15] {
+            return 15;
+        }
+        let (mut ml, mut mu) = (0, 15);
+        while mu - ml > 1 {
+            let mav = (ml + mu) / 2;
+            if x < val[mav] {
+                mu = mav;
+            } else {
+                ml = mav;
+            }
+        }
+        if x - val[mu - 1] < val[mu] - x {
+            mu - 1
+        } else {
+            mu
+        }
+    }
+
+    #[test]
+    fn the_level_search_picks_what_ggmls_bisection_picks() {
+        let mut xs = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0];
+        // Every level, every midpoint, and their neighbours one ulp away.
+        for w in KVALUES_IQ4NL.windows(2) {
+            for v in [w[0] as f32, (w[0] as f32 + w[1] as f32) / 2.0] {
+                xs.extend([
+                    v,
+                    f32::from_bits(v.to_bits() + 1),
+                    f32::from_bits(v.to_bits() - 1),
+                ]);
+            }
+        }
+        let mut state = 1u64;
+        for _ in 0..100_000 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            xs.push(((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 290.0);
+        }
+        for x in xs {
+            assert_eq!(best_index_iq4(x), best_index_bisect(x), "x = {x:e}");
+        }
     }
 
     #[test]
