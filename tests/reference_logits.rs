@@ -465,6 +465,36 @@ fn gemma3_270m_q4_k_m_matches_llama_cpp_on_wgpu() {
     check_fixture(&e, common::GEMMA3, GEMMA3_LONG, GEMMA3_WGPU_LONG, false);
 }
 
+/// The Gemma 3 file carries no chat template: `--chat` renders Gemma's own turns (not ChatML),
+/// which tokenize to its `<start_of_turn>` / `<end_of_turn>` control tokens, and the model's
+/// `<end_of_turn>` ends generation.
+#[test]
+fn gemma3_chat_uses_gemma_turns() {
+    use ember_runtime::chat::{ChatMessage, ChatTemplate, builtin_for};
+    let e = open(common::GEMMA3, &cpu());
+    let md = &e.file.metadata;
+    assert!(md.get_str("tokenizer.chat_template").is_none());
+    assert_eq!(builtin_for(md), "Gemma");
+    let tpl = ChatTemplate::from_metadata_or_builtin(md).unwrap();
+    let text = tpl
+        .render(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        text,
+        "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+    );
+    let ids = e.tokenizer.encode(&text, true, true).unwrap();
+    let toks = md.get_strings("tokenizer.ggml.tokens").unwrap();
+    let id = |s: &str| toks.iter().position(|t| t == s).unwrap() as u32;
+    assert_eq!(ids[0], 2, "BOS first");
+    assert_eq!(ids[1], id("<start_of_turn>"));
+    assert!(ids.contains(&id("<end_of_turn>")));
+    assert!(e.tokenizer.is_eog(id("<end_of_turn>")));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Layer outputs against llama.cpp's.
 

@@ -510,7 +510,7 @@ fn dataset(subject: Subject, plan: &WorkloadPlan) -> Result<Workload, SessionErr
     };
     let tpl = if plan.chat_template {
         Some(
-            ChatTemplate::from_metadata_or_chatml(&subject.file().metadata)
+            ChatTemplate::from_metadata_or_builtin(&subject.file().metadata)
                 .map_err(SessionError::ChatTemplate)?,
         )
     } else {

@@ -1,4 +1,4 @@
-//! How long building a tokenizer from GGUF metadata takes (a measurement, not a test: on a
+//! How long building a tokenizer from GGUF metadata takes, and how fast it encodes (a measurement, not a test: on a
 //! shared machine it moves with the neighbours' load):
 //! `cargo run --release -p ember-runtime --example tokenizer_load [-- FILE.gguf…]`
 //!
@@ -21,6 +21,7 @@ fn main() {
         files = [
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "gemma-3-270m-q4_k_m.gguf",
         ]
         .iter()
         .map(|f| dir.join(f))
@@ -49,6 +50,23 @@ fn main() {
             ms[0],
             ms[2],
             ms[0] / vocab as f64 * 1e3
+        );
+        // Encoding speed: the bench corpus (English prose, code, Unicode) ten times over.
+        let text = include_str!("../../bench/data/corpus.txt").repeat(10);
+        let tok = Tokenizer::from_gguf(&f.metadata).expect("tokenizer");
+        let mut best = f64::MAX;
+        let mut n = 0;
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            n = tok.encode(&text, false, false).expect("encode").len();
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "  encode: {} bytes -> {n} tokens, best {:.1} ms ({:.2} MB/s, {:.0} k tokens/s)",
+            text.len(),
+            best * 1e3,
+            text.len() as f64 / best / 1e6,
+            n as f64 / best / 1e3
         );
     }
 }

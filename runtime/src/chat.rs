@@ -55,6 +55,11 @@ impl ChatMessage {
 /// Plain ChatML, used when a model carries no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Gemma's turn format (`<start_of_turn>user … <end_of_turn>`, the reply as `model`), used
+/// when a Gemma file carries no template: a system message goes at the head of the first user
+/// turn, as Gemma's own template puts it. BOS is left to the tokenizer.
+pub const GEMMA_TEMPLATE: &str = "{% set ns = namespace(sys='') %}{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.sys = message['content'] + '\n\n' %}{% else %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' + ns.sys + message['content'] + '<end_of_turn>\n' }}{% set ns.sys = '' %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
 const NAME: &str = "chat";
 
 /// A compiled chat template.
@@ -75,6 +80,15 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// The built-in template for a file without one: "Gemma" when its vocabulary has Gemma's turn
+/// markers (`<start_of_turn>`), else "ChatML" (llama.cpp's fallback too).
+pub fn builtin_for(md: &Metadata) -> &'static str {
+    let gemma = md
+        .get_strings(keys::TOK_TOKENS)
+        .is_some_and(|t| t.iter().any(|s| s == "<start_of_turn>"));
+    if gemma { "Gemma" } else { "ChatML" }
+}
+
 fn token_text(md: &Metadata, key: &str) -> String {
     let (Some(id), Some(toks)) = (md.get_u64(key), md.get_strings(keys::TOK_TOKENS)) else {
         return String::new();
@@ -93,14 +107,21 @@ impl ChatTemplate {
         ))
     }
 
-    /// The model's template, or ChatML when it has none.
-    pub fn from_metadata_or_chatml(md: &Metadata) -> Result<ChatTemplate, ChatError> {
+    /// The model's template or, when it has none, the built-in one [`builtin_for`] names.
+    pub fn from_metadata_or_builtin(md: &Metadata) -> Result<ChatTemplate, ChatError> {
         match ChatTemplate::from_metadata(md) {
             Some(r) => r,
-            None => Ok(ChatTemplate::chatml(
-                token_text(md, keys::TOK_BOS),
-                token_text(md, keys::TOK_EOS),
-            )),
+            None => {
+                let src = match builtin_for(md) {
+                    "Gemma" => GEMMA_TEMPLATE,
+                    _ => CHATML_TEMPLATE,
+                };
+                ChatTemplate::new(
+                    src,
+                    token_text(md, keys::TOK_BOS),
+                    token_text(md, keys::TOK_EOS),
+                )
+            }
         }
     }
 
@@ -615,6 +636,21 @@ mod tests {
         assert_eq!(
             render_chatml(&msgs, false),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn gemma_builtin_puts_the_system_message_in_the_first_user_turn() {
+        let t = ChatTemplate::new(GEMMA_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let msgs = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("user", "Bye"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
     }
 

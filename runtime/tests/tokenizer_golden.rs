@@ -434,6 +434,6 @@ fn chat_template_qwen25() {
 fn chat_template_fallback_chatml_without_template() {
     let f = GgufFile::open(require(cache_dir().join("vocab/ggml-vocab-llama-bpe.gguf"))).unwrap();
     assert!(ChatTemplate::from_metadata(&f.metadata).is_none());
-    let t = ChatTemplate::from_metadata_or_chatml(&f.metadata).unwrap();
+    let t = ChatTemplate::from_metadata_or_builtin(&f.metadata).unwrap();
     assert_eq!(t.render(&conversation(), true).unwrap(), EXPECTED_CHATML);
 }

@@ -133,9 +133,12 @@ fn render_prompt(engine: &Engine, a: &RunArgs, prompt: String) -> Result<String>
         .get_str(ember_runtime::gguf::keys::CHAT_TEMPLATE)
         .is_none()
     {
-        log::warn!("model has no chat template; using ChatML");
+        log::warn!(
+            "model has no chat template; using the built-in {} format",
+            ember_runtime::chat::builtin_for(&engine.file.metadata)
+        );
     }
-    let tpl = ChatTemplate::from_metadata_or_chatml(&engine.file.metadata)
+    let tpl = ChatTemplate::from_metadata_or_builtin(&engine.file.metadata)
         .context("the model's chat template does not parse")?;
     tpl.render(&msgs, true)
         .context("rendering the chat template")

@@ -127,7 +127,7 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
     }
 
     let template =
-        ChatTemplate::from_metadata_or_chatml(&engine.file.metadata).map_err(|e| e.to_string());
+        ChatTemplate::from_metadata_or_builtin(&engine.file.metadata).map_err(|e| e.to_string());
     if let Err(e) = &template {
         eprintln!(
             "ember serve: the model's chat template does not parse ({e}); /v1/chat/completions will answer 500"
