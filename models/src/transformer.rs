@@ -42,6 +42,9 @@ pub struct ArchSpec {
     /// else this default (Gemma 3: 6); local layers use `{arch}.rope.freq_base_swa`, else
     /// `swa_rope_base`. `None`: the architecture has no sliding window.
     pub swa: Option<SwaSpec>,
+    /// A window in the file is ignored (with a warning) rather than refused: Phi-3, whose
+    /// window llama.cpp disables.
+    pub ignore_sliding_window: bool,
 }
 
 /// See [`ArchSpec::swa`].
@@ -64,6 +67,7 @@ impl ArchSpec {
             ffn_act: FfnAct::Silu,
             scale_embeddings: false,
             swa: None,
+            ignore_sliding_window: false,
         }
     }
 }
@@ -389,7 +393,7 @@ fn rope_plan(
             );
             let (Some(short), Some(long)) = (short, long) else {
                 return Err(unsupported(format!(
-                    "LongRoPE ({a}.rope.scaling.type = {ty}) without both                      'rope_factors_short.weight' and 'rope_factors_long.weight'"
+                    "LongRoPE ({a}.rope.scaling.type = {ty}) without both 'rope_factors_short.weight' and 'rope_factors_long.weight'"
                 )));
             };
             let orig = md
@@ -400,7 +404,7 @@ fn rope_plan(
         }
         other => {
             return Err(unsupported(format!(
-                "RoPE scaling '{other}' ({a}.rope.scaling.type); ember applies linear scaling,                  Llama 3 frequency factors (rope_freqs) and Phi-3 LongRoPE"
+                "RoPE scaling '{other}' ({a}.rope.scaling.type); ember applies linear scaling, Llama 3 frequency factors (rope_freqs) and Phi-3 LongRoPE"
             )));
         }
     };
@@ -514,11 +518,19 @@ fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<(ModelConfig, RopePlan), 
                 .unwrap_or(sw.swa_rope_base as f64) as f32;
             (Some(w as usize), layers, Some(base))
         }
+        (None, Some(w)) if spec.ignore_sliding_window => {
+            // llama.cpp runs Phi-3 without its window too (its converter writes one that the
+            // model was not meant to use; llama.cpp warns and disables it): the same logits.
+            log::warn!(
+                "{path}: {a}.attention.sliding_window = {w} is ignored, as llama.cpp ignores it"
+            );
+            (None, Vec::new(), None)
+        }
         (None, Some(w)) => {
             return Err(ModelError::Unsupported {
                 path: path.clone(),
                 what: format!(
-                    "a sliding attention window of {w} ({a}.attention.sliding_window), which                      ember does not apply to '{a}'"
+                    "a sliding attention window of {w} ({a}.attention.sliding_window), which ember does not apply to '{a}'"
                 ),
             });
         }
