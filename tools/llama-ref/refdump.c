@@ -33,7 +33,7 @@
 static void usage(const char * argv0) {
     fprintf(stderr,
             "usage: %s -m MODEL.gguf -f PROMPT_FILE [-n N_GEN] [-t THREADS] [-k TOP_K] [--fa] [--no-extra-bufts]\n"
-            "          [--dump NAME[,NAME...] --dump-dir DIR]\n"
+            "          [--n-ctx N] [--dump NAME[,NAME...] --dump-dir DIR]\n"
             "prints one JSON case object on stdout (see tools/llama-ref/README.md)\n",
             argv0);
     exit(2);
@@ -187,6 +187,7 @@ int main(int argc, char ** argv) {
     int          n_gen       = 24;
     int          n_threads   = 2;
     int          top_k       = 8;
+    int          n_ctx_arg   = 0;
     bool         fa          = false;
     bool         extra_bufts = true;
     const char * dump_list   = NULL;
@@ -204,6 +205,8 @@ int main(int argc, char ** argv) {
             n_threads = atoi(argv[++i]);
         } else if (!strcmp(a, "-k") && next) {
             top_k = atoi(argv[++i]);
+        } else if (!strcmp(a, "--n-ctx") && next) {
+            n_ctx_arg = atoi(argv[++i]);
         } else if (!strcmp(a, "--fa")) {
             fa = true;
         } else if (!strcmp(a, "--no-extra-bufts")) {
@@ -216,7 +219,7 @@ int main(int argc, char ** argv) {
             usage(argv[0]);
         }
     }
-    if (!model_path || !prompt_path || top_k < 2 || top_k > 64 || n_gen < 0 ||
+    if (!model_path || !prompt_path || top_k < 2 || top_k > 64 || n_gen < 0 || n_ctx_arg < 0 ||
         (dump_list && !dump.dir)) {
         usage(argv[0]);
     }
@@ -259,6 +262,16 @@ int main(int argc, char ** argv) {
     int n_ctx = 512;
     while (n_ctx < n_prompt + n_gen + 1) {
         n_ctx *= 2;
+    }
+    // --n-ctx: a context of that size instead, for models whose arithmetic depends on it (phi3
+    // takes its long RoPE factors when the context exceeds the original one).
+    if (n_ctx_arg > 0) {
+        if (n_ctx_arg < n_prompt + n_gen + 1) {
+            fprintf(stderr, "--n-ctx %d is too small for %d prompt and %d generated tokens\n",
+                    n_ctx_arg, n_prompt, n_gen);
+            return 1;
+        }
+        n_ctx = n_ctx_arg;
     }
     cp.n_ctx             = (uint32_t) n_ctx;
     cp.n_batch           = (uint32_t) (n_prompt > 512 ? n_prompt : 512);
@@ -338,7 +351,8 @@ int main(int argc, char ** argv) {
     char * text     = malloc(text_cap);
     int n_text = llama_detokenize(vocab, gen, n_done, text, (int32_t) text_cap, false, true);
     json_string(out, text, n_text > 0 ? (size_t) n_text : 0);
-    fprintf(out, ",\"n_vocab\":%d}\n", n_vocab);
+    // The context llama.cpp ran with (after its rounding up to a multiple of 256).
+    fprintf(out, ",\"n_ctx\":%u,\"n_vocab\":%d}\n", llama_n_ctx(ctx), n_vocab);
 
     free(text);
     llama_batch_free(batch);
