@@ -1315,8 +1315,12 @@ fn act_scheme(ty: GgmlType) -> (u32, usize, u32, bool, bool) {
         GgmlType::Q5_0 => (0, 32, 16, false, false),
         GgmlType::Q8_0 => (0, 32, 128, false, false),
         GgmlType::Q4_1 | GgmlType::Q5_1 => (0, 32, 0, true, true),
-        GgmlType::Q4_K | GgmlType::Q5_K => (1, 256, 0, true, false),
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q2_K => (1, 256, 0, true, false),
         GgmlType::Q6_K => (1, 256, 32, false, false),
+        // Q3_K's codes are q (value q − 4); the IQ4 codes are the table level + 128.
+        GgmlType::Q3_K => (1, 256, 4, false, false),
+        GgmlType::IQ4_NL => (0, 32, 128, false, false),
+        GgmlType::IQ4_XS => (1, 256, 128, false, false),
         _ => unreachable!("no device layout for {ty}"),
     }
 }

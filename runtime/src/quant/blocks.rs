@@ -113,6 +113,61 @@ struct BlockQ6K {
 }
 const _: () = assert!(size_of::<BlockQ6K>() == QK_K / 2 + QK_K / 4 + QK_K / 16 + 2);
 
+/// 16 sub-blocks of 16: x = d·(sc & 15)·q − dmin·(sc >> 4), q 2-bit. Half n (128 elements)
+/// uses qs[32n..32n + 32]: element 128n + 32j + l (j < 4, l < 32) is bits 2j..2j + 2 of
+/// qs[32n + l], its sub-block (and `scales` byte) 8n + 2j + l / 16.
+#[allow(dead_code)]
+#[repr(C)]
+struct BlockQ2K {
+    scales: [u8; QK_K / 16],
+    qs: [u8; QK_K / 4],
+    d: F16,
+    dmin: F16,
+}
+const _: () = assert!(size_of::<BlockQ2K>() == QK_K / 16 + QK_K / 4 + 2 * 2);
+
+/// 16 sub-blocks of 16: x = d·(sc − 32)·(q − 4), q 3-bit: the low 2 bits as Q2_K's, bit 2 of
+/// element 128n + 32j + l is bit 4n + j of hmask[l]; the 6-bit scales packed in 12 bytes
+/// (`reference::q3_k_scales`).
+#[allow(dead_code)]
+#[repr(C)]
+struct BlockQ3K {
+    hmask: [u8; QK_K / 8],
+    qs: [u8; QK_K / 4],
+    scales: [u8; K_SCALE_SIZE],
+    d: F16,
+}
+const _: () = assert!(size_of::<BlockQ3K>() == QK_K / 8 + QK_K / 4 + K_SCALE_SIZE + 2);
+
+/// x = d·kvalues_iq4nl[q] (the non-linear table [`KVALUES_IQ4NL`]); nibbles as Q4_0.
+#[allow(dead_code)]
+#[repr(C)]
+struct BlockIQ4NL {
+    d: F16,
+    qs: [u8; QK / 2],
+}
+const _: () = assert!(size_of::<BlockIQ4NL>() == 2 + QK / 2);
+
+/// 8 sub-blocks of 32: x = d·(ls − 32)·kvalues_iq4nl[q]; sub-block s has its nibbles in
+/// qs[16s..16s + 16] as Q4_0's, and the 6-bit `ls` = nibble s of `scales_l` (low nibble for
+/// even s) | bits 2s..2s + 2 of the little-endian u16 `scales_h`, << 4.
+#[allow(dead_code)]
+#[repr(C)]
+struct BlockIQ4XS {
+    d: F16,
+    scales_h: [u8; 2],
+    scales_l: [u8; QK_K / 64],
+    qs: [u8; QK_K / 2],
+}
+const _: () = assert!(size_of::<BlockIQ4XS>() == 2 + 2 + QK_K / 64 + QK_K / 2);
+// The descriptor below names `scales_h`; `scales_l` follows it.
+const _: () = assert!(offset_of!(BlockIQ4XS, scales_l) == offset_of!(BlockIQ4XS, scales_h) + 2);
+
+/// ggml's `kvalues_iq4nl`: the 16 levels of the IQ4_NL and IQ4_XS codes.
+pub(crate) const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 /// One quantized block format: sizes, field offsets (bytes from the block start) and numerics.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BlockFormat {
@@ -126,16 +181,21 @@ pub(crate) struct BlockFormat {
     /// The f16 min: `m` (added, Q4_1/Q5_1) or `dmin` (times the sub-block min, subtracted;
     /// Q4_K/Q5_K).
     pub m: Option<usize>,
-    /// The high bits of the quants (bit 4 for Q5_*, bits 4..6 for Q6_K).
+    /// The high bits of the quants (bit 4 for Q5_*, bits 4..6 for Q6_K, Q3_K's `hmask`).
     pub qh: Option<usize>,
     /// The low bits of the quants (Q6_K's `ql`; Q8_0's whole i8 quants).
     pub qs: usize,
-    /// The K-quant sub-block scales (6-bit packed with the mins for Q4_K/Q5_K; i8 for Q6_K).
+    /// The K-quant sub-block scales (6-bit packed with the mins for Q4_K/Q5_K; i8 for Q6_K;
+    /// 4-bit scale | 4-bit min for Q2_K; 6-bit packed for Q3_K; IQ4_XS's `scales_h`, then
+    /// `scales_l`).
     pub scales: Option<usize>,
-    /// Bits per quant.
+    /// Bits per quant (the index bits for the table formats).
     pub bits: u32,
-    /// Subtracted from each unsigned quant (Q4_0: 8, Q5_0: 16, Q6_K: 32; 0 otherwise).
+    /// Subtracted from each unsigned quant (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q3_K: 4; 0 otherwise).
     pub zero: i32,
+    /// The table a quant indexes (IQ4_NL, IQ4_XS: [`KVALUES_IQ4NL`]); `None` for the linear
+    /// formats.
+    pub table: Option<&'static [i8; 16]>,
     /// The activation format (ggml's vec_dot_type) this weight format multiplies against.
     pub act: ActKind,
 }
@@ -153,6 +213,7 @@ impl BlockFormat {
         bits: 4,
         zero: 8,
         act: ActKind::Q8_0,
+        table: None,
     };
     pub const Q4_1: BlockFormat = BlockFormat {
         ty: GgmlType::Q4_1,
@@ -166,6 +227,7 @@ impl BlockFormat {
         bits: 4,
         zero: 0,
         act: ActKind::Q8_1,
+        table: None,
     };
     pub const Q5_0: BlockFormat = BlockFormat {
         ty: GgmlType::Q5_0,
@@ -179,6 +241,7 @@ impl BlockFormat {
         bits: 5,
         zero: 16,
         act: ActKind::Q8_0,
+        table: None,
     };
     pub const Q5_1: BlockFormat = BlockFormat {
         ty: GgmlType::Q5_1,
@@ -192,6 +255,7 @@ impl BlockFormat {
         bits: 5,
         zero: 0,
         act: ActKind::Q8_1,
+        table: None,
     };
     pub const Q8_0: BlockFormat = BlockFormat {
         ty: GgmlType::Q8_0,
@@ -205,6 +269,7 @@ impl BlockFormat {
         bits: 8,
         zero: 0,
         act: ActKind::Q8_0,
+        table: None,
     };
     pub const Q4_K: BlockFormat = BlockFormat {
         ty: GgmlType::Q4_K,
@@ -218,6 +283,7 @@ impl BlockFormat {
         bits: 4,
         zero: 0,
         act: ActKind::Q8_K,
+        table: None,
     };
     pub const Q5_K: BlockFormat = BlockFormat {
         ty: GgmlType::Q5_K,
@@ -231,6 +297,7 @@ impl BlockFormat {
         bits: 5,
         zero: 0,
         act: ActKind::Q8_K,
+        table: None,
     };
     pub const Q6_K: BlockFormat = BlockFormat {
         ty: GgmlType::Q6_K,
@@ -244,10 +311,67 @@ impl BlockFormat {
         bits: 6,
         zero: 32,
         act: ActKind::Q8_K,
+        table: None,
+    };
+    pub const Q2_K: BlockFormat = BlockFormat {
+        ty: GgmlType::Q2_K,
+        len: QK_K,
+        bytes: size_of::<BlockQ2K>(),
+        d: offset_of!(BlockQ2K, d),
+        m: Some(offset_of!(BlockQ2K, dmin)),
+        qh: None,
+        qs: offset_of!(BlockQ2K, qs),
+        scales: Some(offset_of!(BlockQ2K, scales)),
+        bits: 2,
+        zero: 0,
+        act: ActKind::Q8_K,
+        table: None,
+    };
+    pub const Q3_K: BlockFormat = BlockFormat {
+        ty: GgmlType::Q3_K,
+        len: QK_K,
+        bytes: size_of::<BlockQ3K>(),
+        d: offset_of!(BlockQ3K, d),
+        m: None,
+        qh: Some(offset_of!(BlockQ3K, hmask)),
+        qs: offset_of!(BlockQ3K, qs),
+        scales: Some(offset_of!(BlockQ3K, scales)),
+        bits: 3,
+        zero: 4,
+        act: ActKind::Q8_K,
+        table: None,
+    };
+    pub const IQ4_NL: BlockFormat = BlockFormat {
+        ty: GgmlType::IQ4_NL,
+        len: QK,
+        bytes: size_of::<BlockIQ4NL>(),
+        d: offset_of!(BlockIQ4NL, d),
+        m: None,
+        qh: None,
+        qs: offset_of!(BlockIQ4NL, qs),
+        scales: None,
+        bits: 4,
+        zero: 0,
+        act: ActKind::Q8_0,
+        table: Some(&KVALUES_IQ4NL),
+    };
+    pub const IQ4_XS: BlockFormat = BlockFormat {
+        ty: GgmlType::IQ4_XS,
+        len: QK_K,
+        bytes: size_of::<BlockIQ4XS>(),
+        d: offset_of!(BlockIQ4XS, d),
+        m: None,
+        qh: None,
+        qs: offset_of!(BlockIQ4XS, qs),
+        scales: Some(offset_of!(BlockIQ4XS, scales_h)),
+        bits: 4,
+        zero: 0,
+        act: ActKind::Q8_K,
+        table: Some(&KVALUES_IQ4NL),
     };
 
     /// Every quantized format the kernels compute.
-    pub const ALL: [BlockFormat; 8] = [
+    pub const ALL: [BlockFormat; 12] = [
         Self::Q4_0,
         Self::Q4_1,
         Self::Q5_0,
@@ -256,6 +380,10 @@ impl BlockFormat {
         Self::Q4_K,
         Self::Q5_K,
         Self::Q6_K,
+        Self::Q2_K,
+        Self::Q3_K,
+        Self::IQ4_NL,
+        Self::IQ4_XS,
     ];
 
     /// The descriptor of a quantized type the kernels compute (`None` for float and
@@ -270,6 +398,10 @@ impl BlockFormat {
             GgmlType::Q4_K => &Self::Q4_K,
             GgmlType::Q5_K => &Self::Q5_K,
             GgmlType::Q6_K => &Self::Q6_K,
+            GgmlType::Q2_K => &Self::Q2_K,
+            GgmlType::Q3_K => &Self::Q3_K,
+            GgmlType::IQ4_NL => &Self::IQ4_NL,
+            GgmlType::IQ4_XS => &Self::IQ4_XS,
             _ => return None,
         })
     }
@@ -278,6 +410,12 @@ impl BlockFormat {
     #[inline(always)]
     pub fn expect(ty: GgmlType) -> &'static BlockFormat {
         Self::of(ty).unwrap_or_else(|| unreachable!("no quantized block format for {ty}"))
+    }
+
+    /// Decoded quants are signed bytes: Q8_0's i8 and the IQ4 tables' int8 levels.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub const fn signed8(&self) -> bool {
+        self.bits == 8 || self.table.is_some()
     }
 
     /// Offset of the min (`m` / `dmin`); 0 for formats without one (never read there).
@@ -323,12 +461,19 @@ macro_rules! format_types {
         )*
     };
 }
-format_types!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K);
+format_types!(
+    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS
+);
 
 // Each descriptor is consistent: fields inside the block, the quant bytes fill their share.
 const fn consistent(f: &BlockFormat) -> bool {
-    // The low 4 bits of each quant sit in `qs` (all 8 for Q8_0); the rest in `qh`.
-    let low_bits = if f.bits == 8 { 8 } else { 4 };
+    // The low 4 bits of each quant sit in `qs` (all 8 for Q8_0, the low 2 for Q2_K/Q3_K); the
+    // rest in `qh`.
+    let low_bits = match f.bits {
+        8 => 8,
+        2 | 3 => 2,
+        _ => 4,
+    };
     let quant_bytes = f.len * low_bits / 8;
     f.d + 2 <= f.bytes
         && f.m_off() + 2 <= f.bytes

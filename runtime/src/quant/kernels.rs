@@ -5,10 +5,10 @@
 //! reproduces those quantizers exactly (they fix the numerics; every kernel — portable, AVX2,
 //! AVX-512, NEON — then differs from llama.cpp only in float summation order):
 //!
-//! * **Q8_0** (for Q4_0, Q5_0, Q8_0 weights): blocks of 32, `d = amax/127` stored as f16,
+//! * **Q8_0** (for Q4_0, Q5_0, Q8_0, IQ4_NL weights): blocks of 32, `d = amax/127` stored as f16,
 //!   `q = roundf(x / d)` (ties away from zero).
 //! * **Q8_1** (for Q4_1, Q5_1): as Q8_0, plus `s = f16(d_f32 · Σq)`.
-//! * **Q8_K** (for Q4_K, Q5_K, Q6_K): blocks of 256; `max` = the signed element of largest
+//! * **Q8_K** (for Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): blocks of 256; `max` = the signed element of largest
 //!   magnitude, `iscale = −127/max`, `q = min(127, nearest_int(iscale·x))` (ties to even),
 //!   `d = 1/iscale` kept as f32 (may be negative), `bsums` = sums of q over each 16.
 //!
@@ -16,8 +16,8 @@
 //! that decode weights to unsigned bytes can apply the Q4_0/Q5_0 offset in the integer domain.
 
 use super::GgmlType;
-use super::blocks::{self, BlockFormat, Format};
-use super::reference::{rd_f16, scale_min_k4};
+use super::blocks::{self, BlockFormat, Format, KVALUES_IQ4NL};
+use super::reference::{iq4_xs_scale, q2_k_quant, q3_k_quant, q3_k_scales, rd_f16, scale_min_k4};
 use half::f16;
 
 /// Which vec_dot_type a weight type multiplies against.
@@ -546,6 +546,10 @@ pub(crate) fn row_tiles<D: RowDots>(ty: GgmlType) -> Tiles {
         GgmlType::Q4_K => row_tile::<D, blocks::Q4_K>,
         GgmlType::Q5_K => row_tile::<D, blocks::Q5_K>,
         GgmlType::Q6_K => row_tile::<D, blocks::Q6_K>,
+        GgmlType::Q2_K => row_tile::<D, blocks::Q2_K>,
+        GgmlType::Q3_K => row_tile::<D, blocks::Q3_K>,
+        GgmlType::IQ4_NL => row_tile::<D, blocks::IQ4_NL>,
+        GgmlType::IQ4_XS => row_tile::<D, blocks::IQ4_XS>,
         _ => unreachable!("no quantized dot kernel for {ty}"),
     };
     Tiles {
@@ -567,6 +571,10 @@ impl RowDots for Portable {
             GgmlType::Q8_0 => dot_q8_0,
             GgmlType::Q4_K | GgmlType::Q5_K => dot_q45_k::<F>,
             GgmlType::Q6_K => dot_q6_k,
+            GgmlType::Q2_K => dot_q2_k,
+            GgmlType::Q3_K => dot_q3_k,
+            GgmlType::IQ4_NL => dot_iq4_nl,
+            GgmlType::IQ4_XS => dot_iq4_xs,
             ty => unreachable!("no quantized dot kernel for {ty}"),
         }
     }
@@ -695,6 +703,93 @@ fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
                 sub += (q6_k_quant(blk, e) - f.zero) * x.qs[256 * i + e] as i32;
             }
             isum += sc * sub;
+        }
+        acc += x.d[i] * rd_f16(blk, f.d) * isum as f32;
+    }
+    acc
+}
+
+/// Q2_K (× Q8_K): per super-block, `d_x·f16(d)·Σ_j (sc_j & 15)·Σ(q·x)
+/// − d_x·f16(dmin)·Σ_j (sc_j >> 4)·bsum_j` over its 16 sub-blocks of 16 (ggml's
+/// `vec_dot_q2_K_q8_K`).
+fn dot_q2_k(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q2_K;
+    let mut acc = 0f32;
+    for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+        let sc = &blk[f.scales_off()..f.scales_off() + 16];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..16 {
+            let mut sub = 0i32;
+            for e in 16 * j..16 * j + 16 {
+                sub += q2_k_quant(blk, e) * x.qs[256 * i + e] as i32;
+            }
+            isum += (sc[j] & 0x0F) as i32 * sub;
+            msum += (sc[j] >> 4) as i32 * x.bs16[16 * i + j] as i32;
+        }
+        let d = x.d[i] * rd_f16(blk, f.d);
+        let dmin = x.d[i] * rd_f16(blk, f.m_off());
+        acc += d * isum as f32 - dmin * msum as f32;
+    }
+    acc
+}
+
+/// Q3_K (× Q8_K): `d_x·f16(d)·Σ_j (sc_j − 32)·Σ((q − 4)·x)` over the 16 sub-blocks of 16
+/// (`q − 4` already signed in [`q3_k_quant`]).
+fn dot_q3_k(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q3_K;
+    let mut acc = 0f32;
+    for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+        let sc = q3_k_scales(blk);
+        let mut isum = 0i32;
+        for j in 0..16 {
+            let mut sub = 0i32;
+            for e in 16 * j..16 * j + 16 {
+                sub += q3_k_quant(blk, e) * x.qs[256 * i + e] as i32;
+            }
+            isum += sc[j] as i32 * sub;
+        }
+        acc += x.d[i] * rd_f16(blk, f.d) * isum as f32;
+    }
+    acc
+}
+
+/// The table level of nibble `j` (0..32, Q4_0's order) of the 16 quant bytes `qs`.
+#[inline]
+fn iq4_level(qs: &[u8], j: usize) -> i32 {
+    let q = if j < 16 {
+        qs[j] & 0x0F
+    } else {
+        qs[j - 16] >> 4
+    };
+    KVALUES_IQ4NL[q as usize] as i32
+}
+
+/// IQ4_NL (× Q8_0): Σ_b f16(d_w)·d_x·Σ kvalues[q]·x.
+fn dot_iq4_nl(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::IQ4_NL;
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(f.bytes).enumerate() {
+        let qs = &blk[f.qs..f.qs + 16];
+        let xq = &x.qs[32 * b..32 * b + 32];
+        let i: i32 = (0..32).map(|j| iq4_level(qs, j) * xq[j] as i32).sum();
+        acc += rd_f16(blk, f.d) * x.d[b] * i as f32;
+    }
+    acc
+}
+
+/// IQ4_XS (× Q8_K): `d_x·f16(d)·Σ_s (ls_s − 32)·Σ kvalues[q]·x` over the 8 sub-blocks of 32,
+/// exact in i32 over the super-block (as ggml's AVX2 kernel; its scalar one sums per sub-block
+/// in f32).
+fn dot_iq4_xs(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::IQ4_XS;
+    let mut acc = 0f32;
+    for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+        let mut isum = 0i32;
+        for s in 0..8 {
+            let qs = &blk[f.qs + 16 * s..f.qs + 16 * s + 16];
+            let xq = &x.qs[256 * i + 32 * s..256 * i + 32 * s + 32];
+            let sub: i32 = (0..32).map(|j| iq4_level(qs, j) * xq[j] as i32).sum();
+            isum += iq4_xs_scale(blk, s) * sub;
         }
         acc += x.d[i] * rd_f16(blk, f.d) * isum as f32;
     }

@@ -404,5 +404,7 @@ pub(crate) fn dequant_row_fast(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         ty.row_bytes(dst.len()),
         "dequant_row: lengths"
     );
-    rows!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K);
+    rows!(
+        Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS
+    );
 }

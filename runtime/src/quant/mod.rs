@@ -1,6 +1,6 @@
 //! Quantized weight formats (ggml block layouts) and the kernels that multiply by them.
 //!
-//! * [`GgmlType`] names every ggml tensor type id; the 11 in [`GgmlType::SUPPORTED`] are computed.
+//! * [`GgmlType`] names every ggml tensor type id; the 15 in [`GgmlType::SUPPORTED`] are computed.
 //! * [`dequantize`] / [`quantize`] are scalar reference implementations (obviously correct, slow).
 //! * [`matmul`] computes `y[m × rows] = x[m × cols] · Wᵀ` for a borrowed weight matrix
 //!   ([`QMatRef`], straight out of the mmap). Quantized weights, for every `m`: the activation
@@ -78,8 +78,8 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
-    /// The 11 types that [`dequantize`], [`quantize`] and [`matmul`] compute.
-    pub const SUPPORTED: [GgmlType; 11] = [
+    /// The 15 types that [`dequantize`], [`quantize`] and [`matmul`] compute.
+    pub const SUPPORTED: [GgmlType; 15] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -91,6 +91,10 @@ impl GgmlType {
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
     ];
 
     /// Every type this enum knows, in id order.
@@ -244,17 +248,17 @@ impl GgmlType {
             Q4_K => BlockFormat::Q4_K.bytes,
             Q5_K => BlockFormat::Q5_K.bytes,
             Q6_K => BlockFormat::Q6_K.bytes,
-            Q2_K => 16 + 64 + 2 + 2,
-            Q3_K => 32 + 64 + 12 + 2,
+            Q2_K => BlockFormat::Q2_K.bytes,
+            Q3_K => BlockFormat::Q3_K.bytes,
             Q8_K => 4 + 256 + 32,
             IQ2_XXS => 2 + 64,
             IQ2_XS => 2 + 64 + 8,
             IQ3_XXS => 2 + 96,
             IQ1_S => 2 + 32 + 16,
-            IQ4_NL => 2 + 16,
+            IQ4_NL => BlockFormat::IQ4_NL.bytes,
             IQ3_S => 2 + 64 + 8 + 32 + 4,
             IQ2_S => 2 + 64 + 8 + 8,
-            IQ4_XS => 2 + 2 + 4 + 128,
+            IQ4_XS => BlockFormat::IQ4_XS.bytes,
             IQ1_M => 32 + 16 + 8,
             TQ1_0 => 48 + 4 + 2,
             TQ2_0 => 64 + 2,
@@ -270,7 +274,7 @@ impl GgmlType {
         (n / self.block_len()).checked_mul(self.block_bytes())
     }
 
-    /// True for the 11 types in [`GgmlType::SUPPORTED`].
+    /// True for the 15 types in [`GgmlType::SUPPORTED`].
     pub fn is_supported(self) -> bool {
         Self::SUPPORTED.contains(&self)
     }

@@ -7,7 +7,7 @@
 use super::GgmlType;
 use super::blocks::{BlockFormat, Format};
 use super::kernels::{DotFn, QRow, RowDots, Tiles, row_tiles};
-use super::reference::scale_min_k4;
+use super::reference::{iq4_xs_scale, q3_k_scales, scale_min_k4};
 use std::arch::aarch64::*;
 
 /// Σ a·b over 16 signed byte pairs, as 4 i32 partial sums (|a|,|b| ≤ 128: no overflow).
@@ -206,6 +206,147 @@ unsafe fn dot_q6_k(w: &[u8], x: &QRow<'_>) -> f32 {
     acc
 }
 
+/// Q2_K: 2-bit quants (bits 2j of the 32 bytes of half n are elements 128n + 32j..), each
+/// 16 against its 4-bit scale; the mins against the bsums.
+unsafe fn dot_q2_k(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q2_K;
+    let nsb = x.d.len();
+    assert!(w.len() == nsb * f.bytes && x.qs.len() == nsb * 256 && x.bs16.len() == nsb * 16);
+    let mut acc = 0f32;
+    // SAFETY: loads are inside super-block i of `w` / its 256 activation quants.
+    unsafe {
+        let m3 = vdupq_n_u8(3);
+        for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+            let sc = &blk[f.scales_off()..f.scales_off() + 16];
+            let (mut isum, mut msum) = (0i32, 0i32);
+            for n in 0..2 {
+                let q0 = ld16(blk.as_ptr().add(f.qs + 32 * n));
+                let q1 = ld16(blk.as_ptr().add(f.qs + 32 * n + 16));
+                for j in 0..4 {
+                    let sh = vdupq_n_s8(-2 * j as i8);
+                    let a0 = vandq_u8(vshlq_u8(q0, sh), m3);
+                    let a1 = vandq_u8(vshlq_u8(q1, sh), m3);
+                    let e = 256 * i + 128 * n + 32 * j;
+                    let p0 = dot16(vdupq_n_s32(0), vreinterpretq_s8_u8(a0), ldx(x, e));
+                    let p1 = dot16(vdupq_n_s32(0), vreinterpretq_s8_u8(a1), ldx(x, e + 16));
+                    let s = 8 * n + 2 * j;
+                    isum += (sc[s] & 0x0F) as i32 * vaddvq_s32(p0)
+                        + (sc[s + 1] & 0x0F) as i32 * vaddvq_s32(p1);
+                }
+            }
+            for j in 0..16 {
+                msum += (sc[j] >> 4) as i32 * x.bs16[16 * i + j] as i32;
+            }
+            let d = x.d[i] * f16(blk, f.d);
+            let dmin = x.d[i] * f16(blk, f.m_off());
+            acc += d * isum as f32 - dmin * msum as f32;
+        }
+    }
+    acc
+}
+
+/// Q3_K: the low 2 bits as Q2_K's, bit 2 from `hmask` (bit 4n + j), 4 subtracted to signed
+/// bytes, each 16 against its signed 6-bit scale.
+unsafe fn dot_q3_k(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::Q3_K;
+    let nsb = x.d.len();
+    assert!(w.len() == nsb * f.bytes && x.qs.len() == nsb * 256);
+    let mut acc = 0f32;
+    // SAFETY: loads are inside super-block i of `w` / its 256 activation quants.
+    unsafe {
+        let m3 = vdupq_n_u8(3);
+        let four = vdupq_n_u8(4);
+        let off = vdupq_n_s8(f.zero as i8);
+        for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+            let sc = q3_k_scales(blk);
+            let hm0 = ld16(blk.as_ptr().add(f.qh_off()));
+            let hm1 = ld16(blk.as_ptr().add(f.qh_off() + 16));
+            let mut isum = 0i32;
+            for n in 0..2 {
+                let q0 = ld16(blk.as_ptr().add(f.qs + 32 * n));
+                let q1 = ld16(blk.as_ptr().add(f.qs + 32 * n + 16));
+                for j in 0..4 {
+                    let sh = vdupq_n_s8(-2 * j as i8);
+                    let bit = vdupq_n_u8(1 << (4 * n + j));
+                    let a0 = vorrq_u8(
+                        vandq_u8(vshlq_u8(q0, sh), m3),
+                        vandq_u8(vtstq_u8(hm0, bit), four),
+                    );
+                    let a1 = vorrq_u8(
+                        vandq_u8(vshlq_u8(q1, sh), m3),
+                        vandq_u8(vtstq_u8(hm1, bit), four),
+                    );
+                    let a0 = vsubq_s8(vreinterpretq_s8_u8(a0), off);
+                    let a1 = vsubq_s8(vreinterpretq_s8_u8(a1), off);
+                    let e = 256 * i + 128 * n + 32 * j;
+                    let p0 = dot16(vdupq_n_s32(0), a0, ldx(x, e));
+                    let p1 = dot16(vdupq_n_s32(0), a1, ldx(x, e + 16));
+                    let s = 8 * n + 2 * j;
+                    isum += sc[s] as i32 * vaddvq_s32(p0) + sc[s + 1] as i32 * vaddvq_s32(p1);
+                }
+            }
+            acc += x.d[i] * f16(blk, f.d) * isum as f32;
+        }
+    }
+    acc
+}
+
+/// The table levels of the 32 codes in the 16 bytes at `p` (low nibbles are elements 0..16).
+#[inline(always)]
+unsafe fn iq4_levels(tab: int8x16_t, p: *const u8) -> (int8x16_t, int8x16_t) {
+    // SAFETY: the caller passes 16 readable bytes.
+    unsafe {
+        let q = ld16(p);
+        let lo = vandq_u8(q, vdupq_n_u8(0x0F));
+        let hi = vshrq_n_u8::<4>(q);
+        (vqtbl1q_s8(tab, lo), vqtbl1q_s8(tab, hi))
+    }
+}
+
+unsafe fn dot_iq4_nl(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::IQ4_NL;
+    let nb = x.d.len();
+    assert!(w.len() == nb * f.bytes && x.qs.len() == nb * 32);
+    let mut acc = 0f32;
+    // SAFETY: loads are inside block b of `w` / activation block b; the table is 16 bytes.
+    unsafe {
+        let tab = vld1q_s8(f.table.expect("a table format").as_ptr());
+        for (b, blk) in w.chunks_exact(f.bytes).enumerate() {
+            let (lo, hi) = iq4_levels(tab, blk.as_ptr().add(f.qs));
+            let p = dot16(
+                dot16(vdupq_n_s32(0), lo, ldx(x, 32 * b)),
+                hi,
+                ldx(x, 32 * b + 16),
+            );
+            acc += f16(blk, f.d) * x.d[b] * vaddvq_s32(p) as f32;
+        }
+    }
+    acc
+}
+
+unsafe fn dot_iq4_xs(w: &[u8], x: &QRow<'_>) -> f32 {
+    let f = BlockFormat::IQ4_XS;
+    let nsb = x.d.len();
+    assert!(w.len() == nsb * f.bytes && x.qs.len() == nsb * 256);
+    let mut acc = 0f32;
+    // SAFETY: loads are inside super-block i of `w` / its activation quants; the table is 16
+    // bytes.
+    unsafe {
+        let tab = vld1q_s8(f.table.expect("a table format").as_ptr());
+        for (i, blk) in w.chunks_exact(f.bytes).enumerate() {
+            let mut isum = 0i32;
+            for s in 0..8 {
+                let (lo, hi) = iq4_levels(tab, blk.as_ptr().add(f.qs + 16 * s));
+                let e = 256 * i + 32 * s;
+                let p = dot16(dot16(vdupq_n_s32(0), lo, ldx(x, e)), hi, ldx(x, e + 16));
+                isum += iq4_xs_scale(blk, s) * vaddvq_s32(p);
+            }
+            acc += x.d[i] * f16(blk, f.d) * isum as f32;
+        }
+    }
+    acc
+}
+
 /// The NEON row dots (NEON is baseline on aarch64).
 enum Neon {}
 
@@ -217,6 +358,10 @@ impl RowDots for Neon {
             GgmlType::Q8_0 => dot_q8_0,
             GgmlType::Q4_K | GgmlType::Q5_K => dot_q45_k::<F>,
             GgmlType::Q6_K => dot_q6_k,
+            GgmlType::Q2_K => dot_q2_k,
+            GgmlType::Q3_K => dot_q3_k,
+            GgmlType::IQ4_NL => dot_iq4_nl,
+            GgmlType::IQ4_XS => dot_iq4_xs,
             ty => unreachable!("no q8 dot kernel for {ty}"),
         }
     }

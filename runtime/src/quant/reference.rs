@@ -3,7 +3,7 @@
 //! The block layouts are described in `blocks.rs` ([`BlockFormat`]); every offset here is read
 //! from there.
 
-use super::blocks::BlockFormat;
+use super::blocks::{BlockFormat, KVALUES_IQ4NL};
 use super::{GgmlType, QuantError};
 use half::{bf16, f16};
 
@@ -173,8 +173,100 @@ pub(crate) fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q6_K => deq_q6_k(b, y),
+        GgmlType::Q2_K => {
+            let f = BlockFormat::Q2_K;
+            let d = rd_f16(b, f.d);
+            let dmin = rd_f16(b, f.m_off());
+            let sc = &b[f.scales_off()..f.scales_off() + 16];
+            for s in 0..16 {
+                let dl = d * (sc[s] & 0x0F) as f32;
+                let ml = dmin * (sc[s] >> 4) as f32;
+                for l in 0..16 {
+                    y[16 * s + l] = dl * q2_k_quant(b, 16 * s + l) as f32 - ml;
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            let d = rd_f16(b, BlockFormat::Q3_K.d);
+            let sc = q3_k_scales(b);
+            for s in 0..16 {
+                let dl = d * sc[s] as f32;
+                for l in 0..16 {
+                    y[16 * s + l] = dl * q3_k_quant(b, 16 * s + l) as f32;
+                }
+            }
+        }
+        GgmlType::IQ4_NL => {
+            let f = BlockFormat::IQ4_NL;
+            let d = rd_f16(b, f.d);
+            for j in 0..16 {
+                let q = b[f.qs + j];
+                y[j] = d * KVALUES_IQ4NL[(q & 0x0F) as usize] as f32;
+                y[j + 16] = d * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
+            }
+        }
+        GgmlType::IQ4_XS => {
+            let f = BlockFormat::IQ4_XS;
+            let d = rd_f16(b, f.d);
+            for s in 0..8 {
+                let dl = d * iq4_xs_scale(b, s) as f32;
+                for j in 0..16 {
+                    let q = b[f.qs + 16 * s + j];
+                    y[32 * s + j] = dl * KVALUES_IQ4NL[(q & 0x0F) as usize] as f32;
+                    y[32 * s + 16 + j] = dl * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
+                }
+            }
+        }
         _ => unreachable!("dequantize_block: unsupported {ty}"),
     }
+}
+
+/// The 2-bit quant (0..3) of element `e` (0..256) of a Q2_K block (also Q3_K's low 2 bits,
+/// read from `qs` of format `f`): element 128n + 32j + l is bits 2j.. of qs[32n + l].
+#[inline(always)]
+fn low2_k(b: &[u8], qs: usize, e: usize) -> u8 {
+    let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+    (b[qs + 32 * n + l] >> (2 * j)) & 3
+}
+
+/// The 2-bit quant (0..3) of element `e` (0..256) of a Q2_K block.
+#[inline(always)]
+pub(crate) fn q2_k_quant(b: &[u8], e: usize) -> i32 {
+    low2_k(b, BlockFormat::Q2_K.qs, e) as i32
+}
+
+/// The signed 3-bit quant (−4..3) of element `e` (0..256) of a Q3_K block: the low 2 bits, and
+/// 4 subtracted where its `hmask` bit (bit 4n + j of hmask[l]) is clear.
+#[inline(always)]
+pub(crate) fn q3_k_quant(b: &[u8], e: usize) -> i32 {
+    let f = BlockFormat::Q3_K;
+    let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+    let hi = (b[f.qh_off() + l] >> (4 * n + j)) & 1;
+    (low2_k(b, f.qs, e) | (hi << 2)) as i32 - f.zero
+}
+
+/// The 16 sub-block scales of a Q3_K block, minus 32 (−32..31). Scale s has its low 4 bits in
+/// the low nibble of scales[s] (s < 8) or the high nibble of scales[s − 8] (s ≥ 8), and its
+/// high 2 bits at bits 2·(s / 4).. of scales[8 + s % 4].
+#[inline(always)]
+pub(crate) fn q3_k_scales(b: &[u8]) -> [i8; 16] {
+    let o = BlockFormat::Q3_K.scales_off();
+    let q = &b[o..o + 12];
+    std::array::from_fn(|s| {
+        let lo = if s < 8 { q[s] & 0x0F } else { q[s - 8] >> 4 };
+        let hi = (q[8 + s % 4] >> (2 * (s / 4))) & 3;
+        (lo | (hi << 4)) as i8 - 32
+    })
+}
+
+/// The scale of sub-block `s` (0..8) of an IQ4_XS block, minus 32 (−32..31).
+#[inline(always)]
+pub(crate) fn iq4_xs_scale(b: &[u8], s: usize) -> i32 {
+    let o = BlockFormat::IQ4_XS.scales_off();
+    let h = u16::from_le_bytes([b[o], b[o + 1]]);
+    let lo = (b[o + 2 + s / 2] >> (4 * (s % 2))) & 0x0F;
+    let hi = ((h >> (2 * s)) & 3) as u8;
+    (lo | (hi << 4)) as i32 - 32
 }
 
 /// Q6_K: each 128-element half h uses ql[64h..64h+64], qh[32h..32h+32], scales[8h..8h+8].
@@ -224,8 +316,16 @@ pub(crate) fn q6_k_quad(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
     ]
 }
 
-/// Reference quantizer (round-to-nearest per block; no importance weighting).
+/// Reference quantizer (round-to-nearest per block; no importance weighting). Q2_K, Q3_K,
+/// IQ4_NL and IQ4_XS have no rounding quantizer here (ggml's are searches over scales): they
+/// are encoded by [`super::ggml_quantize`], as llama-quantize encodes them.
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
+    if matches!(
+        ty,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::IQ4_NL | GgmlType::IQ4_XS
+    ) {
+        return super::ggml_quantize::quantize(ty, src);
+    }
     if !ty.is_supported() {
         return Err(QuantError::Unsupported(ty));
     }

@@ -23,18 +23,28 @@
 //! | Q5_K | 8 | 32 | d·sc | −dmin·m | 5.5 → 10 |
 //! | Q6_K | 8 | 16 | d·sc | −32·d·sc | 6.56 → 12 |
 //! | Q8_0 | 8 | 32 | d | −128d | 8.5 → 10 |
+//! | Q2_K | 4 | 16 | d·(sc & 15) | −dmin·(sc >> 4) | 2.63 → 8 |
+//! | Q3_K | 4 | 16 | d·(sc − 32) | −4·d·(sc − 32) | 3.44 → 8 |
+//! | IQ4_NL | 8 | 32 | d | −128d | 4.5 → 10 |
+//! | IQ4_XS | 8 | 32 | d·(ls − 32) | −128·d·(ls − 32) | 4.25 → 10 |
 //! | F16, BF16 | 16 | – | – | – | 16 → 16 |
 //! | F32 | 32 | – | – | – | 32 → 32 |
+//!
+//! Q3_K's code is its 3-bit quant q (value q − 4). The IQ4 formats are not affine in their
+//! 4-bit index, but their table's levels are int8: the code is the level + 128 (1..241), exact.
 //!
 //! **Lossless:** every scale and offset is a product of an f16 value and a small integer, so it is
 //! exact in f32, and `scale · code + offset` equals the reference dequantizer's value bit for bit
 //! up to the sign of zero (the tests check every type). Nothing is widened to f32 on the device: F16/BF16 stay 16-bit and
-//! are decoded in the kernel. The price is the 5- and 6-bit types stored in bytes.
+//! are decoded in the kernel. The price is the 3-, 5- and 6-bit types, and the IQ4 levels,
+//! stored in bytes, and the 2- and 3-bit types' 16-element groups.
 
 use half::{bf16, f16};
 
 use super::blocks::BlockFormat;
-use super::reference::{q6_k_half, q6_k_quad, rd_f16, scale_min_k4};
+use super::reference::{
+    iq4_xs_scale, q2_k_quant, q3_k_quant, q3_k_scales, q6_k_half, q6_k_quad, rd_f16, scale_min_k4,
+};
 use super::{GgmlType, QMatRef, QuantError};
 
 /// How codes are stored.
@@ -75,6 +85,8 @@ pub fn device_layout(ty: GgmlType) -> Option<(CodeKind, usize)> {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => (CodeKind::U4, 32),
         GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q8_0 => (CodeKind::U8, 32),
         GgmlType::Q6_K => (CodeKind::U8, 16),
+        GgmlType::Q2_K | GgmlType::Q3_K => (CodeKind::U4, 16),
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => (CodeKind::U8, 32),
         GgmlType::F16 => (CodeKind::F16, 0),
         GgmlType::BF16 => (CodeKind::Bf16, 0),
         GgmlType::F32 => (CodeKind::F32, 0),
@@ -227,6 +239,42 @@ pub fn repack(w: QMatRef<'_>) -> Result<Repacked, QuantError> {
                     }
                 }
             }
+            GgmlType::Q2_K => {
+                let f = BlockFormat::Q2_K;
+                let d = rd_f16(b, f.d);
+                let dmin = rd_f16(b, f.m_off());
+                for s in 0..16 {
+                    let sc = b[f.scales_off() + s];
+                    sp(d * (sc & 0x0F) as f32, -(dmin * (sc >> 4) as f32));
+                    (16 * s..16 * s + 16).for_each(|e| p.push(q2_k_quant(b, e) as u32));
+                }
+            }
+            GgmlType::Q3_K => {
+                let f = BlockFormat::Q3_K;
+                let d = rd_f16(b, f.d);
+                for (s, &sc) in q3_k_scales(b).iter().enumerate() {
+                    let scale = d * sc as f32;
+                    sp(scale, -f.zero as f32 * scale);
+                    (16 * s..16 * s + 16).for_each(|e| p.push((q3_k_quant(b, e) + f.zero) as u32));
+                }
+            }
+            GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+                let f = BlockFormat::expect(w.ty);
+                let table = f.table.expect("a table format");
+                let d = rd_f16(b, f.d);
+                for s in 0..f.len / 32 {
+                    let scale = if w.ty == GgmlType::IQ4_XS {
+                        d * iq4_xs_scale(b, s) as f32
+                    } else {
+                        d
+                    };
+                    sp(scale, -128.0 * scale);
+                    let qs = &b[f.qs + 16 * s..f.qs + 16 * s + 16];
+                    let level = |q: u8| (table[q as usize] as i32 + 128) as u32;
+                    qs.iter().for_each(|&q| p.push(level(q & 0x0F)));
+                    qs.iter().for_each(|&q| p.push(level(q >> 4)));
+                }
+            }
             _ => return Err(QuantError::Unsupported(w.ty)),
         }
     }
@@ -261,7 +309,12 @@ mod tests {
             })
             .collect();
         for ty in GgmlType::SUPPORTED {
-            let q = quantize(ty, &x).unwrap();
+            // The formats without a round-to-nearest quantizer: random blocks, every code.
+            let q = if crate::quant::tests::NO_RTN.contains(&ty) {
+                crate::quant::tests::random_blocks(ty, rows * cols / ty.block_len(), 5)
+            } else {
+                quantize(ty, &x).unwrap()
+            };
             let mut want = vec![0f32; rows * cols];
             dequantize(ty, &q, &mut want).unwrap();
             let r = repack(QMatRef {
@@ -290,13 +343,16 @@ mod tests {
 
     #[test]
     fn unsupported_type_is_an_error() {
-        let data = vec![0u8; 64];
+        let data = vec![0u8; 66];
         let w = QMatRef {
-            ty: GgmlType::IQ4_NL,
+            ty: GgmlType::IQ2_XXS,
             rows: 1,
-            cols: 32,
+            cols: 256,
             data: &data,
         };
-        assert!(repack(w).is_err());
+        assert!(matches!(
+            repack(w),
+            Err(QuantError::Unsupported(GgmlType::IQ2_XXS))
+        ));
     }
 }

@@ -1,21 +1,25 @@
 //! x86-64 tile kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd` /
 //! `vpdpwssd` on 256-bit vectors, 32 vector registers). Both run the same `#[inline(always)]`
-//! generic bodies (`tile_g8`, `tile_k45`, `tile_q6k`), which take the path's byte-dot primitives
-//! as a type ([`Simd`]) and the block format as a type ([`Format`]: offsets from `blocks.rs`,
-//! constants after monomorphization); `isa_tiles!` only stamps out the `#[target_feature]`
-//! wrappers and tables per path, which also differ in the tile shape (R weight rows × C
-//! activation rows; C up to 8 on AVX-512 for the 32-element formats).
+//! generic bodies (`tile_g8`, `tile_k45`, `tile_q6k`, `tile_q2k`, `tile_q3k`, `tile_iq4xs`),
+//! which take the path's byte-dot primitives as a type ([`Simd`]) and the block format as a type
+//! ([`Format`]: offsets from `blocks.rs`, constants after monomorphization); `isa_tiles!` only
+//! stamps out the `#[target_feature]` wrappers and tables per path, which also differ in the
+//! tile shape (R weight rows × C activation rows; C up to 8 on AVX-512 for the 32-element
+//! formats).
 //!
-//! **32-element formats** (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, `tile_g8`): a weight row is read in groups
-//! of 8 blocks. A group is transposed in registers (4-byte lanes across the 8 blocks) so that
-//! i32 lane j of the byte dot accumulates block j alone, against activations stored in the same
-//! transposed, group-major layout ([`QRow::gq`]); the 8 block scales are then applied with one
-//! convert, multiply and FMA, and one decoded group serves all C activation rows. Blocks after a
-//! row's last whole group go two at a time (i32 lanes 0..4 for one block, 4..8 for the other)
-//! through the same epilogue, into the same accumulators.
+//! **32-element formats** (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, `tile_g8`): a weight row is read in
+//! groups of 8 blocks. A group is transposed in registers (4-byte lanes across the 8 blocks) so
+//! that i32 lane j of the byte dot accumulates block j alone, against activations stored in the
+//! same transposed, group-major layout ([`QRow::gq`]); the 8 block scales are then applied with
+//! one convert, multiply and FMA, and one decoded group serves all C activation rows. Blocks
+//! after a row's last whole group go two at a time (i32 lanes 0..4 for one block, 4..8 for the
+//! other) through the same epilogue, into the same accumulators.
 //!
-//! **K-quants** (`tile_k45`, `tile_q6k`): a tile walks the super-blocks of R weight rows once;
-//! each is decoded into registers and multiplied against all C activation rows.
+//! **K-quants** (`tile_k45`, `tile_q6k`, `tile_q2k`, `tile_q3k`, `tile_iq4xs`): a tile walks the
+//! super-blocks of R weight rows once; each is decoded into registers and multiplied against all
+//! C activation rows. Q2_K/Q3_K (sub-blocks of 16) and IQ4_XS (pairs of sub-blocks of 32) take
+//! the two scales of a vector from one register of the super-block's scales with a byte shuffle
+//! (`scale_pair`).
 //!
 //! Every (row, activation) pair keeps its own accumulators and performs exactly the same
 //! operations whatever R and C are, so results do not depend on the tiling, the batch or the
@@ -24,12 +28,14 @@
 //! Numerics (see `kernels.rs` for the formulas): weight quants are decoded to *unsigned* bytes.
 //! The Q4_0/Q5_0 offset is applied in the integer domain (−off·Σx seeded into the block's i32
 //! accumulator), so each 32-block contributes `f16(d_w)·d_x·(exact integer)`; Q8_0 is `q + 128`
-//! with `−128·Σx` seeded on VNNI and uses the sign trick on AVX2. K-quants accumulate
-//! `Σ_j sc_j·Σ(q·x)` exactly in i32 over the whole super-block (`vpmaddwd` with the sub-block
-//! scale instead of ones), with the Q6_K −32 offset seeded as `−32·Σ sc_j·bsum_j` and the
-//! Q4_K/Q5_K mins as a second integer dot with the bsums. No intermediate saturates: the largest
-//! u8·i8 pair sum in `vpmaddubsw` is 2·63·127 = 16002, and a VNNI lane sums at most 32 products
-//! of 255·127.
+//! with `−128·Σx` seeded on VNNI and uses the sign trick on AVX2; IQ4_NL's 4-bit indices go
+//! through `vpshufb` on the table into the same signed (AVX2) or + 128 (VNNI) bytes. K-quants
+//! accumulate `Σ_j sc_j·Σ(q·x)` exactly in i32 over the whole super-block (`vpmaddwd` with the
+//! sub-block scale instead of ones), with the Q6_K −32 (Q3_K −4) offset seeded as
+//! `−32·Σ sc_j·bsum_j` and the Q2_K/Q4_K/Q5_K mins as a second integer dot with the bsums;
+//! IQ4_XS's signed table levels take the sign trick on both paths. No intermediate saturates:
+//! the largest u8·i8 pair sum in `vpmaddubsw` is 2·127·127 = 32258 (the sign trick; 2·63·127 for
+//! Q6_K), and a VNNI lane sums at most 32 products of 255·127.
 
 use super::GgmlType;
 use super::blocks::{self, BlockFormat, Format};
@@ -307,7 +313,7 @@ impl<'a> G8<'a> {
             let dx = _mm256_loadu_ps(self.xd.add(GROUP * gi));
             // The weight offset, in the integer domain: Σ(q − zero)·x = Σq·x − zero·Σx (Q8_0
             // on VNNI: the q + 128 decoding's 128).
-            let zero = if f.bits == 8 {
+            let zero = if f.signed8() {
                 if I::VNNI { 128 } else { 0 }
             } else {
                 f.zero
@@ -326,7 +332,7 @@ impl<'a> G8<'a> {
                 // Vector k of the slot (32 bytes; k < 8).
                 let xv = ld(xp.add(32 * k));
                 let a = if k % 2 == 0 { &mut p } else { &mut p2 };
-                *a = if f.bits == 8 && !I::VNNI {
+                *a = if f.signed8() && !I::VNNI {
                     I::dot(*a, _mm256_sign_epi8(qk, qk), _mm256_sign_epi8(xv, qk))
                 } else {
                     I::dot(*a, qk, xv)
@@ -377,9 +383,26 @@ unsafe fn transpose16(base: *const u8, bb: usize, o: usize) -> [__m256i; 4] {
     }
 }
 
+/// The table of a table format (IQ4_NL) in both 128-bit halves, for `vpshufb` on 4-bit codes:
+/// its signed levels, or with VNNI the levels + 128 (unsigned, as Q8_0's `q + 128`).
+#[inline(always)]
+unsafe fn table_vector<I: Simd, F: Format>() -> __m256i {
+    let t = F::F.table.expect("a table format");
+    // SAFETY: `t` is 16 readable bytes; AVX2 (the caller's contract).
+    unsafe {
+        let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i));
+        if I::VNNI {
+            _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+        } else {
+            v
+        }
+    }
+}
+
 /// Decode the group of 8 blocks at `base` (8 whole blocks of format `F`): the quants as 8
 /// vectors in the dword-transposed layout (lane j of vector k: quants 4k..4k+4 of block j, as
-/// unsigned bytes), and the blocks' `d` (and `m`) by lane.
+/// unsigned bytes; Q8_0 and IQ4_NL as signed bytes without VNNI, + 128 with), and the blocks'
+/// `d` (and `m`) by lane.
 #[inline(always)]
 unsafe fn decode_group<I: Simd, F: Format>(base: *const u8) -> ([__m256i; 8], __m256, __m256) {
     let f = F::F;
@@ -415,6 +438,13 @@ unsafe fn decode_group<I: Simd, F: Format>(base: *const u8) -> ([__m256i; 8], __
         for k in 0..4 {
             q[k] = _mm256_and_si256(t[k], m4);
             q[k + 4] = _mm256_and_si256(_mm256_srli_epi16(t[k], 4), m4);
+        }
+        if f.table.is_some() {
+            let tab = table_vector::<I, F>();
+            for v in &mut q {
+                *v = _mm256_shuffle_epi8(tab, *v);
+            }
+            return (q, dw, mw);
         }
         if f.qh.is_some() {
             // Bit e of block j's qh is bit 4 of its element e. Vector k holds elements
@@ -512,7 +542,12 @@ unsafe fn decode_pair<I: Simd, F: Format>(
             q[0] = _mm256_or_si256(q[0], bit4_from_bits32((ha & 0xFFFF) | (hb << 16)));
             q[1] = _mm256_or_si256(q[1], bit4_from_bits32((ha >> 16) | (hb & 0xFFFF_0000)));
         }
-        if f.bits == 8 && I::VNNI {
+        if f.table.is_some() {
+            let tab = table_vector::<I, F>();
+            for v in &mut q {
+                *v = _mm256_shuffle_epi8(tab, *v);
+            }
+        } else if f.bits == 8 && I::VNNI {
             for v in &mut q {
                 *v = _mm256_xor_si256(*v, _mm256_set1_epi8(-128));
             }
@@ -521,7 +556,8 @@ unsafe fn decode_pair<I: Simd, F: Format>(
     }
 }
 
-/// 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), a group of 8 blocks at a time.
+/// 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL), a group of 8 blocks at a
+/// time.
 ///
 /// The group's quants are transposed in registers so that i32 lane j of the byte dot
 /// accumulates block j alone (the activations come pre-transposed, [`QRow::gq`]): the block
@@ -796,6 +832,351 @@ unsafe fn tile_q6k<I: Simd, const R: usize, const C: usize>(
     }
 }
 
+// ---- Q2_K, Q3_K, IQ4_XS: sub-blocks of 16 or 32 with a scale each ----------------------------
+
+/// `v` shifted right by `n` bits per 16-bit lane (`n` a constant once the callers' loops are
+/// unrolled, when LLVM emits the immediate form).
+#[inline(always)]
+unsafe fn srl16(v: __m256i, n: usize) -> __m256i {
+    // SAFETY: AVX2 (the caller's contract); register operations only.
+    unsafe { _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32)) }
+}
+
+/// `v` shifted left by `n` bits per 16-bit lane (as [`srl16`]).
+#[inline(always)]
+unsafe fn sll16(v: __m256i, n: usize) -> __m256i {
+    // SAFETY: AVX2 (the caller's contract); register operations only.
+    unsafe { _mm256_sll_epi16(v, _mm_cvtsi32_si128(n as i32)) }
+}
+
+/// From 8 i16 scales in each 128-bit half of `ss` (the same 8 in both), scale 2j broadcast
+/// over the low half and scale 2j + 1 over the high half (j < 4): the `dots` scale for a vector
+/// whose low 16 bytes belong to one sub-block and high 16 to the next.
+#[inline(always)]
+unsafe fn scale_pair(ss: __m256i, j: usize) -> __m256i {
+    let a = 4 * j as i16;
+    // SAFETY: AVX2 (the caller's contract); register operations only.
+    unsafe {
+        let ctrl = _mm256_set_m128i(
+            _mm_set1_epi16(((a + 3) << 8) | (a + 2)),
+            _mm_set1_epi16(((a + 1) << 8) | a),
+        );
+        _mm256_shuffle_epi8(ss, ctrl)
+    }
+}
+
+/// Q2_K super-blocks (× Q8_K): 2-bit quants as unsigned bytes, `Σ_j sc_j·Σ(q·x)` in i32 with
+/// the 4-bit scales in `dots`, the mins as a second integer dot with the bsums (the 16
+/// sub-blocks of 16 are the bsums' spans).
+#[inline(always)]
+unsafe fn tile_q2k<I: Simd, const R: usize, const C: usize>(
+    w: &[u8],
+    rb: usize,
+    xr: &[QRow<'_>],
+    out: &mut [f32],
+) {
+    let f = BlockFormat::Q2_K;
+    let bb = f.bytes;
+    let nsb = check_k::<R, C>(bb, w, rb, xr, out);
+    realign_frame::<I>();
+    let wp = w.as_ptr();
+    // SAFETY: the features are the caller's contract; every weight read is inside super-block
+    // i of row r and every activation read inside row c's 256 quants / 16 bsums of super-block
+    // i (lengths checked by `check_k`).
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m4 = _mm_set1_epi8(0x0F);
+        let z = _mm256_setzero_si256();
+        let mut accf = [[_mm256_setzero_ps(); C]; R];
+        for i in 0..nsb {
+            let mut dw = [0f32; R];
+            let mut dmw = [0f32; R];
+            let mut sch = [[z; 2]; R];
+            let mut mins = [z; R];
+            for r in 0..R {
+                let bp = wp.add(r * rb + i * bb);
+                prefetch_ahead(bp, bb);
+                dw[r] = f16(bp.add(f.d));
+                dmw[r] = f16(bp.add(f.m_off()));
+                // Byte j: scale j in the low nibble, min j in the high one.
+                let sm = _mm_loadu_si128(bp.add(f.scales_off()) as *const __m128i);
+                let sc = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
+                mins[r] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), m4));
+                // Half n's 8 scales in both 128-bit halves.
+                sch[r] = [
+                    _mm256_permute2x128_si256(sc, sc, 0x00),
+                    _mm256_permute2x128_si256(sc, sc, 0x11),
+                ];
+            }
+            let mut acci = [[z; C]; R];
+            for n in 0..2 {
+                let mut qv = [z; R];
+                for r in 0..R {
+                    qv[r] = ld(wp.add(r * rb + i * bb + f.qs + 32 * n) as *const i8);
+                }
+                for j in 0..4 {
+                    // Elements 128n + 32j.. : bits 2j of the 32 bytes; sub-blocks 8n + 2j
+                    // (low 16 bytes) and 8n + 2j + 1 (high 16).
+                    let mut q = [z; R];
+                    let mut sv = [z; R];
+                    for r in 0..R {
+                        q[r] = _mm256_and_si256(srl16(qv[r], 2 * j), m3);
+                        sv[r] = scale_pair(sch[r][n], j);
+                    }
+                    for c in 0..C {
+                        let xv = ld(xr[c].qs.as_ptr().add(256 * i + 128 * n + 32 * j));
+                        for r in 0..R {
+                            acci[r][c] = I::dots(acci[r][c], q[r], xv, sv[r]);
+                        }
+                    }
+                }
+            }
+            for c in 0..C {
+                let dx = *xr[c].d.get_unchecked(i);
+                let bs = _mm256_loadu_si256(xr[c].bs16.as_ptr().add(16 * i) as *const __m256i);
+                for r in 0..R {
+                    let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins[r], bs));
+                    let a =
+                        _mm256_mul_ps(_mm256_set1_ps(dx * dw[r]), _mm256_cvtepi32_ps(acci[r][c]));
+                    accf[r][c] = _mm256_add_ps(
+                        accf[r][c],
+                        _mm256_fnmadd_ps(_mm256_set1_ps(dx * dmw[r]), m, a),
+                    );
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[r * C + c] = hsum(accf[r][c]);
+            }
+        }
+    }
+}
+
+/// The 16 Q3_K sub-block scales of the block at `bp`, minus 32, as i8 (the bit layout of
+/// `reference::q3_k_scales`, four at a time in u32s).
+#[inline(always)]
+unsafe fn q3k_scales(bp: *const u8) -> __m128i {
+    // SAFETY: the caller passes a whole Q3_K block at `bp`; SSE2.
+    unsafe {
+        let p = bp.add(BlockFormat::Q3_K.scales_off()) as *const u32;
+        let (a0, a1, a2) = (
+            p.read_unaligned(),
+            p.add(1).read_unaligned(),
+            p.add(2).read_unaligned(),
+        );
+        let (lo, hi) = (0x0F0F_0F0Fu32, 0x0303_0303u32);
+        let s = _mm_setr_epi32(
+            ((a0 & lo) | ((a2 & hi) << 4)) as i32,
+            ((a1 & lo) | (((a2 >> 2) & hi) << 4)) as i32,
+            (((a0 >> 4) & lo) | (((a2 >> 4) & hi) << 4)) as i32,
+            (((a1 >> 4) & lo) | (((a2 >> 6) & hi) << 4)) as i32,
+        );
+        _mm_sub_epi8(s, _mm_set1_epi8(32))
+    }
+}
+
+/// Q3_K super-blocks (× Q8_K): quants as unsigned bytes q + 4·hbit (0..7), `Σ_j sc_j·Σ(q·x)`
+/// in i32 with the signed scales in `dots`, and the −4 offset seeded as `−4·Σ_j sc_j·bsum_j`.
+#[inline(always)]
+unsafe fn tile_q3k<I: Simd, const R: usize, const C: usize>(
+    w: &[u8],
+    rb: usize,
+    xr: &[QRow<'_>],
+    out: &mut [f32],
+) {
+    let f = BlockFormat::Q3_K;
+    let bb = f.bytes;
+    let nsb = check_k::<R, C>(bb, w, rb, xr, out);
+    realign_frame::<I>();
+    let wp = w.as_ptr();
+    // SAFETY: as in `tile_q2k`.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let four = _mm256_set1_epi8(4);
+        let z = _mm256_setzero_si256();
+        let mut accf = [[_mm256_setzero_ps(); C]; R];
+        for i in 0..nsb {
+            let mut dw = [0f32; R];
+            let mut sch = [[z; 2]; R];
+            let mut scm = [z; R];
+            let mut hb = [z; R];
+            for r in 0..R {
+                let bp = wp.add(r * rb + i * bb);
+                prefetch_ahead(bp, bb);
+                dw[r] = f16(bp.add(f.d));
+                let sc = _mm256_cvtepi8_epi16(q3k_scales(bp));
+                scm[r] = _mm256_mullo_epi16(sc, _mm256_set1_epi16(-f.zero as i16));
+                sch[r] = [
+                    _mm256_permute2x128_si256(sc, sc, 0x00),
+                    _mm256_permute2x128_si256(sc, sc, 0x11),
+                ];
+                hb[r] = ld(bp.add(f.qh_off()) as *const i8);
+            }
+            // Seed: −4·Σ_j sc_j·bsum_j (the q − 4 offset), exact in i32.
+            let mut acci = [[z; C]; R];
+            for c in 0..C {
+                let bs = _mm256_loadu_si256(xr[c].bs16.as_ptr().add(16 * i) as *const __m256i);
+                for r in 0..R {
+                    acci[r][c] = _mm256_madd_epi16(scm[r], bs);
+                }
+            }
+            for n in 0..2 {
+                let mut qv = [z; R];
+                for r in 0..R {
+                    qv[r] = ld(wp.add(r * rb + i * bb + f.qs + 32 * n) as *const i8);
+                }
+                for j in 0..4 {
+                    // Bit b = 4n + j of each hmask byte, moved to bit 2 (a 16-bit shift moves
+                    // bits across bytes, but never into bit 2 of a byte: masked after).
+                    let b = 4 * n + j;
+                    let mut q = [z; R];
+                    let mut sv = [z; R];
+                    for r in 0..R {
+                        let h = if b >= 2 {
+                            srl16(hb[r], b - 2)
+                        } else {
+                            sll16(hb[r], 2 - b)
+                        };
+                        let lo = _mm256_and_si256(srl16(qv[r], 2 * j), m3);
+                        q[r] = _mm256_or_si256(lo, _mm256_and_si256(h, four));
+                        sv[r] = scale_pair(sch[r][n], j);
+                    }
+                    for c in 0..C {
+                        let xv = ld(xr[c].qs.as_ptr().add(256 * i + 128 * n + 32 * j));
+                        for r in 0..R {
+                            acci[r][c] = I::dots(acci[r][c], q[r], xv, sv[r]);
+                        }
+                    }
+                }
+            }
+            for c in 0..C {
+                let dx = *xr[c].d.get_unchecked(i);
+                for r in 0..R {
+                    accf[r][c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dx * dw[r]),
+                        _mm256_cvtepi32_ps(acci[r][c]),
+                        accf[r][c],
+                    );
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[r * C + c] = hsum(accf[r][c]);
+            }
+        }
+    }
+}
+
+/// The 8 IQ4_XS sub-block scales of the block at `bp`, minus 32, as i16 in both 128-bit
+/// halves: nibble s of `scales_l` | bits 2s..2s + 2 of `scales_h` << 4.
+#[inline(always)]
+unsafe fn iq4xs_scales(bp: *const u8) -> __m256i {
+    let f = BlockFormat::IQ4_XS;
+    // SAFETY: the caller passes a whole IQ4_XS block at `bp`; AVX2.
+    unsafe {
+        let h = (bp.add(f.scales_off()) as *const u16).read_unaligned();
+        let l = (bp.add(f.scales_off() + 2) as *const i32).read_unaligned();
+        let m4 = _mm_set1_epi8(0x0F);
+        let lv = _mm_cvtsi32_si128(l);
+        // Byte s = nibble s (the low nibble of byte s/2 for even s).
+        let nib = _mm_unpacklo_epi8(
+            _mm_and_si128(lv, m4),
+            _mm_and_si128(_mm_srli_epi16(lv, 4), m4),
+        );
+        // Lane s = (h >> 2s) & 3: bits 2s.. moved to the top of the lane, then down.
+        let mul = _mm_setr_epi16(1 << 14, 1 << 12, 1 << 10, 1 << 8, 1 << 6, 1 << 4, 1 << 2, 1);
+        let hi = _mm_srli_epi16(_mm_mullo_epi16(_mm_set1_epi16(h as i16), mul), 14);
+        let ls = _mm_or_si128(_mm_cvtepu8_epi16(nib), _mm_slli_epi16(hi, 4));
+        _mm256_broadcastsi128_si256(_mm_sub_epi16(ls, _mm_set1_epi16(32)))
+    }
+}
+
+/// IQ4_XS super-blocks (× Q8_K): a pair of sub-blocks at a time, the weights' low nibbles (the
+/// first 16 elements of each) against the activations' matching halves (one permute per
+/// activation row, shared by the R weight rows) and likewise the high nibbles; the table levels
+/// are signed, so `vpmaddubsw` gets |w| and x with w's sign; `Σ_s (ls_s − 32)·Σ(w·x)` in i32.
+#[inline(always)]
+unsafe fn tile_iq4xs<I: Simd, const R: usize, const C: usize>(
+    w: &[u8],
+    rb: usize,
+    xr: &[QRow<'_>],
+    out: &mut [f32],
+) {
+    let f = BlockFormat::IQ4_XS;
+    let bb = f.bytes;
+    let nsb = check_k::<R, C>(bb, w, rb, xr, out);
+    realign_frame::<I>();
+    let wp = w.as_ptr();
+    let table = f.table.expect("IQ4_XS has a table");
+    // SAFETY: as in `tile_q2k`; `table` is 16 readable bytes.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let tab = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr() as *const __m128i));
+        let z = _mm256_setzero_si256();
+        let mut accf = [[_mm256_setzero_ps(); C]; R];
+        for i in 0..nsb {
+            let mut dw = [0f32; R];
+            let mut ss = [z; R];
+            for r in 0..R {
+                let bp = wp.add(r * rb + i * bb);
+                prefetch_ahead(bp, bb);
+                dw[r] = f16(bp.add(f.d));
+                ss[r] = iq4xs_scales(bp);
+            }
+            let mut acci = [[z; C]; R];
+            for p in 0..4 {
+                // Sub-blocks 2p (bytes 0..16) and 2p + 1 (bytes 16..32).
+                let mut wl = [z; R];
+                let mut wh = [z; R];
+                let mut sv = [z; R];
+                for r in 0..R {
+                    let v = ld(wp.add(r * rb + i * bb + f.qs + 32 * p) as *const i8);
+                    wl[r] = _mm256_shuffle_epi8(tab, _mm256_and_si256(v, m4));
+                    wh[r] = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                    sv[r] = scale_pair(ss[r], p);
+                }
+                for c in 0..C {
+                    let xp = xr[c].qs.as_ptr().add(256 * i + 64 * p);
+                    let (x0, x1) = (ld(xp), ld(xp.add(32)));
+                    let xl = _mm256_permute2x128_si256(x0, x1, 0x20);
+                    let xh = _mm256_permute2x128_si256(x0, x1, 0x31);
+                    for r in 0..R {
+                        let a = I::dots(
+                            acci[r][c],
+                            _mm256_abs_epi8(wl[r]),
+                            _mm256_sign_epi8(xl, wl[r]),
+                            sv[r],
+                        );
+                        acci[r][c] = I::dots(
+                            a,
+                            _mm256_abs_epi8(wh[r]),
+                            _mm256_sign_epi8(xh, wh[r]),
+                            sv[r],
+                        );
+                    }
+                }
+            }
+            for c in 0..C {
+                let dx = *xr[c].d.get_unchecked(i);
+                for r in 0..R {
+                    accf[r][c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dx * dw[r]),
+                        _mm256_cvtepi32_ps(acci[r][c]),
+                        accf[r][c],
+                    );
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[r * C + c] = hsum(accf[r][c]);
+            }
+        }
+    }
+}
+
 // ---- The two paths: `#[target_feature]` wrappers around the generic bodies, their tables ---
 
 /// `v` padded to [`MAX_C`] entries by repeating its last (entries past `cmax` are never called).
@@ -871,6 +1252,45 @@ macro_rules! isa_tiles {
                 unsafe { tile_q6k::<$simd, R, C>(w, rb, xr, out) }
             }
 
+            /// # Safety
+            /// The CPU must support this module's target features.
+            #[target_feature(enable = $feat)]
+            unsafe fn q2k<const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
+                // SAFETY: the features here are all `tile_q2k` needs.
+                unsafe { tile_q2k::<$simd, R, C>(w, rb, xr, out) }
+            }
+
+            /// # Safety
+            /// The CPU must support this module's target features.
+            #[target_feature(enable = $feat)]
+            unsafe fn q3k<const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
+                // SAFETY: the features here are all `tile_q3k` needs.
+                unsafe { tile_q3k::<$simd, R, C>(w, rb, xr, out) }
+            }
+
+            /// # Safety
+            /// The CPU must support this module's target features.
+            #[target_feature(enable = $feat)]
+            unsafe fn iq4xs<const R: usize, const C: usize>(
+                w: &[u8],
+                rb: usize,
+                xr: &[QRow<'_>],
+                out: &mut [f32],
+            ) {
+                // SAFETY: the features here are all `tile_iq4xs` needs.
+                unsafe { tile_iq4xs::<$simd, R, C>(w, rb, xr, out) }
+            }
+
             /// The kernels for `ty`. Callers must have checked the CPU has `$feat`.
             pub(crate) fn tiles(ty: GgmlType) -> Tiles {
                 match ty {
@@ -884,6 +1304,10 @@ macro_rules! isa_tiles {
                     GgmlType::Q4_K => family!(k45, $rmax, 4, blocks::Q4_K),
                     GgmlType::Q5_K => family!(k45, $rmax, 4, blocks::Q5_K),
                     GgmlType::Q6_K => family!(q6k, $rmax, 4),
+                    GgmlType::IQ4_NL => family!(g8, 8, $gc, blocks::IQ4_NL),
+                    GgmlType::Q2_K => family!(q2k, $rmax, 4),
+                    GgmlType::Q3_K => family!(q3k, $rmax, 4),
+                    GgmlType::IQ4_XS => family!(iq4xs, $rmax, 4),
                     _ => unreachable!("no quantized dot kernel for {ty}"),
                 }
             }

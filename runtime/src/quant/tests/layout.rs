@@ -48,9 +48,17 @@ fn type_ids_names_and_sizes() {
             .iter()
             .filter(|t| t.is_supported())
             .count(),
-        11
+        15
     );
-    assert!(!GgmlType::Q2_K.is_supported() && !GgmlType::Q8_1.is_supported());
+    for t in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+    ] {
+        assert!(t.is_supported(), "{t}");
+    }
+    assert!(!GgmlType::IQ2_XXS.is_supported() && !GgmlType::Q8_1.is_supported());
 }
 
 #[test]
@@ -69,8 +77,8 @@ fn errors_are_reported() {
         Err(QuantError::NotBlockMultiple { .. })
     ));
     assert!(matches!(
-        dequantize(GgmlType::Q2_K, &[0u8; 84], &mut vec![0f32; 256]),
-        Err(QuantError::Unsupported(GgmlType::Q2_K))
+        dequantize(GgmlType::IQ2_XXS, &[0u8; 66], &mut vec![0f32; 256]),
+        Err(QuantError::Unsupported(GgmlType::IQ2_XXS))
     ));
     assert!(matches!(
         quantize(GgmlType::Q8_0, &[0.0; 33]),
@@ -289,4 +297,139 @@ fn layout_q6_k() {
     assert_eq!(y, expect);
     assert_eq!(y[101], 70.0);
     assert_eq!(y[128], 139.5);
+}
+
+/// ggml's `kvalues_iq4nl`, written out again here so that a typo in the kernels' copy shows.
+const KV: [f32; 16] = [
+    -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0, 69.0,
+    89.0, 113.0,
+];
+
+#[test]
+fn layout_q2_k() {
+    // scales[16] | qs[64] | d | dmin. Sub-block s: scale s & 15 = s, min = (3s + 1) & 15.
+    let mut b = vec![0u8; 84];
+    for s in 0..16 {
+        b[s] = s as u8 | ((((3 * s + 1) & 15) as u8) << 4);
+    }
+    // Byte i of qs holds four 2-bit fields; field f is (i + f) % 4.
+    for i in 0..64 {
+        b[16 + i] = (0..4).map(|f| (((i + f) % 4) as u8) << (2 * f)).sum();
+    }
+    b[80..82].copy_from_slice(&f16b(0.5));
+    b[82..84].copy_from_slice(&f16b(0.25));
+    let y = deq(GgmlType::Q2_K, &b);
+    // ggml's walk: per 128-half n, per shift 2j, 16 elements of q[l] then 16 of q[l + 16],
+    // each run with the next scale byte.
+    let mut want = vec![];
+    let mut is = 0;
+    for n in 0..2 {
+        for j in 0..4 {
+            for h in 0..2 {
+                let (sc, mn) = ((b[is] & 15) as f32, (b[is] >> 4) as f32);
+                is += 1;
+                for l in 0..16 {
+                    let q = (b[16 + 32 * n + 16 * h + l] >> (2 * j)) & 3;
+                    want.push(0.5 * sc * q as f32 - 0.25 * mn);
+                }
+            }
+        }
+    }
+    assert_eq!(y, want);
+    // Spot values: element 0 is field 0 of byte 0 (0), sub-block 0 (scale 0, min 1);
+    // element 47 is field 1 of byte 15 (0), sub-block 2 (scale 2, min 7);
+    // element 129 is field 0 of byte 33 (1), sub-block 8 (scale 8, min 9).
+    assert_eq!(
+        (y[0], y[47], y[129]),
+        (-0.25, -1.75, 0.5 * 8.0 - 0.25 * 9.0)
+    );
+}
+
+#[test]
+fn layout_q3_k() {
+    // hmask[32] | qs[64] | scales[12] | d. Scales packed by hand from 16 six-bit values: the
+    // low nibbles in bytes 0..8 (s < 8 low, s ≥ 8 high nibble of byte s − 8), the high 2 bits
+    // of scale s at bits 2·(s / 4) of byte 8 + s % 4.
+    let sc6: Vec<u8> = (0..16).map(|s| ((13 * s + 5) % 64) as u8).collect();
+    let mut b = vec![0u8; 110];
+    for s in 0..16 {
+        if s < 8 {
+            b[96 + s] |= sc6[s] & 15;
+        } else {
+            b[96 + s - 8] |= (sc6[s] & 15) << 4;
+        }
+        b[96 + 8 + s % 4] |= (sc6[s] >> 4) << (2 * (s / 4));
+    }
+    for l in 0..32 {
+        b[l] = (l * 37 + 11) as u8; // hmask
+    }
+    for i in 0..64 {
+        b[32 + i] = (i * 73 + 29) as u8; // qs
+    }
+    b[108..110].copy_from_slice(&f16b(0.5));
+    let y = deq(GgmlType::Q3_K, &b);
+    // ggml's walk: the hmask bit m runs 1, 2, 4, … across both halves.
+    let mut want = vec![];
+    let (mut is, mut m) = (0, 1u8);
+    for n in 0..2 {
+        for j in 0..4 {
+            for h in 0..2 {
+                let dl = 0.5 * (sc6[is] as f32 - 32.0);
+                is += 1;
+                for l in 16 * h..16 * h + 16 {
+                    let lo = (b[32 + 32 * n + l] >> (2 * j)) & 3;
+                    let q = lo as i32 - if b[l] & m != 0 { 0 } else { 4 };
+                    want.push(dl * q as f32);
+                }
+            }
+            m <<= 1;
+        }
+    }
+    assert_eq!(y, want);
+    // Element 0: qs[0] = 29 → low bits 1, hmask[0] = 11 has bit 0 → q = 1; scale 5 − 32.
+    assert_eq!(y[0], 0.5 * -27.0);
+}
+
+#[test]
+fn layout_iq4_nl() {
+    let mut b = vec![0u8; 18];
+    b[..2].copy_from_slice(&f16b(0.5));
+    for j in 0..16 {
+        b[2 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(GgmlType::IQ4_NL, &b);
+    for j in 0..16 {
+        assert_eq!(y[j], 0.5 * KV[j], "element {j}");
+        assert_eq!(y[j + 16], 0.5 * KV[15 - j], "element {}", j + 16);
+    }
+    assert_eq!((y[0], y[15], y[16]), (-63.5, 56.5, 56.5));
+}
+
+#[test]
+fn layout_iq4_xs() {
+    // d | scales_h (u16 LE) | scales_l[4] | qs[128]. Sub-block s: ls = nibble s of scales_l |
+    // bits 2s.. of scales_h << 4; x = d·(ls − 32)·kv.
+    let ls: Vec<u16> = (0..8).map(|s| (s * 9 + 3) % 64).collect();
+    let mut b = vec![0u8; 136];
+    b[..2].copy_from_slice(&f16b(0.25));
+    let mut h = 0u16;
+    for s in 0..8 {
+        b[4 + s / 2] |= ((ls[s] & 15) as u8) << (4 * (s % 2));
+        h |= (ls[s] >> 4) << (2 * s);
+    }
+    b[2..4].copy_from_slice(&h.to_le_bytes());
+    for i in 0..128 {
+        b[8 + i] = (i * 53 + 7) as u8;
+    }
+    let y = deq(GgmlType::IQ4_XS, &b);
+    for s in 0..8 {
+        let dl = 0.25 * (ls[s] as f32 - 32.0);
+        for j in 0..16 {
+            let q = b[8 + 16 * s + j];
+            assert_eq!(y[32 * s + j], dl * KV[(q & 15) as usize], "{s} {j}");
+            assert_eq!(y[32 * s + 16 + j], dl * KV[(q >> 4) as usize], "{s} {j}+16");
+        }
+    }
+    // Element 0: qs[0] = 7 → −10; sub-block 0: ls = 3.
+    assert_eq!(y[0], 0.25 * (3.0 - 32.0) * -10.0);
 }

@@ -20,6 +20,13 @@ const MATMUL_ELEM_BUDGET_Q8K: f64 = 6e-3;
 /// Aggregate budget: ‖y − y_ref‖ / ‖y_ref‖. Random rows make |y| ≈ ‖w‖‖x‖/√cols, so the 8-bit
 /// activation error above is ≈ 0.6% of |y| on average; budget 2%.
 const MATMUL_REL_BUDGET: f64 = 2e-2;
+/// The same for zero-mean weights against Q8_K ([`NO_RTN`]'s random blocks of Q3_K and
+/// IQ4_XS; the quantized matrices above carry a +0.03 offset on every third row, which adds a
+/// large mean term to |y_ref| for the +2.0-offset activation row). There the spike row
+/// dominates: its 256-block has step 40/127, error RMS 0.09 per element over 256 elements, a
+/// dot error ≈ 1.5·w_rms against |y| ≈ w_rms·√(cols·5) (36·w_rms at cols = 256): ≈ 4% for
+/// that row and ≈ 3.7% in aggregate over m = 2 at one block (2.7% at cols = 512); 6%.
+const MATMUL_REL_BUDGET_ZERO_MEAN_Q8K: f64 = 6e-2;
 /// Portable vs SIMD: both run identical integer block dots on identical quantized activations;
 /// only f32 accumulation order differs (≈ cols/32 terms ⇒ ~1e-6 relative).
 const AGREE_BUDGET: f64 = 1e-5;
@@ -43,25 +50,56 @@ fn check_matmul(isa: Isa, ty: GgmlType, rows: usize, cols: usize, m: usize, seed
     matmul_with(isa, w, &x, m, &mut y);
     let yr = reference_matmul(&wd, rows, cols, &x, m);
     let (wn, xn) = (norms(&wd, cols), norms(&x, cols));
-    let (mut worst, mut se, mut sr) = (0f64, 0f64, 0f64);
-    for i in 0..m {
-        for r in 0..rows {
-            let e = (y[i * rows + r] as f64 - yr[i * rows + r]).abs();
-            worst = worst.max(e / (wn[r] * xn[i]).max(1e-30));
-            se += e * e;
-            sr += yr[i * rows + r].powi(2);
-        }
-    }
-    let rel = (se / sr).sqrt();
     let elem_budget = if ty.block_len() == 256 {
         MATMUL_ELEM_BUDGET_Q8K
     } else {
         MATMUL_ELEM_BUDGET
     };
+    // The budgets above hold from a few hundred columns on. For short rows, and for the spike
+    // row whose one coarse block is the whole row, the activation rounding itself sets the
+    // scale: element j is rounded with its block's step amax/127, an error uniform over ±step/2,
+    // so the dot's error RMS is ≈ ‖w‖·√(Σ_j step_j²/12 / cols) (random w); relative to
+    // ‖w‖·‖x‖, 5σ of that (e.g. 4e-3 for a 32-column normal row, 1.1e-2 for the 32-column
+    // spike row).
+    let row_budget: Vec<f64> = (0..m)
+        .map(|i| {
+            if ty.block_len() == 1 {
+                return elem_budget;
+            }
+            let ab = if ty.block_len() == 256 { 256 } else { 32 };
+            let xi = &x[i * cols..(i + 1) * cols];
+            let var: f64 = xi
+                .chunks(ab)
+                .map(|b| {
+                    let step = b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                    step * step / 12.0 * b.len() as f64
+                })
+                .sum();
+            elem_budget.max(5.0 * (var / cols as f64).sqrt() / xn[i])
+        })
+        .collect();
+    let (mut worst, mut worst_budget, mut se, mut sr) = (0f64, elem_budget, 0f64, 0f64);
+    for i in 0..m {
+        for r in 0..rows {
+            let e = (y[i * rows + r] as f64 - yr[i * rows + r]).abs();
+            let rel_e = e / (wn[r] * xn[i]).max(1e-30);
+            if rel_e / row_budget[i] > worst / worst_budget {
+                (worst, worst_budget) = (rel_e, row_budget[i]);
+            }
+            se += e * e;
+            sr += yr[i * rows + r].powi(2);
+        }
+    }
+    let rel = (se / sr).sqrt();
+    let rel_budget = if NO_RTN.contains(&ty) && ty.block_len() == 256 {
+        MATMUL_REL_BUDGET_ZERO_MEAN_Q8K
+    } else {
+        MATMUL_REL_BUDGET
+    };
     assert!(
-        worst <= elem_budget && rel <= MATMUL_REL_BUDGET,
-        "{isa:?} {ty} {rows}x{cols} m={m}: elem {worst:.2e} (budget {elem_budget}), \
-         rel {rel:.2e} (budget {MATMUL_REL_BUDGET})"
+        worst <= worst_budget && rel <= rel_budget,
+        "{isa:?} {ty} {rows}x{cols} m={m}: elem {worst:.2e} (budget {worst_budget:.2e}), \
+         rel {rel:.2e} (budget {rel_budget})"
     );
 }
 

@@ -179,6 +179,99 @@ fn exact_q_dot(ty: GgmlType, w: &[u8], x: &[f32]) -> (f64, f64) {
                 mag += (d * iabs as f64).abs();
             }
         }
+        GgmlType::Q2_K => {
+            // scales[16] | qs[64] | d | dmin; element 128n + 32j + l is bits 2j of
+            // qs[32n + l], in sub-block e / 16.
+            for (i, blk) in w.chunks_exact(84).enumerate() {
+                let (mut isum, mut iabs, mut msum, mut mabs) = (0i64, 0i64, 0i64, 0i64);
+                for e in 0..256 {
+                    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+                    let q = ((blk[16 + 32 * n + l] >> (2 * j)) & 3) as i64;
+                    let p = (blk[e / 16] & 15) as i64 * q * xq(256 * i + e);
+                    isum += p;
+                    iabs += p.abs();
+                }
+                for sb in 0..16 {
+                    let t = (blk[sb] >> 4) as i64 * xr.bs16[16 * i + sb] as i64;
+                    msum += t;
+                    mabs += t.abs();
+                }
+                let d = xr.d[i] as f64 * rd_f16(blk, 80) as f64;
+                let dmin = xr.d[i] as f64 * rd_f16(blk, 82) as f64;
+                val += d * isum as f64 - dmin * msum as f64;
+                mag += (d * iabs as f64).abs() + (dmin * mabs as f64).abs();
+            }
+        }
+        GgmlType::Q3_K => {
+            // hmask[32] | qs[64] | scales[12] | d. The scales unpacked as ggml does, four at a
+            // time in u32s.
+            for (i, blk) in w.chunks_exact(110).enumerate() {
+                let a =
+                    |k: usize| u32::from_le_bytes(blk[96 + 4 * k..100 + 4 * k].try_into().unwrap());
+                let (m2, m4) = (0x0303_0303u32, 0x0F0F_0F0Fu32);
+                let words = [
+                    (a(0) & m4) | ((a(2) & m2) << 4),
+                    (a(1) & m4) | (((a(2) >> 2) & m2) << 4),
+                    ((a(0) >> 4) & m4) | (((a(2) >> 4) & m2) << 4),
+                    ((a(1) >> 4) & m4) | (((a(2) >> 6) & m2) << 4),
+                ];
+                let sc: Vec<i64> = words
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .map(|v| v as i64 - 32)
+                    .collect();
+                let (mut isum, mut iabs) = (0i64, 0i64);
+                for e in 0..256 {
+                    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+                    let lo = ((blk[32 + 32 * n + l] >> (2 * j)) & 3) as i64;
+                    let hi = (blk[l] >> (4 * n + j)) & 1;
+                    let q = lo - if hi == 1 { 0 } else { 4 };
+                    let p = sc[e / 16] * q * xq(256 * i + e);
+                    isum += p;
+                    iabs += p.abs();
+                }
+                let d = xr.d[i] as f64 * rd_f16(blk, 108) as f64;
+                val += d * isum as f64;
+                mag += (d * iabs as f64).abs();
+            }
+        }
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+            const KV: [i64; 16] = [
+                -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+            ];
+            // Sub-block s (32 elements) of a block: its 16 quant bytes, its integer scale,
+            // the f32 factor d_w·d_x.
+            let subs: Vec<(&[u8], i64, f64)> = if ty == GgmlType::IQ4_NL {
+                w.chunks_exact(18)
+                    .enumerate()
+                    .map(|(b, blk)| (&blk[2..18], 1, rd_f16(blk, 0) as f64 * xr.d[b] as f64))
+                    .collect()
+            } else {
+                w.chunks_exact(136)
+                    .enumerate()
+                    .flat_map(|(i, blk)| {
+                        let h = u16::from_le_bytes([blk[2], blk[3]]) as i64;
+                        let dd = rd_f16(blk, 0) as f64 * xr.d[i] as f64;
+                        (0..8).map(move |s| {
+                            let lo = ((blk[4 + s / 2] >> (4 * (s % 2))) & 15) as i64;
+                            let ls = lo | (((h >> (2 * s)) & 3) << 4);
+                            (&blk[8 + 16 * s..24 + 16 * s], ls - 32, dd)
+                        })
+                    })
+                    .collect()
+            };
+            for (s, &(qs, sc, dd)) in subs.iter().enumerate() {
+                let (mut isum, mut iabs) = (0i64, 0i64);
+                for j in 0..32 {
+                    let q = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
+                    let p = sc * KV[q as usize] * xq(32 * s + j);
+                    isum += p;
+                    iabs += p.abs();
+                }
+                val += dd * isum as f64;
+                mag += (dd * iabs as f64).abs();
+            }
+        }
         _ => unreachable!(),
     }
     (val, mag)
