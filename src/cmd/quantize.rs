@@ -23,8 +23,8 @@ use ember_runtime::gguf::quantize::{self, FileType, Plan, PlannedTensor, Progres
 /// Q3_K_M, Q3_K_S, Q2_K, F16, BF16, F32.
 ///
 /// OUT is written as OUT.tmp and renamed when complete (an existing OUT is replaced, as
-/// llama-quantize does; OUT may not be IN). Memory stays bounded: tensors are streamed from the
-/// input's memory map in slabs of rows.
+/// llama-quantize does; OUT may not be IN). Memory stays bounded: tensors are read, encoded and
+/// written a slab of rows at a time.
 #[argh(subcommand, name = "quantize")]
 pub struct QuantizeArgs {
     /// allow re-encoding tensors that are already quantized: quality suffers compared to
@@ -34,6 +34,10 @@ pub struct QuantizeArgs {
     /// worker threads (default: all cores); the output does not depend on it
     #[argh(option, short = 't')]
     threads: Option<usize>,
+    /// no mix: every tensor that may be quantized gets TYPE's block type, or its fallback
+    /// where a row is not a whole number of blocks (llama-quantize's --pure)
+    #[argh(switch)]
+    pure: bool,
     /// print the plan (each tensor's type and size) without writing a file
     #[argh(switch)]
     dry_run: bool,
@@ -72,7 +76,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     }
     refuse_same_file(&a.input, &a.output)?;
     let src = GgufFile::open(&a.input)?;
-    let plan = quantize::plan(&src, ftype)
+    let plan = quantize::plan_with(&src, ftype, a.pure)
         .with_context(|| format!("planning {} as {ftype}", a.input.display()))?;
     let requant: Vec<&PlannedTensor> = plan.requantized().collect();
     if !requant.is_empty() && a.allow_requantize {

@@ -27,10 +27,11 @@
 //! of any element type come out exactly as they went in.
 //!
 //! Memory: the output is written as it is made: the header first (all sizes are known from
-//! the plan), then one tensor after another, each in slabs of rows (at most
-//! [`SLAB_ELEMENTS`] f32 at a time), encoded on rayon's threads row by row and written in
-//! order — the bytes do not depend on the number of threads. The input is read through its
-//! memory map.
+//! the plan), then one tensor after another, each read from the input file in slabs of rows
+//! (at most [`SLAB_ELEMENTS`] elements at a time, with plain reads rather than through the
+//! memory map, so the process does not keep every input page it touched), encoded on rayon's
+//! threads row by row and written in order — the bytes do not depend on the number of
+//! threads.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,9 +45,10 @@ use crate::quant::{self, GgmlType, QuantError, ggml_quantize};
 pub const QUANTIZATION_VERSION: u32 = 2;
 /// The data alignment llama-quantize writes (`GGUF_DEFAULT_ALIGNMENT`).
 pub const ALIGNMENT: u64 = 32;
-/// f32 elements dequantized at a time per tensor (64 MiB of f32): bounds the memory of a
-/// large tensor (Qwen2.5's 151936 × 896 embeddings are 545 MB as f32).
-pub const SLAB_ELEMENTS: usize = 16 << 20;
+/// Elements read, encoded and written at a time (whole rows, at least one): bounds the memory
+/// a large tensor takes (Qwen2.5's 151936 × 896 embeddings are 545 MB as f32; a slab of an F32
+/// input is 16 MiB).
+pub const SLAB_ELEMENTS: usize = 4 << 20;
 
 /// A quantization mix (llama.cpp's `llama_ftype`) that ember writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -724,6 +726,12 @@ fn fallback(t: GgmlType, ncols: u64, name: &str) -> Result<Option<GgmlType>, Qua
 /// Decide every output tensor's type, order and offset, and build the output header, as
 /// llama-quantize does for `ftype` (no importance matrix, no overrides).
 pub fn plan(src: &GgufFile, ftype: FileType) -> Result<Plan, QuantizeError> {
+    plan_with(src, ftype, false)
+}
+
+/// [`plan`], or with `pure` (llama-quantize's `--pure`) without the mix's per-tensor choices:
+/// every tensor that may be quantized gets the default type (or its fallback).
+pub fn plan_with(src: &GgufFile, ftype: FileType, pure: bool) -> Result<Plan, QuantizeError> {
     if let Some(a) = src.metadata.get_u64(keys::ALIGNMENT)
         && a != ALIGNMENT
     {
@@ -762,7 +770,9 @@ pub fn plan(src: &GgufFile, ftype: FileType) -> Result<Plan, QuantizeError> {
         if allows_quantization(&info.arch, &t.name, &t.dims) {
             to = default;
             if is_quantized(default) {
-                to = st.mix_type(to, &t.name, ncols, cat)?;
+                if !pure {
+                    to = st.mix_type(to, &t.name, ncols, cat)?;
+                }
                 if let Some(f) = fallback(to, ncols, &t.name)? {
                     to = f;
                     fell_back = true;
@@ -928,34 +938,69 @@ pub enum Progress<'a> {
     TensorDone(usize, &'a PlannedTensor),
 }
 
-/// Write the output file for `plan` to `out`, streaming: the header, then tensor after tensor.
-/// Converted tensors are dequantized and encoded a slab of rows at a time on rayon's threads
-/// (the bytes do not depend on their number).
+/// Where tensor bytes are read from: the input file, a slab at a time with positioned reads
+/// (so that the process holds only the slab, not every page of the input it has touched), or,
+/// for an input parsed from memory, its bytes.
+enum Input<'a> {
+    File(std::fs::File),
+    Memory(&'a [u8]),
+}
+
+impl Input<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Input::File(f) => {
+                use std::io::{Read, Seek, SeekFrom};
+                f.seek(SeekFrom::Start(offset))?;
+                f.read_exact(buf)
+            }
+            Input::Memory(b) => {
+                let s = offset as usize;
+                buf.copy_from_slice(&b[s..s + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Write the output file for `plan` to `out`, streaming: the header, then tensor after tensor,
+/// each read from the input and written a slab of rows at a time. Converted tensors are
+/// dequantized and encoded row by row on rayon's threads (the bytes do not depend on their
+/// number).
 pub fn write<W: Write>(
     src: &GgufFile,
     plan: &Plan,
     out: &mut W,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<(), std::io::Error> {
+    let mut input = match std::fs::File::open(src.path()) {
+        Ok(f) if f.metadata()?.len() == src.file_len() => Input::File(f),
+        _ => Input::Memory(src.bytes()),
+    };
     out.write_all(&plan.header)?;
     let zeros = [0u8; ALIGNMENT as usize];
+    let mut src_buf = Vec::new();
+    let mut dst_buf = Vec::new();
     for (k, t) in plan.tensors.iter().enumerate() {
         let info = &src.tensors[t.src];
-        let bytes = src.tensor_bytes(info);
-        if !t.converts() {
-            // Copy in slabs of rows, so that the progress moves through a large tensor too.
-            let ncols = t.dims[0] as usize;
-            let rows = (t.n_elements() / t.dims[0]) as usize;
-            let slab_rows = (SLAB_ELEMENTS / ncols).max(1);
-            let row_bytes = bytes.len() / rows.max(1);
-            for chunk in bytes.chunks((slab_rows * row_bytes).max(1)) {
-                out.write_all(chunk)?;
-                progress(Progress::Elements(
-                    (chunk.len() / row_bytes.max(1) * ncols) as u64,
-                ));
+        let start = src.data_offset() + info.offset;
+        let ncols = t.dims[0] as usize;
+        let rows = (t.n_elements() / t.dims[0]) as usize;
+        let src_row = info.n_bytes as usize / rows.max(1);
+        let dst_row = t.out_bytes as usize / rows.max(1);
+        let slab_rows = (SLAB_ELEMENTS / ncols).max(1);
+        for r0 in (0..rows).step_by(slab_rows) {
+            let n = slab_rows.min(rows - r0);
+            src_buf.resize(n * src_row, 0);
+            input.read_at(start + (r0 * src_row) as u64, &mut src_buf)?;
+            if t.converts() {
+                dst_buf.resize(n * dst_row, 0);
+                encode_rows(t, &src_buf, &mut dst_buf)?;
+                out.write_all(&dst_buf)?;
+            } else {
+                out.write_all(&src_buf)?;
             }
-        } else {
-            encode_tensor(t, bytes, out, &mut progress)?;
+            progress(Progress::Elements((n * ncols) as u64));
         }
         let pad = (t.out_bytes.next_multiple_of(ALIGNMENT) - t.out_bytes) as usize;
         out.write_all(&zeros[..pad])?;
@@ -964,38 +1009,22 @@ pub fn write<W: Write>(
     out.flush()
 }
 
-/// Dequantize and re-encode one tensor, a slab of rows at a time.
-fn encode_tensor<W: Write>(
-    t: &PlannedTensor,
-    bytes: &[u8],
-    out: &mut W,
-    progress: &mut impl FnMut(Progress<'_>),
-) -> Result<(), std::io::Error> {
+/// Dequantize and re-encode whole rows of `t`: `src` holds them in the input's type, `dst`
+/// receives them in the output's.
+fn encode_rows(t: &PlannedTensor, src: &[u8], dst: &mut [u8]) -> Result<(), std::io::Error> {
     let ncols = t.dims[0] as usize;
-    let rows = (t.n_elements() / ncols as u64) as usize;
-    let src_row = bytes.len() / rows.max(1);
-    let dst_row = t.out_bytes as usize / rows.max(1);
-    let slab_rows = (SLAB_ELEMENTS / ncols).max(1);
-    let mut buf = vec![0u8; slab_rows.min(rows) * dst_row];
-    let io_err = |e: QuantError| std::io::Error::other(format!("tensor {}: {e}", t.name));
-    for r0 in (0..rows).step_by(slab_rows) {
-        let n = slab_rows.min(rows - r0);
-        let dst = &mut buf[..n * dst_row];
-        let srcs = &bytes[r0 * src_row..(r0 + n) * src_row];
-        dst.par_chunks_mut(dst_row)
-            .zip(srcs.par_chunks(src_row))
-            .try_for_each_init(
-                || vec![0f32; ncols],
-                |f, (d, s)| {
-                    quant::dequantize(t.from, s, f)?;
-                    ggml_quantize::quantize_into(t.to, f, d)
-                },
-            )
-            .map_err(io_err)?;
-        out.write_all(dst)?;
-        progress(Progress::Elements((n * ncols) as u64));
-    }
-    Ok(())
+    let rows = src.len() / t.from.row_bytes(ncols).unwrap_or(src.len()).max(1);
+    let (src_row, dst_row) = (src.len() / rows.max(1), dst.len() / rows.max(1));
+    dst.par_chunks_mut(dst_row)
+        .zip(src.par_chunks(src_row))
+        .try_for_each_init(
+            || vec![0f32; ncols],
+            |f, (d, s)| {
+                quant::dequantize(t.from, s, f)?;
+                ggml_quantize::quantize_into(t.to, f, d)
+            },
+        )
+        .map_err(|e| std::io::Error::other(format!("tensor {}: {e}", t.name)))
 }
 
 /// Check that `plan` can be carried out: every converted tensor's source type can be read and
