@@ -13,7 +13,7 @@
 //!   ember's logit for each of llama.cpp's top-8 ids is within the model's `logit` bound, the
 //!   logsumexp of ember's whole row (all n_vocab logits) within its `logsumexp` bound of
 //!   llama.cpp's, and ember's top-1 is llama.cpp's wherever llama.cpp's top-1/top-2 margin is
-//!   at least `MARGIN`;
+//!   at least `MARGIN` (1.0);
 //! - decode path (one token per step), teacher-forced on llama.cpp's greedy tokens: ember's
 //!   argmax is llama.cpp's token at each of the first `GREEDY_PREFIX` generated positions,
 //!   except where llama.cpp's own margin there is below `NEAR_TIE`;
@@ -29,6 +29,9 @@
 //! formed in a different order (and llama.cpp repacks Q4_K weights for AVX2 GEMMs), hence
 //! bounds, not equality. Each bound is the worst deviation measured on these fixtures plus
 //! headroom (see `Bounds`), low enough that a real regression trips it.
+//!
+//! The fixture format and the comparison are `tests/common/reference.rs`, shared with
+//! `arch_reference.rs`.
 
 mod common;
 
@@ -36,13 +39,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
-use ember_runtime::engine::{Engine, EngineConfig, GenerateRequest};
+use common::reference::{self, Bounds, Outcome, Reference};
+use ember_runtime::engine::{Engine, EngineConfig};
 use ember_runtime::model::LogitsWanted;
-use ember_runtime::sample::SamplerConfig;
 use serde::Deserialize;
 
-/// Top-1 must agree wherever llama.cpp's top-1/top-2 margin is at least this.
-const MARGIN: f32 = 1.0;
+/// Decode steps compared per case, teacher-forced and free-running.
 const GREEDY_PREFIX: usize = 8;
 /// llama.cpp top-1/top-2 margins below this are treated as ties: a token there may differ.
 /// SmolLM2 has "massive activations" (layer-11 FFN sums ~2e4) that amplify summation-order
@@ -52,14 +54,7 @@ const GREEDY_PREFIX: usize = 8;
 /// 0.210 (CPU and wgpu); every other generated token matches.
 const NEAR_TIE: f32 = 0.35;
 
-/// How far ember may be from llama.cpp, per model and backend.
-#[derive(Clone, Copy, Debug)]
-struct Bounds {
-    /// |Δ| of the logit of each of llama.cpp's top-8 ids.
-    logit: f32,
-    /// |Δ| of the logsumexp of the whole row.
-    logsumexp: f32,
-}
+// How far ember may be from llama.cpp, per model and backend (`common::reference::Bounds`).
 
 /// SmolLM2-135M Q4_1 on the CPU, the short `dev` prompts (≤ 16 tokens). Measured worst
 /// (`cargo test --test reference_logits -- --nocapture`): top-8 |Δlogit| 0.763 (Edge devices…,
@@ -123,35 +118,6 @@ const GEMMA3_CPU_LONG: Bounds = Bounds {
 const GEMMA3_WGPU: Bounds = GEMMA3_CPU;
 const GEMMA3_WGPU_LONG: Bounds = GEMMA3_CPU_LONG;
 
-#[derive(Deserialize)]
-struct Reference {
-    model_sha256: String,
-    n_vocab: usize,
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt: String,
-    add_bos: bool,
-    prompt_tokens: Vec<u32>,
-    greedy_tokens: Vec<u32>,
-    top_logits_per_position: Vec<Top>,
-}
-
-#[derive(Deserialize)]
-struct Top {
-    ids: Vec<u32>,
-    logits: Vec<f32>,
-    logsumexp: f32,
-}
-
-impl Top {
-    fn margin(&self) -> f32 {
-        self.logits[0] - self.logits[1]
-    }
-}
-
 /// sha256 of a model file, computed once per file per test binary (Qwen is 470 MB).
 fn model_sha256(path: &Path) -> String {
     static CACHE: OnceLock<Mutex<HashMap<std::path::PathBuf, String>>> = OnceLock::new();
@@ -168,8 +134,7 @@ fn model_sha256(path: &Path) -> String {
 /// The fixture, after checking that it was made from the model file the test is about to run.
 fn load_reference(fixture: &str, model: &Path) -> Reference {
     let fpath = common::fixture(fixture);
-    let r: Reference = serde_json::from_str(&std::fs::read_to_string(&fpath).unwrap())
-        .unwrap_or_else(|e| panic!("{}: {e}", fpath.display()));
+    let r = reference::read_reference(&fpath);
     let actual = model_sha256(model);
     assert_eq!(
         r.model_sha256,
@@ -185,27 +150,6 @@ fn load_reference(fixture: &str, model: &Path) -> Reference {
     r
 }
 
-fn logsumexp(row: &[f32]) -> f64 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
-}
-
-/// The worst deviation seen and where.
-#[derive(Default)]
-struct Worst {
-    value: f32,
-    at: String,
-}
-
-impl Worst {
-    fn see(&mut self, v: f32, at: impl FnOnce() -> String) {
-        if v > self.value {
-            self.value = v;
-            self.at = at();
-        }
-    }
-}
-
 fn open(model_file: &str, placement: &ember_runtime::accel::Placement) -> Engine {
     let path = common::real_model(model_file);
     ember_models::open_on(&path, placement, |_| EngineConfig {
@@ -216,171 +160,56 @@ fn open(model_file: &str, placement: &ember_runtime::accel::Placement) -> Engine
     .unwrap()
 }
 
-fn short(prompt: &str) -> String {
-    let p: String = prompt.chars().take(40).collect();
-    if p.len() < prompt.len() {
-        format!("{p:?}…")
-    } else {
-        format!("{p:?}")
-    }
-}
-
-/// Checks every case of `fixture` against `engine` (see the module docs); panics listing every
-/// failure. `free_running`: also run `Engine::generate` and compare its continuation.
+/// Checks every case of `fixture` against `engine` (see the module docs) with the comparison of
+/// `common::reference`; panics listing every failure. `free_running`: also run
+/// `Engine::generate` and compare its continuation.
 fn check_fixture(engine: &Engine, model_file: &str, fixture: &str, b: Bounds, free_running: bool) {
     let path = common::real_model(model_file);
     let r = load_reference(fixture, &path);
     eprintln!("{model_file} on {}: {fixture}", engine.model.backend());
     assert_eq!(engine.model.config().n_vocab, r.n_vocab);
-    let n_vocab = r.n_vocab;
-    let (mut worst, mut worst_lse) = (Worst::default(), Worst::default());
-    let mut failures = vec![];
+    let mut out = Outcome::default();
     for case in &r.cases {
-        let name = short(&case.prompt);
-        // The tokenizer must agree with llama.cpp's on the prompt.
-        let ours = engine
-            .tokenizer
-            .encode(&case.prompt, case.add_bos, true)
-            .unwrap();
-        assert_eq!(ours, case.prompt_tokens, "tokenization of {name}");
-
-        // 1) Logits at every position: prompt and llama.cpp's greedy tokens in one prefill.
-        let all: Vec<u32> = case
-            .prompt_tokens
-            .iter()
-            .chain(&case.greedy_tokens)
-            .copied()
-            .collect();
-        let mut kv = engine.new_cache();
-        let mut logits = Vec::new();
-        engine
-            .forward(&all, &mut kv, LogitsWanted::All, &mut logits)
-            .unwrap();
+        let name = reference::short(&case.prompt);
+        // 1) Logits at every position: prompt and llama.cpp's greedy tokens in one prefill
+        //    (after the tokenizer's prompt tokens are held to llama.cpp's).
+        let per_position = reference::compare_positions(engine, case, r.n_vocab, b, &mut out);
         // The worst |Δ| per 64 positions, to see whether it grows with the context.
-        let mut per_span = vec![0f32; case.top_logits_per_position.len().div_ceil(64)];
-        for (i, top) in case.top_logits_per_position.iter().enumerate() {
-            let row = &logits[i * n_vocab..(i + 1) * n_vocab];
-            for (&id, &want) in top.ids.iter().zip(&top.logits) {
-                let d = (row[id as usize] - want).abs();
-                per_span[i / 64] = per_span[i / 64].max(d);
-                worst.see(d, || format!("{name} position {i} id {id}"));
-                if d > b.logit {
-                    failures.push(format!(
-                        "{name} position {i}: logit of id {id} is {}, llama.cpp {want} (|Δ| {d:.3} > {})",
-                        row[id as usize], b.logit
-                    ));
-                }
-            }
-            let lse = logsumexp(row) as f32;
-            let d = (lse - top.logsumexp).abs();
-            worst_lse.see(d, || format!("{name} position {i}"));
-            if d > b.logsumexp {
-                failures.push(format!(
-                    "{name} position {i}: logsumexp of the row is {lse}, llama.cpp {} (|Δ| {d:.3} > {})",
-                    top.logsumexp, b.logsumexp
-                ));
-            }
-            if top.margin() >= MARGIN {
-                let argmax = ember_runtime::sample::argmax(row);
-                if argmax != top.ids[0] {
-                    failures.push(format!(
-                        "{name} position {i}: top-1 is {argmax}, llama.cpp {} (its margin {:.3})",
-                        top.ids[0],
-                        top.margin()
-                    ));
-                }
-            }
-        }
-        if case.top_logits_per_position.len() > 64 {
-            let spans: Vec<String> = per_span.iter().map(|v| format!("{v:.3}")).collect();
+        if per_position.len() > 64 {
+            let spans: Vec<String> = reference::worst_per_span(&per_position, 64)
+                .iter()
+                .map(|v| format!("{v:.3}"))
+                .collect();
             eprintln!(
                 "  {name}: worst |Δlogit| per 64 positions: {}",
                 spans.join(" ")
             );
         }
-
+        let notes_before = out.notes.len();
         // 2) Greedy decoding through the engine's decode path (one token per step),
         //    teacher-forced on llama.cpp's tokens so every one of the first
         //    GREEDY_PREFIX positions is checked: ember's argmax must be llama.cpp's
         //    token wherever llama.cpp itself was not at a near-tie (see NEAR_TIE).
-        let n = GREEDY_PREFIX.min(case.greedy_tokens.len());
-        let np = case.prompt_tokens.len();
-        let mut kv = engine.new_cache();
-        engine
-            .forward(
-                &case.prompt_tokens,
-                &mut kv,
-                LogitsWanted::Last,
-                &mut logits,
-            )
-            .unwrap();
-        for i in 0..n {
-            let want = case.greedy_tokens[i];
-            let margin = case.top_logits_per_position[np - 1 + i].margin();
-            let got = ember_runtime::sample::argmax(&logits);
-            if got != want {
-                if margin >= NEAR_TIE {
-                    failures.push(format!("{name}: decode step {i} (teacher-forced) picks {got}, llama.cpp {want} (its margin {margin:.3})"));
-                } else {
-                    eprintln!(
-                        "  {name}: decode step {i}: near-tie (llama.cpp margin {margin:.3}): ours {got}, llama.cpp {want}"
-                    );
-                }
-            }
-            engine
-                .forward(&[want], &mut kv, LogitsWanted::Last, &mut logits)
-                .unwrap();
-        }
-
+        reference::compare_decode(engine, case, GREEDY_PREFIX, NEAR_TIE, &mut out);
         // 3) Free-running greedy generation: the first GREEDY_PREFIX tokens must be llama.cpp's
         //    unless the two part at one of llama.cpp's near-ties.
-        if !free_running {
-            continue;
+        if free_running {
+            reference::compare_free_running(engine, case, GREEDY_PREFIX, NEAR_TIE, &mut out);
         }
-        let req = GenerateRequest {
-            prompt_tokens: case.prompt_tokens.clone(),
-            max_tokens: case.greedy_tokens.len(),
-            sampler: SamplerConfig::greedy(),
-            stop_strings: vec![],
-            top_logprobs: 0,
-            echo: false,
-            ignore_eos: false,
-        };
-        let g = engine.generate(&req, &mut |_| {}).unwrap();
-        let same = g
-            .generated_tokens
-            .iter()
-            .zip(&case.greedy_tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let parted = if same < case.greedy_tokens.len() {
-            let margin = case.top_logits_per_position[np - 1 + same].margin();
-            if same < GREEDY_PREFIX && margin >= NEAR_TIE {
-                failures.push(format!(
-                    "{name}: free-running greedy parts from llama.cpp's at token {same} \
-                     (ours {:?}, llama.cpp {}, its margin {margin:.3})",
-                    g.generated_tokens.get(same),
-                    case.greedy_tokens[same]
-                ));
-            }
-            format!(", parted at llama.cpp margin {margin:.3}")
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "  {name}: free-running greedy matches llama.cpp for {same}/{} tokens{parted}",
-            case.greedy_tokens.len()
-        );
+        // Near-ties the decode steps took the other way, how far free-running greedy followed.
+        for note in &out.notes[notes_before..] {
+            eprintln!("  {note}");
+        }
     }
     eprintln!(
         "{model_file} {fixture}: worst |Δlogit| on llama.cpp's top-8 = {:.3} ({}), bound {}; \
          worst |Δlogsumexp| = {:.3} ({}), bound {}",
-        worst.value, worst.at, b.logit, worst_lse.value, worst_lse.at, b.logsumexp
+        out.worst.value, out.worst.at, b.logit, out.worst_lse.value, out.worst_lse.at, b.logsumexp
     );
     assert!(
-        failures.is_empty(),
+        out.failures.is_empty(),
         "{model_file} against llama.cpp ({fixture}):\n{}",
-        failures.join("\n")
+        out.failures.join("\n")
     );
 }
 

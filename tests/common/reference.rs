@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use ember_runtime::engine::Engine;
+use ember_runtime::engine::{Engine, GenerateRequest};
 use ember_runtime::model::LogitsWanted;
+use ember_runtime::sample::SamplerConfig;
 use serde::Deserialize;
 
 /// Top-1 must agree wherever llama.cpp's top-1/top-2 margin is at least this.
@@ -100,20 +101,24 @@ pub struct Outcome {
     /// Positions where llama.cpp's margin is at least [`MARGIN`], so the top-1 was compared.
     pub top1_checked: usize,
     pub failures: Vec<String>,
+    /// What was seen but tolerated or is only worth a look: decode steps that part from
+    /// llama.cpp at one of its near-ties, how far free-running greedy follows llama.cpp.
+    pub notes: Vec<String>,
 }
 
 /// One case at every position: the tokenizer must give llama.cpp's prompt tokens; then the
 /// prompt and llama.cpp's greedy tokens go through `engine` in one prefill, and at every
 /// position ember's logit for each of llama.cpp's top-8 ids must be within `b.logit`, the
 /// logsumexp of ember's whole row within `b.logsumexp`, and ember's top-1 llama.cpp's wherever
-/// llama.cpp's margin is at least [`MARGIN`].
+/// llama.cpp's margin is at least [`MARGIN`]. Returns the worst |Δlogit| over llama.cpp's top-8
+/// at each position, to see whether the deviation grows with the context.
 pub fn compare_positions(
     engine: &Engine,
     case: &Case,
     n_vocab: usize,
     b: Bounds,
     out: &mut Outcome,
-) {
+) -> Vec<f32> {
     let name = short(&case.prompt);
     let ours = engine
         .tokenizer
@@ -137,10 +142,12 @@ pub fn compare_positions(
         .forward(&all, &mut kv, LogitsWanted::All, &mut logits)
         .unwrap();
     assert_eq!(logits.len(), all.len() * n_vocab, "{name}: logits shape");
+    let mut per_position = vec![0f32; case.top_logits_per_position.len()];
     for (i, top) in case.top_logits_per_position.iter().enumerate() {
         let row = &logits[i * n_vocab..(i + 1) * n_vocab];
         for (&id, &want) in top.ids.iter().zip(&top.logits) {
             let d = (row[id as usize] - want).abs();
+            per_position[i] = per_position[i].max(d);
             out.worst.see(d, || format!("{name} position {i} id {id}"));
             if !(d <= b.logit) {
                 out.failures.push(format!(
@@ -170,6 +177,15 @@ pub fn compare_positions(
             }
         }
     }
+    per_position
+}
+
+/// The largest of each `span` consecutive values (the last span may be shorter).
+pub fn worst_per_span(values: &[f32], span: usize) -> Vec<f32> {
+    values
+        .chunks(span)
+        .map(|c| c.iter().copied().fold(0f32, f32::max))
+        .collect()
 }
 
 /// The decode path (one token per step) on the first `steps` of llama.cpp's greedy tokens,
@@ -199,13 +215,68 @@ pub fn compare_decode(
         let want = case.greedy_tokens[i];
         let margin = case.top_logits_per_position[np - 1 + i].margin();
         let got = ember_runtime::sample::argmax(&logits);
-        if got != want && margin >= near_tie {
-            out.failures.push(format!(
-                "{name}: decode step {i} (teacher-forced) picks {got}, llama.cpp {want} (its margin {margin:.3})"
-            ));
+        if got != want {
+            if margin >= near_tie {
+                out.failures.push(format!(
+                    "{name}: decode step {i} (teacher-forced) picks {got}, llama.cpp {want} (its margin {margin:.3})"
+                ));
+            } else {
+                out.notes.push(format!(
+                    "{name}: decode step {i}: near-tie (llama.cpp margin {margin:.3}): ours {got}, llama.cpp {want}"
+                ));
+            }
         }
         engine
             .forward(&[want], &mut kv, LogitsWanted::Last, &mut logits)
             .unwrap();
     }
+}
+
+/// Free-running greedy generation (`Engine::generate`): ember's continuation must be llama.cpp's
+/// greedy tokens for the first `prefix`, unless the two part at a token where llama.cpp's own
+/// margin is under `near_tie` (after that the contexts differ and nothing more is compared).
+/// How far the two agree goes into `out.notes`.
+pub fn compare_free_running(
+    engine: &Engine,
+    case: &Case,
+    prefix: usize,
+    near_tie: f32,
+    out: &mut Outcome,
+) {
+    let name = short(&case.prompt);
+    let np = case.prompt_tokens.len();
+    let req = GenerateRequest {
+        prompt_tokens: case.prompt_tokens.clone(),
+        max_tokens: case.greedy_tokens.len(),
+        sampler: SamplerConfig::greedy(),
+        stop_strings: vec![],
+        top_logprobs: 0,
+        echo: false,
+        ignore_eos: false,
+    };
+    let g = engine.generate(&req, &mut |_| {}).unwrap();
+    let same = g
+        .generated_tokens
+        .iter()
+        .zip(&case.greedy_tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let parted = if same < case.greedy_tokens.len() {
+        let margin = case.top_logits_per_position[np - 1 + same].margin();
+        if same < prefix && margin >= near_tie {
+            out.failures.push(format!(
+                "{name}: free-running greedy parts from llama.cpp's at token {same} \
+                 (ours {:?}, llama.cpp {}, its margin {margin:.3})",
+                g.generated_tokens.get(same),
+                case.greedy_tokens[same]
+            ));
+        }
+        format!(", parted at llama.cpp margin {margin:.3}")
+    } else {
+        String::new()
+    };
+    out.notes.push(format!(
+        "{name}: free-running greedy matches llama.cpp for {same}/{} tokens{parted}",
+        case.greedy_tokens.len()
+    ));
 }
