@@ -6,6 +6,11 @@
 //! Each changed tensor is dequantized to f32 and quantized again with ember's reference
 //! round-to-nearest quantizer ([`crate::quant::quantize`]); the result is deterministic, the
 //! same bytes on every machine.
+//!
+//! This is not llama-quantize's output: [`super::quantize`] (`ember quantize`) is, byte for
+//! byte. This one stays only because `tests/eval.rs`'s llama-perplexity reference figures are
+//! for the files it makes (their sha256 is pinned); moving that test to `super::quantize`'s Q4_0
+//! means measuring those figures again for llama-quantize's Q4_0 files.
 
 use rayon::prelude::*;
 
