@@ -65,6 +65,15 @@ fn add_bias(y: &mut [f32], rows: usize, bias: Option<&[f32]>) {
     }
 }
 
+/// The (cos, sin) table of every row of `plan` for `rope`.
+fn rope_table(rope: &ember_runtime::ops::Rope, plan: &BatchPlan) -> Vec<(f32, f32)> {
+    let mut t = Vec::with_capacity(plan.n * rope.n_rot / 2);
+    for s in &plan.segs {
+        rope.table(s.pos0, s.len, &mut t);
+    }
+    t
+}
+
 /// One forward pass on the host: the activations, grown once and reused by every layer.
 pub(crate) struct HostPass<'m> {
     m: &'m Transformer,
@@ -124,15 +133,13 @@ impl DecoderOps for HostPass<'_> {
         if scale != 1.0 {
             self.x.iter_mut().for_each(|v| *v *= scale);
         }
-        let table = |rope: &ember_runtime::ops::Rope| {
-            let mut t = Vec::with_capacity(plan.n * rope.n_rot / 2);
-            for s in &plan.segs {
-                rope.table(s.pos0, s.len, &mut t);
-            }
-            t
-        };
-        self.angles = table(&self.m.rope);
-        self.angles_local = self.m.rope_local.as_ref().map(table).unwrap_or_default();
+        self.angles = rope_table(&self.m.rope, plan);
+        self.angles_local = self
+            .m
+            .rope_local
+            .as_ref()
+            .map(|r| rope_table(r, plan))
+            .unwrap_or_default();
         Ok(())
     }
 

@@ -149,7 +149,7 @@ pub fn compare_positions(
             let d = (row[id as usize] - want).abs();
             per_position[i] = per_position[i].max(d);
             out.worst.see(d, || format!("{name} position {i} id {id}"));
-            if !(d <= b.logit) {
+            if d > b.logit || d.is_nan() {
                 out.failures.push(format!(
                     "{name} position {i}: logit of id {id} is {}, llama.cpp {want} (|Δ| {d:.3} > {})",
                     row[id as usize], b.logit
@@ -159,7 +159,7 @@ pub fn compare_positions(
         let lse = logsumexp(row) as f32;
         let d = (lse - top.logsumexp).abs();
         out.worst_lse.see(d, || format!("{name} position {i}"));
-        if !(d <= b.logsumexp) {
+        if d > b.logsumexp || d.is_nan() {
             out.failures.push(format!(
                 "{name} position {i}: logsumexp of the row is {lse}, llama.cpp {} (|Δ| {d:.3} > {})",
                 top.logsumexp, b.logsumexp
