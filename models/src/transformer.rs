@@ -404,7 +404,7 @@ fn rope_plan(
         }
         other => {
             return Err(unsupported(format!(
-                "RoPE scaling '{other}' ({a}.rope.scaling.type); ember applies linear scaling, Llama 3 frequency factors (rope_freqs) and Phi-3 LongRoPE"
+                "RoPE scaling '{other}' ({a}.rope.scaling.type)"
             )));
         }
     };
@@ -530,7 +530,7 @@ fn hparams(file: &GgufFile, spec: &ArchSpec) -> Result<(ModelConfig, RopePlan), 
             return Err(ModelError::Unsupported {
                 path: path.clone(),
                 what: format!(
-                    "a sliding attention window of {w} ({a}.attention.sliding_window), which ember does not apply to '{a}'"
+                    "a sliding attention window ({a}.attention.sliding_window = {w}) on '{a}'"
                 ),
             });
         }
