@@ -329,7 +329,7 @@ mod fused {
         let quantized = GgmlType::SUPPORTED
             .into_iter()
             .filter(|t| t.block_len() > 1);
-        assert_eq!(quantized.clone().count(), 8);
+        assert_eq!(quantized.clone().count(), 12);
         for ty in quantized {
             let ws = weights(&[ty], &[36], cols);
             for software in [false, true] {

@@ -104,8 +104,11 @@ pub(super) fn perturb_scale(ty: GgmlType, q: &[u8], cols: usize) -> Vec<u8> {
                 c.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
             }
         }
-        // The super-block scale d sits after ql, qh and scales.
+        // The super-block scale d sits after ql, qh and scales (Q6_K), after scales and qs
+        // (Q2_K), after hmask, qs and scales (Q3_K).
         GgmlType::Q6_K => f16_at(&mut q, blk + 208),
+        GgmlType::Q2_K => f16_at(&mut q, blk + 80),
+        GgmlType::Q3_K => f16_at(&mut q, blk + 108),
         // Every other block starts with its f16 scale d.
         _ => f16_at(&mut q, blk),
     }

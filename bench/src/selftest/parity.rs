@@ -27,7 +27,12 @@ pub(super) fn kernel_activations(ty: GgmlType, x: &[f32]) -> (Vec<f64>, Vec<f64>
             .iter_mut()
             .zip(x)
             .for_each(|(o, &v)| *o = bf16_round(v) as f64),
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+        GgmlType::Q2_K
+        | GgmlType::Q3_K
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K
+        | GgmlType::IQ4_XS => {
             // quantize_row_q8_K_ref: the signed value of largest magnitude maps to -127.
             for (xb, ab) in x.chunks_exact(256).zip(a.chunks_exact_mut(256)) {
                 let (mut amax, mut max) = (0f32, 0f32);

@@ -53,7 +53,7 @@ fn fault_spec_parses() {
     let f = parse_fault("f16").unwrap();
     assert_eq!((f.ty, f.isa), (GgmlType::F16, None));
     assert!(
-        parse_fault("q3_k")
+        parse_fault("iq2_xxs")
             .unwrap_err()
             .contains("not a supported block type")
     );
@@ -101,7 +101,7 @@ fn kernels_pass_and_a_fault_fails_clearly() {
         .filter(|c| c.name.starts_with("parity."))
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(parity.len(), 8 * n_isa + 3, "{parity:?}");
+    assert_eq!(parity.len(), 12 * n_isa + 3, "{parity:?}");
     for t in ["F32", "F16", "BF16"] {
         assert!(
             parity.contains(&format!("parity.{t}").as_str()),
@@ -112,13 +112,15 @@ fn kernels_pass_and_a_fault_fails_clearly() {
         ok.iter()
             .filter(|c| c.name.starts_with("roundtrip."))
             .count(),
-        11
+        15
     );
 
     // Every fault, inside or after the kernel, on every ISA: exactly its row fails.
     let mut specs: Vec<String> = vec![];
     for isa in quant::available_isas() {
-        for t in ["q4_k", "q4_1", "q6_k", "q8_0"] {
+        for t in [
+            "q4_k", "q4_1", "q6_k", "q8_0", "q2_k", "q3_k", "iq4_nl", "iq4_xs",
+        ] {
             specs.push(format!("{t}:{}", isa.name()));
         }
         specs.push(format!("q5_0:{}:output", isa.name()));

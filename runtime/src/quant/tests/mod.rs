@@ -77,7 +77,11 @@ pub(in crate::quant) fn random_blocks(ty: GgmlType, n: usize, seed: u64) -> Vec<
         }
         let mut scale = |zero_every: usize| {
             let mag = 0.1 / span * (0.25 + rng.uniform().abs()) as f64;
-            let sign = if rng.next_u64().is_multiple_of(5) { -1.0 } else { 1.0 };
+            let sign = if rng.next_u64().is_multiple_of(5) {
+                -1.0
+            } else {
+                1.0
+            };
             if k % zero_every == zero_every - 1 {
                 0.0
             } else {
