@@ -378,6 +378,13 @@ impl Isa {
         }
     }
 
+    /// The path [`Isa::name`] names (case-insensitive).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Neon]
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(name.trim()))
+    }
+
     /// Whether this CPU can run this path.
     pub fn is_available(self) -> bool {
         match self {
@@ -406,10 +413,25 @@ impl Isa {
     }
 }
 
-/// The fastest path this CPU supports (detected once, cached).
+/// The fastest path this CPU supports (detected once, cached), unless `EMBER_ISA` names another
+/// one it runs (`portable`, `avx2`, `avx512`, `neon`): to measure a slower path (an AVX2-only
+/// machine on an AVX-512 one) or to rule one out.
 pub fn best_isa() -> Isa {
     static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
+        if let Ok(name) = std::env::var("EMBER_ISA") {
+            match Isa::from_name(&name) {
+                Some(isa) if isa.is_available() => return isa,
+                _ => log::warn!(
+                    "EMBER_ISA={name} is not a path this CPU runs ({}): using the fastest",
+                    available_isas()
+                        .iter()
+                        .map(|i| i.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
         for isa in [Isa::Avx512, Isa::Avx2, Isa::Neon] {
             if isa.is_available() {
                 return isa;

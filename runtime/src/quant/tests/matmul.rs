@@ -256,6 +256,15 @@ fn isa_coverage_is_everything_the_cpu_advertises() {
 }
 
 #[test]
+fn isa_names_parse_back() {
+    for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Neon] {
+        assert_eq!(Isa::from_name(isa.name()), Some(isa));
+        assert_eq!(Isa::from_name(&isa.name().to_uppercase()), Some(isa));
+    }
+    assert_eq!(Isa::from_name("sse2"), None);
+}
+
+#[test]
 fn best_isa_is_available() {
     assert!(best_isa().is_available());
     assert!(available_isas().contains(&Isa::Portable));
