@@ -627,27 +627,7 @@ pub fn attention(
     s: AttnShape,
     out: &mut [f32],
 ) {
-    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, None, out, true)
-}
-
-/// [`attention`] (or [`attention_serial`] when `split` is false) with a sliding window: with
-/// `Some(w)`, the query at position `p` sees only positions `p − w + 1 ..= p` (llama.cpp's
-/// standard SWA mask: key `j` is hidden when `p − j ≥ w`); `None` is plain causal attention.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_windowed(
-    q: &[f32],
-    k_blocks: &[&[f16]],
-    v_blocks: &[&[f16]],
-    block_size: usize,
-    pos0: usize,
-    s: AttnShape,
-    window: Option<usize>,
-    out: &mut [f32],
-    split: bool,
-) {
-    attention_in(
-        q, k_blocks, v_blocks, block_size, pos0, s, window, out, split,
-    )
+    attention_windowed(q, k_blocks, v_blocks, block_size, pos0, s, None, out, true)
 }
 
 /// [`attention`] on the calling thread only, for callers that already run several sequences'
@@ -662,11 +642,14 @@ pub fn attention_serial(
     s: AttnShape,
     out: &mut [f32],
 ) {
-    attention_in(q, k_blocks, v_blocks, block_size, pos0, s, None, out, false)
+    attention_windowed(q, k_blocks, v_blocks, block_size, pos0, s, None, out, false)
 }
 
+/// [`attention`] (or [`attention_serial`] when `split` is false) with a sliding window: with
+/// `Some(w)`, the query at position `p` sees only positions `p − w + 1 ..= p` (llama.cpp's
+/// standard SWA mask: key `j` is hidden when `p − j ≥ w`); `None` is plain causal attention.
 #[allow(clippy::too_many_arguments)]
-fn attention_in(
+pub fn attention_windowed(
     q: &[f32],
     k_blocks: &[&[f16]],
     v_blocks: &[&[f16]],
