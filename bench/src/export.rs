@@ -114,6 +114,17 @@ const RUN_COLUMNS: &[&str] = &[
     "rss_peak_mib",
     "device_peak_mib",
     "cache_evictions",
+    // Speculative decoding (empty for a run that did not speculate); at the end, so the
+    // columns before keep their places.
+    "spec_requests",
+    "drafted_tokens",
+    "accepted_tokens",
+    "rejected_tokens",
+    "acceptance_rate",
+    "mean_accepted_run",
+    "verify_steps",
+    "draft_ms",
+    "verify_ms",
 ];
 
 fn run_values(l: &Loaded) -> Vec<serde_json::Value> {
@@ -128,7 +139,7 @@ fn run_values(l: &Loaded) -> Vec<serde_json::Value> {
             .unwrap_or(json!(null))
     };
     let opt = |v: Option<f64>| v.map(|x| json!(x)).unwrap_or(json!(null));
-    vec![
+    let mut v = vec![
         json!(l.file),
         json!(r.run.0),
         json!(r.run_uid),
@@ -172,7 +183,20 @@ fn run_values(l: &Loaded) -> Vec<serde_json::Value> {
         opt(f.rss_peak_bytes.map(|b| b as f64 / 1048576.0)),
         opt(f.device_bytes_peak.map(|b| b as f64 / 1048576.0)),
         r.cache_evictions.map(|x| json!(x)).unwrap_or(json!(null)),
-    ]
+    ];
+    let t = f.spec.as_ref();
+    v.extend([
+        json!(t.map(|t| t.requests)),
+        json!(t.map(|t| t.drafted)),
+        json!(t.map(|t| t.accepted)),
+        json!(t.map(|t| t.rejected)),
+        json!(t.and_then(|t| t.acceptance_rate)),
+        json!(t.and_then(|t| t.mean_accepted_run)),
+        json!(t.map(|t| t.verify_steps)),
+        json!(t.map(|t| t.draft_ms)),
+        json!(t.map(|t| t.verify_ms)),
+    ]);
+    v
 }
 
 fn csv_cell(v: &serde_json::Value) -> String {

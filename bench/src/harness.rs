@@ -268,6 +268,7 @@ impl<'a, 'h> Driver<'a, 'h> {
             counted: Default::default(),
             correct: None,
             slo_attained: None,
+            spec: None,
         });
         if let Some(s) = &item.score {
             self.scores.insert(id, s.clone());
@@ -337,6 +338,9 @@ impl<'a, 'h> Driver<'a, 'h> {
                     self.output_tokens = (self.output_tokens + r.output_tokens() as u64)
                         .saturating_sub(r.token_ns.len() as u64);
                 }
+                // The request's speculation totals (sent once, just before `Finished`); its
+                // tokens were stamped one by one above, each as it was released.
+                ServeEvent::Speculation { spec, .. } => r.spec = Some(spec),
                 ServeEvent::Finished {
                     id,
                     at,

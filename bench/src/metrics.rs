@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{MemorySample, Ns, RequestRecord, SloVerdict};
+use crate::record::{MemorySample, Ns, RequestRecord, SloVerdict, SpecUse};
 use crate::slo::{Slo, SloMetric, SloStat};
 
 const NS_PER_MS: f64 = 1e6;
@@ -303,6 +303,53 @@ pub fn memory_summary(samples: &[MemorySample]) -> MemorySummary {
     }
 }
 
+/// Speculative decoding over a run's measured requests that speculated (failed ones included:
+/// their drafts were work done), token-weighted (METRICS.md, Speculative decoding).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpecSummary {
+    /// Requests that reported speculation totals.
+    pub requests: usize,
+    pub drafted: u64,
+    pub accepted: u64,
+    /// drafted − accepted.
+    pub rejected: u64,
+    pub verify_steps: u64,
+    /// Σ accepted / Σ drafted (None: nothing drafted).
+    pub acceptance_rate: Option<f64>,
+    /// Σ accepted / Σ verify passes (None: no verify pass).
+    pub mean_accepted_run: Option<f64>,
+    /// Σ of the requests' draft and verify times, ms. A pass shared by several requests counts
+    /// in full for each, so under batching these exceed the wall time.
+    pub draft_ms: f64,
+    pub verify_ms: f64,
+}
+
+impl SpecSummary {
+    /// The totals of `specs`; None when there are none (the run did not speculate).
+    pub fn of<'a>(specs: impl IntoIterator<Item = &'a SpecUse>) -> Option<SpecSummary> {
+        let mut t = SpecSummary::default();
+        let (mut draft_ns, mut verify_ns) = (0u64, 0u64);
+        for s in specs {
+            t.requests += 1;
+            t.drafted += s.drafted as u64;
+            t.accepted += s.accepted as u64;
+            t.rejected += s.drafted.saturating_sub(s.accepted) as u64;
+            t.verify_steps += s.verify_steps as u64;
+            draft_ns += s.draft_ns;
+            verify_ns += s.verify_ns;
+        }
+        if t.requests == 0 {
+            return None;
+        }
+        t.acceptance_rate = (t.drafted > 0).then(|| t.accepted as f64 / t.drafted as f64);
+        t.mean_accepted_run =
+            (t.verify_steps > 0).then(|| t.accepted as f64 / t.verify_steps as f64);
+        t.draft_ms = ms(draft_ns);
+        t.verify_ms = ms(verify_ns);
+        Some(t)
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub n_total: usize,
@@ -357,6 +404,9 @@ pub struct Summary {
     /// `--target` profile, or `--cost-per-mtok` for an API).
     #[serde(default)]
     pub cost: Option<Cost>,
+    /// Speculative decoding's totals (None, and absent from the JSON, for a plain run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<SpecSummary>,
 }
 
 /// What a run's output tokens cost.
@@ -503,6 +553,7 @@ pub fn summarize(records: &[RequestRecord], memory: &[MemorySample], slo: Option
         energy: None,
         energy_gap: None,
         cost: None,
+        spec: SpecSummary::of(measured.iter().filter_map(|r| r.spec.as_ref())),
         compat,
         memory: memory_summary(memory),
     };

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use ember_runtime::serve::{CacheUse, FinishKind};
+pub use ember_runtime::serve::{CacheUse, FinishKind, SpecUse};
 
 /// Nanoseconds since the start of the run.
 pub type Ns = u64;
@@ -45,6 +45,10 @@ pub struct RequestRecord {
     /// Whether it met the run's SLO (None: judged by no SLO).
     #[serde(default)]
     pub slo_attained: Option<bool>,
+    /// Speculative decoding's totals for this request (`--lookup`, `--draft`), from the
+    /// server's `Speculation` event. None: the server did not speculate (a plain run, HTTP).
+    #[serde(default)]
+    pub spec: Option<SpecUse>,
 }
 
 /// Token counts of a request measured over HTTP (`ember bench --url`), where `token_ns` holds

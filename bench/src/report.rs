@@ -87,6 +87,8 @@ struct Page {
     n_runs: usize,
     files: Vec<String>,
     runs: Vec<RunCells>,
+    /// The runs that speculated, with their speculation figures (empty: none did).
+    spec_runs: Vec<SpecCells>,
     cdf_plots: Vec<Value>,
     itl_plots: Vec<Value>,
     /// Runs past `max_runs_detailed`, which get no per-run plots.
@@ -112,6 +114,16 @@ struct RunCells {
     workload: String,
     load: String,
     /// n, failed, then the figures, formatted.
+    figures: Vec<String>,
+}
+
+/// One row of the speculative decoding table: the run, then its figures formatted (requests,
+/// drafted, accepted, rejected, acceptance, mean accepted run, verify passes, draft ms,
+/// verify ms, TPOT p50 and p99, ITL p50 and p99).
+#[derive(Serialize)]
+struct SpecCells {
+    file: String,
+    run: i64,
     figures: Vec<String>,
 }
 
@@ -176,6 +188,7 @@ pub fn render(files: &[PathBuf], opts: &ReportOptions) -> Result<String, ReportE
         n_runs: runs.len() + lb_runs.len(),
         files: files.iter().map(|f| f.display().to_string()).collect(),
         runs: runs.iter().map(run_cells).collect(),
+        spec_runs: runs.iter().filter_map(spec_cells).collect(),
         cdf_plots: cdf_plots(&runs),
         itl_plots: detailed.iter().enumerate().map(itl_plot).collect(),
         not_plotted: runs.len() - detailed.len(),
@@ -242,6 +255,39 @@ fn run_cells(r: &LoadedRun) -> RunCells {
             opt(f.prefix_hit_rate.map(|x| format!("{:.1}%", x * 100.0))),
         ],
     }
+}
+
+/// A run's speculation figures beside its TPOT and ITL (None: it did not speculate).
+fn spec_cells(r: &LoadedRun) -> Option<SpecCells> {
+    let f = &r.figures;
+    let t = f.spec.as_ref()?;
+    let ms = |m: &str, q: &str| {
+        f.dist(m)
+            .and_then(|s| s.get(q))
+            .map(|v| format!("{:.2}", v / 1e6))
+            .unwrap_or_else(|| "–".into())
+    };
+    Some(SpecCells {
+        file: r.file.clone(),
+        run: r.row().run.0,
+        figures: vec![
+            t.requests.to_string(),
+            t.drafted.to_string(),
+            t.accepted.to_string(),
+            t.rejected.to_string(),
+            t.acceptance_rate
+                .map_or("–".into(), |a| format!("{:.1}%", a * 100.0)),
+            t.mean_accepted_run
+                .map_or("–".into(), |m| format!("{m:.2}")),
+            t.verify_steps.to_string(),
+            format!("{:.1}", t.draft_ms),
+            format!("{:.1}", t.verify_ms),
+            ms("tpot", "p50"),
+            ms("tpot", "p99"),
+            ms("itl", "p50"),
+            ms("itl", "p99"),
+        ],
+    })
 }
 
 /// One CDF per latency metric, a line per run.

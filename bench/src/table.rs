@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::metrics::{Dist, SloReport, Summary, TagRow};
+use crate::metrics::{Dist, SloReport, SpecSummary, Summary, TagRow};
 use crate::record::{RunResult, SweepResult};
 
 fn num(x: f64) -> String {
@@ -177,6 +177,9 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
         s.prefix_hit_rate * 100.0,
         r.cache_evictions
     );
+    if let Some(t) = &s.spec {
+        speculation(o, t);
+    }
     if let Some(a) = &s.accuracy {
         let _ = writeln!(o, "accuracy    {} (--score)", a.text());
     }
@@ -221,6 +224,29 @@ fn totals(o: &mut String, r: &RunResult, s: &Summary) {
         bytes(m.device_bytes_peak),
         bytes(r.provenance.weights_bytes),
         m.samples
+    );
+}
+
+/// Speculative decoding's totals (only for a run that speculated), and how to read the
+/// latency table beside them.
+fn speculation(o: &mut String, t: &SpecSummary) {
+    let pct = |x: Option<f64>| x.map_or("–".into(), |x| format!("{:.1}%", x * 100.0));
+    let _ = writeln!(
+        o,
+        "speculation drafted {} · accepted {} · rejected {} · acceptance {} · mean accepted run {} per verify pass ({} passes) · draft {} ms · verify {} ms ({} requests)",
+        t.drafted,
+        t.accepted,
+        t.rejected,
+        pct(t.acceptance_rate),
+        t.mean_accepted_run.map_or("–".into(), num),
+        t.verify_steps,
+        num(t.draft_ms),
+        num(t.verify_ms),
+        t.requests
+    );
+    let _ = writeln!(
+        o,
+        "            tokens of one verify pass are released microseconds apart: compare tpot (per token) with a plain run; itl's percentiles show the bursts"
     );
 }
 

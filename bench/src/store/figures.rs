@@ -4,7 +4,8 @@
 //! non-failed requests, ITL pooled over every stored gap. Several runs are
 //! combined by pooling their samples, never by averaging percentiles.
 
-use crate::record::MemorySample;
+use crate::metrics::SpecSummary;
+use crate::record::{MemorySample, SpecUse};
 
 /// One request as the store holds it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -28,6 +29,8 @@ pub struct ReqSample {
     pub correct: Option<bool>,
     /// It met the run's SLO (None: judged by none).
     pub slo_attained: Option<bool>,
+    /// Speculative decoding's totals (None: it did not speculate).
+    pub spec: Option<SpecUse>,
     /// Stored token timestamps (at most the run's token cap).
     pub token_ns: Vec<u64>,
 }
@@ -154,6 +157,10 @@ pub struct Figures {
     /// Output tokens of the requests that met their run's SLO, per second of the windows
     /// (None when some measured request was judged by no SLO).
     pub goodput_output_tps: Option<f64>,
+    /// Speculative decoding's totals over the measured requests that speculated (None for a
+    /// plain run, and then absent from the JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<SpecSummary>,
     /// metric name -> distribution
     pub dists: std::collections::BTreeMap<String, Stats>,
 }
@@ -176,6 +183,7 @@ impl Figures {
         let (mut scored, mut correct) = (0usize, 0usize);
         let mut energy = Some(0.0);
         let mut good_tokens = Some(0u64);
+        let mut specs: Vec<&SpecUse> = vec![];
         for (samples, memory) in runs {
             let measured: Vec<&ReqSample> = samples.iter().filter(|s| !s.warmup).collect();
             f.warmup += samples.len() - measured.len();
@@ -204,6 +212,7 @@ impl Figures {
                     scored += 1;
                     correct += c as usize;
                 }
+                specs.extend(&s.spec);
                 if s.failed {
                     f.failed += 1;
                     continue;
@@ -272,6 +281,7 @@ impl Figures {
         f.decode_tps_total = (dec_ns > 0).then(|| dec_tok as f64 * 1e9 / dec_ns as f64);
         f.accuracy = crate::score::Accuracy::of(correct, scored);
         f.energy_j = energy.filter(|_| !runs.is_empty());
+        f.spec = SpecSummary::of(specs);
         f.goodput_output_tps = good_tokens
             .filter(|_| f.measured > 0 && secs > 0.0)
             .map(|g| g as f64 / secs);
@@ -319,6 +329,18 @@ impl Figures {
         }
         if let Some(g) = self.goodput_output_tps {
             sys("goodput_output_tps", Some(g));
+        }
+        if let Some(t) = &self.spec {
+            // Durations in ns, as every latency in run_metrics.
+            sys("spec_requests", Some(t.requests as f64));
+            sys("drafted_tokens", Some(t.drafted as f64));
+            sys("accepted_tokens", Some(t.accepted as f64));
+            sys("rejected_tokens", Some(t.rejected as f64));
+            sys("verify_steps", Some(t.verify_steps as f64));
+            sys("acceptance_rate", t.acceptance_rate);
+            sys("mean_accepted_run", t.mean_accepted_run);
+            sys("draft_ns", Some((t.draft_ms * 1e6).round()));
+            sys("verify_ns", Some((t.verify_ms * 1e6).round()));
         }
         if let Some(a) = &self.accuracy {
             sys("scored", Some(a.n as f64));

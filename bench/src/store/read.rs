@@ -9,7 +9,8 @@ use rusqlite::{Params, Row};
 use super::{Figures, ReqSample, RunId, RunRow, Store, StoreError, parse_finish};
 use crate::llamabench::{BenchResult, Test};
 use crate::record::{
-    CacheUse, Counted, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict, WorkloadInfo,
+    CacheUse, Counted, MemorySample, Provenance, RequestRecord, RunResult, SloVerdict, SpecUse,
+    WorkloadInfo,
 };
 
 /// A run with what compare, report and export draw from it.
@@ -70,6 +71,25 @@ fn opt_u64(r: &Row, i: usize) -> rusqlite::Result<Option<u64>> {
 fn u64_at(r: &Row, i: usize) -> rusqlite::Result<u64> {
     Ok(r.get::<_, i64>(i)? as u64)
 }
+
+/// The speculation columns, in the order of [`SPEC_COLUMNS`], from column `i` on: None when
+/// the request did not speculate (`drafted_tokens` is NULL).
+fn spec_at(r: &Row, i: usize) -> rusqlite::Result<Option<SpecUse>> {
+    let Some(drafted) = opt_u64(r, i)? else {
+        return Ok(None);
+    };
+    let n = |k: usize| Ok::<_, rusqlite::Error>(opt_u64(r, i + k)?.unwrap_or(0));
+    Ok(Some(SpecUse {
+        drafted: drafted as usize,
+        accepted: n(1)? as usize,
+        verify_steps: n(2)? as usize,
+        draft_ns: n(3)?,
+        verify_ns: n(4)?,
+    }))
+}
+
+/// The columns [`spec_at`] reads (`rejected_tokens` is drafted − accepted).
+const SPEC_COLUMNS: &str = "drafted_tokens, accepted_tokens, verify_steps, draft_ns, verify_ns";
 
 impl Store {
     /// Every row of `sql` with `params`, each read by `f`.
@@ -174,10 +194,10 @@ impl Store {
     /// flagged), with the stored token timestamps.
     pub fn samples(&self, run: RunId) -> Result<Vec<ReqSample>, StoreError> {
         let mut out: Vec<(i64, ReqSample)> = self.rows(
-            "SELECT req_pk, request_id, warmup, prompt_tokens, output_tokens, arrival_ns, schedule_ns,
+            &format!("SELECT req_pk, request_id, warmup, prompt_tokens, output_tokens, arrival_ns, schedule_ns,
                     prefill_start_ns, prefill_end_ns, first_token_ns, last_token_ns, finish_ns, finish_reason,
-                    cached_prompt_tokens, computed_prompt_tokens, max_itl_ns, correct, slo_attained
-             FROM requests WHERE run_id = ?1 ORDER BY req_pk",
+                    cached_prompt_tokens, computed_prompt_tokens, max_itl_ns, correct, slo_attained, {SPEC_COLUMNS}
+             FROM requests WHERE run_id = ?1 ORDER BY req_pk"),
             [run.0],
             |r| {
                 Ok((
@@ -200,6 +220,7 @@ impl Store {
                         max_itl_ns: opt_u64(r, 15)?,
                         correct: r.get(16)?,
                         slo_attained: r.get(17)?,
+                        spec: spec_at(r, 18)?,
                         token_ns: vec![],
                     },
                 ))
@@ -294,11 +315,12 @@ impl Store {
             )
             .map_err(|e| self.err(e))?;
         let recs: Vec<RequestRecord> = self.rows(
-            "SELECT req_pk, request_id, warmup, tags, prompt_tokens, arrival_ns, enqueue_ns, schedule_ns,
+            &format!("SELECT req_pk, request_id, warmup, tags, prompt_tokens, arrival_ns, enqueue_ns, schedule_ns,
                     prefill_start_ns, prefill_end_ns, finish_ns, finish_reason, error, cached_prompt_tokens,
                     computed_prompt_tokens, cache_lookups, cache_hit_blocks, output_text,
-                    server_prompt_tokens, server_output_tokens, local_output_tokens, correct, slo_attained
-             FROM requests WHERE run_id = ?1 ORDER BY req_pk",
+                    server_prompt_tokens, server_output_tokens, local_output_tokens, correct, slo_attained,
+                    {SPEC_COLUMNS}
+             FROM requests WHERE run_id = ?1 ORDER BY req_pk"),
             [run.0],
             |r| {
                 Ok(RequestRecord {
@@ -329,6 +351,7 @@ impl Store {
                     },
                     correct: r.get(21)?,
                     slo_attained: r.get(22)?,
+                    spec: spec_at(r, 23)?,
                 })
             },
         )?;

@@ -196,6 +196,7 @@ fn synth_records(spec: &SynthSpec, rng: &mut Rng) -> Vec<RequestRecord> {
             counted: Default::default(),
             correct: None,
             slo_attained: None,
+            spec: None,
         });
     }
     records

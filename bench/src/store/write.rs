@@ -144,9 +144,10 @@ impl Store {
                  enqueue_ns, schedule_ns, prefill_start_ns, prefill_end_ns, first_token_ns, last_token_ns,
                  finish_ns, finish_reason, error, cached_prompt_tokens, computed_prompt_tokens, cache_lookups,
                  cache_hit_blocks, tokens_stored, max_itl_ns, output_text, chunks, server_prompt_tokens,
-                 server_output_tokens, local_output_tokens, correct, slo_attained)
+                 server_output_tokens, local_output_tokens, correct, slo_attained, drafted_tokens, accepted_tokens,
+                 rejected_tokens, verify_steps, draft_ns, verify_ns)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23,
-                 ?24, ?25, ?26, ?27, ?28, ?29)",
+                 ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)",
             params![
                 run.0,
                 r.request_id as i64,
@@ -177,6 +178,12 @@ impl Store {
                 r.counted.local_output_tokens.map(|x| x as i64),
                 r.correct,
                 r.slo_attained,
+                r.spec.map(|x| x.drafted as i64),
+                r.spec.map(|x| x.accepted as i64),
+                r.spec.map(|x| x.drafted.saturating_sub(x.accepted) as i64),
+                r.spec.map(|x| x.verify_steps as i64),
+                r.spec.map(|x| x.draft_ns as i64),
+                r.spec.map(|x| x.verify_ns as i64),
             ],
         )
         .map_err(e)?;
