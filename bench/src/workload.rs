@@ -3,6 +3,11 @@
 //! - Presets (`chat`, `rag`, `creative`, `shared-prefix`) made of synthetic
 //!   prompts: windows of real text (`bench/data/corpus.txt`) cut to exact
 //!   token lengths drawn from seeded length distributions.
+//! - The `edit` preset: requests to reproduce a code or text block
+//!   (`bench/data/edit.jsonl`) with one small change, through the model's chat
+//!   template. The answer mostly repeats the prompt, which is where speculative
+//!   decoding (`--lookup`, `--draft`) pays; next to `chat` and `creative` it
+//!   shows where speculation pays and where it does not.
 //! - Custom JSONL datasets (`prompt` or `messages`, optional `max_tokens`,
 //!   `expected`, `tags`, `stop`, `raw`, `repeat`), and ShareGPT import.
 //! - The workload hash: sha256 over prompt token ids, the arrival schedule and
@@ -22,6 +27,8 @@ use crate::record::Ns;
 pub const CORPUS: &str = include_str!("../data/corpus.txt");
 /// The example evaluation set shipped with ember (JSONL).
 pub const EVAL_SET: &str = include_str!("../data/eval.jsonl");
+/// Code and text blocks of our own writing for the `edit` preset (JSONL, one [`EditBlock`] a line).
+pub const EDIT_BLOCKS: &str = include_str!("../data/edit.jsonl");
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -33,7 +40,7 @@ pub enum WorkloadError {
     },
     #[error("{source_name}: {msg}")]
     File { source_name: String, msg: String },
-    #[error("unknown workload preset '{0}' (known: chat, rag, creative, shared-prefix)")]
+    #[error("unknown workload preset '{0}' (known: chat, rag, creative, shared-prefix, edit)")]
     Preset(String),
     #[error("bad length distribution '{0}': use fixed:N, uniform:LO:HI or normal:MEAN:SD:LO:HI")]
     Dist(String),
@@ -439,6 +446,131 @@ pub fn build_dataset_items(
         .collect()
 }
 
+// ---------------------------------------------------------------- edit
+
+/// One block of the `edit` preset: a code or text block and the small change asked of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditBlock {
+    pub id: String,
+    /// `code` or `text`.
+    pub kind: String,
+    /// The code fence's language (`rust`, `python`, `text`, ...).
+    pub lang: String,
+    /// The change, as an imperative ("Rename the variable `window` to `span`").
+    pub task: String,
+    /// Literal replacements (every occurrence, in order) that turn `block` into the answer.
+    pub edits: Vec<(String, String)>,
+    pub block: String,
+}
+
+impl EditBlock {
+    /// The user turn: the task, then the block in a code fence. The model is asked for the
+    /// whole block back and nothing else, so that its answer is the block copied with the
+    /// change: the case prompt lookup and draft models are for.
+    pub fn prompt(&self) -> String {
+        let what = if self.kind == "code" { "code" } else { "text" };
+        format!(
+            "{task} in the following {what}. Reply with the complete {what} after the change, \
+             in one code block, and nothing else.\n\n```{lang}\n{block}\n```",
+            task = self.task,
+            lang = self.lang,
+            block = self.block,
+        )
+    }
+
+    /// The block with the change made (the reply's content, without the fence).
+    pub fn expected(&self) -> String {
+        self.edits
+            .iter()
+            .fold(self.block.clone(), |b, (from, to)| b.replace(from, to))
+    }
+}
+
+/// The shipped blocks, in file order.
+pub fn edit_blocks() -> Result<Vec<EditBlock>, WorkloadError> {
+    let mut out = vec![];
+    for (i, line) in EDIT_BLOCKS.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with("//") {
+            continue;
+        }
+        let b: EditBlock = serde_json::from_str(l).map_err(|e| WorkloadError::Line {
+            source_name: "bench/data/edit.jsonl".into(),
+            line: i + 1,
+            msg: e.to_string(),
+        })?;
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// Output tokens allowed beyond the block's own: the fence lines around the copy
+/// (```` ```lang ```` and ```` ``` ````) and a short lead-in sentence some models write first.
+pub const EDIT_SLACK_TOKENS: usize = 32;
+
+/// An `edit` request as one model sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EditPrompt {
+    pub id: String,
+    pub kind: String,
+    /// The user turn through the chat template (or as is, without one).
+    pub text: String,
+    pub prompt_tokens: Vec<u32>,
+    /// Tokens of the block alone (as it would follow the prompt).
+    pub block_tokens: usize,
+    /// The block with the change made.
+    pub expected: String,
+}
+
+/// Every shipped block as a prompt for this tokenizer: through `template` when given (the
+/// model's chat template: an instruct model answers a chat turn, and copies the block; as bare
+/// text it tends to continue the prompt instead), else as bare text with BOS if the model
+/// wants one.
+pub fn edit_prompts(
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<EditPrompt>, WorkloadError> {
+    edit_blocks()?
+        .into_iter()
+        .enumerate()
+        .map(|(index, b)| {
+            let terr = |msg: String| WorkloadError::Tokenize { index, msg };
+            let user = b.prompt();
+            let text = match template {
+                Some(t) => t
+                    .render(&[ChatMessage::new("user", user)], true)
+                    .map_err(|x| terr(x.to_string()))?,
+                None => user,
+            };
+            // As for datasets: a chat template writes BOS itself.
+            let add_bos = template.is_none() && tok.add_bos_default();
+            let prompt_tokens = tok
+                .encode(&text, add_bos, true)
+                .map_err(|x| terr(x.to_string()))?;
+            let block_tokens = tok
+                .encode(&b.block, false, false)
+                .map_err(|x| terr(x.to_string()))?
+                .len();
+            Ok(EditPrompt {
+                id: b.id.clone(),
+                kind: b.kind.clone(),
+                text,
+                prompt_tokens,
+                block_tokens,
+                expected: b.expected(),
+            })
+        })
+        .collect()
+}
+
+/// The output budget of an edit request: the block's length plus [`EDIT_SLACK_TOKENS`], at
+/// most `cap`. The copy ends with the model's end-of-generation token well before this, so the
+/// budget only stops a model that does not stop.
+pub fn edit_max_tokens(p: &EditPrompt, cap: usize) -> usize {
+    (p.block_tokens + EDIT_SLACK_TOKENS).min(cap).max(1)
+}
+
 // ---------------------------------------------------------------- synthetic
 
 /// Token ids of the corpus, cut into prompts of exact lengths.
@@ -525,6 +657,10 @@ impl SyntheticSpec {
             "creative" => s(Uniform { lo: 16, hi: 64 }, Uniform { lo: 192, hi: 384 }, 0),
             // one 512-token system prompt, short user turns
             "shared-prefix" => s(Uniform { lo: 16, hi: 64 }, Uniform { lo: 32, hi: 64 }, 512),
+            // Reproduce a block with a small change (see `build_edit`): the prompts are the
+            // shipped blocks, whatever their length (`input` is unused); each answer's budget
+            // is its block's length plus slack, at most `output`'s maximum.
+            "edit" => s(Fixed { n: 0 }, Fixed { n: 512 }, 0),
             other => return Err(WorkloadError::Preset(other.to_string())),
         })
     }
@@ -533,6 +669,8 @@ impl SyntheticSpec {
         match self.name.as_str() {
             "rag" => 4,
             "creative" => 8,
+            // One pass over the shipped blocks.
+            "edit" => 16,
             _ => 24,
         }
     }
@@ -549,6 +687,10 @@ impl SyntheticSpec {
         seed: u64,
         sampler: SamplerConfig,
     ) -> Workload {
+        assert!(
+            self.name != "edit",
+            "the edit preset tokenizes its own blocks: build it with SyntheticSpec::build_for"
+        );
         let mut notes = vec![];
         let out_max = self.output.max().min(n_ctx / 4).max(1);
         let output = self.output.capped(out_max);
@@ -613,6 +755,163 @@ impl SyntheticSpec {
             ignore_eos: true,
             notes,
             params: serde_json::json!({"input": input, "output": output, "shared_prefix": prefix_len, "n_ctx": n_ctx}),
+        }
+    }
+
+    /// Build for a model: the `edit` preset from its blocks through the model's chat template
+    /// (its own, or the built-in one [`ChatTemplate::from_metadata_or_builtin`] picks, as for
+    /// datasets; bare text, with a note, when that does not parse or render), any other preset
+    /// from the corpus ([`SyntheticSpec::build`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_for(
+        &self,
+        tok: &Tokenizer,
+        md: &ember_runtime::gguf::Metadata,
+        n_ctx: usize,
+        n: usize,
+        n_warmup: usize,
+        seed: u64,
+        sampler: SamplerConfig,
+    ) -> Workload {
+        if self.name != "edit" {
+            let corpus = Corpus::new(tok, CORPUS);
+            return self.build(&corpus, n_ctx, n, n_warmup, seed, sampler);
+        }
+        let templated = ChatTemplate::from_metadata_or_builtin(md)
+            .map_err(|e| e.to_string())
+            .and_then(|t| edit_prompts(tok, Some(&t)).map_err(|e| e.to_string()));
+        let (prompts, note) = match templated {
+            Ok(p) => (p, None),
+            Err(e) => (
+                edit_prompts(tok, None).expect("the shipped edit blocks parse"),
+                Some(format!(
+                    "{}: prompts sent as bare text: the chat template failed ({e})",
+                    self.name
+                )),
+            ),
+        };
+        let mut w = self.build_edit(&prompts, n_ctx, n, n_warmup, seed, sampler);
+        if let Some(p) = w.params.as_object_mut() {
+            p.insert("templated".into(), note.is_none().into());
+        }
+        w.notes.extend(note);
+        w
+    }
+
+    /// The `edit` preset from `prompts` ([`edit_prompts`]): each request asks for one of
+    /// them, in a seeded order (every block once per pass, each pass shuffled anew).
+    ///
+    /// End-of-generation ends a request here (`ignore_eos` is false, unlike the other
+    /// presets). The answer is the block copied with one change and then the model's
+    /// end-of-turn token; generating past that token would measure the model rambling on
+    /// (inventing new chat turns) rather than the copy, which is the very part speculation
+    /// makes cheap or not. llama.cpp's `llama-lookup` stops at end-of-generation too, so the
+    /// two compare on the same text. Output lengths therefore vary with what the model writes
+    /// (bounded by [`edit_max_tokens`]); throughput is still tokens over time.
+    ///
+    /// Blocks whose prompt and answer do not fit `n_ctx` are left out (with a note); when none
+    /// fits, the shortest is cut to fit (with a note: it then no longer holds the whole block).
+    pub fn build_edit(
+        &self,
+        prompts: &[EditPrompt],
+        n_ctx: usize,
+        n: usize,
+        n_warmup: usize,
+        seed: u64,
+        sampler: SamplerConfig,
+    ) -> Workload {
+        assert!(!prompts.is_empty(), "no edit prompts to build from");
+        let mut notes = vec![];
+        if self.input != (LengthDist::Fixed { n: 0 }) {
+            notes.push(format!(
+                "{}: input lengths do not apply; the prompts are the shipped blocks",
+                self.name
+            ));
+        }
+        let cap = self.output.max().max(1);
+        let item = |p: &EditPrompt, prompt_tokens: Vec<u32>, max_tokens: usize| WorkItem {
+            prompt_tokens,
+            max_tokens,
+            stop: vec![],
+            tags: vec![self.name.clone(), p.kind.clone(), format!("id:{}", p.id)],
+            expected: Some(p.expected.clone()),
+            score: None,
+        };
+        let mut pool: Vec<WorkItem> = prompts
+            .iter()
+            .filter_map(|p| {
+                let m = edit_max_tokens(p, cap);
+                (p.prompt_tokens.len() + m < n_ctx).then(|| item(p, p.prompt_tokens.clone(), m))
+            })
+            .collect();
+        if pool.len() < prompts.len() {
+            notes.push(format!(
+                "{}: {} of {} blocks do not fit the context of {n_ctx} with their answer; left out",
+                self.name,
+                prompts.len() - pool.len(),
+                prompts.len()
+            ));
+        }
+        if pool.is_empty() {
+            let p = prompts
+                .iter()
+                .min_by_key(|p| p.prompt_tokens.len())
+                .expect("edits is not empty");
+            let m = edit_max_tokens(p, cap).min(n_ctx / 2).max(1);
+            let keep = n_ctx.saturating_sub(m + 1).max(1);
+            let mut t = p.prompt_tokens.clone();
+            t.truncate(keep);
+            notes.push(format!(
+                "{}: no block fits the context of {n_ctx}; the shortest prompt ({} tokens) is cut to {} and the answer to {m} tokens",
+                self.name,
+                p.prompt_tokens.len(),
+                t.len()
+            ));
+            pool.push(item(p, t, m));
+        }
+        // Seeded passes over the pool, each in a fresh order.
+        let passes = |count: usize, rng: &mut Rng| -> Vec<WorkItem> {
+            let mut out = Vec::with_capacity(count);
+            while out.len() < count {
+                let mut order: Vec<usize> = (0..pool.len()).collect();
+                for i in (1..order.len()).rev() {
+                    order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+                }
+                out.extend(
+                    order
+                        .into_iter()
+                        .map(|i| pool[i].clone())
+                        .take(count - out.len()),
+                );
+            }
+            out
+        };
+        let mut rng = Rng::new(seed);
+        let items = passes(n, &mut rng);
+        // Warm-ups fault in the weights and pools; they need not be long. Their prompts stay
+        // whole (cut, they would lose the template's assistant turn).
+        let mut wrng = Rng::new(seed ^ 0x5EED_0A3D);
+        let warmup = passes(n_warmup, &mut wrng)
+            .into_iter()
+            .map(|mut it| {
+                it.max_tokens = it.max_tokens.min(16);
+                it
+            })
+            .collect();
+        Workload {
+            name: self.name.clone(),
+            seed,
+            items,
+            warmup,
+            sampler,
+            ignore_eos: false,
+            notes,
+            params: serde_json::json!({
+                "blocks": pool.len(),
+                "output_cap": cap,
+                "slack_tokens": EDIT_SLACK_TOKENS,
+                "n_ctx": n_ctx,
+            }),
         }
     }
 }
@@ -759,6 +1058,189 @@ mod tests {
                 v.iter().any(|e| e.tags.iter().any(|t| t == tag)),
                 "no prompt tagged {tag}"
             );
+        }
+    }
+
+    /// The embedded test model's tokenizer and metadata (it has a ChatML template).
+    fn embedded() -> (Tokenizer, ember_runtime::gguf::Metadata) {
+        let dir = std::env::temp_dir().join(format!("ember-workload-test-{}", std::process::id()));
+        let (path, _) = ember_runtime::embedded::ensure_in(&dir).unwrap();
+        let file = ember_runtime::gguf::GgufFile::open(&path).unwrap();
+        (
+            Tokenizer::from_gguf(&file.metadata).unwrap(),
+            file.metadata.clone(),
+        )
+    }
+
+    #[test]
+    fn shipped_edit_blocks_are_sound() {
+        let v = edit_blocks().unwrap();
+        assert!(v.len() >= 12, "{}", v.len());
+        let mut ids: Vec<&str> = v.iter().map(|b| b.id.as_str()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), v.len(), "ids are not unique");
+        for kind in ["code", "text"] {
+            assert!(
+                v.iter().filter(|b| b.kind == kind).count() >= 4,
+                "few {kind} blocks"
+            );
+        }
+        for b in &v {
+            assert!(!b.edits.is_empty(), "{}", b.id);
+            let expected = b.expected();
+            assert_ne!(expected, b.block, "{}: the edit changes nothing", b.id);
+            for (from, _) in &b.edits {
+                assert!(b.block.contains(from.as_str()), "{}: no {from:?}", b.id);
+                assert!(!expected.contains(from.as_str()), "{}: {from:?} left", b.id);
+            }
+            // A small change: the answer is mostly the block.
+            let d = expected.len().abs_diff(b.block.len());
+            assert!(d * 10 < b.block.len(), "{}: {d} bytes changed", b.id);
+            let p = b.prompt();
+            assert!(p.starts_with(&b.task) && p.contains(&b.block), "{}", b.id);
+            assert!(p.ends_with(&format!("```{}\n{}\n```", b.lang, b.block)));
+        }
+    }
+
+    #[test]
+    fn edit_preset_builds_through_the_chat_template() {
+        let (tok, md) = embedded();
+        let spec = SyntheticSpec::preset("edit").unwrap();
+        assert_eq!(spec.default_requests(), edit_blocks().unwrap().len());
+        let w = spec.build_for(&tok, &md, 2048, 20, 2, 7, SamplerConfig::greedy());
+        assert_eq!((w.items.len(), w.warmup.len()), (20, 2));
+        assert!(!w.ignore_eos, "the copy ends at end-of-generation");
+        assert_eq!(w.params["templated"], true);
+        assert!(w.notes.is_empty(), "{:?}", w.notes);
+        let blocks = edit_blocks().unwrap();
+        let bare = edit_prompts(&tok, None).unwrap();
+        let tpl = ChatTemplate::from_metadata_or_builtin(&md).unwrap();
+        let chat = edit_prompts(&tok, Some(&tpl)).unwrap();
+        for it in &w.items {
+            let id = it.tags.iter().find_map(|t| t.strip_prefix("id:")).unwrap();
+            let i = blocks.iter().position(|b| b.id == id).unwrap();
+            let text = tok.decode_with_special(&it.prompt_tokens, true);
+            assert!(
+                text.contains(&blocks[i].block),
+                "{id}: block not in the prompt"
+            );
+            // The chat template's turn, not the bare request.
+            assert_eq!(it.prompt_tokens, chat[i].prompt_tokens, "{id}");
+            assert!(text.contains("<|im_start|>assistant"), "{id}: {text}");
+            assert!(it.prompt_tokens.len() > bare[i].prompt_tokens.len(), "{id}");
+            // The embedded model's tokens are bytes: blocks are long, and the 512 cap bites.
+            assert_eq!(it.max_tokens, edit_max_tokens(&chat[i], 512), "{id}");
+            assert!(it.max_tokens <= chat[i].block_tokens + EDIT_SLACK_TOKENS);
+            assert_eq!(it.expected.as_deref(), Some(blocks[i].expected().as_str()));
+            assert_eq!(it.tags[..2], ["edit".to_string(), blocks[i].kind.clone()]);
+        }
+        // One pass visits every block once before any repeats.
+        let mut first: Vec<&String> = w.items[..blocks.len()].iter().map(|i| &i.tags[2]).collect();
+        first.sort();
+        first.dedup();
+        assert_eq!(first.len(), blocks.len());
+        assert!(
+            w.warmup
+                .iter()
+                .all(|i| i.max_tokens <= 16
+                    && chat.iter().any(|p| p.prompt_tokens == i.prompt_tokens))
+        );
+        // Seeded: the same seed builds the same requests, another seed another order.
+        let again = spec.build_for(&tok, &md, 2048, 20, 2, 7, SamplerConfig::greedy());
+        assert_eq!(w.items, again.items);
+        assert_eq!(w.warmup, again.warmup);
+        let other = spec.build_for(&tok, &md, 2048, 20, 2, 8, SamplerConfig::greedy());
+        assert_ne!(w.items, other.items);
+        // --max-tokens caps the budget.
+        let mut capped = spec.clone();
+        capped.output = capped.output.capped(40);
+        let c = capped.build_for(&tok, &md, 2048, 4, 0, 7, SamplerConfig::greedy());
+        assert!(c.items.iter().all(|i| i.max_tokens == 40));
+    }
+
+    #[test]
+    fn edit_preset_fits_the_context() {
+        let (tok, md) = embedded();
+        let spec = SyntheticSpec::preset("edit").unwrap();
+        let full = spec.build_for(&tok, &md, 4096, 16, 0, 1, SamplerConfig::greedy());
+        let longest = full
+            .items
+            .iter()
+            .map(|i| i.prompt_tokens.len() + i.max_tokens)
+            .max()
+            .unwrap();
+        let shortest = full
+            .items
+            .iter()
+            .map(|i| i.prompt_tokens.len() + i.max_tokens)
+            .min()
+            .unwrap();
+        // A context between the two: some blocks are left out, with a note.
+        let n_ctx = (longest + shortest) / 2;
+        let w = spec.build_for(&tok, &md, n_ctx, 16, 0, 1, SamplerConfig::greedy());
+        assert!(
+            w.items
+                .iter()
+                .all(|i| i.prompt_tokens.len() + i.max_tokens < n_ctx)
+        );
+        assert!((1..16).contains(&w.params["blocks"].as_u64().unwrap()));
+        assert!(
+            w.notes.iter().any(|n| n.contains("left out")),
+            "{:?}",
+            w.notes
+        );
+        // Smaller than any: the shortest, cut to fit.
+        let w = spec.build_for(&tok, &md, 64, 3, 0, 1, SamplerConfig::greedy());
+        assert_eq!(w.items.len(), 3);
+        assert!(
+            w.items
+                .iter()
+                .all(|i| i.prompt_tokens.len() + i.max_tokens < 64)
+        );
+        assert!(
+            w.notes.iter().any(|n| n.contains("is cut")),
+            "{:?}",
+            w.notes
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "build_for")]
+    fn edit_needs_the_tokenizer() {
+        let corpus = Corpus {
+            tokens: vec![5; 100],
+            bos: None,
+        };
+        let spec = SyntheticSpec::preset("edit").unwrap();
+        spec.build(&corpus, 2048, 1, 0, 1, SamplerConfig::greedy());
+    }
+
+    /// With a real instruct model's tokenizer (skipped when models/fetch.sh has not run): the
+    /// blocks are 80 to 300 tokens, so that the copy dominates each answer.
+    #[test]
+    fn edit_block_lengths_with_a_real_tokenizer() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+        if !path.exists() {
+            eprintln!("skipped: {} not fetched", path.display());
+            return;
+        }
+        let file = ember_runtime::gguf::GgufFile::open(&path).unwrap();
+        let tok = Tokenizer::from_gguf(&file.metadata).unwrap();
+        let tpl = ChatTemplate::from_metadata_or_builtin(&file.metadata).unwrap();
+        for p in edit_prompts(&tok, Some(&tpl)).unwrap() {
+            assert!(
+                (80..=300).contains(&p.block_tokens),
+                "{}: {}",
+                p.id,
+                p.block_tokens
+            );
+            // The block is most of the prompt: the instruction and template are small.
+            assert!(p.prompt_tokens.len() < p.block_tokens + 100, "{}", p.id);
+            // The preset's cap does not bite: each answer may be its block plus the slack.
+            let cap = SyntheticSpec::preset("edit").unwrap().output.max();
+            assert_eq!(edit_max_tokens(&p, cap), p.block_tokens + EDIT_SLACK_TOKENS);
         }
     }
 }
