@@ -176,3 +176,73 @@ pub fn open_engine(o: &EngineOpts, opened: Option<OpenedModel>) -> Result<Engine
     );
     Ok(engine)
 }
+
+/// The speculative-decoding flags `run`, `bench` and `serve` share (llama.cpp's names and
+/// meanings; module `ember_runtime::spec`).
+#[derive(Clone, Debug, Default)]
+pub struct SpecOpts {
+    /// `--lookup N`: prompt lookup over n-grams of up to N tokens.
+    pub lookup: Option<usize>,
+    /// `--draft FILE`: a draft model with the target's vocabulary.
+    pub draft: Option<PathBuf>,
+    pub draft_max: usize,
+    pub draft_min: usize,
+    pub draft_p_min: f32,
+}
+
+impl SpecOpts {
+    /// The configuration the flags ask for, checked (`None`: no speculation).
+    pub fn config(&self) -> Result<Option<ember_runtime::spec::SpecConfig>> {
+        if self.lookup.is_none() && self.draft.is_none() {
+            return Ok(None);
+        }
+        if self.lookup == Some(0) {
+            bail!(
+                "--lookup must be at least 1 (the longest n-gram matched; leave it out for no lookup)"
+            );
+        }
+        let cfg = ember_runtime::spec::SpecConfig {
+            lookup: self.lookup.unwrap_or(0),
+            draft_max: self.draft_max,
+            draft_min: self.draft_min,
+            draft_p_min: self.draft_p_min,
+        };
+        cfg.validate(self.draft.is_some())?;
+        Ok(Some(cfg))
+    }
+
+    /// Open the draft model (`--draft`) like the target (`o`: backend, threads, prefill batch)
+    /// with the target's context, and check that it shares the target's vocabulary.
+    pub fn open_draft(&self, o: &EngineOpts, target: &Engine) -> Result<Option<Engine>> {
+        let Some(path) = &self.draft else {
+            return Ok(None);
+        };
+        let opts = EngineOpts {
+            model: Some(path.clone()),
+            ctx: Some(target.cfg.n_ctx),
+            ..o.clone()
+        };
+        let draft = open_engine(&opts, None)
+            .with_context(|| format!("--draft {}: cannot open the draft model", path.display()))?;
+        ember_runtime::spec::check_vocab(target, &draft)
+            .with_context(|| format!("--draft {}", path.display()))?;
+        Ok(Some(draft))
+    }
+
+    /// One line for stderr saying how the run speculates.
+    pub fn describe(&self) -> String {
+        match (&self.lookup, &self.draft) {
+            (Some(n), _) => format!(
+                "speculating by prompt lookup (n-grams up to {n}, at most {} draft tokens per step)",
+                self.draft_max
+            ),
+            (None, Some(p)) => format!(
+                "speculating with the draft model {} (at most {} tokens per step, p-min {})",
+                p.display(),
+                self.draft_max,
+                self.draft_p_min
+            ),
+            (None, None) => "no speculation".into(),
+        }
+    }
+}

@@ -284,7 +284,8 @@ fn batched_equals_alone(e: &Engine, n_seqs: usize, n_new: usize) {
             BatchShape {
                 seqs: n_seqs,
                 decode_rows: 0,
-                prefill_tokens: prompt_tokens
+                prefill_tokens: prompt_tokens,
+                draft_rows: 0,
             },
             all.clone()
         )
@@ -296,7 +297,8 @@ fn batched_equals_alone(e: &Engine, n_seqs: usize, n_new: usize) {
                 BatchShape {
                     seqs: n_seqs,
                     decode_rows: n_seqs,
-                    prefill_tokens: 0
+                    prefill_tokens: 0,
+                    draft_rows: 0,
                 },
                 all.clone()
             ),

@@ -155,6 +155,7 @@ fn the_sequential_server_prefills_in_one_step_and_holds_no_kv_between_requests()
             ServeEvent::Finished { .. } => "finished",
             ServeEvent::Chunk { .. } => "chunk",
             ServeEvent::Usage { .. } => "usage",
+            ServeEvent::Speculation { .. } => "speculation",
         })
         .collect();
     assert_eq!(

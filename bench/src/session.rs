@@ -19,6 +19,7 @@ use ember_runtime::model::ModelError;
 use ember_runtime::sample::SamplerConfig;
 use ember_runtime::scheduler::{Scheduler, SchedulerConfig};
 use ember_runtime::serve::{SequentialServer, Server};
+use ember_runtime::spec::{SpecConfig, SpecError};
 use ember_runtime::tokenizer::Tokenizer;
 
 use crate::harness::{
@@ -59,6 +60,8 @@ pub enum SessionError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     #[error(
         "--score: {0} entries are scored \"choice\", which ranks the options by the model's log-probabilities; that needs the model in-process, not --url"
     )]
@@ -105,6 +108,9 @@ pub struct ServerPlan {
     pub prefix_caching: bool,
     /// The scheduler's KV cache budget.
     pub kv_budget_bytes: usize,
+    /// Speculative decoding (`--lookup`, `--draft`; the draft model itself comes with
+    /// [`Session::with_draft`]).
+    pub spec: Option<SpecConfig>,
 }
 
 /// A benchmark run, decided: everything [`Session`] needs besides the engine and the store.
@@ -204,6 +210,8 @@ impl Subject<'_> {
 /// A workload built for an engine, ready to run.
 pub struct Session<'e> {
     subject: Subject<'e>,
+    /// The draft model that proposes tokens (`--draft`).
+    draft: Option<&'e Engine>,
     plan: &'e WorkloadPlan,
     workload: Workload,
     limits: Limits,
@@ -237,10 +245,17 @@ impl<'e> Session<'e> {
         };
         Ok(Session {
             subject,
+            draft: None,
             plan,
             workload,
             limits,
         })
+    }
+
+    /// Speculate with this draft model (the plan's `server.spec` says how).
+    pub fn with_draft(mut self, draft: Option<&'e Engine>) -> Self {
+        self.draft = draft;
+        self
     }
 
     /// Notes about the workload (e.g. prompts clamped to the context).
@@ -279,7 +294,7 @@ impl<'e> Session<'e> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, SessionError> {
         let head = self.head()?;
-        let mut server = make_server(self.subject, &self.plan.server);
+        let mut server = make_server(self.subject, &self.plan.server, self.draft)?;
         let opts = HarnessOptions {
             load: self.base_load(),
             limits: self.limits,
@@ -380,6 +395,10 @@ impl<'e> Session<'e> {
             "workload": w.params, "limits": self.limits, "sampler": format!("{:?}", w.sampler),
             "ignore_eos": w.ignore_eos, "record_tokens": plan.record_tokens,
             "n_ctx": self.subject.n_ctx(),
+            "speculation": plan.server.spec.as_ref().map(|s| serde_json::json!({
+                "config": s,
+                "draft_model": self.draft.map(|d| d.file.path().display().to_string()),
+            })),
         });
         Ok(RunResult {
             started_at: store::now_rfc3339(),
@@ -443,29 +462,39 @@ impl<'e> Session<'e> {
     }
 }
 
-fn make_server<'e>(subject: Subject<'e>, s: &ServerPlan) -> Box<dyn Server + 'e> {
+fn make_server<'e>(
+    subject: Subject<'e>,
+    s: &ServerPlan,
+    draft: Option<&'e Engine>,
+) -> Result<Box<dyn Server + 'e>, SessionError> {
     let engine = match subject {
         Subject::Engine(e) => e,
         Subject::Remote(r) => {
-            return Box::new(HttpServer::new(
+            return Ok(Box::new(HttpServer::new(
                 r.endpoint.clone(),
                 r.tokenizer.clone(),
                 r.same_model,
-            ));
+            )));
         }
     };
-    if s.batching {
-        Box::new(Scheduler::new(
+    let server = if s.batching {
+        Scheduler::new(
             engine,
             SchedulerConfig {
                 kv_budget_bytes: s.kv_budget_bytes,
                 prefix_caching: s.prefix_caching,
                 ..Default::default()
             },
-        ))
+        )
+    } else if s.spec.is_none() {
+        return Ok(Box::new(SequentialServer::new(engine)));
     } else {
-        Box::new(SequentialServer::new(engine))
-    }
+        Scheduler::sequential(engine)
+    };
+    Ok(match &s.spec {
+        Some(spec) => Box::new(server.with_speculation(spec.clone(), draft)?),
+        None => Box::new(server),
+    })
 }
 
 fn synthetic(subject: Subject, plan: &WorkloadPlan, spec: &SyntheticSpec) -> Workload {

@@ -18,7 +18,8 @@ pub use crate::request::{Position, TopEntry};
 use crate::request::{RequestError, RequestOptions, RequestOutput};
 use crate::sample::SamplerConfig;
 use crate::scheduler::Scheduler;
-use crate::serve::{FinishKind, RequestId, ServeEvent, ServeRequest, Server};
+use crate::serve::{FinishKind, RequestId, ServeEvent, ServeRequest, Server, SpecUse};
+use crate::spec::{SpecConfig, SpecError};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub enum EngineError {
     Request(RequestError),
     #[error("cannot build the thread pool: {0}")]
     Threads(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
 }
 
 /// `Engine::generate` words a rejected request as it always has (a served request reports
@@ -138,6 +141,15 @@ pub struct Generation {
     pub text: String,
     pub positions: Vec<Position>,
     pub finish_reason: FinishReason,
+    /// Speculative decoding's totals, when the generation speculated.
+    pub spec: Option<SpecUse>,
+}
+
+/// How [`Engine::generate_with`] speculates: prompt lookup, or a draft model proposing.
+#[derive(Clone, Copy)]
+pub struct Speculate<'a> {
+    pub cfg: &'a SpecConfig,
+    pub draft: Option<&'a Engine>,
 }
 
 #[derive(Clone, Debug)]
@@ -207,8 +219,24 @@ impl Engine {
         req: &GenerateRequest,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Generation, EngineError> {
+        self.generate_with(req, None, on_event)
+    }
+
+    /// [`Engine::generate`], speculating when `spec` is given (module [`crate::spec`]): the
+    /// same tokens under greedy sampling, the same distribution at a temperature; several
+    /// tokens may come from one step.
+    pub fn generate_with(
+        &self,
+        req: &GenerateRequest,
+        spec: Option<Speculate<'_>>,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Generation, EngineError> {
         const ID: RequestId = 0;
         let mut server = Scheduler::sequential(self);
+        if let Some(sp) = spec {
+            server = server.with_speculation(sp.cfg.clone(), sp.draft)?;
+        }
+        let mut spec_use = None;
         let mut out = Vec::new();
         let serve = ServeRequest {
             id: ID,
@@ -265,17 +293,18 @@ impl Engine {
                     | ServeEvent::Scheduled { .. }
                     | ServeEvent::Chunk { .. }
                     | ServeEvent::Usage { .. } => {}
+                    ServeEvent::Speculation { spec, .. } => spec_use = Some(spec),
                 }
             }
             if let Some(state) = done {
-                return generation(state.into_output());
+                return generation(state.into_output(), spec_use);
             }
         }
         unreachable!("a request kept for Engine::generate always finishes")
     }
 }
 
-fn generation(o: RequestOutput) -> Result<Generation, EngineError> {
+fn generation(o: RequestOutput, spec: Option<SpecUse>) -> Result<Generation, EngineError> {
     let finish_reason = match o.outcome {
         Some(Ok(kind)) => {
             FinishReason::of(kind).expect("a request ends in stop, length or an error")
@@ -289,5 +318,6 @@ fn generation(o: RequestOutput) -> Result<Generation, EngineError> {
         text: o.text,
         positions: o.positions,
         finish_reason,
+        spec,
     })
 }

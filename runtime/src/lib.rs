@@ -19,7 +19,8 @@
 //!   batching over the paged KV cache; `Scheduler::sequential`/`SequentialServer` is the same
 //!   loop with one running sequence on a cache of its own); [`request`] is one request's
 //!   state machine (validation, sampling, stop strings, logprobs, its end), used for every
-//!   request; [`engine`] holds the model, tokenizer and thread pool, and `Engine::generate`
+//!   request; [`spec`] is speculative decoding (prompt lookup, a draft model) that the
+//!   scheduler verifies; [`engine`] holds the model, tokenizer and thread pool, and `Engine::generate`
 //!   runs one request on a sequential scheduler.
 //! - [`embedded`]: the tiny built-in model; [`sys`]: memory and CPU facts.
 pub mod accel;
@@ -38,6 +39,7 @@ pub mod request;
 pub mod sample;
 pub mod scheduler;
 pub mod serve;
+pub mod spec;
 pub mod sys;
 #[cfg(feature = "burn")]
 pub mod tensor_ops;

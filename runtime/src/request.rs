@@ -283,6 +283,14 @@ impl<'t> RequestState<'t> {
     /// text it makes visible, and decide whether the request ends: an end-of-generation token
     /// or a stop string (`Stop`), `max_tokens` reached or the context full (`Length`).
     pub fn on_logits(&mut self, logits: &[f32]) -> Sampled {
+        self.on_logits_verify(logits, None).0
+    }
+
+    /// [`RequestState::on_logits`] for a row that came with a proposed next token (speculative
+    /// decoding): the token is chosen by [`Sampler::verify`], so the output is distributed as
+    /// without the proposal. Returns whether the emitted token is the proposal (false without
+    /// one); the caller goes on to the next row only then.
+    pub fn on_logits_verify(&mut self, logits: &[f32], draft: Option<u32>) -> (Sampled, bool) {
         let k = self.opts.top_logprobs;
         // With echo, the distribution after the last prompt token came with the prompt's rows.
         if k > 0 && !(self.echo_all() && self.n_out() == 0) {
@@ -290,7 +298,10 @@ impl<'t> RequestState<'t> {
             self.positions
                 .extend(positions_from(logits, logits.len(), consumed, k));
         }
-        let token = self.sampler.sample(logits, &self.tokens);
+        let (token, accepted) = match draft {
+            Some(d) => self.sampler.verify(logits, &self.tokens, d),
+            None => (self.sampler.sample(logits, &self.tokens), false),
+        };
         let at = Instant::now();
         if k > 0 {
             self.sampled_logprobs
@@ -322,13 +333,14 @@ impl<'t> RequestState<'t> {
             // `finish` flushed) goes out with the last token; `tail()` still names it.
             text.push_str(self.tail());
         }
-        Sampled {
+        let s = Sampled {
             token,
             index,
             at,
             text,
             finish,
-        }
+        };
+        (s, accepted)
     }
 
     /// Append the token's text; returns whether it ends the request (an end-of-generation

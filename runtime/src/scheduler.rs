@@ -23,8 +23,9 @@ use crate::kv::{KvCache, KvCounters, PagedKv, SeqId};
 use crate::model::{BatchItem, LogitsWanted, ModelError};
 use crate::request::{RequestError, RequestOptions, RequestState};
 use crate::serve::{
-    CacheUse, FinishKind, RequestId, ServeEvent, ServeRequest, Server, ServerStats,
+    CacheUse, FinishKind, RequestId, ServeEvent, ServeRequest, Server, ServerStats, SpecUse,
 };
+use crate::spec::{self, SpecConfig, SpecError};
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -62,6 +63,8 @@ pub struct BatchShape {
     pub decode_rows: usize,
     /// Prompt tokens computed in the pass.
     pub prefill_tokens: usize,
+    /// Rows of proposed (draft) tokens verified in the pass, beyond the decode rows.
+    pub draft_rows: usize,
 }
 
 struct Running<'e> {
@@ -73,6 +76,41 @@ struct Running<'e> {
     /// Blocks this sequence may still claim (admission reservation).
     reserved_blocks: usize,
     prefill_started: bool,
+    /// Speculation state (unused when the scheduler does not speculate).
+    spec: SpecRun,
+}
+
+/// One sequence's speculation.
+#[derive(Default)]
+struct SpecRun {
+    /// This step's decode input: the last token, then the proposed ones.
+    window: Vec<u32>,
+    /// Its sequence in the draft model's cache, once it has one.
+    draft_seq: Option<SeqId>,
+    /// Positions of the draft's cache known to hold this sequence's tokens (past them: drafts
+    /// not verified yet, or rejected).
+    draft_valid: usize,
+    /// The totals reported with the request's end.
+    totals: SpecUse,
+}
+
+impl SpecRun {
+    fn drafts(&self) -> &[u32] {
+        self.window.get(1..).unwrap_or(&[])
+    }
+}
+
+/// A draft model and its own KV cache (one sequence per speculating request).
+struct DraftModel<'e> {
+    engine: &'e Engine,
+    kv: PagedKv,
+    logits: Vec<f32>,
+}
+
+/// What the scheduler speculates with.
+struct Speculation<'e> {
+    cfg: SpecConfig,
+    draft: Option<DraftModel<'e>>,
 }
 
 impl Running<'_> {
@@ -88,8 +126,10 @@ struct Chunk {
     start: usize,
     n: usize,
     logits: LogitsWanted,
-    /// Whether the sequence is past its prompt (one decode row).
+    /// Whether the sequence is past its prompt (one decode row, or its speculation window).
     decode: bool,
+    /// The rows are the sequence's speculation window (the last token and its drafts).
+    spec: bool,
 }
 
 pub struct Scheduler<'e> {
@@ -106,6 +146,7 @@ pub struct Scheduler<'e> {
     /// The one-at-a-time server: a prompt's chunks run in one step, and each request gets a
     /// fresh single-sequence cache (`Engine::new_cache`) that is dropped when it finishes.
     sequential: bool,
+    spec: Option<Speculation<'e>>,
 }
 
 /// A fresh single-sequence cache's pages, without its sequence.
@@ -167,7 +208,54 @@ impl<'e> Scheduler<'e> {
             last_batch: BatchShape::default(),
             forward_passes: 0,
             sequential,
+            spec: None,
         }
+    }
+
+    /// Speculate from now on (module [`spec`](crate::spec)): prompt lookup, or the `draft`
+    /// model proposing. The draft must share the target's vocabulary; its KV cache is sized
+    /// like the target's (the same byte budget; a sequential scheduler's holds one context).
+    pub fn with_speculation(
+        mut self,
+        cfg: SpecConfig,
+        draft: Option<&'e Engine>,
+    ) -> Result<Self, SpecError> {
+        cfg.validate(draft.is_some())?;
+        let draft = match draft {
+            None => None,
+            Some(d) => {
+                spec::check_vocab(self.engine, d)?;
+                let n_ctx = self.engine.cfg.n_ctx;
+                let kv = if self.sequential {
+                    single_request_pages(d)
+                } else {
+                    let layout = d.model.kv_layout(self.cfg.block_size.max(1));
+                    let mut kv = PagedKv::new(
+                        layout,
+                        layout.blocks_for_budget(self.cfg.kv_budget_bytes),
+                        n_ctx,
+                    );
+                    kv.prefix_caching = false;
+                    kv
+                };
+                let positions = kv.n_blocks() * kv.layout.block_size;
+                if positions < n_ctx.min(d.cfg.n_ctx) {
+                    return Err(SpecError::DraftKv { positions, n_ctx });
+                }
+                Some(DraftModel {
+                    engine: d,
+                    kv,
+                    logits: Vec::new(),
+                })
+            }
+        };
+        self.spec = Some(Speculation { cfg, draft });
+        Ok(self)
+    }
+
+    /// Whether this scheduler speculates.
+    pub fn speculates(&self) -> bool {
+        self.spec.is_some()
     }
 
     pub fn kv_counters(&self) -> KvCounters {
@@ -276,6 +364,16 @@ impl<'e> Scheduler<'e> {
     fn retire(&mut self, i: usize, out: &mut Vec<ServeEvent>) {
         let r = self.running.swap_remove(i);
         self.kv.free_seq(r.seq);
+        if let Some(sp) = &mut self.spec {
+            if let (Some(d), Some(seq)) = (&mut sp.draft, r.spec.draft_seq) {
+                d.kv.free_seq(seq);
+            }
+            out.push(ServeEvent::Speculation {
+                id: r.state.id(),
+                at: Instant::now(),
+                spec: r.spec.totals,
+            });
+        }
         self.report_finished(r.state, out);
     }
 
@@ -347,6 +445,7 @@ impl<'e> Scheduler<'e> {
                 cache,
                 reserved_blocks: need,
                 prefill_started: false,
+                spec: SpecRun::default(),
             });
         }
     }
@@ -359,12 +458,26 @@ impl<'e> Scheduler<'e> {
         for (i, r) in self.running.iter().enumerate() {
             if !r.prefilling() && r.state.n_out() > 0 && budget > 0 {
                 let start = r.state.tokens().len() - 1;
+                let drafts = r.spec.drafts().len();
+                if drafts > 0 && drafts < budget {
+                    plan.push(Chunk {
+                        i,
+                        start,
+                        n: 1 + drafts,
+                        logits: LogitsWanted::All,
+                        decode: true,
+                        spec: true,
+                    });
+                    budget -= 1 + drafts;
+                    continue;
+                }
                 plan.push(Chunk {
                     i,
                     start,
                     n: 1,
                     logits: r.state.logits_wanted(start, 1),
                     decode: true,
+                    spec: false,
                 });
                 budget -= 1;
             }
@@ -379,6 +492,7 @@ impl<'e> Scheduler<'e> {
                     n,
                     logits: r.state.logits_wanted(r.prefilled, n),
                     decode: false,
+                    spec: false,
                 });
                 budget -= n;
             }
@@ -390,15 +504,23 @@ impl<'e> Scheduler<'e> {
     fn forward(&mut self, plan: &[Chunk]) -> Result<(), ModelError> {
         let items: Vec<BatchItem> = plan
             .iter()
-            .map(|c| BatchItem {
-                seq: self.running[c.i].seq,
-                tokens: &self.running[c.i].state.tokens()[c.start..c.start + c.n],
-                logits: c.logits,
+            .map(|c| {
+                let r = &self.running[c.i];
+                BatchItem {
+                    seq: r.seq,
+                    tokens: if c.spec {
+                        &r.spec.window
+                    } else {
+                        &r.state.tokens()[c.start..c.start + c.n]
+                    },
+                    logits: c.logits,
+                }
             })
             .collect();
         self.last_batch = BatchShape {
             seqs: plan.len(),
             decode_rows: plan.iter().filter(|c| c.decode).count(),
+            draft_rows: plan.iter().filter(|c| c.spec).map(|c| c.n - 1).sum(),
             prefill_tokens: plan.iter().filter(|c| !c.decode).map(|c| c.n).sum(),
         };
         self.forward_passes += 1;
@@ -412,6 +534,7 @@ impl<'e> Scheduler<'e> {
 
     /// One forward pass over the next plan, and what its logits mean for each sequence in it.
     fn pass(&mut self, out: &mut Vec<ServeEvent>) {
+        self.propose();
         let plan = self.plan();
         let now = Instant::now();
         for c in &plan {
@@ -424,7 +547,16 @@ impl<'e> Scheduler<'e> {
                 });
             }
         }
-        if let Err(e) = self.forward(&plan) {
+        let t0 = Instant::now();
+        let result = self.forward(&plan);
+        let verify_ns = t0.elapsed().as_nanos() as u64;
+        for c in plan.iter().filter(|c| c.spec) {
+            let t = &mut self.running[c.i].spec.totals;
+            t.verify_ns += verify_ns;
+            t.verify_steps += 1;
+            t.drafted += c.n - 1;
+        }
+        if let Err(e) = result {
             // Never leave a half-done batch behind: fail the sequences in it.
             let e = Arc::new(e);
             let mut idx: Vec<usize> = plan.iter().map(|c| c.i).collect();
@@ -448,13 +580,15 @@ impl<'e> Scheduler<'e> {
         let n_vocab = self.engine.model.config().n_vocab;
         let mut row = 0;
         let mut done = vec![];
+        // Out of `self` while rows are handed out (`verify` needs the scheduler), then back.
+        let logits = std::mem::take(&mut self.logits);
         for c in plan {
             let n_rows = match c.logits {
                 LogitsWanted::None => 0,
                 LogitsWanted::Last => 1,
                 LogitsWanted::All => c.n,
             };
-            let rows = &self.logits[row * n_vocab..(row + n_rows) * n_vocab];
+            let rows = &logits[row * n_vocab..(row + n_rows) * n_vocab];
             row += n_rows;
             let r = &mut self.running[c.i];
             if !c.decode {
@@ -474,19 +608,223 @@ impl<'e> Scheduler<'e> {
                     continue;
                 }
             }
+            if c.spec {
+                if self.verify(c.i, rows, n_vocab, out) {
+                    done.push(c.i);
+                }
+                continue;
+            }
             let s = r.state.on_logits(&rows[rows.len() - n_vocab..]);
-            out.push(ServeEvent::Token {
-                id: r.state.id(),
-                at: s.at,
-                index: s.index,
-                token: s.token,
-                text: s.text,
-            });
-            if s.finish.is_some() {
+            if push_token(r.state.id(), s, out) {
                 done.push(c.i);
             }
         }
+        self.logits = logits;
         done
+    }
+
+    /// Sequence `i`'s speculation window came back with a logits row per token: emit the
+    /// target's tokens row by row while it keeps the drafts, then drop the KV positions of the
+    /// rows past the first replaced draft (here and in the draft model's cache). Returns
+    /// whether the request finished.
+    fn verify(
+        &mut self,
+        i: usize,
+        rows: &[f32],
+        n_vocab: usize,
+        out: &mut Vec<ServeEvent>,
+    ) -> bool {
+        let r = &mut self.running[i];
+        let drafts = std::mem::take(&mut r.spec.window);
+        let mut accepted = 0;
+        let mut finished = false;
+        for (j, row) in rows.chunks_exact(n_vocab).enumerate() {
+            let draft = drafts.get(j + 1).copied();
+            let (s, kept) = r.state.on_logits_verify(row, draft);
+            finished = push_token(r.state.id(), s, out);
+            if finished || !kept {
+                break;
+            }
+            accepted += 1;
+        }
+        r.spec.totals.accepted += accepted;
+        r.spec.window = drafts;
+        r.spec.window.clear();
+        if finished {
+            return true;
+        }
+        // Every token but the newest is in the cache.
+        let keep = r.state.tokens().len() - 1;
+        self.kv.truncate(r.seq, keep);
+        if let (Some(d), Some(seq)) = (
+            self.spec.as_mut().and_then(|s| s.draft.as_mut()),
+            r.spec.draft_seq,
+        ) {
+            // The draft's cache holds the window's first tokens it was fed; those past the
+            // kept drafts go.
+            d.kv.truncate(seq, keep);
+            r.spec.draft_valid = d.kv.seq_len(seq).min(keep);
+        }
+        false
+    }
+
+    /// Propose this step's drafts for every decoding sequence (clearing last step's), within
+    /// the pass's token budget, each sequence's `max_tokens` and the context.
+    fn propose(&mut self) {
+        let Some(sp) = &self.spec else {
+            return;
+        };
+        let cfg = sp.cfg.clone();
+        let decoding: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                let r = &self.running[i];
+                !r.prefilling() && r.state.n_out() > 0
+            })
+            .collect();
+        let mut spare = self
+            .cfg
+            .max_batch_tokens
+            .max(1)
+            .saturating_sub(decoding.len());
+        let n_ctx = self.engine.cfg.n_ctx;
+        let mut caps = vec![];
+        for &i in &decoding {
+            let r = &mut self.running[i];
+            r.spec.window.clear();
+            let tokens = r.state.tokens();
+            // Emitting K + 1 tokens must stay within max_tokens; the K + 1 rows in the cache.
+            let cap = cfg
+                .draft_max
+                .min(r.state.max_tokens().saturating_sub(r.state.n_out() + 1))
+                .min(n_ctx.saturating_sub(tokens.len()))
+                .min(spare);
+            if cap == 0 || cap < cfg.draft_min {
+                continue;
+            }
+            if cfg.lookup > 0 {
+                let t0 = Instant::now();
+                let found = spec::lookup(tokens, cfg.lookup, cap);
+                if !found.is_empty() && found.len() >= cfg.draft_min {
+                    let last = tokens[tokens.len() - 1];
+                    let found = found.to_vec();
+                    r.spec.window.push(last);
+                    r.spec.window.extend(found);
+                    spare -= r.spec.window.len() - 1;
+                }
+                r.spec.totals.draft_ns += t0.elapsed().as_nanos() as u64;
+            } else {
+                caps.push((i, cap));
+                spare -= cap;
+            }
+        }
+        if !caps.is_empty() {
+            self.draft_rounds(&caps, &cfg);
+        }
+    }
+
+    /// The draft model proposes for the sequences in `caps` (index, most drafts), batched:
+    /// first each sequence's cache catches up with its tokens (the prompt, the tokens the
+    /// target emitted since), then one greedy token per round while its probability is at
+    /// least `draft_p_min`.
+    fn draft_rounds(&mut self, caps: &[(usize, usize)], cfg: &SpecConfig) {
+        let chunk = self.cfg.max_batch_tokens.max(1);
+        let Some(d) = self.spec.as_mut().and_then(|s| s.draft.as_mut()) else {
+            return;
+        };
+        let n_vocab = d.engine.model.config().n_vocab;
+        // Catch up: everything but the last token, in prompt-sized chunks, one sequence at
+        // a time (a draft's prompt pass is the rare case); a sequence the draft's cache cannot
+        // hold goes without drafts this step.
+        let mut live: Vec<(usize, usize)> = vec![];
+        for &(i, cap) in caps {
+            let r = &mut self.running[i];
+            let seq = *r.spec.draft_seq.get_or_insert_with(|| d.kv.new_seq());
+            let tokens = r.state.tokens();
+            let upto = tokens.len() - 1;
+            let have = d.kv.seq_len(seq).min(r.spec.draft_valid).min(upto);
+            d.kv.truncate(seq, have);
+            let need = d.kv.blocks_needed(upto + cap) - d.kv.block_table(seq).len();
+            if need > d.kv.available_blocks() {
+                continue;
+            }
+            let t0 = Instant::now();
+            let mut ok = true;
+            for from in (have..upto).step_by(chunk) {
+                let item = BatchItem {
+                    seq,
+                    tokens: &tokens[from..(from + chunk).min(upto)],
+                    logits: LogitsWanted::None,
+                };
+                let de = d.engine;
+                if de
+                    .install(|| de.model.forward_batch(&[item], &mut d.kv, &mut d.logits))
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+            }
+            r.spec.totals.draft_ns += t0.elapsed().as_nanos() as u64;
+            if ok {
+                r.spec.draft_valid = upto;
+                r.spec.window.push(tokens[upto]);
+                live.push((i, cap));
+            } else {
+                d.kv.truncate(seq, have);
+                r.spec.draft_valid = have;
+            }
+        }
+        // Rounds: feed each live sequence its newest window token, take the draft's argmax.
+        while !live.is_empty() {
+            let items: Vec<BatchItem> = live
+                .iter()
+                .map(|&(i, _)| {
+                    let r = &self.running[i];
+                    BatchItem {
+                        seq: r.spec.draft_seq.expect("set in catch-up"),
+                        tokens: std::slice::from_ref(r.spec.window.last().expect("last token")),
+                        logits: LogitsWanted::Last,
+                    }
+                })
+                .collect();
+            let t0 = Instant::now();
+            let de = d.engine;
+            let res = de.install(|| de.model.forward_batch(&items, &mut d.kv, &mut d.logits));
+            let ns = t0.elapsed().as_nanos() as u64;
+            if res.is_err() {
+                // No drafts this step; the caches are rolled back at the next proposal.
+                for &(i, _) in &live {
+                    self.running[i].spec.window.clear();
+                }
+                break;
+            }
+            let mut next = vec![];
+            for (k, &(i, cap)) in live.iter().enumerate() {
+                let row = &d.logits[k * n_vocab..(k + 1) * n_vocab];
+                let r = &mut self.running[i];
+                r.spec.totals.draft_ns += ns;
+                let t = crate::sample::argmax(row);
+                let p = 1.0
+                    / row
+                        .iter()
+                        .map(|&l| (l - row[t as usize]).exp())
+                        .sum::<f32>();
+                if p < cfg.draft_p_min {
+                    continue;
+                }
+                r.spec.window.push(t);
+                if r.spec.window.len() - 1 < cap {
+                    next.push((i, cap));
+                }
+            }
+            live = next;
+        }
+        for &(i, _) in caps {
+            let r = &mut self.running[i];
+            if r.spec.drafts().len() < cfg.draft_min.max(1) {
+                r.spec.window.clear();
+            }
+        }
     }
 
     /// The sequential server drops an idle cache, as a request's own cache used to be dropped
@@ -538,6 +876,18 @@ impl Server for Scheduler<'_> {
         }
         true
     }
+}
+
+/// Report a sampled token; returns whether it ended the request.
+fn push_token(id: RequestId, s: crate::request::Sampled, out: &mut Vec<ServeEvent>) -> bool {
+    out.push(ServeEvent::Token {
+        id,
+        at: s.at,
+        index: s.index,
+        token: s.token,
+        text: s.text,
+    });
+    s.finish.is_some()
 }
 
 /// The simplest correct server: one request at a time, first come first served; prefill is

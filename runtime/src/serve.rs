@@ -61,6 +61,40 @@ pub struct CacheUse {
     pub cache_hit_blocks: usize,
 }
 
+/// Speculative decoding's accounting for one request (METRICS.md, Speculative decoding): what
+/// was proposed, what the target kept, and where the time went. All zero for a request that
+/// did not speculate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecUse {
+    /// Draft tokens proposed and checked by the target.
+    pub drafted: usize,
+    /// Of those, tokens the target accepted (each is an output token that cost no pass of its own).
+    pub accepted: usize,
+    /// Verify passes that carried at least one draft token for this request.
+    pub verify_steps: usize,
+    /// Time spent proposing for this request (a draft model's passes, or the n-gram lookup):
+    /// a draft pass shared by several requests counts in full for each.
+    pub draft_ns: u64,
+    /// Time of the target passes that verified this request's drafts, each in full (as a
+    /// token's time counts the whole pass it came from).
+    pub verify_ns: u64,
+}
+
+impl SpecUse {
+    /// Draft tokens the target rejected.
+    pub fn rejected(&self) -> usize {
+        self.drafted - self.accepted
+    }
+    /// Accepted / drafted (`None` when nothing was drafted).
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.drafted > 0).then(|| self.accepted as f64 / self.drafted as f64)
+    }
+    /// Mean draft tokens accepted per verify pass (`None` without one).
+    pub fn mean_accepted_run(&self) -> Option<f64> {
+        (self.verify_steps > 0).then(|| self.accepted as f64 / self.verify_steps as f64)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum ServeEvent {
     Enqueued {
@@ -113,6 +147,13 @@ pub enum ServeEvent {
         cached_prompt_tokens: Option<usize>,
         local_output_tokens: Option<usize>,
     },
+    /// A speculating request's totals, just before its [`ServeEvent::Finished`] (only when
+    /// the server speculates: `--lookup` or `--draft`).
+    Speculation {
+        id: RequestId,
+        at: Instant,
+        spec: SpecUse,
+    },
 }
 
 impl ServeEvent {
@@ -125,7 +166,8 @@ impl ServeEvent {
             | ServeEvent::Token { id, .. }
             | ServeEvent::Finished { id, .. }
             | ServeEvent::Chunk { id, .. }
-            | ServeEvent::Usage { id, .. } => *id,
+            | ServeEvent::Usage { id, .. }
+            | ServeEvent::Speculation { id, .. } => *id,
         }
     }
     pub fn at(&self) -> Instant {
@@ -137,7 +179,8 @@ impl ServeEvent {
             | ServeEvent::Token { at, .. }
             | ServeEvent::Finished { at, .. }
             | ServeEvent::Chunk { at, .. }
-            | ServeEvent::Usage { at, .. } => *at,
+            | ServeEvent::Usage { at, .. }
+            | ServeEvent::Speculation { at, .. } => *at,
         }
     }
 }

@@ -82,10 +82,28 @@ pub struct BenchArgs {
     /// kernel cannot reclaim (llama.cpp's --no-mmap)
     #[argh(switch)]
     no_mmap: bool,
+    /// speculative decoding by prompt lookup: propose the tokens that followed the latest
+    /// earlier occurrence of the last N tokens (N down to 1) in the prompt and output, verify
+    /// them in one pass; the output is unchanged (greedy: token for token)
+    #[argh(option)]
+    lookup: Option<usize>,
+    /// speculative decoding with this draft model (a GGUF with the target's vocabulary, e.g.
+    /// a smaller or requantized sibling); the output is unchanged
+    #[argh(option)]
+    draft: Option<PathBuf>,
+    /// most draft tokens proposed per step (default 16)
+    #[argh(option, default = "16")]
+    draft_max: usize,
+    /// fewer proposed tokens than this are not verified: the step decodes plainly (default 0)
+    #[argh(option, default = "0")]
+    draft_min: usize,
+    /// a draft model stops proposing at a token below this probability (default 0.8)
+    #[argh(option, default = "0.8")]
+    draft_p_min: f32,
     /// print JSON instead of a table
     #[argh(switch)]
     json: bool,
-    /// workload preset: chat, rag, creative, shared-prefix (default chat)
+    /// workload preset: chat, rag, creative, shared-prefix, edit (default chat)
     #[argh(option, short = 'w')]
     workload: Option<String>,
     /// JSONL dataset: one request per line (prompt or messages; max_tokens, expected, tags, stop, raw, repeat); 'eval' = the shipped evaluation set
@@ -202,6 +220,8 @@ pub struct BenchArgs {
 /// flags win over it).
 pub struct BenchCommand {
     engine: EngineOpts,
+    /// --lookup, --draft and their limits.
+    spec: crate::engine::SpecOpts,
     /// --url: the server to measure instead of an engine.
     remote: Option<RemoteOpts>,
     target: Option<Target>,
@@ -261,8 +281,20 @@ impl TryFrom<BenchArgs> for BenchCommand {
             None => a.device_profile.clone(),
         };
         let remote = remote_opts(&a)?;
+        let spec = crate::engine::SpecOpts {
+            lookup: a.lookup,
+            draft: a.draft.clone(),
+            draft_max: a.draft_max,
+            draft_min: a.draft_min,
+            draft_p_min: a.draft_p_min,
+        };
         let mut power_notes = vec![];
         let mode = if a.pp.is_some() || a.tg.is_some() || a.reps.is_some() {
+            if spec.lookup.is_some() || spec.draft.is_some() {
+                bail!(
+                    "--lookup/--draft apply to workload runs (-w, --dataset), not to --pp/--tg: speculation changes how tokens are generated, which a fixed prompt/generation count does not measure"
+                );
+            }
             Mode::Llama(llama_plan(&a, device_profile)?)
         } else {
             let slo = match &target {
@@ -270,6 +302,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
                 None => a.slo.clone(),
             };
             let mut plan = workload_plan(&a, slo.as_deref(), device_profile)?;
+            plan.server.spec = spec.config()?;
             plan.price = price(&a, target.as_ref())?;
             if remote.is_none() {
                 let found = ember_bench::power::discover(&ember_bench::power::sysfs_root());
@@ -280,6 +313,7 @@ impl TryFrom<BenchArgs> for BenchCommand {
         };
         Ok(BenchCommand {
             engine,
+            spec,
             remote,
             target,
             mode,
@@ -318,6 +352,8 @@ fn remote_opts(a: &BenchArgs) -> Result<Option<RemoteOpts>> {
         (a.no_prefix_cache, "--no-prefix-cache"),
         (a.kv_budget_mib.is_some(), "--kv-budget-mib"),
         (a.target.is_some(), "--target"),
+        (a.lookup.is_some(), "--lookup"),
+        (a.draft.is_some(), "--draft"),
     ];
     for (set, flag) in engine_flags {
         if set {
@@ -423,6 +459,7 @@ fn workload_plan(
             batching: !a.no_batching,
             prefix_caching: !a.no_prefix_cache,
             kv_budget_bytes: a.kv_budget_mib.map(|m| m << 20).unwrap_or(512 << 20),
+            spec: None,
         },
         device_profile,
         by_tag: a.by_tag,
@@ -632,7 +669,7 @@ impl BenchCommand {
 
     /// A workload run (or sweep): the session runs and stores it, this prints it.
     fn workload(&self, plan: &WorkloadPlan) -> Result<()> {
-        let (engine, remote, target);
+        let (engine, remote, target, draft);
         let session = match &self.remote {
             Some(r) => {
                 remote = self.remote(r)?;
@@ -641,7 +678,11 @@ impl BenchCommand {
             }
             None => {
                 (engine, target) = self.open(None)?;
-                Session::new(&engine, plan)?
+                draft = self.spec.open_draft(&self.engine, &engine)?;
+                if plan.server.spec.is_some() {
+                    eprintln!("ember bench: {}", self.spec.describe());
+                }
+                Session::new(&engine, plan)?.with_draft(draft.as_ref())
             }
         };
         for note in session.notes() {

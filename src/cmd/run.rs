@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use argh::FromArgs;
 
 use ember_runtime::chat::{ChatMessage, ChatTemplate};
-use ember_runtime::engine::{Engine, Event, GenerateRequest, Generation};
+use ember_runtime::engine::{Engine, Event, GenerateRequest, Generation, Speculate};
 use ember_runtime::sample::SamplerConfig;
 
 use crate::engine::{EngineOpts, open_engine};
@@ -92,6 +92,24 @@ pub struct RunArgs {
     /// kernel cannot reclaim (llama.cpp's --no-mmap)
     #[argh(switch)]
     no_mmap: bool,
+    /// speculative decoding by prompt lookup: propose the tokens that followed the latest
+    /// earlier occurrence of the last N tokens (N down to 1) in the prompt and output, verify
+    /// them in one pass; the output is unchanged (greedy: token for token)
+    #[argh(option)]
+    lookup: Option<usize>,
+    /// speculative decoding with this draft model (a GGUF with the target's vocabulary, e.g.
+    /// a smaller or requantized sibling); the output is unchanged
+    #[argh(option)]
+    draft: Option<PathBuf>,
+    /// most draft tokens proposed per step (default 16)
+    #[argh(option, default = "16")]
+    draft_max: usize,
+    /// fewer proposed tokens than this are not verified: the step decodes plainly (default 0)
+    #[argh(option, default = "0")]
+    draft_min: usize,
+    /// a draft model stops proposing at a token below this probability (default 0.8)
+    #[argh(option, default = "0.8")]
+    draft_p_min: f32,
 }
 
 fn read_prompt(a: &RunArgs) -> Result<String> {
@@ -175,7 +193,19 @@ pub fn run(a: RunArgs) -> Result<()> {
         batch: a.batch,
         no_mmap: a.no_mmap,
     };
+    let spec_opts = crate::engine::SpecOpts {
+        lookup: a.lookup,
+        draft: a.draft.clone(),
+        draft_max: a.draft_max,
+        draft_min: a.draft_min,
+        draft_p_min: a.draft_p_min,
+    };
+    let spec = spec_opts.config()?;
     let engine = open_engine(&opts, None)?;
+    let draft = spec_opts.open_draft(&opts, &engine)?;
+    if spec.is_some() {
+        eprintln!("ember: {}", spec_opts.describe());
+    }
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
     let tok = &engine.tokenizer;
     let text = render_prompt(&engine, &a, prompt)?;
@@ -201,14 +231,23 @@ pub fn run(a: RunArgs) -> Result<()> {
         echo: a.echo,
         ignore_eos: a.ignore_eos,
     };
-    let (generation, times) = generate(&engine, &req, a.json)?;
+    let speculate = spec.as_ref().map(|cfg| Speculate {
+        cfg,
+        draft: draft.as_ref(),
+    });
+    let (generation, times) = generate(&engine, &req, speculate, a.json)?;
     print_summary(&engine, &generation, &times, load_ms);
     Ok(())
 }
 
 /// Generate, streaming the text to stdout (or, with `json`, printing the generation as JSON at
 /// the end); a closed stdout ends nothing but the streaming.
-fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Generation, Times)> {
+fn generate(
+    engine: &Engine,
+    req: &GenerateRequest,
+    spec: Option<Speculate<'_>>,
+    json: bool,
+) -> Result<(Generation, Times)> {
     let mut stdout = std::io::stdout().lock();
     let mut t = Times::default();
     let mut io_err: Option<std::io::Error> = None;
@@ -235,14 +274,15 @@ fn generate(engine: &Engine, req: &GenerateRequest, json: bool) -> Result<(Gener
     let count =
         log::log_enabled!(log::Level::Debug) && matches!(engine.model.backend(), "wgpu" | "cuda");
     let gen_result = if count {
-        let (r, launches) =
-            ember_runtime::backend::count_launches(|| engine.generate(req, &mut on_event));
+        let (r, launches) = ember_runtime::backend::count_launches(|| {
+            engine.generate_with(req, spec, &mut on_event)
+        });
         // One pass for the prompt (and the first token), one per token after it.
         let passes = t.n_gen.max(1);
         log::debug!("{}", launches_summary(&launches, passes));
         r
     } else {
-        engine.generate(req, &mut on_event)
+        engine.generate_with(req, spec, &mut on_event)
     };
     let generation = gen_result?;
     if let Some(e) = io_err
@@ -312,4 +352,17 @@ fn print_summary(engine: &Engine, generation: &Generation, t: &Times, load_ms: f
         },
         mem.rss_peak_bytes as f64 / (1 << 20) as f64,
     );
+    if let Some(s) = &generation.spec {
+        eprintln!(
+            "ember: speculation | drafted {} | accepted {} ({}) | {:.2} accepted per verify pass over {} passes | draft {:.1} ms | verify {:.1} ms",
+            s.drafted,
+            s.accepted,
+            s.acceptance_rate()
+                .map_or("n/a".into(), |r| format!("{:.1}%", r * 100.0)),
+            s.mean_accepted_run().unwrap_or(0.0),
+            s.verify_steps,
+            s.draft_ns as f64 / 1e6,
+            s.verify_ns as f64 / 1e6,
+        );
+    }
 }

@@ -75,6 +75,24 @@ pub struct ServeArgs {
     /// read the weights into memory instead of mapping the file (as on run and bench)
     #[argh(switch)]
     no_mmap: bool,
+    /// speculative decoding by prompt lookup: propose the tokens that followed the latest
+    /// earlier occurrence of the last N tokens (N down to 1) in the prompt and output, verify
+    /// them in one pass; the output is unchanged (greedy: token for token)
+    #[argh(option)]
+    lookup: Option<usize>,
+    /// speculative decoding with this draft model (a GGUF with the target's vocabulary, e.g.
+    /// a smaller or requantized sibling); the output is unchanged
+    #[argh(option)]
+    draft: Option<PathBuf>,
+    /// most draft tokens proposed per step (default 16)
+    #[argh(option, default = "16")]
+    draft_max: usize,
+    /// fewer proposed tokens than this are not verified: the step decodes plainly (default 0)
+    #[argh(option, default = "0")]
+    draft_min: usize,
+    /// a draft model stops proposing at a token below this probability (default 0.8)
+    #[argh(option, default = "0.8")]
+    draft_p_min: f32,
     /// device profile (targets/NAME.toml, built in; or a .toml path): threads, backend and the KV budget (caps --ctx); explicit flags win
     #[argh(option)]
     target: Option<String>,
@@ -117,7 +135,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
     );
     // With --target the model is opened first, to size the context and the KV budget to the
     // profile's memory (as bench does).
-    let (engine, applied) = Target::open_engine(target.as_ref(), opts, None)?;
+    let spec_opts = crate::engine::SpecOpts {
+        lookup: a.lookup,
+        draft: a.draft.clone(),
+        draft_max: a.draft_max,
+        draft_min: a.draft_min,
+        draft_p_min: a.draft_p_min,
+    };
+    let spec = spec_opts.config()?;
+    let (engine, applied) = Target::open_engine(target.as_ref(), opts.clone(), None)?;
+    let draft = spec_opts.open_draft(&opts, &engine)?;
+    if spec.is_some() {
+        eprintln!("ember serve: {}", spec_opts.describe());
+    }
     let kv_budget = a
         .kv_budget_mib
         .map(|m| m << 20)
@@ -172,6 +202,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             prefix_caching: !a.no_prefix_cache,
             ..SchedulerConfig::default()
         },
+        spec,
+        draft,
         max_queue: a.max_queue,
         body_limit: a.max_body_kib.saturating_mul(1024),
         body_timeout: Duration::from_secs_f64(a.body_timeout),
@@ -198,6 +230,8 @@ fn head(
         "transport": "http", "n_ctx": engine.cfg.n_ctx, "max_running": a.max_running,
         "max_queue": a.max_queue, "prefix_caching": !a.no_prefix_cache,
         "kv_budget_mib": a.kv_budget_mib,
+        "lookup": a.lookup, "draft": a.draft.as_ref().map(|p| p.display().to_string()),
+        "draft_max": a.draft_max, "draft_min": a.draft_min, "draft_p_min": a.draft_p_min,
     });
     let slo = ember_bench::slo::Slo::resolve(Some("none"), "serve", &[], None)
         .context("the 'none' SLO")?;

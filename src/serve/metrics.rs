@@ -77,6 +77,9 @@ pub struct Metrics {
     pub generation_tokens: AtomicU64,
     pub prefix_cache_queries: AtomicU64,
     pub prefix_cache_hits: AtomicU64,
+    /// Speculative decoding: draft tokens verified, and those the target kept.
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
     /// Per [`FINISH_REASONS`].
     pub finished: [AtomicU64; 4],
     pub rejected_queue_full: AtomicU64,
@@ -100,6 +103,8 @@ impl Metrics {
             generation_tokens: AtomicU64::new(0),
             prefix_cache_queries: AtomicU64::new(0),
             prefix_cache_hits: AtomicU64::new(0),
+            spec_drafted: AtomicU64::new(0),
+            spec_accepted: AtomicU64::new(0),
             finished: Default::default(),
             rejected_queue_full: AtomicU64::new(0),
             running: AtomicU64::new(0),
@@ -194,6 +199,18 @@ impl Metrics {
             "counter",
             "Prompt tokens served from the prefix cache (not computed).",
             get(&self.prefix_cache_hits),
+        );
+        one(
+            "ember_spec_draft_tokens_total",
+            "counter",
+            "Draft tokens proposed by speculative decoding (--lookup, --draft) and verified.",
+            get(&self.spec_drafted),
+        );
+        one(
+            "ember_spec_accepted_tokens_total",
+            "counter",
+            "Draft tokens the target kept (each an output token without a pass of its own).",
+            get(&self.spec_accepted),
         );
         one(
             "ember_requests_rejected_total",

@@ -27,6 +27,7 @@ use ember_bench::store::Store;
 use ember_runtime::chat::ChatTemplate;
 use ember_runtime::engine::Engine;
 use ember_runtime::scheduler::SchedulerConfig;
+use ember_runtime::spec::SpecConfig;
 
 use http::App;
 use metrics::Metrics;
@@ -39,6 +40,10 @@ pub struct ServeConfig {
     pub aliases: Vec<String>,
     pub api_key: Option<String>,
     pub scheduler: SchedulerConfig,
+    /// Speculative decoding (`--lookup`, `--draft`), checked.
+    pub spec: Option<SpecConfig>,
+    /// The draft model (`--draft`).
+    pub draft: Option<Engine>,
     pub max_queue: usize,
     pub body_limit: usize,
     pub body_timeout: Duration,
@@ -56,6 +61,8 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
     // The engine lives as long as the process: the HTTP handlers (which must be 'static) and
     // the engine thread share it by reference.
     let engine: &'static Engine = Box::leak(Box::new(engine));
+    let draft: Option<&'static Engine> = cfg.draft.map(|d| &*Box::leak(Box::new(d)));
+    let spec = cfg.spec.clone();
     let origin = Instant::now();
     let metrics = Arc::new(Metrics::new(&cfg.model_id));
 
@@ -105,8 +112,16 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
         let (metrics, sched) = (metrics.clone(), cfg.scheduler.clone());
         std::thread::Builder::new()
             .name("ember-engine".into())
-            .spawn(
-                move || match Worker::new(engine, sched, metrics, origin, rec_tx, power) {
+            .spawn(move || {
+                match Worker::new(
+                    engine,
+                    sched,
+                    spec.map(|s| (s, draft)),
+                    metrics,
+                    origin,
+                    rec_tx,
+                    power,
+                ) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
                         w.run(cmd_rx)
@@ -119,11 +134,11 @@ pub fn serve(engine: Engine, cfg: ServeConfig, rec: Option<Recording>) -> Result
                             power_error: None,
                         }
                     }
-                },
-            )?
+                }
+            })?
     };
     if let Ok(Err(e)) = ready_rx.recv() {
-        anyhow::bail!("the KV cache: {e}");
+        anyhow::bail!("{e}");
     }
 
     let template =

@@ -21,6 +21,7 @@ use ember_runtime::model::ModelError;
 use ember_runtime::request::{RequestOptions, TopEntry};
 use ember_runtime::scheduler::{Scheduler, SchedulerConfig};
 use ember_runtime::serve::{CacheUse, FinishKind, RequestId, ServeEvent, ServeRequest, Server};
+use ember_runtime::spec::SpecConfig;
 
 use super::metrics::{FINISH_REASONS, Metrics};
 use super::openai::LogprobData;
@@ -107,15 +108,23 @@ impl<'e> Worker<'e> {
     pub fn new(
         engine: &'e Engine,
         cfg: SchedulerConfig,
+        spec: Option<(SpecConfig, Option<&'e Engine>)>,
         metrics: Arc<Metrics>,
         origin: Instant,
         records: Option<std::sync::mpsc::Sender<RequestRecord>>,
         power: Option<ember_bench::power::PowerSource>,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, String> {
         let mut sched = Scheduler::new(engine, cfg);
+        if let Some((spec, draft)) = spec {
+            sched = sched
+                .with_speculation(spec, draft)
+                .map_err(|e| e.to_string())?;
+        }
         // The server's memory is claimed at start (host memory, or the device's pools) and
         // does not grow under load; a budget the device cannot hold stops the server here.
-        let held = sched.preallocate_kv()?;
+        let held = sched
+            .preallocate_kv()
+            .map_err(|e: ModelError| format!("the KV cache: {e}"))?;
         eprintln!(
             "ember serve: KV cache {} MiB held for the budget (--kv-budget-mib)",
             held >> 20
@@ -205,6 +214,7 @@ impl<'e> Worker<'e> {
                     error: None,
                     cache: CacheUse::default(),
                     output_text: None,
+                    spec: None,
                 };
                 self.tracks.insert(
                     req.id,
@@ -309,8 +319,13 @@ impl<'e> Worker<'e> {
                     });
                     let _ = t.tx.send(Update::Token(text.clone(), lp));
                 }
-                // Only a remote server (`ember bench --url`) emits these.
+                // Only a remote server (`ember bench --url`) emits these two.
                 ServeEvent::Chunk { .. } | ServeEvent::Usage { .. } => {}
+                ServeEvent::Speculation { spec, .. } => {
+                    t.record.spec = Some(*spec);
+                    Metrics::add(&self.metrics.spec_drafted, spec.drafted as u64);
+                    Metrics::add(&self.metrics.spec_accepted, spec.accepted as u64);
+                }
                 ServeEvent::Finished {
                     at, reason, error, ..
                 } => {

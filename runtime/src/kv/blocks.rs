@@ -407,6 +407,11 @@ impl BlockManager {
                 self.release_block(b);
                 return Some(BlockCopy { src: b, dst: nb });
             }
+            // No block to copy into: a block only this sequence holds leaves the prefix index
+            // instead (it is about to be overwritten, so no lookup may find it).
+            if self.refcount[b as usize] == 1 {
+                self.unindex(b);
+            }
         }
         None
     }
