@@ -34,7 +34,7 @@ use crate::record::{RequestRecord, RunResult, SweepResult, WorkloadInfo};
 use crate::remote::{Endpoint, HttpServer};
 use crate::slo::Slo;
 use crate::store::{self, Store, StoreError};
-use crate::workload::{self, Corpus, DatasetOptions, SyntheticSpec, Workload, WorkloadError};
+use crate::workload::{self, DatasetOptions, SyntheticSpec, Workload, WorkloadError};
 
 /// What goes wrong in a session (after the plan was built: the plan's own checks are its
 /// builder's).
@@ -498,10 +498,10 @@ fn make_server<'e>(
 }
 
 fn synthetic(subject: Subject, plan: &WorkloadPlan, spec: &SyntheticSpec) -> Workload {
-    let corpus = Corpus::new(subject.tokenizer(), workload::CORPUS);
     let n = plan.requests.unwrap_or_else(|| spec.default_requests());
-    spec.build(
-        &corpus,
+    spec.build_for(
+        subject.tokenizer(),
+        &subject.file().metadata,
         subject.n_ctx(),
         n,
         plan.warmup,

@@ -92,6 +92,8 @@ struct SpecRun {
     draft_valid: usize,
     /// The totals reported with the request's end.
     totals: SpecUse,
+    /// How often its drafts are kept: sizes its next proposals.
+    acceptance: spec::Acceptance,
 }
 
 impl SpecRun {
@@ -147,6 +149,8 @@ pub struct Scheduler<'e> {
     /// fresh single-sequence cache (`Engine::new_cache`) that is dropped when it finishes.
     sequential: bool,
     spec: Option<Speculation<'e>>,
+    /// What a pass costs by its rows (sizes speculation's drafts).
+    cost: spec::PassCost,
 }
 
 /// A fresh single-sequence cache's pages, without its sequence.
@@ -209,6 +213,7 @@ impl<'e> Scheduler<'e> {
             forward_passes: 0,
             sequential,
             spec: None,
+            cost: spec::PassCost::default(),
         }
     }
 
@@ -550,6 +555,12 @@ impl<'e> Scheduler<'e> {
         let t0 = Instant::now();
         let result = self.forward(&plan);
         let verify_ns = t0.elapsed().as_nanos() as u64;
+        // Decode passes only (plain rows and speculation windows): a prompt chunk's rows cost
+        // another way (attention over the chunk), and would bend the line drafts are sized by.
+        if result.is_ok() && plan.iter().all(|c| c.decode) {
+            let rows = plan.iter().map(|c| c.n).sum();
+            self.cost.observe(rows, verify_ns as f64 * 1e-9);
+        }
         for c in plan.iter().filter(|c| c.spec) {
             let t = &mut self.running[c.i].spec.totals;
             t.verify_ns += verify_ns;
@@ -648,6 +659,7 @@ impl<'e> Scheduler<'e> {
             accepted += 1;
         }
         r.spec.totals.accepted += accepted;
+        r.spec.acceptance.observe(drafts.len() - 1, accepted);
         r.spec.window = drafts;
         r.spec.window.clear();
         if finished {
@@ -687,6 +699,14 @@ impl<'e> Scheduler<'e> {
             .max(1)
             .saturating_sub(decoding.len());
         let n_ctx = self.engine.cfg.n_ctx;
+        // Past this chance of being kept a draft row does not pay for itself (rows are cheap
+        // next to a pass on a GPU, not on a CPU already running a batch).
+        let threshold = self.cost.threshold(decoding.len());
+        log::debug!(
+            "speculation: pass cost {:?}, {} decoding, draft-row threshold {threshold:.3}",
+            self.cost.line(),
+            decoding.len()
+        );
         let mut caps = vec![];
         for &i in &decoding {
             let r = &mut self.running[i];
@@ -698,6 +718,7 @@ impl<'e> Scheduler<'e> {
                 .min(r.state.max_tokens().saturating_sub(r.state.n_out() + 1))
                 .min(n_ctx.saturating_sub(tokens.len()))
                 .min(spare);
+            let cap = r.spec.acceptance.worth(threshold, cap);
             if cap == 0 || cap < cfg.draft_min {
                 continue;
             }

@@ -12,6 +12,13 @@
 //! key is the tokens it holds). So a step emits between one and K + 1 tokens, and the output
 //! is the target's: token for token under greedy sampling, in distribution at a temperature.
 //!
+//! How many drafts a sequence gets is sized to pay ([`PassCost`], [`Acceptance`]): the
+//! scheduler fits each pass's time as a + b·rows, and a draft row is worth it when its chance
+//! of being kept, measured per sequence and per depth, beats b·n / (a + b·n) with n sequences
+//! decoding (what a kept draft saves against what its row costs). One sequence on a CPU takes
+//! long drafts; a CPU batch already compute-bound takes only the likely ones; a GPU, where a
+//! row costs next to nothing, takes them all.
+//!
 //! Two proposers:
 //! - **prompt lookup** ([`lookup`], `--lookup N`): the continuation of the most recent earlier
 //!   occurrence of the last n tokens (n = N down to 1) in the prompt and output so far. Free to
@@ -142,6 +149,116 @@ pub fn check_vocab(target: &Engine, draft: &Engine) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// What a forward pass costs by its rows: a line t = a + b·rows fitted by least squares over
+/// the recent passes (exponentially weighted, so it follows the context growing and the batch
+/// changing). `a` is what every pass pays (the weights read once), `b` each row's share.
+#[derive(Clone, Debug, Default)]
+pub struct PassCost {
+    w: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+}
+
+impl PassCost {
+    const DECAY: f64 = 0.97;
+
+    pub fn observe(&mut self, rows: usize, secs: f64) {
+        let (x, y) = (rows as f64, secs);
+        let d = Self::DECAY;
+        self.w = self.w * d + 1.0;
+        self.sx = self.sx * d + x;
+        self.sy = self.sy * d + y;
+        self.sxx = self.sxx * d + x * x;
+        self.sxy = self.sxy * d + x * y;
+    }
+
+    /// (a, b) in seconds, once passes of different sizes were seen; `b` ≥ 0, `a` > 0.
+    pub fn line(&self) -> Option<(f64, f64)> {
+        if self.w < 2.0 {
+            return None;
+        }
+        let (mx, my) = (self.sx / self.w, self.sy / self.w);
+        let var = self.sxx / self.w - mx * mx;
+        if var < 0.25 {
+            return None;
+        }
+        let b = ((self.sxy / self.w - mx * my) / var).max(0.0);
+        let a = my - b * mx;
+        (a > 0.0).then_some((a, b))
+    }
+
+    /// The chance of acceptance below which a draft row costs more than it is expected to
+    /// save, with `n` sequences decoding: a kept draft saves a plain step's time per token,
+    /// (a + n·b) / n, and its row costs b. 0 (draft freely) while the cost is unknown; near 0
+    /// where rows are nearly free (a GPU), higher as a CPU's batch becomes compute-bound.
+    pub fn threshold(&self, n: usize) -> f64 {
+        match self.line() {
+            Some((a, b)) => {
+                let n = n.max(1) as f64;
+                (b * n / (a + b * n)).min(0.95)
+            }
+            None => 0.0,
+        }
+    }
+}
+
+/// One sequence's recent acceptance, by depth: for each j, how often the j-th draft of a
+/// verify pass was kept (with all before it) among the passes that proposed at least j,
+/// exponentially weighted over its verify passes. Drafts are not kept token by token
+/// independently: a lookup continuation is right until the text departs from it, then wrong to
+/// its end, so the chance is measured per depth, not derived from one per-token rate.
+#[derive(Clone, Debug, Default)]
+pub struct Acceptance {
+    /// Index j − 1: passes that proposed a j-th draft, and those that kept it.
+    tested: Vec<f64>,
+    kept: Vec<f64>,
+}
+
+impl Acceptance {
+    const DECAY: f64 = 0.8;
+    /// The chance assumed at a depth never tried (optimistic, so it gets tried).
+    const PRIOR: f64 = 0.8;
+
+    /// A verify pass that checked `drafted` tokens and kept the first `accepted`.
+    pub fn observe(&mut self, drafted: usize, accepted: usize) {
+        if self.tested.len() < drafted {
+            self.tested.resize(drafted, 0.0);
+            self.kept.resize(drafted, 0.0);
+        }
+        for (j, (t, k)) in self.tested.iter_mut().zip(&mut self.kept).enumerate() {
+            *t *= Self::DECAY;
+            *k *= Self::DECAY;
+            if j < drafted {
+                *t += 1.0;
+                *k += f64::from(u8::from(j < accepted));
+            }
+        }
+    }
+
+    /// The chance that a j-th draft is kept (j ≥ 1), with one pseudo-pass at [`Self::PRIOR`].
+    pub fn at(&self, j: usize) -> f64 {
+        let (t, k) = (
+            self.tested.get(j - 1).copied().unwrap_or(0.0),
+            self.kept.get(j - 1).copied().unwrap_or(0.0),
+        );
+        (k + Self::PRIOR) / (t + 1.0)
+    }
+
+    /// How many drafts are worth a row: up to the first depth whose chance of being kept is
+    /// below `threshold`; at least 1 (so the chance keeps being measured), at most `cap`.
+    pub fn worth(&self, threshold: f64, cap: usize) -> usize {
+        if threshold <= 0.0 {
+            return cap;
+        }
+        let j = (1..=cap)
+            .find(|&j| self.at(j) < threshold)
+            .map_or(cap, |j| j - 1);
+        j.max(1).min(cap)
+    }
+}
+
 /// Prompt lookup: the tokens that followed the most recent earlier occurrence of the last `n`
 /// tokens of `tokens`, for n from `max_ngram` down to 1 (the longest match wins), at most
 /// `max_draft` of them. Empty when nothing matches.
@@ -182,6 +299,57 @@ mod tests {
         assert!(lookup(&[1, 2, 3], 3, 4).is_empty());
         assert!(lookup(&[1], 3, 4).is_empty());
         assert!(lookup(&t, 3, 0).is_empty());
+    }
+
+    #[test]
+    fn pass_cost_and_acceptance_size_the_drafts() {
+        // Passes of 20 ms plus 6 ms a row (a CPU): a draft row is worth it at one sequence
+        // when kept with a chance above 6/26, at eight above 48/68.
+        let mut c = PassCost::default();
+        assert_eq!(c.threshold(1), 0.0, "unknown cost: draft freely");
+        for rows in [1, 17, 8, 300, 1, 40] {
+            c.observe(rows, 0.020 + 0.006 * rows as f64);
+        }
+        let (a, b) = c.line().unwrap();
+        assert!(
+            (a - 0.020).abs() < 1e-9 && (b - 0.006).abs() < 1e-9,
+            "{a} {b}"
+        );
+        assert!((c.threshold(1) - 6.0 / 26.0).abs() < 1e-9);
+        assert!((c.threshold(8) - 48.0 / 68.0).abs() < 1e-9);
+        // Rows that cost nothing: every draft is worth it.
+        let mut free = PassCost::default();
+        for rows in [1, 17, 8] {
+            free.observe(rows, 0.010);
+        }
+        assert_eq!(free.threshold(8), 0.0);
+
+        let mut q = Acceptance::default();
+        assert!((q.at(1) - 0.8).abs() < 1e-12 && (q.at(9) - 0.8).abs() < 1e-12);
+        // Untried: every depth at the prior 0.8, above both thresholds: draft them all.
+        assert_eq!(q.worth(c.threshold(1), 16), 16);
+        assert_eq!(q.worth(0.0, 16), 16);
+        // Lookup in an edit: the continuation holds for 4 tokens, then the text departs.
+        for _ in 0..8 {
+            q.observe(16, 4);
+        }
+        assert!(q.at(4) > 0.95 && q.at(5) < 0.2, "{} {}", q.at(4), q.at(5));
+        assert_eq!(q.worth(c.threshold(8), 16), 4);
+        assert_eq!(q.worth(c.threshold(1), 16), 4);
+        // Half the passes keep all 16: past depth 4 the chance is about one half, worth a row
+        // at one sequence (above 0.23), not at eight (below 0.71).
+        for _ in 0..8 {
+            q.observe(16, 16);
+            q.observe(16, 4);
+        }
+        assert!((q.at(10) - 0.5).abs() < 0.15, "{}", q.at(10));
+        assert_eq!(q.worth(c.threshold(1), 16), 16);
+        assert_eq!(q.worth(c.threshold(8), 16), 4);
+        // Every first draft replaced: one draft, to keep measuring.
+        for _ in 0..12 {
+            q.observe(8, 0);
+        }
+        assert_eq!(q.worth(c.threshold(1), 16), 1);
     }
 
     #[test]

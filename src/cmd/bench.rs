@@ -166,7 +166,7 @@ pub struct BenchArgs {
     /// sampling temperature (default 0 = greedy)
     #[argh(option, default = "0.0")]
     temp: f32,
-    /// keep generating past end-of-generation tokens (presets always do)
+    /// keep generating past end-of-generation tokens (presets always do, but edit: its copy ends there)
     #[argh(switch)]
     ignore_eos: bool,
     /// send dataset prompts as raw text instead of through the chat template
