@@ -27,6 +27,10 @@ use crate::serve::{
 };
 use crate::spec::{self, SpecConfig, SpecError};
 
+/// A sequence whose drafts are not worth a row proposes one every this many steps, so its
+/// acceptance keeps being measured (the text may turn to copying later).
+const EXPLORE_EVERY: usize = 8;
+
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     /// KV cache budget in bytes.
@@ -92,13 +96,54 @@ struct SpecRun {
     draft_valid: usize,
     /// The totals reported with the request's end.
     totals: SpecUse,
-    /// How often its drafts are kept: sizes its next proposals.
-    acceptance: spec::Acceptance,
+    /// How often its drafts are kept, by kind of proposal (a prompt lookup's match length
+    /// less one; 0 for a draft model): sizes its next proposals.
+    acceptance: Vec<spec::Acceptance>,
+    /// The kind of the window's proposal.
+    kind: usize,
+    /// Steps since it last proposed, while no draft looked worth a row.
+    idle: usize,
 }
 
 impl SpecRun {
     fn drafts(&self) -> &[u32] {
         self.window.get(1..).unwrap_or(&[])
+    }
+
+    /// This sequence's chances of keeping each of `avail` drafts of proposal kind `kind`,
+    /// starting from the scheduler's pooled measure `shared`.
+    fn chances(
+        &mut self,
+        kind: usize,
+        avail: usize,
+        shared: &mut Vec<spec::Acceptance>,
+    ) -> Vec<f64> {
+        if self.acceptance.len() <= kind {
+            self.acceptance.resize_with(kind + 1, Default::default);
+        }
+        if shared.len() <= kind {
+            shared.resize_with(kind + 1, spec::Acceptance::shared);
+        }
+        self.kind = kind;
+        self.acceptance[kind]
+            .chances_from(&shared[kind])
+            .take(avail)
+            .collect()
+    }
+
+    /// `take` drafts were judged worth their rows; when none were (and some were on offer),
+    /// one every [`EXPLORE_EVERY`] steps, so the chance keeps being measured.
+    fn explore(&mut self, take: usize) -> usize {
+        if take > 0 {
+            self.idle = 0;
+            return take;
+        }
+        self.idle += 1;
+        if self.idle < EXPLORE_EVERY {
+            return 0;
+        }
+        self.idle = 0;
+        1
     }
 }
 
@@ -150,7 +195,9 @@ pub struct Scheduler<'e> {
     sequential: bool,
     spec: Option<Speculation<'e>>,
     /// What a pass costs by its rows (sizes speculation's drafts).
-    cost: spec::PassCost,
+    times: spec::PassTimes,
+    /// Acceptance by proposal kind, pooled over sequences: where each one's measure starts.
+    shared: Vec<spec::Acceptance>,
 }
 
 /// A fresh single-sequence cache's pages, without its sequence.
@@ -213,7 +260,8 @@ impl<'e> Scheduler<'e> {
             forward_passes: 0,
             sequential,
             spec: None,
-            cost: spec::PassCost::default(),
+            times: spec::PassTimes::default(),
+            shared: vec![],
         }
     }
 
@@ -555,11 +603,16 @@ impl<'e> Scheduler<'e> {
         let t0 = Instant::now();
         let result = self.forward(&plan);
         let verify_ns = t0.elapsed().as_nanos() as u64;
-        // Decode passes only (plain rows and speculation windows): a prompt chunk's rows cost
-        // another way (attention over the chunk), and would bend the line drafts are sized by.
+        // Decode passes only (plain rows and speculation windows): every row of those asks for
+        // logits, a prompt chunk's rows do not (on Qwen2.5 0.5B the output matrix is a quarter
+        // of a row's work), so prompt passes would make draft rows look cheaper than they are.
         if result.is_ok() && plan.iter().all(|c| c.decode) {
-            let rows = plan.iter().map(|c| c.n).sum();
-            self.cost.observe(rows, verify_ns as f64 * 1e-9);
+            let rows: usize = plan.iter().map(|c| c.n).sum();
+            log::trace!(
+                "pass: {} sequences, {rows} rows, {verify_ns} ns",
+                plan.len()
+            );
+            self.times.observe(rows, verify_ns as f64 * 1e-9);
         }
         for c in plan.iter().filter(|c| c.spec) {
             let t = &mut self.running[c.i].spec.totals;
@@ -659,7 +712,8 @@ impl<'e> Scheduler<'e> {
             accepted += 1;
         }
         r.spec.totals.accepted += accepted;
-        r.spec.acceptance.observe(drafts.len() - 1, accepted);
+        r.spec.acceptance[r.spec.kind].observe(drafts.len() - 1, accepted);
+        self.shared[r.spec.kind].observe(drafts.len() - 1, accepted);
         r.spec.window = drafts;
         r.spec.window.clear();
         if finished {
@@ -699,15 +753,10 @@ impl<'e> Scheduler<'e> {
             .max(1)
             .saturating_sub(decoding.len());
         let n_ctx = self.engine.cfg.n_ctx;
-        // Past this chance of being kept a draft row does not pay for itself (rows are cheap
-        // next to a pass on a GPU, not on a CPU already running a batch).
-        let threshold = self.cost.threshold(decoding.len());
-        log::debug!(
-            "speculation: pass cost {:?}, {} decoding, draft-row threshold {threshold:.3}",
-            self.cost.line(),
-            decoding.len()
-        );
-        let mut caps = vec![];
+        // What each decoding sequence could propose: a lookup's continuation, or up to `cap`
+        // tokens of the draft model, with its chance of keeping each.
+        let mut offers: Vec<(usize, Vec<u32>)> = vec![];
+        let mut chances = vec![];
         for &i in &decoding {
             let r = &mut self.running[i];
             r.spec.window.clear();
@@ -718,24 +767,53 @@ impl<'e> Scheduler<'e> {
                 .min(r.state.max_tokens().saturating_sub(r.state.n_out() + 1))
                 .min(n_ctx.saturating_sub(tokens.len()))
                 .min(spare);
-            let cap = r.spec.acceptance.worth(threshold, cap);
-            if cap == 0 || cap < cfg.draft_min {
+            if cap == 0 {
                 continue;
             }
             if cfg.lookup > 0 {
                 let t0 = Instant::now();
-                let found = spec::lookup(tokens, cfg.lookup, cap);
-                if !found.is_empty() && found.len() >= cfg.draft_min {
-                    let last = tokens[tokens.len() - 1];
+                let (n, found) = spec::lookup(tokens, cfg.lookup, cap);
+                if n > 0 && !found.is_empty() {
                     let found = found.to_vec();
-                    r.spec.window.push(last);
-                    r.spec.window.extend(found);
-                    spare -= r.spec.window.len() - 1;
+                    chances.push(r.spec.chances(n - 1, found.len(), &mut self.shared));
+                    offers.push((i, found));
                 }
                 r.spec.totals.draft_ns += t0.elapsed().as_nanos() as u64;
             } else {
-                caps.push((i, cap));
-                spare -= cap;
+                chances.push(r.spec.chances(0, cap, &mut self.shared));
+                offers.push((i, vec![]));
+            }
+        }
+        // Prompt rows that would share the pass count with the decode rows: drafts lengthen
+        // the pass for them too (and take budget from them).
+        let prompt_rows: usize = self
+            .running
+            .iter()
+            .map(|r| r.state.prompt().len() - r.prefilled)
+            .sum();
+        let base = decoding.len() + prompt_rows.min(spare);
+        let takes = spec::plan_drafts(&self.times, base, &chances);
+        log::debug!(
+            "speculation: {} decoding, {base} rows without drafts ({:?} s), drafts {takes:?}",
+            decoding.len(),
+            self.times.estimate(base),
+        );
+        let mut caps = vec![];
+        for ((i, found), take) in offers.into_iter().zip(takes) {
+            let r = &mut self.running[i];
+            let take = r.spec.explore(take).min(spare);
+            if take == 0 || take < cfg.draft_min {
+                continue;
+            }
+            spare -= take;
+            if cfg.lookup > 0 {
+                let tokens = r.state.tokens();
+                r.spec.window.push(tokens[tokens.len() - 1]);
+                r.spec
+                    .window
+                    .extend_from_slice(&found[..take.min(found.len())]);
+            } else {
+                caps.push((i, take));
             }
         }
         if !caps.is_empty() {
