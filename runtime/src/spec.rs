@@ -168,7 +168,7 @@ impl PassTimes {
 
     /// A pass of `rows` rows took `secs`.
     pub fn observe(&mut self, rows: usize, secs: f64) {
-        if rows == 0 || !(secs > 0.0) {
+        if rows == 0 || secs.is_nan() || secs <= 0.0 {
             return;
         }
         if self.secs.len() <= rows {
