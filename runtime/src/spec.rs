@@ -222,10 +222,11 @@ const DRAFT_GAIN_MIN: f64 = 1.03;
 ///
 /// The drafts taken are those of highest chance, as many as maximize the pass's expected work
 /// per second, (rows without drafts + expected kept drafts) / time(rows with drafts), by
-/// `times`, if that beats the plain pass by [`DRAFT_GAIN_MIN`]. Where rows are nearly free (a GPU, or one sequence on a CPU) that takes long
-/// drafts; where the batch is already compute-bound (a CPU with 8 sequences) a draft row costs
-/// what a plain row does and only near-certain drafts pay. Nothing is drafted while the time of
-/// the plain pass is unknown (the pass then measures it).
+/// `times`, if that beats the plain pass by [`DRAFT_GAIN_MIN`]. Where rows are nearly free (a
+/// GPU, or one sequence on a CPU) that takes long drafts; where the batch is already
+/// compute-bound (a CPU with 8 sequences) a draft row costs what a plain row does and only
+/// near-certain drafts pay. Nothing is drafted while the time of the plain pass is unknown (the
+/// pass then measures it).
 pub fn plan_drafts(times: &PassTimes, base_rows: usize, chances: &[Vec<f64>]) -> Vec<usize> {
     let mut takes = vec![0; chances.len()];
     let Some(base) = times.estimate(base_rows) else {
@@ -277,6 +278,8 @@ pub struct Acceptance {
 impl Acceptance {
     const DECAY: f64 = 0.8;
     const POOLED_DECAY: f64 = 0.98;
+    /// The chance assumed at a depth never tried (optimistic, so it gets tried).
+    const PRIOR: f64 = 0.8;
 
     /// A measure pooled over all sequences.
     pub fn shared() -> Self {
@@ -285,8 +288,6 @@ impl Acceptance {
             ..Self::default()
         }
     }
-    /// The chance assumed at a depth never tried (optimistic, so it gets tried).
-    const PRIOR: f64 = 0.8;
 
     /// A verify pass that checked `drafted` tokens and kept the first `accepted`.
     pub fn observe(&mut self, drafted: usize, accepted: usize) {
@@ -294,12 +295,12 @@ impl Acceptance {
             self.tested.resize(drafted, 0.0);
             self.kept.resize(drafted, 0.0);
         }
+        let d = if self.pooled {
+            Self::POOLED_DECAY
+        } else {
+            Self::DECAY
+        };
         for (j, (t, k)) in self.tested.iter_mut().zip(&mut self.kept).enumerate() {
-            let d = if self.pooled {
-                Self::POOLED_DECAY
-            } else {
-                Self::DECAY
-            };
             *t *= d;
             *k *= d;
             if j < drafted {
@@ -319,27 +320,27 @@ impl Acceptance {
 
     /// [`Self::at`] for j = 1, 2, … without end.
     pub fn chances(&self) -> impl Iterator<Item = f64> + '_ {
-        let mut prev: Option<f64> = None;
-        (0..).map(move |i| {
-            let t = self.tested.get(i).copied().unwrap_or(0.0);
-            let k = self.kept.get(i).copied().unwrap_or(0.0);
-            let p = match prev {
-                None => (k + Self::PRIOR) / (t + 1.0),
-                Some(q) => ((k + q) / (t + 1.0)).min(q),
-            };
-            prev = Some(p);
-            p
-        })
+        self.chain(|prev| prev.unwrap_or(Self::PRIOR))
     }
 
     /// As [`Self::chances`], with the pseudo-pass at each depth at `prior`'s chance there
     /// instead.
     pub fn chances_from<'a>(&'a self, prior: &'a Acceptance) -> impl Iterator<Item = f64> + 'a {
+        let mut prior = prior.chances();
+        self.chain(move |_| prior.next().unwrap_or(Self::PRIOR))
+    }
+
+    /// Each depth's kept share with one pseudo-pass at `pseudo(chance of the depth before)`,
+    /// never above the depth before.
+    fn chain<'a>(
+        &'a self,
+        mut pseudo: impl FnMut(Option<f64>) -> f64 + 'a,
+    ) -> impl Iterator<Item = f64> + 'a {
         let mut prev: Option<f64> = None;
-        prior.chances().enumerate().map(move |(i, q)| {
+        (0..).map(move |i| {
             let t = self.tested.get(i).copied().unwrap_or(0.0);
             let k = self.kept.get(i).copied().unwrap_or(0.0);
-            let p = (k + q) / (t + 1.0);
+            let p = (k + pseudo(prev)) / (t + 1.0);
             let p = prev.map_or(p, |prev| p.min(prev));
             prev = Some(p);
             p
